@@ -1,0 +1,355 @@
+"""Price-time priority matching with an undo journal.
+
+The engine sees ops one at a time in the total order and keeps the matched book. Every mutation
+it makes is written to the journal of the op being processed, as the instruction that reverses it,
+so the replica can rewind the last k ops in O(k) when a late op sorts before them, and replay.
+
+Data structures and costs (n resting orders, L price levels, m orders at one level):
+
+- per side, ``levels: dict[price, deque[_Order]]`` in time priority, and ``prices: SortedList``
+  of the prices that have a level. Best price: O(1). New level: O(log L). Resting an order at an
+  existing level: O(1). Taking from the front of a level: O(1). Cancelling from inside a level:
+  O(m) (a deque scan; levels are short on real books).
+- ``orders: dict[order id, _Order]``: every order ever seen, with its state.
+- ``fills: list[Fill]`` in execution order.
+
+Matching rules (specs/protocol.md, "Matching"):
+  trades happen at the resting order's price; partial fills; a GTC remainder rests; an IOC
+  remainder expires; a FOK order fills completely or not at all; a POST_ONLY order that would
+  take is rejected; a cancel removes the rest of its order (a finished order: no-op).
+  Self-trade prevention, "expire maker": when a taker meets a resting order of its own author, the
+  resting order expires (reason ``self_trade``) and the taker goes on matching; a FOK order counts
+  only other authors' liquidity when it decides whether it can fill.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Final, NamedTuple
+
+from sortedcontainers import SortedList
+
+from ._ops import BUY, FOK, IOC, POST_ONLY, CancelBody, Op, OrderBody
+
+__all__ = [
+    "CANCELLED",
+    "EXPIRED",
+    "FILLED",
+    "OPEN",
+    "PARTIALLY_FILLED",
+    "REASONS",
+    "REJECTED",
+    "STATUSES",
+    "Engine",
+    "Fill",
+]
+
+# Order statuses, as wire/digest codes (index) and names.
+STATUSES: Final = ("open", "partially_filled", "filled", "cancelled", "expired", "rejected")
+OPEN, PARTIALLY_FILLED, FILLED, CANCELLED, EXPIRED, REJECTED = range(6)
+# Why an order stopped early. 0 means no reason (still live or completely filled).
+REASONS: Final = (
+    None,
+    "cancelled",
+    "ioc_remainder",
+    "fok_unfillable",
+    "post_only_would_take",
+    "self_trade",
+)
+R_NONE, R_CANCELLED, R_IOC, R_FOK, R_POST_ONLY, R_SELF_TRADE = range(6)
+
+_BID, _ASK = 0, 1
+
+# Journal instructions: each tuple reverses one mutation.
+_J_DEL_ORDER = 0  # (op, order_id)
+_J_RESTORE = 1  # (op, order, remaining, filled, closed, status, reason)
+_J_PUSH_FRONT = 2  # (op, side, price, order)            undo a take from the front of a level
+_J_POP_BACK = 3  # (op, side, price)                    undo resting an order at the back
+_J_REINSERT = 4  # (op, side, price, index, order)      undo a removal from inside a level
+_J_DEL_FILL = 5  # (op,)                                undo appending a fill
+_J_DEL_CANCEL = 6  # (op, cancel_id)                    undo recording a cancel's outcome
+
+
+class Fill(NamedTuple):
+    """One trade: ``taker`` and ``maker`` are order ids, ``price`` ticks, ``quantity`` lots."""
+
+    taker: bytes
+    maker: bytes
+    price: int
+    quantity: int
+    taker_side: str
+    taker_author: bytes
+    maker_author: bytes
+
+
+class _Order:
+    """Mutable engine-side state of one order (the public view is ``OrderState``)."""
+
+    __slots__ = (
+        "author",
+        "closed",
+        "filled",
+        "id",
+        "lamport",
+        "price",
+        "quantity",
+        "reason",
+        "remaining",
+        "side",
+        "status",
+        "tag",
+        "tif",
+    )
+
+    def __init__(self, op: Op, body: OrderBody) -> None:
+        self.id = op.id
+        self.author = op.author
+        self.lamport = op.lamport
+        self.side = _BID if body.side == BUY else _ASK
+        self.price = body.price
+        self.quantity = body.quantity
+        self.tif = body.tif
+        self.tag = body.tag
+        self.remaining = 0  # resting quantity
+        self.filled = 0
+        self.closed = 0  # cancelled, expired or rejected quantity
+        self.status = OPEN
+        self.reason = R_NONE
+
+
+class Engine:
+    """The matched state of one market, fed ops in total order."""
+
+    def __init__(self) -> None:
+        self.orders: dict[bytes, _Order] = {}
+        self.fills: list[Fill] = []
+        #: cancel op id -> True if it removed a rest, False if the order was already finished.
+        self.cancels: dict[bytes, bool] = {}
+        self.levels: tuple[dict[int, deque[_Order]], dict[int, deque[_Order]]] = ({}, {})
+        self.prices: tuple[SortedList, SortedList] = (SortedList(), SortedList())
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def process(self, op: Op) -> list[tuple[Any, ...]]:
+        """Apply one op that sorts after everything processed so far; return its undo journal."""
+        journal: list[tuple[Any, ...]] = []
+        body = op.body
+        if isinstance(body, OrderBody):
+            self._order(op, body, journal)
+        elif isinstance(body, CancelBody):
+            self._cancel(op, body, journal)
+        return journal
+
+    def _order(self, op: Op, body: OrderBody, journal: list[tuple[Any, ...]]) -> None:
+        taker = _Order(op, body)
+        self.orders[taker.id] = taker
+        journal.append((_J_DEL_ORDER, taker.id))
+        side = taker.side
+        opp = 1 - side
+        opp_prices = self.prices[opp]
+        limit = taker.price
+        # Is the best opposing price within the taker's limit?
+        if opp_prices:
+            best = opp_prices[0] if opp == _ASK else opp_prices[-1]
+            crosses = best <= limit if side == _BID else best >= limit
+        else:
+            crosses = False
+
+        if not crosses:
+            if body.tif == IOC:
+                self._close(taker, taker.quantity, EXPIRED, R_IOC)
+            elif body.tif == FOK:
+                self._close(taker, taker.quantity, EXPIRED, R_FOK)
+            else:
+                self._rest(taker, taker.quantity, journal)
+            return
+        if body.tif == POST_ONLY:
+            self._close(taker, taker.quantity, REJECTED, R_POST_ONLY)
+            return
+        if body.tif == FOK and not self._can_fill(taker):
+            self._close(taker, taker.quantity, EXPIRED, R_FOK)
+            return
+
+        remaining = self._match(taker, journal)
+        if remaining == 0:
+            taker.status = FILLED
+        elif body.tif == IOC:
+            self._close(taker, remaining, EXPIRED, R_IOC)
+        else:  # GTC (FOK was checked to fill completely, POST_ONLY never reaches here)
+            self._rest(taker, remaining, journal)
+
+    def _close(self, order: _Order, quantity: int, status: int, reason: int) -> None:
+        # Only for the taker being processed: it is new in this op, so undo deletes it whole.
+        order.closed = quantity
+        order.status = status
+        order.reason = reason
+
+    def _rest(self, order: _Order, quantity: int, journal: list[tuple[Any, ...]]) -> None:
+        order.remaining = quantity
+        order.status = PARTIALLY_FILLED if order.filled else OPEN
+        side = order.side
+        levels = self.levels[side]
+        level = levels.get(order.price)
+        if level is None:
+            level = levels[order.price] = deque()
+            self.prices[side].add(order.price)
+        level.append(order)
+        journal.append((_J_POP_BACK, side, order.price))
+
+    def _can_fill(self, taker: _Order) -> bool:
+        """FOK: is there enough liquidity from other authors within the limit?"""
+        need = taker.quantity
+        opp = 1 - taker.side
+        levels = self.levels[opp]
+        prices = self.prices[opp]
+        walk = prices if opp == _ASK else reversed(prices)
+        for price in walk:
+            if (price > taker.price) if opp == _ASK else (price < taker.price):
+                break
+            for maker in levels[price]:
+                if maker.author != taker.author:
+                    need -= maker.remaining
+                    if need <= 0:
+                        return True
+        return False
+
+    def _match(self, taker: _Order, journal: list[tuple[Any, ...]]) -> int:
+        """Take liquidity; returns the taker's unfilled quantity."""
+        remaining = taker.quantity
+        opp = 1 - taker.side
+        levels = self.levels[opp]
+        prices = self.prices[opp]
+        fills = self.fills
+        while remaining and prices:
+            price = prices[0] if opp == _ASK else prices[-1]
+            if (price > taker.price) if opp == _ASK else (price < taker.price):
+                break
+            level = levels[price]
+            maker = level[0]
+            journal.append(
+                (
+                    _J_RESTORE,
+                    maker,
+                    maker.remaining,
+                    maker.filled,
+                    maker.closed,
+                    maker.status,
+                    maker.reason,
+                )
+            )
+            if maker.author == taker.author:
+                # Self-trade prevention: expire the resting order, keep matching.
+                maker.closed += maker.remaining
+                maker.remaining = 0
+                maker.status = EXPIRED
+                maker.reason = R_SELF_TRADE
+            else:
+                quantity = min(remaining, maker.remaining)
+                remaining -= quantity
+                taker.filled += quantity
+                maker.filled += quantity
+                maker.remaining -= quantity
+                maker.status = FILLED if maker.remaining == 0 else PARTIALLY_FILLED
+                fills.append(
+                    Fill(
+                        taker.id,
+                        maker.id,
+                        price,
+                        quantity,
+                        "buy" if taker.side == _BID else "sell",
+                        taker.author,
+                        maker.author,
+                    )
+                )
+                journal.append((_J_DEL_FILL,))
+            if maker.remaining == 0:
+                level.popleft()
+                journal.append((_J_PUSH_FRONT, opp, price, maker))
+                if not level:
+                    del levels[price]
+                    prices.remove(price)
+        return remaining
+
+    def _cancel(self, op: Op, body: CancelBody, journal: list[tuple[Any, ...]]) -> None:
+        order = self.orders[body.order_id]  # validity guarantees it exists and precedes the cancel
+        effective = order.status in (OPEN, PARTIALLY_FILLED)
+        self.cancels[op.id] = effective
+        journal.append((_J_DEL_CANCEL, op.id))
+        if not effective:
+            return
+        journal.append(
+            (
+                _J_RESTORE,
+                order,
+                order.remaining,
+                order.filled,
+                order.closed,
+                order.status,
+                order.reason,
+            )
+        )
+        side, price = order.side, order.price
+        level = self.levels[side][price]
+        index = level.index(order)
+        del level[index]
+        journal.append((_J_REINSERT, side, price, index, order))
+        if not level:
+            del self.levels[side][price]
+            self.prices[side].remove(price)
+        order.closed += order.remaining
+        order.remaining = 0
+        order.status = CANCELLED
+        order.reason = R_CANCELLED
+
+    # -- backward ----------------------------------------------------------------------------
+
+    def undo(self, journal: list[tuple[Any, ...]]) -> None:
+        """Reverse one op. Ops must be undone last first, exactly as they were processed."""
+        for entry in reversed(journal):
+            code = entry[0]
+            if code == _J_DEL_FILL:
+                self.fills.pop()
+            elif code == _J_RESTORE:
+                (
+                    _,
+                    order,
+                    order.remaining,
+                    order.filled,
+                    order.closed,
+                    order.status,
+                    order.reason,
+                ) = entry
+            elif code == _J_PUSH_FRONT:
+                self._level_for(entry[1], entry[2]).appendleft(entry[3])
+            elif code == _J_POP_BACK:
+                _, side, price = entry
+                level = self.levels[side][price]
+                level.pop()
+                if not level:
+                    del self.levels[side][price]
+                    self.prices[side].remove(price)
+            elif code == _J_REINSERT:
+                _, side, price, index, order = entry
+                self._level_for(side, price).insert(index, order)
+            elif code == _J_DEL_ORDER:
+                del self.orders[entry[1]]
+            elif code == _J_DEL_CANCEL:
+                del self.cancels[entry[1]]
+            else:  # pragma: no cover - journal entries are only written above
+                raise AssertionError(f"unknown journal entry {entry!r}")
+
+    def _level_for(self, side: int, price: int) -> deque[_Order]:
+        levels = self.levels[side]
+        level = levels.get(price)
+        if level is None:
+            level = levels[price] = deque()
+            self.prices[side].add(price)
+        return level
+
+    # -- views -------------------------------------------------------------------------------
+
+    def side_levels(self, side: int) -> list[tuple[int, deque[_Order]]]:
+        """Levels of one side, best first."""
+        prices = self.prices[side]
+        ordered = reversed(prices) if side == _BID else iter(prices)
+        return [(price, self.levels[side][price]) for price in ordered]

@@ -1,0 +1,89 @@
+"""Typed errors of the core.
+
+Everything a peer can send that the core refuses raises a subclass of :class:`InvalidOp`, with a
+message a person can act on. Refusing an op never changes a replica's state.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadCancel",
+    "BadLamport",
+    "BadParents",
+    "BadSequence",
+    "BadSignature",
+    "InvalidOp",
+    "InvalidParent",
+    "LimitExceeded",
+    "MalformedOp",
+    "NonCanonical",
+    "OffLot",
+    "OffTick",
+    "PendingFull",
+    "UnknownKind",
+    "WrongMarket",
+]
+
+
+class InvalidOp(ValueError):
+    """An op that every honest replica refuses: the verdict depends only on the op and its past."""
+
+
+class MalformedOp(InvalidOp):
+    """The bytes are not a well-formed crdtbook op (not CBOR, wrong shape or field types)."""
+
+
+class NonCanonical(InvalidOp):
+    """The op decodes but re-encoding it gives other bytes, so its id would not be unique."""
+
+
+class LimitExceeded(InvalidOp):
+    """A size or numeric bound of the wire format is exceeded."""
+
+
+class UnknownKind(InvalidOp):
+    """The body kind or protocol version is not one this implementation knows."""
+
+
+class BadSignature(InvalidOp):
+    """The signature does not verify against the author's key."""
+
+
+class WrongMarket(InvalidOp):
+    """The op belongs to another market than the replica it was given to."""
+
+
+class BadParents(InvalidOp):
+    """The parent list breaks a structural rule (order, duplicates, count)."""
+
+
+class InvalidParent(InvalidOp):
+    """A parent of the op is itself invalid, so the op can never be applied."""
+
+
+class BadLamport(InvalidOp):
+    """Lamport time is not exactly 1 + the largest Lamport time among the parents."""
+
+
+class BadSequence(InvalidOp):
+    """The author's sequence number does not follow the author's previous op among the parents."""
+
+
+class BadCancel(InvalidOp):
+    """A cancel whose target is not an order of the same author in the cancel's causal past."""
+
+
+class PendingFull(Exception):
+    """The bounded buffer of ops waiting for their parents is full; the op was not kept.
+
+    Not an :class:`InvalidOp`: the op may be valid. Offer it again once its parents are known
+    (the sync protocol does this on its own).
+    """
+
+
+class OffTick(ValueError):
+    """A human price that is not a whole number of ticks; the message names the nearest prices."""
+
+
+class OffLot(ValueError):
+    """A human quantity that is not a whole number of lots; the message names the nearest ones."""

@@ -1,0 +1,172 @@
+"""Markets: a name, a tick size and a lot size, and the exact conversion to integers.
+
+Inside the core, prices are integer ticks and quantities integer lots. The market id is a hash of
+the market's full definition, so two nodes that disagree on tick or lot never mix ops.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from decimal import Decimal, InvalidOperation
+from typing import Final
+
+import cbor2
+
+from ._errors import OffLot, OffTick
+from ._limits import MAX_INT, MAX_MARKET_NAME
+
+__all__ = ["DEFAULT_MARKETS", "Market"]
+
+_MARKET_DOMAIN: Final = "crdtbook/market/v1"
+_NAME_FORBIDDEN: Final = frozenset(":/ \t\r\n")
+
+
+def _canonical_decimal(text: str | Decimal, what: str) -> Decimal:
+    try:
+        value = Decimal(text) if isinstance(text, Decimal) else Decimal(str(text).strip())
+    except (InvalidOperation, ValueError):
+        raise ValueError(f"{what} {text!r} is not a decimal number") from None
+    if not value.is_finite() or value <= 0:
+        raise ValueError(f"{what} must be a positive decimal number, got {text!r}")
+    return value
+
+
+def _plain(value: Decimal) -> str:
+    """'0.0100' -> '0.01', '1E+2' -> '100': one spelling per value (part of the market id)."""
+    text = format(value.normalize(), "f")
+    return text
+
+
+class Market:
+    """A market definition. Immutable; equal markets have equal ids.
+
+    Args:
+        name: a short ticker, e.g. ``"BTC-USD"`` (no ``:``, ``/`` or spaces, at most 32 chars).
+        tick: the price increment as a decimal string, e.g. ``"0.01"``.
+        lot: the quantity increment as a decimal string, e.g. ``"0.0001"``.
+    """
+
+    __slots__ = ("_lot", "_tick", "id", "lot", "name", "tick")
+
+    name: str
+    tick: str
+    lot: str
+    id: bytes
+    _tick: Decimal
+    _lot: Decimal
+
+    def __init__(self, name: str, tick: str | Decimal, lot: str | Decimal) -> None:
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_MARKET_NAME:
+            raise ValueError(f"market name must be 1 to {MAX_MARKET_NAME} characters")
+        if any(c in _NAME_FORBIDDEN or not c.isprintable() for c in name):
+            raise ValueError(f"market name {name!r} may not contain ':', '/' or spaces")
+        tick_d = _canonical_decimal(tick, "tick")
+        lot_d = _canonical_decimal(lot, "lot")
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "_tick", tick_d)
+        object.__setattr__(self, "_lot", lot_d)
+        object.__setattr__(self, "tick", _plain(tick_d))
+        object.__setattr__(self, "lot", _plain(lot_d))
+        definition = cbor2.dumps([_MARKET_DOMAIN, name, self.tick, self.lot], canonical=True)
+        object.__setattr__(self, "id", hashlib.sha256(definition).digest())
+
+    def __setattr__(self, key: str, value: object) -> None:
+        raise AttributeError("Market is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Market) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __repr__(self) -> str:
+        return f"Market({self.name!r}, tick={self.tick!r}, lot={self.lot!r})"
+
+    @property
+    def spec(self) -> str:
+        """``NAME:TICK:LOT``, the form ``Market.parse`` reads."""
+        return f"{self.name}:{self.tick}:{self.lot}"
+
+    @classmethod
+    def parse(cls, text: str) -> Market:
+        """Read ``NAME`` (one of :data:`DEFAULT_MARKETS`) or ``NAME:TICK:LOT``."""
+        parts = text.split(":")
+        if len(parts) == 1:
+            try:
+                return DEFAULT_MARKETS[text]
+            except KeyError:
+                known = ", ".join(sorted(DEFAULT_MARKETS))
+                raise ValueError(
+                    f"unknown market {text!r}: use one of {known}, or NAME:TICK:LOT"
+                ) from None
+        if len(parts) != 3:
+            raise ValueError(f"market {text!r} is not NAME or NAME:TICK:LOT")
+        return cls(parts[0], parts[1], parts[2])
+
+    # -- exact conversions -------------------------------------------------------------------
+
+    def price_to_ticks(self, price: str | Decimal | int) -> int:
+        """Human price -> integer ticks. Raises :class:`OffTick` naming the nearest valid prices."""
+        return _to_units(price, self._tick, "price", "tick", OffTick)
+
+    def qty_to_lots(self, quantity: str | Decimal | int) -> int:
+        """Human quantity -> integer lots. Raises :class:`OffLot` naming the nearest valid ones."""
+        return _to_units(quantity, self._lot, "quantity", "lot", OffLot)
+
+    def ticks_to_price(self, ticks: int) -> str:
+        return _plain_fixed(ticks * self._tick, self._tick)
+
+    def lots_to_qty(self, lots: int) -> str:
+        return _plain_fixed(lots * self._lot, self._lot)
+
+
+def _plain_fixed(value: Decimal, step: Decimal) -> str:
+    """Print with as many decimals as the step has, so a ladder lines up: 100 -> '100.00'."""
+    places = max(0, -int(step.normalize().as_tuple().exponent))
+    return f"{value:.{places}f}"
+
+
+def _to_units(
+    value: str | Decimal | int,
+    step: Decimal,
+    what: str,
+    unit: str,
+    error: type[ValueError],
+) -> int:
+    if isinstance(value, bool):
+        raise error(f"{what} must be a decimal number, got {value!r}")
+    try:
+        amount = Decimal(value) if not isinstance(value, str) else Decimal(value.strip())
+    except (InvalidOperation, ValueError):
+        raise error(f"{what} {value!r} is not a decimal number") from None
+    if not amount.is_finite() or amount <= 0:
+        raise error(f"{what} must be positive, got {value}")
+    units, rest = divmod(amount, step)
+    if rest:
+        low = units * step
+        high = (units + 1) * step
+        nearest = (
+            f"{_plain_fixed(high, step)}"
+            if units == 0
+            else (f"{_plain_fixed(low, step)} or {_plain_fixed(high, step)}")
+        )
+        raise error(
+            f"{what} {value} is not a multiple of the {unit} {_plain(step)}; "
+            f"nearest valid: {nearest}"
+        )
+    result = int(units)
+    if result > MAX_INT:
+        raise error(f"{what} {value} is too large (at most {MAX_INT} {unit}s)")
+    return result
+
+
+#: Markets a node can follow by name alone. Anything else is given as ``NAME:TICK:LOT``.
+DEFAULT_MARKETS: Final[dict[str, Market]] = {
+    m.name: m
+    for m in (
+        Market("BTC-USD", "0.01", "0.0001"),
+        Market("ETH-USD", "0.01", "0.001"),
+        Market("SOL-USD", "0.001", "0.01"),
+        Market("DEMO", "1", "1"),
+    )
+}

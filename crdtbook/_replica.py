@@ -1,0 +1,420 @@
+"""The replica: ops in, derived book out. The one class everything revolves around.
+
+A replica holds one market's causal log (every valid op it was given), keeps the ops in the total
+order (Lamport time, op id), and derives the matched state by replaying them through the
+``Engine``. It does no I/O: whoever owns the sockets, the disk and the clock feeds it ops.
+
+Costs (n applied ops):
+- an op that sorts after everything applied: one dict insert, one list append, one match;
+- an op that sorts k places from the end: k undos, a list insert (a memmove of n pointers,
+  ~20 us at n = 200k), k + 1 matches;
+- a batch (``apply_many``) rewinds once, to the earliest place any of its ops sorts;
+- an op whose parents are missing: kept in a bounded pending buffer until they arrive.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Final, NamedTuple
+
+from ._engine import Engine, Fill
+from ._errors import BadCancel, InvalidOp, InvalidParent, PendingFull, WrongMarket
+from ._identity import Identity
+from ._limits import MAX_PARENTS
+from ._market import Market
+from ._ops import BUY, SELL, TIFS, CancelBody, Op, OrderBody, decode, op_id, sign_op
+from ._state import Book, OrderState, book_view, order_state, state_digest
+from ._validity import check_in_context, on_own_chain
+
+__all__ = ["ApplyReport", "Replica"]
+
+#: Ops waiting for parents. Enough for a gap of several seconds at thousands of ops/s; past it
+#: the sync protocol offers the ops again once their parents are in.
+DEFAULT_MAX_PENDING: Final = 100_000
+#: Invalid op ids remembered so that a re-sent invalid op is refused without a signature check,
+#: and its descendants are refused at once. Oldest forgotten first.
+MAX_INVALID_REMEMBERED: Final = 10_000
+
+
+class _Entry:
+    """One applied op at its place in the total order, with the undo journal of its match."""
+
+    __slots__ = ("journal", "key", "op")
+
+    def __init__(self, op: Op) -> None:
+        self.key = (op.lamport, op.id)
+        self.op = op
+        self.journal: list[tuple[Any, ...]] | None = None
+
+
+def _entry_key(entry: _Entry) -> tuple[int, bytes]:
+    return entry.key
+
+
+class ApplyReport(NamedTuple):
+    """What one ``apply_many`` call did."""
+
+    applied: list[Op]  # newly applied ops (including released pending ones), in apply order
+    pending: int  # ops of this call now waiting for parents
+    duplicates: int  # ops already known (applied, pending or known invalid)
+    invalid: list[tuple[bytes | None, InvalidOp]]  # (op id if known, why) for refused ops
+
+
+class Replica:
+    """One market's replicated book.
+
+    Any two replicas given the same set of ops, in any order and with any repetition, have the
+    same ``digest()``.
+    """
+
+    def __init__(self, market: Market, *, max_pending: int = DEFAULT_MAX_PENDING) -> None:
+        self.market = market
+        self.max_pending = max_pending
+        self._applied: dict[bytes, Op] = {}
+        self._entries: list[_Entry] = []  # applied ops in total order
+        self._matched = 0  # how many of _entries the engine has processed
+        self._engine = Engine()
+        self._heads: set[bytes] = set()
+        self._pending: dict[bytes, Op] = {}
+        self._waiting: dict[bytes, list[bytes]] = {}  # absent parent id -> pending child ids
+        self._invalid: dict[bytes, InvalidOp] = {}
+        self._author_tip: dict[bytes, Op] = {}  # author -> its applied op with the highest seq
+        self._fork_at: dict[bytes, int] = {}  # author -> lowest seq with two ops (equivocation)
+        #: Bumped whenever derived state may have changed; cheap change detection for watchers.
+        self.version = 0
+
+    # -- input -------------------------------------------------------------------------------
+
+    def apply(self, item: Op | bytes) -> list[Op]:
+        """Apply one op (an ``Op`` or its encoded bytes). Idempotent.
+
+        Returns:
+            The ops this call applied: ``[op]`` plus any pending ops it released, ``[]`` when the
+            op was known already or now waits for missing parents (see ``missing()``).
+
+        Raises:
+            InvalidOp: the op is invalid (nothing changed).
+            PendingFull: its parents are missing and the pending buffer is full.
+        """
+        report = self.apply_many([item], _raise=True)
+        return report.applied
+
+    def apply_many(self, items: Iterable[Op | bytes], *, _raise: bool = False) -> ApplyReport:
+        """Apply a batch, rewinding the matched state at most once. Never raises for bad ops:
+        they are listed in the report (a ``PendingFull`` op is reported as pending=0, dropped)."""
+        applied: list[Op] = []
+        pending = duplicates = 0
+        invalid: list[tuple[bytes | None, InvalidOp]] = []
+        try:
+            for item in items:
+                try:
+                    op = self._accept(item)
+                    if op is None:
+                        duplicates += 1
+                        continue
+                    missing = [p for p in op.parents if p not in self._applied]
+                    if missing:
+                        self._wait(op, missing)
+                        pending += 1
+                    else:
+                        self._admit_and_release(op, applied)
+                except InvalidOp as exc:
+                    if _raise:
+                        raise
+                    ident = item.id if isinstance(item, Op) else op_id(bytes(item))
+                    invalid.append((ident, exc))
+                except PendingFull:
+                    if _raise:
+                        raise
+        finally:
+            self._rematch()
+        if applied:
+            self.version += 1
+        return ApplyReport(applied, pending, duplicates, invalid)
+
+    def _accept(self, item: Op | bytes) -> Op | None:
+        """Decode if needed; None for an op already known."""
+        if isinstance(item, Op):
+            op = item
+            ident = op.id
+        else:
+            raw = bytes(item)
+            ident = op_id(raw)
+            if ident in self._applied or ident in self._pending:
+                return None  # known: no decode, no second signature check
+            known_bad = self._invalid.get(ident)
+            if known_bad is not None:
+                raise type(known_bad)(str(known_bad))
+            op = decode(raw)
+        if ident in self._applied or ident in self._pending:
+            return None
+        known_bad = self._invalid.get(ident)
+        if known_bad is not None:
+            raise type(known_bad)(str(known_bad))
+        if op.market_id != self.market.id:
+            raise WrongMarket(
+                f"op is for market {op.market_id.hex()[:16]}, this replica is "
+                f"{self.market.name} ({self.market.id.hex()[:16]})"
+            )
+        for parent in op.parents:
+            if parent in self._invalid:
+                self._remember_invalid(ident, InvalidParent("a parent of this op is invalid"))
+                raise self._invalid[ident]
+        return op
+
+    def _wait(self, op: Op, missing: list[bytes]) -> None:
+        if len(self._pending) >= self.max_pending:
+            raise PendingFull(
+                f"{len(self._pending)} ops already wait for parents; offer this one again later"
+            )
+        self._pending[op.id] = op
+        for parent in missing:
+            self._waiting.setdefault(parent, []).append(op.id)
+
+    def _admit_and_release(self, op: Op, applied: list[Op]) -> None:
+        """Admit ``op`` (parents all applied), then every pending op it unblocks."""
+        self._admit(op)  # raises InvalidOp for the caller's own op
+        applied.append(op)
+        ready = [op.id]
+        while ready:
+            for child_id in self._waiting.pop(ready.pop(), ()):
+                child = self._pending.get(child_id)
+                if child is None or any(p not in self._applied for p in child.parents):
+                    continue
+                del self._pending[child_id]
+                try:
+                    self._admit(child)
+                except InvalidOp as exc:
+                    self._reject_pending_descendants(child_id, exc)
+                    continue
+                applied.append(child)
+                ready.append(child_id)
+
+    def _admit(self, op: Op) -> None:
+        try:
+            check_in_context(op, self._applied, self._unique_at_seq)
+        except InvalidOp as exc:
+            self._remember_invalid(op.id, exc)
+            self._reject_pending_descendants(op.id, exc)
+            raise
+        self._applied[op.id] = op
+        heads = self._heads
+        for parent in op.parents:
+            heads.discard(parent)
+        heads.add(op.id)
+        self._track_author(op)
+        entry = _Entry(op)
+        entries = self._entries
+        if not entries or entry.key > entries[-1].key:
+            entries.append(entry)
+            return
+        position = bisect_left(entries, entry.key, key=_entry_key)
+        self._rewind_to(position)
+        entries.insert(position, entry)
+
+    def _track_author(self, op: Op) -> None:
+        tip = self._author_tip.get(op.author)
+        if tip is None:
+            self._author_tip[op.author] = op
+            return
+        # Without equivocation an author's ops form a chain and each new one extends the tip.
+        extends_tip = op.seq == tip.seq + 1 and tip.id in op.parents
+        if not extends_tip:
+            fork = self._fork_at.get(op.author)
+            self._fork_at[op.author] = op.seq if fork is None else min(fork, op.seq)
+        if op.seq > tip.seq:
+            self._author_tip[op.author] = op
+
+    def _unique_at_seq(self, author: bytes, seq: int) -> bool:
+        fork = self._fork_at.get(author)
+        return fork is None or seq < fork
+
+    def _remember_invalid(self, ident: bytes, exc: InvalidOp) -> None:
+        if len(self._invalid) >= MAX_INVALID_REMEMBERED:
+            del self._invalid[next(iter(self._invalid))]
+        self._invalid[ident] = exc
+
+    def _reject_pending_descendants(self, ident: bytes, cause: InvalidOp) -> None:
+        self._remember_invalid(ident, cause)
+        doomed = [ident]
+        while doomed:
+            for child_id in self._waiting.pop(doomed.pop(), ()):
+                child = self._pending.pop(child_id, None)
+                if child is None:
+                    continue
+                for parent in child.parents:
+                    waiters = self._waiting.get(parent)
+                    if waiters is not None and child_id in waiters:
+                        waiters.remove(child_id)
+                        if not waiters:
+                            del self._waiting[parent]
+                self._remember_invalid(child_id, InvalidParent("an ancestor of this op is invalid"))
+                doomed.append(child_id)
+
+    # -- derivation --------------------------------------------------------------------------
+
+    def _rewind_to(self, position: int) -> None:
+        """Undo the matched ops at ``position`` and after, last first."""
+        entries = self._entries
+        undo = self._engine.undo
+        for index in range(self._matched - 1, position - 1, -1):
+            entry = entries[index]
+            assert entry.journal is not None
+            undo(entry.journal)
+            entry.journal = None
+        self._matched = min(self._matched, position)
+
+    def _rematch(self) -> None:
+        entries = self._entries
+        process = self._engine.process
+        for index in range(self._matched, len(entries)):
+            entry = entries[index]
+            entry.journal = process(entry.op)
+        self._matched = len(entries)
+
+    # -- authoring ---------------------------------------------------------------------------
+
+    def submit(
+        self,
+        identity: Identity,
+        side: str,
+        price: int,
+        quantity: int,
+        tif: str = "gtc",
+        tag: str | None = None,
+    ) -> Op:
+        """Sign a new order (price in ticks, quantity in lots), apply it and return it."""
+        if side not in (BUY, SELL):
+            raise ValueError(f"side must be 'buy' or 'sell', not {side!r}")
+        tif = tif.replace("-", "_").lower() if isinstance(tif, str) else tif
+        if tif not in TIFS:
+            raise ValueError(f"time in force must be one of {', '.join(TIFS)}, not {tif!r}")
+        for name, value in (("price", price), ("quantity", quantity)):
+            if type(value) is not int or value <= 0:
+                raise ValueError(f"{name} must be a positive integer (ticks/lots), not {value!r}")
+        return self._author(identity, OrderBody(side, price, quantity, tif, tag))
+
+    def cancel(self, identity: Identity, order_id: bytes) -> Op:
+        """Sign a cancel of one of ``identity``'s orders, apply it and return it."""
+        target = self._applied.get(order_id)
+        if target is None or not isinstance(target.body, OrderBody):
+            raise BadCancel(f"no order {order_id.hex()[:16]} in this replica")
+        if target.author != identity.public_key:
+            raise BadCancel("only an order's author can cancel it; this order is someone else's")
+        tip = self._author_tip.get(identity.public_key)
+        if not on_own_chain(tip, target, self._applied, self._unique_at_seq):
+            raise BadCancel(
+                "this order is on another branch of your key's history (the same key signed ops "
+                "at two places at once), so no cancel from here can reach it"
+            )
+        return self._author(identity, CancelBody(order_id))
+
+    def _author(self, identity: Identity, body: OrderBody | CancelBody) -> Op:
+        author = identity.public_key
+        tip = self._author_tip.get(author)
+        # Heads by other authors, plus our own previous op (the sequence rule wants exactly one).
+        others = [self._applied[h] for h in self._heads if self._applied[h].author != author]
+        room = MAX_PARENTS - (tip is not None)
+        if len(others) > room:
+            others = sorted(others, key=lambda o: o.key, reverse=True)[:room]
+        parents = [o.id for o in others]
+        lamport = max((o.lamport for o in others), default=0)
+        if tip is not None:
+            parents.append(tip.id)
+            lamport = max(lamport, tip.lamport)
+        op = sign_op(
+            identity,
+            self.market.id,
+            1 if tip is None else tip.seq + 1,
+            lamport + 1,
+            tuple(parents),
+            body,
+        )
+        self.apply(op)
+        return op
+
+    # -- views -------------------------------------------------------------------------------
+
+    def book(self, depth: int | None = None) -> Book:
+        """Resting orders by level, best first; ``depth`` limits the levels per side."""
+        return book_view(self._engine, depth)
+
+    def fills(self, start: int = 0) -> Sequence[Fill]:
+        """Fills in execution order (``start``: skip the first ones)."""
+        return tuple(self._engine.fills[start:])
+
+    @property
+    def fill_count(self) -> int:
+        return len(self._engine.fills)
+
+    def order(self, order_id: bytes) -> OrderState | None:
+        """The order's derived state, or None if no such order is applied."""
+        order = self._engine.orders.get(order_id)
+        return None if order is None else order_state(order)
+
+    def orders(self, author: bytes | None = None) -> list[OrderState]:
+        """Every order (or one author's), in the total order."""
+        return [
+            order_state(o)
+            for o in sorted(self._engine.orders.values(), key=lambda o: (o.lamport, o.id))
+            if author is None or o.author == author
+        ]
+
+    def cancel_effective(self, cancel_id: bytes) -> bool | None:
+        """True if the cancel removed a rest, False if its order was already done, None if
+        no such cancel is applied."""
+        return self._engine.cancels.get(cancel_id)
+
+    def digest(self) -> bytes:
+        """SHA-256 of the canonical encoding of book, fills and order states."""
+        return state_digest(self.market.id, self._engine)
+
+    def heads(self) -> list[bytes]:
+        """Ids of applied ops that no applied op names as a parent, sorted."""
+        return sorted(self._heads)
+
+    def ops(self) -> list[Op]:
+        """Every applied op, in the total order (parents always before children)."""
+        return [entry.op for entry in self._entries]
+
+    def iter_ops(self, start: int = 0) -> Iterator[Op]:
+        entries = self._entries
+        for index in range(start, len(entries)):
+            yield entries[index].op
+
+    def missing(self) -> list[bytes]:
+        """Ids that pending ops name as parents and that this replica has never seen."""
+        return sorted(p for p in self._waiting if p not in self._pending)
+
+    def get(self, ident: bytes) -> Op | None:
+        """An applied op by id."""
+        return self._applied.get(ident)
+
+    def knows(self, ident: bytes) -> bool:
+        """Applied, pending or known invalid: no need to fetch, decode or verify it again."""
+        return ident in self._applied or ident in self._pending or ident in self._invalid
+
+    def is_invalid(self, ident: bytes) -> bool:
+        return ident in self._invalid
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    @property
+    def applied_index(self) -> dict[bytes, Op]:
+        """Read-only use: every applied op by id (for the sync helpers)."""
+        return self._applied
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, ident: object) -> bool:
+        return ident in self._applied
+
+    def __repr__(self) -> str:
+        return (
+            f"Replica({self.market.name}, ops={len(self._entries)}, "
+            f"pending={len(self._pending)}, heads={len(self._heads)})"
+        )

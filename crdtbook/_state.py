@@ -1,0 +1,114 @@
+"""Read-only views of derived state, and its canonical digest."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from typing import Final, NamedTuple
+
+import cbor2
+
+from ._engine import REASONS, STATUSES, Engine, Fill, _Order
+
+__all__ = ["Book", "Fill", "Level", "OrderState", "RestingOrder", "state_digest"]
+
+_STATE_DOMAIN: Final = "crdtbook/state/v1"
+
+
+class RestingOrder(NamedTuple):
+    order_id: bytes
+    remaining: int
+
+
+class Level(NamedTuple):
+    """A price level: ``price`` in ticks, ``quantity`` the sum of its orders' remaining lots."""
+
+    price: int
+    quantity: int
+    orders: tuple[RestingOrder, ...]
+
+
+class Book(NamedTuple):
+    """Both sides, best level first."""
+
+    bids: tuple[Level, ...]
+    asks: tuple[Level, ...]
+
+    @property
+    def best_bid(self) -> int | None:
+        return self.bids[0].price if self.bids else None
+
+    @property
+    def best_ask(self) -> int | None:
+        return self.asks[0].price if self.asks else None
+
+
+class OrderState(NamedTuple):
+    """An order as derived now. ``quantity == filled + remaining + closed`` always holds.
+
+    ``status`` is one of open, partially_filled, filled, cancelled, expired, rejected; ``reason``
+    is None or one of cancelled, ioc_remainder, fok_unfillable, post_only_would_take, self_trade.
+    """
+
+    id: bytes
+    author: bytes
+    side: str
+    price: int
+    quantity: int
+    remaining: int
+    filled: int
+    closed: int
+    status: str
+    reason: str | None
+    tif: str
+    tag: str | None
+    lamport: int
+
+
+def order_state(order: _Order) -> OrderState:
+    return OrderState(
+        order.id,
+        order.author,
+        "buy" if order.side == 0 else "sell",
+        order.price,
+        order.quantity,
+        order.remaining,
+        order.filled,
+        order.closed,
+        STATUSES[order.status],
+        REASONS[order.reason],
+        order.tif,
+        order.tag,
+        order.lamport,
+    )
+
+
+def book_view(engine: Engine, depth: int | None = None) -> Book:
+    sides = []
+    for side in (0, 1):
+        levels = []
+        for price, level in engine.side_levels(side)[:depth]:
+            orders = tuple(RestingOrder(o.id, o.remaining) for o in level)
+            levels.append(Level(price, sum(o.remaining for o in orders), orders))
+        sides.append(tuple(levels))
+    return Book(sides[0], sides[1])
+
+
+def state_digest(market_id: bytes, engine: Engine) -> bytes:
+    """SHA-256 of the canonical CBOR encoding of the whole derived state (specs: "Digest")."""
+
+    def side(levels: Iterable[Level]) -> list[object]:
+        return [[lv.price, [[o.order_id, o.remaining] for o in lv.orders]] for lv in levels]
+
+    book = book_view(engine)
+    orders = [
+        [o.id, o.status, o.remaining, o.filled, o.closed, o.reason]
+        for _, o in sorted(engine.orders.items())
+    ]
+    fills = [[f.taker, f.maker, f.price, f.quantity] for f in engine.fills]
+    state = [_STATE_DOMAIN, market_id, side(book.bids), side(book.asks), fills, orders]
+    return hashlib.sha256(cbor2.dumps(state, canonical=True)).digest()
+
+
+__all__ += ["book_view", "order_state"]
+_ = Fill

@@ -1,0 +1,126 @@
+"""What a sync protocol needs from a replica, still without I/O.
+
+A peer describes what it has by its heads and, optionally, a Bloom filter of the ids of its recent
+ops (after Kleppmann and Howard, "Byzantine Eventual Consistency", arXiv 2012.00472). From that,
+``ops_missing_for`` finds the ops the peer lacks by walking back from our heads in decreasing
+Lamport time, and stops as soon as every path has reached the peer's causal past. The cost is
+the size of the difference plus its frontier, not the size of the log.
+
+A Bloom false positive makes us withhold an op the peer lacks (and its ancestors that only it
+leads to); the peer then sees children whose parents are missing and asks for those ids, so
+false positives cost a round trip, never correctness.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Mapping
+from typing import Final
+
+from ._ops import Op
+
+__all__ = ["BloomFilter", "ops_missing_for"]
+
+_MAX_BLOOM_BYTES: Final = 1 << 20  # 1 MiB: 8M bits, ~800k ids at 1% false positives
+_MAX_HASHES: Final = 16
+
+
+class BloomFilter:
+    """A Bloom filter over op ids. Op ids are SHA-256 outputs already, so the k bit positions
+    are read straight from the id (4 bytes each, then double hashing past 8): no hashing, and
+    the same bits in every implementation."""
+
+    __slots__ = ("bits", "hashes", "size")
+
+    def __init__(self, size_bits: int, hashes: int, bits: bytes | None = None) -> None:
+        if not 8 <= size_bits <= _MAX_BLOOM_BYTES * 8 or size_bits % 8:
+            raise ValueError("a Bloom filter has a positive multiple of 8 bits, at most 8 Mi")
+        if not 1 <= hashes <= _MAX_HASHES:
+            raise ValueError(f"a Bloom filter uses 1 to {_MAX_HASHES} hash positions")
+        if bits is not None and len(bits) != size_bits // 8:
+            raise ValueError("Bloom filter bits do not match its size")
+        self.size = size_bits
+        self.hashes = hashes
+        self.bits = bytearray(bits) if bits is not None else bytearray(size_bits // 8)
+
+    @classmethod
+    def for_ids(cls, ids: Iterable[bytes], *, bits_per_id: int = 10) -> BloomFilter:
+        """A filter holding ``ids``; 10 bits per id with 7 hashes gives ~1% false positives."""
+        id_list = list(ids)
+        size = max(64, ((len(id_list) * bits_per_id + 7) // 8) * 8)
+        size = min(size, _MAX_BLOOM_BYTES * 8)
+        bloom = cls(size, 7)
+        for ident in id_list:
+            bloom.add(ident)
+        return bloom
+
+    def _positions(self, ident: bytes) -> list[int]:
+        a = int.from_bytes(ident[0:4], "big")
+        b = int.from_bytes(ident[4:8], "big") | 1
+        return [(a + i * b) % self.size for i in range(self.hashes)]
+
+    def add(self, ident: bytes) -> None:
+        for pos in self._positions(ident):
+            self.bits[pos >> 3] |= 1 << (pos & 7)
+
+    def __contains__(self, ident: object) -> bool:
+        if not isinstance(ident, bytes) or len(ident) < 8:
+            return False
+        bits = self.bits
+        return all(bits[pos >> 3] & (1 << (pos & 7)) for pos in self._positions(ident))
+
+
+_THEIRS = 1  # in the peer's causal past (or said to be, by the Bloom filter)
+_OURS = 2  # reached from our heads only, so far
+
+
+def ops_missing_for(
+    applied: Mapping[bytes, Op],
+    our_heads: Iterable[bytes],
+    their_heads: Iterable[bytes],
+    bloom: BloomFilter | None = None,
+    limit: int | None = None,
+) -> list[Op]:
+    """The ops we have that a peer with ``their_heads`` (and ``bloom``) lacks, in total order.
+
+    Heads of theirs that we do not know are ignored (they are ops the peer will send us). With
+    ``limit``, only the first ``limit`` ops in total order: a causally closed prefix, so the peer
+    can apply them, send its new heads and get the rest.
+    """
+    mark: dict[bytes, int] = {}
+    heap: list[tuple[int, bytes]] = []
+    ours_queued = 0
+    for head in their_heads:
+        op = applied.get(head)
+        if op is not None and head not in mark:
+            mark[head] = _THEIRS
+            heapq.heappush(heap, (-op.lamport, head))
+    for head in our_heads:
+        if head not in mark:
+            mark[head] = _OURS
+            ours_queued += 1
+            heapq.heappush(heap, (-applied[head].lamport, head))
+
+    missing: list[Op] = []
+    while heap and ours_queued:
+        _, ident = heapq.heappop(heap)
+        op = applied[ident]
+        flag = mark[ident]
+        if flag == _OURS:
+            ours_queued -= 1
+            if bloom is not None and ident in bloom:
+                flag = _THEIRS
+            else:
+                missing.append(op)
+        for parent in op.parents:
+            seen = mark.get(parent)
+            if seen is None:
+                mark[parent] = flag
+                if flag == _OURS:
+                    ours_queued += 1
+                heapq.heappush(heap, (-applied[parent].lamport, parent))
+            elif seen == _OURS and flag == _THEIRS:
+                mark[parent] = _THEIRS
+                ours_queued -= 1
+    missing.sort(key=lambda o: (o.lamport, o.id))
+    return missing if limit is None else missing[:limit]

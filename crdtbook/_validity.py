@@ -1,0 +1,110 @@
+"""Validity rules that need an op's causal past, in one place.
+
+The rules that need only the op itself (shape, bounds, canonical form, signature) are checked by
+``_ops.decode``. The ones here run once every parent of the op is applied, and read nothing but
+the op and its ancestors, so every replica reaches the same verdict on it (specs/protocol.md,
+"Validity").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from ._errors import BadCancel, BadLamport, BadSequence
+from ._ops import CancelBody, Op, OrderBody
+
+__all__ = ["check_in_context", "on_own_chain", "own_parent"]
+
+
+def own_parent(op: Op, applied: Mapping[bytes, Op]) -> Op | None:
+    """The parent by the op's own author (there is at most one in a valid op)."""
+    for parent_id in op.parents:
+        parent = applied[parent_id]
+        if parent.author == op.author:
+            return parent
+    return None
+
+
+def check_in_context(
+    op: Op,
+    applied: Mapping[bytes, Op],
+    unique_at_seq: Callable[[bytes, int], bool],
+) -> None:
+    """Raise an :class:`InvalidOp` subclass unless ``op`` is valid given its (applied) parents.
+
+    Args:
+        op: an op whose parents are all in ``applied``.
+        applied: every applied op by id (a superset of the op's causal past).
+        unique_at_seq: whether the author has only one applied op at that sequence number
+            (false only if the author equivocated); lets the cancel rule skip a walk.
+    """
+    parents = [applied[p] for p in op.parents]
+
+    # Lamport time: exactly one more than the largest parent's.
+    expected = 1 + max((p.lamport for p in parents), default=0)
+    if op.lamport != expected:
+        raise BadLamport(
+            f"Lamport time is {op.lamport} but must be {expected} (1 + the largest among parents)"
+        )
+
+    # Author sequence: seq 1 has no parent of its own author; seq n > 1 has exactly one, seq n-1.
+    own = [p for p in parents if p.author == op.author]
+    if op.seq == 1:
+        if own:
+            raise BadSequence(
+                "an author's first op (seq 1) cannot have a parent by the same author"
+            )
+    elif len(own) != 1 or own[0].seq != op.seq - 1:
+        raise BadSequence(
+            f"op with seq {op.seq} must have exactly one parent by its author, "
+            f"with seq {op.seq - 1}"
+        )
+
+    body = op.body
+    if isinstance(body, CancelBody):
+        _check_cancel(op, body, applied, unique_at_seq)
+
+
+def _check_cancel(
+    op: Op,
+    body: CancelBody,
+    applied: Mapping[bytes, Op],
+    unique_at_seq: Callable[[bytes, int], bool],
+) -> None:
+    """The target is an order by the same author on the cancel's own author chain.
+
+    Our rule is: following the own-author parent from the cancel, repeatedly, must reach the
+    order. For an author that never equivocated this is exactly "the order is in the cancel's
+    causal past"; for one that did, it is the stricter, still deterministic, reading.
+    """
+    target = applied.get(body.order_id)
+    if target is None:
+        raise BadCancel(
+            f"cancel names order {body.order_id.hex()[:16]}, which is not in its causal past"
+        )
+    if not isinstance(target.body, OrderBody):
+        raise BadCancel("a cancel must name an order, not another cancel")
+    if target.author != op.author:
+        raise BadCancel("only an order's author can cancel it")
+    if target.seq >= op.seq:
+        raise BadCancel("a cancel must come after the order it cancels in its author's sequence")
+    if not on_own_chain(own_parent(op, applied), target, applied, unique_at_seq):
+        raise BadCancel("the order is not on the cancel's own author chain (equivocating author)")
+
+
+def on_own_chain(
+    start: Op | None,
+    target: Op,
+    applied: Mapping[bytes, Op],
+    unique_at_seq: Callable[[bytes, int], bool],
+) -> bool:
+    """Is ``target`` ``start`` or reached from it by following own-author parents?"""
+    if start is None or start.author != target.author or start.seq < target.seq:
+        return False
+    if unique_at_seq(target.author, target.seq):
+        # The whole chain below start is applied; a single op at that seq must be the chain's.
+        return True
+    step: Op | None = start
+    while step is not None and step.seq > target.seq:
+        step = own_parent(step, applied)
+    return step is not None and step.id == target.id
