@@ -398,6 +398,10 @@ class Replica:
     def is_invalid(self, ident: bytes) -> bool:
         return ident in self._invalid
 
+    def is_pending(self, ident: bytes) -> bool:
+        """Known and valid so far, but waiting for parents."""
+        return ident in self._pending
+
     @property
     def pending_count(self) -> int:
         return len(self._pending)

@@ -1,0 +1,371 @@
+"""`crdtbook node`: run a peer in the foreground until SIGINT/SIGTERM.
+
+Lifecycle (structured: one nursery owns every task):
+  home + identity -> store -> replicas rebuilt from the store -> libp2p network -> gossip
+  validators, sync handler, control socket -> "ready" lines on stdout -> serve.
+Shutdown in order: stop accepting control requests and syncs, flush gossip batches, close the
+store, then leave libp2p.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+
+from crdtbook import Identity, Market
+
+from .control import serve_control
+from .handler import ControlAdapter
+from .service import BAN_SECONDS, MarketState, NodeService
+from .store import OpStore, StoreError
+from .sync import MarketNotFollowed, pull, respond
+from .wire import SYNC_PROTOCOL, WireError
+
+__all__ = ["NodeConfig", "run_node"]
+
+logger = logging.getLogger("crdtbook.node")
+
+IDENTITY_FILE: Final = "identity.key"
+NODE_INFO_FILE: Final = "node.json"
+DEFAULT_MARKET: Final = "BTC-USD"
+#: Every this many seconds each connected peer is asked for what we lack (plus on connect).
+SYNC_INTERVAL: Final = 2.0
+#: A whole sync session (a large catch-up streams many frames; each frame has its own bound).
+SYNC_SESSION_TIMEOUT: Final = 120.0
+#: After a peer says it does not follow a market, do not ask it again for this long.
+NOT_FOLLOWING_BACKOFF: Final = 60.0
+#: Discovery: look for providers of our markets this often once settled (faster at start).
+DISCOVERY_INTERVAL: Final = 10.0
+SUMMARY_INTERVAL: Final = 60.0
+
+
+@dataclass
+class NodeConfig:
+    home: Path
+    listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/4001"])
+    bootstrap: list[str] = field(default_factory=list)
+    markets: list[str] = field(default_factory=list)
+    verbose: int = 0
+    announce_interval: float = 60.0
+    sync_interval: float = SYNC_INTERVAL
+    heartbeat_interval: float = 1.0
+
+
+def load_or_create_identity(home: Path) -> tuple[Identity, bool]:
+    """The node's ed25519 seed in ``<home>/identity.key`` (mode 0600), created on first start."""
+    path = home / IDENTITY_FILE
+    if path.exists():
+        seed = path.read_bytes()
+        if len(seed) != 32:
+            raise ValueError(f"{path} is not a 32-byte key file; move it away to make a new key")
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+        return Identity.from_seed(seed), False
+    identity = Identity.generate()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, identity.seed)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return identity, True
+
+
+def configure_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        )
+        root.addHandler(handler)
+    root.setLevel(level)
+    # libp2p logs routine peer churn as warnings (e.g. "Failed to read DHT message"): show its
+    # warnings from -vv and its debug output from -vvv; errors always.
+    libp2p_level = (
+        logging.DEBUG if verbose >= 3 else logging.WARNING if verbose == 2 else logging.ERROR
+    )
+    logging.getLogger("libp2p").setLevel(libp2p_level)
+    logging.getLogger("multiaddr").setLevel(logging.WARNING)
+
+
+def run_node(config: NodeConfig) -> int:
+    """Run a node until SIGINT/SIGTERM; returns the process exit code."""
+    configure_logging(config.verbose)
+    try:
+        return trio.run(_main, config)
+    except (StoreError, ValueError, OSError) as exc:
+        print(f"crdtbook node: {exc}", file=sys.stderr)
+        return 1
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+async def _main(config: NodeConfig) -> int:
+    from .p2p import NetworkConfig, open_network  # libp2p import costs ~0.7 s: only here
+
+    home = Path(config.home).expanduser()
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    identity, created = load_or_create_identity(home)
+    markets = [Market.parse(spec) for spec in (config.markets or [DEFAULT_MARKET])]
+    store = OpStore.open(home)
+    service = NodeService(identity, store, markets)
+    started = time.monotonic()
+    loaded = service.load_from_store()
+    load_seconds = time.monotonic() - started
+    try:
+        net_config = NetworkConfig(heartbeat_interval=config.heartbeat_interval)
+        async with open_network(identity.seed, config.listen, config=net_config) as net:
+            node = _Node(config, service, net)
+            await node.run(home, created, loaded, load_seconds)
+    finally:
+        store.close()
+        (home / NODE_INFO_FILE).unlink(missing_ok=True)
+    return 0
+
+
+class _Node:
+    """Wires the service to the network and runs the background tasks."""
+
+    def __init__(self, config: NodeConfig, service: NodeService, net: Any) -> None:
+        self.config = config
+        self.service = service
+        self.net = net
+        self._syncing: set[tuple[str, bytes]] = set()
+        self._not_following: dict[tuple[str, bytes], float] = {}
+        self._sync_now = trio.Event()
+        self._urgent: set[str] = set()
+
+    async def run(
+        self, home: Path, created: bool, loaded: dict[str, int], load_seconds: float
+    ) -> None:
+        service, net = self.service, self.net
+        net.on_reject(self._on_reject)
+        net.set_stream_handler(SYNC_PROTOCOL, self._serve_sync)
+        async with trio.open_nursery() as nursery:
+            for ms in service.markets.values():
+                net.set_validator(ms.topic, self._validator(ms))
+                messages = await net.subscribe(ms.topic)
+                nursery.start_soon(self._drain, messages)
+                nursery.start_soon(service.flush_loop, ms, net.publish)
+            control = await nursery.start(serve_control, home, ControlAdapter(service, self.status))
+            nursery.start_soon(self._peer_events)
+            nursery.start_soon(self._sync_loop)
+            nursery.start_soon(self._discovery_loop)
+            nursery.start_soon(self._summary_loop)
+
+            addrs = net.addrs()
+            _say(f"crdtbook node {net.peer_id}{' (new identity)' if created else ''}")
+            for addr in addrs:
+                _say(f"  listening on {addr}")
+            for ms in service.markets.values():
+                _say(
+                    f"  following {ms.market.spec} with {loaded.get(ms.market.name, 0)} ops "
+                    f"from the store ({load_seconds:.2f} s)"
+                )
+            _say(f"  control socket {control}")
+            _write_info(home, net.peer_id, addrs, service)
+            _say("ready")
+
+            await _wait_for_signal()
+            _say("shutting down")
+            service.closing = True
+            for ms in service.markets.values():
+                with trio.move_on_after(2):
+                    await service.flush(ms, net.publish)
+            nursery.cancel_scope.cancel()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "peer_id": self.net.peer_id,
+            "addrs": self.net.addrs(),
+            "peers": [{"peer_id": p, "addrs": []} for p in sorted(self.net.connected_peers())],
+        }
+
+    # -- gossip ------------------------------------------------------------------------------
+
+    def _validator(self, ms: MarketState) -> Any:
+        async def validate(data: bytes, from_peer: str) -> bool:
+            return await self.service.validate_gossip(ms, data, from_peer)
+
+        return validate
+
+    async def _drain(self, messages: Any) -> None:
+        # Validated messages were ingested by the validator already; keep the channel moving.
+        async with messages:
+            async for _ in messages:
+                pass
+
+    def _on_reject(self, peer_id: str, reason: str) -> None:
+        if self.service.should_ban(peer_id):
+            logger.warning(
+                "banning peer %s for %.0f s: repeated invalid data", peer_id, BAN_SECONDS
+            )
+            try:
+                self.net.ban(peer_id, BAN_SECONDS)
+            except Exception:  # a ban is best effort; never let policy crash the node
+                logger.exception("could not ban %s", peer_id)
+
+    # -- sync --------------------------------------------------------------------------------
+
+    async def _serve_sync(self, stream: Any) -> None:
+        def replica_for(market_id: bytes) -> Any:
+            ms = self.service.markets.get(market_id)
+            return None if ms is None else ms.replica
+
+        try:
+            sent, _ = await respond(stream, replica_for)
+            if sent:
+                logger.debug("sync: sent %d ops", sent)
+        except WireError as exc:
+            logger.info("sync: malformed request: %s", exc)
+        except Exception as exc:  # a peer's stream can fail in many ways; none may crash us
+            logger.debug("sync: serving failed: %r", exc)
+
+    async def _peer_events(self) -> None:
+        events = self.net.peer_events()
+        async with events:
+            async for event in events:
+                if event.kind == "connected":
+                    logger.info("peer connected: %s", event.peer_id)
+                    self._urgent.add(event.peer_id)
+                    self._sync_now.set()
+                else:
+                    logger.info("peer disconnected: %s", event.peer_id)
+
+    async def _sync_loop(self) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                with trio.move_on_after(self.config.sync_interval * random.uniform(0.8, 1.2)):
+                    await self._sync_now.wait()
+                self._sync_now = trio.Event()
+                urgent, self._urgent = self._urgent, set()
+                now = trio.current_time()
+                for peer in self.net.connected_peers():
+                    for ms in self.service.markets.values():
+                        key = (peer, ms.market.id)
+                        if key in self._syncing:
+                            continue
+                        if self._not_following.get(key, 0) > now and peer not in urgent:
+                            continue
+                        self._syncing.add(key)
+                        nursery.start_soon(self._sync_one, peer, ms)
+
+    async def _sync_one(self, peer: str, ms: MarketState) -> None:
+        key = (peer, ms.market.id)
+        try:
+            with trio.move_on_after(SYNC_SESSION_TIMEOUT):
+                stream = await self.net.open_stream(peer, SYNC_PROTOCOL)
+                try:
+                    received = await pull(
+                        stream, ms.replica, lambda raws: self.service.ingest(ms, raws, peer)
+                    )
+                finally:
+                    await stream.close()
+                ms.last_sync = time.time()
+                if received:
+                    logger.info("sync: %d ops from %s for %s", received, peer, ms.market.name)
+                if ms.replica.missing():
+                    self._urgent.add(peer)
+                    self._sync_now.set()  # a false positive or a race: ask again now
+        except MarketNotFollowed:
+            self._not_following[key] = trio.current_time() + NOT_FOLLOWING_BACKOFF
+        except Exception as exc:  # network errors, a peer going away, malformed frames
+            logger.debug("sync with %s failed: %r", peer, exc)
+        finally:
+            self._syncing.discard(key)
+
+    # -- discovery ---------------------------------------------------------------------------
+
+    async def _discovery_loop(self) -> None:
+        keys = {
+            ms.market.id: f"crdtbook-market-{ms.market.id.hex()}"
+            for ms in self.service.markets.values()
+        }
+        delay = 0.5
+        last_announce = -1e9
+        while True:
+            await self._bootstrap()
+            now = trio.current_time()
+            if now - last_announce >= self.config.announce_interval or delay < DISCOVERY_INTERVAL:
+                for key in keys.values():
+                    try:
+                        await self.net.provide(key)
+                        last_announce = now
+                    except Exception as exc:
+                        logger.debug("DHT provide failed: %r", exc)
+            connected = set(self.net.connected_peers())
+            for key in keys.values():
+                try:
+                    providers = await self.net.find_providers(key)
+                except Exception as exc:
+                    logger.debug("DHT find_providers failed: %r", exc)
+                    continue
+                for peer_id, addrs in providers:
+                    if peer_id == self.net.peer_id or peer_id in connected:
+                        continue
+                    for addr in addrs:
+                        full = addr if "/p2p/" in addr else f"{addr}/p2p/{peer_id}"
+                        try:
+                            await self.net.connect(full)
+                            connected.add(peer_id)
+                            logger.info("discovered and connected to %s", peer_id)
+                            break
+                        except Exception as exc:
+                            logger.debug("could not reach provider %s: %r", full, exc)
+            await trio.sleep(delay)
+            delay = min(DISCOVERY_INTERVAL, delay * 2)
+
+    async def _bootstrap(self) -> None:
+        connected = set(self.net.connected_peers())
+        for addr in self.config.bootstrap:
+            if any(addr.endswith(f"/p2p/{p}") for p in connected):
+                continue
+            try:
+                await self.net.connect(addr)
+            except Exception as exc:
+                logger.info("bootstrap %s not reachable yet: %s", addr, exc)
+
+    async def _summary_loop(self) -> None:
+        while True:
+            await trio.sleep(SUMMARY_INTERVAL)
+            parts = [
+                f"{ms.market.name} ops={len(ms.replica)} pending={ms.replica.pending_count} "
+                f"fills={ms.replica.fill_count} digest={ms.digest().hex()[:12]}"
+                for ms in self.service.markets.values()
+            ]
+            _say(
+                f"[{time.strftime('%H:%M:%S')}] peers={len(self.net.connected_peers())} "
+                + " ".join(parts)
+            )
+
+
+async def _wait_for_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            return
+
+
+def _write_info(home: Path, peer_id: str, addrs: list[str], service: NodeService) -> None:
+    info = {
+        "pid": os.getpid(),
+        "peer_id": peer_id,
+        "addrs": addrs,
+        "markets": [ms.market.spec for ms in service.markets.values()],
+    }
+    tmp = home / (NODE_INFO_FILE + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(home / NODE_INFO_FILE)

@@ -1,0 +1,145 @@
+"""The sync protocol `/crdtbook/sync/1.0.0`: what guarantees delivery (gossip is best effort).
+
+One session = one stream:
+
+1. The initiator sends a request: the market, its heads, the ids it knows it lacks (parents of
+   its pending ops) and a Bloom filter of its most recent ops.
+2. The responder walks back from its own heads until every path meets the initiator's past
+   (``crdtbook.ops_missing_for``), adds the needed ops it has, and streams the result in total
+   order (parents first) in frames of at most ``MAX_BATCH_OPS`` ops, the last with more=false.
+3. The initiator verifies and applies each frame as it arrives.
+
+When little is missing this is one round trip; when much is, it is one walk and a stream at bulk
+speed. A Bloom false positive or a concurrent change leaves the initiator with ops whose parents
+are missing; its next session names them in ``need``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Final, Protocol
+
+import trio
+
+from crdtbook import BloomFilter, Op, Replica, ops_missing_for
+
+from .wire import (
+    MAX_BATCH_OPS,
+    MAX_FRAME_BYTES,
+    MAX_IDS,
+    SyncRequest,
+    SyncResponse,
+    WireError,
+    decode_request,
+    decode_response,
+    encode_request,
+    encode_response,
+)
+
+__all__ = ["SyncStream", "build_request", "pull", "respond"]
+
+logger = logging.getLogger("crdtbook.node.sync")
+
+#: The requester's Bloom filter covers its newest ops in total order. A peer more than this far
+#: behind (or ahead in another branch) is recognised through its heads instead.
+BLOOM_RECENT_OPS: Final = 2048
+#: A frame in flight should not wait for ever on a stalled peer.
+FRAME_TIMEOUT: Final = 20.0
+#: Leave room under the frame limit for the CBOR envelope and the heads list.
+_FRAME_BUDGET: Final = MAX_FRAME_BYTES - 64 * 1024
+
+
+class SyncStream(Protocol):
+    async def write_frame(self, data: bytes, *, timeout: float | None = None) -> None: ...
+    async def read_frame(self, max_size: int, *, timeout: float | None = None) -> bytes: ...
+
+
+def build_request(replica: Replica) -> SyncRequest:
+    """What this replica has, in a few KB: heads, missing parents, recent ops' Bloom filter."""
+    start = max(0, len(replica) - BLOOM_RECENT_OPS)
+    bloom = BloomFilter.for_ids(op.id for op in replica.iter_ops(start)) if len(replica) else None
+    return SyncRequest(
+        replica.market.id,
+        replica.heads()[:MAX_IDS],
+        replica.missing()[:MAX_IDS],
+        bloom,
+    )
+
+
+def _chunks(ops: list[Op]) -> Iterator[list[bytes]]:
+    batch: list[bytes] = []
+    size = 0
+    for op in ops:
+        if batch and (len(batch) >= MAX_BATCH_OPS or size + len(op.raw) > _FRAME_BUDGET):
+            yield batch
+            batch, size = [], 0
+        batch.append(op.raw)
+        size += len(op.raw)
+    yield batch
+
+
+def ops_for(replica: Replica, request: SyncRequest) -> list[Op]:
+    """The ops to send for ``request``, in total order."""
+    ops = ops_missing_for(replica.applied_index, replica.heads(), request.heads, request.bloom)
+    if request.need:
+        have = {op.id for op in ops}
+        extra = [
+            op for op in map(replica.get, request.need) if op is not None and op.id not in have
+        ]
+        if extra:
+            ops = sorted(ops + extra, key=lambda o: o.key)
+    return ops
+
+
+async def respond(
+    stream: SyncStream, replicas: Callable[[bytes], Replica | None]
+) -> tuple[int, bytes | None]:
+    """Serve one session. Returns (ops sent, market id or None)."""
+    request = decode_request(await stream.read_frame(MAX_FRAME_BYTES, timeout=FRAME_TIMEOUT))
+    replica = replicas(request.market)
+    if replica is None:
+        await stream.write_frame(
+            encode_response(SyncResponse([], [], False, "unknown_market", "not followed here")),
+            timeout=FRAME_TIMEOUT,
+        )
+        return 0, None
+    ops = ops_for(replica, request)
+    heads = replica.heads()[:MAX_IDS]
+    chunks = list(_chunks(ops))
+    for index, chunk in enumerate(chunks):
+        more = index + 1 < len(chunks)
+        await stream.write_frame(
+            encode_response(SyncResponse(chunk, heads, more)), timeout=FRAME_TIMEOUT
+        )
+    return len(ops), request.market
+
+
+class MarketNotFollowed(Exception):
+    """The peer does not follow the market we asked about."""
+
+
+async def pull(
+    stream: SyncStream,
+    replica: Replica,
+    ingest: Callable[[list[bytes]], Awaitable[object]],
+) -> int:
+    """Run one session as the initiator; every received frame goes through ``ingest``.
+
+    Returns the number of ops received. Raises ``MarketNotFollowed``, ``WireError`` or the
+    stream's errors.
+    """
+    await stream.write_frame(encode_request(build_request(replica)), timeout=FRAME_TIMEOUT)
+    received = 0
+    while True:
+        response = decode_response(await stream.read_frame(MAX_FRAME_BYTES, timeout=FRAME_TIMEOUT))
+        if response.error is not None:
+            if response.error == "unknown_market":
+                raise MarketNotFollowed(response.message)
+            raise WireError(f"peer refused sync: {response.error} {response.message}")
+        if response.ops:
+            received += len(response.ops)
+            await ingest(response.ops)
+        if not response.more:
+            return received
+        await trio.lowlevel.checkpoint()

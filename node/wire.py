@@ -1,0 +1,171 @@
+"""Frames the node sends: gossip batches and sync messages (CBOR, bounded).
+
+Ops travel as their exact encoded bytes, never re-encoded, so their ids survive every hop.
+
+Gossip message (one per flush of a market's outbound queue)::
+
+    [1, [op_bytes, ...]]
+
+Sync request (initiator -> responder) and response, each one length-prefixed frame::
+
+    {"v": 1, "m": market_id, "h": [head ids], "n": [needed ids],
+     "bf": bloom bits, "bk": bloom hash count}            request
+    {"v": 1, "ops": [op_bytes, ...], "h": [head ids], "more": bool}   response
+    {"v": 1, "err": code, "msg": text}                    refusal
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import cbor2
+
+from crdtbook import MAX_OP_BYTES, BloomFilter
+
+__all__ = [
+    "GOSSIP_VERSION",
+    "MAX_BATCH_OPS",
+    "MAX_FRAME_BYTES",
+    "SYNC_PROTOCOL",
+    "SyncRequest",
+    "SyncResponse",
+    "WireError",
+    "decode_batch",
+    "decode_request",
+    "decode_response",
+    "encode_batch",
+    "encode_request",
+    "encode_response",
+]
+
+GOSSIP_VERSION: Final = 1
+SYNC_PROTOCOL: Final = "/crdtbook/sync/1.0.0"
+#: One gossip message or sync frame. Sync responses are cut to stay under it.
+MAX_FRAME_BYTES: Final = 4 * 1024 * 1024
+#: Ops in one gossip batch or sync response: ~0.5 MB of typical ops, ~0.1 s to verify.
+MAX_BATCH_OPS: Final = 2000
+#: Heads and needed ids a request may name (a replica has at most a few dozen heads).
+MAX_IDS: Final = 4096
+#: A Bloom filter in a request covers the requester's recent ops (see node.sync).
+MAX_BLOOM_BYTES: Final = 64 * 1024
+
+
+class WireError(ValueError):
+    """A peer's frame that does not follow the format; the peer gets no further service."""
+
+
+def encode_batch(ops: list[bytes]) -> bytes:
+    return cbor2.dumps([GOSSIP_VERSION, ops])
+
+
+def decode_batch(data: bytes) -> list[bytes]:
+    if len(data) > MAX_FRAME_BYTES:
+        raise WireError("gossip message too large")
+    try:
+        frame = cbor2.loads(data, max_depth=4)
+    except Exception as exc:  # any decoder failure on hostile bytes
+        raise WireError(f"gossip message is not CBOR: {exc}") from None
+    if (
+        type(frame) is not list
+        or len(frame) != 2
+        or frame[0] != GOSSIP_VERSION
+        or type(frame[1]) is not list
+    ):
+        raise WireError("gossip message is not [1, [ops]]")
+    ops = frame[1]
+    if len(ops) > MAX_BATCH_OPS:
+        raise WireError(f"gossip batch of {len(ops)} ops exceeds {MAX_BATCH_OPS}")
+    for op in ops:
+        if type(op) is not bytes or len(op) > MAX_OP_BYTES:
+            raise WireError("gossip batch item is not an op's bytes")
+    return ops
+
+
+@dataclass
+class SyncRequest:
+    market: bytes
+    heads: list[bytes]
+    need: list[bytes] = field(default_factory=list)
+    bloom: BloomFilter | None = None
+
+
+@dataclass
+class SyncResponse:
+    ops: list[bytes]
+    heads: list[bytes]
+    more: bool
+    error: str | None = None
+    message: str = ""
+
+
+def _ids(value: Any, what: str) -> list[bytes]:
+    if type(value) is not list or len(value) > MAX_IDS:
+        raise WireError(f"{what} must be a list of at most {MAX_IDS} ids")
+    for item in value:
+        if type(item) is not bytes or len(item) != 32:
+            raise WireError(f"{what} must hold 32-byte ids")
+    return value
+
+
+def _load_map(data: bytes) -> dict[str, Any]:
+    if len(data) > MAX_FRAME_BYTES:
+        raise WireError("sync frame too large")
+    try:
+        frame = cbor2.loads(data, max_depth=4)
+    except Exception as exc:
+        raise WireError(f"sync frame is not CBOR: {exc}") from None
+    if type(frame) is not dict or frame.get("v") != 1:
+        raise WireError("sync frame is not a version 1 map")
+    return frame
+
+
+def encode_request(req: SyncRequest) -> bytes:
+    frame: dict[str, Any] = {"v": 1, "m": req.market, "h": req.heads, "n": req.need}
+    if req.bloom is not None:
+        frame["bf"] = bytes(req.bloom.bits)
+        frame["bk"] = req.bloom.hashes
+    return cbor2.dumps(frame)
+
+
+def decode_request(data: bytes) -> SyncRequest:
+    frame = _load_map(data)
+    market = frame.get("m")
+    if type(market) is not bytes or len(market) != 32:
+        raise WireError("sync request names no market")
+    bloom = None
+    if "bf" in frame:
+        bits, hashes = frame.get("bf"), frame.get("bk")
+        if type(bits) is not bytes or not 8 <= len(bits) <= MAX_BLOOM_BYTES:
+            raise WireError("sync request Bloom filter has a bad size")
+        if type(hashes) is not int:
+            raise WireError("sync request Bloom filter has no hash count")
+        try:
+            bloom = BloomFilter(len(bits) * 8, hashes, bits)
+        except ValueError as exc:
+            raise WireError(str(exc)) from None
+    return SyncRequest(
+        market, _ids(frame.get("h"), "heads"), _ids(frame.get("n", []), "need"), bloom
+    )
+
+
+def encode_response(resp: SyncResponse) -> bytes:
+    if resp.error is not None:
+        return cbor2.dumps({"v": 1, "err": resp.error, "msg": resp.message})
+    return cbor2.dumps({"v": 1, "ops": resp.ops, "h": resp.heads, "more": resp.more})
+
+
+def decode_response(data: bytes) -> SyncResponse:
+    frame = _load_map(data)
+    if "err" in frame:
+        return SyncResponse([], [], False, str(frame.get("err"))[:64], str(frame.get("msg"))[:200])
+    ops = frame.get("ops")
+    if type(ops) is not list or len(ops) > MAX_BATCH_OPS:
+        raise WireError("sync response ops must be a list within the batch bound")
+    for op in ops:
+        if type(op) is not bytes or len(op) > MAX_OP_BYTES:
+            raise WireError("sync response item is not an op's bytes")
+    more = frame.get("more")
+    if type(more) is not bool:
+        raise WireError("sync response lacks 'more'")
+    return SyncResponse(ops, _ids(frame.get("h"), "heads"), more)
