@@ -161,7 +161,7 @@ class _Node:
                 messages = await net.subscribe(ms.topic)
                 nursery.start_soon(self._drain, messages)
                 nursery.start_soon(service.flush_loop, ms, net.publish)
-            control = await nursery.start(serve_control, home, ControlAdapter(service, self.status))
+            control = await nursery.start(serve_control, home, ControlAdapter(service, self.status, self.block))
             nursery.start_soon(self._peer_events)
             nursery.start_soon(self._sync_loop)
             nursery.start_soon(self._discovery_loop)
@@ -194,6 +194,13 @@ class _Node:
             "addrs": self.net.addrs(),
             "peers": [{"peer_id": p, "addrs": []} for p in sorted(self.net.connected_peers())],
         }
+
+    def block(self, peer: str | None, seconds: float) -> list[str]:
+        peers = [peer] if peer else list(self.net.connected_peers())
+        for p in peers:
+            self.net.ban(p, seconds)
+        logger.warning("blocking %d peers for %.0f s on the owner's request", len(peers), seconds)
+        return peers
 
     # -- gossip ------------------------------------------------------------------------------
 

@@ -77,9 +77,11 @@ class ControlAdapter:
         self,
         service: NodeService,
         network_status: Callable[[], dict[str, Any]],
+        block: Callable[[str | None, float], list[str]] | None = None,
     ) -> None:
         self.service = service
         self._network_status = network_status
+        self._block_fn = block
         self._methods: dict[str, Callable[[dict[str, Any]], Any]] = {
             "status": self._status,
             "markets": self._markets,
@@ -89,6 +91,7 @@ class ControlAdapter:
             "fills": self._fills,
             "order": self._order,
             "orders": self._orders,
+            "block": self._block,
         }
 
     async def call(self, method: str, params: dict[str, Any]) -> Any:
@@ -288,6 +291,16 @@ class ControlAdapter:
         every = optional_param(params, "all", bool, False)
         orders = ms.replica.orders(None if every else me)
         return {"market": ms.market.name, "orders": [order_json(ms, o, me) for o in orders]}
+
+    def _block(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Cut this node off from one peer (or every connected peer) for a while."""
+        peer = optional_param(params, "peer_id", str, None)
+        seconds = require_param(params, "seconds", float)
+        if not 0 < seconds <= 24 * 3600:
+            raise ControlError(BAD_REQUEST, "seconds must be in (0, 86400]")
+        if self._block_fn is None:
+            raise ControlError(BAD_REQUEST, "this node cannot block peers")
+        return {"blocked": self._block_fn(peer, seconds), "seconds": seconds}
 
     async def watch(self, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         ms = self._market(params)

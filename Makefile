@@ -1,0 +1,32 @@
+# Two entry points do all set-up on a fresh machine (Python >= 3.11 with venv):
+#   make demo   - a local network of 3 nodes trading, books compared side by side
+#   make test   - lint, types and the whole test suite
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+.PHONY: demo test bench node clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/crdtbook demo --nodes 3
+
+node: $(BIN)/.installed
+	$(BIN)/crdtbook node --listen /ip4/0.0.0.0/tcp/4001
+
+test: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/mypy --strict crdtbook
+	$(BIN)/pytest -q
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/bench_core.py
+	$(BIN)/python bench/bench_network.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .hypothesis
