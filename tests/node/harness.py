@@ -32,8 +32,16 @@ class NodeProcess:
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "node.json").unlink(missing_ok=True)
         cmd = [
-            sys.executable, "-m", "crdtbook.cli.app", "node",
-            "--home", str(self.home), "--listen", "/ip4/127.0.0.1/tcp/0", "--market", self.market,
+            sys.executable,
+            "-m",
+            "crdtbook.cli.app",
+            "node",
+            "--home",
+            str(self.home),
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--market",
+            self.market,
             "-v",
         ]
         for addr in self.bootstrap:

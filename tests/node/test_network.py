@@ -37,11 +37,13 @@ def test_three_nodes_cross_at_once_and_agree(tmp_path: Path) -> None:
         nodes = [n1, n2, n3]
         wait_until(lambda: all(n.peers() >= 2 for n in nodes), 30, "full mesh via discovery")
 
-        results = _submit_all_at_once([
-            (n1, {"side": "sell", "quantity": "5", "price": "100"}),
-            (n2, {"side": "buy", "quantity": "5", "price": "100"}),
-            (n3, {"side": "buy", "quantity": "3", "price": "101"}),
-        ])
+        results = _submit_all_at_once(
+            [
+                (n1, {"side": "sell", "quantity": "5", "price": "100"}),
+                (n2, {"side": "buy", "quantity": "5", "price": "100"}),
+                (n3, {"side": "buy", "quantity": "3", "price": "101"}),
+            ]
+        )
         assert all(isinstance(r, dict) and "order" in r for r in results)
         wait_until(lambda: converged(nodes), 20, "equal digests on all nodes")
 

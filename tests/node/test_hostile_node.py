@@ -1,0 +1,89 @@
+"""A hostile peer against real nodes: they stay up, keep converging, and log none of it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+from crdtbook.node.p2p import NetworkConfig, open_network
+from crdtbook.node.service import topic_for
+from crdtbook.node.wire import SYNC_PROTOCOL, encode_batch
+
+from crdtbook import Identity, Market
+from crdtbook._ops import OrderBody, sign_op
+
+from .harness import MARKET, converged, node_group, wait_until
+
+pytestmark = pytest.mark.timeout(150)
+
+
+def _hostile_payloads() -> list[bytes]:
+    market = Market.parse(MARKET)
+    mallory = Identity.from_seed(b"m" * 32)
+    good = sign_op(mallory, market.id, 1, 1, (), OrderBody("sell", 100, 1))
+    forged = bytearray(good.raw)
+    forged[-1] ^= 0x01  # signature no longer verifies
+    bad_lamport = sign_op(mallory, market.id, 1, 7, (), OrderBody("sell", 100, 1))
+    orphan_cancel_parent = os.urandom(32)
+    other_market = sign_op(mallory, Market("OTHER", "1", "1").id, 1, 1, (), OrderBody("buy", 1, 1))
+    return [
+        b"",
+        b"\xff" * 64,
+        os.urandom(512),
+        encode_batch([bytes(forged)]),
+        encode_batch([bad_lamport.raw]),
+        encode_batch([other_market.raw]),
+        encode_batch([b"\x88" + b"\x00" * 50]),
+        encode_batch([orphan_cancel_parent]),
+        b"\x82\x01\x9a\xff\xff\xff\xff",  # declares a 4-billion-item array
+        encode_batch([os.urandom(300)] * 10),
+    ]
+
+
+async def test_hostile_peer_cannot_crash_or_pollute_nodes(tmp_path: Path) -> None:
+    with node_group(tmp_path) as start:
+        n1 = await trio.to_thread.run_sync(start, "n1")
+        n2 = await trio.to_thread.run_sync(start, "n2", [n1.addr])
+        topic = topic_for(Market.parse(MARKET))
+        with trio.fail_after(90):
+            async with open_network(
+                os.urandom(32),
+                ["/ip4/127.0.0.1/tcp/0"],
+                config=NetworkConfig(heartbeat_interval=0.5),
+            ) as mallory:
+                await mallory.connect(n1.addr)
+                await mallory.connect(n2.addr)
+                await mallory.subscribe(topic)
+                while not mallory.gossip_peers(topic):
+                    await trio.sleep(0.1)
+                for payload in _hostile_payloads():
+                    try:
+                        await mallory.publish(topic, payload)
+                    except Exception:
+                        pass  # our own library may refuse some; the point is the nodes' fate
+                    await trio.sleep(0.05)
+                # Garbage on the sync protocol too.
+                for junk in (b"", b"\x00" * 10, os.urandom(2000)):
+                    try:
+                        stream = await mallory.open_stream(n1.peer_id, SYNC_PROTOCOL)
+                        await stream.write_frame(junk)
+                        await stream.close()
+                    except Exception:
+                        pass  # the node may have banned us already: that is fine
+                await trio.sleep(1)
+
+        # Both nodes are up, hold no hostile op, and still converge on honest trading.
+        def honest_round() -> None:
+            assert n1.market_status()["ops"] == 0
+            assert n2.market_status()["ops"] == 0
+            n1.call("submit", side="sell", quantity="2", price="100")
+            n2.call("submit", side="buy", quantity="2", price="100")
+            wait_until(lambda: converged([n1, n2]), 20, "honest convergence after the attack")
+            assert n1.market_status()["ops"] == 2
+            assert len(n1.call("fills")["fills"]) == 1
+
+        await trio.to_thread.run_sync(honest_round)
+        assert n1.proc is not None and n1.proc.poll() is None
+        assert n2.proc is not None and n2.proc.poll() is None
