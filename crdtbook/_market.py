@@ -24,7 +24,7 @@ _NAME_FORBIDDEN: Final = frozenset(":/ \t\r\n")
 def _canonical_decimal(text: str | Decimal, what: str) -> Decimal:
     try:
         value = Decimal(text) if isinstance(text, Decimal) else Decimal(str(text).strip())
-    except (InvalidOperation, ValueError):
+    except (InvalidOperation, ValueError, TypeError):
         raise ValueError(f"{what} {text!r} is not a decimal number") from None
     if not value.is_finite() or value <= 0:
         raise ValueError(f"{what} must be a positive decimal number, got {text!r}")
@@ -137,11 +137,14 @@ def _to_units(
         raise error(f"{what} must be a decimal number, got {value!r}")
     try:
         amount = Decimal(value) if not isinstance(value, str) else Decimal(value.strip())
-    except (InvalidOperation, ValueError):
+    except (InvalidOperation, ValueError, TypeError):
         raise error(f"{what} {value!r} is not a decimal number") from None
     if not amount.is_finite() or amount <= 0:
         raise error(f"{what} must be positive, got {value}")
-    units, rest = divmod(amount, step)
+    try:
+        units, rest = divmod(amount, step)
+    except ArithmeticError:  # decimal.InvalidOperation: beyond the context's precision
+        raise error(f"{what} {value} is too large") from None
     if rest:
         low = units * step
         high = (units + 1) * step

@@ -80,6 +80,10 @@ class Replica:
         self._waiting: dict[bytes, list[bytes]] = {}  # absent parent id -> pending child ids
         self._invalid: dict[bytes, InvalidOp] = {}
         self._author_tip: dict[bytes, Op] = {}  # author -> its applied op with the highest seq
+        #: author -> its applied op last in the total order: what it authors on top of. The same
+        #: op as the tip unless the author equivocated; then building on it keeps the new op
+        #: last in the total order (it sees the author's every branch's Lamport time).
+        self._author_latest: dict[bytes, Op] = {}
         self._fork_at: dict[bytes, int] = {}  # author -> lowest seq with two ops (equivocation)
         #: Bumped whenever derived state may have changed; cheap change detection for watchers.
         self.version = 0
@@ -146,13 +150,19 @@ class Replica:
             known_bad = self._invalid.get(ident)
             if known_bad is not None:
                 raise type(known_bad)(str(known_bad))
-            op = decode(raw)
+            try:
+                op = decode(raw)
+            except InvalidOp as exc:
+                # These bytes are invalid for ever: refuse a resend without decoding again.
+                self._remember_invalid(ident, exc)
+                raise
         if ident in self._applied or ident in self._pending:
             return None
         known_bad = self._invalid.get(ident)
         if known_bad is not None:
             raise type(known_bad)(str(known_bad))
         if op.market_id != self.market.id:
+            self._remember_invalid(ident, WrongMarket("op is for another market"))
             raise WrongMarket(
                 f"op is for market {op.market_id.hex()[:16]}, this replica is "
                 f"{self.market.name} ({self.market.id.hex()[:16]})"
@@ -214,6 +224,9 @@ class Replica:
         entries.insert(position, entry)
 
     def _track_author(self, op: Op) -> None:
+        latest = self._author_latest.get(op.author)
+        if latest is None or op.key > latest.key:
+            self._author_latest[op.author] = op
         tip = self._author_tip.get(op.author)
         if tip is None:
             self._author_tip[op.author] = op
@@ -229,6 +242,12 @@ class Replica:
     def _unique_at_seq(self, author: bytes, seq: int) -> bool:
         fork = self._fork_at.get(author)
         return fork is None or seq < fork
+
+    def remember_invalid(self, ident: bytes, exc: InvalidOp) -> None:
+        """Record that the op with this id was refused (by a caller that decoded it itself), so
+        a resend is refused without another signature check. Bounded; oldest forgotten first."""
+        if ident not in self._applied and ident not in self._pending:
+            self._remember_invalid(ident, exc)
 
     def _remember_invalid(self, ident: bytes, exc: InvalidOp) -> None:
         if len(self._invalid) >= MAX_INVALID_REMEMBERED:
@@ -302,7 +321,7 @@ class Replica:
             raise BadCancel(f"no order {order_id.hex()[:16]} in this replica")
         if target.author != identity.public_key:
             raise BadCancel("only an order's author can cancel it; this order is someone else's")
-        tip = self._author_tip.get(identity.public_key)
+        tip = self._author_latest.get(identity.public_key)
         if not on_own_chain(tip, target, self._applied, self._unique_at_seq):
             raise BadCancel(
                 "this order is on another branch of your key's history (the same key signed ops "
@@ -312,7 +331,7 @@ class Replica:
 
     def _author(self, identity: Identity, body: OrderBody | CancelBody) -> Op:
         author = identity.public_key
-        tip = self._author_tip.get(author)
+        tip = self._author_latest.get(author)
         # Heads by other authors, plus our own previous op (the sequence rule wants exactly one).
         others = [self._applied[h] for h in self._heads if self._applied[h].author != author]
         room = MAX_PARENTS - (tip is not None)

@@ -26,9 +26,9 @@ _MAX_HASHES: Final = 16
 
 
 class BloomFilter:
-    """A Bloom filter over op ids. Op ids are SHA-256 outputs already, so the k bit positions
-    are read straight from the id (4 bytes each, then double hashing past 8): no hashing, and
-    the same bits in every implementation."""
+    """A Bloom filter over op ids. Op ids are SHA-256 outputs already, so no hashing is needed:
+    with a = id[0:4] and b = id[4:8] | 1 (big-endian), position i is (a + i*b) mod size
+    (double hashing), the same bits in every implementation."""
 
     __slots__ = ("bits", "hashes", "size")
 

@@ -77,13 +77,13 @@ class IngestResult:
     invalid: int = 0
 
 
-def _decode_all(raws: list[bytes]) -> list[Op | InvalidOp]:
-    out: list[Op | InvalidOp] = []
+def _decode_all(raws: list[bytes]) -> list[Op | tuple[bytes, InvalidOp]]:
+    out: list[Op | tuple[bytes, InvalidOp]] = []
     for raw in raws:
         try:
             out.append(decode(raw))
         except InvalidOp as exc:
-            out.append(exc)
+            out.append((raw, exc))
     return out
 
 
@@ -173,8 +173,13 @@ class NodeService:
             decoded = await trio.to_thread.run_sync(_decode_all, fresh)
         else:
             decoded = _decode_all(fresh)
-        ops = [d for d in decoded if isinstance(d, Op)]
-        result.invalid += len(decoded) - len(ops)
+        ops: list[Op] = []
+        for item in decoded:
+            if isinstance(item, Op):
+                ops.append(item)
+            else:  # never verify these bytes again
+                replica.remember_invalid(op_id(item[0]), item[1])
+                result.invalid += 1
         report = replica.apply_many(ops)
         result.invalid += len(report.invalid)
         result.duplicates += report.duplicates
