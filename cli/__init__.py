@@ -1,0 +1,1 @@
+"""The crdtbook command-line interface."""

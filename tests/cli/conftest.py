@@ -1,0 +1,334 @@
+"""Fixtures for the CLI tests: canned control-API values, a fake client, a fake socket server.
+
+``fake_node`` replaces the control client module (``crdtbook.cli.connect.client_api``) with an
+in-process fake that records every call and answers from a dict. ``socket_node`` instead serves
+the real wire protocol (newline-delimited JSON on HOME/control.sock) from a thread, so the real
+``crdtbook.node.client.ControlClient`` can be exercised without a node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+Json = dict[str, Any]
+
+A = "a1" * 32  # order ids / authors, 64 hex digits
+B = "b2" * 32
+C = "c3" * 32
+ME = "e5" * 32
+OTHER = "f6" * 32
+DIGEST = "d4" * 32
+
+
+def order(**over: Any) -> Json:
+    """An Order as the control API returns it (DEMO market, tick 1, lot 1)."""
+    o: Json = {
+        "id": A,
+        "market": "DEMO",
+        "author": ME,
+        "side": "buy",
+        "price": "100",
+        "price_ticks": 100,
+        "quantity": "5",
+        "quantity_lots": 5,
+        "remaining": "0",
+        "remaining_lots": 0,
+        "filled": "5",
+        "filled_lots": 5,
+        "tif": "gtc",
+        "status": "filled",
+        "reason": None,
+        "tag": None,
+        "mine": True,
+        "lamport": 7,
+    }
+    o.update(over)
+    return o
+
+
+def fill(index: int = 0, **over: Any) -> Json:
+    """A Fill as the control API returns it."""
+    f: Json = {
+        "index": index,
+        "market": "DEMO",
+        "taker": A,
+        "maker": B,
+        "taker_side": "buy",
+        "price": "100",
+        "price_ticks": 100,
+        "quantity": "5",
+        "quantity_lots": 5,
+        "taker_author": ME,
+        "maker_author": OTHER,
+    }
+    f.update(over)
+    return f
+
+
+def level(price: int, qty: int, orders: int = 1) -> Json:
+    """A book Level."""
+    return {
+        "price": str(price),
+        "price_ticks": price,
+        "quantity": str(qty),
+        "quantity_lots": qty,
+        "orders": orders,
+    }
+
+
+BOOK: Json = {
+    "market": "DEMO",
+    "bids": [level(95, 2), level(94, 4, 2)],
+    "asks": [level(105, 2), level(106, 3)],
+    "best_bid": "95",
+    "best_ask": "105",
+    "spread": "10",
+    "mid": "100",
+    "digest": DIGEST,
+}
+
+STATUS: Json = {
+    "peer_id": "12D3KooWFakePeerOne",
+    "addrs": ["/ip4/127.0.0.1/tcp/40001/p2p/12D3KooWFakePeerOne"],
+    "peers": [{"peer_id": "12D3KooWFakePeerTwo", "addrs": ["/ip4/127.0.0.1/tcp/40002"]}],
+    "markets": [
+        {
+            "name": "DEMO",
+            "id": "9a" * 32,
+            "tick": "1",
+            "lot": "1",
+            "ops": 9,
+            "pending": 0,
+            "heads": ["7b" * 32],
+            "digest": DIGEST,
+            "last_sync": None,
+            "orders": 6,
+            "fills": 2,
+        }
+    ],
+    "version": "0.1.0",
+    "uptime": 65.0,
+    "pid": 4242,
+}
+
+
+def default_answers() -> dict[str, Any]:
+    """Fresh canned results for every method."""
+    return copy.deepcopy(
+        {
+            "status": STATUS,
+            "markets": [{"name": "DEMO", "id": "9a" * 32, "tick": "1", "lot": "1"}],
+            "submit": {"order": order(), "fills": [fill()]},
+            "cancel": {
+                "order": order(status="cancelled", reason="cancelled", filled="0", remaining="5"),
+                "cancel_id": C,
+                "effective": True,
+            },
+            "book": BOOK,
+            "fills": {"market": "DEMO", "fills": [fill(0), fill(1, taker_side="sell")]},
+            "orders": {"market": "DEMO", "orders": [order(), order(id=B, status="open")]},
+            "order": order(),
+        }
+    )
+
+
+class FakeControlError(Exception):
+    """Stands in for ``crdtbook.node.client.ControlError``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class FakeNodeNotRunning(Exception):
+    """Stands in for ``crdtbook.node.client.NodeNotRunning``."""
+
+
+@dataclass
+class FakeNode:
+    """What the fake clients talk to: canned answers, recorded calls and homes."""
+
+    answers: dict[str, Any] = field(default_factory=default_answers)
+    calls: list[tuple[str, Json]] = field(default_factory=list)
+    homes: list[Path] = field(default_factory=list)
+    events: list[Json] = field(default_factory=list)
+    watch_error: BaseException | None = None
+    running: bool = True
+
+    def last(self, method: str) -> Json:
+        """Params of the last call of ``method``."""
+        for m, params in reversed(self.calls):
+            if m == method:
+                return params
+        raise AssertionError(f"{method} was not called; calls: {self.calls}")
+
+
+class FakeClient:
+    """Same surface as ``ControlClient``: ``call`` and ``watch``."""
+
+    def __init__(self, node: FakeNode, home: Path) -> None:
+        self.node = node
+        self.home = home
+        node.homes.append(home)
+
+    def _check(self) -> None:
+        if not self.node.running:
+            raise FakeNodeNotRunning(
+                f"no crdtbook node is running at {self.home} "
+                f"(start one with: crdtbook node --home {self.home})"
+            )
+
+    def call(self, method: str, **params: Any) -> Any:
+        self._check()
+        self.node.calls.append((method, params))
+        answer = self.node.answers[method]
+        if isinstance(answer, BaseException):
+            raise answer
+        if callable(answer):
+            return answer(**params)
+        return copy.deepcopy(answer)
+
+    def watch(self, market: str | None = None) -> Iterator[Json]:
+        # Like the real client: the request goes out (and is refused) at once, events later.
+        self._check()
+        self.node.calls.append(("watch", {"market": market}))
+        return self._events(market)
+
+    def _events(self, market: str | None) -> Iterator[Json]:
+        yield from self.node.events
+        if self.node.watch_error is not None:
+            raise self.node.watch_error
+
+
+@pytest.fixture
+def fake_node(monkeypatch: pytest.MonkeyPatch) -> FakeNode:
+    """Route the CLI to an in-process fake node."""
+    from crdtbook.cli import connect
+
+    node = FakeNode()
+    api = SimpleNamespace(
+        ControlClient=lambda home: FakeClient(node, Path(home)),
+        NodeNotRunning=FakeNodeNotRunning,
+        ControlError=FakeControlError,
+        resolve_home=lambda home: Path(home) if home is not None else Path("/fake/default-home"),
+    )
+    monkeypatch.setattr(connect, "client_api", lambda: api)
+    monkeypatch.delenv("CRDTBOOK_HOME", raising=False)
+    return node
+
+
+# ------------------------------------------------------------------------- fake socket server
+
+
+@dataclass
+class SocketNode:
+    """A thread serving the control protocol on ``home/control.sock`` from canned answers."""
+
+    home: Path
+    answers: dict[str, Any] = field(default_factory=default_answers)
+    requests: list[Json] = field(default_factory=list)
+    events: list[Json] = field(default_factory=list)
+
+    def handle(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rwb") as f:
+            for raw in f:
+                try:
+                    req = json.loads(raw)
+                except ValueError:
+                    reply: Json = {"id": None, "error": {"code": "bad_request", "message": "json"}}
+                    f.write(json.dumps(reply).encode() + b"\n")
+                    f.flush()
+                    continue
+                self.requests.append(req)
+                method = req.get("method")
+                if method == "watch":
+                    market = (req.get("params") or {}).get("market") or "DEMO"
+                    lines = [{"id": req["id"], "result": {"watching": market}}, *self.events]
+                    for line in lines:
+                        f.write(json.dumps(line).encode() + b"\n")
+                    f.flush()
+                    return  # closing the stream ends the client's watch
+                answer = self.answers.get(method)
+                if isinstance(answer, FakeControlError):
+                    reply = {
+                        "id": req["id"],
+                        "error": {"code": answer.code, "message": answer.message},
+                    }
+                elif answer is None:
+                    reply = {
+                        "id": req["id"],
+                        "error": {"code": "unknown_method", "message": f"no method {method}"},
+                    }
+                else:
+                    reply = {"id": req["id"], "result": answer}
+                f.write(json.dumps(reply).encode() + b"\n")
+                f.flush()
+
+
+@pytest.fixture
+def socket_node(monkeypatch: pytest.MonkeyPatch) -> Iterator[SocketNode]:
+    """A fake node speaking the real wire protocol (needs ``crdtbook.node.client``)."""
+    pytest.importorskip("crdtbook.node.client")
+    root = Path(tempfile.mkdtemp(prefix="cbk-", dir="/tmp"))  # short: AF_UNIX paths are limited
+    home = root / "home"
+    home.mkdir(mode=0o700)
+    node = SocketNode(home=home)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(home / "control.sock"))
+    os.chmod(home / "control.sock", 0o600)
+    srv.listen(8)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=node.handle, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    monkeypatch.delenv("CRDTBOOK_HOME", raising=False)
+    try:
+        yield node
+    finally:
+        stop.set()
+        with contextlib.suppress(OSError):
+            srv.shutdown(socket.SHUT_RDWR)
+        srv.close()
+        thread.join(timeout=5)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def samples() -> SimpleNamespace:
+    """The sample builders and constants, for tests (conftest is not importable by name)."""
+    return SimpleNamespace(
+        order=order,
+        fill=fill,
+        level=level,
+        BOOK=BOOK,
+        STATUS=STATUS,
+        A=A,
+        B=B,
+        C=C,
+        DIGEST=DIGEST,
+        ControlError=FakeControlError,
+        NodeNotRunning=FakeNodeNotRunning,
+    )
