@@ -27,6 +27,9 @@ from .service import MarketState, NodeService
 __all__ = ["ControlAdapter"]
 
 _TIFS = ("gtc", "ioc", "fok", "post_only")
+#: At most ~20 watch events a second per client: changes in between are coalesced into one
+#: event (with all their op ids), so a busy market does not hash its state on every op.
+WATCH_MIN_INTERVAL = 0.05
 
 
 def order_json(ms: MarketState, order: OrderState, me: bytes) -> dict[str, Any]:
@@ -304,9 +307,10 @@ class ControlAdapter:
 
     async def watch(self, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         ms = self._market(params)
+        with_digest = optional_param(params, "digest", bool, True)
         yield {"watching": ms.market.name}
         seen = ms.replica.fill_count
-        async for _ in self.service.changes(ms):
+        async for applied, dropped in self.service.changes(ms, WATCH_MIN_INTERVAL):
             count = ms.replica.fill_count
             start = min(seen, count)  # a late op may have rewound fills
             fills = [fill_json(ms, start + i, f) for i, f in enumerate(ms.replica.fills(start))]
@@ -315,8 +319,10 @@ class ControlAdapter:
                 "event": "update",
                 "market": ms.market.name,
                 "ops": len(ms.replica),
-                "digest": ms.digest().hex(),
+                "digest": ms.digest().hex() if with_digest else None,
                 "fills": fills,
+                "applied": [ident.hex() for ident in applied],
+                "dropped": dropped,
             }
 
 

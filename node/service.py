@@ -56,7 +56,7 @@ class MarketState:
     topic: str
     outbox: list[bytes] = field(default_factory=list)
     outbox_ready: trio.Event = field(default_factory=trio.Event)
-    watchers: list[trio.MemorySendChannel[None]] = field(default_factory=list)
+    watchers: list[Watcher] = field(default_factory=list)
     last_sync: float | None = None
     received: int = 0
     refused: int = 0
@@ -68,6 +68,25 @@ class MarketState:
         if self._digest is None or self._digest[0] != hash(version):
             self._digest = (hash(version), self.replica.digest())
         return self._digest[1]
+
+
+#: Op ids a watcher may have queued between two reads; past it the oldest are dropped (the
+#: watcher sees ``dropped`` > 0 and can re-read the state instead).
+MAX_WATCH_IDS: Final = 10_000
+
+
+class Watcher:
+    """One watch stream: a wake-up channel that coalesces, and the ids applied since."""
+
+    def __init__(self) -> None:
+        self.send, self.receive = trio.open_memory_channel[None](1)
+        self.ids: list[bytes] = []
+        self.dropped = 0
+
+    def take(self) -> tuple[list[bytes], int]:
+        ids, dropped = self.ids, self.dropped
+        self.ids, self.dropped = [], 0
+        return ids, dropped
 
 
 @dataclass
@@ -192,7 +211,7 @@ class NodeService:
         if result.invalid:
             logger.info("refused %d invalid ops from %s", result.invalid, source)
         if report.applied:
-            self.notify(ms)
+            self.notify(ms, report.applied)
         return result
 
     async def validate_gossip(self, ms: MarketState, data: bytes, from_peer: str) -> bool:
@@ -238,7 +257,7 @@ class NodeService:
         await self._writer.write([(op.id, op.market_id, op.lamport, op.raw)])
         ms.outbox.append(op.raw)
         ms.outbox_ready.set()
-        self.notify(ms)
+        self.notify(ms, [op])
 
     async def flush_loop(self, ms: MarketState, publish: PublishFn) -> None:
         """Send the market's outbox as gossip batches, for ever."""
@@ -259,27 +278,35 @@ class NodeService:
 
     # -- watchers ----------------------------------------------------------------------------
 
-    def notify(self, ms: MarketState) -> None:
-        for send in list(ms.watchers):
+    def notify(self, ms: MarketState, applied: list[Op]) -> None:
+        for watcher in list(ms.watchers):
+            room = MAX_WATCH_IDS - len(watcher.ids)
+            watcher.ids.extend(op.id for op in applied[:room])
+            watcher.dropped += max(0, len(applied) - room)
             try:
-                send.send_nowait(None)
+                watcher.send.send_nowait(None)
             except trio.WouldBlock:
                 pass  # an update is already queued for this watcher: coalesce
             except trio.BrokenResourceError:
-                ms.watchers.remove(send)
+                ms.watchers.remove(watcher)
 
-    async def changes(self, ms: MarketState) -> AsyncIterator[None]:
-        """Yields once per batch of changes (coalesced) until the caller stops."""
-        send, receive = trio.open_memory_channel[None](1)
-        ms.watchers.append(send)
+    async def changes(
+        self, ms: MarketState, min_interval: float = 0.0
+    ) -> AsyncIterator[tuple[list[bytes], int]]:
+        """Yields (op ids applied since the last yield, ids dropped) once per batch of changes
+        (coalesced), until the caller stops."""
+        watcher = Watcher()
+        ms.watchers.append(watcher)
         try:
-            async with receive:
-                async for _ in receive:
-                    yield None
+            async with watcher.receive:
+                async for _ in watcher.receive:
+                    yield watcher.take()
+                    if min_interval:
+                        await trio.sleep(min_interval)
         finally:
-            if send in ms.watchers:
-                ms.watchers.remove(send)
-            send.close()
+            if watcher in ms.watchers:
+                ms.watchers.remove(watcher)
+            watcher.send.close()
 
 
 class PublishFn:
