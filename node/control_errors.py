@@ -1,0 +1,83 @@
+"""What the control server and the blocking client share, without importing trio.
+
+The client (`crdtbook.node.client`) is meant for plain scripts and a fast-starting CLI, so the
+protocol's error type and wire constants live here rather than in the trio server module.
+See specs/control-api.md for the protocol.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "AMBIGUOUS",
+    "BAD_REQUEST",
+    "CONTROL_SOCKET_NAME",
+    "ERROR_CODES",
+    "INTERNAL",
+    "INVALID_OP",
+    "MAX_REQUEST_LINE_BYTES",
+    "NOT_FOUND",
+    "NOT_OWNER",
+    "OFF_LOT",
+    "OFF_TICK",
+    "UNKNOWN_MARKET",
+    "UNKNOWN_METHOD",
+    "ControlError",
+]
+
+# File name of the control socket inside the node's home directory.
+CONTROL_SOCKET_NAME: Final = "control.sock"
+
+# Longest request line (bytes, without the newline) the server reads: requests are small, and a
+# bound keeps a buggy or hostile client from making the node buffer without limit.
+MAX_REQUEST_LINE_BYTES: Final = 1 << 20
+
+# Error codes (specs/control-api.md, "Error codes").
+BAD_REQUEST: Final = "bad_request"  # malformed line, or missing / mistyped params
+UNKNOWN_METHOD: Final = "unknown_method"
+UNKNOWN_MARKET: Final = "unknown_market"
+OFF_TICK: Final = "off_tick"  # price not a multiple of the market's tick
+OFF_LOT: Final = "off_lot"  # quantity not a multiple of the market's lot
+NOT_FOUND: Final = "not_found"  # no order matches the id
+AMBIGUOUS: Final = "ambiguous"  # an id prefix matches several orders
+NOT_OWNER: Final = "not_owner"  # cancelling an order this node's key did not sign
+INVALID_OP: Final = "invalid_op"
+INTERNAL: Final = "internal"  # a bug in the node; details are in the node's log
+
+ERROR_CODES: Final = frozenset(
+    {
+        BAD_REQUEST,
+        UNKNOWN_METHOD,
+        UNKNOWN_MARKET,
+        OFF_TICK,
+        OFF_LOT,
+        NOT_FOUND,
+        AMBIGUOUS,
+        NOT_OWNER,
+        INVALID_OP,
+        INTERNAL,
+    }
+)
+
+
+class ControlError(Exception):
+    """An expected failure of a control request, sent to the client as ``{"code", "message"}``.
+
+    Handlers raise it for anything the user can fix (bad params, unknown market, ...); the client
+    re-raises it from the error response.  ``code`` is one of ERROR_CODES on the server side; the
+    client keeps whatever code a (possibly newer) node sent.  ``message`` is one line a person
+    can act on.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.code})"
+
+    def to_json(self) -> dict[str, str]:
+        """The ``error`` member of a response."""
+        return {"code": self.code, "message": self.message}

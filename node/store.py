@@ -1,0 +1,484 @@
+"""Crash-safe SQLite store for verified ops (stdlib ``sqlite3`` only).
+
+Why this shape:
+
+* **One file** ``<home>/store.sqlite3`` in WAL mode.  WAL lets readers run while a batch commits
+  and turns each commit into one sequential append (+ one fsync), the cheapest durable write
+  SQLite offers.
+* **``synchronous=FULL``** by default: in WAL mode, ``NORMAL`` survives a crash of the *process*
+  (``kill -9``) but may lose the last commits on power loss or an OS crash, because the WAL is
+  only fsynced at checkpoints.  The node acknowledges an op to a client, or forwards it to peers,
+  only after :meth:`OpStore.add_ops` has returned, so that promise must survive power loss too:
+  ``FULL`` fsyncs the WAL on every commit.  Batching (one transaction per ``add_ops`` call)
+  amortises that fsync; run ``python -m crdtbook.node.store`` to measure both modes.
+* **The store never decodes an op.**  The caller verifies signatures and extracts
+  ``(id, market, lamport)``; the store keeps the raw bytes and hands them back in
+  ``(lamport, id)`` order (``id`` compared bytewise, as SQLite compares BLOBs with ``memcmp``).
+* **Synchronous API, thread-safe.**  The trio node calls it either inline (short reads) or,
+  for batched writes whose fsync would stall the event loop, through
+  ``await trio.to_thread.run_sync(store.add_ops, batch)``.  The connection is therefore opened
+  with ``check_same_thread=False`` and every method holds one ``threading.Lock``, so calls from
+  the loop thread and from worker threads never interleave on the connection.  Do not pass
+  ``abandon_on_cancel=True``: the caller must learn whether the commit happened.  Mixing inline
+  calls with worker-thread calls is safe but an inline call then waits (blocking the loop) for a
+  worker's commit to finish.
+* **Versioned schema** with ``PRAGMA user_version`` and an ordered migration list, so later
+  versions can upgrade old stores in place (and an older binary refuses a newer store).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Literal, NamedTuple, Self
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "STORE_FILENAME",
+    "MarketRecord",
+    "OpStore",
+    "StoreError",
+    "Synchronous",
+]
+
+# Name of the store file inside a node's home directory.
+STORE_FILENAME = "store.sqlite3"
+
+# Version written to PRAGMA user_version once all migrations ran; bump it with each migration.
+SCHEMA_VERSION = 1
+
+# Rows fetched per lock acquisition by load_market: bounds memory (~1 MiB of 200-byte ops) and
+# the time a streaming reader keeps writers waiting, while keeping per-query overhead small.
+LOAD_CHUNK_ROWS = 4096
+
+# How long (ms) a statement waits for another connection's lock (e.g. a second process reading
+# the store) before failing with "database is locked".
+BUSY_TIMEOUT_MS = 5000
+
+# Accepted values of PRAGMA synchronous (see the module docstring for why FULL is the default).
+Synchronous = Literal["FULL", "NORMAL", "EXTRA", "OFF"]
+
+_SCHEMA_V1 = """
+CREATE TABLE ops (
+    id      BLOB PRIMARY KEY,
+    market  BLOB NOT NULL,
+    lamport INTEGER NOT NULL,
+    raw     BLOB NOT NULL
+);
+CREATE INDEX ops_market_lamport_id ON ops (market, lamport, id);
+CREATE TABLE markets (
+    id   BLOB PRIMARY KEY,
+    name TEXT,
+    tick TEXT,
+    lot  TEXT
+);
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value BLOB
+);
+-- Reserved for derived-state checkpoints (state of `market` after all ops with lamport <= upto).
+CREATE TABLE checkpoints (
+    market BLOB NOT NULL,
+    upto   INTEGER NOT NULL,
+    data   BLOB NOT NULL,
+    PRIMARY KEY (market, upto)
+);
+"""
+
+
+def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
+    """Create the initial schema in an empty database."""
+    for statement in _SCHEMA_V1.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+# _MIGRATIONS[v] upgrades a store from user_version v to v + 1.  Append, never edit.
+_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_0_to_1,)
+assert len(_MIGRATIONS) == SCHEMA_VERSION
+
+
+class StoreError(Exception):
+    """The store file cannot be used (not a database, written by a newer version, ...)."""
+
+
+class MarketRecord(NamedTuple):
+    """A market the node follows, as stored (tick and lot are decimal strings)."""
+
+    id: bytes
+    name: str
+    tick: str
+    lot: str
+
+
+OpItem = tuple[bytes, bytes, int, bytes]
+"""``(op id, market id, lamport, raw encoded op)`` as handed to :meth:`OpStore.add_ops`."""
+
+
+class OpStore:
+    """Durable, idempotent set of verified ops, grouped by market.
+
+    Create with :meth:`OpStore.open`.  All methods are synchronous and thread-safe (see the
+    module docstring); the instance is also a context manager that closes it.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        """Wrap an already configured connection; use :meth:`open` instead."""
+        self._conn: sqlite3.Connection | None = conn
+        self._lock = threading.Lock()
+        self.path = path
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path | str, *, synchronous: Synchronous = "FULL") -> OpStore:
+        """Open (creating and migrating if needed) the store.
+
+        ``path`` is the database file, or a directory (a node home), in which case the file is
+        ``<path>/store.sqlite3``.  The parent directory must exist.  After a crash, opening runs
+        SQLite's WAL recovery, so a store killed at any moment opens with every committed batch.
+        """
+        path = Path(path)
+        if path.is_dir():
+            path = path / STORE_FILENAME
+        if synchronous not in ("FULL", "NORMAL", "EXTRA", "OFF"):
+            raise ValueError(f"synchronous must be FULL, NORMAL, EXTRA or OFF, not {synchronous!r}")
+        try:
+            # isolation_level=None: no implicit transactions; we issue BEGIN/COMMIT ourselves so
+            # that one add_ops call is exactly one transaction.
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the op store {path}: {exc}") from exc
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(
+                    f"cannot put the op store {path} in WAL mode (got {mode!r}); "
+                    "is it on a network or read-only filesystem?"
+                )
+            conn.execute(f"PRAGMA synchronous = {synchronous}")
+            _migrate(conn, path)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StoreError(f"cannot use the op store {path}: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn, path)
+
+    def close(self) -> None:
+        """Close the connection (idempotent).  A clean close also checkpoints the WAL."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError(f"the op store {self.path} is closed")
+        return self._conn
+
+    # -- ops -------------------------------------------------------------------------------
+
+    def add_ops(self, items: Iterable[OpItem]) -> int:
+        """Store a batch of verified ops in one transaction; return how many were new.
+
+        Ops already present (same id) are ignored, so replays and duplicate deliveries are
+        harmless.  When this returns, the batch is committed (and, with ``synchronous=FULL``,
+        fsynced): only then may the node acknowledge or forward these ops.  On error nothing of
+        the batch is stored.  An empty batch costs nothing (no transaction, no fsync).
+        """
+        rows = [_check_item(item) for item in items]
+        if not rows:
+            return 0
+        with self._lock:
+            conn = self._db()
+            before = conn.total_changes
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO ops (id, market, lamport, raw) VALUES (?, ?, ?, ?)",
+                    rows,
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return conn.total_changes - before
+
+    def has(self, op_id: bytes) -> bool:
+        """Whether an op with this id is stored."""
+        with self._lock:
+            row = self._db().execute("SELECT 1 FROM ops WHERE id = ?", (op_id,)).fetchone()
+        return row is not None
+
+    def load_market(self, market: bytes) -> Iterator[bytes]:
+        """Yield the raw ops of ``market`` in ``(lamport, id)`` order, streamed.
+
+        Rows are fetched ``LOAD_CHUNK_ROWS`` at a time (keyset pagination on the
+        ``(market, lamport, id)`` index), so a million ops never sit in memory here, and the
+        lock is released between chunks, so writers (even from the consuming thread) may run
+        while the caller iterates.  Ops added during iteration appear if they sort after the
+        last op already yielded.
+        """
+        last: tuple[int, bytes] | None = None
+        while True:
+            with self._lock:
+                conn = self._db()
+                if last is None:
+                    rows = conn.execute(
+                        "SELECT lamport, id, raw FROM ops WHERE market = ?"
+                        " ORDER BY lamport, id LIMIT ?",
+                        (market, LOAD_CHUNK_ROWS),
+                    ).fetchall()
+                else:
+                    rows = conn.execute(
+                        "SELECT lamport, id, raw FROM ops"
+                        " WHERE market = ? AND (lamport, id) > (?, ?)"
+                        " ORDER BY lamport, id LIMIT ?",
+                        (market, last[0], last[1], LOAD_CHUNK_ROWS),
+                    ).fetchall()
+            for _lamport, _op_id, raw in rows:
+                yield raw
+            if len(rows) < LOAD_CHUNK_ROWS:
+                return
+            last = (rows[-1][0], rows[-1][1])
+
+    def count(self, market: bytes) -> int:
+        """Number of stored ops of ``market`` (scans the market's index range)."""
+        with self._lock:
+            row = self._db().execute("SELECT count(*) FROM ops WHERE market = ?", (market,))
+            return int(row.fetchone()[0])
+
+    # -- markets and meta ------------------------------------------------------------------
+
+    def add_market(self, market_id: bytes, name: str, tick: str, lot: str) -> bool:
+        """Remember a followed market; return False if this id was already stored.
+
+        A market id is derived from its parameters, so an existing row is left untouched.
+        """
+        with self._lock:
+            cur = self._db().execute(
+                "INSERT OR IGNORE INTO markets (id, name, tick, lot) VALUES (?, ?, ?, ?)",
+                (_need_bytes("market_id", market_id), name, tick, lot),
+            )
+            return cur.rowcount == 1
+
+    def markets(self) -> list[MarketRecord]:
+        """All stored markets, ordered by name."""
+        with self._lock:
+            rows = self._db().execute("SELECT id, name, tick, lot FROM markets ORDER BY name, id")
+            return [MarketRecord(*row) for row in rows.fetchall()]
+
+    def get_meta(self, key: str) -> bytes | None:
+        """The value stored under ``key`` (node-level settings, e.g. the key id), or None."""
+        with self._lock:
+            row = self._db().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def set_meta(self, key: str, value: bytes) -> None:
+        """Durably store ``value`` under ``key`` (replacing any previous value)."""
+        with self._lock:
+            self._db().execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, _need_bytes("value", value)),
+            )
+
+    # -- maintenance -----------------------------------------------------------------------
+
+    def integrity_check(self) -> str:
+        """Run ``PRAGMA integrity_check`` (slow on big stores); ``"ok"`` when healthy."""
+        with self._lock:
+            rows = self._db().execute("PRAGMA integrity_check").fetchall()
+        return "\n".join(str(row[0]) for row in rows)
+
+    def schema_version(self) -> int:
+        """The store's ``PRAGMA user_version``."""
+        with self._lock:
+            return int(self._db().execute("PRAGMA user_version").fetchone()[0])
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring the schema to SCHEMA_VERSION, one transaction per step (crash-safe)."""
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the op store {path} has schema version {version}, newer than this crdtbook "
+                    f"supports ({SCHEMA_VERSION}); upgrade crdtbook"
+                )
+            if version == SCHEMA_VERSION:
+                conn.execute("COMMIT")
+                return
+            _MIGRATIONS[version](conn)
+            # user_version lives in the database header, so it commits atomically with the step.
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+
+def _need_bytes(name: str, value: object) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError(f"{name} must be bytes, not {type(value).__name__}")
+    return value
+
+
+def _check_item(item: OpItem) -> OpItem:
+    """Reject wrongly typed rows before they reach SQLite, which would store str as TEXT and
+    silently break lookups by id."""
+    op_id, market, lamport, raw = item
+    if not (isinstance(op_id, bytes) and isinstance(market, bytes) and isinstance(raw, bytes)):
+        raise TypeError("op id, market and raw must be bytes")
+    if not isinstance(lamport, int) or isinstance(lamport, bool) or lamport < 0:
+        raise TypeError(f"lamport must be a non-negative int, not {lamport!r}")
+    return (op_id, market, lamport, raw)
+
+
+# -- benchmark: python -m crdtbook.node.store ------------------------------------------------
+
+# Target wall time per benchmark cell: long enough to average out fsync jitter, short enough
+# that the whole table takes well under a minute.
+_BENCH_SECONDS = 2.0
+
+# Size of a benchmark op's raw bytes (a signed order op is about this big).
+_BENCH_OP_BYTES = 200
+
+
+def _bench_batches(batch: int) -> Iterator[list[OpItem]]:
+    market = b"M" * 32
+    lamport = 0
+    while True:
+        rows: list[OpItem] = []
+        for _ in range(batch):
+            lamport += 1
+            rows.append((os.urandom(32), market, lamport, os.urandom(_BENCH_OP_BYTES)))
+        yield rows
+
+
+def _bench_cell(
+    directory: Path, sync: Synchronous, batch: int, via_thread: bool
+) -> tuple[float, float]:
+    """Return (ops per second, mean milliseconds per batch) for one configuration.
+
+    Only the add_ops calls are timed (op generation is not), until they add up to
+    _BENCH_SECONDS.
+    """
+    import trio  # only the benchmark needs trio
+
+    path = directory / f"bench-{sync}-{batch}-{int(via_thread)}.sqlite3"
+    store = OpStore.open(path, synchronous=sync)
+    batches = _bench_batches(batch)
+    done = 0
+    commits = 0
+    spent = 0.0
+
+    def run_inline() -> None:
+        nonlocal done, commits, spent
+        while spent < _BENCH_SECONDS:
+            rows = next(batches)
+            start = time.perf_counter()
+            done += store.add_ops(rows)
+            spent += time.perf_counter() - start
+            commits += 1
+
+    async def run_threaded() -> None:
+        nonlocal done, commits, spent
+        while spent < _BENCH_SECONDS:
+            rows = next(batches)
+            start = time.perf_counter()
+            done += await trio.to_thread.run_sync(store.add_ops, rows)
+            spent += time.perf_counter() - start
+            commits += 1
+
+    try:
+        if via_thread:
+            trio.run(run_threaded)
+        else:
+            run_inline()
+    finally:
+        store.close()
+    return done / spent, 1000.0 * spent / commits
+
+
+def _bench_load(directory: Path, n_ops: int) -> tuple[float, float]:
+    """Return (ops per second streamed by load_market, seconds to count) for n_ops ops."""
+    store = OpStore.open(directory / "bench-load.sqlite3", synchronous="NORMAL")
+    try:
+        batches = _bench_batches(10_000)
+        left = n_ops
+        while left > 0:
+            batch = next(batches)[:left]
+            store.add_ops(batch)
+            left -= len(batch)
+        start = time.perf_counter()
+        seen = sum(1 for _ in store.load_market(b"M" * 32))
+        load_s = time.perf_counter() - start
+        start = time.perf_counter()
+        assert store.count(b"M" * 32) == seen == n_ops
+        count_s = time.perf_counter() - start
+    finally:
+        store.close()
+    return n_ops / load_s, count_s
+
+
+def _main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m crdtbook.node.store",
+        description="Measure op store write throughput (synchronous FULL vs NORMAL).",
+    )
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="directory on the filesystem to measure (default: system temp)",
+    )
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 100, 1000])
+    parser.add_argument(
+        "--load",
+        type=int,
+        default=200_000,
+        help="ops for the load_market streaming figure (0 to skip)",
+    )
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="crdtbook-bench-") as tmp:
+        directory = Path(tmp)
+        print(f"store on {directory}; ops of {_BENCH_OP_BYTES} B; {_BENCH_SECONDS:.0f} s per cell")
+        print(f"{'synchronous':<12}{'batch':>6}{'call':>10}{'ops/s':>12}{'ms/batch':>10}")
+        for sync in ("NORMAL", "FULL"):
+            for batch in args.batches:
+                for via_thread in (False, True):
+                    rate, ms = _bench_cell(directory, sync, batch, via_thread)
+                    call = "to_thread" if via_thread else "inline"
+                    print(f"{sync:<12}{batch:>6}{call:>10}{rate:>12,.0f}{ms:>10.3f}", flush=True)
+        if args.load:
+            rate, count_s = _bench_load(directory, args.load)
+            print(
+                f"load_market: {rate:,.0f} ops/s over {args.load:,} ops; "
+                f"count(): {count_s * 1000:.1f} ms"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,266 @@
+"""Tests for the SQLite op store: semantics, threading, and crash safety under SIGKILL."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from crdtbook.node import store as store_module
+from crdtbook.node.store import (
+    SCHEMA_VERSION,
+    STORE_FILENAME,
+    MarketRecord,
+    OpStore,
+    StoreError,
+)
+
+M1 = b"\x01" * 32
+M2 = b"\x02" * 32
+
+
+def op(n: int, market: bytes = M1, lamport: int | None = None) -> tuple[bytes, bytes, int, bytes]:
+    """A deterministic fake op: id = sha256(n), raw names the op."""
+    op_id = hashlib.sha256(n.to_bytes(8, "big") + market).digest()
+    return (op_id, market, n if lamport is None else lamport, b"raw-%d-" % n + market[:1])
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[OpStore]:
+    s = OpStore.open(tmp_path / STORE_FILENAME)
+    yield s
+    s.close()
+
+
+def test_round_trip(store: OpStore) -> None:
+    items = [op(n) for n in range(1, 11)] + [op(n, M2) for n in range(1, 4)]
+    assert store.add_ops(items) == 13
+    assert list(store.load_market(M1)) == [raw for (_, _, _, raw) in items[:10]]
+    assert list(store.load_market(M2)) == [raw for (_, _, _, raw) in items[10:]]
+    assert store.count(M1) == 10
+    assert store.count(M2) == 3
+    assert store.count(b"nope") == 0
+    assert list(store.load_market(b"nope")) == []
+    assert store.has(items[0][0])
+    assert not store.has(b"\x00" * 32)
+
+
+def test_idempotent_insert(store: OpStore) -> None:
+    items = [op(n) for n in range(5)]
+    assert store.add_ops(items) == 5
+    assert store.add_ops(items) == 0
+    assert store.add_ops([*items[3:], op(5), op(6)]) == 2
+    assert store.add_ops([op(7), op(7)]) == 1  # duplicates inside one batch
+    assert store.count(M1) == 8
+    assert store.add_ops([]) == 0
+    assert store.add_ops(iter([op(8)])) == 1  # any iterable
+
+
+@pytest.mark.parametrize("chunk", [3, 4096])
+def test_ordering_lamport_then_id(
+    store: OpStore, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    # A tiny chunk size makes load_market paginate through lamport ties.
+    monkeypatch.setattr(store_module, "LOAD_CHUNK_ROWS", chunk)
+    rng = random.Random(7)
+    items = [op(n, lamport=rng.randrange(5)) for n in range(40)]
+    shuffled = items[:]
+    rng.shuffle(shuffled)
+    for i in range(0, 40, 7):  # several batches, out of order
+        store.add_ops(shuffled[i : i + 7])
+    store.add_ops([op(n, M2, lamport=0) for n in range(10)])  # another market, interleaved keys
+    expected = [raw for (_, _, _, raw) in sorted(items, key=lambda it: (it[2], it[0]))]
+    assert list(store.load_market(M1)) == expected
+
+
+def test_load_market_streams_and_allows_writes(
+    store: OpStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "LOAD_CHUNK_ROWS", 2)
+    store.add_ops([op(n) for n in range(1, 6)])
+    seen = []
+    for raw in store.load_market(M1):
+        seen.append(raw)
+        if len(seen) == 1:
+            # Writing while a load is in progress must not deadlock; a later op shows up.
+            store.add_ops([op(100)])
+    assert seen == [op(n)[3] for n in [1, 2, 3, 4, 5, 100]]
+
+
+def test_reopen_after_close(tmp_path: Path) -> None:
+    with OpStore.open(tmp_path) as s:  # a directory means <dir>/store.sqlite3
+        assert s.path == tmp_path / STORE_FILENAME
+        s.add_ops([op(n) for n in range(3)])
+        assert s.add_market(M1, "BTC-USD", "0.01", "0.0001")
+        assert not s.add_market(M1, "BTC-USD", "0.01", "0.0001")
+        s.set_meta("peer_key", b"k1")
+        s.set_meta("peer_key", b"k2")
+    s.close()  # idempotent
+    with OpStore.open(tmp_path / STORE_FILENAME) as s:
+        assert s.count(M1) == 3
+        assert s.markets() == [MarketRecord(M1, "BTC-USD", "0.01", "0.0001")]
+        assert s.get_meta("peer_key") == b"k2"
+        assert s.get_meta("missing") is None
+        assert s.schema_version() == SCHEMA_VERSION
+        assert s.integrity_check() == "ok"
+        db = s._db()
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    with OpStore.open(tmp_path, synchronous="NORMAL") as s:
+        assert s._db().execute("PRAGMA synchronous").fetchone()[0] == 1
+
+
+def test_closed_store_raises(tmp_path: Path) -> None:
+    s = OpStore.open(tmp_path)
+    s.close()
+    with pytest.raises(StoreError, match="closed"):
+        s.count(M1)
+
+
+def test_refuses_newer_schema(tmp_path: Path) -> None:
+    OpStore.open(tmp_path).close()
+    conn = sqlite3.connect(tmp_path / STORE_FILENAME)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(StoreError, match="newer"):
+        OpStore.open(tmp_path)
+
+
+def test_refuses_garbage_file(tmp_path: Path) -> None:
+    (tmp_path / STORE_FILENAME).write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match="cannot use"):
+        OpStore.open(tmp_path)
+
+
+def test_batch_is_atomic(store: OpStore) -> None:
+    store.add_ops([op(1)])
+    with pytest.raises(TypeError):
+        store.add_ops([op(2), ("id", M1, 3, b"raw")])  # type: ignore[list-item]
+    with pytest.raises(OverflowError):  # fails inside SQLite, after op(3) was inserted
+        store.add_ops([op(3), op(4, lamport=2**70)])
+    assert store.count(M1) == 1
+    assert store.add_ops([op(3)]) == 1  # the store is still usable
+
+
+async def test_worker_threads_share_the_store(store: OpStore) -> None:
+    """The node's pattern: batched writes via trio.to_thread, reads inline, concurrently."""
+
+    async def writer(base: int) -> None:
+        for i in range(20):
+            batch = [op(base + i * 10 + j) for j in range(10)]
+            await trio.to_thread.run_sync(store.add_ops, batch)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            for w in range(4):
+                nursery.start_soon(writer, w * 1000)
+            for _ in range(20):
+                store.count(M1)
+                await trio.sleep(0)
+    assert store.count(M1) == 800
+    assert len(list(store.load_market(M1))) == 800
+
+
+# -- crash safety -------------------------------------------------------------------------------
+
+# The child opens the store, then commits batches forever, printing each batch number on stdout
+# only after add_ops returned: a printed number is an acknowledged batch.
+CHILD = r"""
+import hashlib, sys
+from crdtbook.node.store import OpStore
+
+path, rnd, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+market = b"round-%d" % rnd
+store = OpStore.open(path)
+# Checkpoint often so that kills also land inside WAL checkpoints.
+store._db().execute("PRAGMA wal_autocheckpoint = 8")
+print("open", flush=True)
+b = 0
+while True:
+    items = []
+    for i in range(size):
+        n = b * size + i
+        h = hashlib.sha256(b"%d-%d" % (rnd, n)).digest()
+        items.append((h, market, n, h * 6))
+    store.add_ops(items)
+    print(b, flush=True)
+    b += 1
+"""
+
+
+def _op_id(rnd: int, n: int) -> bytes:
+    return hashlib.sha256(b"%d-%d" % (rnd, n)).digest()
+
+
+def _run_child_and_kill(path: Path, rnd: int, size: int, rng: random.Random) -> int:
+    """Run the child, SIGKILL it at a random moment; return the number of acked batches."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(path), str(rnd), str(size)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    lines: list[bytes] = []
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    reader = threading.Thread(target=lambda: lines.extend(stdout), daemon=True)
+    reader.start()
+    try:
+        if rng.random() < 0.25:
+            time.sleep(rng.uniform(0.0, 0.3))  # possibly while starting up / creating the schema
+        else:
+            want = rng.randrange(1, 40)
+            deadline = time.monotonic() + 10
+            while sum(1 for ln in lines if ln.strip().isdigit()) < want:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
+                assert time.monotonic() < deadline, "child too slow"
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0.0, 0.01))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        reader.join(timeout=10)
+        if proc.stderr:
+            proc.stderr.close()
+        stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    acked = [int(ln) for ln in lines if ln.strip().isdigit()]
+    assert acked == list(range(len(acked)))
+    return len(acked)
+
+
+def test_sigkill_loses_no_acknowledged_op(tmp_path: Path) -> None:
+    seed = int.from_bytes(os.urandom(4), "big")
+    rng = random.Random(seed)
+    path = tmp_path / STORE_FILENAME
+    sizes = [1, 50, 500, 1, 50, 500]
+    acked: dict[int, int] = {}
+    for rnd, size in enumerate(sizes):
+        acked[rnd] = _run_child_and_kill(path, rnd, size, rng)
+        # Reopen after every kill: the store must open and hold every acknowledged op.
+        with OpStore.open(path) as s:
+            assert s.integrity_check() == "ok", f"seed={seed}"
+            for r in range(rnd + 1):
+                size_r = sizes[r]
+                stored = s.count(b"round-%d" % r)
+                # Batches are atomic, and at most one committed batch may be unacknowledged.
+                assert stored % size_r == 0, f"seed={seed} round={r}: partial batch"
+                assert acked[r] * size_r <= stored <= (acked[r] + 1) * size_r, f"seed={seed}"
+                for n in range(acked[r] * size_r):
+                    assert s.has(_op_id(r, n)), f"seed={seed} round={r}: lost acked op {n}"
+    # An independent check with a fresh plain connection.
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        conn.close()
+    assert sum(acked.values()) > 0, f"seed={seed}: no batch was ever acknowledged"
