@@ -26,10 +26,10 @@ from crdtbook import Identity, Market
 
 from .control import serve_control
 from .handler import ControlAdapter
-from .service import BAN_SECONDS, MarketState, NodeService
+from .service import BAN_SECONDS, FLUSH_DELAY, MarketState, NodeService
 from .store import OpStore, StoreError
 from .sync import MarketNotFollowed, pull, respond
-from .wire import SYNC_PROTOCOL, WireError
+from .wire import MAX_BATCH_OPS, SYNC_PROTOCOL, WireError
 
 __all__ = ["NodeConfig", "run_node"]
 
@@ -59,6 +59,9 @@ class NodeConfig:
     announce_interval: float = 60.0
     sync_interval: float = SYNC_INTERVAL
     heartbeat_interval: float = 1.0
+    #: Ops per gossip message and how long the first waits (bench baselines set 1 and 0).
+    gossip_batch: int = MAX_BATCH_OPS
+    flush_delay: float = FLUSH_DELAY
 
 
 def load_or_create_identity(home: Path) -> tuple[Identity, bool]:
@@ -122,7 +125,9 @@ async def _main(config: NodeConfig) -> int:
     identity, created = load_or_create_identity(home)
     markets = [Market.parse(spec) for spec in (config.markets or [DEFAULT_MARKET])]
     store = OpStore.open(home)
-    service = NodeService(identity, store, markets)
+    service = NodeService(
+        identity, store, markets, gossip_batch=config.gossip_batch, flush_delay=config.flush_delay
+    )
     started = time.monotonic()
     loaded = service.load_from_store()
     load_seconds = time.monotonic() - started

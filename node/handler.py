@@ -308,9 +308,11 @@ class ControlAdapter:
     async def watch(self, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         ms = self._market(params)
         with_digest = optional_param(params, "digest", bool, True)
+        interval = optional_param(params, "interval", float, WATCH_MIN_INTERVAL)
+        interval = min(max(interval, 0.005), 10.0)
         yield {"watching": ms.market.name}
         seen = ms.replica.fill_count
-        async for applied, dropped in self.service.changes(ms, WATCH_MIN_INTERVAL):
+        async for applied, dropped in self.service.changes(ms, interval):
             count = ms.replica.fill_count
             start = min(seen, count)  # a late op may have rewound fills
             fills = [fill_json(ms, start + i, f) for i, f in enumerate(ms.replica.fills(start))]

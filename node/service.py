@@ -15,6 +15,7 @@ Gossip is best effort: the node batches its own ops into gossip messages of up t
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -37,6 +38,8 @@ logger = logging.getLogger("crdtbook.node")
 FLUSH_DELAY: Final = 0.005
 #: Batches smaller than this are verified inline; larger ones in a worker thread.
 THREAD_VERIFY_MIN: Final = 32
+#: Worker threads one big batch is verified on (one per core is all that helps).
+VERIFY_THREADS: Final = max(1, min(4, os.cpu_count() or 1))
 #: A peer whose gossip is refused this many times within BAN_WINDOW is disconnected for
 #: BAN_SECONDS. Honest peers never send invalid ops, so a small number is enough.
 BAN_THRESHOLD: Final = 8
@@ -106,6 +109,25 @@ def _decode_all(raws: list[bytes]) -> list[Op | tuple[bytes, InvalidOp]]:
     return out
 
 
+async def _decode_parallel(raws: list[bytes]) -> list[Op | tuple[bytes, InvalidOp]]:
+    """Decode and verify, off the event loop for big batches, on every core for bigger ones:
+    PyNaCl releases the GIL while it verifies, and verification is the ingest ceiling."""
+    if len(raws) < THREAD_VERIFY_MIN:
+        return _decode_all(raws)
+    parts = max(1, min(VERIFY_THREADS, len(raws) // THREAD_VERIFY_MIN))
+    size = -(-len(raws) // parts)
+    chunks = [raws[i : i + size] for i in range(0, len(raws), size)]
+    results: list[list[Op | tuple[bytes, InvalidOp]]] = [[] for _ in chunks]
+
+    async def run(index: int) -> None:
+        results[index] = await trio.to_thread.run_sync(_decode_all, chunks[index])
+
+    async with trio.open_nursery() as nursery:
+        for index in range(len(chunks)):
+            nursery.start_soon(run, index)
+    return [item for part in results for item in part]
+
+
 class _StoreWriter:
     """Group commit: concurrent writers share one transaction (one fsync) per round."""
 
@@ -133,8 +155,18 @@ class _StoreWriter:
 class NodeService:
     """Replicas, their durability and the owner's operations; no libp2p types in here."""
 
-    def __init__(self, identity: Identity, store: OpStore, markets: list[Market]) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        store: OpStore,
+        markets: list[Market],
+        *,
+        gossip_batch: int = MAX_BATCH_OPS,
+        flush_delay: float = FLUSH_DELAY,
+    ) -> None:
         self.identity = identity
+        self.gossip_batch = max(1, min(gossip_batch, MAX_BATCH_OPS))
+        self.flush_delay = flush_delay
         self.store = store
         self.markets: dict[bytes, MarketState] = {
             m.id: MarketState(m, Replica(m), topic_for(m)) for m in markets
@@ -188,10 +220,7 @@ class NodeService:
             fresh.append(raw)
         if not fresh:
             return result
-        if len(fresh) >= THREAD_VERIFY_MIN:
-            decoded = await trio.to_thread.run_sync(_decode_all, fresh)
-        else:
-            decoded = _decode_all(fresh)
+        decoded = await _decode_parallel(fresh)
         ops: list[Op] = []
         for item in decoded:
             if isinstance(item, Op):
@@ -263,13 +292,14 @@ class NodeService:
         """Send the market's outbox as gossip batches, for ever."""
         while True:
             await ms.outbox_ready.wait()
-            await trio.sleep(FLUSH_DELAY)
+            if self.flush_delay:
+                await trio.sleep(self.flush_delay)
             await self.flush(ms, publish)
 
     async def flush(self, ms: MarketState, publish: PublishFn) -> None:
         while ms.outbox:
-            batch = ms.outbox[:MAX_BATCH_OPS]
-            del ms.outbox[:MAX_BATCH_OPS]
+            batch = ms.outbox[: self.gossip_batch]
+            del ms.outbox[: self.gossip_batch]
             try:
                 await publish(ms.topic, encode_batch(batch))
             except Exception as exc:  # gossip is best effort; sync delivers what this misses

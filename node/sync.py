@@ -46,6 +46,8 @@ logger = logging.getLogger("crdtbook.node.sync")
 BLOOM_RECENT_OPS: Final = 2048
 #: A frame in flight should not wait for ever on a stalled peer.
 FRAME_TIMEOUT: Final = 20.0
+#: Frames read ahead of the one being ingested: enough to keep the stream busy.
+READ_AHEAD_FRAMES: Final = 2
 #: Leave room under the frame limit for the CBOR envelope and the heads list.
 _FRAME_BUDGET: Final = MAX_FRAME_BYTES - 64 * 1024
 
@@ -131,15 +133,33 @@ async def pull(
     """
     await stream.write_frame(encode_request(build_request(replica)), timeout=FRAME_TIMEOUT)
     received = 0
-    while True:
-        response = decode_response(await stream.read_frame(MAX_FRAME_BYTES, timeout=FRAME_TIMEOUT))
-        if response.error is not None:
-            if response.error == "unknown_market":
-                raise MarketNotFollowed(response.message)
-            raise WireError(f"peer refused sync: {response.error} {response.message}")
-        if response.ops:
-            received += len(response.ops)
-            await ingest(response.ops)
-        if not response.more:
-            return received
-        await trio.lowlevel.checkpoint()
+    # Read the next frame while the previous one is verified and applied (bulk catch-up).
+    send, receive = trio.open_memory_channel[list[bytes]](READ_AHEAD_FRAMES)
+    failure: list[Exception] = []  # raised after the nursery, not wrapped in an ExceptionGroup
+
+    async def read_frames() -> None:
+        async with send:
+            try:
+                while True:
+                    frame = await stream.read_frame(MAX_FRAME_BYTES, timeout=FRAME_TIMEOUT)
+                    response = decode_response(frame)
+                    if response.error == "unknown_market":
+                        raise MarketNotFollowed(response.message)
+                    if response.error is not None:
+                        raise WireError(f"peer refused sync: {response.error} {response.message}")
+                    if response.ops:
+                        await send.send(response.ops)
+                    if not response.more:
+                        return
+            except Exception as exc:  # handed to the caller below
+                failure.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_frames)
+        async with receive:
+            async for ops in receive:
+                received += len(ops)
+                await ingest(ops)
+    if failure:
+        raise failure[0]
+    return received

@@ -1,0 +1,385 @@
+"""Network benchmark: real node processes on 127.0.0.1, figures plus a same-run baseline.
+
+    python bench/bench_network.py [--nodes 5] [--rate 500] [--seconds 10] [--catchup 100000]
+                                  [--quick] [--json]
+
+Phases:
+  1. latency: ops submitted at a fixed rate, round robin over the nodes; for each op, the time
+     from submit to "applied at every node" (each node's watch stream reports op ids).
+  2. throughput: as fast as the clients go, several connections per node; sustained ops/s =
+     ops / (time from the first submit until every node has every op).
+  3. baseline: phase 1 again with one gossip message per op (no batching), as the issue asks.
+  4. catch-up: a node joins a market whose log holds N ops (prepared in another node's store);
+     ops/s until it holds all of them.
+  5. RSS of each node process.
+
+Targets (issue #3, 2-core machine): >=1,000 ops/s sustained across 5 nodes (stretch 5,000);
+p99 <= 250 ms at 500 ops/s; catch-up >= 10k ops/s (100k ops in under 10 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from crdtbook import Identity, Market, Replica
+from crdtbook.node.client import ControlClient, NodeNotRunning
+from crdtbook.node.store import OpStore
+
+MARKET = "DEMO:1:1"
+LAUNCHER = r"""
+import sys
+from pathlib import Path
+from crdtbook.node.app import NodeConfig, run_node
+home, batch, delay, *boot = sys.argv[1:]
+sys.exit(run_node(NodeConfig(home=Path(home), listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=boot,
+                             markets=["DEMO:1:1"], gossip_batch=int(batch),
+                             flush_delay=float(delay))))
+"""
+
+
+class Node:
+    def __init__(self, home: Path, bootstrap: list[str], batch: int, delay: float) -> None:
+        self.home = home
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "node.json").unlink(missing_ok=True)
+        self.log = open(home.parent / f"{home.name}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", LAUNCHER, str(home), str(batch), str(delay), *bootstrap],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node {home} exited {self.proc.returncode}")
+            if (home / "node.json").exists():
+                try:
+                    self.call("status")
+                    break
+                except NodeNotRunning:
+                    pass
+            time.sleep(0.05)
+        else:
+            raise TimeoutError(f"node {home} did not start")
+        info = json.loads((home / "node.json").read_text())
+        self.addr = info["addrs"][0]
+
+    def call(self, method: str, **params: Any) -> Any:
+        with ControlClient(self.home, timeout=30) as c:
+            return c.call(method, **params)
+
+    def market(self) -> dict[str, Any]:
+        return dict(self.call("status")["markets"][0])
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+
+class Seen:
+    """Per node, the monotonic time each op id was first reported applied (watch stream)."""
+
+    def __init__(self, nodes: list[Node]) -> None:
+        self.times: list[dict[str, float]] = [{} for _ in nodes]
+        self._socks: list[socket.socket] = []
+        self._threads = []
+        for i, node in enumerate(nodes):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(str(node.home / "control.sock"))
+            req = {"id": 1, "method": "watch", "params": {"digest": False, "interval": 0.005}}
+            sock.sendall((json.dumps(req) + "\n").encode())
+            self._socks.append(sock)
+            t = threading.Thread(target=self._read, args=(sock, self.times[i]), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    @staticmethod
+    def _read(sock: socket.socket, times: dict[str, float]) -> None:
+        buf = b""
+        try:
+            while True:
+                chunk = sock.recv(1 << 20)
+                if not chunk:
+                    return
+                now = time.monotonic()
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    event = json.loads(line)
+                    for ident in event.get("applied", ()):
+                        times.setdefault(ident, now)
+        except OSError:
+            return
+
+    def everywhere(self, ident: str) -> float | None:
+        ts = [t.get(ident) for t in self.times]
+        return None if any(x is None for x in ts) else max(ts)  # type: ignore[type-var]
+
+    def close(self) -> None:
+        for s in self._socks:
+            s.close()
+
+
+def start_network(tmp: Path, n: int, batch: int, delay: float) -> list[Node]:
+    first = Node(tmp / "n1", [], batch, delay)
+    nodes = [first] + [Node(tmp / f"n{i + 1}", [first.addr], batch, delay) for i in range(1, n)]
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        if all(len(nd.call("status")["peers"]) >= n - 1 for nd in nodes):
+            break
+        time.sleep(0.2)
+    time.sleep(2.0)  # let gossipsub meshes form (a few heartbeats)
+    return nodes
+
+
+def order_params(rng: random.Random) -> dict[str, str]:
+    side = rng.choice(("buy", "sell"))
+    # Mostly near the touch, ~30% crossing: buys 95..101, sells 99..105 around a mid of 100.
+    price = rng.randint(95, 101) if side == "buy" else rng.randint(99, 105)
+    tif = "ioc" if rng.random() < 0.05 else "gtc"
+    return {"side": side, "price": str(price), "quantity": str(rng.randint(1, 5)), "tif": tif}
+
+
+def run_load(nodes: list[Node], rate: float | None, seconds: float, threads_per_node: int,
+             seed: int) -> list[tuple[str, float]]:
+    """Submit for ``seconds``; at ``rate`` ops/s overall (None: flat out). Returns (id, t0)."""
+    sent: list[tuple[str, float]] = []
+    lock = threading.Lock()
+    workers = [(nd, k) for nd in nodes for k in range(threads_per_node)]
+    start = time.monotonic() + 0.2
+    stop_at = start + seconds
+    per_worker_interval = None if rate is None else len(workers) / rate
+
+    def work(index: int, node: Node) -> None:
+        rng = random.Random(seed * 1000 + index)
+        client = ControlClient(node.home, timeout=30)
+        mine: list[str] = []
+        next_at = start + (0 if per_worker_interval is None else
+                           per_worker_interval * index / len(workers))
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= stop_at:
+                    return
+                if per_worker_interval is not None:
+                    if now < next_at:
+                        time.sleep(next_at - now)
+                    next_at += per_worker_interval
+                t0 = time.monotonic()
+                if mine and rng.random() < 0.15:
+                    try:
+                        result = client.call("cancel", order_id=mine.pop(rng.randrange(len(mine))))
+                        ident = result["cancel_id"]
+                    except Exception:
+                        continue
+                else:
+                    result = client.call("submit", **order_params(rng))
+                    ident = result["order"]["id"]
+                    if result["order"]["status"] in ("open", "partially_filled"):
+                        mine.append(ident)
+                with lock:
+                    sent.append((ident, t0))
+        finally:
+            client.close()
+
+    ts = [threading.Thread(target=work, args=(i, nd)) for i, (nd, _) in enumerate(workers)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return sent
+
+
+def wait_converged(nodes: list[Node], timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ms = [nd.market() for nd in nodes]
+        if len({m["digest"] for m in ms}) == 1 and len({m["ops"] for m in ms}) == 1 and all(
+            m["pending"] == 0 for m in ms
+        ):
+            return time.monotonic()
+        time.sleep(0.1)
+    raise TimeoutError("nodes did not converge")
+
+
+def latency_phase(tmp: Path, n: int, rate: float, seconds: float, batch: int,
+                  delay: float) -> dict[str, Any]:
+    nodes = start_network(tmp, n, batch, delay)
+    try:
+        seen = Seen(nodes)
+        time.sleep(0.3)
+        sent = run_load(nodes, rate, seconds, threads_per_node=4, seed=1)
+        wait_converged(nodes, 120)
+        time.sleep(0.3)
+        lat = []
+        missing = 0
+        for ident, t0 in sent:
+            t = seen.everywhere(ident)
+            if t is None:
+                missing += 1
+            else:
+                lat.append((t - t0) * 1000)
+        seen.close()
+        lat.sort()
+        return {
+            "ops": len(sent),
+            "rate_achieved": len(sent) / seconds,
+            "p50_ms": statistics.median(lat) if lat else None,
+            "p99_ms": lat[int(len(lat) * 0.99) - 1] if lat else None,
+            "max_ms": lat[-1] if lat else None,
+            "unobserved": missing,
+            "rss_mb": [round(nd.rss_mb(), 1) for nd in nodes],
+        }
+    finally:
+        for nd in nodes:
+            nd.stop()
+
+
+def throughput_phase(tmp: Path, n: int, seconds: float) -> dict[str, Any]:
+    nodes = start_network(tmp, n, 2000, 0.005)
+    try:
+        t_start = time.monotonic()
+        sent = run_load(nodes, None, seconds, threads_per_node=6, seed=2)
+        t_submitted = time.monotonic()
+        t_conv = wait_converged(nodes, 180)
+        return {
+            "ops": len(sent),
+            "submit_rate": len(sent) / (t_submitted - t_start),
+            "sustained_converged_ops_s": len(sent) / (t_conv - t_start),
+            "convergence_lag_s": t_conv - t_submitted,
+            "rss_mb": [round(nd.rss_mb(), 1) for nd in nodes],
+        }
+    finally:
+        for nd in nodes:
+            nd.stop()
+
+
+def catchup_phase(tmp: Path, count: int) -> dict[str, Any]:
+    market = Market.parse(MARKET)
+    rng = random.Random(7)
+    authors = [Identity.from_seed(bytes([i + 1]) * 32) for i in range(20)]
+    replica = Replica(market)
+    t0 = time.monotonic()
+    for _ in range(count):
+        p = order_params(rng)
+        replica.submit(rng.choice(authors), p["side"], int(p["price"]), int(p["quantity"]),
+                       p["tif"])
+    gen_s = time.monotonic() - t0
+    home = tmp / "full"
+    home.mkdir(parents=True)
+    store = OpStore.open(home)
+    store.add_market(market.id, market.name, market.tick, market.lot)
+    store.add_ops((op.id, op.market_id, op.lamport, op.raw) for op in replica.ops())
+    store.close()
+    full = Node(home, [], 2000, 0.005)
+    try:
+        t1 = time.monotonic()
+        joiner = Node(tmp / "joiner", [full.addr], 2000, 0.005)
+        t_started = time.monotonic()
+        try:
+            while joiner.market()["ops"] < count:
+                time.sleep(0.05)
+                if time.monotonic() - t1 > 300:
+                    raise TimeoutError("catch-up took more than 300 s")
+            t_done = time.monotonic()
+            same = joiner.market()["digest"] == full.market()["digest"]
+            return {
+                "ops": count,
+                "generate_s": gen_s,
+                "seconds_from_join": t_done - t1,
+                "seconds_after_start": t_done - t_started,
+                "ops_per_s": count / (t_done - t1),
+                "digests_agree": same,
+                "rss_mb_full": round(full.rss_mb(), 1),
+                "rss_mb_joiner": round(joiner.rss_mb(), 1),
+            }
+        finally:
+            joiner.stop()
+    finally:
+        full.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--nodes", type=int, default=5)
+    ap.add_argument("--rate", type=float, default=500)
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--catchup", type=int, default=100_000)
+    ap.add_argument("--quick", action="store_true", help="3 nodes, 3 s phases, 10k catch-up")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.nodes, args.seconds, args.catchup, args.rate = 3, 3.0, 10_000, 200
+    tmp = Path(tempfile.mkdtemp(prefix="crdtbook-bench-"))
+    results: dict[str, Any] = {"nodes": args.nodes, "rate": args.rate, "seconds": args.seconds}
+    try:
+        results["latency_batched"] = latency_phase(tmp / "a", args.nodes, args.rate,
+                                                   args.seconds, 2000, 0.005)
+        results["latency_per_op_gossip_baseline"] = latency_phase(
+            tmp / "b", args.nodes, args.rate, args.seconds, 1, 0.0)
+        results["throughput"] = throughput_phase(tmp / "c", args.nodes, args.seconds)
+        results["catchup"] = catchup_phase(tmp / "d", args.catchup)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    lb, lo, th, cu = (results["latency_batched"], results["latency_per_op_gossip_baseline"],
+                      results["throughput"], results["catchup"])
+    rows = [
+        ("sustained ops/s, all nodes converged", f"{th['sustained_converged_ops_s']:.0f}",
+         ">= 1000 (stretch 5000)", th["sustained_converged_ops_s"] >= 1000),
+        ("  submit rate reached by clients", f"{th['submit_rate']:.0f}", "", None),
+        ("  convergence lag after last submit", f"{th['convergence_lag_s']:.2f} s", "", None),
+        (f"latency p50 at {lb['rate_achieved']:.0f} ops/s (batched)", f"{lb['p50_ms']:.1f} ms",
+         "", None),
+        (f"latency p99 at {lb['rate_achieved']:.0f} ops/s (batched)", f"{lb['p99_ms']:.1f} ms",
+         "<= 250 ms", lb["p99_ms"] <= 250),
+        (f"baseline p50 at {lo['rate_achieved']:.0f} ops/s (1 op/msg)", f"{lo['p50_ms']:.1f} ms",
+         "", None),
+        (f"baseline p99 at {lo['rate_achieved']:.0f} ops/s (1 op/msg)", f"{lo['p99_ms']:.1f} ms",
+         "", None),
+        (f"catch-up of {cu['ops']} ops", f"{cu['ops_per_s']:.0f} ops/s "
+         f"({cu['seconds_from_join']:.1f} s)", ">= 10000 ops/s", cu["ops_per_s"] >= 10_000),
+        ("  joiner digest equals the full node's", str(cu["digests_agree"]), "True",
+         cu["digests_agree"]),
+        ("RSS per node (throughput run)", ", ".join(f"{x:.0f}" for x in th["rss_mb"]) + " MB",
+         "", None),
+        ("RSS full node / joiner (catch-up)", f"{cu['rss_mb_full']:.0f} / "
+         f"{cu['rss_mb_joiner']:.0f} MB", "", None),
+    ]
+    print(f"crdtbook network bench: {args.nodes} node processes on 127.0.0.1, "
+          f"{os.cpu_count()} cores")
+    for name, value, target, ok in rows:
+        mark = "" if ok is None else ("PASS" if ok else "FAIL")
+        print(f"  {name:<48} {value:>22}  {target:<22} {mark}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,948 @@
+"""The node's peer-to-peer transport: the only module (with ``p2p_*.py``) that imports libp2p.
+
+Everything the rest of the node needs from the network goes through the small, typed
+surface below, so libp2p can be upgraded or replaced without touching other code.
+Peer ids and multiaddrs cross this boundary as ``str``; libp2p objects never leak out.
+
+Usage::
+
+    async with open_network(seed, ["/ip4/0.0.0.0/tcp/4001"]) as net:
+        net.set_validator(topic, validate)          # async (data, from_peer) -> bool
+        ops = await net.subscribe(topic)            # receive channel of GossipMessage
+        events = net.peer_events()                  # receive channel of PeerEvent
+        net.set_stream_handler(SYNC_PROTO, serve)   # async (FrameStream) -> None
+        peer = await net.connect("/ip4/1.2.3.4/tcp/4001/p2p/12D3Koo...")
+        await net.provide("crdtbook-market-ab12")   # DHT rendezvous
+        ...
+
+Stack: TCP, Noise only (no plaintext, no secio), Yamux only, one connection per peer,
+GossipSub v1.1/v1.0 (no v1.2 IDONTWANT, no spam protection, no adaptive gossip),
+content-addressed message ids (sha256 of the data), strict message signing, and a
+Kademlia DHT in server mode.
+
+Concurrency: :func:`open_network` owns a trio nursery; every call into the network is
+bounded by a timeout from :class:`NetworkConfig` and raises :class:`P2PTimeout` when it
+expires.  All failures surface as subclasses of :class:`P2PError`.
+
+Gossip delivery is best effort (libp2p drops silently on full per-peer queues): only a
+sync protocol over streams guarantees convergence.  Handlers of gossip must be
+idempotent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from dataclasses import dataclass
+from typing import Literal
+
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID as MESHSUB_V10
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as MESHSUB_V11
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
+from libp2p.utils.address_validation import expand_wildcard_address
+from multiaddr import Multiaddr
+
+from .p2p_pubsub import HardenedPubsub, content_message_id
+
+__all__ = [
+    "DialError",
+    "FrameError",
+    "FrameStream",
+    "FrameTooLarge",
+    "GossipMessage",
+    "Network",
+    "NetworkConfig",
+    "P2PError",
+    "P2PTimeout",
+    "PeerBanned",
+    "PeerEvent",
+    "StreamEOF",
+    "StreamError",
+    "StreamHandler",
+    "Validator",
+    "open_network",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _configure_library_logging() -> None:
+    """Route libp2p's logs to the application's handlers and quieten multiaddr.
+
+    ``import libp2p`` sets the ``libp2p`` logger to ``propagate=False`` with no handler
+    (unless ``LIBP2P_DEBUG`` is set, in which case libp2p's own handlers are kept).
+    """
+    if not os.environ.get("LIBP2P_DEBUG"):
+        logging.getLogger("libp2p").propagate = True
+    # multiaddr logs heavily at DEBUG; libp2p pins its auto-connector to INFO and logs
+    # a status line every few seconds.
+    for name in ("multiaddr", "libp2p.network.auto_connector"):
+        lib_logger = logging.getLogger(name)
+        if lib_logger.level < logging.WARNING:
+            lib_logger.setLevel(logging.WARNING)
+
+
+_configure_library_logging()
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class P2PError(Exception):
+    """Base class of every error raised by this module."""
+
+
+class P2PTimeout(P2PError, TimeoutError):
+    """A network call did not finish within its bound."""
+
+
+class DialError(P2PError):
+    """Could not connect to a peer (bad address, refused, handshake failed)."""
+
+
+class PeerBanned(P2PError):
+    """The operation targets a peer that is currently banned."""
+
+
+class StreamError(P2PError):
+    """A stream failed: reset by the peer, closed, or protocol negotiation failed."""
+
+
+class StreamEOF(StreamError):
+    """The peer closed the stream cleanly at a frame boundary."""
+
+
+class FrameError(StreamError):
+    """A malformed frame: bad length prefix or the stream ended inside a frame."""
+
+
+class FrameTooLarge(FrameError):
+    """A frame's announced length exceeds the reader's ``max_size``."""
+
+
+# ----------------------------------------------------------------------- data types
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkConfig:
+    """Tunables; defaults are the production values."""
+
+    heartbeat_interval: float = 1.0
+    """GossipSub heartbeat in seconds (tests may use less)."""
+    dial_timeout: float = 10.0
+    """Bound on :meth:`Network.connect`."""
+    call_timeout: float = 10.0
+    """Bound on stream opening, publish/subscribe and each DHT operation."""
+    io_timeout: float = 30.0
+    """Default bound on one :class:`FrameStream` frame read or write."""
+    validation_timeout: float = 5.0
+    """A validator still running after this long rejects (without counting)."""
+    max_message_size: int = 1 << 20
+    """Largest gossip payload accepted by :meth:`Network.publish`; the inbound RPC
+    frame limit is this plus 64 KiB of envelope."""
+    subscription_buffer: int = 1024
+    """Per-subscriber queue; when full, further gossip is dropped (and logged)."""
+    event_buffer: int = 256
+    """Per-listener queue of :class:`PeerEvent`; when full, events are dropped."""
+    seen_ttl: int = 120
+    """Seconds a gossip message id is remembered for duplicate suppression."""
+    announce: tuple[str, ...] = ()
+    """Multiaddrs (without ``/p2p``) to advertise instead of the listen addresses,
+    e.g. a public address behind NAT.  Empty: advertise the listen addresses, with
+    wildcards (``0.0.0.0``, ``::``) expanded to this machine's interface addresses."""
+
+
+@dataclass(frozen=True, slots=True)
+class GossipMessage:
+    """A gossip message that passed validation."""
+
+    topic: str
+    data: bytes
+    from_peer: str
+    """The peer that originally published it (signature-verified by libp2p)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerEvent:
+    """A peer became connected (first connection) or disconnected (last one closed)."""
+
+    kind: Literal["connected", "disconnected"]
+    peer_id: str
+
+
+#: Gossip validator: ``(data, from_peer) -> accept``.  ``from_peer`` is the neighbour
+#: that forwarded the message to us (the peer that is accountable, and bannable).  May
+#: be sync or async.  Raising counts as a rejection.  It is not called for our own
+#: publishes.  A message id (content hash) that was rejected stays rejected for the
+#: libp2p validation-cache lifetime (300 s), so reject only what is invalid for good.
+Validator = Callable[[bytes, str], Awaitable[bool] | bool]
+#: Inbound stream handler; the stream is closed (or reset, if the handler raised) after.
+StreamHandler = Callable[["FrameStream"], Awaitable[None]]
+#: Rejection hook: ``(peer_id, reason)``; runs synchronously, must not block.
+RejectHook = Callable[[str, str], None]
+
+_DHT_KEY_DOMAIN = b"crdtbook/dht-rendezvous/v1:"
+_RPC_ENVELOPE_ALLOWANCE = 64 * 1024
+
+
+def _dht_key(key: str) -> bytes:
+    """Map an application key to a DHT key: a sha256 multihash of a namespaced string.
+
+    This sidesteps libp2p's CID/hex/UTF-8 guessing of string keys and the DHT's 80-byte
+    key limit, and keeps keys from different applications apart.
+    """
+    return b"\x12\x20" + hashlib.sha256(_DHT_KEY_DOMAIN + key.encode()).digest()
+
+
+def _parse_peer_id(peer_id: str) -> ID:
+    try:
+        return ID.from_base58(peer_id)
+    except Exception as exc:
+        raise ValueError(f"invalid peer id: {peer_id!r}") from exc
+
+
+# ------------------------------------------------------------------------- streams
+
+
+def _encode_uvarint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+class FrameStream:
+    """A libp2p stream carrying unsigned-varint length-prefixed frames.
+
+    Not safe for concurrent readers or concurrent writers (one of each is fine).  After
+    a timeout or :class:`FrameError`, the stream's framing is undefined: reset it.
+    """
+
+    _READ_CHUNK = 64 * 1024
+    _WRITE_BATCH = 60 * 1024
+
+    def __init__(
+        self, stream: INetStream, peer_id: str, protocol_id: str, io_timeout: float
+    ) -> None:
+        self._stream = stream
+        self._buf = bytearray()
+        self._io_timeout = io_timeout
+        self.peer_id = peer_id
+        """The remote peer."""
+        self.protocol_id = protocol_id
+        """The negotiated protocol."""
+
+    async def write_frame(self, data: bytes, *, timeout: float | None = None) -> None:
+        """Send one frame.  Raises :class:`StreamError` or :class:`P2PTimeout`."""
+        frame = _encode_uvarint(len(data)) + data
+        try:
+            with trio.fail_after(self._io_timeout if timeout is None else timeout):
+                await self._stream.write(frame)
+        except trio.TooSlowError as exc:
+            raise P2PTimeout(f"write_frame to {self.peer_id} timed out") from exc
+        except Exception as exc:
+            raise StreamError(f"write_frame to {self.peer_id} failed: {exc!r}") from exc
+
+    async def write_frames(self, frames: Sequence[bytes], *, timeout: float | None = None) -> None:
+        """Send several frames with as few writes as possible (each libp2p write is
+        a Yamux frame + a Noise message, about 0.2 ms: batch when sending many)."""
+        batch = bytearray()
+        try:
+            with trio.fail_after(self._io_timeout if timeout is None else timeout):
+                for data in frames:
+                    batch += _encode_uvarint(len(data))
+                    batch += data
+                    if len(batch) >= self._WRITE_BATCH:
+                        await self._stream.write(bytes(batch))
+                        batch.clear()
+                if batch:
+                    await self._stream.write(bytes(batch))
+        except trio.TooSlowError as exc:
+            raise P2PTimeout(f"write_frames to {self.peer_id} timed out") from exc
+        except Exception as exc:
+            raise StreamError(f"write_frames to {self.peer_id} failed: {exc!r}") from exc
+
+    async def read_frame(self, max_size: int, *, timeout: float | None = None) -> bytes:
+        """Receive one frame of at most ``max_size`` bytes.
+
+        Raises :class:`StreamEOF` on a clean end of stream, :class:`FrameTooLarge`,
+        :class:`FrameError`, :class:`StreamError` or :class:`P2PTimeout`.
+        """
+        try:
+            with trio.fail_after(self._io_timeout if timeout is None else timeout):
+                return await self._read_frame(max_size)
+        except trio.TooSlowError as exc:
+            raise P2PTimeout(f"read_frame from {self.peer_id} timed out") from exc
+
+    async def _read_frame(self, max_size: int) -> bytes:
+        while True:
+            header = self._parse_header(max_size)
+            if header is not None:
+                hdr_len, length = header
+                total = hdr_len + length
+                while len(self._buf) < total:
+                    if not await self._fill(total - len(self._buf)):
+                        raise FrameError(f"stream from {self.peer_id} ended inside a frame")
+                frame = bytes(self._buf[hdr_len:total])
+                del self._buf[:total]
+                return frame
+            if not await self._fill(self._READ_CHUNK):
+                if self._buf:
+                    raise FrameError(f"stream from {self.peer_id} ended inside a frame")
+                raise StreamEOF(f"stream from {self.peer_id} closed")
+
+    def _parse_header(self, max_size: int) -> tuple[int, int] | None:
+        value = 0
+        for i, byte in enumerate(self._buf[:10]):
+            value |= (byte & 0x7F) << (7 * i)
+            if not byte & 0x80:
+                if value > max_size:
+                    raise FrameTooLarge(
+                        f"frame of {value} bytes from {self.peer_id} exceeds {max_size}"
+                    )
+                return i + 1, value
+        if len(self._buf) >= 10:
+            raise FrameError(f"bad frame length prefix from {self.peer_id}")
+        return None
+
+    async def _fill(self, want: int) -> bool:
+        """Read more bytes into the buffer; False on end of stream."""
+        try:
+            chunk = await self._stream.read(max(want, self._READ_CHUNK))
+        except EOFError:  # libp2p's StreamEOF subclasses EOFError
+            return False
+        except Exception as exc:
+            raise StreamError(f"read from {self.peer_id} failed: {exc!r}") from exc
+        if not chunk:
+            return False
+        self._buf += chunk
+        return True
+
+    async def close_write(self) -> None:
+        """Half-close: tell the peer we will send nothing more (its next
+        :meth:`read_frame` raises :class:`StreamEOF`); we can still read."""
+        # NetStream has close_write (a Yamux FIN); the INetStream interface does not.
+        close_write: Callable[[], Awaitable[None]] = getattr(
+            self._stream, "close_write", self._stream.close
+        )
+        try:
+            with trio.fail_after(self._io_timeout):
+                await close_write()
+        except trio.TooSlowError as exc:
+            raise P2PTimeout(f"close_write to {self.peer_id} timed out") from exc
+        except Exception as exc:
+            raise StreamError(f"close_write to {self.peer_id} failed: {exc!r}") from exc
+
+    async def close(self) -> None:
+        """Close the stream (never raises)."""
+        try:
+            with trio.move_on_after(self._io_timeout):
+                await self._stream.close()
+        except Exception:
+            logger.debug("stream close failed", exc_info=True)
+
+    async def reset(self) -> None:
+        """Abort the stream (never raises)."""
+        try:
+            with trio.move_on_after(self._io_timeout):
+                await self._stream.reset()
+        except Exception:
+            logger.debug("stream reset failed", exc_info=True)
+
+    async def __aenter__(self) -> FrameStream:
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            await self.close()
+        else:
+            await self.reset()
+
+
+# ------------------------------------------------------------------------- network
+
+
+class _Notifee(INotifee):
+    """Forwards swarm connect/disconnect notifications to the Network (never raises)."""
+
+    def __init__(self, net: Network) -> None:
+        self._net = net
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        self._net._on_connection_change(conn.muxed_conn.peer_id, up=True)
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        self._net._on_connection_change(conn.muxed_conn.peer_id, up=False)
+
+    async def listen(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        pass
+
+    async def listen_close(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        pass
+
+
+class Network:
+    """A running libp2p node.  Obtain one from :func:`open_network`."""
+
+    def __init__(self, host: IHost, router: GossipSub, config: NetworkConfig) -> None:
+        self._host = host
+        self._router = router
+        self._config = config
+        self._id = host.get_id()
+        self.peer_id: str = self._id.to_base58()
+        """This node's peer id (base58, derived from the seed)."""
+        self._pubsub = HardenedPubsub(
+            host,
+            router,
+            on_reject=self._record_reject,
+            deliver=self._deliver,
+            msg_id_constructor=content_message_id,
+            strict_signing=True,
+            seen_ttl=config.seen_ttl,
+            # Our wrapper enforces config.validation_timeout itself (and counts it).
+            validation_timeout=config.validation_timeout + 1.0,
+            max_inbound_rpc_size=config.max_message_size + _RPC_ENVELOPE_ALLOWANCE,
+        )
+        self._dht = KadDHT(host, DHTMode.SERVER)
+        self._nursery: trio.Nursery | None = None
+        self._closing = False
+        self._connected: set[str] = set()
+        self._event_sends: list[trio.MemorySendChannel[PeerEvent]] = []
+        self._subscribers: dict[str, list[trio.MemorySendChannel[GossipMessage]]] = {}
+        self._rejects: Counter[str] = Counter()
+        self._reject_hook: RejectHook | None = None
+        self._bans: dict[str, float] = {}  # peer id -> time.monotonic() deadline
+        self._ban_timers: set[str] = set()
+        self._dropped_gossip = 0
+        host.get_network().register_notifee(_Notifee(self))
+
+    # ---------------------------------------------------------------- identity
+
+    def addrs(self) -> list[str]:
+        """Full multiaddrs this node listens on, each ending in ``/p2p/<peer id>``."""
+        return [str(a) for a in self._host.get_addrs()]
+
+    # ------------------------------------------------------------- connections
+
+    async def connect(self, multiaddr: str) -> str:
+        """Dial ``multiaddr`` (must end in ``/p2p/<id>``) and add the peer to the DHT
+        routing table.  Returns the peer id.  No-op if already connected."""
+        try:
+            info = info_from_p2p_addr(Multiaddr(multiaddr))
+        except Exception as exc:
+            raise DialError(f"bad multiaddr {multiaddr!r}: {exc}") from exc
+        peer_id = info.peer_id.to_base58()
+        if info.peer_id == self._id:
+            raise DialError("refusing to dial self")
+        if self.is_banned(peer_id):
+            raise PeerBanned(peer_id)
+        try:
+            with trio.fail_after(self._config.dial_timeout):
+                await self._host.connect(info)
+        except trio.TooSlowError as exc:
+            raise P2PTimeout(f"connect to {multiaddr} timed out") from exc
+        except Exception as exc:
+            raise DialError(f"connect to {multiaddr} failed: {exc!r}") from exc
+        await self._dht_add_peer(info.peer_id)
+        return peer_id
+
+    async def disconnect(self, peer_id: str) -> None:
+        """Close every connection to ``peer_id`` (never raises)."""
+        await self._disconnect(_parse_peer_id(peer_id))
+
+    def connected_peers(self) -> list[str]:
+        """Peers with at least one open connection."""
+        return [pid.to_base58() for pid in self._host.get_network().connections]
+
+    def peer_events(self, *, include_current: bool = True) -> trio.MemoryReceiveChannel[PeerEvent]:
+        """A new channel of :class:`PeerEvent` for one consumer (close it when done;
+        it ends when the network shuts down).  With ``include_current``, it starts with
+        a ``connected`` event for every peer connected right now."""
+        send, receive = trio.open_memory_channel[PeerEvent](self._config.event_buffer)
+        if self._closing:
+            send.close()
+            return receive
+        if include_current:
+            for peer_id in sorted(self._connected):
+                with suppress(trio.WouldBlock):
+                    send.send_nowait(PeerEvent("connected", peer_id))
+        self._event_sends.append(send)
+        return receive
+
+    # ------------------------------------------------------------------ gossip
+
+    async def subscribe(self, topic: str) -> trio.MemoryReceiveChannel[GossipMessage]:
+        """Join ``topic``; returns a new channel of validated messages from other peers
+        (our own publishes are not echoed).  Several subscribers per topic are fine."""
+        send, receive = trio.open_memory_channel[GossipMessage](self._config.subscription_buffer)
+        if self._closing:
+            raise P2PError("network is shutting down")
+        if topic not in self._pubsub.topic_ids:
+            try:
+                with trio.fail_after(self._config.call_timeout):
+                    await self._pubsub.subscribe(topic)
+            except trio.TooSlowError as exc:
+                raise P2PTimeout(f"subscribe {topic} timed out") from exc
+            except Exception as exc:
+                raise P2PError(f"subscribe {topic} failed: {exc!r}") from exc
+        self._subscribers.setdefault(topic, []).append(send)
+        return receive
+
+    async def unsubscribe(self, topic: str) -> None:
+        """Leave ``topic``; its subscriber channels end."""
+        for send in self._subscribers.pop(topic, []):
+            send.close()
+        try:
+            with trio.fail_after(self._config.call_timeout):
+                await self._pubsub.unsubscribe(topic)
+        except trio.TooSlowError as exc:
+            raise P2PTimeout(f"unsubscribe {topic} timed out") from exc
+        except Exception as exc:
+            raise P2PError(f"unsubscribe {topic} failed: {exc!r}") from exc
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        """Sign and gossip ``data`` on ``topic`` (best effort; need not be subscribed)."""
+        if self._closing:
+            raise P2PError("network is shut down")
+        if len(data) > self._config.max_message_size:
+            raise P2PError(
+                f"gossip payload of {len(data)} bytes exceeds {self._config.max_message_size}"
+            )
+        try:
+            with trio.fail_after(self._config.call_timeout):
+                await self._pubsub.publish(topic, data)
+        except trio.TooSlowError as exc:
+            raise P2PTimeout(f"publish on {topic} timed out") from exc
+        except Exception as exc:
+            raise P2PError(f"publish on {topic} failed: {exc!r}") from exc
+
+    def gossip_peers(self, topic: str) -> list[str]:
+        """Peers known to be subscribed to ``topic``."""
+        return [p.to_base58() for p in self._pubsub.peer_topics.get(topic, ())]
+
+    def set_validator(self, topic: str, fn: Validator) -> None:
+        """Install (or replace) the validator of ``topic``; see :data:`Validator`."""
+        validation_timeout = self._config.validation_timeout
+
+        async def validate(forwarder: ID, msg: rpc_pb2.Message) -> bool:
+            if forwarder == self._id:
+                return True
+            reason = "invalid"
+            try:
+                with trio.fail_after(validation_timeout):
+                    result = fn(msg.data, forwarder.to_base58())
+                    if inspect.isawaitable(result):
+                        result = await result
+                ok = result is True
+            except trio.TooSlowError:
+                ok, reason = False, "validator-timeout"
+            except Exception:
+                logger.exception("validator for %s raised; rejecting", topic)
+                ok, reason = False, "validator-error"
+            if not ok:
+                self._record_reject(forwarder, reason)
+            return ok
+
+        self._pubsub.set_topic_validator(topic, validate, is_async_validator=True)
+
+    def remove_validator(self, topic: str) -> None:
+        """Accept everything on ``topic`` again."""
+        self._pubsub.remove_topic_validator(topic)
+
+    # ------------------------------------------------------ rejections and bans
+
+    def on_reject(self, hook: RejectHook | None) -> None:
+        """Call ``hook(peer_id, reason)`` on every rejection (policy lives in the node).
+
+        Reasons: ``invalid`` (validator said no), ``validator-error``,
+        ``validator-timeout``, ``bad-signature``, ``malformed`` (undecodable pubsub
+        frame), ``error`` (anything else that failed while handling its message)."""
+        self._reject_hook = hook
+
+    def rejections(self, peer_id: str) -> int:
+        """How many messages from ``peer_id`` were rejected so far."""
+        return self._rejects[peer_id]
+
+    def reject_counts(self) -> dict[str, int]:
+        """Rejections per peer id."""
+        return dict(self._rejects)
+
+    def ban(self, peer_id: str, seconds: float) -> None:
+        """Disconnect ``peer_id`` now and for ``seconds``: its connections are closed on
+        arrival, its gossip and streams ignored, and dialing it raises
+        :class:`PeerBanned`.  Banning again extends or shortens the ban."""
+        pid = _parse_peer_id(peer_id)
+        if pid == self._id:
+            raise ValueError("cannot ban self")
+        self._bans[peer_id] = time.monotonic() + max(0.0, seconds)
+        logger.info("banning %s for %.0f s", peer_id, seconds)
+        with suppress(Exception):
+            self._pubsub.add_to_blacklist(pid)
+        with suppress(Exception):
+            self._dht.routing_table.remove_peer(pid)
+        with suppress(Exception):
+            # Keep libp2p's auto-connector from redialing it.
+            self._host.get_peerstore().clear_addrs(pid)
+        self._spawn(self._disconnect, pid)
+        if peer_id not in self._ban_timers:
+            self._ban_timers.add(peer_id)
+            self._spawn(self._expire_ban, peer_id)
+
+    def unban(self, peer_id: str) -> None:
+        """Lift a ban early."""
+        self._bans.pop(peer_id, None)
+        with suppress(Exception):
+            self._pubsub.remove_from_blacklist(_parse_peer_id(peer_id))
+
+    def is_banned(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` is banned right now."""
+        deadline = self._bans.get(peer_id)
+        return deadline is not None and time.monotonic() < deadline
+
+    # ------------------------------------------------------------------ streams
+
+    def set_stream_handler(self, protocol_id: str, handler: StreamHandler) -> None:
+        """Serve ``protocol_id``: ``handler`` gets each inbound stream as a
+        :class:`FrameStream`.  Exceptions are logged, never propagated; the stream is
+        closed afterwards (reset if the handler raised).  Banned peers are refused."""
+        io_timeout = self._config.io_timeout
+
+        async def serve(stream: INetStream) -> None:
+            # Runs in libp2p's connection nursery: an escaping exception would take
+            # down the swarm, so nothing may escape.
+            try:
+                peer_id = stream.muxed_conn.peer_id.to_base58()
+            except Exception:
+                peer_id = "?"
+            frames = FrameStream(stream, peer_id, protocol_id, io_timeout)
+            if self.is_banned(peer_id) or self._closing:
+                await frames.reset()
+                return
+            try:
+                await handler(frames)
+            except P2PError as exc:  # the peer or the network misbehaved: not our bug
+                logger.info("%s stream from %s failed: %s", protocol_id, peer_id, exc)
+                await frames.reset()
+            except Exception:
+                logger.exception("handler for %s from %s failed", protocol_id, peer_id)
+                await frames.reset()
+            else:
+                await frames.close()
+
+        self._host.set_stream_handler(TProtocol(protocol_id), serve)
+
+    async def open_stream(self, peer_id: str, protocol_id: str) -> FrameStream:
+        """Open a stream to a connected (or dialable) peer speaking ``protocol_id``."""
+        pid = _parse_peer_id(peer_id)
+        if self.is_banned(peer_id):
+            raise PeerBanned(peer_id)
+        try:
+            with trio.fail_after(self._config.call_timeout):
+                stream = await self._host.new_stream(pid, [TProtocol(protocol_id)])
+        except trio.TooSlowError as exc:
+            raise P2PTimeout(f"open_stream {protocol_id} to {peer_id} timed out") from exc
+        except Exception as exc:
+            raise StreamError(f"open_stream {protocol_id} to {peer_id} failed: {exc!r}") from exc
+        return FrameStream(stream, peer_id, protocol_id, self._config.io_timeout)
+
+    # --------------------------------------------------------------------- DHT
+
+    async def provide(self, key: str) -> bool:
+        """Announce in the DHT that this node provides ``key`` (any string, e.g.
+        ``"crdtbook-market-<hex>"``).  True if at least one peer stored the record.
+        libp2p republishes it periodically while the node runs."""
+        try:
+            with trio.fail_after(self._config.call_timeout):
+                return bool(await self._dht.provider_store.provide(_dht_key(key)))
+        except trio.TooSlowError as exc:
+            raise P2PTimeout(f"provide {key!r} timed out") from exc
+        except Exception as exc:
+            raise P2PError(f"provide {key!r} failed: {exc!r}") from exc
+
+    async def find_providers(self, key: str, *, count: int = 20) -> list[tuple[str, list[str]]]:
+        """Other peers providing ``key``: ``[(peer_id, [multiaddr, ...]), ...]``,
+        deduplicated, without this node.  Always asks the network (libp2p would answer
+        from its local cache only, hiding providers that appeared later)."""
+        kb = _dht_key(key)
+        store = self._dht.provider_store
+        cached = store.providers.pop(kb, {})
+        found: list[PeerInfo] = []
+        try:
+            with trio.fail_after(self._config.call_timeout):
+                found = await store.find_providers(kb, count + 1)
+        except trio.TooSlowError as exc:
+            raise P2PTimeout(f"find_providers {key!r} timed out") from exc
+        except Exception as exc:
+            raise P2PError(f"find_providers {key!r} failed: {exc!r}") from exc
+        finally:
+            fresh = store.providers.get(kb, {})
+            merged = {**cached, **fresh}
+            if merged:
+                store.providers[kb] = merged
+        merged_addrs: dict[str, list[str]] = {}
+        local = [rec.provider_info for rec in cached.values() if not rec.is_expired()]
+        for info in [*found, *local]:
+            if info.peer_id == self._id:
+                continue
+            addrs = merged_addrs.setdefault(info.peer_id.to_base58(), [])
+            for addr in info.addrs:
+                text = str(addr)
+                if text not in addrs:
+                    addrs.append(text)
+        return list(merged_addrs.items())[:count]
+
+    def stats(self) -> dict[str, int]:
+        """Counters for logs and status: ``peers``, ``routing_table``, ``banned``,
+        ``rejected`` (total), ``gossip_dropped`` (slow subscribers)."""
+        now = time.monotonic()
+        return {
+            "peers": len(self._host.get_network().connections),
+            "routing_table": int(self._dht.get_routing_table_size()),
+            "banned": sum(1 for deadline in self._bans.values() if deadline > now),
+            "rejected": sum(self._rejects.values()),
+            "gossip_dropped": self._dropped_gossip,
+        }
+
+    # ---------------------------------------------------------------- internals
+
+    def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Start a background task unless shutting down (never raises)."""
+        if self._closing or self._nursery is None:
+            return
+        try:
+            self._nursery.start_soon(fn, *args)
+        except RuntimeError:  # nursery closed under us during shutdown
+            logger.debug("not spawning %s: shutting down", fn)
+
+    def _record_reject(self, peer: ID, reason: str) -> None:
+        peer_id = peer.to_base58()
+        self._rejects[peer_id] += 1
+        logger.debug("rejected input from %s: %s", peer_id, reason)
+        hook = self._reject_hook
+        if hook is not None:
+            try:
+                hook(peer_id, reason)
+            except Exception:
+                logger.exception("reject hook failed")
+
+    def _deliver(self, msg: rpc_pb2.Message) -> None:
+        origin = ID(msg.from_id)
+        if origin == self._id:
+            return
+        from_peer = origin.to_base58()
+        for topic in msg.topicIDs:
+            sends = self._subscribers.get(topic)
+            if not sends:
+                continue
+            item = GossipMessage(topic, bytes(msg.data), from_peer)
+            for send in list(sends):
+                try:
+                    send.send_nowait(item)
+                except trio.WouldBlock:
+                    self._dropped_gossip += 1
+                    logger.warning("subscriber of %s too slow: gossip dropped", topic)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    sends.remove(send)
+
+    def _emit(self, event: PeerEvent) -> None:
+        for send in list(self._event_sends):
+            try:
+                send.send_nowait(event)
+            except trio.WouldBlock:
+                logger.warning("peer event listener too slow: %s dropped", event)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._event_sends.remove(send)
+
+    def _on_connection_change(self, pid: ID, *, up: bool) -> None:
+        try:
+            peer_id = pid.to_base58()
+            if up:
+                if self.is_banned(peer_id):
+                    self._spawn(self._disconnect, pid)
+                    return
+                if peer_id not in self._connected:
+                    self._connected.add(peer_id)
+                    self._emit(PeerEvent("connected", peer_id))
+                    self._spawn(self._dht_add_peer, pid)
+            elif not self._host.get_network().get_connections(pid) and (peer_id in self._connected):
+                self._connected.discard(peer_id)
+                self._emit(PeerEvent("disconnected", peer_id))
+        except Exception:
+            logger.exception("connection notification failed")
+
+    async def _dht_add_peer(self, pid: ID) -> None:
+        try:
+            with trio.move_on_after(self._config.call_timeout):
+                await self._dht.add_peer(pid)
+        except Exception:
+            logger.debug("adding %s to the routing table failed", pid, exc_info=True)
+
+    async def _disconnect(self, pid: ID) -> None:
+        try:
+            with trio.move_on_after(self._config.call_timeout):
+                await self._host.disconnect(pid)
+        except Exception:
+            logger.debug("disconnect from %s failed", pid, exc_info=True)
+
+    async def _expire_ban(self, peer_id: str) -> None:
+        try:
+            while (deadline := self._bans.get(peer_id)) is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self.unban(peer_id)
+                    return
+                await trio.sleep(remaining)  # the ban may be extended meanwhile
+        finally:
+            self._ban_timers.discard(peer_id)
+
+    async def _housekeeping(self) -> None:
+        """Trim libp2p state that grows without bound (pitfall: with adaptive gossip
+        off, ``recent_message_deliveries`` gains an entry per message forever)."""
+        while True:
+            await trio.sleep(30)
+            cutoff = time.time() - 60.0
+            deliveries = getattr(self._router, "recent_message_deliveries", None)
+            if isinstance(deliveries, dict):
+                for times in deliveries.values():
+                    times[:] = [t for t in times if t > cutoff]
+            now = time.monotonic()
+            for peer_id, deadline in list(self._bans.items()):
+                if deadline <= now:
+                    self.unban(peer_id)
+
+    def _begin_shutdown(self) -> None:
+        self._closing = True
+        for event_send in self._event_sends:
+            event_send.close()
+        self._event_sends.clear()
+        for sends in self._subscribers.values():
+            for gossip_send in sends:
+                gossip_send.close()
+
+
+@asynccontextmanager
+async def open_network(
+    seed: bytes,
+    listen: Sequence[str],
+    *,
+    config: NetworkConfig | None = None,
+) -> AsyncIterator[Network]:
+    """Start a node whose identity is the ed25519 ``seed`` (32 bytes; same seed, same
+    peer id) listening on the TCP multiaddrs ``listen`` (port 0 picks a free port;
+    :meth:`Network.addrs` reports the real ones).  Shuts everything down on exit."""
+    if len(seed) != 32:
+        raise ValueError("seed must be 32 bytes")
+    cfg = config or NetworkConfig()
+    key_pair = create_new_key_pair(seed)
+    listen_addrs = [Multiaddr(a) for a in listen]
+    host = new_host(
+        key_pair=key_pair,
+        sec_opt={
+            NOISE_PROTOCOL_ID: NoiseTransport(
+                key_pair, noise_privkey=create_x25519_key_pair().private_key
+            )
+        },
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        connection_config=ConnectionConfig(max_connections_per_peer=1),
+        listen_addrs=listen_addrs,
+        announce_addrs=[Multiaddr(a) for a in cfg.announce] or None,
+        addrs_factory=None if cfg.announce else _expand_wildcards,
+    )
+    router = GossipSub(
+        protocols=[MESHSUB_V11, MESHSUB_V10],
+        degree=6,
+        degree_low=4,
+        degree_high=12,
+        heartbeat_interval=cfg.heartbeat_interval,  # type: ignore[arg-type]  # int-typed, float works
+        spam_protection_enabled=False,
+        adaptive_gossip_enabled=False,
+    )
+    net = Network(host, router, cfg)
+    # Start bottom-up (host, pubsub, router, DHT, our tasks); exit unwinds top-down.
+    try:
+        async with _suppress_shutdown_races(), AsyncExitStack() as stack:
+            await stack.enter_async_context(host.run(listen_addrs))
+            await stack.enter_async_context(background_trio_service(net._pubsub))
+            await stack.enter_async_context(background_trio_service(router))
+            with trio.fail_after(cfg.call_timeout):
+                await net._pubsub.wait_until_ready()
+            await stack.enter_async_context(background_trio_service(net._dht))
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            net._nursery = nursery
+            nursery.start_soon(net._housekeeping)
+            try:
+                yield net
+            finally:
+                net._begin_shutdown()
+                nursery.cancel_scope.cancel()
+    finally:
+        net._begin_shutdown()
+        with suppress(Exception):
+            net._pubsub.seen_messages.stop()  # joins libp2p's sweeper thread
+
+
+def _expand_wildcards(addrs: list[Multiaddr]) -> list[Multiaddr]:
+    """Advertise concrete interface addresses instead of ``0.0.0.0`` / ``::`` (which
+    would otherwise go verbatim into DHT provider records)."""
+    out: list[Multiaddr] = []
+    seen: set[str] = set()
+    for addr in addrs:
+        text = str(addr)
+        wildcard = text.startswith(("/ip4/0.0.0.0/", "/ip6/::/"))
+        for candidate in expand_wildcard_address(addr) if wildcard else [addr]:
+            if str(candidate) not in seen:
+                seen.add(str(candidate))
+                out.append(candidate)
+    return out
+
+
+def _is_shutdown_race(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_shutdown_race(e) for e in exc.exceptions)
+    return isinstance(exc, RuntimeError) and "closed to new arrivals" in str(exc)
+
+
+@asynccontextmanager
+async def _suppress_shutdown_races() -> AsyncIterator[None]:
+    """Swallow libp2p's ``Nursery is closed to new arrivals`` during teardown (a task
+    spawned by libp2p after its nursery closed); anything else propagates."""
+    try:
+        yield
+    except BaseException as exc:
+        if _is_shutdown_race(exc):
+            logger.debug("ignored libp2p shutdown race: %r", exc)
+            return
+        raise
