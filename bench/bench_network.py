@@ -45,9 +45,11 @@ import sys
 from pathlib import Path
 from crdtbook.node.app import NodeConfig, run_node
 home, batch, delay, *boot = sys.argv[1:]
+# batch 1 = the baseline: one gossip message per op, sent at once.
+pace = {} if int(batch) > 1 else {"publish_interval": 0.0}
 sys.exit(run_node(NodeConfig(home=Path(home), listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=boot,
                              markets=["DEMO:1:1"], gossip_batch=int(batch),
-                             flush_delay=float(delay))))
+                             flush_delay=float(delay), **pace)))
 """
 
 
@@ -261,7 +263,7 @@ def latency_phase(tmp: Path, n: int, rate: float, seconds: float, batch: int,
 
 
 def throughput_phase(tmp: Path, n: int, seconds: float) -> dict[str, Any]:
-    nodes = start_network(tmp, n, 2000, 0.005)
+    nodes = start_network(tmp, n, 2000, 0.002)
     try:
         t_start = time.monotonic()
         sent = run_load(nodes, None, seconds, threads_per_node=6, seed=2)
@@ -296,10 +298,10 @@ def catchup_phase(tmp: Path, count: int) -> dict[str, Any]:
     store.add_market(market.id, market.name, market.tick, market.lot)
     store.add_ops((op.id, op.market_id, op.lamport, op.raw) for op in replica.ops())
     store.close()
-    full = Node(home, [], 2000, 0.005)
+    full = Node(home, [], 2000, 0.002)
     try:
         t1 = time.monotonic()
-        joiner = Node(tmp / "joiner", [full.addr], 2000, 0.005)
+        joiner = Node(tmp / "joiner", [full.addr], 2000, 0.002)
         t_started = time.monotonic()
         try:
             while joiner.market()["ops"] < count:
@@ -339,7 +341,7 @@ def main() -> int:
     results: dict[str, Any] = {"nodes": args.nodes, "rate": args.rate, "seconds": args.seconds}
     try:
         results["latency_batched"] = latency_phase(tmp / "a", args.nodes, args.rate,
-                                                   args.seconds, 2000, 0.005)
+                                                   args.seconds, 2000, 0.002)
         results["latency_per_op_gossip_baseline"] = latency_phase(
             tmp / "b", args.nodes, args.rate, args.seconds, 1, 0.0)
         results["throughput"] = throughput_phase(tmp / "c", args.nodes, args.seconds)

@@ -26,7 +26,7 @@ from crdtbook import Identity, Market
 
 from .control import serve_control
 from .handler import ControlAdapter
-from .service import BAN_SECONDS, FLUSH_DELAY, MarketState, NodeService
+from .service import BAN_SECONDS, FLUSH_DELAY, PUBLISH_INTERVAL, MarketState, NodeService
 from .store import OpStore, StoreError
 from .sync import MarketNotFollowed, pull, respond
 from .wire import MAX_BATCH_OPS, SYNC_PROTOCOL, WireError
@@ -62,6 +62,7 @@ class NodeConfig:
     #: Ops per gossip message and how long the first waits (bench baselines set 1 and 0).
     gossip_batch: int = MAX_BATCH_OPS
     flush_delay: float = FLUSH_DELAY
+    publish_interval: float = PUBLISH_INTERVAL
 
 
 def load_or_create_identity(home: Path) -> tuple[Identity, bool]:
@@ -126,7 +127,12 @@ async def _main(config: NodeConfig) -> int:
     markets = [Market.parse(spec) for spec in (config.markets or [DEFAULT_MARKET])]
     store = OpStore.open(home)
     service = NodeService(
-        identity, store, markets, gossip_batch=config.gossip_batch, flush_delay=config.flush_delay
+        identity,
+        store,
+        markets,
+        gossip_batch=config.gossip_batch,
+        flush_delay=config.flush_delay,
+        publish_interval=config.publish_interval,
     )
     started = time.monotonic()
     loaded = service.load_from_store()
