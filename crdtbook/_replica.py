@@ -421,6 +421,19 @@ class Replica:
         """Known and valid so far, but waiting for parents."""
         return ident in self._pending
 
+    def author_seqs(self, limit: int | None = None) -> dict[bytes, int]:
+        """Author -> highest applied sequence number, for authors never seen equivocating (for
+        them this replica holds every op up to that seq). With ``limit``, the authors whose
+        latest op is newest. A sync hint: see ``ops_missing_for``."""
+        tips = [tip for author, tip in self._author_tip.items() if author not in self._fork_at]
+        if limit is not None and len(tips) > limit:
+            tips = sorted(tips, key=lambda op: op.key, reverse=True)[:limit]
+        return {tip.author: tip.seq for tip in tips}
+
+    def forked_authors(self) -> frozenset[bytes]:
+        """Authors seen signing two ops at one sequence number (equivocation)."""
+        return frozenset(self._fork_at)
+
     @property
     def pending_count(self) -> int:
         return len(self._pending)

@@ -14,7 +14,7 @@ false positives cost a round trip, never correctness.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from typing import Final
 
 from ._ops import Op
@@ -80,12 +80,20 @@ def ops_missing_for(
     their_heads: Iterable[bytes],
     bloom: BloomFilter | None = None,
     limit: int | None = None,
+    their_seqs: Mapping[bytes, int] | None = None,
+    forked: Container[bytes] = (),
 ) -> list[Op]:
     """The ops we have that a peer with ``their_heads`` (and ``bloom``) lacks, in total order.
 
     Heads of theirs that we do not know are ignored (they are ops the peer will send us). With
     ``limit``, only the first ``limit`` ops in total order: a causally closed prefix, so the peer
     can apply them, send its new heads and get the rest.
+
+    ``their_seqs`` (author -> highest sequence number the peer holds of that author) says the
+    peer has every op of that author up to that seq: an author's ops form a chain, and a replica
+    holds the causal past of all it holds. Authors in ``forked`` (seen equivocating here) are
+    not judged by it. Like the Bloom filter it is a hint that may be wrong for an equivocation
+    nobody has seen yet; the peer repairs that by asking for heads it does not know.
     """
     mark: dict[bytes, int] = {}
     heap: list[tuple[int, bytes]] = []
@@ -108,7 +116,11 @@ def ops_missing_for(
         flag = mark[ident]
         if flag == _OURS:
             ours_queued -= 1
-            if bloom is not None and ident in bloom:
+            if (bloom is not None and ident in bloom) or (
+                their_seqs is not None
+                and their_seqs.get(op.author, 0) >= op.seq
+                and op.author not in forked
+            ):
                 flag = _THEIRS
             else:
                 missing.append(op)

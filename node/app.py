@@ -159,6 +159,8 @@ class _Node:
         self._not_following: dict[tuple[str, bytes], float] = {}
         self._sync_now = trio.Event()
         self._urgent: set[str] = set()
+        #: (peer, market) -> heads that peer named in its last answer and we did not get.
+        self._wanted: dict[tuple[str, bytes], list[bytes]] = {}
 
     async def run(
         self, home: Path, created: bool, loaded: dict[str, int], load_seconds: float
@@ -289,15 +291,21 @@ class _Node:
             with trio.move_on_after(SYNC_SESSION_TIMEOUT):
                 stream = await self.net.open_stream(peer, SYNC_PROTOCOL)
                 try:
-                    received = await pull(
-                        stream, ms.replica, lambda raws: self.service.ingest(ms, raws, peer)
+                    received, unknown_heads = await pull(
+                        stream,
+                        ms.replica,
+                        lambda raws: self.service.prepare(ms, raws),
+                        lambda prepared: self.service.commit(ms, prepared, peer),
+                        self._wanted.pop(key, ()),
                     )
                 finally:
                     await stream.close()
                 ms.last_sync = time.time()
                 if received:
                     logger.info("sync: %d ops from %s for %s", received, peer, ms.market.name)
-                if ms.replica.missing():
+                if unknown_heads:
+                    self._wanted[key] = unknown_heads
+                if ms.replica.missing() or unknown_heads:
                     self._urgent.add(peer)
                     self._sync_now.set()  # a false positive or a race: ask again now
         except MarketNotFollowed:

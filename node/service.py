@@ -103,6 +103,14 @@ class IngestResult:
     invalid: int = 0
 
 
+@dataclass
+class Prepared:
+    """Ops verified by ``NodeService.prepare``, not yet applied."""
+
+    ops: list[Op]
+    result: IngestResult
+
+
 def _decode_all(raws: list[bytes]) -> list[Op | tuple[bytes, InvalidOp]]:
     out: list[Op | tuple[bytes, InvalidOp]] = []
     for raw in raws:
@@ -210,6 +218,12 @@ class NodeService:
 
     async def ingest(self, ms: MarketState, raws: list[bytes], source: str) -> IngestResult:
         """Verify (once), apply and persist ops from ``source``; see the module docstring."""
+        return await self.commit(ms, await self.prepare(ms, raws), source)
+
+    async def prepare(self, ms: MarketState, raws: list[bytes]) -> Prepared:
+        """First half of ingest: skip known ops, decode and verify the rest (no state change
+        but remembering invalid bytes), so a caller can verify one batch while the previous
+        one commits."""
         result = IngestResult()
         replica = ms.replica
         fresh: list[bytes] = []
@@ -224,16 +238,22 @@ class NodeService:
                 continue
             seen.add(ident)
             fresh.append(raw)
-        if not fresh:
-            return result
-        decoded = await _decode_parallel(fresh)
         ops: list[Op] = []
-        for item in decoded:
-            if isinstance(item, Op):
-                ops.append(item)
-            else:  # never verify these bytes again
-                replica.remember_invalid(op_id(item[0]), item[1])
-                result.invalid += 1
+        if fresh:
+            for item in await _decode_parallel(fresh):
+                if isinstance(item, Op):
+                    ops.append(item)
+                else:  # never verify these bytes again
+                    replica.remember_invalid(op_id(item[0]), item[1])
+                    result.invalid += 1
+        return Prepared(ops, result)
+
+    async def commit(self, ms: MarketState, prepared: Prepared, source: str) -> IngestResult:
+        """Second half of ingest: apply verified ops, persist the new ones, tell watchers."""
+        ops, result = prepared.ops, prepared.result
+        if not ops:
+            return result
+        replica = ms.replica
         report = replica.apply_many(ops)
         result.invalid += len(report.invalid)
         result.duplicates += report.duplicates

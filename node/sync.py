@@ -17,14 +17,15 @@ are missing; its next session names them in ``need``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Final, Protocol
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Final, Protocol, TypeVar
 
 import trio
 
 from crdtbook import BloomFilter, Op, Replica, ops_missing_for
 
 from .wire import (
+    MAX_AUTHORS,
     MAX_BATCH_OPS,
     MAX_FRAME_BYTES,
     MAX_IDS,
@@ -40,6 +41,8 @@ from .wire import (
 __all__ = ["SyncStream", "build_request", "pull", "respond"]
 
 logger = logging.getLogger("crdtbook.node.sync")
+
+P = TypeVar("P")
 
 #: The requester's Bloom filter covers its newest ops in total order. A peer more than this far
 #: behind (or ahead in another branch) is recognised through its heads instead.
@@ -57,15 +60,19 @@ class SyncStream(Protocol):
     async def read_frame(self, max_size: int, *, timeout: float | None = None) -> bytes: ...
 
 
-def build_request(replica: Replica) -> SyncRequest:
-    """What this replica has, in a few KB: heads, missing parents, recent ops' Bloom filter."""
+def build_request(replica: Replica, wanted: Iterable[bytes] = ()) -> SyncRequest:
+    """What this replica has, in a few KB: heads, ids it lacks (missing parents and ``wanted``,
+    e.g. heads a peer named last time), recent ops' Bloom filter, per-author sequence numbers."""
     start = max(0, len(replica) - BLOOM_RECENT_OPS)
     bloom = BloomFilter.for_ids(op.id for op in replica.iter_ops(start)) if len(replica) else None
+    need = replica.missing()
+    need += [ident for ident in wanted if not replica.knows(ident)]
     return SyncRequest(
         replica.market.id,
         replica.heads()[:MAX_IDS],
-        replica.missing()[:MAX_IDS],
+        need[:MAX_IDS],
         bloom,
+        replica.author_seqs(MAX_AUTHORS),
     )
 
 
@@ -83,7 +90,14 @@ def _chunks(ops: list[Op]) -> Iterator[list[bytes]]:
 
 def ops_for(replica: Replica, request: SyncRequest) -> list[Op]:
     """The ops to send for ``request``, in total order."""
-    ops = ops_missing_for(replica.applied_index, replica.heads(), request.heads, request.bloom)
+    ops = ops_missing_for(
+        replica.applied_index,
+        replica.heads(),
+        request.heads,
+        request.bloom,
+        their_seqs=request.seqs,
+        forked=replica.forked_authors(),
+    )
     if request.need:
         have = {op.id for op in ops}
         extra = [
@@ -124,17 +138,24 @@ class MarketNotFollowed(Exception):
 async def pull(
     stream: SyncStream,
     replica: Replica,
-    ingest: Callable[[list[bytes]], Awaitable[object]],
-) -> int:
-    """Run one session as the initiator; every received frame goes through ``ingest``.
+    prepare: Callable[[list[bytes]], Awaitable[P]],
+    commit: Callable[[P], Awaitable[object]],
+    wanted: Iterable[bytes] = (),
+) -> tuple[int, list[bytes]]:
+    """Run one session as the initiator. Each received frame goes through ``prepare`` (verify)
+    as it is read, then ``commit`` (apply, persist) in order: frame k+1 is verified while
+    frame k commits.
 
-    Returns the number of ops received. Raises ``MarketNotFollowed``, ``WireError`` or the
-    stream's errors.
+    Returns the number of ops received and the responder's heads that we still do not know
+    (ops withheld by a wrong hint, or newer than its walk): name them in the next request.
+    Raises ``MarketNotFollowed``, ``WireError`` or the stream's errors.
     """
-    await stream.write_frame(encode_request(build_request(replica)), timeout=FRAME_TIMEOUT)
+    request = build_request(replica, wanted)
+    await stream.write_frame(encode_request(request), timeout=FRAME_TIMEOUT)
+    their_heads: list[bytes] = []
     received = 0
     # Read the next frame while the previous one is verified and applied (bulk catch-up).
-    send, receive = trio.open_memory_channel[list[bytes]](READ_AHEAD_FRAMES)
+    send, receive = trio.open_memory_channel[tuple[int, P]](READ_AHEAD_FRAMES)
     failure: list[Exception] = []  # raised after the nursery, not wrapped in an ExceptionGroup
 
     async def read_frames() -> None:
@@ -147,8 +168,9 @@ async def pull(
                         raise MarketNotFollowed(response.message)
                     if response.error is not None:
                         raise WireError(f"peer refused sync: {response.error} {response.message}")
+                    their_heads[:] = response.heads
                     if response.ops:
-                        await send.send(response.ops)
+                        await send.send((len(response.ops), await prepare(response.ops)))
                     if not response.more:
                         return
             except Exception as exc:  # handed to the caller below
@@ -157,9 +179,9 @@ async def pull(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(read_frames)
         async with receive:
-            async for ops in receive:
-                received += len(ops)
-                await ingest(ops)
+            async for count, prepared in receive:
+                received += count
+                await commit(prepared)
     if failure:
         raise failure[0]
-    return received
+    return received, [h for h in their_heads if not replica.knows(h)]

@@ -9,7 +9,7 @@ Gossip message (one per flush of a market's outbound queue)::
 Sync request (initiator -> responder) and response, each one length-prefixed frame::
 
     {"v": 1, "m": market_id, "h": [head ids], "n": [needed ids],
-     "bf": bloom bits, "bk": bloom hash count}            request
+     "bf": bloom bits, "bk": bloom hash count, "vv": {author: seq}}   request
     {"v": 1, "ops": [op_bytes, ...], "h": [head ids], "more": bool}   response
     {"v": 1, "err": code, "msg": text}                    refusal
 """
@@ -47,6 +47,8 @@ MAX_FRAME_BYTES: Final = 4 * 1024 * 1024
 MAX_BATCH_OPS: Final = 2000
 #: Heads and needed ids a request may name (a replica has at most a few dozen heads).
 MAX_IDS: Final = 4096
+#: Authors in a request's sequence summary (~45 bytes each: at most ~180 KB).
+MAX_AUTHORS: Final = 4096
 #: A Bloom filter in a request covers the requester's recent ops (see node.sync).
 MAX_BLOOM_BYTES: Final = 64 * 1024
 
@@ -88,6 +90,7 @@ class SyncRequest:
     heads: list[bytes]
     need: list[bytes] = field(default_factory=list)
     bloom: BloomFilter | None = None
+    seqs: dict[bytes, int] | None = None  # author -> highest seq held (non-equivocating)
 
 
 @dataclass
@@ -125,6 +128,8 @@ def encode_request(req: SyncRequest) -> bytes:
     if req.bloom is not None:
         frame["bf"] = bytes(req.bloom.bits)
         frame["bk"] = req.bloom.hashes
+    if req.seqs is not None:
+        frame["vv"] = req.seqs
     return cbor2.dumps(frame)
 
 
@@ -144,8 +149,15 @@ def decode_request(data: bytes) -> SyncRequest:
             bloom = BloomFilter(len(bits) * 8, hashes, bits)
         except ValueError as exc:
             raise WireError(str(exc)) from None
+    seqs = frame.get("vv")
+    if seqs is not None:
+        if type(seqs) is not dict or len(seqs) > MAX_AUTHORS:
+            raise WireError(f"sync request author summary must be a map of <= {MAX_AUTHORS}")
+        for author, seq in seqs.items():
+            if type(author) is not bytes or len(author) != 32 or type(seq) is not int or seq < 0:
+                raise WireError("sync request author summary maps 32-byte keys to seqs")
     return SyncRequest(
-        market, _ids(frame.get("h"), "heads"), _ids(frame.get("n", []), "need"), bloom
+        market, _ids(frame.get("h"), "heads"), _ids(frame.get("n", []), "need"), bloom, seqs
     )
 
 
