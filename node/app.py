@@ -9,6 +9,7 @@ store, then leave libp2p.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ __all__ = ["NodeConfig", "run_node"]
 logger = logging.getLogger("crdtbook.node")
 
 IDENTITY_FILE: Final = "identity.key"
+LOCK_FILE: Final = "lock"
 NODE_INFO_FILE: Final = "node.json"
 DEFAULT_MARKET: Final = "BTC-USD"
 #: Every this many seconds each connected peer is asked for what we lack (plus on connect).
@@ -85,6 +87,28 @@ def load_or_create_identity(home: Path) -> tuple[Identity, bool]:
     return identity, True
 
 
+class HomeInUse(RuntimeError):
+    """Another node runs with this home: two nodes must never share a store and a key."""
+
+
+def lock_home(home: Path) -> int:
+    """Hold an exclusive lock on ``<home>/lock`` for the process's life (released on exit,
+    even on kill -9, since the kernel drops the lock with the file descriptor)."""
+    fd = os.open(home / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise HomeInUse(
+            f"another crdtbook node (pid {other}) is running with home {home}; stop it or use "
+            "--home to run a second node"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
 def configure_logging(verbose: int) -> None:
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     root = logging.getLogger()
@@ -95,10 +119,12 @@ def configure_logging(verbose: int) -> None:
         )
         root.addHandler(handler)
     root.setLevel(level)
-    # libp2p logs routine peer churn as warnings (e.g. "Failed to read DHT message"): show its
-    # warnings from -vv and its debug output from -vvv; errors always.
-    libp2p_level = (
-        logging.DEBUG if verbose >= 3 else logging.WARNING if verbose == 2 else logging.ERROR
+    # libp2p logs routine peer churn as warnings and even errors ("Failed to read DHT message",
+    # "MultiselectClient handshake: read failed" on every ordinary disconnect). Its errors show
+    # from -v, its warnings from -vv, its debug output from -vvv; our own wrappers report what
+    # matters to an operator at the default level.
+    libp2p_level = {0: logging.CRITICAL, 1: logging.ERROR, 2: logging.WARNING}.get(
+        verbose, logging.DEBUG
     )
     logging.getLogger("libp2p").setLevel(libp2p_level)
     logging.getLogger("multiaddr").setLevel(logging.WARNING)
@@ -109,7 +135,10 @@ def run_node(config: NodeConfig) -> int:
     configure_logging(config.verbose)
     try:
         return trio.run(_main, config)
-    except (StoreError, ValueError, OSError) as exc:
+    except KeyboardInterrupt:  # Ctrl-C before the signal handler was installed (start-up)
+        print("crdtbook node: interrupted while starting", file=sys.stderr)
+        return 130
+    except (StoreError, HomeInUse, ValueError, OSError) as exc:
         print(f"crdtbook node: {exc}", file=sys.stderr)
         return 1
 
@@ -123,6 +152,7 @@ async def _main(config: NodeConfig) -> int:
 
     home = Path(config.home).expanduser()
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock_fd = lock_home(home)
     identity, created = load_or_create_identity(home)
     markets = [Market.parse(spec) for spec in (config.markets or [DEFAULT_MARKET])]
     store = OpStore.open(home)
@@ -145,6 +175,7 @@ async def _main(config: NodeConfig) -> int:
     finally:
         store.close()
         (home / NODE_INFO_FILE).unlink(missing_ok=True)
+        os.close(lock_fd)
     return 0
 
 

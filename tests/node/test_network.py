@@ -111,3 +111,32 @@ def test_partitioned_node_converges_after_heal(tmp_path: Path) -> None:
         assert n3.market_status()["ops"] == 10
         wait_until(lambda: converged(nodes), 45, "convergence after the partition heals")
         assert n1.market_status()["ops"] == 20
+
+
+def test_second_node_on_the_same_home_is_refused(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    with node_group(tmp_path) as start:
+        n1 = start("n1")
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "crdtbook.cli.app",
+                "node",
+                "--home",
+                str(n1.home),
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--market",
+                "DEMO:1:1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 1
+        assert "another crdtbook node" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert n1.market_status()["ops"] == 0  # the first node is untouched
