@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+
 from crdtbook.cli import connect
 
 HELP = """\
@@ -392,8 +393,9 @@ def _watch_book(
     The watch stream is opened before the first snapshot so no change falls between them. If the
     node closes the stream (it stopped), that is an error (exit 1).
     """
-    from crdtbook.cli import render
     from rich.live import Live
+
+    from crdtbook.cli import render
 
     resolved = _home(ctx, home)
     recent: list[dict[str, Any]] = []

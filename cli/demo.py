@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crdtbook.cli import connect, render
 from rich.columns import Columns
 from rich.console import Console, Group, RenderableType
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
+
+from crdtbook.cli import connect, render
 
 MARKET = "DEMO"
 MARKET_SPEC = "DEMO:1:1"  # tick 1, lot 1: prices and quantities are plain integers

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from crdtbook.cli.app import app
 from typer.testing import CliRunner, Result
+
+from crdtbook.cli.app import app
 
 runner = CliRunner()
 

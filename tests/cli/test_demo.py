@@ -22,6 +22,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+
 from crdtbook.cli import connect, demo
 
 FAKE_NODE = Path(__file__).with_name("fake_node.py")

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import pytest
 import trio
+
 from crdtbook.node.client import ControlClient, NodeNotRunning, resolve_home
 from crdtbook.node.control import (
     BAD_REQUEST,

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import trio
-from crdtbook.node.p2p import NetworkConfig, open_network
-from crdtbook.node.service import topic_for
-from crdtbook.node.wire import SYNC_PROTOCOL, encode_batch
 
 from crdtbook import Identity, Market
 from crdtbook._ops import OrderBody, sign_op
+from crdtbook.node.p2p import NetworkConfig, open_network
+from crdtbook.node.service import topic_for
+from crdtbook.node.wire import SYNC_PROTOCOL, encode_batch
 
 from .harness import MARKET, converged, node_group, wait_until
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import pytest
 import trio
-from crdtbook.node.p2p import FrameStream, GossipMessage, NetworkConfig, open_network
 from libp2p import new_host
 from libp2p.abc import IHost
 from libp2p.crypto.ed25519 import create_new_key_pair
@@ -36,6 +35,8 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.varint import encode_varint_prefixed
 from multiaddr import Multiaddr
+
+from crdtbook.node.p2p import FrameStream, GossipMessage, NetworkConfig, open_network
 
 TOPIC = "crdtbook/test/ops"
 TARGET_CFG = NetworkConfig(

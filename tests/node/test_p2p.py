@@ -13,6 +13,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
 import trio
+
 from crdtbook.node.p2p import (
     FrameStream,
     FrameTooLarge,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import trio
+
 from crdtbook.node import store as store_module
 from crdtbook.node.store import (
     SCHEMA_VERSION,
