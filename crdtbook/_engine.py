@@ -6,10 +6,11 @@ so the replica can rewind the last k ops in O(k) when a late op sorts before the
 
 Data structures and costs (n resting orders, L price levels, m orders at one level):
 
-- per side, ``levels: dict[price, deque[_Order]]`` in time priority, and ``prices: SortedList``
-  of the prices that have a level. Best price: O(1). New level: O(log L). Resting an order at an
-  existing level: O(1). Taking from the front of a level: O(1). Cancelling from inside a level:
-  O(m) (a deque scan; levels are short on real books).
+- per side, ``levels: dict[price, _Level]`` (a deque of orders in time priority and a count of
+  the live ones), and ``prices: SortedList`` of the prices that have a live order. Best price:
+  O(1). New level: O(log L). Resting at an existing level: O(1). Taking from the front: O(1).
+  Cancelling: O(1): the order is marked dead where it stands and dropped when matching reaches
+  it (or with its level, once no live order is left there), so a long level never gets scanned.
 - ``orders: dict[order id, _Order]``: every order ever seen, with its state.
 - ``fills: list[Fill]`` in execution order.
 
@@ -63,11 +64,13 @@ _BID, _ASK = 0, 1
 # Journal instructions: each tuple reverses one mutation.
 _J_DEL_ORDER = 0  # (op, order_id)
 _J_RESTORE = 1  # (op, order, remaining, filled, closed, status, reason)
-_J_PUSH_FRONT = 2  # (op, side, price, order)            undo a take from the front of a level
-_J_POP_BACK = 3  # (op, side, price)                    undo resting an order at the back
-_J_REINSERT = 4  # (op, side, price, index, order)      undo a removal from inside a level
-_J_DEL_FILL = 5  # (op,)                                undo appending a fill
-_J_DEL_CANCEL = 6  # (op, cancel_id)                    undo recording a cancel's outcome
+_J_PUSH_FRONT = 2  # (op, level, order)          undo taking an order off the front of a level
+_J_POP_BACK = 3  # (op, level)                    undo resting an order at the back
+_J_DEL_LEVEL = 4  # (op, side, price)             undo creating a level
+_J_PUT_LEVEL = 5  # (op, side, price, level)      undo removing a level
+_J_DEL_FILL = 6  # (op,)                          undo appending a fill
+_J_DEL_CANCEL = 7  # (op, cancel_id)              undo recording a cancel's outcome
+_J_LIVE = 8  # (op, level)                        undo an order at the level going dead
 
 
 class Fill(NamedTuple):
@@ -117,6 +120,19 @@ class _Order:
         self.reason = R_NONE
 
 
+class _Level:
+    """Orders at one price in time priority; dead ones (cancelled) may remain until reached."""
+
+    __slots__ = ("live", "queue")
+
+    def __init__(self) -> None:
+        self.queue: deque[_Order] = deque()
+        self.live = 0
+
+    def orders(self) -> list[_Order]:
+        return [o for o in self.queue if o.status <= PARTIALLY_FILLED]
+
+
 class Engine:
     """The matched state of one market, fed ops in total order."""
 
@@ -125,12 +141,12 @@ class Engine:
         self.fills: list[Fill] = []
         #: cancel op id -> True if it removed a rest, False if the order was already finished.
         self.cancels: dict[bytes, bool] = {}
-        self.levels: tuple[dict[int, deque[_Order]], dict[int, deque[_Order]]] = ({}, {})
+        self.levels: tuple[dict[int, _Level], dict[int, _Level]] = ({}, {})
         self.prices: tuple[SortedList, SortedList] = (SortedList(), SortedList())
 
     # -- forward -----------------------------------------------------------------------------
 
-    def process(self, op: Op) -> list[tuple[Any, ...]]:
+    def process(self, op: Op) -> tuple[tuple[Any, ...], ...]:
         """Apply one op that sorts after everything processed so far; return its undo journal."""
         journal: list[tuple[Any, ...]] = []
         body = op.body
@@ -138,7 +154,7 @@ class Engine:
             self._order(op, body, journal)
         elif isinstance(body, CancelBody):
             self._cancel(op, body, journal)
-        return journal
+        return tuple(journal)  # a tuple holds it in 2/3 of a list's memory
 
     def _order(self, op: Op, body: OrderBody, journal: list[tuple[Any, ...]]) -> None:
         taker = _Order(op, body)
@@ -191,10 +207,23 @@ class Engine:
         levels = self.levels[side]
         level = levels.get(order.price)
         if level is None:
-            level = levels[order.price] = deque()
+            level = levels[order.price] = _Level()
             self.prices[side].add(order.price)
-        level.append(order)
-        journal.append((_J_POP_BACK, side, order.price))
+            journal.append((_J_DEL_LEVEL, side, order.price))
+        level.queue.append(order)
+        level.live += 1
+        journal.append((_J_POP_BACK, level))
+
+    def _went_dead(
+        self, side: int, price: int, level: _Level, journal: list[tuple[Any, ...]]
+    ) -> None:
+        """One order at ``level`` stopped being live; drop the level when none is left."""
+        level.live -= 1
+        journal.append((_J_LIVE, level))
+        if level.live == 0:
+            del self.levels[side][price]
+            self.prices[side].remove(price)
+            journal.append((_J_PUT_LEVEL, side, price, level))
 
     def _can_fill(self, taker: _Order) -> bool:
         """FOK: is there enough liquidity from other authors within the limit?"""
@@ -206,8 +235,8 @@ class Engine:
         for price in walk:
             if (price > taker.price) if opp == _ASK else (price < taker.price):
                 break
-            for maker in levels[price]:
-                if maker.author != taker.author:
+            for maker in levels[price].queue:
+                if maker.status <= PARTIALLY_FILLED and maker.author != taker.author:
                     need -= maker.remaining
                     if need <= 0:
                         return True
@@ -225,7 +254,12 @@ class Engine:
             if (price > taker.price) if opp == _ASK else (price < taker.price):
                 break
             level = levels[price]
-            maker = level[0]
+            queue = level.queue
+            maker = queue[0]
+            if maker.status > PARTIALLY_FILLED:  # cancelled where it stood: drop it now
+                queue.popleft()
+                journal.append((_J_PUSH_FRONT, level, maker))
+                continue
             journal.append(
                 (
                     _J_RESTORE,
@@ -263,11 +297,9 @@ class Engine:
                 )
                 journal.append((_J_DEL_FILL,))
             if maker.remaining == 0:
-                level.popleft()
-                journal.append((_J_PUSH_FRONT, opp, price, maker))
-                if not level:
-                    del levels[price]
-                    prices.remove(price)
+                queue.popleft()
+                journal.append((_J_PUSH_FRONT, level, maker))
+                self._went_dead(opp, price, level, journal)
         return remaining
 
     def _cancel(self, op: Op, body: CancelBody, journal: list[tuple[Any, ...]]) -> None:
@@ -288,49 +320,42 @@ class Engine:
                 order.reason,
             )
         )
-        side, price = order.side, order.price
-        level = self.levels[side][price]
-        index = level.index(order)
-        del level[index]
-        journal.append((_J_REINSERT, side, price, index, order))
-        if not level:
-            del self.levels[side][price]
-            self.prices[side].remove(price)
         order.closed += order.remaining
         order.remaining = 0
         order.status = CANCELLED
         order.reason = R_CANCELLED
+        side, price = order.side, order.price
+        self._went_dead(side, price, self.levels[side][price], journal)
 
     # -- backward ----------------------------------------------------------------------------
 
-    def undo(self, journal: list[tuple[Any, ...]]) -> None:
+    def undo(self, journal: tuple[tuple[Any, ...], ...]) -> None:
         """Reverse one op. Ops must be undone last first, exactly as they were processed."""
         for entry in reversed(journal):
             code = entry[0]
             if code == _J_DEL_FILL:
                 self.fills.pop()
             elif code == _J_RESTORE:
-                (
-                    _,
-                    order,
-                    order.remaining,
-                    order.filled,
-                    order.closed,
-                    order.status,
-                    order.reason,
-                ) = entry
+                order = entry[1]
+                _, _, order.remaining, order.filled, order.closed, order.status, order.reason = (
+                    entry
+                )
             elif code == _J_PUSH_FRONT:
-                self._level_for(entry[1], entry[2]).appendleft(entry[3])
+                entry[1].queue.appendleft(entry[2])
+            elif code == _J_LIVE:
+                entry[1].live += 1
             elif code == _J_POP_BACK:
+                level = entry[1]
+                level.queue.pop()
+                level.live -= 1
+            elif code == _J_PUT_LEVEL:
+                _, side, price, level = entry
+                self.levels[side][price] = level
+                self.prices[side].add(price)
+            elif code == _J_DEL_LEVEL:
                 _, side, price = entry
-                level = self.levels[side][price]
-                level.pop()
-                if not level:
-                    del self.levels[side][price]
-                    self.prices[side].remove(price)
-            elif code == _J_REINSERT:
-                _, side, price, index, order = entry
-                self._level_for(side, price).insert(index, order)
+                del self.levels[side][price]
+                self.prices[side].remove(price)
             elif code == _J_DEL_ORDER:
                 del self.orders[entry[1]]
             elif code == _J_DEL_CANCEL:
@@ -338,18 +363,13 @@ class Engine:
             else:  # pragma: no cover - journal entries are only written above
                 raise AssertionError(f"unknown journal entry {entry!r}")
 
-    def _level_for(self, side: int, price: int) -> deque[_Order]:
-        levels = self.levels[side]
-        level = levels.get(price)
-        if level is None:
-            level = levels[price] = deque()
-            self.prices[side].add(price)
-        return level
-
     # -- views -------------------------------------------------------------------------------
 
-    def side_levels(self, side: int) -> list[tuple[int, deque[_Order]]]:
-        """Levels of one side, best first."""
+    def side_levels(self, side: int, depth: int | None = None) -> list[tuple[int, list[_Order]]]:
+        """The best ``depth`` levels of one side (all by default), best first, with their live
+        orders in time priority."""
         prices = self.prices[side]
-        ordered = reversed(prices) if side == _BID else iter(prices)
-        return [(price, self.levels[side][price]) for price in ordered]
+        count = len(prices) if depth is None else min(depth, len(prices))
+        levels = self.levels[side]
+        picked = [prices[-1 - i] for i in range(count)] if side == _BID else prices[:count]
+        return [(price, levels[price].orders()) for price in picked]

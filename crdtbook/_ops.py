@@ -16,6 +16,7 @@ code holding an ``Op`` never verifies it again.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Any, Final, NamedTuple
 
 import cbor2
@@ -120,7 +121,6 @@ class Op:
         "parents",
         "raw",
         "seq",
-        "signature",
         "version",
     )
 
@@ -131,7 +131,6 @@ class Op:
     lamport: int
     parents: tuple[bytes, ...]
     body: Body
-    signature: bytes
     raw: bytes
     id: bytes
 
@@ -147,6 +146,11 @@ class Op:
     @property
     def kind(self) -> str:
         return self.body.kind
+
+    @property
+    def signature(self) -> bytes:
+        """The 64-byte ed25519 signature: the last bytes of ``raw`` (not stored twice)."""
+        return self.raw[-64:]
 
     @property
     def key(self) -> tuple[int, bytes]:
@@ -178,7 +182,6 @@ _set_market_id = Op.__dict__["market_id"].__set__
 _set_parents = Op.__dict__["parents"].__set__
 _set_raw = Op.__dict__["raw"].__set__
 _set_seq = Op.__dict__["seq"].__set__
-_set_signature = Op.__dict__["signature"].__set__
 _set_version = Op.__dict__["version"].__set__
 _op_new = object.__new__
 
@@ -191,7 +194,6 @@ def _new_op(
     lamport: int,
     parents: tuple[bytes, ...],
     body: Body,
-    signature: bytes,
     raw: bytes,
     ident: bytes,
 ) -> Op:
@@ -203,10 +205,24 @@ def _new_op(
     _set_lamport(op, lamport)
     _set_parents(op, parents)
     _set_body(op, body)
-    _set_signature(op, signature)
     _set_raw(op, raw)
     _set_id(op, ident)
     return op
+
+
+#: Market ids and author keys repeat across a log's ops: keep one bytes object per value. The
+#: table only saves memory (values are equal either way); it is emptied when it fills.
+_SHARED_KEYS: dict[bytes, bytes] = {}
+_MAX_SHARED_KEYS: Final = 65_536
+
+
+def _shared_key(value: bytes) -> bytes:
+    shared = _SHARED_KEYS.get(value)
+    if shared is None:
+        if len(_SHARED_KEYS) >= _MAX_SHARED_KEYS:
+            _SHARED_KEYS.clear()
+        _SHARED_KEYS[value] = shared = value
+    return shared
 
 
 def op_id(raw: bytes) -> bytes:
@@ -301,13 +317,20 @@ def _decode_body(wire: object) -> Body:
     raise UnknownKind(f"unknown op kind {kind}: this node speaks protocol {PROTOCOL_VERSION}")
 
 
-def decode(data: bytes, *, verify: bool = True) -> Op:
+def decode(
+    data: bytes,
+    *,
+    verify: bool = True,
+    intern_id: Callable[[bytes], bytes] | None = None,
+) -> Op:
     """Decode and check an encoded op.
 
     Args:
         data: the op's bytes, as produced by :func:`encode`.
         verify: check the signature. Only a caller that verified these exact bytes before (a
             local store of verified ops) may pass ``False``.
+        intern_id: maps a parent id to an equal bytes object the caller already holds (a
+            replica passes its own op ids), so a log does not keep each id twice.
 
     Returns:
         The op.
@@ -361,15 +384,16 @@ def decode(data: bytes, *, verify: bool = True) -> Op:
             nacl.bindings.crypto_sign_open(signature + SIGNATURE_DOMAIN + payload, author)
         except (nacl.exceptions.BadSignatureError, nacl.exceptions.CryptoError, ValueError):
             raise BadSignature("signature does not verify against the author's key") from None
+    shared = _shared_key
+    parent_ids = tuple(parents) if intern_id is None else tuple(intern_id(p) for p in parents)
     return _new_op(
         version,
-        market_id,
-        author,
+        shared(market_id),
+        shared(author),
         seq,
         lamport,
-        tuple(parents),
+        parent_ids,
         body,
-        signature,
         data,
         hashlib.sha256(data).digest(),
     )

@@ -37,19 +37,12 @@ DEFAULT_MAX_PENDING: Final = 100_000
 MAX_INVALID_REMEMBERED: Final = 10_000
 
 
-class _Entry:
-    """One applied op at its place in the total order, with the undo journal of its match."""
-
-    __slots__ = ("journal", "key", "op")
-
-    def __init__(self, op: Op) -> None:
-        self.key = (op.lamport, op.id)
-        self.op = op
-        self.journal: list[tuple[Any, ...]] | None = None
+def _order_key(op: Op) -> tuple[int, bytes]:
+    return (op.lamport, op.id)
 
 
-def _entry_key(entry: _Entry) -> tuple[int, bytes]:
-    return entry.key
+#: The undo journal of one matched op (see ``_engine``), kept as a tuple: it never grows.
+Journal = tuple[tuple[Any, ...], ...]
 
 
 class ApplyReport(NamedTuple):
@@ -72,8 +65,9 @@ class Replica:
         self.market = market
         self.max_pending = max_pending
         self._applied: dict[bytes, Op] = {}
-        self._entries: list[_Entry] = []  # applied ops in total order
-        self._matched = 0  # how many of _entries the engine has processed
+        self._order: list[Op] = []  # applied ops in total order
+        self._journals: list[Journal | None] = []  # undo journal of each, once matched
+        self._matched = 0  # how many of _order the engine has processed
         self._engine = Engine()
         self._heads: set[bytes] = set()
         self._pending: dict[bytes, Op] = {}
@@ -101,8 +95,21 @@ class Replica:
             InvalidOp: the op is invalid (nothing changed).
             PendingFull: its parents are missing and the pending buffer is full.
         """
-        report = self.apply_many([item], _raise=True)
-        return report.applied
+        op = self._accept(item)
+        if op is None:
+            return []
+        applied_ops = self._applied
+        for parent in op.parents:
+            if parent not in applied_ops:
+                self._wait(op, [p for p in op.parents if p not in applied_ops])
+                return []
+        applied: list[Op] = []
+        try:
+            self._admit_and_release(op, applied)
+        finally:
+            self._rematch()
+        self.version += 1
+        return applied
 
     def apply_many(self, items: Iterable[Op | bytes], *, _raise: bool = False) -> ApplyReport:
         """Apply a batch, rewinding the matched state at most once. Never raises for bad ops:
@@ -151,10 +158,11 @@ class Replica:
             if known_bad is not None:
                 raise type(known_bad)(str(known_bad))
             try:
-                op = decode(raw)
+                op = decode(raw, intern_id=self.intern_id)
             except InvalidOp as exc:
-                # These bytes are invalid for ever: refuse a resend without decoding again.
-                self._remember_invalid(ident, exc)
+                # These bytes are invalid for ever: refuse a resend without decoding again, and
+                # every op waiting on them with it.
+                self._reject_pending_descendants(ident, exc)
                 raise
         if ident in self._applied or ident in self._pending:
             return None
@@ -162,15 +170,19 @@ class Replica:
         if known_bad is not None:
             raise type(known_bad)(str(known_bad))
         if op.market_id != self.market.id:
-            self._remember_invalid(ident, WrongMarket("op is for another market"))
-            raise WrongMarket(
+            wrong = WrongMarket(
                 f"op is for market {op.market_id.hex()[:16]}, this replica is "
                 f"{self.market.name} ({self.market.id.hex()[:16]})"
             )
+            self._reject_pending_descendants(ident, wrong)
+            raise wrong
+        applied = self._applied
         for parent in op.parents:
-            if parent in self._invalid:
-                self._remember_invalid(ident, InvalidParent("a parent of this op is invalid"))
-                raise self._invalid[ident]
+            # An applied parent is valid; only an absent one can be known invalid.
+            if parent not in applied and parent in self._invalid:
+                bad_parent = InvalidParent("a parent of this op is invalid")
+                self._reject_pending_descendants(ident, bad_parent)
+                raise bad_parent
         return op
 
     def _wait(self, op: Op, missing: list[bytes]) -> None:
@@ -186,6 +198,8 @@ class Replica:
         """Admit ``op`` (parents all applied), then every pending op it unblocks."""
         self._admit(op)  # raises InvalidOp for the caller's own op
         applied.append(op)
+        if not self._waiting:
+            return  # nothing pending: the common case
         ready = [op.id]
         while ready:
             for child_id in self._waiting.pop(ready.pop(), ()):
@@ -208,36 +222,43 @@ class Replica:
             self._remember_invalid(op.id, exc)
             self._reject_pending_descendants(op.id, exc)
             raise
-        self._applied[op.id] = op
+        ident = op.id
+        self._applied[ident] = op
         heads = self._heads
         for parent in op.parents:
             heads.discard(parent)
-        heads.add(op.id)
+        heads.add(ident)
         self._track_author(op)
-        entry = _Entry(op)
-        entries = self._entries
-        if not entries or entry.key > entries[-1].key:
-            entries.append(entry)
+        order = self._order
+        if order:
+            last = order[-1]
+            after = op.lamport > last.lamport or (op.lamport == last.lamport and ident > last.id)
+        else:
+            after = True
+        if after:  # the common case: the op sorts after everything applied
+            order.append(op)
+            self._journals.append(None)
             return
-        position = bisect_left(entries, entry.key, key=_entry_key)
+        position = bisect_left(order, _order_key(op), key=_order_key)
         self._rewind_to(position)
-        entries.insert(position, entry)
+        order.insert(position, op)
+        self._journals.insert(position, None)
 
     def _track_author(self, op: Op) -> None:
-        latest = self._author_latest.get(op.author)
-        if latest is None or op.key > latest.key:
-            self._author_latest[op.author] = op
-        tip = self._author_tip.get(op.author)
-        if tip is None:
-            self._author_tip[op.author] = op
+        author = op.author
+        latest = self._author_latest.get(author)
+        if latest is None:
+            self._author_latest[author] = self._author_tip[author] = op
             return
+        if op.lamport > latest.lamport or (op.lamport == latest.lamport and op.id > latest.id):
+            self._author_latest[author] = op
+        tip = self._author_tip[author]
         # Without equivocation an author's ops form a chain and each new one extends the tip.
-        extends_tip = op.seq == tip.seq + 1 and tip.id in op.parents
-        if not extends_tip:
-            fork = self._fork_at.get(op.author)
-            self._fork_at[op.author] = op.seq if fork is None else min(fork, op.seq)
+        if op.seq != tip.seq + 1 or tip.id not in op.parents:
+            fork = self._fork_at.get(author)
+            self._fork_at[author] = op.seq if fork is None else min(fork, op.seq)
         if op.seq > tip.seq:
-            self._author_tip[op.author] = op
+            self._author_tip[author] = op
 
     def _unique_at_seq(self, author: bytes, seq: int) -> bool:
         fork = self._fork_at.get(author)
@@ -275,22 +296,21 @@ class Replica:
 
     def _rewind_to(self, position: int) -> None:
         """Undo the matched ops at ``position`` and after, last first."""
-        entries = self._entries
+        journals = self._journals
         undo = self._engine.undo
         for index in range(self._matched - 1, position - 1, -1):
-            entry = entries[index]
-            assert entry.journal is not None
-            undo(entry.journal)
-            entry.journal = None
+            journal = journals[index]
+            assert journal is not None
+            undo(journal)
+            journals[index] = None
         self._matched = min(self._matched, position)
 
     def _rematch(self) -> None:
-        entries = self._entries
+        order, journals = self._order, self._journals
         process = self._engine.process
-        for index in range(self._matched, len(entries)):
-            entry = entries[index]
-            entry.journal = process(entry.op)
-        self._matched = len(entries)
+        for index in range(self._matched, len(order)):
+            journals[index] = process(order[index])
+        self._matched = len(order)
 
     # -- authoring ---------------------------------------------------------------------------
 
@@ -395,12 +415,12 @@ class Replica:
 
     def ops(self) -> list[Op]:
         """Every applied op, in the total order (parents always before children)."""
-        return [entry.op for entry in self._entries]
+        return list(self._order)
 
     def iter_ops(self, start: int = 0) -> Iterator[Op]:
-        entries = self._entries
-        for index in range(start, len(entries)):
-            yield entries[index].op
+        order = self._order
+        for index in range(start, len(order)):
+            yield order[index]
 
     def missing(self) -> list[bytes]:
         """Ids that pending ops name as parents and that this replica has never seen."""
@@ -420,6 +440,12 @@ class Replica:
     def is_pending(self, ident: bytes) -> bool:
         """Known and valid so far, but waiting for parents."""
         return ident in self._pending
+
+    def intern_id(self, ident: bytes) -> bytes:
+        """The replica's own bytes object for an applied op's id (else ``ident``): pass it to
+        ``decode(..., intern_id=...)`` so parent ids are not held twice."""
+        op = self._applied.get(ident)
+        return ident if op is None else op.id
 
     def author_seqs(self, limit: int | None = None) -> dict[bytes, int]:
         """Author -> highest applied sequence number, for authors never seen equivocating (for
@@ -444,13 +470,13 @@ class Replica:
         return self._applied
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._order)
 
     def __contains__(self, ident: object) -> bool:
         return ident in self._applied
 
     def __repr__(self) -> str:
         return (
-            f"Replica({self.market.name}, ops={len(self._entries)}, "
+            f"Replica({self.market.name}, ops={len(self._order)}, "
             f"pending={len(self._pending)}, heads={len(self._heads)})"
         )

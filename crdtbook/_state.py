@@ -87,7 +87,7 @@ def book_view(engine: Engine, depth: int | None = None) -> Book:
     sides = []
     for side in (0, 1):
         levels = []
-        for price, level in engine.side_levels(side)[:depth]:
+        for price, level in engine.side_levels(side, depth):
             orders = tuple(RestingOrder(o.id, o.remaining) for o in level)
             levels.append(Level(price, sum(o.remaining for o in orders), orders))
         sides.append(tuple(levels))

@@ -38,23 +38,31 @@ def check_in_context(
         unique_at_seq: whether the author has only one applied op at that sequence number
             (false only if the author equivocated); lets the cancel rule skip a walk.
     """
-    parents = [applied[p] for p in op.parents]
+    # One pass over the parents (this runs for every op): the largest Lamport time, and the
+    # parents by the op's own author.
+    top = 0
+    own: Op | None = None
+    own_count = 0
+    author = op.author
+    for parent_id in op.parents:
+        parent = applied[parent_id]
+        if parent.lamport > top:
+            top = parent.lamport
+        if parent.author == author:
+            own = parent
+            own_count += 1
 
     # Lamport time: exactly one more than the largest parent's.
-    expected = 1 + max((p.lamport for p in parents), default=0)
-    if op.lamport != expected:
+    if op.lamport != top + 1:
         raise BadLamport(
-            f"Lamport time is {op.lamport} but must be {expected} (1 + the largest among parents)"
+            f"Lamport time is {op.lamport} but must be {top + 1} (1 + the largest among parents)"
         )
 
     # Author sequence: seq 1 has no parent of its own author; seq n > 1 has exactly one, seq n-1.
-    own = [p for p in parents if p.author == op.author]
     if op.seq == 1:
-        if own:
-            raise BadSequence(
-                "an author's first op (seq 1) cannot have a parent by the same author"
-            )
-    elif len(own) != 1 or own[0].seq != op.seq - 1:
+        if own_count:
+            raise BadSequence("an author's first op (seq 1) cannot have a parent by its author")
+    elif own_count != 1 or own is None or own.seq != op.seq - 1:
         raise BadSequence(
             f"op with seq {op.seq} must have exactly one parent by its author, "
             f"with seq {op.seq - 1}"

@@ -18,13 +18,13 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Final
 
 import trio
 
-from crdtbook import Identity, InvalidOp, Market, Op, Replica, decode, op_id
+from crdtbook import Identity, InvalidOp, Market, Op, PendingFull, Replica, decode, op_id
 
 from .store import OpStore
 from .wire import MAX_BATCH_OPS, WireError, decode_batch, encode_batch
@@ -111,28 +111,43 @@ class Prepared:
     result: IngestResult
 
 
-def _decode_all(raws: list[bytes]) -> list[Op | tuple[bytes, InvalidOp]]:
+def _decode_all(
+    raws: list[bytes], intern_id: Callable[[bytes], bytes] | None = None
+) -> list[Op | tuple[bytes, InvalidOp]]:
     out: list[Op | tuple[bytes, InvalidOp]] = []
+    # Parents are mostly the ops just before in the same batch: share those ids too.
+    local: dict[bytes, bytes] = {}
+
+    def shared_id(ident: bytes) -> bytes:
+        found = local.get(ident)
+        if found is not None:
+            return found
+        return ident if intern_id is None else intern_id(ident)
+
     for raw in raws:
         try:
-            out.append(decode(raw))
+            op = decode(raw, intern_id=shared_id)
+            local[op.id] = op.id
+            out.append(op)
         except InvalidOp as exc:
             out.append((raw, exc))
     return out
 
 
-async def _decode_parallel(raws: list[bytes]) -> list[Op | tuple[bytes, InvalidOp]]:
+async def _decode_parallel(
+    raws: list[bytes], intern_id: Callable[[bytes], bytes] | None = None
+) -> list[Op | tuple[bytes, InvalidOp]]:
     """Decode and verify, off the event loop for big batches, on every core for bigger ones:
     PyNaCl releases the GIL while it verifies, and verification is the ingest ceiling."""
     if len(raws) < THREAD_VERIFY_MIN:
-        return _decode_all(raws)
+        return _decode_all(raws, intern_id)
     parts = max(1, min(VERIFY_THREADS, len(raws) // THREAD_VERIFY_MIN))
     size = -(-len(raws) // parts)
     chunks = [raws[i : i + size] for i in range(0, len(raws), size)]
     results: list[list[Op | tuple[bytes, InvalidOp]]] = [[] for _ in chunks]
 
     async def run(index: int) -> None:
-        results[index] = await trio.to_thread.run_sync(_decode_all, chunks[index])
+        results[index] = await trio.to_thread.run_sync(_decode_all, chunks[index], intern_id)
 
     async with trio.open_nursery() as nursery:
         for index in range(len(chunks)):
@@ -199,18 +214,16 @@ class NodeService:
         loaded: dict[str, int] = {}
         for ms in self.markets.values():
             self.store.add_market(ms.market.id, ms.market.name, ms.market.tick, ms.market.lot)
-            batch: list[Op] = []
             count = 0
+            replica = ms.replica
             for raw in self.store.load_market(ms.market.id):
                 try:
-                    batch.append(decode(raw, verify=False))
-                except InvalidOp:
-                    logger.warning("skipping an undecodable op in the store")
-                    continue
-                if len(batch) >= 10_000:
-                    count += len(ms.replica.apply_many(batch).applied)
-                    batch = []
-            count += len(ms.replica.apply_many(batch).applied)
+                    # Ops come in total order, so each one's parents are applied: one at a time
+                    # they share their ids with them (intern_id) at no rewind cost.
+                    op = decode(raw, verify=False, intern_id=replica.intern_id)
+                    count += len(replica.apply(op))
+                except (InvalidOp, PendingFull) as exc:
+                    logger.warning("skipping a stored op that does not apply: %s", exc)
             loaded[ms.market.name] = count
         return loaded
 
@@ -240,7 +253,7 @@ class NodeService:
             fresh.append(raw)
         ops: list[Op] = []
         if fresh:
-            for item in await _decode_parallel(fresh):
+            for item in await _decode_parallel(fresh, replica.intern_id):
                 if isinstance(item, Op):
                     ops.append(item)
                 else:  # never verify these bytes again
