@@ -119,14 +119,20 @@ def configure_logging(verbose: int) -> None:
         )
         root.addHandler(handler)
     root.setLevel(level)
-    # libp2p logs routine peer churn as warnings and even errors ("Failed to read DHT message",
-    # "MultiselectClient handshake: read failed" on every ordinary disconnect). Its errors show
-    # from -v, its warnings from -vv, its debug output from -vvv; our own wrappers report what
-    # matters to an operator at the default level.
-    libp2p_level = {0: logging.CRITICAL, 1: logging.ERROR, 2: logging.WARNING}.get(
-        verbose, logging.DEBUG
-    )
-    logging.getLogger("libp2p").setLevel(libp2p_level)
+    set_library_log_levels(verbose)
+
+
+def set_library_log_levels(verbose: int) -> None:
+    """libp2p logs routine peer churn as warnings and even errors ("Failed to read DHT message",
+    "MultiselectClient handshake: read failed" on every ordinary disconnect). Its errors show
+    from -v, its warnings from -vv, its debug output from -vvv; our own wrappers report what
+    matters to an operator at the default level. Call again after importing libp2p: its import
+    resets its loggers."""
+    level = {0: logging.CRITICAL, 1: logging.ERROR, 2: logging.WARNING}.get(verbose, logging.DEBUG)
+    for name in list(logging.root.manager.loggerDict):
+        if name == "libp2p" or name.startswith("libp2p."):
+            logging.getLogger(name).setLevel(level)
+    logging.getLogger("libp2p").setLevel(level)
     logging.getLogger("multiaddr").setLevel(logging.WARNING)
 
 
@@ -149,6 +155,8 @@ def _say(text: str) -> None:
 
 async def _main(config: NodeConfig) -> int:
     from .p2p import NetworkConfig, open_network  # libp2p import costs ~0.7 s: only here
+
+    set_library_log_levels(config.verbose)
 
     home = Path(config.home).expanduser()
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
