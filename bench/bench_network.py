@@ -41,15 +41,24 @@ from crdtbook.node.store import OpStore
 
 MARKET = "DEMO:1:1"
 LAUNCHER = r"""
-import sys
+import os, sys
 from pathlib import Path
 from crdtbook.node.app import NodeConfig, run_node
 home, batch, delay, *boot = sys.argv[1:]
+verbose = int(os.environ.get("CRDTBOOK_BENCH_VERBOSE", "0"))
+extra = {}
+if os.environ.get("CRDTBOOK_BENCH_SYNC_INTERVAL"):  # experiments: isolate gossip from sync
+    extra["sync_interval"] = float(os.environ["CRDTBOOK_BENCH_SYNC_INTERVAL"])
+for key in ("gossip_degree", "publish_interval"):
+    if os.environ.get("CRDTBOOK_BENCH_" + key.upper()):
+        extra[key] = type(NodeConfig.__dataclass_fields__[key].default)(
+            os.environ["CRDTBOOK_BENCH_" + key.upper()])
 # batch 1 = the baseline: one gossip message per op, sent at once.
-pace = {} if int(batch) > 1 else {"publish_interval": 0.0}
+if int(batch) == 1:
+    extra["publish_interval"] = 0.0
 sys.exit(run_node(NodeConfig(home=Path(home), listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=boot,
                              markets=["DEMO:1:1"], gossip_batch=int(batch),
-                             flush_delay=float(delay), **pace)))
+                             flush_delay=float(delay), verbose=verbose, **extra)))
 """
 
 
@@ -113,7 +122,7 @@ class Seen:
         for i, node in enumerate(nodes):
             sock = socket.socket(socket.AF_UNIX)
             sock.connect(str(node.home / "control.sock"))
-            req = {"id": 1, "method": "watch", "params": {"digest": False, "interval": 0.005}}
+            req = {"id": 1, "method": "watch", "params": {"digest": False, "interval": 0.02}}
             sock.sendall((json.dumps(req) + "\n").encode())
             self._socks.append(sock)
             t = threading.Thread(target=self._read, args=(sock, self.times[i]), daemon=True)

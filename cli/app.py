@@ -258,6 +258,14 @@ def node(
     verbose: Annotated[
         int, typer.Option("--verbose", "-v", count=True, help="More logging (-v, -vv).")
     ] = 0,
+    fsync: Annotated[
+        bool,
+        typer.Option(
+            "--fsync",
+            help="Wait for the disk on every commit: acknowledged ops survive power loss, not "
+            "only a crash of the node (slower: a few ms per commit instead of ~50 us).",
+        ),
+    ] = False,
 ) -> None:
     """Run a node in the foreground until Ctrl-C (SIGINT) or SIGTERM.
 
@@ -277,6 +285,7 @@ def node(
         bootstrap=list(bootstrap or []),
         markets=list(market or []),
         verbose=verbose,
+        fsync=fsync,
     )
     try:
         code = run_node(config)

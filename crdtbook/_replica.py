@@ -185,6 +185,22 @@ class Replica:
                 raise bad_parent
         return op
 
+    def precheck(self, op: Op) -> bool:
+        """Judge ``op`` against the applied log without applying it (e.g. a gossip validator
+        deciding whether to forward). True: valid, with every parent applied. False: some parent
+        is not applied yet, so no verdict now. Raises the ``InvalidOp`` it would raise on apply.
+        Changes nothing."""
+        if op.market_id != self.market.id:
+            raise WrongMarket(f"op is not for market {self.market.name}")
+        applied = self._applied
+        for parent in op.parents:
+            if parent not in applied:
+                if parent in self._invalid:
+                    raise InvalidParent("a parent of this op is invalid")
+                return False
+        check_in_context(op, applied, self._unique_at_seq)
+        return True
+
     def _wait(self, op: Op, missing: list[bytes]) -> None:
         if len(self._pending) >= self.max_pending:
             raise PendingFull(

@@ -107,6 +107,29 @@ def _configure_library_logging() -> None:
 _configure_library_logging()
 
 
+# libp2p drops outbound gossip silently when a peer's queue (32 RPCs) is full; it only logs at
+# DEBUG. Count the drops so `status` can show them: the one sign that gossip is over capacity.
+_SEND_DROPS = [0]
+
+
+def _install_drop_counter() -> None:
+    import libp2p.pubsub.pubsub as pubsub_module
+
+    original = pubsub_module.drop_rpc
+    if getattr(original, "_crdtbook_counting", False):
+        return
+
+    def counting_drop_rpc(peer_id: ID, rpc: rpc_pb2.RPC) -> None:
+        _SEND_DROPS[0] += 1
+        original(peer_id, rpc)
+
+    counting_drop_rpc._crdtbook_counting = True  # type: ignore[attr-defined]
+    pubsub_module.drop_rpc = counting_drop_rpc
+
+
+_install_drop_counter()
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -150,6 +173,12 @@ class NetworkConfig:
     """Tunables; defaults are the production values."""
 
     heartbeat_interval: float = 1.0
+    """GossipSub heartbeat in seconds (tests may use less)."""
+    degree: int = 6
+    """GossipSub D: mesh peers per topic (D_lo and D_hi below). Every mesh peer forwards each
+    message to its own mesh, so on a small network D costs duplicate deliveries, not reach."""
+    degree_low: int = 4
+    degree_high: int = 12
     """GossipSub heartbeat in seconds (tests may use less)."""
     dial_timeout: float = 10.0
     """Bound on :meth:`Network.connect`."""
@@ -726,7 +755,8 @@ class Network:
 
     def stats(self) -> dict[str, int]:
         """Counters for logs and status: ``peers``, ``routing_table``, ``banned``,
-        ``rejected`` (total), ``gossip_dropped`` (slow subscribers)."""
+        ``rejected`` (total), ``gossip_dropped`` (slow subscribers), ``gossip_send_dropped``
+        (outbound RPCs libp2p dropped on full peer queues, process-wide)."""
         now = time.monotonic()
         return {
             "peers": len(self._host.get_network().connections),
@@ -734,6 +764,9 @@ class Network:
             "banned": sum(1 for deadline in self._bans.values() if deadline > now),
             "rejected": sum(self._rejects.values()),
             "gossip_dropped": self._dropped_gossip,
+            "gossip_send_dropped": _SEND_DROPS[0],
+            "mesh_peers": sum(len(peers) for peers in self._router.mesh.values()),
+            "fanout_peers": sum(len(peers) for peers in self._router.fanout.values()),
         }
 
     # ---------------------------------------------------------------- internals
@@ -883,9 +916,9 @@ async def open_network(
     )
     router = GossipSub(
         protocols=[MESHSUB_V11, MESHSUB_V10],
-        degree=6,
-        degree_low=4,
-        degree_high=12,
+        degree=cfg.degree,
+        degree_low=cfg.degree_low,
+        degree_high=cfg.degree_high,
         heartbeat_interval=cfg.heartbeat_interval,  # type: ignore[arg-type]  # int-typed, float works
         spam_protection_enabled=False,
         adaptive_gossip_enabled=False,
