@@ -120,6 +120,9 @@ class _Order:
         self.reason = R_NONE
 
 
+_new_fill = tuple.__new__
+
+
 class _Level:
     """Orders at one price in time priority; dead ones (cancelled) may remain until reached."""
 
@@ -146,20 +149,19 @@ class Engine:
 
     # -- forward -----------------------------------------------------------------------------
 
-    def process(self, op: Op) -> tuple[tuple[Any, ...], ...]:
-        """Apply one op that sorts after everything processed so far; return its undo journal."""
-        journal: list[tuple[Any, ...]] = []
+    def process(self, op: Op) -> list[Any] | None:
+        """Apply one op that sorts after everything processed so far; return its undo journal:
+        what it did to other orders, levels and fills, flat (each record's arguments, then its
+        code), or None when it did nothing there. What it did to its own order or cancel record,
+        and resting its own order, ``undo`` reads off the op and the order."""
         body = op.body
-        if isinstance(body, OrderBody):
-            self._order(op, body, journal)
-        elif isinstance(body, CancelBody):
-            self._cancel(op, body, journal)
-        return tuple(journal)  # a tuple holds it in 2/3 of a list's memory
+        if type(body) is OrderBody:
+            return self._order(op, body)
+        return self._cancel(op, body)  # type: ignore[arg-type]
 
-    def _order(self, op: Op, body: OrderBody, journal: list[tuple[Any, ...]]) -> None:
+    def _order(self, op: Op, body: OrderBody) -> list[Any] | None:
         taker = _Order(op, body)
         self.orders[taker.id] = taker
-        journal.append((_J_DEL_ORDER, taker.id))
         side = taker.side
         opp = 1 - side
         opp_prices = self.prices[opp]
@@ -171,28 +173,31 @@ class Engine:
         else:
             crosses = False
 
+        tif = body.tif
         if not crosses:
-            if body.tif == IOC:
+            if tif == IOC:
                 self._close(taker, taker.quantity, EXPIRED, R_IOC)
-            elif body.tif == FOK:
+            elif tif == FOK:
                 self._close(taker, taker.quantity, EXPIRED, R_FOK)
             else:
-                self._rest(taker, taker.quantity, journal)
-            return
-        if body.tif == POST_ONLY:
+                self._rest(taker, taker.quantity)
+            return None
+        if tif == POST_ONLY:
             self._close(taker, taker.quantity, REJECTED, R_POST_ONLY)
-            return
-        if body.tif == FOK and not self._can_fill(taker):
+            return None
+        if tif == FOK and not self._can_fill(taker):
             self._close(taker, taker.quantity, EXPIRED, R_FOK)
-            return
+            return None
 
+        journal: list[Any] = []
         remaining = self._match(taker, journal)
         if remaining == 0:
             taker.status = FILLED
-        elif body.tif == IOC:
+        elif tif == IOC:
             self._close(taker, remaining, EXPIRED, R_IOC)
         else:  # GTC (FOK was checked to fill completely, POST_ONLY never reaches here)
-            self._rest(taker, remaining, journal)
+            self._rest(taker, remaining)
+        return journal or None
 
     def _close(self, order: _Order, quantity: int, status: int, reason: int) -> None:
         # Only for the taker being processed: it is new in this op, so undo deletes it whole.
@@ -200,7 +205,8 @@ class Engine:
         order.status = status
         order.reason = reason
 
-    def _rest(self, order: _Order, quantity: int, journal: list[tuple[Any, ...]]) -> None:
+    def _rest(self, order: _Order, quantity: int) -> None:
+        # The last thing an op does; undo sees it on the order (remaining > 0) and reverses it.
         order.remaining = quantity
         order.status = PARTIALLY_FILLED if order.filled else OPEN
         side = order.side
@@ -209,21 +215,17 @@ class Engine:
         if level is None:
             level = levels[order.price] = _Level()
             self.prices[side].add(order.price)
-            journal.append((_J_DEL_LEVEL, side, order.price))
         level.queue.append(order)
         level.live += 1
-        journal.append((_J_POP_BACK, level))
 
-    def _went_dead(
-        self, side: int, price: int, level: _Level, journal: list[tuple[Any, ...]]
-    ) -> None:
+    def _went_dead(self, side: int, price: int, level: _Level, journal: list[Any]) -> None:
         """One order at ``level`` stopped being live; drop the level when none is left."""
         level.live -= 1
-        journal.append((_J_LIVE, level))
+        journal += (level, _J_LIVE)
         if level.live == 0:
             del self.levels[side][price]
             self.prices[side].remove(price)
-            journal.append((_J_PUT_LEVEL, side, price, level))
+            journal += (side, price, level, _J_PUT_LEVEL)
 
     def _can_fill(self, taker: _Order) -> bool:
         """FOK: is there enough liquidity from other authors within the limit?"""
@@ -242,7 +244,7 @@ class Engine:
                         return True
         return False
 
-    def _match(self, taker: _Order, journal: list[tuple[Any, ...]]) -> int:
+    def _match(self, taker: _Order, journal: list[Any]) -> int:
         """Take liquidity; returns the taker's unfilled quantity."""
         remaining = taker.quantity
         opp = 1 - taker.side
@@ -258,18 +260,16 @@ class Engine:
             maker = queue[0]
             if maker.status > PARTIALLY_FILLED:  # cancelled where it stood: drop it now
                 queue.popleft()
-                journal.append((_J_PUSH_FRONT, level, maker))
+                journal += (level, maker, _J_PUSH_FRONT)
                 continue
-            journal.append(
-                (
-                    _J_RESTORE,
-                    maker,
-                    maker.remaining,
-                    maker.filled,
-                    maker.closed,
-                    maker.status,
-                    maker.reason,
-                )
+            journal += (
+                maker,
+                maker.remaining,
+                maker.filled,
+                maker.closed,
+                maker.status,
+                maker.reason,
+                _J_RESTORE,
             )
             if maker.author == taker.author:
                 # Self-trade prevention: expire the resting order, keep matching.
@@ -285,83 +285,101 @@ class Engine:
                 maker.remaining -= quantity
                 maker.status = FILLED if maker.remaining == 0 else PARTIALLY_FILLED
                 fills.append(
-                    Fill(
-                        taker.id,
-                        maker.id,
-                        price,
-                        quantity,
-                        "buy" if taker.side == _BID else "sell",
-                        taker.author,
-                        maker.author,
+                    _new_fill(
+                        Fill,
+                        (
+                            taker.id,
+                            maker.id,
+                            price,
+                            quantity,
+                            "buy" if taker.side == _BID else "sell",
+                            taker.author,
+                            maker.author,
+                        ),
                     )
                 )
-                journal.append((_J_DEL_FILL,))
+                journal.append(_J_DEL_FILL)
             if maker.remaining == 0:
                 queue.popleft()
-                journal.append((_J_PUSH_FRONT, level, maker))
+                journal += (level, maker, _J_PUSH_FRONT)
                 self._went_dead(opp, price, level, journal)
         return remaining
 
-    def _cancel(self, op: Op, body: CancelBody, journal: list[tuple[Any, ...]]) -> None:
+    def _cancel(self, op: Op, body: CancelBody) -> list[Any] | None:
         order = self.orders[body.order_id]  # validity guarantees it exists and precedes the cancel
         effective = order.status in (OPEN, PARTIALLY_FILLED)
         self.cancels[op.id] = effective
-        journal.append((_J_DEL_CANCEL, op.id))
         if not effective:
-            return
-        journal.append(
-            (
-                _J_RESTORE,
-                order,
-                order.remaining,
-                order.filled,
-                order.closed,
-                order.status,
-                order.reason,
-            )
-        )
+            return None
+        journal: list[Any] = [
+            order,
+            order.remaining,
+            order.filled,
+            order.closed,
+            order.status,
+            order.reason,
+            _J_RESTORE,
+        ]
         order.closed += order.remaining
         order.remaining = 0
         order.status = CANCELLED
         order.reason = R_CANCELLED
         side, price = order.side, order.price
         self._went_dead(side, price, self.levels[side][price], journal)
+        return journal
 
     # -- backward ----------------------------------------------------------------------------
 
-    def undo(self, journal: tuple[tuple[Any, ...], ...]) -> None:
+    def undo(self, op: Op, journal: list[Any] | None) -> None:
         """Reverse one op. Ops must be undone last first, exactly as they were processed."""
-        for entry in reversed(journal):
-            code = entry[0]
+        if type(op.body) is not OrderBody:
+            if journal:
+                self._undo_journal(journal)
+            del self.cancels[op.id]
+            return
+        order = self.orders[op.id]
+        if order.remaining:  # the op's last step rested its order at the back of a level
+            levels = self.levels[order.side]
+            level = levels[order.price]
+            level.queue.pop()
+            level.live -= 1
+            if not level.live:  # live levels have a live order: this one made the level
+                del levels[order.price]
+                self.prices[order.side].remove(order.price)
+        if journal:
+            self._undo_journal(journal)
+        del self.orders[op.id]
+
+    def _undo_journal(self, journal: list[Any]) -> None:
+        i = len(journal)
+        while i:
+            i -= 1
+            code = journal[i]
             if code == _J_DEL_FILL:
                 self.fills.pop()
             elif code == _J_RESTORE:
-                order = entry[1]
-                _, _, order.remaining, order.filled, order.closed, order.status, order.reason = (
-                    entry
-                )
+                i -= 6
+                order = journal[i]
+                (
+                    order.remaining,
+                    order.filled,
+                    order.closed,
+                    order.status,
+                    order.reason,
+                ) = journal[i + 1 : i + 6]
             elif code == _J_PUSH_FRONT:
-                entry[1].queue.appendleft(entry[2])
+                i -= 2
+                journal[i].queue.appendleft(journal[i + 1])
             elif code == _J_LIVE:
-                entry[1].live += 1
-            elif code == _J_POP_BACK:
-                level = entry[1]
-                level.queue.pop()
-                level.live -= 1
+                i -= 1
+                journal[i].live += 1
             elif code == _J_PUT_LEVEL:
-                _, side, price, level = entry
+                i -= 3
+                side, price, level = journal[i], journal[i + 1], journal[i + 2]
                 self.levels[side][price] = level
                 self.prices[side].add(price)
-            elif code == _J_DEL_LEVEL:
-                _, side, price = entry
-                del self.levels[side][price]
-                self.prices[side].remove(price)
-            elif code == _J_DEL_ORDER:
-                del self.orders[entry[1]]
-            elif code == _J_DEL_CANCEL:
-                del self.cancels[entry[1]]
             else:  # pragma: no cover - journal entries are only written above
-                raise AssertionError(f"unknown journal entry {entry!r}")
+                raise AssertionError(f"unknown journal code {code!r}")
 
     # -- views -------------------------------------------------------------------------------
 

@@ -41,8 +41,8 @@ def _order_key(op: Op) -> tuple[int, bytes]:
     return (op.lamport, op.id)
 
 
-#: The undo journal of one matched op (see ``_engine``), kept as a tuple: it never grows.
-Journal = tuple[tuple[Any, ...], ...]
+#: The undo journal of one matched op (see ``_engine``); None when it touched nothing else.
+Journal = list[Any]
 
 
 class ApplyReport(NamedTuple):
@@ -312,12 +312,10 @@ class Replica:
 
     def _rewind_to(self, position: int) -> None:
         """Undo the matched ops at ``position`` and after, last first."""
-        journals = self._journals
+        order, journals = self._order, self._journals
         undo = self._engine.undo
         for index in range(self._matched - 1, position - 1, -1):
-            journal = journals[index]
-            assert journal is not None
-            undo(journal)
+            undo(order[index], journals[index])
             journals[index] = None
         self._matched = min(self._matched, position)
 
