@@ -398,6 +398,11 @@ class Replica:
         return tuple(self._engine.fills[start:])
 
     @property
+    def order_count(self) -> int:
+        """How many orders are applied (O(1), unlike ``len(orders())``)."""
+        return len(self._engine.orders)
+
+    @property
     def fill_count(self) -> int:
         return len(self._engine.fills)
 
