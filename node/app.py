@@ -223,7 +223,9 @@ class _Node:
                 net.set_validator(ms.topic, self._validator(ms))
                 messages = await net.subscribe(ms.topic)
                 nursery.start_soon(self._drain, messages)
-                nursery.start_soon(service.flush_loop, ms, net.publish)
+                nursery.start_soon(
+                    service.flush_loop, ms, net.publish, lambda t: len(net.gossip_peers(t))
+                )
                 nursery.start_soon(service.apply_loop, ms)
             adapter = ControlAdapter(service, self.status, self.block)
             control = await nursery.start(serve_control, home, adapter)

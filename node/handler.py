@@ -177,6 +177,7 @@ class ControlAdapter:
             "lot": ms.market.lot,
             "ops": len(r),
             "pending": r.pending_count,
+            "missing": len(r.missing()),
             "heads": [h.hex() for h in r.heads()],
             "digest": ms.digest().hex() if with_digest else None,
             "last_sync": ms.last_sync,

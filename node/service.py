@@ -36,11 +36,18 @@ logger = logging.getLogger("crdtbook.node")
 
 #: How long the first op of a gossip batch waits for company (ops submitted together).
 FLUSH_DELAY: Final = 0.002
-#: At most one gossip message per market per this interval: idle, an op goes out at once; busy,
-#: batches grow instead of the message rate. py-libp2p spends ~6 ms of CPU per message per node
-#: and saturates near 40 msg/s across a network, so 10 msg/s per node keeps a 5-node network
-#: well inside that while adding at most 100 ms to an op's first hop.
-PUBLISH_INTERVAL: Final = 0.1
+#: Under load a node publishes at most one gossip message per market per interval (idle, an op
+#: goes out at once; busy, batches grow instead of the message rate). The interval is this much
+#: per peer on the topic, so the whole network's message rate stays near a fixed budget
+#: (~1 / PUBLISH_INTERVAL_PER_PEER, here ~17 msg/s) as it grows. Measured on 5 nodes at
+#: 500 ops/s (bench/bench_network.py): a 100 ms interval (~50 msg/s network-wide) left p50 at
+#: 2.7 s with ops lost to gossip; 250 ms gave p50 236 ms with every op delivered. py-libp2p
+#: spends milliseconds of CPU per message per node, each message reaching each node ~D times.
+PUBLISH_INTERVAL_PER_PEER: Final = 0.06
+PUBLISH_INTERVAL_MIN: Final = 0.05
+PUBLISH_INTERVAL_MAX: Final = 1.0
+#: Default: adapt to the topic's peers (a number > 0 fixes the interval).
+PUBLISH_INTERVAL: Final = -1.0
 #: Batches smaller than this are verified inline; larger ones in a worker thread.
 THREAD_VERIFY_MIN: Final = 32
 #: Worker threads one big batch is verified on (one per core is all that helps).
@@ -402,12 +409,23 @@ class NodeService:
         ms.outbox_ready.set()
         self.notify(ms, [op])
 
-    async def flush_loop(self, ms: MarketState, publish: PublishFn) -> None:
+    def publish_interval_for(self, topic_peers: int) -> float:
+        if self.publish_interval >= 0:
+            return self.publish_interval
+        return min(
+            PUBLISH_INTERVAL_MAX,
+            max(PUBLISH_INTERVAL_MIN, PUBLISH_INTERVAL_PER_PEER * topic_peers),
+        )
+
+    async def flush_loop(
+        self, ms: MarketState, publish: PublishFn, topic_peers: Callable[[str], int]
+    ) -> None:
         """Send the market's outbox as gossip batches, for ever."""
         last = -float("inf")
         while True:
             await ms.outbox_ready.wait()
-            wait = max(self.flush_delay, last + self.publish_interval - trio.current_time())
+            interval = self.publish_interval_for(topic_peers(ms.topic))
+            wait = max(self.flush_delay, last + interval - trio.current_time())
             if wait > 0:
                 await trio.sleep(wait)
             last = trio.current_time()
