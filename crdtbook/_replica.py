@@ -456,6 +456,11 @@ class Replica:
     def is_invalid(self, ident: bytes) -> bool:
         return ident in self._invalid
 
+    def pending_ids(self, limit: int | None = None) -> list[bytes]:
+        """Ids of ops waiting for parents (oldest first), e.g. for a sync request."""
+        ids = list(self._pending)
+        return ids if limit is None else ids[:limit]
+
     def is_pending(self, ident: bytes) -> bool:
         """Known and valid so far, but waiting for parents."""
         return ident in self._pending

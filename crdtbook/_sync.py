@@ -82,6 +82,7 @@ def ops_missing_for(
     limit: int | None = None,
     their_seqs: Mapping[bytes, int] | None = None,
     forked: Container[bytes] = (),
+    held: Container[bytes] | None = None,
 ) -> list[Op]:
     """The ops we have that a peer with ``their_heads`` (and ``bloom``) lacks, in total order.
 
@@ -94,6 +95,10 @@ def ops_missing_for(
     holds the causal past of all it holds. Authors in ``forked`` (seen equivocating here) are
     not judged by it. Like the Bloom filter it is a hint that may be wrong for an equivocation
     nobody has seen yet; the peer repairs that by asking for heads it does not know.
+
+    ``held`` (e.g. a Bloom filter of the peer's pending ops) names ops the peer holds without
+    their whole past: they are not sent, but the walk goes on through them, since some of their
+    ancestors are exactly what the peer lacks.
     """
     mark: dict[bytes, int] = {}
     heap: list[tuple[int, bytes]] = []
@@ -122,7 +127,7 @@ def ops_missing_for(
                 and op.author not in forked
             ):
                 flag = _THEIRS
-            else:
+            elif held is None or ident not in held:
                 missing.append(op)
         for parent in op.parents:
             seen = mark.get(parent)

@@ -49,6 +49,9 @@ P = TypeVar("P")
 BLOOM_RECENT_OPS: Final = 2048
 #: A frame in flight should not wait for ever on a stalled peer.
 FRAME_TIMEOUT: Final = 20.0
+#: Pending ops named in a request's held-ops Bloom filter (~12 KB at 10 bits each); the rest
+#: may be sent again, which costs bandwidth, not correctness.
+MAX_HELD: Final = 10_000
 #: Frames read ahead of the one being ingested: enough to keep the stream busy.
 READ_AHEAD_FRAMES: Final = 2
 #: Leave room under the frame limit for the CBOR envelope and the heads list.
@@ -67,12 +70,14 @@ def build_request(replica: Replica, wanted: Iterable[bytes] = ()) -> SyncRequest
     bloom = BloomFilter.for_ids(op.id for op in replica.iter_ops(start)) if len(replica) else None
     need = replica.missing()
     need += [ident for ident in wanted if not replica.knows(ident)]
+    pending = replica.pending_ids(MAX_HELD)
     return SyncRequest(
         replica.market.id,
         replica.heads()[:MAX_IDS],
         need[:MAX_IDS],
         bloom,
         replica.author_seqs(MAX_AUTHORS),
+        BloomFilter.for_ids(pending) if pending else None,
     )
 
 
@@ -97,6 +102,7 @@ def ops_for(replica: Replica, request: SyncRequest) -> list[Op]:
         request.bloom,
         their_seqs=request.seqs,
         forked=replica.forked_authors(),
+        held=request.held,
     )
     if request.need:
         have = {op.id for op in ops}

@@ -9,7 +9,8 @@ Gossip message (one per flush of a market's outbound queue)::
 Sync request (initiator -> responder) and response, each one length-prefixed frame::
 
     {"v": 1, "m": market_id, "h": [head ids], "n": [needed ids],
-     "bf": bloom bits, "bk": bloom hash count, "vv": {author: seq}}   request
+     "bf": bloom bits, "bk": bloom hash count, "vv": {author: seq},
+     "pf": pending-ops bloom bits, "pk": its hash count}       request
     {"v": 1, "ops": [op_bytes, ...], "h": [head ids], "more": bool}   response
     {"v": 1, "err": code, "msg": text}                    refusal
 """
@@ -91,6 +92,7 @@ class SyncRequest:
     need: list[bytes] = field(default_factory=list)
     bloom: BloomFilter | None = None
     seqs: dict[bytes, int] | None = None  # author -> highest seq held (non-equivocating)
+    held: BloomFilter | None = None  # ops held without their whole past (pending)
 
 
 @dataclass
@@ -130,6 +132,9 @@ def encode_request(req: SyncRequest) -> bytes:
         frame["bk"] = req.bloom.hashes
     if req.seqs is not None:
         frame["vv"] = req.seqs
+    if req.held is not None:
+        frame["pf"] = bytes(req.held.bits)
+        frame["pk"] = req.held.hashes
     return cbor2.dumps(frame)
 
 
@@ -138,17 +143,8 @@ def decode_request(data: bytes) -> SyncRequest:
     market = frame.get("m")
     if type(market) is not bytes or len(market) != 32:
         raise WireError("sync request names no market")
-    bloom = None
-    if "bf" in frame:
-        bits, hashes = frame.get("bf"), frame.get("bk")
-        if type(bits) is not bytes or not 8 <= len(bits) <= MAX_BLOOM_BYTES:
-            raise WireError("sync request Bloom filter has a bad size")
-        if type(hashes) is not int:
-            raise WireError("sync request Bloom filter has no hash count")
-        try:
-            bloom = BloomFilter(len(bits) * 8, hashes, bits)
-        except ValueError as exc:
-            raise WireError(str(exc)) from None
+    bloom = _bloom(frame, "bf", "bk")
+    held = _bloom(frame, "pf", "pk")
     seqs = frame.get("vv")
     if seqs is not None:
         if type(seqs) is not dict or len(seqs) > MAX_AUTHORS:
@@ -157,8 +153,22 @@ def decode_request(data: bytes) -> SyncRequest:
             if type(author) is not bytes or len(author) != 32 or type(seq) is not int or seq < 0:
                 raise WireError("sync request author summary maps 32-byte keys to seqs")
     return SyncRequest(
-        market, _ids(frame.get("h"), "heads"), _ids(frame.get("n", []), "need"), bloom, seqs
+        market, _ids(frame.get("h"), "heads"), _ids(frame.get("n", []), "need"), bloom, seqs, held
     )
+
+
+def _bloom(frame: dict[str, Any], bits_key: str, hashes_key: str) -> BloomFilter | None:
+    if bits_key not in frame:
+        return None
+    bits, hashes = frame.get(bits_key), frame.get(hashes_key)
+    if type(bits) is not bytes or not 8 <= len(bits) <= MAX_BLOOM_BYTES:
+        raise WireError("sync request Bloom filter has a bad size")
+    if type(hashes) is not int:
+        raise WireError("sync request Bloom filter has no hash count")
+    try:
+        return BloomFilter(len(bits) * 8, hashes, bits)
+    except ValueError as exc:
+        raise WireError(str(exc)) from None
 
 
 def encode_response(resp: SyncResponse) -> bytes:
