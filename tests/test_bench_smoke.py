@@ -1,0 +1,37 @@
+"""The benchmarks must keep running as the code changes (their targets are checked by the
+benches themselves, not here: speed is not a test verdict on a shared machine)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(180)
+def test_core_bench_quick_runs_and_reports_every_figure() -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_core.py"), "--quick", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    results = report["results"]
+    for key in (
+        "apply_ops_per_s",
+        "apply_many_ops_per_s",
+        "plain_ops_per_s",
+        "apply_vs_plain",
+        "raw_verify_ops_per_s",
+        "apply_raw_vs_verify",
+        "memory_total_b_per_op",
+    ):
+        assert key in results, key
