@@ -161,62 +161,18 @@ def test_ops_form_a_valid_dag() -> None:
 SCENARIOS = load("scenario.json")["scenarios"]
 
 
+@cache
+def generator() -> Any:
+    """specs/make_vectors.py as a module: its state_json says what a scenario expects."""
+    spec = importlib.util.spec_from_file_location("make_vectors", SPECS / "make_vectors.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def state_of(replica: Replica) -> dict[str, Any]:
-    book = replica.book()
-
-    def levels(side: Any) -> list[dict[str, Any]]:
-        return [
-            {
-                "price": lv.price,
-                "quantity": lv.quantity,
-                "orders": [
-                    {"order_id": o.order_id.hex(), "remaining": o.remaining} for o in lv.orders
-                ],
-            }
-            for lv in side
-        ]
-
-    return {
-        "total_order": [op.id.hex() for op in replica.ops()],
-        "heads": [i.hex() for i in replica.heads()],
-        "fills": [
-            {
-                "taker": f.taker.hex(),
-                "maker": f.maker.hex(),
-                "price": f.price,
-                "quantity": f.quantity,
-                "taker_side": f.taker_side,
-                "taker_author": f.taker_author.hex(),
-                "maker_author": f.maker_author.hex(),
-            }
-            for f in replica.fills()
-        ],
-        "book": {"bids": levels(book.bids), "asks": levels(book.asks)},
-        "orders": [
-            {
-                "id": o.id.hex(),
-                "author": o.author.hex(),
-                "side": o.side,
-                "price": o.price,
-                "quantity": o.quantity,
-                "remaining": o.remaining,
-                "filled": o.filled,
-                "closed": o.closed,
-                "status": o.status,
-                "reason": o.reason,
-                "tif": o.tif,
-                "tag": o.tag,
-                "lamport": o.lamport,
-            }
-            for o in replica.orders()
-        ],
-        "cancels": [
-            {"id": op.id.hex(), "effective": replica.cancel_effective(op.id)}
-            for op in replica.ops()
-            if op.kind == "cancel"
-        ],
-        "digest": replica.digest().hex(),
-    }
+    return dict(generator().state_json(replica))
 
 
 def check_scenario(scenario: dict[str, Any], replica: Replica) -> None:
@@ -348,11 +304,7 @@ def test_missing_ops_walk() -> None:
 def test_generator_reproduces_committed_vectors() -> None:
     """specs/make_vectors.py, run now, writes exactly the committed files (no drift, no
     randomness)."""
-    spec = importlib.util.spec_from_file_location("make_vectors", SPECS / "make_vectors.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    rendered = module.render()
+    rendered = generator().render()
     assert sorted(rendered) == sorted(p.name for p in VECTORS.glob("*.json"))
     for name, text in rendered.items():
         assert (VECTORS / name).read_text(encoding="utf-8") == text, name
