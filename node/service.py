@@ -39,11 +39,12 @@ FLUSH_DELAY: Final = 0.002
 #: Under load a node publishes at most one gossip message per market per interval (idle, an op
 #: goes out at once; busy, batches grow instead of the message rate). The interval is this much
 #: per peer on the topic, so the whole network's message rate stays near a fixed budget
-#: (~1 / PUBLISH_INTERVAL_PER_PEER, here ~17 msg/s) as it grows. Measured on 5 nodes at
-#: 500 ops/s (bench/bench_network.py): a 100 ms interval (~50 msg/s network-wide) left p50 at
-#: 2.7 s with ops lost to gossip; 250 ms gave p50 236 ms with every op delivered. py-libp2p
-#: spends milliseconds of CPU per message per node, each message reaching each node ~D times.
-PUBLISH_INTERVAL_PER_PEER: Final = 0.06
+#: (~1 / PUBLISH_INTERVAL_PER_PEER, here ~25 msg/s) as it grows. py-libp2p spends milliseconds
+#: of CPU per message per node, each message reaching each node ~D times. Measured with 5 nodes
+#: (bench/bench_network.py phases, 2 cores): 120 / 160 / 240 ms intervals gave p99 326 / 274 /
+#: 661 ms at 500 ops/s and converged 2.5 / 2.2 / 8.8 s after 10 s at 1,000 ops/s; 100 ms with
+#: the earlier, slower validator lost ops to gossip for seconds.
+PUBLISH_INTERVAL_PER_PEER: Final = 0.04
 PUBLISH_INTERVAL_MIN: Final = 0.05
 PUBLISH_INTERVAL_MAX: Final = 1.0
 #: Default: adapt to the topic's peers (a number > 0 fixes the interval).
