@@ -61,16 +61,14 @@ R_NONE, R_CANCELLED, R_IOC, R_FOK, R_POST_ONLY, R_SELF_TRADE = range(6)
 
 _BID, _ASK = 0, 1
 
-# Journal instructions: each tuple reverses one mutation.
-_J_DEL_ORDER = 0  # (op, order_id)
-_J_RESTORE = 1  # (op, order, remaining, filled, closed, status, reason)
-_J_PUSH_FRONT = 2  # (op, level, order)          undo taking an order off the front of a level
-_J_POP_BACK = 3  # (op, level)                    undo resting an order at the back
-_J_DEL_LEVEL = 4  # (op, side, price)             undo creating a level
-_J_PUT_LEVEL = 5  # (op, side, price, level)      undo removing a level
-_J_DEL_FILL = 6  # (op,)                          undo appending a fill
-_J_DEL_CANCEL = 7  # (op, cancel_id)              undo recording a cancel's outcome
-_J_LIVE = 8  # (op, level)                        undo an order at the level going dead
+# Journal records. A journal is one flat list per op: each record's arguments, then its code,
+# read backwards by undo. What an op did to its own order or cancel record, and resting its own
+# order, is not journaled: undo reads it off the op and the order.
+_J_RESTORE = 1  # order, remaining, filled, closed, status, reason: restore a maker's state
+_J_PUSH_FRONT = 2  # level, order: undo taking an order off the front of a level
+_J_PUT_LEVEL = 5  # side, price, level: undo removing a level
+_J_DEL_FILL = 6  # (no arguments): undo appending a fill
+_J_LIVE = 8  # level: undo an order at the level going dead
 
 
 class Fill(NamedTuple):

@@ -451,11 +451,13 @@ class _Connection:
         async with self._send_lock:
             await self._stream.send_all(data)
 
-    async def run(self) -> None:
+    async def _next_request(self) -> _Request | None:
+        """The next well-formed request; malformed and oversize lines are answered here with
+        their error. None when the client closed the connection."""
         while True:
             line = await self._reader.next_line()
             if line is None:
-                return
+                return None
             if isinstance(line, _Oversize):
                 await self._send(_encode(_oversize_error()))
                 continue
@@ -465,6 +467,13 @@ class _Connection:
             if isinstance(request, dict):
                 await self._send(_encode(request))
                 continue
+            return request
+
+    async def run(self) -> None:
+        while True:
+            request = await self._next_request()
+            if request is None:
+                return
             if request.method == WATCH_METHOD:
                 if await self._watch(request):
                     return
@@ -543,18 +552,9 @@ class _Connection:
         """Answer requests sent on a watching connection; end the stream when the client leaves."""
         try:
             while True:
-                line = await self._reader.next_line()
-                if line is None:
-                    return
-                if isinstance(line, _Oversize):
-                    await self._send(_encode(_oversize_error()))
-                    continue
-                request = _parse(line)
+                request = await self._next_request()
                 if request is None:
-                    continue
-                if isinstance(request, dict):
-                    await self._send(_encode(request))
-                    continue
+                    return
                 await self._send(
                     _encode(
                         _error(

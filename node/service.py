@@ -1,15 +1,20 @@
 """The node's heart: replicas fed from gossip, sync and the owner, kept durable.
 
-Every op that reaches the node, whatever the path, goes through :meth:`NodeService.ingest`:
+Every op that reaches the node is handled in two steps:
 
-    id = sha256(bytes) -> known? stop (no decode, no verify)
-    decode + verify (once; in a worker thread for large batches: PyNaCl releases the GIL)
-    apply to the replica (idempotent; parents missing -> pending)
-    persist (group commit) -> only then is it acknowledged or forwarded
+    prepare: id = sha256(bytes) -> known, pending or queued? stop (no decode, no verify);
+             decode + verify once (worker threads for large batches: PyNaCl releases the GIL)
+    commit:  apply to the replica (idempotent; parents missing -> pending), persist
 
-Gossip is best effort: the node batches its own ops into gossip messages of up to
-``MAX_BATCH_OPS`` ops, flushed ``FLUSH_DELAY`` after the first one; the sync protocol
-(node.sync) is what guarantees every op reaches every peer.
+Sync frames go through prepare then commit. Gossip takes a fast path, because libp2p validates
+one message at a time per peer: its validator runs prepare, judges each op against the applied
+log without applying it (``Replica.precheck``), persists, and only then accepts (forwards); an
+apply task per market applies the queued ops in batches. Own ops are applied at once and
+persisted before the owner gets an answer.
+
+Gossip is best effort: the node batches its own ops into gossip messages, paced by the number of
+topic peers under load; the sync protocol (node.sync) is what guarantees every op reaches every
+peer.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -33,6 +38,9 @@ from .wire import MAX_BATCH_OPS, WireError, decode_batch, encode_batch
 __all__ = ["IngestResult", "MarketState", "NodeService"]
 
 logger = logging.getLogger("crdtbook.node")
+
+#: ``await publish(topic, data)``: gossip one message (the network layer's publish).
+PublishFn = Callable[[str, bytes], Awaitable[None]]
 
 #: How long the first op of a gossip batch waits for company (ops submitted together).
 FLUSH_DELAY: Final = 0.002
@@ -272,10 +280,6 @@ class NodeService:
 
     # -- ingest ------------------------------------------------------------------------------
 
-    async def ingest(self, ms: MarketState, raws: list[bytes], source: str) -> IngestResult:
-        """Verify (once), apply and persist ops from ``source``; see the module docstring."""
-        return await self.commit(ms, await self.prepare(ms, raws), source)
-
     async def prepare(self, ms: MarketState, raws: list[bytes]) -> Prepared:
         """First half of ingest: skip known ops, decode and verify the rest (no state change
         but remembering invalid bytes), so a caller can verify one batch while the previous
@@ -473,9 +477,3 @@ class NodeService:
             if watcher in ms.watchers:
                 ms.watchers.remove(watcher)
             watcher.send.close()
-
-
-class PublishFn:
-    """Type of the publish callback: ``await publish(topic, data)``."""
-
-    async def __call__(self, topic: str, data: bytes) -> None: ...
