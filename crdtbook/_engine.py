@@ -1,18 +1,29 @@
-"""Price-time priority matching with an undo journal.
+"""Price-time priority matching with an undo tape.
 
 The engine sees ops one at a time in the total order and keeps the matched book. Every mutation
-it makes is written to the journal of the op being processed, as the instruction that reverses it,
-so the replica can rewind the last k ops in O(k) when a late op sorts before them, and replay.
+an op makes to something other than its own order is pushed on the undo tape (one flat list for
+the whole engine, a stack), as the instruction that reverses it, so the replica can rewind the
+last k ops in O(k) when a late op sorts before them, and replay. The caller remembers where each
+op's records start (``len(engine.tape)`` before ``process``) and passes it back to ``undo``.
 
 Data structures and costs (n resting orders, L price levels, m orders at one level):
 
-- per side, ``levels: dict[price, _Level]`` (a deque of orders in time priority and a count of
-  the live ones), and ``prices: SortedList`` of the prices that have a live order. Best price:
-  O(1). New level: O(log L). Resting at an existing level: O(1). Taking from the front: O(1).
-  Cancelling: O(1): the order is marked dead where it stands and dropped when matching reaches
-  it (or with its level, once no live order is left there), so a long level never gets scanned.
+- per side, ``levels: dict[price, _Level]`` (a deque of orders in time priority that also
+  counts its live ones), and ``prices: SortedList`` of the prices that have a live order. Best
+  price: O(1). New level: O(log L). Resting at an existing level: O(1). Taking from the front:
+  O(1). Cancelling: O(1): the order is marked dead where it stands and dropped when matching
+  reaches it (or with its level, once no live order is left there), so a long level never gets
+  scanned.
 - ``orders: dict[order id, _Order]``: every order ever seen, with its state.
-- ``fills: list[Fill]`` in execution order.
+- ``fills: list[tuple]`` in execution order, as plain ``(taker, maker, price, quantity)``
+  tuples: the cyclic GC stops tracking a tuple of bytes and ints after its first look at it,
+  where it would track a ``Fill`` (a tuple subclass) for ever. ``fill_views`` builds ``Fill``s.
+
+Why it is shaped like this: the in-order path runs once per op on every node, and the cyclic
+GC's cost grows with the number of container objects each op leaves behind, so an op leaves as
+few as it can: one ``_Order`` (orders) and one plain tuple per fill. Its undo records go on the
+shared tape rather than into a list of its own, which would be a tracked object per op (and
+56 bytes of header).
 
 Matching rules (specs/protocol.md, "Matching"):
   trades happen at the resting order's price; partial fills; a GTC remainder rests; an IOC
@@ -61,14 +72,15 @@ R_NONE, R_CANCELLED, R_IOC, R_FOK, R_POST_ONLY, R_SELF_TRADE = range(6)
 
 _BID, _ASK = 0, 1
 
-# Journal records. A journal is one flat list per op: each record's arguments, then its code,
-# read backwards by undo. What an op did to its own order or cancel record, and resting its own
-# order, is not journaled: undo reads it off the op and the order.
-_J_RESTORE = 1  # order, remaining, filled, closed, status, reason: restore a maker's state
-_J_PUSH_FRONT = 2  # level, order: undo taking an order off the front of a level
-_J_PUT_LEVEL = 5  # side, price, level: undo removing a level
-_J_DEL_FILL = 6  # (no arguments): undo appending a fill
-_J_LIVE = 8  # level: undo an order at the level going dead
+# Undo records on the tape: each record's arguments, then its code, read backwards by undo. A
+# maker's state before a record is implied by its state after it (a live order has closed == 0
+# and reason R_NONE; its status is OPEN or PARTIALLY_FILLED as its filled quantity says), so a
+# record holds only what cannot be read back.
+_J_FILL: Final = 1  # maker, quantity: a fill that left the maker resting
+_J_FILL_POP: Final = 2  # maker, quantity: a fill that completed the maker (taken off its level)
+_J_SELF_TRADE: Final = 3  # maker: expired by self-trade prevention (taken off its level)
+_J_DEAD_POP: Final = 4  # maker: a cancelled order dropped from the front of its level
+_J_PUT_LEVEL: Final = 5  # level: the level was removed when its last live order went
 
 
 class Fill(NamedTuple):
@@ -84,54 +96,54 @@ class Fill(NamedTuple):
 
 
 class _Order:
-    """Mutable engine-side state of one order (the public view is ``OrderState``)."""
+    """Mutable engine-side state of one order (the public view is ``OrderState``). What never
+    changes and the engine does not match on (quantity, tif, tag, Lamport time) is read from
+    ``op``."""
 
     __slots__ = (
         "author",
         "closed",
         "filled",
         "id",
-        "lamport",
+        "op",
         "price",
-        "quantity",
         "reason",
         "remaining",
         "side",
         "status",
-        "tag",
-        "tif",
     )
 
-    def __init__(self, op: Op, body: OrderBody) -> None:
+    def __init__(self, op: Op, side: int, price: int) -> None:
+        self.op = op
         self.id = op.id
         self.author = op.author
-        self.lamport = op.lamport
-        self.side = _BID if body.side == BUY else _ASK
-        self.price = body.price
-        self.quantity = body.quantity
-        self.tif = body.tif
-        self.tag = body.tag
+        self.side = side
+        self.price = price
         self.remaining = 0  # resting quantity
         self.filled = 0
         self.closed = 0  # cancelled, expired or rejected quantity
         self.status = OPEN
         self.reason = R_NONE
 
+    @property
+    def body(self) -> OrderBody:
+        return self.op.body  # type: ignore[return-value]
 
-_new_fill = tuple.__new__
 
+class _Level(deque[_Order]):
+    """Orders at one price in time priority; dead ones (cancelled) may remain until reached.
+    ``live`` counts the others: the level exists while it is positive."""
 
-class _Level:
-    """Orders at one price in time priority; dead ones (cancelled) may remain until reached."""
+    __slots__ = ("live", "price", "side")
 
-    __slots__ = ("live", "queue")
-
-    def __init__(self) -> None:
-        self.queue: deque[_Order] = deque()
+    def __init__(self, side: int, price: int) -> None:
+        super().__init__()
+        self.side = side
+        self.price = price
         self.live = 0
 
     def orders(self) -> list[_Order]:
-        return [o for o in self.queue if o.status <= PARTIALLY_FILLED]
+        return [o for o in self if o.status <= PARTIALLY_FILLED]
 
 
 class Engine:
@@ -139,95 +151,81 @@ class Engine:
 
     def __init__(self) -> None:
         self.orders: dict[bytes, _Order] = {}
-        self.fills: list[Fill] = []
+        self.fills: list[tuple[bytes, bytes, int, int]] = []
         #: cancel op id -> True if it removed a rest, False if the order was already finished.
         self.cancels: dict[bytes, bool] = {}
         self.levels: tuple[dict[int, _Level], dict[int, _Level]] = ({}, {})
         self.prices: tuple[SortedList, SortedList] = (SortedList(), SortedList())
+        #: Best bid and best ask (None: no level), kept with ``prices``: reading a SortedList's
+        #: end is a Python call, and every order asks whether it crosses.
+        self.best: list[int | None] = [None, None]
+        #: Undo records of the processed ops, last op's last; see the module docstring.
+        self.tape: list[Any] = []
 
     # -- forward -----------------------------------------------------------------------------
 
-    def process(self, op: Op) -> list[Any] | None:
-        """Apply one op that sorts after everything processed so far; return its undo journal:
-        what it did to other orders, levels and fills, flat (each record's arguments, then its
-        code), or None when it did nothing there. What it did to its own order or cancel record,
-        and resting its own order, ``undo`` reads off the op and the order."""
+    def process(self, op: Op) -> None:
+        """Apply one op that sorts after everything processed so far, pushing on the tape how to
+        undo what it did to other orders, levels and fills. What it did to its own order or
+        cancel record, ``undo`` reads off the op and the order."""
         body = op.body
         if type(body) is OrderBody:
-            return self._order(op, body)
-        return self._cancel(op, body)  # type: ignore[arg-type]
-
-    def _order(self, op: Op, body: OrderBody) -> list[Any] | None:
-        taker = _Order(op, body)
-        self.orders[taker.id] = taker
-        side = taker.side
-        opp = 1 - side
-        opp_prices = self.prices[opp]
-        limit = taker.price
-        # Is the best opposing price within the taker's limit?
-        if opp_prices:
-            best = opp_prices[0] if opp == _ASK else opp_prices[-1]
-            crosses = best <= limit if side == _BID else best >= limit
+            self._order(op, body)
         else:
-            crosses = False
+            self._cancel(op, body)  # type: ignore[arg-type]
 
+    def _order(self, op: Op, body: OrderBody) -> None:
+        side = _BID if body.side == BUY else _ASK
+        limit = body.price
+        taker = _Order(op, side, limit)
+        self.orders[taker.id] = taker
+        # Is the best opposing price within the taker's limit?
+        if side == _BID:
+            best = self.best[_ASK]
+            crosses = best is not None and best <= limit
+        else:
+            best = self.best[_BID]
+            crosses = best is not None and best >= limit
         tif = body.tif
+        quantity = body.quantity
         if not crosses:
             if tif == IOC:
-                self._close(taker, taker.quantity, EXPIRED, R_IOC)
+                taker.closed, taker.status, taker.reason = quantity, EXPIRED, R_IOC
             elif tif == FOK:
-                self._close(taker, taker.quantity, EXPIRED, R_FOK)
+                taker.closed, taker.status, taker.reason = quantity, EXPIRED, R_FOK
             else:
-                self._rest(taker, taker.quantity)
-            return None
+                self._rest(taker, quantity)
+            return
         if tif == POST_ONLY:
-            self._close(taker, taker.quantity, REJECTED, R_POST_ONLY)
-            return None
-        if tif == FOK and not self._can_fill(taker):
-            self._close(taker, taker.quantity, EXPIRED, R_FOK)
-            return None
-
-        journal: list[Any] = []
-        remaining = self._match(taker, journal)
+            taker.closed, taker.status, taker.reason = quantity, REJECTED, R_POST_ONLY
+            return
+        if tif == FOK and not self._can_fill(taker, quantity):
+            taker.closed, taker.status, taker.reason = quantity, EXPIRED, R_FOK
+            return
+        remaining = self._match(taker, quantity)
         if remaining == 0:
             taker.status = FILLED
         elif tif == IOC:
-            self._close(taker, remaining, EXPIRED, R_IOC)
+            taker.closed, taker.status, taker.reason = remaining, EXPIRED, R_IOC
         else:  # GTC (FOK was checked to fill completely, POST_ONLY never reaches here)
             self._rest(taker, remaining)
-        return journal or None
-
-    def _close(self, order: _Order, quantity: int, status: int, reason: int) -> None:
-        # Only for the taker being processed: it is new in this op, so undo deletes it whole.
-        order.closed = quantity
-        order.status = status
-        order.reason = reason
 
     def _rest(self, order: _Order, quantity: int) -> None:
         # The last thing an op does; undo sees it on the order (remaining > 0) and reverses it.
         order.remaining = quantity
-        order.status = PARTIALLY_FILLED if order.filled else OPEN
+        if order.filled:
+            order.status = PARTIALLY_FILLED
         side = order.side
         levels = self.levels[side]
         level = levels.get(order.price)
         if level is None:
-            level = levels[order.price] = _Level()
-            self.prices[side].add(order.price)
-        level.queue.append(order)
+            level = levels[order.price] = _Level(side, order.price)
+            self._add_price(side, order.price)
+        level.append(order)
         level.live += 1
 
-    def _went_dead(self, side: int, price: int, level: _Level, journal: list[Any]) -> None:
-        """One order at ``level`` stopped being live; drop the level when none is left."""
-        level.live -= 1
-        journal += (level, _J_LIVE)
-        if level.live == 0:
-            del self.levels[side][price]
-            self.prices[side].remove(price)
-            journal += (side, price, level, _J_PUT_LEVEL)
-
-    def _can_fill(self, taker: _Order) -> bool:
+    def _can_fill(self, taker: _Order, need: int) -> bool:
         """FOK: is there enough liquidity from other authors within the limit?"""
-        need = taker.quantity
         opp = 1 - taker.side
         levels = self.levels[opp]
         prices = self.prices[opp]
@@ -235,149 +233,180 @@ class Engine:
         for price in walk:
             if (price > taker.price) if opp == _ASK else (price < taker.price):
                 break
-            for maker in levels[price].queue:
+            for maker in levels[price]:
                 if maker.status <= PARTIALLY_FILLED and maker.author != taker.author:
                     need -= maker.remaining
                     if need <= 0:
                         return True
         return False
 
-    def _match(self, taker: _Order, journal: list[Any]) -> int:
-        """Take liquidity; returns the taker's unfilled quantity."""
-        remaining = taker.quantity
+    def _match(self, taker: _Order, remaining: int) -> int:
+        """Take liquidity, best level first; returns the taker's unfilled quantity."""
         opp = 1 - taker.side
         levels = self.levels[opp]
-        prices = self.prices[opp]
-        fills = self.fills
-        while remaining and prices:
-            price = prices[0] if opp == _ASK else prices[-1]
-            if (price > taker.price) if opp == _ASK else (price < taker.price):
+        ask = opp == _ASK
+        limit = taker.price
+        author = taker.author
+        taker_id = taker.id
+        add_fill = self.fills.append
+        record = self.tape.extend
+        filled = 0
+        best = self.best
+        while remaining:
+            price = best[opp]
+            if price is None or ((price > limit) if ask else (price < limit)):
                 break
             level = levels[price]
-            queue = level.queue
-            maker = queue[0]
-            if maker.status > PARTIALLY_FILLED:  # cancelled where it stood: drop it now
-                queue.popleft()
-                journal += (level, maker, _J_PUSH_FRONT)
-                continue
-            journal += (
-                maker,
-                maker.remaining,
-                maker.filled,
-                maker.closed,
-                maker.status,
-                maker.reason,
-                _J_RESTORE,
-            )
-            if maker.author == taker.author:
-                # Self-trade prevention: expire the resting order, keep matching.
-                maker.closed += maker.remaining
-                maker.remaining = 0
-                maker.status = EXPIRED
-                maker.reason = R_SELF_TRADE
-            else:
-                quantity = min(remaining, maker.remaining)
-                remaining -= quantity
-                taker.filled += quantity
-                maker.filled += quantity
-                maker.remaining -= quantity
-                maker.status = FILLED if maker.remaining == 0 else PARTIALLY_FILLED
-                fills.append(
-                    _new_fill(
-                        Fill,
-                        (
-                            taker.id,
-                            maker.id,
-                            price,
-                            quantity,
-                            "buy" if taker.side == _BID else "sell",
-                            taker.author,
-                            maker.author,
-                        ),
-                    )
-                )
-                journal.append(_J_DEL_FILL)
-            if maker.remaining == 0:
-                queue.popleft()
-                journal += (level, maker, _J_PUSH_FRONT)
-                self._went_dead(opp, price, level, journal)
+            while True:  # this level, front first, while it has live orders and we have need
+                maker = level[0]
+                if maker.status > PARTIALLY_FILLED:  # cancelled where it stood: drop it now
+                    level.popleft()
+                    record((maker, _J_DEAD_POP))
+                    continue
+                if maker.author == author:
+                    # Self-trade prevention: expire the resting order, keep matching.
+                    maker.closed = maker.remaining
+                    maker.remaining = 0
+                    maker.status = EXPIRED
+                    maker.reason = R_SELF_TRADE
+                    level.popleft()
+                    record((maker, _J_SELF_TRADE))
+                else:
+                    available = maker.remaining
+                    if remaining < available:
+                        maker.remaining = available - remaining
+                        maker.filled += remaining
+                        maker.status = PARTIALLY_FILLED
+                        add_fill((taker_id, maker.id, price, remaining))
+                        record((maker, remaining, _J_FILL))
+                        filled += remaining
+                        remaining = 0
+                        break  # the maker rests on: so does the level
+                    maker.remaining = 0
+                    maker.filled += available
+                    maker.status = FILLED
+                    level.popleft()
+                    add_fill((taker_id, maker.id, price, available))
+                    record((maker, available, _J_FILL_POP))
+                    filled += available
+                    remaining -= available
+                level.live -= 1
+                if not level.live:
+                    del levels[price]
+                    self._remove_price(opp, price)
+                    record((level, _J_PUT_LEVEL))
+                    break
+                if not remaining:
+                    break
+        taker.filled = filled
         return remaining
 
-    def _cancel(self, op: Op, body: CancelBody) -> list[Any] | None:
+    def _cancel(self, op: Op, body: CancelBody) -> None:
         order = self.orders[body.order_id]  # validity guarantees it exists and precedes the cancel
-        effective = order.status in (OPEN, PARTIALLY_FILLED)
+        effective = order.status <= PARTIALLY_FILLED
         self.cancels[op.id] = effective
         if not effective:
-            return None
-        journal: list[Any] = [
-            order,
-            order.remaining,
-            order.filled,
-            order.closed,
-            order.status,
-            order.reason,
-            _J_RESTORE,
-        ]
-        order.closed += order.remaining
+            return
+        order.closed = order.remaining
         order.remaining = 0
         order.status = CANCELLED
         order.reason = R_CANCELLED
         side, price = order.side, order.price
-        self._went_dead(side, price, self.levels[side][price], journal)
-        return journal
+        level = self.levels[side][price]
+        level.live -= 1
+        if not level.live:
+            del self.levels[side][price]
+            self._remove_price(side, price)
+            self.tape += (level, _J_PUT_LEVEL)
+
+    def _add_price(self, side: int, price: int) -> None:
+        self.prices[side].add(price)
+        best = self.best[side]
+        if best is None or (price > best if side == _BID else price < best):
+            self.best[side] = price
+
+    def _remove_price(self, side: int, price: int) -> None:
+        prices = self.prices[side]
+        prices.remove(price)
+        if price == self.best[side]:
+            self.best[side] = (prices[-1] if side == _BID else prices[0]) if prices else None
 
     # -- backward ----------------------------------------------------------------------------
 
-    def undo(self, op: Op, journal: list[Any] | None) -> None:
-        """Reverse one op. Ops must be undone last first, exactly as they were processed."""
-        if type(op.body) is not OrderBody:
-            if journal:
-                self._undo_journal(journal)
-            del self.cancels[op.id]
+    def undo(self, op: Op, start: int) -> None:
+        """Reverse one op, the last one processed (and not undone) whose records begin at
+        ``tape[start]``. Ops must be undone last first, exactly as they were processed."""
+        body = op.body
+        if type(body) is not OrderBody:
+            if len(self.tape) > start:
+                self._undo_records(start)
+            if self.cancels.pop(op.id):
+                order = self.orders[body.order_id]  # type: ignore[union-attr]
+                order.remaining = order.closed
+                order.closed = 0
+                order.status = PARTIALLY_FILLED if order.filled else OPEN
+                order.reason = R_NONE
+                self.levels[order.side][order.price].live += 1
             return
-        order = self.orders[op.id]
+        order = self.orders.pop(op.id)
         if order.remaining:  # the op's last step rested its order at the back of a level
             levels = self.levels[order.side]
             level = levels[order.price]
-            level.queue.pop()
+            level.pop()
             level.live -= 1
             if not level.live:  # live levels have a live order: this one made the level
                 del levels[order.price]
-                self.prices[order.side].remove(order.price)
-        if journal:
-            self._undo_journal(journal)
-        del self.orders[op.id]
+                self._remove_price(order.side, order.price)
+        if len(self.tape) > start:
+            self._undo_records(start)
 
-    def _undo_journal(self, journal: list[Any]) -> None:
+    def _undo_records(self, start: int) -> None:
+        """Undo the tape's records from its end back to ``start``, and drop them."""
+        levels, fills = self.levels, self.fills
+        journal = self.tape
         i = len(journal)
-        while i:
-            i -= 1
-            code = journal[i]
-            if code == _J_DEL_FILL:
-                self.fills.pop()
-            elif code == _J_RESTORE:
-                i -= 6
-                order = journal[i]
-                (
-                    order.remaining,
-                    order.filled,
-                    order.closed,
-                    order.status,
-                    order.reason,
-                ) = journal[i + 1 : i + 6]
-            elif code == _J_PUSH_FRONT:
-                i -= 2
-                journal[i].queue.appendleft(journal[i + 1])
-            elif code == _J_LIVE:
-                i -= 1
-                journal[i].live += 1
-            elif code == _J_PUT_LEVEL:
+        while i > start:
+            code = journal[i - 1]
+            if code == _J_FILL:  # the maker kept resting: only its quantities change back
+                maker, quantity = journal[i - 3], journal[i - 2]
                 i -= 3
-                side, price, level = journal[i], journal[i + 1], journal[i + 2]
-                self.levels[side][price] = level
-                self.prices[side].add(price)
+                maker.remaining += quantity
+                maker.filled -= quantity
+                maker.status = PARTIALLY_FILLED if maker.filled else OPEN
+                fills.pop()
+                continue
+            if code == _J_PUT_LEVEL:
+                level = journal[i - 2]
+                i -= 2
+                levels[level.side][level.price] = level
+                self._add_price(level.side, level.price)
+                continue
+            # The rest took the maker off the front of its level: put it back there.
+            if code == _J_FILL_POP:
+                maker, quantity = journal[i - 3], journal[i - 2]
+                i -= 3
+                maker.remaining = quantity
+                maker.filled -= quantity
+                maker.status = PARTIALLY_FILLED if maker.filled else OPEN
+                fills.pop()
+            elif code == _J_SELF_TRADE:
+                maker = journal[i - 2]
+                i -= 2
+                maker.remaining = maker.closed
+                maker.closed = 0
+                maker.status = PARTIALLY_FILLED if maker.filled else OPEN
+                maker.reason = R_NONE
+            elif code == _J_DEAD_POP:  # it stays dead: not counted live
+                maker = journal[i - 2]
+                i -= 2
+                levels[maker.side][maker.price].appendleft(maker)
+                continue
             else:  # pragma: no cover - journal entries are only written above
                 raise AssertionError(f"unknown journal code {code!r}")
+            level = levels[maker.side][maker.price]
+            level.appendleft(maker)
+            level.live += 1
+        del journal[start:]
 
     # -- views -------------------------------------------------------------------------------
 
@@ -389,3 +418,22 @@ class Engine:
         levels = self.levels[side]
         picked = [prices[-1 - i] for i in range(count)] if side == _BID else prices[:count]
         return [(price, levels[price].orders()) for price in picked]
+
+    def fill_views(self, start: int = 0) -> tuple[Fill, ...]:
+        """The fills from ``start`` on, as ``Fill``s (side and authors read off the orders)."""
+        orders = self.orders
+        views = []
+        for taker_id, maker_id, price, quantity in self.fills[start:]:
+            taker = orders[taker_id]
+            views.append(
+                Fill(
+                    taker_id,
+                    maker_id,
+                    price,
+                    quantity,
+                    "buy" if taker.side == _BID else "sell",
+                    taker.author,
+                    orders[maker_id].author,
+                )
+            )
+        return tuple(views)

@@ -14,9 +14,10 @@ Costs (n applied ops):
 
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Final, NamedTuple
+from typing import Final, NamedTuple
 
 from ._engine import Engine, Fill
 from ._errors import BadCancel, InvalidOp, InvalidParent, PendingFull, WrongMarket
@@ -41,10 +42,6 @@ def _order_key(op: Op) -> tuple[int, bytes]:
     return (op.lamport, op.id)
 
 
-#: The undo journal of one matched op (see ``_engine``); None when it touched nothing else.
-Journal = list[Any]
-
-
 class ApplyReport(NamedTuple):
     """What one ``apply_many`` call did."""
 
@@ -66,8 +63,10 @@ class Replica:
         self.max_pending = max_pending
         self._applied: dict[bytes, Op] = {}
         self._order: list[Op] = []  # applied ops in total order
-        self._journals: list[Journal | None] = []  # undo journal of each, once matched
         self._matched = 0  # how many of _order the engine has processed
+        #: Where each matched op's undo records begin on the engine's tape (8 bytes per op, and
+        #: no object: an array, not a list of ints).
+        self._marks = array("q")
         self._engine = Engine()
         self._heads: set[bytes] = set()
         self._pending: dict[bytes, Op] = {}
@@ -98,16 +97,17 @@ class Replica:
         op = self._accept(item)
         if op is None:
             return []
-        applied_ops = self._applied
-        for parent in op.parents:
-            if parent not in applied_ops:
-                self._wait(op, [p for p in op.parents if p not in applied_ops])
-                return []
         applied: list[Op] = []
         try:
-            self._admit_and_release(op, applied)
+            if not self._admit(op):
+                self._park(op)
+                return []
+            applied.append(op)
+            if self._waiting:
+                self._release(op, applied)
         finally:
-            self._rematch()
+            if self._matched != len(self._order):
+                self._rematch()
         self.version += 1
         return applied
 
@@ -123,13 +123,13 @@ class Replica:
                     op = self._accept(item)
                     if op is None:
                         duplicates += 1
-                        continue
-                    missing = [p for p in op.parents if p not in self._applied]
-                    if missing:
-                        self._wait(op, missing)
-                        pending += 1
+                    elif self._admit(op):
+                        applied.append(op)
+                        if self._waiting:
+                            self._release(op, applied)
                     else:
-                        self._admit_and_release(op, applied)
+                        self._park(op)
+                        pending += 1
                 except InvalidOp as exc:
                     if _raise:
                         raise
@@ -146,11 +146,11 @@ class Replica:
 
     def _accept(self, item: Op | bytes) -> Op | None:
         """Decode if needed; None for an op already known."""
-        if isinstance(item, Op):
+        if type(item) is Op:
             op = item
             ident = op.id
         else:
-            raw = bytes(item)
+            raw = bytes(item)  # type: ignore[arg-type]
             ident = op_id(raw)
             if ident in self._applied or ident in self._pending:
                 return None  # known: no decode, no second signature check
@@ -166,9 +166,10 @@ class Replica:
                 raise
         if ident in self._applied or ident in self._pending:
             return None
-        known_bad = self._invalid.get(ident)
-        if known_bad is not None:
-            raise type(known_bad)(str(known_bad))
+        if self._invalid:
+            known_bad = self._invalid.get(ident)
+            if known_bad is not None:
+                raise type(known_bad)(str(known_bad))
         if op.market_id != self.market.id:
             wrong = WrongMarket(
                 f"op is for market {op.market_id.hex()[:16]}, this replica is "
@@ -176,13 +177,6 @@ class Replica:
             )
             self._reject_pending_descendants(ident, wrong)
             raise wrong
-        applied = self._applied
-        for parent in op.parents:
-            # An applied parent is valid; only an absent one can be known invalid.
-            if parent not in applied and parent in self._invalid:
-                bad_parent = InvalidParent("a parent of this op is invalid")
-                self._reject_pending_descendants(ident, bad_parent)
-                raise bad_parent
         return op
 
     def precheck(self, op: Op) -> bool:
@@ -192,16 +186,21 @@ class Replica:
         Changes nothing."""
         if op.market_id != self.market.id:
             raise WrongMarket(f"op is not for market {self.market.name}")
-        applied = self._applied
-        for parent in op.parents:
-            if parent not in applied:
-                if parent in self._invalid:
-                    raise InvalidParent("a parent of this op is invalid")
-                return False
-        check_in_context(op, applied, self._unique_at_seq)
-        return True
+        if check_in_context(op, self._applied, self._unique_at_seq):
+            return True
+        if any(p in self._invalid for p in op.parents if p not in self._applied):
+            raise InvalidParent("a parent of this op is invalid")
+        return False
 
-    def _wait(self, op: Op, missing: list[bytes]) -> None:
+    def _park(self, op: Op) -> None:
+        """``op`` has parents that are not applied: refuse it if one is known invalid, else keep
+        it pending until they arrive."""
+        applied = self._applied
+        missing = [p for p in op.parents if p not in applied]
+        if any(p in self._invalid for p in missing):
+            bad_parent = InvalidParent("a parent of this op is invalid")
+            self._reject_pending_descendants(op.id, bad_parent)
+            raise bad_parent
         if len(self._pending) >= self.max_pending:
             raise PendingFull(
                 f"{len(self._pending)} ops already wait for parents; offer this one again later"
@@ -210,12 +209,8 @@ class Replica:
         for parent in missing:
             self._waiting.setdefault(parent, []).append(op.id)
 
-    def _admit_and_release(self, op: Op, applied: list[Op]) -> None:
-        """Admit ``op`` (parents all applied), then every pending op it unblocks."""
-        self._admit(op)  # raises InvalidOp for the caller's own op
-        applied.append(op)
-        if not self._waiting:
-            return  # nothing pending: the common case
+    def _release(self, op: Op, applied: list[Op]) -> None:
+        """Admit every pending op that ``op`` (just admitted) unblocks, and theirs in turn."""
         ready = [op.id]
         while ready:
             for child_id in self._waiting.pop(ready.pop(), ()):
@@ -231,9 +226,13 @@ class Replica:
                 applied.append(child)
                 ready.append(child_id)
 
-    def _admit(self, op: Op) -> None:
+    def _admit(self, op: Op) -> bool:
+        """Judge ``op`` and, when valid, add it to the log, matching it at once when it sorts
+        after everything matched (the common case). False (nothing changed): a parent is
+        missing. Raises (remembering the verdict) when it is invalid."""
         try:
-            check_in_context(op, self._applied, self._unique_at_seq)
+            if not check_in_context(op, self._applied, self._unique_at_seq):
+                return False
         except InvalidOp as exc:
             self._remember_invalid(op.id, exc)
             self._reject_pending_descendants(op.id, exc)
@@ -241,8 +240,7 @@ class Replica:
         ident = op.id
         self._applied[ident] = op
         heads = self._heads
-        for parent in op.parents:
-            heads.discard(parent)
+        heads.difference_update(op.parents)
         heads.add(ident)
         self._track_author(op)
         order = self._order
@@ -251,24 +249,28 @@ class Replica:
             after = op.lamport > last.lamport or (op.lamport == last.lamport and ident > last.id)
         else:
             after = True
-        if after:  # the common case: the op sorts after everything applied
+        if after:
             order.append(op)
-            self._journals.append(None)
-            return
+            if self._matched == len(order) - 1:  # everything before it is matched: match it
+                engine = self._engine
+                self._marks.append(len(engine.tape))
+                engine.process(op)
+                self._matched += 1
+            return True
         position = bisect_left(order, _order_key(op), key=_order_key)
         self._rewind_to(position)
         order.insert(position, op)
-        self._journals.insert(position, None)
+        return True
 
     def _track_author(self, op: Op) -> None:
         author = op.author
-        latest = self._author_latest.get(author)
-        if latest is None:
+        tip = self._author_tip.get(author)
+        if tip is None:
             self._author_latest[author] = self._author_tip[author] = op
             return
+        latest = self._author_latest[author]
         if op.lamport > latest.lamport or (op.lamport == latest.lamport and op.id > latest.id):
             self._author_latest[author] = op
-        tip = self._author_tip[author]
         # Without equivocation an author's ops form a chain and each new one extends the tip.
         if op.seq != tip.seq + 1 or tip.id not in op.parents:
             fork = self._fork_at.get(author)
@@ -312,18 +314,21 @@ class Replica:
 
     def _rewind_to(self, position: int) -> None:
         """Undo the matched ops at ``position`` and after, last first."""
-        order, journals = self._order, self._journals
+        order, marks = self._order, self._marks
         undo = self._engine.undo
         for index in range(self._matched - 1, position - 1, -1):
-            undo(order[index], journals[index])
-            journals[index] = None
-        self._matched = min(self._matched, position)
+            undo(order[index], marks[index])
+        if position < self._matched:
+            del marks[position:]
+            self._matched = position
 
     def _rematch(self) -> None:
-        order, journals = self._order, self._journals
-        process = self._engine.process
+        order, marks = self._order, self._marks
+        engine = self._engine
+        tape, process = engine.tape, engine.process
         for index in range(self._matched, len(order)):
-            journals[index] = process(order[index])
+            marks.append(len(tape))
+            process(order[index])
         self._matched = len(order)
 
     # -- authoring ---------------------------------------------------------------------------
@@ -395,7 +400,7 @@ class Replica:
 
     def fills(self, start: int = 0) -> Sequence[Fill]:
         """Fills in execution order (``start``: skip the first ones)."""
-        return tuple(self._engine.fills[start:])
+        return self._engine.fill_views(start)
 
     @property
     def order_count(self) -> int:
@@ -415,7 +420,7 @@ class Replica:
         """Every order (or one author's), in the total order."""
         return [
             order_state(o)
-            for o in sorted(self._engine.orders.values(), key=lambda o: (o.lamport, o.id))
+            for o in sorted(self._engine.orders.values(), key=lambda o: (o.op.lamport, o.id))
             if author is None or o.author == author
         ]
 

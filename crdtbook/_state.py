@@ -66,20 +66,21 @@ class OrderState(NamedTuple):
 
 
 def order_state(order: _Order) -> OrderState:
+    body = order.body
     return OrderState(
         order.id,
         order.author,
         "buy" if order.side == 0 else "sell",
         order.price,
-        order.quantity,
+        body.quantity,
         order.remaining,
         order.filled,
         order.closed,
         STATUSES[order.status],
         REASONS[order.reason],
-        order.tif,
-        order.tag,
-        order.lamport,
+        body.tif,
+        body.tag,
+        order.op.lamport,
     )
 
 
@@ -105,7 +106,7 @@ def state_digest(market_id: bytes, engine: Engine) -> bytes:
         [o.id, o.status, o.remaining, o.filled, o.closed, o.reason]
         for _, o in sorted(engine.orders.items())
     ]
-    fills = [[f.taker, f.maker, f.price, f.quantity] for f in engine.fills]
+    fills = [list(fill) for fill in engine.fills]  # taker, maker, price, quantity
     state = [_STATE_DOMAIN, market_id, side(book.bids), side(book.asks), fills, orders]
     return hashlib.sha256(cbor2.dumps(state, canonical=True)).digest()
 

@@ -29,28 +29,34 @@ def check_in_context(
     op: Op,
     applied: Mapping[bytes, Op],
     unique_at_seq: Callable[[bytes, int], bool],
-) -> None:
-    """Raise an :class:`InvalidOp` subclass unless ``op`` is valid given its (applied) parents.
+) -> bool:
+    """Judge ``op`` given its parents: raise an :class:`InvalidOp` subclass unless it is valid.
 
     Args:
-        op: an op whose parents are all in ``applied``.
-        applied: every applied op by id (a superset of the op's causal past).
+        op: the op.
+        applied: every applied op by id.
         unique_at_seq: whether the author has only one applied op at that sequence number
             (false only if the author equivocated); lets the cancel rule skip a walk.
+
+    Returns:
+        True: valid. False: some parent is not in ``applied``, so no verdict yet.
     """
-    # One pass over the parents (this runs for every op): the largest Lamport time, and the
-    # parents by the op's own author.
+    # One pass over the parents (this runs for every op): are they all here, the largest
+    # Lamport time, and the parents by the op's own author.
     top = 0
     own: Op | None = None
     own_count = 0
     author = op.author
-    for parent_id in op.parents:
-        parent = applied[parent_id]
-        if parent.lamport > top:
-            top = parent.lamport
-        if parent.author == author:
-            own = parent
-            own_count += 1
+    try:
+        for parent_id in op.parents:
+            parent = applied[parent_id]
+            if parent.lamport > top:
+                top = parent.lamport
+            if parent.author == author:
+                own = parent
+                own_count += 1
+    except KeyError:
+        return False
 
     # Lamport time: exactly one more than the largest parent's.
     if op.lamport != top + 1:
@@ -59,27 +65,30 @@ def check_in_context(
         )
 
     # Author sequence: seq 1 has no parent of its own author; seq n > 1 has exactly one, seq n-1.
-    if op.seq == 1:
+    seq = op.seq
+    if seq == 1:
         if own_count:
             raise BadSequence("an author's first op (seq 1) cannot have a parent by its author")
-    elif own_count != 1 or own is None or own.seq != op.seq - 1:
+    elif own_count != 1 or own is None or own.seq != seq - 1:
         raise BadSequence(
-            f"op with seq {op.seq} must have exactly one parent by its author, "
-            f"with seq {op.seq - 1}"
+            f"op with seq {seq} must have exactly one parent by its author, with seq {seq - 1}"
         )
 
     body = op.body
-    if isinstance(body, CancelBody):
-        _check_cancel(op, body, applied, unique_at_seq)
+    if type(body) is CancelBody:
+        _check_cancel(op, body, own, applied, unique_at_seq)
+    return True
 
 
 def _check_cancel(
     op: Op,
     body: CancelBody,
+    own: Op | None,
     applied: Mapping[bytes, Op],
     unique_at_seq: Callable[[bytes, int], bool],
 ) -> None:
-    """The target is an order by the same author on the cancel's own author chain.
+    """The target is an order by the same author on the cancel's own author chain (``own`` is
+    the cancel's parent by its author).
 
     Our rule is: following the own-author parent from the cancel, repeatedly, must reach the
     order. For an author that never equivocated this is exactly "the order is in the cancel's
@@ -90,13 +99,13 @@ def _check_cancel(
         raise BadCancel(
             f"cancel names order {body.order_id.hex()[:16]}, which is not in its causal past"
         )
-    if not isinstance(target.body, OrderBody):
+    if type(target.body) is not OrderBody:
         raise BadCancel("a cancel must name an order, not another cancel")
     if target.author != op.author:
         raise BadCancel("only an order's author can cancel it")
     if target.seq >= op.seq:
         raise BadCancel("a cancel must come after the order it cancels in its author's sequence")
-    if not on_own_chain(own_parent(op, applied), target, applied, unique_at_seq):
+    if not on_own_chain(own, target, applied, unique_at_seq):
         raise BadCancel("the order is not on the cancel's own author chain (equivocating author)")
 
 
