@@ -14,16 +14,23 @@ Data structures and costs (n resting orders, L price levels, m orders at one lev
   O(1). Cancelling: O(1): the order is marked dead where it stands and dropped when matching
   reaches it (or with its level, once no live order is left there), so a long level never gets
   scanned.
-- ``orders: dict[order id, _Order]``: every order ever seen, with its state.
+- every order ever seen, numbered in the order it was processed (which is the total order):
+  ``orders: dict[order id, number]``, and its state in columns indexed by that number: ``ids``,
+  ``ops`` and ``authors`` lists, ``remaining`` and ``filled`` int64 arrays, and ``states``, a
+  byte array of ``status | reason << 3`` (a live order has no reason, so ``state <=
+  PARTIALLY_FILLED`` exactly when it is live). Side, price and quantity are the op's; the
+  closed quantity is what neither filled nor rests. Levels hold order numbers. Undo of an
+  order op pops the last row: ops are undone last first, so the columns are stacks.
 - ``fills: list[tuple]`` in execution order, as plain ``(taker, maker, price, quantity)``
   tuples: the cyclic GC stops tracking a tuple of bytes and ints after its first look at it,
   where it would track a ``Fill`` (a tuple subclass) for ever. ``fill_views`` builds ``Fill``s.
 
 Why it is shaped like this: the in-order path runs once per op on every node, and the cyclic
 GC's cost grows with the number of container objects each op leaves behind, so an op leaves as
-few as it can: one ``_Order`` (orders) and one plain tuple per fill. Its undo records go on the
-shared tape rather than into a list of its own, which would be a tracked object per op (and
-56 bytes of header).
+few as it can: none but a plain tuple per fill (which the GC stops tracking at its first look).
+An order is a row in the columns, not an object (an object per order was 170k tracked objects
+in a 200k-op log, and the collections they caused were a fifth of apply time); undo records go
+on the shared tape rather than into a list per op.
 
 Matching rules (specs/protocol.md, "Matching"):
   trades happen at the resting order's price; partial fills; a GTC remainder rests; an IOC
@@ -36,6 +43,7 @@ Matching rules (specs/protocol.md, "Matching"):
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
 from typing import Any, Final, NamedTuple
 
@@ -54,6 +62,7 @@ __all__ = [
     "STATUSES",
     "Engine",
     "Fill",
+    "OrderRow",
 ]
 
 # Order statuses, as wire/digest codes (index) and names.
@@ -71,6 +80,13 @@ REASONS: Final = (
 R_NONE, R_CANCELLED, R_IOC, R_FOK, R_POST_ONLY, R_SELF_TRADE = range(6)
 
 _BID, _ASK = 0, 1
+
+# States (status | reason << 3) of orders closed with a reason.
+_IOC_EXPIRED: Final = EXPIRED | R_IOC << 3
+_FOK_EXPIRED: Final = EXPIRED | R_FOK << 3
+_POST_ONLY_REJECTED: Final = REJECTED | R_POST_ONLY << 3
+_SELF_TRADE_EXPIRED: Final = EXPIRED | R_SELF_TRADE << 3
+_CANCELLED: Final = CANCELLED | R_CANCELLED << 3
 
 # Undo records on the tape: each record's arguments, then its code, read backwards by undo. A
 # maker's state before a record is implied by its state after it (a live order has closed == 0
@@ -95,44 +111,22 @@ class Fill(NamedTuple):
     maker_author: bytes
 
 
-class _Order:
-    """Mutable engine-side state of one order (the public view is ``OrderState``). What never
-    changes and the engine does not match on (quantity, tif, tag, Lamport time) is read from
-    ``op``."""
+class OrderRow(NamedTuple):
+    """One order's row, as read by the views."""
 
-    __slots__ = (
-        "author",
-        "closed",
-        "filled",
-        "id",
-        "op",
-        "price",
-        "reason",
-        "remaining",
-        "side",
-        "status",
-    )
-
-    def __init__(self, op: Op, side: int, price: int) -> None:
-        self.op = op
-        self.id = op.id
-        self.author = op.author
-        self.side = side
-        self.price = price
-        self.remaining = 0  # resting quantity
-        self.filled = 0
-        self.closed = 0  # cancelled, expired or rejected quantity
-        self.status = OPEN
-        self.reason = R_NONE
-
-    @property
-    def body(self) -> OrderBody:
-        return self.op.body  # type: ignore[return-value]
+    op: Op
+    side: int
+    price: int
+    remaining: int
+    filled: int
+    closed: int
+    status: int
+    reason: int
 
 
-class _Level(deque[_Order]):
-    """Orders at one price in time priority; dead ones (cancelled) may remain until reached.
-    ``live`` counts the others: the level exists while it is positive."""
+class _Level(deque[int]):
+    """Order numbers at one price in time priority; dead ones (cancelled) may remain until
+    reached. ``live`` counts the others: the level exists while it is positive."""
 
     __slots__ = ("live", "price", "side")
 
@@ -142,15 +136,19 @@ class _Level(deque[_Order]):
         self.price = price
         self.live = 0
 
-    def orders(self) -> list[_Order]:
-        return [o for o in self if o.status <= PARTIALLY_FILLED]
-
 
 class Engine:
     """The matched state of one market, fed ops in total order."""
 
     def __init__(self) -> None:
-        self.orders: dict[bytes, _Order] = {}
+        self.orders: dict[bytes, int] = {}  # order id -> order number
+        # The order columns (see the module docstring).
+        self.ids: list[bytes] = []
+        self.ops: list[Op] = []
+        self.authors: list[bytes] = []
+        self.remaining = array("q")  # resting quantity
+        self.filled = array("q")
+        self.states = bytearray()  # status | reason << 3
         self.fills: list[tuple[bytes, bytes, int, int]] = []
         #: cancel op id -> True if it removed a rest, False if the order was already finished.
         self.cancels: dict[bytes, bool] = {}
@@ -169,16 +167,20 @@ class Engine:
         undo what it did to other orders, levels and fills. What it did to its own order or
         cancel record, ``undo`` reads off the op and the order."""
         body = op.body
-        if type(body) is OrderBody:
-            self._order(op, body)
-        else:
+        if type(body) is not OrderBody:
             self._cancel(op, body)  # type: ignore[arg-type]
-
-    def _order(self, op: Op, body: OrderBody) -> None:
+            return
         side = _BID if body.side == BUY else _ASK
         limit = body.price
-        taker = _Order(op, side, limit)
-        self.orders[taker.id] = taker
+        quantity = body.quantity
+        tif = body.tif
+        ident = op.id
+        taker = len(self.ids)
+        self.orders[ident] = taker
+        self.ids.append(ident)
+        self.ops.append(op)
+        author = op.author
+        self.authors.append(author)
         # Is the best opposing price within the taker's limit?
         if side == _BID:
             best = self.best[_ASK]
@@ -186,132 +188,127 @@ class Engine:
         else:
             best = self.best[_BID]
             crosses = best is not None and best >= limit
-        tif = body.tif
-        quantity = body.quantity
         if not crosses:
             if tif == IOC:
-                taker.closed, taker.status, taker.reason = quantity, EXPIRED, R_IOC
+                self._close_new(0, _IOC_EXPIRED)
             elif tif == FOK:
-                taker.closed, taker.status, taker.reason = quantity, EXPIRED, R_FOK
+                self._close_new(0, _FOK_EXPIRED)
             else:
-                self._rest(taker, quantity)
+                self._rest_new(taker, side, limit, 0, quantity)
             return
         if tif == POST_ONLY:
-            taker.closed, taker.status, taker.reason = quantity, REJECTED, R_POST_ONLY
+            self._close_new(0, _POST_ONLY_REJECTED)
             return
-        if tif == FOK and not self._can_fill(taker, quantity):
-            taker.closed, taker.status, taker.reason = quantity, EXPIRED, R_FOK
+        if tif == FOK and not self._can_fill(side, limit, author, quantity):
+            self._close_new(0, _FOK_EXPIRED)
             return
-        remaining = self._match(taker, quantity)
-        if remaining == 0:
-            taker.status = FILLED
+        left = self._match(ident, side, limit, author, quantity)
+        if left == 0:
+            self._close_new(quantity, FILLED)
         elif tif == IOC:
-            taker.closed, taker.status, taker.reason = remaining, EXPIRED, R_IOC
+            self._close_new(quantity - left, _IOC_EXPIRED)
         else:  # GTC (FOK was checked to fill completely, POST_ONLY never reaches here)
-            self._rest(taker, remaining)
+            self._rest_new(taker, side, limit, quantity - left, left)
 
-    def _rest(self, order: _Order, quantity: int) -> None:
-        # The last thing an op does; undo sees it on the order (remaining > 0) and reverses it.
-        order.remaining = quantity
-        if order.filled:
-            order.status = PARTIALLY_FILLED
-        side = order.side
+    def _close_new(self, filled: int, state: int) -> None:
+        """Fill in the row of the order just added, finished on arrival."""
+        self.remaining.append(0)
+        self.filled.append(filled)
+        self.states.append(state)
+
+    def _rest_new(self, taker: int, side: int, price: int, filled: int, quantity: int) -> None:
+        """Fill in the row of the order just added, which rests ``quantity``: the last thing
+        an op does; undo sees it on the order (remaining > 0) and reverses it."""
+        self.remaining.append(quantity)
+        self.filled.append(filled)
+        self.states.append(PARTIALLY_FILLED if filled else OPEN)
         levels = self.levels[side]
-        level = levels.get(order.price)
+        level = levels.get(price)
         if level is None:
-            level = levels[order.price] = _Level(side, order.price)
-            self._add_price(side, order.price)
-        level.append(order)
+            level = levels[price] = _Level(side, price)
+            self._add_price(side, price)
+        level.append(taker)
         level.live += 1
 
-    def _can_fill(self, taker: _Order, need: int) -> bool:
+    def _can_fill(self, side: int, limit: int, author: bytes, need: int) -> bool:
         """FOK: is there enough liquidity from other authors within the limit?"""
-        opp = 1 - taker.side
+        opp = 1 - side
         levels = self.levels[opp]
         prices = self.prices[opp]
+        states, authors, remaining = self.states, self.authors, self.remaining
         walk = prices if opp == _ASK else reversed(prices)
         for price in walk:
-            if (price > taker.price) if opp == _ASK else (price < taker.price):
+            if (price > limit) if opp == _ASK else (price < limit):
                 break
             for maker in levels[price]:
-                if maker.status <= PARTIALLY_FILLED and maker.author != taker.author:
-                    need -= maker.remaining
+                if states[maker] <= PARTIALLY_FILLED and authors[maker] != author:
+                    need -= remaining[maker]
                     if need <= 0:
                         return True
         return False
 
-    def _match(self, taker: _Order, remaining: int) -> int:
+    def _match(self, taker_id: bytes, side: int, limit: int, author: bytes, left: int) -> int:
         """Take liquidity, best level first; returns the taker's unfilled quantity."""
-        opp = 1 - taker.side
+        opp = 1 - side
         levels = self.levels[opp]
         ask = opp == _ASK
-        limit = taker.price
-        author = taker.author
-        taker_id = taker.id
+        states, authors, remaining = self.states, self.authors, self.remaining
+        filled = self.filled
         add_fill = self.fills.append
         record = self.tape.extend
-        filled = 0
         best = self.best
-        while remaining:
+        while left:
             price = best[opp]
             if price is None or ((price > limit) if ask else (price < limit)):
                 break
             level = levels[price]
             while True:  # this level, front first, while it has live orders and we have need
                 maker = level[0]
-                if maker.status > PARTIALLY_FILLED:  # cancelled where it stood: drop it now
+                if states[maker] > PARTIALLY_FILLED:  # cancelled where it stood: drop it now
                     level.popleft()
                     record((maker, _J_DEAD_POP))
                     continue
-                if maker.author == author:
+                if authors[maker] == author:
                     # Self-trade prevention: expire the resting order, keep matching.
-                    maker.closed = maker.remaining
-                    maker.remaining = 0
-                    maker.status = EXPIRED
-                    maker.reason = R_SELF_TRADE
+                    remaining[maker] = 0  # the rest is closed
+                    states[maker] = _SELF_TRADE_EXPIRED
                     level.popleft()
                     record((maker, _J_SELF_TRADE))
                 else:
-                    available = maker.remaining
-                    if remaining < available:
-                        maker.remaining = available - remaining
-                        maker.filled += remaining
-                        maker.status = PARTIALLY_FILLED
-                        add_fill((taker_id, maker.id, price, remaining))
-                        record((maker, remaining, _J_FILL))
-                        filled += remaining
-                        remaining = 0
-                        break  # the maker rests on: so does the level
-                    maker.remaining = 0
-                    maker.filled += available
-                    maker.status = FILLED
+                    available = remaining[maker]
+                    if left < available:
+                        remaining[maker] = available - left
+                        filled[maker] += left
+                        states[maker] = PARTIALLY_FILLED
+                        add_fill((taker_id, self.ids[maker], price, left))
+                        record((maker, left, _J_FILL))
+                        return 0  # the maker rests on: so does the level
+                    remaining[maker] = 0
+                    filled[maker] += available
+                    states[maker] = FILLED
                     level.popleft()
-                    add_fill((taker_id, maker.id, price, available))
+                    add_fill((taker_id, self.ids[maker], price, available))
                     record((maker, available, _J_FILL_POP))
-                    filled += available
-                    remaining -= available
+                    left -= available
                 level.live -= 1
                 if not level.live:
                     del levels[price]
                     self._remove_price(opp, price)
                     record((level, _J_PUT_LEVEL))
                     break
-                if not remaining:
-                    break
-        taker.filled = filled
-        return remaining
+                if not left:
+                    return 0
+        return left
 
     def _cancel(self, op: Op, body: CancelBody) -> None:
         order = self.orders[body.order_id]  # validity guarantees it exists and precedes the cancel
-        effective = order.status <= PARTIALLY_FILLED
+        effective = self.states[order] <= PARTIALLY_FILLED
         self.cancels[op.id] = effective
         if not effective:
             return
-        order.closed = order.remaining
-        order.remaining = 0
-        order.status = CANCELLED
-        order.reason = R_CANCELLED
-        side, price = order.side, order.price
+        self.remaining[order] = 0  # the rest is closed
+        self.states[order] = _CANCELLED
+        side, price = self._place(order)
         level = self.levels[side][price]
         level.live -= 1
         if not level.live:
@@ -342,86 +339,130 @@ class Engine:
                 self._undo_records(start)
             if self.cancels.pop(op.id):
                 order = self.orders[body.order_id]  # type: ignore[union-attr]
-                order.remaining = order.closed
-                order.closed = 0
-                order.status = PARTIALLY_FILLED if order.filled else OPEN
-                order.reason = R_NONE
-                self.levels[order.side][order.price].live += 1
+                self._revive(order)
+                side, price = self._place(order)
+                self.levels[side][price].live += 1
             return
-        order = self.orders.pop(op.id)
-        if order.remaining:  # the op's last step rested its order at the back of a level
-            levels = self.levels[order.side]
-            level = levels[order.price]
+        del self.orders[op.id]  # the last order added: pop its row
+        self.ids.pop()
+        self.ops.pop()
+        self.authors.pop()
+        rested = self.remaining.pop()
+        self.filled.pop()
+        self.states.pop()
+        if rested:
+            side = _BID if body.side == BUY else _ASK
+            price = body.price  # the op's last step rested its order at the back of a level
+            levels = self.levels[side]
+            level = levels[price]
             level.pop()
             level.live -= 1
             if not level.live:  # live levels have a live order: this one made the level
-                del levels[order.price]
-                self._remove_price(order.side, order.price)
+                del levels[price]
+                self._remove_price(side, price)
         if len(self.tape) > start:
             self._undo_records(start)
 
     def _undo_records(self, start: int) -> None:
         """Undo the tape's records from its end back to ``start``, and drop them."""
-        levels, fills = self.levels, self.fills
-        journal = self.tape
-        i = len(journal)
+        levels, fills, tape = self.levels, self.fills, self.tape
+        remaining, filled, states = self.remaining, self.filled, self.states
+        i = len(tape)
         while i > start:
-            code = journal[i - 1]
+            code = tape[i - 1]
             if code == _J_FILL:  # the maker kept resting: only its quantities change back
-                maker, quantity = journal[i - 3], journal[i - 2]
+                maker, quantity = tape[i - 3], tape[i - 2]
                 i -= 3
-                maker.remaining += quantity
-                maker.filled -= quantity
-                maker.status = PARTIALLY_FILLED if maker.filled else OPEN
+                remaining[maker] += quantity
+                filled[maker] -= quantity
+                states[maker] = PARTIALLY_FILLED if filled[maker] else OPEN
                 fills.pop()
                 continue
             if code == _J_PUT_LEVEL:
-                level = journal[i - 2]
+                level = tape[i - 2]
                 i -= 2
                 levels[level.side][level.price] = level
                 self._add_price(level.side, level.price)
                 continue
             # The rest took the maker off the front of its level: put it back there.
             if code == _J_FILL_POP:
-                maker, quantity = journal[i - 3], journal[i - 2]
+                maker, quantity = tape[i - 3], tape[i - 2]
                 i -= 3
-                maker.remaining = quantity
-                maker.filled -= quantity
-                maker.status = PARTIALLY_FILLED if maker.filled else OPEN
+                remaining[maker] = quantity
+                filled[maker] -= quantity
+                states[maker] = PARTIALLY_FILLED if filled[maker] else OPEN
                 fills.pop()
             elif code == _J_SELF_TRADE:
-                maker = journal[i - 2]
+                maker = tape[i - 2]
                 i -= 2
-                maker.remaining = maker.closed
-                maker.closed = 0
-                maker.status = PARTIALLY_FILLED if maker.filled else OPEN
-                maker.reason = R_NONE
+                self._revive(maker)
             elif code == _J_DEAD_POP:  # it stays dead: not counted live
-                maker = journal[i - 2]
+                maker = tape[i - 2]
                 i -= 2
-                levels[maker.side][maker.price].appendleft(maker)
+                side, price = self._place(maker)
+                levels[side][price].appendleft(maker)
                 continue
-            else:  # pragma: no cover - journal entries are only written above
-                raise AssertionError(f"unknown journal code {code!r}")
-            level = levels[maker.side][maker.price]
+            else:  # pragma: no cover - tape records are only written above
+                raise AssertionError(f"unknown undo record {code!r}")
+            side, price = self._place(maker)
+            level = levels[side][price]
             level.appendleft(maker)
             level.live += 1
-        del journal[start:]
+        del tape[start:]
 
     # -- views -------------------------------------------------------------------------------
 
-    def side_levels(self, side: int, depth: int | None = None) -> list[tuple[int, list[_Order]]]:
+    def _place(self, order: int) -> tuple[int, int]:
+        """Order number ``order``'s side and price."""
+        body: OrderBody = self.ops[order].body  # type: ignore[assignment]
+        return (_BID if body.side == BUY else _ASK), body.price
+
+    def _revive(self, order: int) -> None:
+        """Undo closing a live order (by a cancel or self-trade prevention): rest what was
+        closed."""
+        body: OrderBody = self.ops[order].body  # type: ignore[assignment]
+        filled = self.filled[order]
+        self.remaining[order] = body.quantity - filled
+        self.states[order] = PARTIALLY_FILLED if filled else OPEN
+
+    def row(self, order: int) -> OrderRow:
+        """Order number ``order``'s row."""
+        op = self.ops[order]
+        body: OrderBody = op.body  # type: ignore[assignment]
+        state = self.states[order]
+        remaining, filled = self.remaining[order], self.filled[order]
+        return OrderRow(
+            op,
+            _BID if body.side == BUY else _ASK,
+            body.price,
+            remaining,
+            filled,
+            body.quantity - filled - remaining,
+            state & 7,
+            state >> 3,
+        )
+
+    def side_levels(
+        self, side: int, depth: int | None = None
+    ) -> list[tuple[int, list[tuple[bytes, int]]]]:
         """The best ``depth`` levels of one side (all by default), best first, with their live
-        orders in time priority."""
+        orders in time priority as (order id, remaining)."""
         prices = self.prices[side]
         count = len(prices) if depth is None else min(depth, len(prices))
         levels = self.levels[side]
         picked = [prices[-1 - i] for i in range(count)] if side == _BID else prices[:count]
-        return [(price, levels[price].orders()) for price in picked]
+        ids, states, remaining = self.ids, self.states, self.remaining
+        return [
+            (
+                price,
+                [(ids[o], remaining[o]) for o in levels[price] if states[o] <= PARTIALLY_FILLED],
+            )
+            for price in picked
+        ]
 
     def fill_views(self, start: int = 0) -> tuple[Fill, ...]:
         """The fills from ``start`` on, as ``Fill``s (side and authors read off the orders)."""
-        orders = self.orders
+        orders, authors = self.orders, self.authors
         views = []
         for taker_id, maker_id, price, quantity in self.fills[start:]:
             taker = orders[taker_id]
@@ -431,9 +472,9 @@ class Engine:
                     maker_id,
                     price,
                     quantity,
-                    "buy" if taker.side == _BID else "sell",
-                    taker.author,
-                    orders[maker_id].author,
+                    self.ops[taker].body.side,  # type: ignore[union-attr]
+                    authors[taker],
+                    authors[orders[maker_id]],
                 )
             )
         return tuple(views)

@@ -413,15 +413,17 @@ class Replica:
 
     def order(self, order_id: bytes) -> OrderState | None:
         """The order's derived state, or None if no such order is applied."""
-        order = self._engine.orders.get(order_id)
-        return None if order is None else order_state(order)
+        number = self._engine.orders.get(order_id)
+        return None if number is None else order_state(self._engine.row(number))
 
     def orders(self, author: bytes | None = None) -> list[OrderState]:
         """Every order (or one author's), in the total order."""
+        engine = self._engine
+        # Order numbers follow the total order: they are given as orders are matched.
         return [
-            order_state(o)
-            for o in sorted(self._engine.orders.values(), key=lambda o: (o.op.lamport, o.id))
-            if author is None or o.author == author
+            order_state(engine.row(number))
+            for number in range(len(engine.ids))
+            if author is None or engine.authors[number] == author
         ]
 
     def cancel_effective(self, cancel_id: bytes) -> bool | None:

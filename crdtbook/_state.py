@@ -8,7 +8,8 @@ from typing import Final, NamedTuple
 
 import cbor2
 
-from ._engine import REASONS, STATUSES, Engine, Fill, _Order
+from ._engine import REASONS, STATUSES, Engine, Fill, OrderRow
+from ._ops import OrderBody
 
 __all__ = ["Book", "Fill", "Level", "OrderState", "RestingOrder", "state_digest"]
 
@@ -65,22 +66,23 @@ class OrderState(NamedTuple):
     lamport: int
 
 
-def order_state(order: _Order) -> OrderState:
-    body = order.body
+def order_state(row: OrderRow) -> OrderState:
+    op = row.op
+    body: OrderBody = op.body  # type: ignore[assignment]
     return OrderState(
-        order.id,
-        order.author,
-        "buy" if order.side == 0 else "sell",
-        order.price,
+        op.id,
+        op.author,
+        "buy" if row.side == 0 else "sell",
+        row.price,
         body.quantity,
-        order.remaining,
-        order.filled,
-        order.closed,
-        STATUSES[order.status],
-        REASONS[order.reason],
+        row.remaining,
+        row.filled,
+        row.closed,
+        STATUSES[row.status],
+        REASONS[row.reason],
         body.tif,
         body.tag,
-        order.op.lamport,
+        op.lamport,
     )
 
 
@@ -88,9 +90,9 @@ def book_view(engine: Engine, depth: int | None = None) -> Book:
     sides = []
     for side in (0, 1):
         levels = []
-        for price, level in engine.side_levels(side, depth):
-            orders = tuple(RestingOrder(o.id, o.remaining) for o in level)
-            levels.append(Level(price, sum(o.remaining for o in orders), orders))
+        for price, orders in engine.side_levels(side, depth):
+            resting = tuple(RestingOrder(order_id, remaining) for order_id, remaining in orders)
+            levels.append(Level(price, sum(remaining for _, remaining in orders), resting))
         sides.append(tuple(levels))
     return Book(sides[0], sides[1])
 
@@ -102,10 +104,10 @@ def state_digest(market_id: bytes, engine: Engine) -> bytes:
         return [[lv.price, [[o.order_id, o.remaining] for o in lv.orders]] for lv in levels]
 
     book = book_view(engine)
-    orders = [
-        [o.id, o.status, o.remaining, o.filled, o.closed, o.reason]
-        for _, o in sorted(engine.orders.items())
-    ]
+    orders = []
+    for order_id, number in sorted(engine.orders.items()):
+        row = engine.row(number)
+        orders.append([order_id, row.status, row.remaining, row.filled, row.closed, row.reason])
     fills = [list(fill) for fill in engine.fills]  # taker, maker, price, quantity
     state = [_STATE_DOMAIN, market_id, side(book.bids), side(book.asks), fills, orders]
     return hashlib.sha256(cbor2.dumps(state, canonical=True)).digest()
