@@ -60,6 +60,7 @@ class Replica:
 
     def __init__(self, market: Market, *, max_pending: int = DEFAULT_MAX_PENDING) -> None:
         self.market = market
+        self._market_id = market.id
         self.max_pending = max_pending
         self._applied: dict[bytes, Op] = {}
         self._order: list[Op] = []  # applied ops in total order
@@ -170,7 +171,7 @@ class Replica:
             known_bad = self._invalid.get(ident)
             if known_bad is not None:
                 raise type(known_bad)(str(known_bad))
-        if op.market_id != self.market.id:
+        if op.market_id != self._market_id:
             wrong = WrongMarket(
                 f"op is for market {op.market_id.hex()[:16]}, this replica is "
                 f"{self.market.name} ({self.market.id.hex()[:16]})"
@@ -242,7 +243,17 @@ class Replica:
         heads = self._heads
         heads.difference_update(op.parents)
         heads.add(ident)
-        self._track_author(op)
+        author = op.author
+        tip = self._author_tip.get(author)
+        if (
+            tip is not None
+            and tip is self._author_latest[author]
+            and op.seq == tip.seq + 1
+            and tip.id in op.parents
+        ):  # the author's next op on its one chain: the common case
+            self._author_tip[author] = self._author_latest[author] = op
+        else:
+            self._track_author(op)
         order = self._order
         if order:
             last = order[-1]
