@@ -365,23 +365,32 @@ def main() -> int:
     ap.add_argument("--catchup", type=int, default=100_000)
     ap.add_argument("--quick", action="store_true", help="3 nodes, 3 s phases, 10k catch-up")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--rates", default="250,500,750,1000,1500",
+                    help="submit rates the throughput phase steps through (ops/s, comma-separated)")
+    ap.add_argument("--only", default="", help="run only these phases, comma-separated, of: "
+                    "latency, baseline, throughput, catchup (experiments; the table shows them)")
     args = ap.parse_args()
     if args.quick:
         args.nodes, args.seconds, args.catchup, args.rate = 3, 3.0, 10_000, 200
+    phases = set(args.only.split(",")) if args.only else {
+        "latency", "baseline", "throughput", "catchup"}
+    rates = [float(r) for r in args.rates.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="crdtbook-bench-"))
     results: dict[str, Any] = {"nodes": args.nodes, "rate": args.rate, "seconds": args.seconds}
     try:
-        results["latency_batched"] = latency_phase(tmp / "a", args.nodes, args.rate,
-                                                   args.seconds, 2000, 0.002)
-        results["latency_per_op_gossip_baseline"] = latency_phase(
-            tmp / "b", args.nodes, args.rate, args.seconds, 1, 0.0)
-        results["throughput"] = throughput_phase(
-            tmp / "c", args.nodes, args.seconds, [250, 500, 750, 1000, 1500]
-        )
-        results["catchup"] = catchup_phase(tmp / "d", args.catchup)
+        if "latency" in phases:
+            results["latency_batched"] = latency_phase(tmp / "a", args.nodes, args.rate,
+                                                       args.seconds, 2000, 0.002)
+        if "baseline" in phases:
+            results["latency_per_op_gossip_baseline"] = latency_phase(
+                tmp / "b", args.nodes, args.rate, args.seconds, 1, 0.0)
+        if "throughput" in phases:
+            results["throughput"] = throughput_phase(tmp / "c", args.nodes, args.seconds, rates)
+        if "catchup" in phases:
+            results["catchup"] = catchup_phase(tmp / "d", args.catchup)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if args.json:
+    if args.json or phases != {"latency", "baseline", "throughput", "catchup"}:
         print(json.dumps(results, indent=2))
         return 0
     lb, lo, th, cu = (results["latency_batched"], results["latency_per_op_gossip_baseline"],

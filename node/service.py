@@ -133,6 +133,8 @@ class Prepared:
 
     ops: list[Op]
     result: IngestResult
+    #: The bytes each op came as (an ``Op`` holds no copy; re-encoding it would cost more).
+    raws: dict[bytes, bytes] = field(default_factory=dict)
 
 
 def _decode_all(
@@ -271,11 +273,13 @@ class NodeService:
                     # Ops come in total order, so each one's parents are applied: one at a time
                     # they share their ids with them (intern_id) at no rewind cost.
                     op = decode(raw, verify=False, intern_id=replica.intern_id)
-                    count += len(replica.apply(op))
+                    applied = len(replica.apply(op))
                 except (InvalidOp, PendingFull) as exc:
                     logger.warning("skipping a stored op that does not apply: %s", exc)
+                    continue
+                count += applied
+                self.note_applied(applied)  # the GC policy holds while loading too
             loaded[ms.market.name] = count
-            self.note_applied(count)
         return loaded
 
     # -- ingest ------------------------------------------------------------------------------
@@ -300,14 +304,17 @@ class NodeService:
             seen.add(ident)
             fresh.append(raw)
         ops: list[Op] = []
+        raw_of: dict[bytes, bytes] = {}
         if fresh:
-            for item in await _decode_parallel(fresh, replica.intern_id):
+            decoded = await _decode_parallel(fresh, replica.intern_id)
+            for raw, item in zip(fresh, decoded, strict=True):
                 if isinstance(item, Op):
                     ops.append(item)
+                    raw_of[item.id] = raw
                 else:  # never verify these bytes again
                     replica.remember_invalid(op_id(item[0]), item[1])
                     result.invalid += 1
-        return Prepared(ops, result)
+        return Prepared(ops, result, raw_of)
 
     async def commit(self, ms: MarketState, prepared: Prepared, source: str) -> IngestResult:
         """Second half of ingest: apply verified ops, persist the new ones, tell watchers."""
@@ -321,7 +328,10 @@ class NodeService:
         kept = [op for op in ops if op.id in replica or replica.is_pending(op.id)]
         result.new = len(kept)
         if kept:
-            await self._writer.write([(op.id, op.market_id, op.lamport, op.raw) for op in kept])
+            raw_of = prepared.raws
+            await self._writer.write(
+                [(op.id, op.market_id, op.lamport, raw_of[op.id]) for op in kept]
+            )
         ms.received += result.new
         ms.refused += result.invalid
         if result.invalid:
@@ -356,7 +366,10 @@ class NodeService:
                 continue
             accepted.append(op)
         if accepted:
-            await self._writer.write([(op.id, op.market_id, op.lamport, op.raw) for op in accepted])
+            raw_of = prepared.raws
+            await self._writer.write(
+                [(op.id, op.market_id, op.lamport, raw_of[op.id]) for op in accepted]
+            )
             ms.apply_queue.extend(accepted)
             ms.queued.update(op.id for op in accepted)
             ms.apply_ready.set()
@@ -409,8 +422,9 @@ class NodeService:
         return op
 
     async def _publish_own(self, ms: MarketState, op: Op) -> None:
-        await self._writer.write([(op.id, op.market_id, op.lamport, op.raw)])
-        ms.outbox.append(op.raw)
+        raw = op.raw
+        await self._writer.write([(op.id, op.market_id, op.lamport, raw)])
+        ms.outbox.append(raw)
         ms.outbox_ready.set()
         self.notify(ms, [op])
 

@@ -85,11 +85,12 @@ def _chunks(ops: list[Op]) -> Iterator[list[bytes]]:
     batch: list[bytes] = []
     size = 0
     for op in ops:
-        if batch and (len(batch) >= MAX_BATCH_OPS or size + len(op.raw) > _FRAME_BUDGET):
+        raw = op.raw  # rebuilt on each read (an Op holds no bytes): read it once
+        if batch and (len(batch) >= MAX_BATCH_OPS or size + len(raw) > _FRAME_BUDGET):
             yield batch
             batch, size = [], 0
-        batch.append(op.raw)
-        size += len(op.raw)
+        batch.append(raw)
+        size += len(raw)
     yield batch
 
 
