@@ -474,7 +474,24 @@ def decode(
         if not isinstance(data, bytes | bytearray | memoryview):
             raise MalformedOp(f"an op is bytes, not {type(data).__name__}")
         data = bytes(data)
-    op = _decode_fast(data, verify, intern_id)
+    return _decode(data, verify, intern_id, None)
+
+
+def decode_with_id(
+    data: bytes, ident: bytes, intern_id: Callable[[bytes], bytes] | None = None
+) -> Op:
+    """:func:`decode` (verifying) for a caller that has just computed ``ident = op_id(data)``
+    (a replica, to skip ops it holds before decoding them), so the bytes are hashed once."""
+    return _decode(data, True, intern_id, ident)
+
+
+def _decode(
+    data: bytes,
+    verify: bool,
+    intern_id: Callable[[bytes], bytes] | None,
+    ident: bytes | None,
+) -> Op:
+    op = _decode_fast(data, verify, intern_id, ident)
     if op is None:
         # Not the one layout of a valid op (or not valid): the reference path decides, and
         # names the error.
@@ -530,6 +547,7 @@ def _decode_fast(
     data: bytes,
     verify: bool,
     intern_id: Callable[[bytes], bytes] | None,
+    known_id: bytes | None = None,
 ) -> Op | None:
     """The op if ``data`` is exactly the canonical encoding of a valid op, else None (the
     caller then runs ``_decode_slow``, which names the error). Raises only ``BadSignature``, for
@@ -676,7 +694,7 @@ def _decode_fast(
     op.parents = parents
     op.body = body
     op.signature = signature
-    op.id = _sha256(data).digest()
+    op.id = _sha256(data).digest() if known_id is None else known_id
     op.__class__ = Op  # type: ignore[assignment]
     return op  # type: ignore[return-value]  # (now an Op; typing.cast would cost a call)
 

@@ -24,7 +24,7 @@ from ._errors import BadCancel, InvalidOp, InvalidParent, PendingFull, WrongMark
 from ._identity import Identity
 from ._limits import MAX_PARENTS
 from ._market import Market
-from ._ops import BUY, SELL, TIFS, CancelBody, Op, OrderBody, decode, op_id, sign_op
+from ._ops import BUY, SELL, TIFS, CancelBody, Op, OrderBody, decode_with_id, op_id, sign_op
 from ._state import Book, OrderState, book_view, order_state, state_digest
 from ._validity import check_in_context, on_own_chain
 
@@ -159,7 +159,7 @@ class Replica:
             if known_bad is not None:
                 raise type(known_bad)(str(known_bad))
             try:
-                op = decode(raw, intern_id=self.intern_id)
+                op = decode_with_id(raw, ident, self.intern_id)
             except InvalidOp as exc:
                 # These bytes are invalid for ever: refuse a resend without decoding again, and
                 # every op waiting on them with it.
