@@ -335,7 +335,9 @@ def status_view(status: Json, now: float | None = None) -> RenderableType:
     head.add_row("peer id", str(status.get("peer_id")))
     head.add_row("addrs", "\n".join(status.get("addrs") or []) or "-")
     peers: list[Json] = list(status.get("peers") or [])
-    peer_lines = [f"{p.get('peer_id')}" for p in peers]
+    peer_lines = [
+        f"{p.get('peer_id')}" + (f"  {p['addrs'][0]}" if p.get("addrs") else "") for p in peers
+    ]
     head.add_row("peers", f"{len(peers)}" + ("\n" + "\n".join(peer_lines) if peers else ""))
     extra = []
     if status.get("uptime") is not None:

@@ -259,7 +259,10 @@ class _Node:
         return {
             "peer_id": self.net.peer_id,
             "addrs": self.net.addrs(),
-            "peers": [{"peer_id": p, "addrs": []} for p in sorted(self.net.connected_peers())],
+            "peers": [
+                {"peer_id": p, "addrs": self.net.peer_addrs(p)}
+                for p in sorted(self.net.connected_peers())
+            ],
             "network": self.net.stats(),
         }
 

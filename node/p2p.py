@@ -530,6 +530,15 @@ class Network:
         """Peers with at least one open connection."""
         return [pid.to_base58() for pid in self._host.get_network().connections]
 
+    def peer_addrs(self, peer_id: str) -> list[str]:
+        """Addresses the peerstore knows for ``peer_id`` (from identify, the DHT or a dial),
+        sorted; ``[]`` when it knows none or the id is malformed."""
+        try:
+            addrs = self._host.get_peerstore().addrs(_parse_peer_id(peer_id))
+        except Exception:  # unknown peer (PeerStoreError) or a bad id: no addresses to show
+            return []
+        return sorted({str(addr) for addr in addrs})
+
     def peer_events(self, *, include_current: bool = True) -> trio.MemoryReceiveChannel[PeerEvent]:
         """A new channel of :class:`PeerEvent` for one consumer (close it when done;
         it ends when the network shuts down).  With ``include_current``, it starts with

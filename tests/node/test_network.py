@@ -63,6 +63,10 @@ def test_late_joiner_catches_up(tmp_path: Path) -> None:
         n1 = start("n1")
         n2 = start("n2", [n1.addr])
         wait_until(lambda: n1.peers() >= 1, 20, "n1 and n2 connected")
+        # status names each peer with the addresses this node knows for it
+        (peer,) = n2.call("status")["peers"]
+        assert peer["peer_id"] == n1.peer_id
+        assert any(addr.startswith("/ip4/127.0.0.1/tcp/") for addr in peer["addrs"])
         for i in range(60):
             node = n1 if i % 2 else n2
             side = "buy" if i % 3 else "sell"
