@@ -10,6 +10,12 @@ Costs (n applied ops):
   ~20 us at n = 200k), k + 1 matches;
 - a batch (``apply_many``) rewinds once, to the earliest place any of its ops sorts;
 - an op whose parents are missing: kept in a bounded pending buffer until they arrive.
+
+Checkpoints (``checkpoint``, ``restore``): a restart applies the stored ops without matching them,
+takes over the matched state of the first N from a checkpoint and matches only the rest. A
+restored replica has no undo records for those N ops (the undo floor): an op that later sorts
+among them makes the replica match everything from scratch once, so it ends where a replica that
+applied the same ops one by one would.
 """
 
 from __future__ import annotations
@@ -19,12 +25,24 @@ from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Final, NamedTuple
 
+from ._checkpoint import Checkpoint, encode_checkpoint, install, read_checkpoint
 from ._engine import Engine, Fill
 from ._errors import BadCancel, InvalidOp, InvalidParent, PendingFull, WrongMarket
 from ._identity import Identity
 from ._limits import MAX_PARENTS
 from ._market import Market
-from ._ops import BUY, SELL, TIFS, CancelBody, Op, OrderBody, decode_with_id, op_id, sign_op
+from ._ops import (
+    BUY,
+    SELL,
+    TIFS,
+    CancelBody,
+    Op,
+    OrderBody,
+    decode,
+    decode_with_id,
+    op_id,
+    sign_op,
+)
 from ._state import Book, OrderState, book_view, order_state, state_digest
 from ._validity import check_in_context, on_own_chain
 
@@ -69,6 +87,18 @@ class Replica:
         #: no object: an array, not a list of ints).
         self._marks = array("q")
         self._engine = Engine()
+        #: Ops below this position have no undo records (they came from a checkpoint): undoing
+        #: one means deriving from scratch. 0 unless restored from a checkpoint.
+        self._floor = 0
+        #: While restoring: admit ops without matching them (``restore`` matches at the end).
+        self._deferred = False
+        #: How many leading ops the matched state was taken over for from a checkpoint by
+        #: ``restore`` (0: none, everything was matched here).
+        self.restored_from_checkpoint = 0
+        #: Why ``restore`` matched from scratch despite a checkpoint (None: used, or none given).
+        self.checkpoint_unused: str | None = None
+        #: Ops ``restore`` refused, as ``(op id if known, why)``.
+        self.restore_skipped: list[tuple[bytes | None, InvalidOp]] = []
         self._heads: set[bytes] = set()
         self._pending: dict[bytes, Op] = {}
         self._waiting: dict[bytes, list[bytes]] = {}  # absent parent id -> pending child ids
@@ -262,7 +292,8 @@ class Replica:
             after = True
         if after:
             order.append(op)
-            if self._matched == len(order) - 1:  # everything before it is matched: match it
+            # Everything before it is matched: match it.
+            if self._matched == len(order) - 1 and not self._deferred:
                 engine = self._engine
                 self._marks.append(len(engine.tape))
                 engine.process(op)
@@ -324,7 +355,13 @@ class Replica:
     # -- derivation --------------------------------------------------------------------------
 
     def _rewind_to(self, position: int) -> None:
-        """Undo the matched ops at ``position`` and after, last first."""
+        """Undo the matched ops at ``position`` and after, last first. Below the undo floor there
+        is nothing to undo with: start over from an empty engine (``_rematch`` redoes it all)."""
+        if position < self._floor:
+            self._engine = Engine()
+            self._marks = array("q")
+            self._matched = self._floor = 0
+            return
         order, marks = self._order, self._marks
         undo = self._engine.undo
         for index in range(self._matched - 1, position - 1, -1):
@@ -334,6 +371,8 @@ class Replica:
             self._matched = position
 
     def _rematch(self) -> None:
+        if self._deferred:
+            return
         order, marks = self._order, self._marks
         engine = self._engine
         tape, process = engine.tape, engine.process
@@ -341,6 +380,101 @@ class Replica:
             marks.append(len(tape))
             process(order[index])
         self._matched = len(order)
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def checkpoint(self, tail: int = 0) -> bytes:
+        """A blob of the matched state after the first applied ops, for ``restore`` (format:
+        ``crdtbook._checkpoint``). Its size and cost grow with the log: milliseconds per 10k ops.
+
+        ``tail``: leave the last ``tail`` ops out (the blob covers at least the undo floor). A
+        restore matches them again, but keeps their undo records, so a late op that sorts among
+        them (one concurrent with the last ops, say) costs a short rewind, not a full rematch.
+        """
+        if tail < 0:
+            raise ValueError(f"tail must be >= 0, not {tail}")
+        order = self._order
+        covered = max(self._floor, len(order) - tail)
+        if covered >= self._matched:
+            return encode_checkpoint(self._market_id, order, covered, self._engine)
+        self._rewind_to(covered)  # at or above the floor: a real rewind, no rebuild
+        try:
+            return encode_checkpoint(self._market_id, order, covered, self._engine)
+        finally:
+            self._rematch()
+
+    @property
+    def undo_floor(self) -> int:
+        """How many leading ops have no undo records (restored from a checkpoint and not
+        rematched since); a checkpoint covers at least these."""
+        return self._floor
+
+    @classmethod
+    def restore(
+        cls,
+        market: Market,
+        ops: Iterable[Op | bytes],
+        checkpoint: bytes | None,
+        *,
+        verify: bool = True,
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> Replica:
+        """A replica holding ``ops`` (any order, repeats, ops still waiting for parents, ops
+        newer than the checkpoint), equal to one that applied them one by one; matched from
+        ``checkpoint`` where it covers the start of the log, else from scratch.
+
+        Every op is judged as ``apply_many`` judges it; a refused one is skipped and listed in
+        ``restore_skipped``. ``checkpoint`` may be None or any bytes: one that does not apply
+        (another market or version, damaged, or a late op now sorts inside what it covers) is
+        ignored. ``restored_from_checkpoint`` tells how many ops it covered (0: not used), and
+        ``checkpoint_unused`` why it was not used.
+
+        ``verify=False`` skips the signature check of ops given as bytes: only for bytes the
+        caller verified before (its own store).
+        """
+        replica = cls(market, max_pending=max_pending)
+        skipped: list[tuple[bytes | None, InvalidOp]] = []
+
+        def decoded() -> Iterator[Op | bytes]:
+            for item in ops:
+                if verify or isinstance(item, Op):  # apply_many hashes, dedups and verifies
+                    yield item
+                    continue
+                raw = bytes(item)
+                try:
+                    # Decoded one at a time as apply_many asks (in a store's total order,
+                    # parents are applied first): parent ids share the applied ops' objects.
+                    yield decode(raw, verify=False, intern_id=replica.intern_id)
+                except InvalidOp as exc:
+                    ident = op_id(raw)
+                    replica._reject_pending_descendants(ident, exc)  # as apply_many would
+                    skipped.append((ident, exc))
+
+        # Admit every op first, then match (or take over the matched state of the first ones,
+        # and match the rest). Even with nothing to take over, matching in a pass of its own
+        # measured ~1 us/op cheaper than matching each op between decoding and admitting the
+        # next (200k stored ops: 11.5 -> 10.6 us/op; a tighter loop for the interpreter).
+        read = None if checkpoint is None else read_checkpoint(checkpoint, replica._market_id)
+        replica._deferred = True
+        try:
+            report = replica.apply_many(decoded())
+        finally:
+            replica._deferred = False
+        skipped.extend(report.invalid)
+        replica.restore_skipped = skipped
+        if isinstance(read, Checkpoint):
+            engine = install(read, replica._order)
+            if isinstance(engine, Engine):
+                replica._engine = engine
+                replica._matched = replica._floor = read.ops
+                replica._marks = array("q", bytes(8 * read.ops))  # never read: below the floor
+                replica.restored_from_checkpoint = read.ops
+            else:
+                replica.checkpoint_unused = engine  # why not
+        else:
+            replica.checkpoint_unused = read
+        replica._rematch()
+        return replica
 
     # -- authoring ---------------------------------------------------------------------------
 

@@ -3,8 +3,8 @@
 Lifecycle (structured: one nursery owns every task):
   home + identity -> store -> replicas rebuilt from the store -> libp2p network -> gossip
   validators, sync handler, control socket -> "ready" lines on stdout -> serve.
-Shutdown in order: stop accepting control requests and syncs, flush gossip batches, close the
-store, then leave libp2p.
+Shutdown in order: stop accepting control requests and syncs, flush gossip batches, stop every
+task, write each market's checkpoint, leave libp2p, close the store.
 """
 
 from __future__ import annotations
@@ -239,9 +239,11 @@ class _Node:
             for addr in addrs:
                 _say(f"  listening on {addr}")
             for ms in service.markets.values():
+                covered = ms.replica.restored_from_checkpoint
                 _say(
                     f"  following {ms.market.spec} with {loaded.get(ms.market.name, 0)} ops "
-                    f"from the store ({load_seconds:.2f} s)"
+                    f"from the store ({load_seconds:.2f} s"
+                    + (f", checkpoint of {covered} ops)" if covered else ")")
                 )
             _say(f"  control socket {control}")
             _write_info(home, net.peer_id, addrs, service)
@@ -254,6 +256,11 @@ class _Node:
                 with trio.move_on_after(2):
                     await service.flush(ms, net.publish)
             nursery.cancel_scope.cancel()
+        # Every task has stopped (only an orderly stop gets here): the replicas are final.
+        try:
+            service.write_checkpoints()
+        except Exception as exc:  # a checkpoint only saves work at the next start
+            logger.warning("could not write checkpoints: %s", exc)
 
     def status(self) -> dict[str, Any]:
         return {

@@ -22,6 +22,10 @@ Why this shape:
   ``abandon_on_cancel=True``: the caller must learn whether the commit happened.  Mixing inline
   calls with worker-thread calls is safe but an inline call then waits (blocking the loop) for a
   worker's commit to finish.
+* **Checkpoints** of derived state (one row per market in ``checkpoints``; ``upto`` holds how
+  many leading ops of the market's total order it covers) only save work on restart: the blob
+  says what it covers and the replica checks that before using it (``crdtbook._checkpoint``),
+  so a stale, damaged or missing one costs a full replay, never a wrong book.
 * **Versioned schema** with ``PRAGMA user_version`` and an ordered migration list, so later
   versions can upgrade old stores in place (and an older binary refuses a newer store).
 """
@@ -299,6 +303,49 @@ class OpStore:
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (key, _need_bytes("value", value)),
             )
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def set_checkpoint(self, market: bytes, covered: int, data: bytes) -> None:
+        """Replace ``market``'s derived-state checkpoint (``data``, covering the first
+        ``covered`` ops of its total order) in one transaction: a crash at any moment leaves
+        the previous checkpoint or this one, whole. It only saves work on restart, so it is
+        never worth an fsync of its own beyond what ``synchronous`` gives every commit."""
+        _need_bytes("market", market)
+        _need_bytes("data", data)
+        with self._lock:
+            conn = self._db()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                # The table's key allows one row per (market, upto); we keep one per market.
+                conn.execute("DELETE FROM checkpoints WHERE market = ?", (market,))
+                conn.execute(
+                    "INSERT INTO checkpoints (market, upto, data) VALUES (?, ?, ?)",
+                    (market, covered, data),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def get_checkpoint(self, market: bytes) -> bytes | None:
+        """``market``'s checkpoint as stored by :meth:`set_checkpoint`, or None."""
+        with self._lock:
+            row = (
+                self._db()
+                .execute(
+                    "SELECT data FROM checkpoints WHERE market = ? ORDER BY upto DESC LIMIT 1",
+                    (market,),
+                )
+                .fetchone()
+            )
+        return None if row is None else bytes(row[0])
+
+    def delete_checkpoint(self, market: bytes) -> None:
+        """Forget ``market``'s checkpoint (the next start replays every op)."""
+        with self._lock:
+            self._db().execute("DELETE FROM checkpoints WHERE market = ?", (market,))
 
     # -- maintenance -----------------------------------------------------------------------
 

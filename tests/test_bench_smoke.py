@@ -35,3 +35,27 @@ def test_core_bench_quick_runs_and_reports_every_figure() -> None:
         "memory_total_b_per_op",
     ):
         assert key in results, key
+
+
+@pytest.mark.timeout(120)
+def test_restart_bench_runs_and_both_paths_agree() -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "bench_restart.py"),
+            "--ops",
+            "3000",
+            "--reps",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    (row,) = json.loads(out.stdout)["results"]
+    assert row["ops"] == 3000 and row["covered"] == 2700  # the stop leaves a tenth out
+    for key in ("full_us_per_op", "checkpoint_us_per_op", "speedup", "checkpoint_write_ms"):
+        assert row[key] > 0, key

@@ -150,6 +150,21 @@ def union_ops(world: Iterable[Replica]) -> list[Op]:
     return sorted(seen.values(), key=lambda o: (o.lamport, o.id))
 
 
+def random_causal_order(ops: list[Op], rng: random.Random) -> list[Op]:
+    """A uniformly chosen next op among those whose parents are all placed (a random linear
+    extension): every op is admitted at once, but often sorts before already applied ops."""
+    placed: set[bytes] = set()
+    waiting = list(ops)
+    out = []
+    while waiting:
+        ready = [op for op in waiting if all(p in placed for p in op.parents)]
+        op = rng.choice(ready)
+        waiting.remove(op)
+        placed.add(op.id)
+        out.append(op)
+    return out
+
+
 def exchange_all(world: Sequence[Replica]) -> None:
     """Everyone gets everything (as bytes, in total order)."""
     everything = [op.raw for op in union_ops(world)]

@@ -23,6 +23,7 @@ from strategies import (
     examples,
     exchange_all,
     plans,
+    random_causal_order,
     run_plan,
     union_ops,
 )
@@ -115,21 +116,6 @@ def test_every_replica_matches_reference_and_scratch_mid_history(plan):
     assert len(digests) == 1
     assert_matches_reference(world[0])
     assert_invariants(world[0])
-
-
-def random_causal_order(ops: list[Op], rng: random.Random) -> list[Op]:
-    """A uniformly chosen next op among those whose parents are all placed (a random linear
-    extension): every op is admitted at once, but often sorts before already applied ops."""
-    placed: set[bytes] = set()
-    waiting = list(ops)
-    out = []
-    while waiting:
-        ready = [op for op in waiting if all(p in placed for p in op.parents)]
-        op = rng.choice(ready)
-        waiting.remove(op)
-        placed.add(op.id)
-        out.append(op)
-    return out
 
 
 @settings(max_examples=examples(0.75))

@@ -4,7 +4,8 @@ exchanges of ops (random subset, random order, as bytes), forged invalid ops, an
 
 After every step, each replica that changed is checked against derivation from scratch, against
 the reference matcher and against the book invariants; after a full exchange every replica has
-the same digest (and at teardown everything is exchanged once more and must converge).
+the same digest (and at teardown everything is exchanged once more and must converge). A replica
+may restart at any step: restored from its checkpoint, it goes on with an undo floor.
 """
 
 from __future__ import annotations
@@ -238,6 +239,28 @@ class Network(RuleBasedStateMachine):
         self.world.append(fresh)
         self.touched(len(self.world) - 1)
 
+    @rule(at=replica_ix, tail=st.sampled_from((0, 0, 1, 4)), seed=st.integers(0, 2**16))
+    def restart_from_checkpoint(self, at: int, tail: int, seed: int) -> None:
+        """The replica restarts: restored from its checkpoint and the ops it held (applied and
+        pending, shuffled), it is the same replica, and goes on from there, so later steps
+        bring ops that sort after, inside the tail and below its undo floor."""
+        at, replica = self.replica(at)
+        blob = replica.checkpoint(tail)
+        held = replica.ops() + [replica._pending[i] for i in replica.pending_ids()]
+        random.Random(seed).shuffle(held)
+        restored = Replica.restore(MARKET, held, blob)
+        covered = max(replica.undo_floor, len(replica) - tail)
+        assert restored.restored_from_checkpoint == covered
+        assert restored.digest() == replica.digest()
+        assert restored.ops() == replica.ops()
+        assert restored.heads() == replica.heads()
+        assert sorted(restored.pending_ids()) == sorted(replica.pending_ids())
+        assert restored.missing() == replica.missing()
+        self.world[at] = restored
+        self.touched(at)
+        if covered:
+            event("a replica restarted from its checkpoint")
+
     @rule(
         at=replica_ix,
         author=author_ix,
@@ -283,6 +306,8 @@ class Network(RuleBasedStateMachine):
     def derived_state_is_sound(self) -> None:
         for index in sorted(self.dirty):
             replica = self.world[index]
+            if replica.restored_from_checkpoint and not replica.undo_floor:
+                event("a late op sorted below a restored replica's undo floor")
             assert replica.pending_count == 0 or replica.missing()
             assert_invariants(replica)
             assert_scratch_equal(replica)

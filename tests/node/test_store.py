@@ -265,3 +265,85 @@ def test_sigkill_loses_no_acknowledged_op(tmp_path: Path) -> None:
     finally:
         conn.close()
     assert sum(acked.values()) > 0, f"seed={seed}: no batch was ever acknowledged"
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / STORE_FILENAME
+    with OpStore.open(path) as s:
+        assert s.get_checkpoint(M1) is None
+        s.set_checkpoint(M1, 10, b"first")
+        s.set_checkpoint(M2, 3, b"other market")
+        assert s.get_checkpoint(M1) == b"first"
+        s.set_checkpoint(M1, 5, b"second")  # replaces, whatever it covers
+        assert s.get_checkpoint(M1) == b"second"
+        with pytest.raises(TypeError):
+            s.set_checkpoint(M1, 1, "text")  # type: ignore[arg-type]
+        assert s.get_checkpoint(M1) == b"second"
+    with OpStore.open(path) as s:
+        assert s.get_checkpoint(M1) == b"second"
+        assert s.get_checkpoint(M2) == b"other market"
+        s.delete_checkpoint(M1)
+        assert s.get_checkpoint(M1) is None
+        assert s.get_checkpoint(M2) == b"other market"
+
+
+# The child replaces one market's checkpoint forever with big blobs (so that kills land inside
+# writes), printing each blob's number after set_checkpoint returned.
+CHECKPOINT_CHILD = r"""
+import hashlib, sys
+from crdtbook.node.store import OpStore
+
+store = OpStore.open(sys.argv[1])
+store._db().execute("PRAGMA wal_autocheckpoint = 8")
+k = int(sys.argv[2])
+print("open", flush=True)
+while True:
+    blob = (k.to_bytes(8, "big") + hashlib.sha256(b"%d" % k).digest()) * 20_000
+    store.set_checkpoint(b"M" * 32, k, blob)
+    print(k, flush=True)
+    k += 1
+"""
+
+
+def _blob(k: int) -> bytes:
+    return (k.to_bytes(8, "big") + hashlib.sha256(b"%d" % k).digest()) * 20_000
+
+
+def test_sigkill_during_checkpoint_writes_leaves_the_old_or_the_new(tmp_path: Path) -> None:
+    seed = int.from_bytes(os.urandom(4), "big")
+    rng = random.Random(seed)
+    path = tmp_path / STORE_FILENAME
+    start = 0
+    for _ in range(4):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CHECKPOINT_CHILD, str(path), str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert proc.stdout is not None
+        stdout = proc.stdout
+        lines: list[bytes] = []
+        reader = threading.Thread(target=lines.extend, args=(stdout,), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 20
+        want = rng.randrange(1, 6)
+        while sum(1 for ln in lines if ln.strip().isdigit()) < want:
+            assert proc.poll() is None and time.monotonic() < deadline, f"seed={seed}"
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.02))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        reader.join(timeout=10)
+        stdout.close()
+        acked = [int(ln) for ln in lines if ln.strip().isdigit()]
+        with OpStore.open(path) as s:
+            assert s.integrity_check() == "ok", f"seed={seed}"
+            stored = s.get_checkpoint(b"M" * 32)
+        assert stored is not None, f"seed={seed}"
+        k = int.from_bytes(stored[:8], "big")
+        assert k in (acked[-1], acked[-1] + 1), f"seed={seed}"  # the last acked or the next
+        assert stored == _blob(k), f"seed={seed}: a torn checkpoint"
+        start = k + 1
