@@ -253,6 +253,21 @@ def test_bloom_sets_the_specified_bits_and_has_no_false_negatives(ids, size, has
     assert all(ident in again for ident in ids)
 
 
+@settings(max_examples=examples(2))
+@given(
+    ids=st.lists(st.binary(min_size=32, max_size=32), max_size=200, unique=True),
+    bits_per_id=st.integers(1, 20),
+)
+def test_bloom_for_ids_sets_what_add_sets(ids, bits_per_id):
+    # for_ids inlines add() for speed: it must set exactly the specified bits.
+    bloom = BloomFilter.for_ids(ids, bits_per_id=bits_per_id)
+    expected = bytearray(bloom.size // 8)
+    for ident in ids:
+        for pos in spec_positions(ident, bloom.size, bloom.hashes):
+            expected[pos // 8] |= 1 << (pos % 8)
+    assert bytes(bloom.bits) == bytes(expected)
+
+
 def test_bloom_sizing_and_false_positive_rate():
     rng = random.Random(7)
     ids = [rng.randbytes(32) for _ in range(3000)]
