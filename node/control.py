@@ -39,39 +39,15 @@ if TYPE_CHECKING:
     # annotations for mypy and predate trio.TaskStatus; its TaskStatus is the same protocol.
     from trio_typing import TaskStatus
 
-# Re-exported so the node can take everything control-related from this module.
 from .control_errors import (
-    AMBIGUOUS,
     BAD_REQUEST,
     CONTROL_SOCKET_NAME,
-    ERROR_CODES,
     INTERNAL,
-    INVALID_OP,
     MAX_REQUEST_LINE_BYTES,
-    NOT_FOUND,
-    NOT_OWNER,
-    OFF_LOT,
-    OFF_TICK,
-    UNKNOWN_MARKET,
-    UNKNOWN_METHOD,
     ControlError,
 )
 
 __all__ = [
-    "AMBIGUOUS",
-    "BAD_REQUEST",
-    "CONTROL_SOCKET_NAME",
-    "ERROR_CODES",
-    "INTERNAL",
-    "INVALID_OP",
-    "MAX_REQUEST_LINE_BYTES",
-    "NOT_FOUND",
-    "NOT_OWNER",
-    "OFF_LOT",
-    "OFF_TICK",
-    "UNKNOWN_MARKET",
-    "UNKNOWN_METHOD",
-    "ControlError",
     "ControlHandler",
     "ControlSocketInUse",
     "optional_param",

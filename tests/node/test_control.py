@@ -18,6 +18,13 @@ import trio
 
 from crdtbook.node.client import ControlClient, NodeNotRunning, resolve_home
 from crdtbook.node.control import (
+    ControlSocketInUse,
+    optional_param,
+    require_param,
+    serve_control,
+    socket_path,
+)
+from crdtbook.node.control_errors import (
     BAD_REQUEST,
     INTERNAL,
     MAX_REQUEST_LINE_BYTES,
@@ -25,11 +32,6 @@ from crdtbook.node.control import (
     UNKNOWN_MARKET,
     UNKNOWN_METHOD,
     ControlError,
-    ControlSocketInUse,
-    optional_param,
-    require_param,
-    serve_control,
-    socket_path,
 )
 
 T = TypeVar("T")
