@@ -12,11 +12,27 @@ __all__ = [
     "MAX_MARKET_NAME",
     "MAX_OP_BYTES",
     "MAX_PARENTS",
+    "MAX_WITNESSES",
     "PROTOCOL_VERSION",
+    "PROTOCOL_VERSIONS",
+    "WITNESSED_VERSION",
 ]
 
-#: The only wire version this implementation reads and writes.
+#: The wire version of markets without witnesses (specs/protocol.md). Its ops, ids and vectors
+#: never change.
 PROTOCOL_VERSION = 1
+
+#: The wire version of witnessed markets (specs/finality.md): version 1's ops plus heartbeats and
+#: reconfigurations, and a total order in which fills become final.
+WITNESSED_VERSION = 2
+
+#: Every version this implementation reads and writes. A market speaks exactly one of them.
+PROTOCOL_VERSIONS = (PROTOCOL_VERSION, WITNESSED_VERSION)
+
+#: Witnesses of one market. Each must heartbeat for the frontier to move, so a market is run by a
+#: handful of nodes (BFT deployments use 4-7). Ten keeps a reconfiguration that names them all
+#: and carries their approvals (10 x 35 + 9 x 101 bytes) well inside MAX_OP_BYTES.
+MAX_WITNESSES = 10
 
 #: Prices, quantities, sequence numbers and Lamport times are positive integers below 2**63, so
 #: every implementation can hold them in a signed 64-bit integer (CBOR itself allows 2**64 - 1).

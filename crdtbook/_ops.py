@@ -44,29 +44,50 @@ from ._errors import (
     UnknownKind,
 )
 from ._identity import Identity
-from ._limits import MAX_CLIENT_TAG_BYTES, MAX_INT, MAX_OP_BYTES, MAX_PARENTS, PROTOCOL_VERSION
+from ._limits import (
+    MAX_CLIENT_TAG_BYTES,
+    MAX_INT,
+    MAX_OP_BYTES,
+    MAX_PARENTS,
+    MAX_WITNESSES,
+    PROTOCOL_VERSION,
+    PROTOCOL_VERSIONS,
+    WITNESSED_VERSION,
+)
 
 __all__ = [
     "BUY",
     "CANCEL",
     "FOK",
     "GTC",
+    "HEARTBEAT",
     "IOC",
     "ORDER",
     "POST_ONLY",
+    "RECONFIG",
     "SELL",
     "TIFS",
     "CancelBody",
+    "HeartbeatBody",
     "Op",
     "OrderBody",
+    "ReconfigBody",
     "decode",
     "encode",
     "op_id",
+    "reconfig_message",
     "sign_op",
 ]
 
 #: Prefix of every signed message, so an op signature can never be replayed as anything else.
 SIGNATURE_DOMAIN: Final = b"crdtbook/op/v1\x00"
+#: The prefix by protocol version: a version-2 op's signature never verifies as version 1's.
+SIGNATURE_DOMAINS: Final = {
+    PROTOCOL_VERSION: SIGNATURE_DOMAIN,
+    WITNESSED_VERSION: b"crdtbook/op/v2\x00",
+}
+#: Prefix of the message a witness signs to approve a reconfiguration (specs/finality.md).
+RECONFIG_DOMAIN: Final = b"crdtbook/reconfig/v2\x00"
 
 BUY: Final = "buy"
 SELL: Final = "sell"
@@ -76,10 +97,14 @@ FOK: Final = "fok"
 POST_ONLY: Final = "post_only"
 ORDER: Final = "order"
 CANCEL: Final = "cancel"
+HEARTBEAT: Final = "heartbeat"
+RECONFIG: Final = "reconfig"
 
 #: Wire codes. Append only: a code once given keeps its meaning in every later version.
 _KIND_ORDER: Final = 0
 _KIND_CANCEL: Final = 1
+_KIND_HEARTBEAT: Final = 2  # version 2 only
+_KIND_RECONFIG: Final = 3  # version 2 only
 _SIDES: Final = (BUY, SELL)
 TIFS: Final = (GTC, IOC, FOK, POST_ONLY)
 _SIDE_CODE: Final = {BUY: 0, SELL: 1}
@@ -118,7 +143,38 @@ class CancelBody(NamedTuple):
         return CANCEL
 
 
-Body = OrderBody | CancelBody
+class HeartbeatBody(NamedTuple):
+    """A witness's acknowledgement of everything in its causal past (version 2 only). It changes
+    no order; it places ops in the total order and moves the finality frontier."""
+
+    @property
+    def kind(self) -> str:
+        return HEARTBEAT
+
+
+class ReconfigBody(NamedTuple):
+    """A change of a witnessed market's witnesses (version 2 only), taking effect as epoch
+    ``epoch``. ``witnesses``: the new set, sorted. ``approvals``: ``(witness key, signature of
+    reconfig_message(...))`` from current witnesses other than the author, sorted by key."""
+
+    epoch: int
+    witnesses: tuple[bytes, ...]
+    approvals: tuple[tuple[bytes, bytes], ...]
+
+    @property
+    def kind(self) -> str:
+        return RECONFIG
+
+
+Body = OrderBody | CancelBody | HeartbeatBody | ReconfigBody
+
+#: The one heartbeat body: it has no fields (an immutable singleton).
+HEARTBEAT_BODY: Final = HeartbeatBody()
+
+
+def reconfig_message(market_id: bytes, epoch: int, witnesses: Sequence[bytes]) -> bytes:
+    """What a witness signs to approve making ``witnesses`` the set of epoch ``epoch``."""
+    return RECONFIG_DOMAIN + cbor2.dumps([market_id, epoch, list(witnesses)], canonical=True)
 
 
 class Op:
@@ -303,6 +359,12 @@ _OP_START: Final = b"\x88" + _uint(PROTOCOL_VERSION) + _B32_HEADER
 _PAYLOAD_START: Final = b"\x87" + _OP_START[1:]
 #: What precedes ``op_bytes[1:signature_head]`` in the message the signature covers.
 _SIGNED_PREFIX: Final = SIGNATURE_DOMAIN + b"\x87"
+#: The same, by version.
+_OP_STARTS: Final = {v: b"\x88" + _uint(v) + _B32_HEADER for v in PROTOCOL_VERSIONS}
+_PAYLOAD_STARTS: Final = {v: b"\x87" + _uint(v) + _B32_HEADER for v in PROTOCOL_VERSIONS}
+_SIGNED_PREFIXES: Final = {v: SIGNATURE_DOMAINS[v] + b"\x87" for v in PROTOCOL_VERSIONS}
+#: A heartbeat body: ``[2]``.
+_HEARTBEAT_BYTES: Final = bytes((0x81, _KIND_HEARTBEAT))
 
 
 def _encode_chunks(
@@ -330,14 +392,18 @@ def _encode_chunks(
         else:
             text = tag.encode("utf-8")
             chunks += (_TAG_HEADS[len(text)], text)
-    else:
+    elif isinstance(body, CancelBody):
         chunks += (_CANCEL_START, body.order_id)
+    elif isinstance(body, HeartbeatBody):
+        chunks.append(_HEARTBEAT_BYTES)
+    else:  # a reconfiguration: rare, so cbor2's canonical encoder writes it
+        chunks.append(cbor2.dumps(_body_to_wire(body), canonical=True))
     return chunks
 
 
 def _encode_op(op: Op) -> bytes:
     chunks = _encode_chunks(
-        _OP_START, op.market_id, op.author, op.seq, op.lamport, op.parents, op.body
+        _OP_STARTS[op.version], op.market_id, op.author, op.seq, op.lamport, op.parents, op.body
     )
     chunks += (_SIG_HEADER, op.signature)
     return b"".join(chunks)
@@ -352,6 +418,7 @@ def _is_id(value: object) -> bool:
 
 
 def _encodable(
+    version: object,
     market_id: object,
     author: object,
     seq: object,
@@ -365,8 +432,12 @@ def _encodable(
         return False
     if len(parents) > MAX_PARENTS or not all(_is_id(p) for p in parents):
         return False
+    if version not in PROTOCOL_VERSIONS:
+        return False
     if type(body) is CancelBody:
         return _is_id(body.order_id)
+    if type(body) is HeartbeatBody:
+        return version == WITNESSED_VERSION
     if type(body) is not OrderBody:
         return False
     side, price, quantity, tif, tag = body
@@ -402,10 +473,20 @@ def _body_to_wire(body: Body) -> list[Any]:
             _TIF_CODE[body.tif],
             body.tag,
         ]
-    return [_KIND_CANCEL, body.order_id]
+    if isinstance(body, CancelBody):
+        return [_KIND_CANCEL, body.order_id]
+    if isinstance(body, HeartbeatBody):
+        return [_KIND_HEARTBEAT]
+    return [
+        _KIND_RECONFIG,
+        body.epoch,
+        list(body.witnesses),
+        [list(approval) for approval in body.approvals],
+    ]
 
 
 def _payload(
+    version: int,
     market_id: bytes,
     author: bytes,
     seq: int,
@@ -414,7 +495,7 @@ def _payload(
     wire_body: list[Any],
 ) -> bytes:
     return cbor2.dumps(
-        [PROTOCOL_VERSION, market_id, author, seq, lamport, list(parents), wire_body],
+        [version, market_id, author, seq, lamport, list(parents), wire_body],
         canonical=True,
     )
 
@@ -426,20 +507,23 @@ def sign_op(
     lamport: int,
     parents: tuple[bytes, ...],
     body: Body,
+    version: int = PROTOCOL_VERSION,
 ) -> Op:
     """Build and sign an op. The result is checked exactly as a received op would be."""
     parents = tuple(sorted(parents))
     author = identity.public_key
-    if _encodable(market_id, author, seq, lamport, parents, body):
+    if _encodable(version, market_id, author, seq, lamport, parents, body):
         payload = b"".join(
-            _encode_chunks(_PAYLOAD_START, market_id, author, seq, lamport, parents, body)
+            _encode_chunks(
+                _PAYLOAD_STARTS[version], market_id, author, seq, lamport, parents, body
+            )
         )
     else:
         # Not a valid op's fields: encode them with cbor2 as always, so that the decode below
         # refuses them with the same error as ever (or _body_to_wire raises as it always did).
         wire_body = _body_to_wire(body)
-        payload = _payload(market_id, author, seq, lamport, parents, wire_body)
-    signature = identity.sign(SIGNATURE_DOMAIN + payload)
+        payload = _payload(version, market_id, author, seq, lamport, parents, wire_body)
+    signature = identity.sign(SIGNATURE_DOMAINS.get(version, SIGNATURE_DOMAIN) + payload)
     raw = b"\x88" + payload[1:] + _SIG_HEADER + signature
     # Signing goes through the same gate as the wire: a caller cannot make an op that peers refuse.
     return decode(raw, verify=False)
@@ -499,8 +583,8 @@ def _decode(
     return op
 
 
-#: The shortest valid op: no parents, one-byte integers, an order with a null tag.
-_MIN_OP_BYTES: Final = len(_OP_START) + 32 + 2 + 32 + 1 + 1 + 1 + 7 + 2 + _SIG_BYTES
+#: The shortest valid op: no parents, one-byte integers, a heartbeat (``[2]``, 2 bytes).
+_MIN_OP_BYTES: Final = len(_OP_START) + 32 + 2 + 32 + 1 + 1 + 1 + 2 + 2 + _SIG_BYTES
 #: Where the author's 32 bytes start, and where the items after it (seq, ...) start.
 _AUTHOR_AT: Final = len(_OP_START) + 32 + 2
 _SEQ_AT: Final = _AUTHOR_AT + 32
@@ -571,7 +655,7 @@ def _decode_fast(
     sig_at = size - 2 - _SIG_BYTES  # where the signature's byte-string head must be
     if not (
         _MIN_OP_BYTES <= size <= MAX_OP_BYTES
-        and data.startswith(_OP_START)
+        and (data.startswith(_OP_START) or data.startswith(_OP_V2_START))
         and data[_AUTHOR_AT - 2] == 0x58
         and data[_AUTHOR_AT - 1] == 0x20
         and data[sig_at] == 0x58
@@ -667,6 +751,9 @@ def _decode_fast(
                 return None
             body = _new_tuple(CancelBody, (data[at + 4 : at + 36],))
             at += 36
+        elif head == 0x81 and data[at + 1] == _KIND_HEARTBEAT and data[1] == WITNESSED_VERSION:
+            body = HEARTBEAT_BODY
+            at += 2
         else:
             return None
         if at != sig_at:
@@ -677,16 +764,18 @@ def _decode_fast(
     keys = data[len(_OP_START) : _SEQ_AT]
     market_id, author = _SHARED_PAIRS.get(keys) or _shared_pair(keys)
     signature = data[sig_at + 2 :]
+    version = data[1]
     if verify:
+        prefix = _SIGNED_PREFIX if version == PROTOCOL_VERSION else _SIGNED_PREFIXES[version]
         try:
-            nacl.bindings.crypto_sign_open(signature + _SIGNED_PREFIX + data[1:sig_at], author)
+            nacl.bindings.crypto_sign_open(signature + prefix + data[1:sig_at], author)
         except (nacl.exceptions.BadSignatureError, nacl.exceptions.CryptoError, ValueError):
             raise BadSignature("signature does not verify against the author's key") from None
     if intern_id is not None and parents:
         parents = tuple(map(intern_id, parents))
     # _new_op, inlined: a call with nine arguments costs a tenth of this whole function.
     op = _OpFields()
-    op.version = PROTOCOL_VERSION
+    op.version = version
     op.market_id = market_id
     op.author = author
     op.seq = seq
@@ -700,11 +789,12 @@ def _decode_fast(
 
 
 _sha256 = hashlib.sha256
+_OP_V2_START: Final = _OP_STARTS[WITNESSED_VERSION]
 # NamedTuple.__new__ is a Python function around tuple.__new__; calling the latter skips a frame.
 _new_tuple = tuple.__new__
 
 
-def _decode_body(wire: object) -> Body:
+def _decode_body(wire: object, version: int = PROTOCOL_VERSION) -> Body:
     if type(wire) is not list or not wire or type(wire[0]) is not int:
         raise MalformedOp("op body must be an array starting with its kind code")
     kind = wire[0]
@@ -730,7 +820,46 @@ def _decode_body(wire: object) -> Body:
         if len(wire) != 2 or not _is_id(wire[1]):
             raise MalformedOp("a cancel body is [1, order_id] with a 32-byte order id")
         return CancelBody(wire[1])
-    raise UnknownKind(f"unknown op kind {kind}: this node speaks protocol {PROTOCOL_VERSION}")
+    if version == WITNESSED_VERSION and kind == _KIND_HEARTBEAT:
+        if len(wire) != 1:
+            raise MalformedOp("a heartbeat body is [2]")
+        return HEARTBEAT_BODY
+    if version == WITNESSED_VERSION and kind == _KIND_RECONFIG:
+        return _decode_reconfig(wire)
+    raise UnknownKind(f"unknown op kind {kind} in a version {version} op")
+
+
+def _decode_reconfig(wire: list[Any]) -> ReconfigBody:
+    """``[3, epoch, [witness, ...], [[witness, signature], ...]]``: shapes and bounds only; the
+    witness rules (who may sign, majorities, epochs) need the causal past (``_finality``)."""
+    if len(wire) != 4:
+        raise MalformedOp("a reconfiguration body is [3, epoch, witnesses, approvals]")
+    _, epoch, witnesses, approvals = wire
+    if not _is_uint(epoch):
+        raise LimitExceeded(f"reconfiguration epoch must be an integer in 1..{MAX_INT}")
+    if type(witnesses) is not list or not 0 < len(witnesses) <= MAX_WITNESSES:
+        raise LimitExceeded(f"a reconfiguration names 1 to {MAX_WITNESSES} witnesses")
+    if type(approvals) is not list or len(approvals) > MAX_WITNESSES:
+        raise LimitExceeded(f"a reconfiguration carries at most {MAX_WITNESSES} approvals")
+    for i, key in enumerate(witnesses):
+        if not _is_id(key):
+            raise MalformedOp("every witness is a 32-byte ed25519 public key")
+        if i and witnesses[i - 1] >= key:
+            raise MalformedOp("witnesses must be sorted ascending without duplicates")
+    pairs = []
+    for i, approval in enumerate(approvals):
+        if (
+            type(approval) is not list
+            or len(approval) != 2
+            or not _is_id(approval[0])
+            or type(approval[1]) is not bytes
+            or len(approval[1]) != _SIG_BYTES
+        ):
+            raise MalformedOp("an approval is [32-byte witness key, 64-byte signature]")
+        if i and approvals[i - 1][0] >= approval[0]:
+            raise MalformedOp("approvals must be sorted by witness key without duplicates")
+        pairs.append((approval[0], approval[1]))
+    return ReconfigBody(epoch, tuple(witnesses), tuple(pairs))
 
 
 def _decode_slow(
@@ -754,8 +883,9 @@ def _decode_slow(
     if type(fields) is not list or len(fields) != 8:
         raise MalformedOp("an op is a CBOR array of 8 items")
     version, market_id, author, seq, lamport, parents, wire_body, signature = fields
-    if type(version) is not int or version != PROTOCOL_VERSION:
-        raise UnknownKind(f"op protocol version {version!r} is not {PROTOCOL_VERSION}")
+    if type(version) is not int or version not in PROTOCOL_VERSIONS:
+        known = " or ".join(map(str, PROTOCOL_VERSIONS))
+        raise UnknownKind(f"op protocol version {version!r} is not {known}")
     if not _is_id(market_id):
         raise MalformedOp("market id must be 32 bytes")
     if type(author) is not bytes or len(author) != _KEY_BYTES:
@@ -775,16 +905,16 @@ def _decode_slow(
             raise BadParents("parents must be sorted ascending without duplicates")
     if type(signature) is not bytes or len(signature) != _SIG_BYTES:
         raise MalformedOp("signature must be 64 bytes")
-    body = _decode_body(wire_body)
+    body = _decode_body(wire_body, version)
     try:
-        payload = _payload(market_id, author, seq, lamport, tuple(parents), wire_body)
+        payload = _payload(version, market_id, author, seq, lamport, tuple(parents), wire_body)
     except Exception as exc:  # defensive: types were checked above
         raise MalformedOp(f"op cannot be re-encoded: {exc}") from None
     if data != b"\x88" + payload[1:] + _SIG_HEADER + signature:
         raise NonCanonical("op is not in canonical CBOR form (re-encoding gives other bytes)")
     if verify:
         try:
-            nacl.bindings.crypto_sign_open(signature + SIGNATURE_DOMAIN + payload, author)
+            nacl.bindings.crypto_sign_open(signature + SIGNATURE_DOMAINS[version] + payload, author)
         except (nacl.exceptions.BadSignatureError, nacl.exceptions.CryptoError, ValueError):
             raise BadSignature("signature does not verify against the author's key") from None
     shared = _shared_key

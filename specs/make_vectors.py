@@ -562,7 +562,10 @@ def make_invalid(main_ops: list[Op], fork: dict[str, Op]) -> Json:
     ) -> None:
         ctx = [c.raw if isinstance(c, Op) else c for c in context]
         stage, got = _classify(raw, ctx, market)
-        assert got == expect, f"{name}: reference says {got}, expected {expect}"
+        # Version 2 made one version-1 case refused under another (informative) class; the file
+        # keeps the class it was published with (tests/core/test_vectors.py says why).
+        now = {"unknown protocol version 2": "BadSignature"}.get(name, expect)
+        assert got == now, f"{name}: reference says {got}, expected {now}"
         cases.append(
             {
                 "name": name,

@@ -539,7 +539,7 @@ def _mutated(change: Any) -> bytes:
 @pytest.mark.parametrize(
     ("change", "error"),
     [
-        (lambda f: f.__setitem__(0, 2), UnknownKind),
+        (lambda f: f.__setitem__(0, 3), UnknownKind),
         (lambda f: f.__setitem__(0, 0), UnknownKind),
         (lambda f: f.__setitem__(0, "1"), UnknownKind),
         (lambda f: f.__setitem__(1, b"\x00" * 31), MalformedOp),
