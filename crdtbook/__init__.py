@@ -22,6 +22,7 @@ from ._errors import (
     BadParents,
     BadSequence,
     BadSignature,
+    BadWitness,
     InvalidOp,
     InvalidParent,
     LimitExceeded,
@@ -33,10 +34,18 @@ from ._errors import (
     UnknownKind,
     WrongMarket,
 )
+from ._finality import WitnessInfo
 from ._identity import Identity
-from ._limits import MAX_CLIENT_TAG_BYTES, MAX_OP_BYTES, MAX_PARENTS, PROTOCOL_VERSION
+from ._limits import (
+    MAX_CLIENT_TAG_BYTES,
+    MAX_OP_BYTES,
+    MAX_PARENTS,
+    MAX_WITNESSES,
+    PROTOCOL_VERSION,
+    WITNESSED_VERSION,
+)
 from ._market import DEFAULT_MARKETS, Market
-from ._ops import CancelBody, Op, OrderBody, decode, encode, op_id
+from ._ops import CancelBody, HeartbeatBody, Op, OrderBody, ReconfigBody, decode, encode, op_id
 from ._replica import ApplyReport, Replica
 from ._state import Book, Level, OrderState, RestingOrder
 from ._sync import BloomFilter, ops_missing_for
@@ -48,17 +57,21 @@ __all__ = [
     "MAX_CLIENT_TAG_BYTES",
     "MAX_OP_BYTES",
     "MAX_PARENTS",
+    "MAX_WITNESSES",
     "PROTOCOL_VERSION",
+    "WITNESSED_VERSION",
     "ApplyReport",
     "BadCancel",
     "BadLamport",
     "BadParents",
     "BadSequence",
     "BadSignature",
+    "BadWitness",
     "BloomFilter",
     "Book",
     "CancelBody",
     "Fill",
+    "HeartbeatBody",
     "Identity",
     "InvalidOp",
     "InvalidParent",
@@ -73,9 +86,11 @@ __all__ = [
     "OrderBody",
     "OrderState",
     "PendingFull",
+    "ReconfigBody",
     "Replica",
     "RestingOrder",
     "UnknownKind",
+    "WitnessInfo",
     "WrongMarket",
     "decode",
     "encode",

@@ -42,7 +42,7 @@ import hashlib
 import sys
 from array import array
 from itertools import compress, repeat
-from operator import attrgetter, le, lt, not_
+from operator import attrgetter, le, lt
 from typing import Any, Final, NamedTuple
 
 import cbor2
@@ -62,7 +62,7 @@ from ._engine import (
     Engine,
     _Level,
 )
-from ._ops import BUY, SELL, Op, OrderBody
+from ._ops import BUY, SELL, CancelBody, Op, OrderBody
 
 __all__ = [
     "FORMAT",
@@ -301,7 +301,9 @@ def _rebuild(state: dict[str, bytes], order: list[Op], n: int) -> Engine:
         raise _Unusable("fills do not add up to the filled quantities")
 
     ids = list(map(_id_of, order_ops))
-    cancel_ops = list(compress(prefix, map(not_, is_order)))
+    # Heartbeats and reconfigurations (version 2) change no order: only cancels have records.
+    is_cancel = list(map(isinstance, map(_body_of, prefix), repeat(CancelBody)))
+    cancel_ops = list(compress(prefix, is_cancel))
     flags = state["cancels"]
     if len(flags) != len(cancel_ops) or flags.translate(None, b"\x00\x01"):
         raise _Unusable("cancel records of the wrong size or out of range")

@@ -168,8 +168,9 @@ class Engine:
         cancel record, ``undo`` reads off the op and the order."""
         body = op.body
         if type(body) is not OrderBody:
-            self._cancel(op, body)  # type: ignore[arg-type]
-            return
+            if type(body) is CancelBody:
+                self._cancel(op, body)
+            return  # a heartbeat or reconfiguration changes no order
         side = _BID if body.side == BUY else _ASK
         limit = body.price
         quantity = body.quantity
@@ -335,10 +336,12 @@ class Engine:
         ``tape[start]``. Ops must be undone last first, exactly as they were processed."""
         body = op.body
         if type(body) is not OrderBody:
+            if type(body) is not CancelBody:
+                return  # a heartbeat or reconfiguration did nothing
             if len(self.tape) > start:
                 self._undo_records(start)
             if self.cancels.pop(op.id):
-                order = self.orders[body.order_id]  # type: ignore[union-attr]
+                order = self.orders[body.order_id]
                 self._revive(order)
                 side, price = self._place(order)
                 self.levels[side][price].live += 1
@@ -409,6 +412,26 @@ class Engine:
             level.appendleft(maker)
             level.live += 1
         del tape[start:]
+
+    def closed_makers(self, start: int) -> set[int]:
+        """Order numbers of the resting orders that the records from ``tape[start]`` on took
+        off the book (filled completely or expired by self-trade prevention): read, not undone.
+        Cancels are not on the tape (their undo reads the op); the caller adds their targets."""
+        tape, closed = self.tape, set()
+        i = len(tape)
+        while i > start:
+            code = tape[i - 1]
+            if code == _J_FILL_POP:
+                closed.add(tape[i - 3])
+                i -= 3
+            elif code == _J_FILL:
+                i -= 3
+            elif code == _J_SELF_TRADE:
+                closed.add(tape[i - 2])
+                i -= 2
+            else:  # _J_DEAD_POP, _J_PUT_LEVEL
+                i -= 2
+        return closed
 
     # -- views -------------------------------------------------------------------------------
 

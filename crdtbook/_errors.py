@@ -12,6 +12,7 @@ __all__ = [
     "BadParents",
     "BadSequence",
     "BadSignature",
+    "BadWitness",
     "InvalidOp",
     "InvalidParent",
     "LimitExceeded",
@@ -71,6 +72,11 @@ class BadSequence(InvalidOp):
 
 class BadCancel(InvalidOp):
     """A cancel whose target is not an order of the same author in the cancel's causal past."""
+
+
+class BadWitness(InvalidOp):
+    """A reconfiguration the witness rules refuse (not signed by a majority of the witnesses in
+    force, a wrong epoch, ...), or a heartbeat asked of a key that is not a witness."""
 
 
 class PendingFull(Exception):

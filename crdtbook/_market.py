@@ -1,23 +1,48 @@
-"""Markets: a name, a tick size and a lot size, and the exact conversion to integers.
+"""Markets: a name, a tick size, a lot size and, for a witnessed market, its witnesses; and the
+exact conversion to integers.
 
 Inside the core, prices are integer ticks and quantities integer lots. The market id is a hash of
-the market's full definition, so two nodes that disagree on tick or lot never mix ops.
+the market's full definition, so two nodes that disagree on tick, lot or witnesses never mix ops.
+A market without witnesses speaks protocol version 1 (its fills are never final); one with
+witnesses speaks version 2 (specs/finality.md), where fills become final.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from decimal import Decimal, InvalidOperation
 from typing import Final
 
 import cbor2
 
 from ._errors import OffLot, OffTick
-from ._limits import MAX_INT, MAX_MARKET_NAME
+from ._limits import MAX_INT, MAX_MARKET_NAME, MAX_WITNESSES, PROTOCOL_VERSION, WITNESSED_VERSION
 
 __all__ = ["DEFAULT_MARKETS", "Market"]
 
 _MARKET_DOMAIN: Final = "crdtbook/market/v1"
+_WITNESSED_MARKET_DOMAIN: Final = "crdtbook/market/v2"
+_KEY_BYTES: Final = 32
+
+
+def _witness_keys(witnesses: Iterable[bytes | str]) -> tuple[bytes, ...]:
+    """32-byte keys (bytes or hex), sorted and checked: the canonical witness set."""
+    keys = []
+    for key in witnesses:
+        if isinstance(key, str):
+            try:
+                key = bytes.fromhex(key.strip())
+            except ValueError:
+                raise ValueError(f"witness {key!r} is not a hex ed25519 public key") from None
+        if not isinstance(key, bytes) or len(key) != _KEY_BYTES:
+            raise ValueError("a witness is a 32-byte ed25519 public key (64 hex digits)")
+        keys.append(key)
+    if len(set(keys)) != len(keys):
+        raise ValueError("a witness is named twice")
+    if len(keys) > MAX_WITNESSES:
+        raise ValueError(f"a market has at most {MAX_WITNESSES} witnesses, not {len(keys)}")
+    return tuple(sorted(keys))
 _NAME_FORBIDDEN: Final = frozenset(":/ \t\r\n")
 
 
@@ -44,18 +69,31 @@ class Market:
         name: a short ticker, e.g. ``"BTC-USD"`` (no ``:``, ``/`` or spaces, at most 32 chars).
         tick: the price increment as a decimal string, e.g. ``"0.01"``.
         lot: the quantity increment as a decimal string, e.g. ``"0.0001"``.
+        witnesses: ed25519 public keys (bytes or hex) of the market's witnesses, whose
+            heartbeats make fills final (specs/finality.md). None: protocol version 1, where no
+            fill is ever final.
     """
 
-    __slots__ = ("_lot", "_tick", "id", "lot", "name", "tick")
+    __slots__ = ("_lot", "_tick", "id", "lot", "name", "tick", "version", "witnesses")
 
     name: str
     tick: str
     lot: str
     id: bytes
+    #: The genesis witnesses, sorted (empty for a version-1 market).
+    witnesses: tuple[bytes, ...]
+    #: The protocol version its ops carry: 1 without witnesses, 2 with.
+    version: int
     _tick: Decimal
     _lot: Decimal
 
-    def __init__(self, name: str, tick: str | Decimal, lot: str | Decimal) -> None:
+    def __init__(
+        self,
+        name: str,
+        tick: str | Decimal,
+        lot: str | Decimal,
+        witnesses: Iterable[bytes | str] = (),
+    ) -> None:
         if not isinstance(name, str) or not 0 < len(name) <= MAX_MARKET_NAME:
             raise ValueError(f"market name must be 1 to {MAX_MARKET_NAME} characters")
         if any(c in _NAME_FORBIDDEN or not c.isprintable() for c in name):
@@ -67,8 +105,14 @@ class Market:
         object.__setattr__(self, "_lot", lot_d)
         object.__setattr__(self, "tick", _plain(tick_d))
         object.__setattr__(self, "lot", _plain(lot_d))
-        definition = cbor2.dumps([_MARKET_DOMAIN, name, self.tick, self.lot], canonical=True)
-        object.__setattr__(self, "id", hashlib.sha256(definition).digest())
+        keys = _witness_keys(witnesses)
+        object.__setattr__(self, "witnesses", keys)
+        object.__setattr__(self, "version", WITNESSED_VERSION if keys else PROTOCOL_VERSION)
+        if keys:
+            fields: list[object] = [_WITNESSED_MARKET_DOMAIN, name, self.tick, self.lot, list(keys)]
+        else:  # version 1, byte for byte as it always was
+            fields = [_MARKET_DOMAIN, name, self.tick, self.lot]
+        object.__setattr__(self, "id", hashlib.sha256(cbor2.dumps(fields, canonical=True)).digest())
 
     def __setattr__(self, key: str, value: object) -> None:
         raise AttributeError("Market is immutable")
@@ -80,17 +124,34 @@ class Market:
         return hash(self.id)
 
     def __repr__(self) -> str:
-        return f"Market({self.name!r}, tick={self.tick!r}, lot={self.lot!r})"
+        extra = f", witnesses={len(self.witnesses)}" if self.witnesses else ""
+        return f"Market({self.name!r}, tick={self.tick!r}, lot={self.lot!r}{extra})"
+
+    @property
+    def witnessed(self) -> bool:
+        """Whether fills can become final here (protocol version 2)."""
+        return bool(self.witnesses)
 
     @property
     def spec(self) -> str:
-        """``NAME:TICK:LOT``, the form ``Market.parse`` reads."""
-        return f"{self.name}:{self.tick}:{self.lot}"
+        """``NAME:TICK:LOT``, or ``NAME:TICK:LOT:KEY,KEY,...`` (hex witness keys) for a witnessed
+        market: the one string ``Market.parse`` reads and ``--market`` takes."""
+        base = f"{self.name}:{self.tick}:{self.lot}"
+        if not self.witnesses:
+            return base
+        return base + ":" + ",".join(key.hex() for key in self.witnesses)
 
     @classmethod
     def parse(cls, text: str) -> Market:
-        """Read ``NAME`` (one of :data:`DEFAULT_MARKETS`) or ``NAME:TICK:LOT``."""
+        """Read ``NAME`` (one of :data:`DEFAULT_MARKETS`), ``NAME:TICK:LOT``, or
+        ``NAME:TICK:LOT:KEY,KEY,...`` with the witnesses' public keys in hex."""
+        text = text.strip()
         parts = text.split(":")
+        if len(parts) == 4:
+            keys = [k for k in parts[3].split(",") if k.strip()]
+            if not keys:
+                raise ValueError(f"market {text!r} names no witness after the third ':'")
+            return cls(parts[0], parts[1], parts[2], witnesses=keys)
         if len(parts) == 1:
             try:
                 return DEFAULT_MARKETS[text]
@@ -100,7 +161,9 @@ class Market:
                     f"unknown market {text!r}: use one of {known}, or NAME:TICK:LOT"
                 ) from None
         if len(parts) != 3:
-            raise ValueError(f"market {text!r} is not NAME or NAME:TICK:LOT")
+            raise ValueError(
+                f"market {text!r} is not NAME, NAME:TICK:LOT or NAME:TICK:LOT:WITNESSES"
+            )
         return cls(parts[0], parts[1], parts[2])
 
     # -- exact conversions -------------------------------------------------------------------

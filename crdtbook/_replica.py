@@ -22,25 +22,31 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Final, NamedTuple
 
 from ._checkpoint import Checkpoint, encode_checkpoint, install, read_checkpoint
 from ._engine import Engine, Fill
-from ._errors import BadCancel, InvalidOp, InvalidParent, PendingFull, WrongMarket
+from ._errors import BadCancel, BadWitness, InvalidOp, InvalidParent, PendingFull, WrongMarket
+from ._finality import UNPLACED, WitnessInfo, Witnessing, check_approval
 from ._identity import Identity
 from ._limits import MAX_PARENTS
 from ._market import Market
 from ._ops import (
     BUY,
+    HEARTBEAT_BODY,
     SELL,
     TIFS,
+    Body,
     CancelBody,
+    HeartbeatBody,
     Op,
     OrderBody,
+    ReconfigBody,
     decode,
     decode_with_id,
     op_id,
+    reconfig_message,
     sign_op,
 )
 from ._state import Book, OrderState, book_view, order_state, state_digest
@@ -111,6 +117,13 @@ class Replica:
         self._fork_at: dict[bytes, int] = {}  # author -> lowest seq with two ops (equivocation)
         #: Bumped whenever derived state may have changed; cheap change detection for watchers.
         self.version = 0
+        #: Placement and the finality frontier (witnessed markets only; specs/finality.md).
+        self._fin = (
+            Witnessing(market.id, market.witnesses, self._applied, self._fork_at)
+            if market.witnessed
+            else None
+        )
+        self._final_cache: tuple[int, int, int, set[int]] | None = None
 
     # -- input -------------------------------------------------------------------------------
 
@@ -201,10 +214,11 @@ class Replica:
             known_bad = self._invalid.get(ident)
             if known_bad is not None:
                 raise type(known_bad)(str(known_bad))
-        if op.market_id != self._market_id:
+        if op.market_id != self._market_id or op.version != self.market.version:
             wrong = WrongMarket(
-                f"op is for market {op.market_id.hex()[:16]}, this replica is "
-                f"{self.market.name} ({self.market.id.hex()[:16]})"
+                f"op is for market {op.market_id.hex()[:16]} (protocol version {op.version}), "
+                f"this replica is {self.market.name} ({self.market.id.hex()[:16]}, version "
+                f"{self.market.version})"
             )
             self._reject_pending_descendants(ident, wrong)
             raise wrong
@@ -264,6 +278,8 @@ class Replica:
         try:
             if not check_in_context(op, self._applied, self._unique_at_seq):
                 return False
+            if self._fin is not None and type(op.body) is ReconfigBody:
+                self._fin.check_reconfig(op)
         except InvalidOp as exc:
             self._remember_invalid(op.id, exc)
             self._reject_pending_descendants(op.id, exc)
@@ -284,6 +300,9 @@ class Replica:
             self._author_tip[author] = self._author_latest[author] = op
         else:
             self._track_author(op)
+        if self._fin is not None:
+            self._place_witnessed(op)
+            return True
         order = self._order
         if order:
             last = order[-1]
@@ -303,6 +322,47 @@ class Replica:
         self._rewind_to(position)
         order.insert(position, op)
         return True
+
+    def _place_witnessed(self, op: Op) -> None:
+        """Put a just-admitted op of a witnessed market into the total order: at its key (the
+        end, for an op no heartbeat has placed yet), or, for a counted heartbeat, re-sort the
+        provisional tail after moving what it places (specs/finality.md)."""
+        fin = self._fin
+        assert fin is not None
+        key = fin.key
+        order = self._order
+        recompute, moved = fin.admitted(op)
+        if recompute:  # a reconfiguration or a witness's fork changed what counts
+            self._rewind_to(-1)
+            fin.recompute()
+            order.append(op)
+            order.sort(key=key)
+            return
+        if not moved:
+            op_key = key(op)
+            if not order or op_key > key(order[-1]):
+                order.append(op)
+                if self._matched == len(order) - 1 and not self._deferred:
+                    engine = self._engine
+                    self._marks.append(len(engine.tape))
+                    engine.process(op)
+                    self._matched += 1
+                return
+            position = bisect_left(order, op_key, key=key)
+            self._rewind_to(position)
+            order.insert(position, op)
+            return
+        # A counted heartbeat: everything it moves (all above it now) and its batch sort again.
+        low = bisect_left(order, (op.lamport, -1, 0, b""), key=key)
+        for other in moved:
+            if other is not op:
+                low = min(low, bisect_left(order, key(other), key=key))
+        self._rewind_to(low)
+        fin.commit_placement(op, moved)
+        tail = order[low:]
+        tail.append(op)
+        tail.sort(key=key)
+        order[low:] = tail
 
     def _track_author(self, op: Op) -> None:
         author = op.author
@@ -395,6 +455,8 @@ class Replica:
             raise ValueError(f"tail must be >= 0, not {tail}")
         order = self._order
         covered = max(self._floor, len(order) - tail)
+        if self._fin is not None:  # only the final prefix: it never changes, so the blob holds
+            covered = max(self._floor, min(covered, self._fin.final_count(order)))
         if covered >= self._matched:
             return encode_checkpoint(self._market_id, order, covered, self._engine)
         self._rewind_to(covered)  # at or above the floor: a real rewind, no rebuild
@@ -513,7 +575,69 @@ class Replica:
             )
         return self._author(identity, CancelBody(order_id))
 
-    def _author(self, identity: Identity, body: OrderBody | CancelBody) -> Op:
+    def heartbeat(self, identity: Identity) -> Op:
+        """Sign a heartbeat acknowledging everything this replica holds, apply it and return it.
+
+        Raises:
+            BadWitness: ``identity`` is not a witness of this market in force.
+        """
+        if self._fin is None:
+            raise BadWitness(f"{self.market.name} has no witnesses: nothing is ever final there")
+        if identity.public_key not in self._fin.current:
+            raise BadWitness("this key is not a witness of the market (in the epoch in force)")
+        return self._author(identity, HEARTBEAT_BODY)
+
+    def approve_reconfig(self, identity: Identity, witnesses: Iterable[bytes]) -> bytes:
+        """A witness's approval (a signature) of ``witnesses`` as the next epoch's set, to hand
+        to the witness that signs the reconfiguration."""
+        keys = self._next_witnesses(witnesses)
+        if identity.public_key not in self.witnesses():
+            raise BadWitness("only a witness in force can approve a reconfiguration")
+        return identity.sign(reconfig_message(self.market.id, self.epoch + 1, keys))
+
+    def reconfigure(
+        self,
+        identity: Identity,
+        witnesses: Iterable[bytes],
+        approvals: Mapping[bytes, bytes] | Iterable[tuple[bytes, bytes]] = (),
+    ) -> Op:
+        """Sign a reconfiguration making ``witnesses`` the set of the next epoch, with the other
+        witnesses' ``approvals`` (key -> signature from ``approve_reconfig``); apply and return
+        it. A removed witness's heartbeats count up to the last one this replica holds.
+
+        Raises:
+            BadWitness: not a witness, no majority, or an approval that does not verify.
+        """
+        keys = self._next_witnesses(witnesses)
+        current = self.witnesses()
+        if identity.public_key not in current:
+            raise BadWitness("only a witness in force can sign a reconfiguration")
+        pairs = dict(approvals.items() if isinstance(approvals, Mapping) else approvals)
+        pairs.pop(identity.public_key, None)
+        epoch = self.epoch + 1
+        for key, signature in pairs.items():
+            if key not in current:
+                raise BadWitness(f"{key.hex()[:16]} is not a witness in force: no approval")
+            if not check_approval(self.market.id, epoch, keys, key, signature):
+                raise BadWitness(f"the approval of {key.hex()[:16]} does not verify for this set")
+        if 2 * (1 + len(pairs)) <= len(current):
+            raise BadWitness(
+                f"a reconfiguration needs a majority of the {len(current)} witnesses: yours and "
+                f"{len(current) // 2} approvals, not {len(pairs)}"
+            )
+        return self._author(identity, ReconfigBody(epoch, keys, tuple(sorted(pairs.items()))))
+
+    def _next_witnesses(self, witnesses: Iterable[bytes]) -> tuple[bytes, ...]:
+        if self._fin is None:
+            raise BadWitness(f"{self.market.name} has no witnesses to reconfigure")
+        from ._market import _witness_keys  # the same checks as a market definition's
+
+        keys = _witness_keys(witnesses)
+        if not keys:
+            raise BadWitness("a witnessed market keeps at least one witness")
+        return keys
+
+    def _author(self, identity: Identity, body: Body) -> Op:
         author = identity.public_key
         tip = self._author_latest.get(author)
         # Heads by other authors, plus our own previous op (the sequence rule wants exactly one).
@@ -533,6 +657,7 @@ class Replica:
             lamport + 1,
             tuple(parents),
             body,
+            self.market.version,
         )
         self.apply(op)
         return op
@@ -559,17 +684,126 @@ class Replica:
     def order(self, order_id: bytes) -> OrderState | None:
         """The order's derived state, or None if no such order is applied."""
         number = self._engine.orders.get(order_id)
-        return None if number is None else order_state(self._engine.row(number))
+        if number is None:
+            return None
+        return order_state(self._engine.row(number), self._order_final(number))
 
     def orders(self, author: bytes | None = None) -> list[OrderState]:
         """Every order (or one author's), in the total order."""
         engine = self._engine
+        final = self._order_final
         # Order numbers follow the total order: they are given as orders are matched.
         return [
-            order_state(engine.row(number))
+            order_state(engine.row(number), final(number))
             for number in range(len(engine.ids))
             if author is None or engine.authors[number] == author
         ]
+
+    # -- finality (witnessed markets; specs/finality.md) ---------------------------------------
+
+    @property
+    def witnessed(self) -> bool:
+        return self._fin is not None
+
+    @property
+    def frontier(self) -> int:
+        """The finality frontier: a Lamport time at and below which every placed op is final
+        (0: nothing final yet, and always 0 in a market without witnesses)."""
+        return 0 if self._fin is None else self._fin.frontier()
+
+    @property
+    def final_count(self) -> int:
+        """How many ops at the start of ``ops()`` are final."""
+        return self._final_view()[0]
+
+    def is_final(self, op_id: bytes) -> bool:
+        """Whether the op is applied and final: its place in the total order, and everything
+        matching derived from the ops up to it, never change."""
+        return self._fin is not None and op_id in self._applied and self._fin.is_final(op_id)
+
+    def final_fill_count(self) -> int:
+        """The first this many of ``fills()`` are final; the others are provisional."""
+        return self._final_view()[1]
+
+    def placement(self, op_id: bytes) -> int | None:
+        """The Lamport time of the heartbeat batch the op is placed in (None: not placed yet,
+        or a market without witnesses)."""
+        if self._fin is None:
+            return None
+        value = self._fin.placement.get(op_id, UNPLACED)
+        return None if value == UNPLACED else value
+
+    @property
+    def epoch(self) -> int:
+        """How many reconfigurations are in force (0: the market's own witnesses)."""
+        return 0 if self._fin is None else self._fin.epoch()
+
+    def witnesses(self) -> frozenset[bytes]:
+        """The witness keys in force (empty for a market without witnesses)."""
+        return frozenset() if self._fin is None else self._fin.current
+
+    def witness_status(self) -> list[WitnessInfo]:
+        """Every witness, in force or removed, with its latest counted heartbeat."""
+        return [] if self._fin is None else self._fin.witness_info()
+
+    def needs_heartbeat(self, witness: bytes) -> bool:
+        """Whether ``witness`` has something to acknowledge: an op (not a heartbeat) that is
+        not placed at or below its latest heartbeat. A witness heartbeats only then, so an idle
+        market costs nothing."""
+        if self._fin is None:
+            return False
+        return self._fin.needs_heartbeat(
+            witness, self._order, lambda op: type(op.body) is HeartbeatBody
+        )
+
+    def final_book(self, depth: int | None = None) -> Book:
+        """The book as it stands after the final prefix: what no valid op can change."""
+        count = self.final_count
+        if count >= self._matched:
+            return book_view(self._engine, depth)
+        self._rewind_to(count)
+        try:
+            return book_view(self._engine, depth)
+        finally:
+            self._rematch()
+
+    def _final_view(self) -> tuple[int, int, set[int]]:
+        """(final ops, final fills, order numbers a provisional op closed), cached per change."""
+        cached = self._final_cache
+        if cached is not None and cached[0] == self.version:
+            return cached[1], cached[2], cached[3]
+        fin = self._fin
+        if fin is None:
+            return 0, 0, set()
+        order, engine = self._order, self._engine
+        count = fin.final_count(order)
+        if count < self._floor:  # no undo records there (restored): derive them once
+            self._rewind_to(-1)
+            self._rematch()
+        fills = engine.fills
+        final_fills = len(fills)
+        is_final = fin.is_final
+        while final_fills and not is_final(fills[final_fills - 1][0]):
+            final_fills -= 1
+        closed: set[int] = set()
+        if count < self._matched:
+            closed = engine.closed_makers(self._marks[count])
+            for op in order[count : self._matched]:
+                body = op.body
+                if type(body) is CancelBody and engine.cancels.get(op.id):
+                    closed.add(engine.orders[body.order_id])
+        self._final_cache = (self.version, count, final_fills, closed)
+        return count, final_fills, closed
+
+    def _order_final(self, number: int) -> bool:
+        """Order number ``number``'s state is final: placed in the final prefix, finished there,
+        and not closed by a provisional op."""
+        if self._fin is None:
+            return False
+        engine = self._engine
+        if engine.states[number] & 7 <= 1 or not self._fin.is_final(engine.ids[number]):
+            return False  # resting (open or partially filled: later ops can fill it), or not final
+        return number not in self._final_view()[2]
 
     def cancel_effective(self, cancel_id: bytes) -> bool | None:
         """True if the cancel removed a rest, False if its order was already done, None if
@@ -578,7 +812,9 @@ class Replica:
 
     def digest(self) -> bytes:
         """SHA-256 of the canonical encoding of book, fills and order states."""
-        return state_digest(self.market.id, self._engine)
+        if self._fin is None:
+            return state_digest(self.market.id, self._engine)
+        return state_digest(self.market.id, self._engine, self._fin.frontier())
 
     def heads(self) -> list[bytes]:
         """Ids of applied ops that no applied op names as a parent, sorted."""

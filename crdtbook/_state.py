@@ -14,6 +14,7 @@ from ._ops import OrderBody
 __all__ = ["Book", "Fill", "Level", "OrderState", "RestingOrder", "state_digest"]
 
 _STATE_DOMAIN: Final = "crdtbook/state/v1"
+_WITNESSED_STATE_DOMAIN: Final = "crdtbook/state/v2"
 
 
 class RestingOrder(NamedTuple):
@@ -64,9 +65,12 @@ class OrderState(NamedTuple):
     tif: str
     tag: str | None
     lamport: int
+    #: This state is final: no valid op can ever change it (a witnessed market's order that
+    #: ended at or below the finality frontier). Always False in a market without witnesses.
+    final: bool = False
 
 
-def order_state(row: OrderRow) -> OrderState:
+def order_state(row: OrderRow, final: bool = False) -> OrderState:
     op = row.op
     body: OrderBody = op.body  # type: ignore[assignment]
     return OrderState(
@@ -83,6 +87,7 @@ def order_state(row: OrderRow) -> OrderState:
         body.tif,
         body.tag,
         op.lamport,
+        final,
     )
 
 
@@ -97,8 +102,9 @@ def book_view(engine: Engine, depth: int | None = None) -> Book:
     return Book(sides[0], sides[1])
 
 
-def state_digest(market_id: bytes, engine: Engine) -> bytes:
-    """SHA-256 of the canonical CBOR encoding of the whole derived state (specs: "Digest")."""
+def state_digest(market_id: bytes, engine: Engine, frontier: int | None = None) -> bytes:
+    """SHA-256 of the canonical CBOR encoding of the whole derived state (specs: "Digest").
+    A witnessed market's state (``frontier`` given) also covers its finality frontier."""
 
     def side(levels: Iterable[Level]) -> list[object]:
         return [[lv.price, [[o.order_id, o.remaining] for o in lv.orders]] for lv in levels]
@@ -109,7 +115,11 @@ def state_digest(market_id: bytes, engine: Engine) -> bytes:
         row = engine.row(number)
         orders.append([order_id, row.status, row.remaining, row.filled, row.closed, row.reason])
     fills = [list(fill) for fill in engine.fills]  # taker, maker, price, quantity
-    state = [_STATE_DOMAIN, market_id, side(book.bids), side(book.asks), fills, orders]
+    bids, asks = side(book.bids), side(book.asks)
+    state: list[object] = [_STATE_DOMAIN, market_id, bids, asks, fills, orders]
+    if frontier is not None:
+        state[0] = _WITNESSED_STATE_DOMAIN
+        state.append(frontier)
     return hashlib.sha256(cbor2.dumps(state, canonical=True)).digest()
 
 

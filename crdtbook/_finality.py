@@ -1,0 +1,433 @@
+"""Witnessed markets (protocol version 2): where each op sorts, and which prefix is final.
+
+specs/finality.md is the normative text; this module is its reference. In one paragraph:
+
+A market may name **witnesses**. A witness's **heartbeat** op acknowledges its causal past. An
+op's **placement** is the smallest Lamport time of a *counted* heartbeat that has the op in its
+causal past (or itself is that heartbeat); an op no counted heartbeat has acknowledged yet is
+unplaced (``UNPLACED``, after everything). Ops sort by ``(placement, rank, lamport, id)``, where
+``rank`` is a hash of the op id keyed by the batch's heartbeats (which the op's author could not
+know when signing), raised to the largest rank of its parents in the same batch, so the order
+respects causality and no author picks its place inside a batch. The **frontier** is the
+smallest, over the witnesses in force, of the Lamport time of the witness's latest counted
+heartbeat: a witness's later heartbeats carry larger Lamport times, so no op unknown today can
+ever be placed at or below it. Every op placed at or below the frontier is **final**: that
+prefix of the total order, and all that matching derives from it, never changes.
+
+A **reconfiguration** (signed by a majority of the witnesses in force) replaces the witness set
+as a new epoch. A removed witness's heartbeats count up to the last one in the
+reconfiguration's causal past (its *cut*), so a witness that is gone for good stops holding the
+frontier back. A witness seen signing two ops at one sequence number (equivocation) counts only
+below its fork.
+
+Costs (n ops, t ops above the frontier, b ops in one batch):
+- an ordinary op: its key (two dict lookups) and, when it sorts last, nothing else;
+- a counted heartbeat: a walk over the ops it newly places, b hashes per batch it touches, a
+  rewind of the provisional tail and a sort of it: O(t log t);
+- a reconfiguration or a newly forked witness: everything recomputed, O(n log n) (rare).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Mapping
+from heapq import heappop, heappush
+from typing import Final, NamedTuple
+
+import nacl.bindings
+import nacl.exceptions
+
+from ._errors import BadWitness
+from ._ops import HeartbeatBody, Op, ReconfigBody, reconfig_message
+
+__all__ = ["UNPLACED", "WitnessInfo", "Witnessing", "check_approval"]
+
+#: The placement of an op that no counted heartbeat acknowledges yet: above every Lamport time.
+UNPLACED: Final = 2**63
+#: Domain of a batch's seed: SHA-256(BATCH_DOMAIN || sorted ids of its counted heartbeats).
+BATCH_DOMAIN: Final = b"crdtbook/batch/v2\x00"
+#: A key above every real key with the same placement (for bisecting to a placement's end).
+_TOP: Final = (2**64, 2**63, b"\xff" * 33)
+
+Key = tuple[int, int, int, bytes]
+
+
+class WitnessInfo(NamedTuple):
+    """One witness as this replica sees it."""
+
+    key: bytes
+    #: Lamport time and sequence number of its latest counted heartbeat (0: none yet).
+    heartbeat_lamport: int
+    heartbeat_seq: int
+    #: In the witness set in force (False: removed by a reconfiguration).
+    current: bool
+    #: Seen signing two ops at one sequence number: its heartbeats count only below the fork.
+    forked: bool
+
+
+def check_approval(market_id: bytes, epoch: int, witnesses: Iterable[bytes], key: bytes,
+                   signature: bytes) -> bool:
+    """Whether ``signature`` is ``key``'s approval of ``witnesses`` as epoch ``epoch``."""
+    message = reconfig_message(market_id, epoch, tuple(witnesses))
+    try:
+        nacl.bindings.crypto_sign_open(signature + message, key)
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.CryptoError, ValueError):
+        return False
+    return True
+
+
+class Witnessing:
+    """Placement, ranks and the frontier of one witnessed replica.
+
+    It shares the replica's applied ops (``applied``) and reads its forks (``fork_at``); the
+    replica owns the total order and the engine and asks this object for keys.
+    """
+
+    def __init__(
+        self,
+        market_id: bytes,
+        genesis: tuple[bytes, ...],
+        applied: Mapping[bytes, Op],
+        fork_at: Mapping[bytes, int],
+    ) -> None:
+        self.market_id = market_id
+        self.genesis = genesis
+        self.applied = applied
+        self.fork_at = fork_at
+        self.placement: dict[bytes, int] = {}
+        self.rank: dict[bytes, int] = {}
+        #: placement -> ids of the ops placed there (a batch).
+        self.batches: dict[int, set[bytes]] = {}
+        #: Lamport time -> ids of the counted heartbeats with it (a batch's seed).
+        self.heartbeats_at: dict[int, list[bytes]] = {}
+        #: Every heartbeat applied (counted or not), for a recomputation.
+        self.heartbeats: list[Op] = []
+        #: witness -> its latest counted heartbeat.
+        self.latest: dict[bytes, Op] = {}
+        #: The chain of reconfigurations in force: reconfigs[e - 1] made epoch e.
+        self.reconfigs: list[Op] = []
+        #: Every valid reconfiguration by epoch (more than one at an epoch: lying witnesses).
+        self.by_epoch: dict[int, list[Op]] = {}
+        self.current: frozenset[bytes] = frozenset(genesis)
+        #: witness -> Lamport time of the reconfiguration that added it (absent: genesis).
+        self.added_at: dict[bytes, int] = {}
+        #: removed witness -> highest sequence number of its that still counts (its cut).
+        self.cut: dict[bytes, int] = {}
+        #: added witness -> lowest seq of its ops known to have its adding reconfig in the past.
+        self._proven_from: dict[bytes, int] = {}
+        self._forks_seen: dict[bytes, int] = {}
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def key(self, op: Op) -> Key:
+        ident = op.id
+        return (self.placement.get(ident, UNPLACED), self.rank.get(ident, 0), op.lamport, ident)
+
+    def frontier(self) -> int:
+        """The Lamport time at and below which every placed op is final (0: nothing yet)."""
+        lowest = UNPLACED
+        for witness in self.current:
+            latest = self.latest.get(witness)
+            lamport = max(0 if latest is None else latest.lamport, self.added_at.get(witness, 0))
+            if lamport < lowest:
+                lowest = lamport
+        return 0 if lowest == UNPLACED else lowest
+
+    def final_count(self, order: list[Op]) -> int:
+        """How many ops at the start of ``order`` (the total order) are final."""
+        frontier = self.frontier()
+        if not frontier:
+            return 0
+        return bisect_left(order, (frontier, *_TOP), key=self.key)
+
+    def is_final(self, ident: bytes) -> bool:
+        return self.placement.get(ident, UNPLACED) <= self.frontier()
+
+    def epoch(self) -> int:
+        return len(self.reconfigs)
+
+    # -- what counts -------------------------------------------------------------------------
+
+    def counts(self, op: Op) -> bool:
+        """Whether heartbeat ``op`` places ops and speaks for its author in the frontier."""
+        author = op.author
+        if author not in self.added_at and author not in self.genesis:
+            return False
+        cut = self.cut.get(author)
+        if cut is not None and op.seq > cut:
+            return False
+        fork = self.fork_at.get(author)
+        if fork is not None and op.seq >= fork:
+            return False
+        if author in self.added_at:
+            proven = self._proven_from.get(author)
+            if proven is None or op.seq < proven:
+                # Its heartbeats count once the reconfiguration that added it is in their past.
+                if not self._in_past(op, self.reconfigs[self._added_epoch(author) - 1]):
+                    return False
+                self._proven_from[author] = op.seq
+        return True
+
+    def _added_epoch(self, author: bytes) -> int:
+        for epoch, reconfig in enumerate(self.reconfigs, 1):
+            body: ReconfigBody = reconfig.body  # type: ignore[assignment]
+            if author in body.witnesses:
+                previous = self.reconfigs[epoch - 2].body if epoch > 1 else None
+                before = previous.witnesses if isinstance(previous, ReconfigBody) else self.genesis
+                if author not in before:
+                    return epoch
+        raise AssertionError("an added witness has a reconfiguration that added it")
+
+    def _in_past(self, op: Op, target: Op) -> bool:
+        """Is ``target`` in ``op``'s causal past? A walk down to ``target``'s Lamport time."""
+        applied, floor, goal = self.applied, target.lamport, target.id
+        seen: set[bytes] = set()
+        stack = list(op.parents)
+        while stack:
+            ident = stack.pop()
+            if ident == goal:
+                return True
+            if ident in seen:
+                continue
+            seen.add(ident)
+            parent = applied[ident]
+            if parent.lamport > floor:
+                stack.extend(parent.parents)
+        return False
+
+    # -- validity of reconfigurations ----------------------------------------------------------
+
+    def check_reconfig(self, op: Op) -> None:
+        """Raise :class:`BadWitness` unless ``op`` is a valid reconfiguration given its past."""
+        body: ReconfigBody = op.body  # type: ignore[assignment]
+        epoch = body.epoch
+        in_past = self._reconfigs_in_past(op)
+        highest = max((r.body.epoch for r in in_past), default=0)  # type: ignore[union-attr]
+        if highest != epoch - 1:
+            raise BadWitness(
+                f"a reconfiguration to epoch {epoch} must have the one to epoch {epoch - 1} in "
+                f"its causal past, and none later (the latest in its past is epoch {highest})"
+            )
+        previous = [r for r in in_past if r.body.epoch == epoch - 1]  # type: ignore[union-attr]
+        chain = self._chain_of(previous[0]) if previous else []
+        before = chain[-1].body.witnesses if chain else self.genesis  # type: ignore[union-attr]
+        if op.author not in before:
+            raise BadWitness("only a witness of the epoch it replaces can sign a reconfiguration")
+        removed: set[bytes] = set()
+        witnesses_so_far = self.genesis
+        for reconfig in chain:
+            new: tuple[bytes, ...] = reconfig.body.witnesses  # type: ignore[union-attr]
+            removed |= set(witnesses_so_far) - set(new)
+            witnesses_so_far = new
+        if removed & set(body.witnesses):
+            raise BadWitness("a removed witness cannot be added again (use a new key)")
+        for key, signature in body.approvals:
+            if key not in before or key == op.author:
+                raise BadWitness("an approval must come from another witness of the epoch")
+            if not check_approval(self.market_id, epoch, body.witnesses, key, signature):
+                raise BadWitness(f"the approval of witness {key.hex()[:16]} does not verify")
+        if 2 * (1 + len(body.approvals)) <= len(before):
+            raise BadWitness(
+                f"a reconfiguration needs a majority of the {len(before)} witnesses; it has "
+                f"{1 + len(body.approvals)} (its author and {len(body.approvals)} approvals)"
+            )
+
+    def _reconfigs_in_past(self, op: Op) -> list[Op]:
+        known = [r for rs in self.by_epoch.values() for r in rs]
+        if not known:
+            return []
+        return [r for r in known if self._in_past(op, r)]
+
+    def _chain_of(self, last: Op) -> list[Op]:
+        """The reconfigurations from epoch 1 to ``last`` along ``last``'s past."""
+        chain = [last]
+        while chain[-1].body.epoch > 1:  # type: ignore[union-attr]
+            below = [r for r in self._reconfigs_in_past(chain[-1])
+                     if r.body.epoch == chain[-1].body.epoch - 1]  # type: ignore[union-attr]
+            chain.append(min(below, key=lambda r: r.id))
+        chain.reverse()
+        return chain
+
+    # -- admitting ops ---------------------------------------------------------------------
+
+    def admitted(self, op: Op) -> tuple[bool, list[Op]]:
+        """Note a newly applied op. Returns (recompute everything?, ops whose key may change:
+        the heartbeat's newly placed ops and their batches)."""
+        body = op.body
+        author = op.author
+        fork = self.fork_at.get(author)
+        if fork is not None and self._forks_seen.get(author) != fork and (
+            author in self.genesis or author in self.added_at
+        ):
+            self._forks_seen[author] = fork
+            if type(body) is HeartbeatBody:
+                self.heartbeats.append(op)
+            return True, []  # a witness equivocated: what counts changed
+        if type(body) is ReconfigBody:
+            self.by_epoch.setdefault(body.epoch, []).append(op)
+            chain = self._winning_chain()
+            if chain != self.reconfigs:
+                self._install(chain)
+                return True, []
+            return False, []
+        if type(body) is not HeartbeatBody:
+            return False, []
+        self.heartbeats.append(op)
+        if not self.counts(op):
+            return False, []
+        return False, self._place_from(op)
+
+    def _winning_chain(self) -> list[Op]:
+        """The longest chain of reconfigurations, each in the next one's past; at an epoch with
+        two (only lying witnesses make that), the lower op id."""
+        chain: list[Op] = []
+        epoch = 1
+        while True:
+            candidates = [r for r in self.by_epoch.get(epoch, ())
+                          if not chain or self._in_past(r, chain[-1])]
+            if not candidates:
+                return chain
+            chain.append(min(candidates, key=lambda r: r.id))
+            epoch += 1
+
+    def _install(self, chain: list[Op]) -> None:
+        self.reconfigs = chain
+        self.added_at = {}
+        self.cut = {}
+        self._proven_from = {}
+        witnesses = self.genesis
+        for reconfig in chain:
+            body: ReconfigBody = reconfig.body  # type: ignore[assignment]
+            for key in set(witnesses) - set(body.witnesses):
+                self.cut[key] = self._last_seq_in_past(reconfig, key)
+            for key in set(body.witnesses) - set(witnesses):
+                self.added_at[key] = reconfig.lamport
+            witnesses = body.witnesses
+        self.current = frozenset(witnesses)
+
+    def _last_seq_in_past(self, op: Op, author: bytes) -> int:
+        """The highest sequence number of ``author``'s ops in ``op``'s past (0: none): a walk
+        newest first that stops at the first op by ``author``."""
+        applied = self.applied
+        heap: list[tuple[int, bytes]] = [(-applied[p].lamport, p) for p in op.parents]
+        seen: set[bytes] = set()
+        while heap:
+            _, ident = heappop(heap)
+            if ident in seen:
+                continue
+            seen.add(ident)
+            ancestor = applied[ident]
+            if ancestor.author == author:
+                return ancestor.seq
+            for parent in ancestor.parents:
+                if parent not in seen:
+                    heappush(heap, (-applied[parent].lamport, parent))
+        return 0
+
+    def _place_from(self, heartbeat: Op) -> list[Op]:
+        """Place ``heartbeat``'s past at its Lamport time where that is lower than before.
+        Returns the ops whose keys change (before they change: the caller reads old keys)."""
+        lamport = heartbeat.lamport
+        placement, applied = self.placement, self.applied
+        moved: list[Op] = []
+        stack = [heartbeat.id]
+        seen: set[bytes] = set()
+        while stack:
+            ident = stack.pop()
+            if ident in seen or placement.get(ident, UNPLACED) <= lamport:
+                continue  # placed at or below: so is its whole past
+            seen.add(ident)
+            op = applied[ident]
+            moved.append(op)
+            stack.extend(op.parents)
+        return moved
+
+    def commit_placement(self, heartbeat: Op, moved: list[Op]) -> list[Op]:
+        """Apply the placement ``_place_from`` found and re-rank the touched batches. Returns
+        the ops of every touched batch (their keys may have changed)."""
+        lamport = heartbeat.lamport
+        placement, batches = self.placement, self.batches
+        touched = {lamport}
+        for op in moved:
+            old = placement.get(op.id, UNPLACED)
+            if old != UNPLACED:
+                batch = batches[old]
+                batch.discard(op.id)
+                if batch:
+                    touched.add(old)
+                else:
+                    del batches[old]
+                    self.heartbeats_at.pop(old, None)
+            placement[op.id] = lamport
+            batches.setdefault(lamport, set()).add(op.id)
+        self.heartbeats_at.setdefault(lamport, []).append(heartbeat.id)
+        latest = self.latest.get(heartbeat.author)
+        if latest is None or heartbeat.seq > latest.seq:
+            self.latest[heartbeat.author] = heartbeat
+        members: list[Op] = []
+        for point in touched:
+            members += self._rank_batch(point)
+        return members
+
+    def _rank_batch(self, point: int) -> list[Op]:
+        """Rank the ops placed at ``point``: parents in the batch first (ascending Lamport)."""
+        applied, rank, placement = self.applied, self.rank, self.placement
+        seed = hashlib.sha256(BATCH_DOMAIN + b"".join(sorted(self.heartbeats_at[point])))
+        ops = sorted((applied[i] for i in self.batches[point]), key=lambda o: (o.lamport, o.id))
+        for op in ops:
+            hasher = seed.copy()
+            hasher.update(op.id)
+            value = int.from_bytes(hasher.digest()[:8], "big")
+            for parent in op.parents:
+                if placement.get(parent) == point:
+                    parent_rank = rank[parent]
+                    if parent_rank > value:
+                        value = parent_rank
+            rank[op.id] = value
+        return ops
+
+    def recompute(self) -> None:
+        """Place and rank everything from the counted heartbeats (after a reconfiguration or a
+        witness's fork changed what counts)."""
+        self.placement.clear()
+        self.rank.clear()
+        self.batches.clear()
+        self.heartbeats_at.clear()
+        self.latest.clear()
+        for heartbeat in sorted(self.heartbeats, key=lambda o: (o.lamport, o.id)):
+            if self.counts(heartbeat):
+                self.commit_placement(heartbeat, self._place_from(heartbeat))
+
+    # -- views -----------------------------------------------------------------------------
+
+    def witness_info(self) -> list[WitnessInfo]:
+        keys = set(self.genesis) | set(self.added_at) | set(self.current)
+        infos = []
+        for key in sorted(keys):
+            latest = self.latest.get(key)
+            infos.append(
+                WitnessInfo(
+                    key,
+                    0 if latest is None else latest.lamport,
+                    0 if latest is None else latest.seq,
+                    key in self.current,
+                    key in self.fork_at,
+                )
+            )
+        return infos
+
+    def needs_heartbeat(self, witness: bytes, order: list[Op], is_heartbeat: Callable[[Op], bool]
+                        ) -> bool:
+        """Whether ``witness`` has something to acknowledge: an op other than a heartbeat that is
+        not placed at or below its latest counted heartbeat."""
+        if witness not in self.current or witness in self.fork_at:
+            return False
+        latest = self.latest.get(witness)
+        mine = 0 if latest is None else latest.lamport
+        placement = self.placement
+        for op in reversed(order):
+            if is_heartbeat(op):
+                continue
+            return placement.get(op.id, UNPLACED) > mine
+        return False
