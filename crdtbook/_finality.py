@@ -256,27 +256,28 @@ class Witnessing:
         the heartbeat's newly placed ops and their batches)."""
         body = op.body
         author = op.author
+        kind = type(body)
+        if kind is HeartbeatBody:
+            self.heartbeats.append(op)
+        elif kind is ReconfigBody:
+            self.by_epoch.setdefault(body.epoch, []).append(op)  # type: ignore[union-attr]
+        recompute = False
         fork = self.fork_at.get(author)
         if fork is not None and self._forks_seen.get(author) != fork and (
             author in self.genesis or author in self.added_at
         ):
             self._forks_seen[author] = fork
-            if type(body) is HeartbeatBody:
-                self.heartbeats.append(op)
-            return True, []  # a witness equivocated: what counts changed
-        if type(body) is ReconfigBody:
-            self.by_epoch.setdefault(body.epoch, []).append(op)
+            recompute = True  # a witness equivocated: what counts changed
+        if kind is ReconfigBody:
             chain = self._winning_chain()
             if chain != self.reconfigs:
                 self._install(chain)
-                return True, []
-            return False, []
-        if type(body) is not HeartbeatBody:
-            return False, []
-        self.heartbeats.append(op)
-        if not self.counts(op):
-            return False, []
-        return False, self._place_from(op)
+                recompute = True
+        if recompute:
+            return True, []
+        if kind is HeartbeatBody and self.counts(op):
+            return False, self._place_from(op)
+        return False, []
 
     def _winning_chain(self) -> list[Op]:
         """The longest chain of reconfigurations, each in the next one's past; at an epoch with
