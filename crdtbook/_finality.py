@@ -402,6 +402,18 @@ class Witnessing:
 
     # -- views -----------------------------------------------------------------------------
 
+    def witnessed_time(self, ident: bytes) -> int | None:
+        point = self.placement.get(ident)
+        if point is None:
+            return None
+        applied = self.applied
+        times = [
+            t
+            for h in self.heartbeats_at.get(point, ())
+            if (t := applied[h].body.time_ms)  # type: ignore[union-attr]
+        ]
+        return min(times) if times else None
+
     def witness_info(self) -> list[WitnessInfo]:
         keys = set(self.genesis) | set(self.added_at) | set(self.current)
         infos = []

@@ -145,7 +145,13 @@ class CancelBody(NamedTuple):
 
 class HeartbeatBody(NamedTuple):
     """A witness's acknowledgement of everything in its causal past (version 2 only). It changes
-    no order; it places ops in the total order and moves the finality frontier."""
+    no order; it places ops in the total order and moves the finality frontier.
+
+    ``time_ms``: the witness's clock when it signed (Unix milliseconds; 0: none given). The core
+    never reads a clock: it only reports the earliest such time of a batch as the batch's
+    witnessed time (``Replica.witnessed_time``); no order or match depends on it."""
+
+    time_ms: int = 0
 
     @property
     def kind(self) -> str:
@@ -167,9 +173,6 @@ class ReconfigBody(NamedTuple):
 
 
 Body = OrderBody | CancelBody | HeartbeatBody | ReconfigBody
-
-#: The one heartbeat body: it has no fields (an immutable singleton).
-HEARTBEAT_BODY: Final = HeartbeatBody()
 
 
 def reconfig_message(market_id: bytes, epoch: int, witnesses: Sequence[bytes]) -> bytes:
@@ -363,8 +366,8 @@ _SIGNED_PREFIX: Final = SIGNATURE_DOMAIN + b"\x87"
 _OP_STARTS: Final = {v: b"\x88" + _uint(v) + _B32_HEADER for v in PROTOCOL_VERSIONS}
 _PAYLOAD_STARTS: Final = {v: b"\x87" + _uint(v) + _B32_HEADER for v in PROTOCOL_VERSIONS}
 _SIGNED_PREFIXES: Final = {v: SIGNATURE_DOMAINS[v] + b"\x87" for v in PROTOCOL_VERSIONS}
-#: A heartbeat body: ``[2]``.
-_HEARTBEAT_BYTES: Final = bytes((0x81, _KIND_HEARTBEAT))
+#: A heartbeat body up to its time: ``[2, time_ms]``.
+_HEARTBEAT_START: Final = bytes((0x82, _KIND_HEARTBEAT))
 
 
 def _encode_chunks(
@@ -395,7 +398,7 @@ def _encode_chunks(
     elif isinstance(body, CancelBody):
         chunks += (_CANCEL_START, body.order_id)
     elif isinstance(body, HeartbeatBody):
-        chunks.append(_HEARTBEAT_BYTES)
+        chunks += (_HEARTBEAT_START, _uint(body.time_ms))
     else:  # a reconfiguration: rare, so cbor2's canonical encoder writes it
         chunks.append(cbor2.dumps(_body_to_wire(body), canonical=True))
     return chunks
@@ -437,7 +440,8 @@ def _encodable(
     if type(body) is CancelBody:
         return _is_id(body.order_id)
     if type(body) is HeartbeatBody:
-        return version == WITNESSED_VERSION
+        time_ms = body.time_ms
+        return version == WITNESSED_VERSION and type(time_ms) is int and 0 <= time_ms <= MAX_INT
     if type(body) is not OrderBody:
         return False
     side, price, quantity, tif, tag = body
@@ -476,7 +480,7 @@ def _body_to_wire(body: Body) -> list[Any]:
     if isinstance(body, CancelBody):
         return [_KIND_CANCEL, body.order_id]
     if isinstance(body, HeartbeatBody):
-        return [_KIND_HEARTBEAT]
+        return [_KIND_HEARTBEAT, body.time_ms]
     return [
         _KIND_RECONFIG,
         body.epoch,
@@ -583,8 +587,8 @@ def _decode(
     return op
 
 
-#: The shortest valid op: no parents, one-byte integers, a heartbeat (``[2]``, 2 bytes).
-_MIN_OP_BYTES: Final = len(_OP_START) + 32 + 2 + 32 + 1 + 1 + 1 + 2 + 2 + _SIG_BYTES
+#: The shortest valid op: no parents, one-byte integers, a heartbeat (``[2, 0]``, 3 bytes).
+_MIN_OP_BYTES: Final = len(_OP_START) + 32 + 2 + 32 + 1 + 1 + 1 + 3 + 2 + _SIG_BYTES
 #: Where the author's 32 bytes start, and where the items after it (seq, ...) start.
 _AUTHOR_AT: Final = len(_OP_START) + 32 + 2
 _SEQ_AT: Final = _AUTHOR_AT + 32
@@ -746,14 +750,21 @@ def _decode_fast(
                 tag = data[at : at + length].decode("utf-8")  # strict, as cbor2 decodes text
                 at += length
             body = _new_tuple(OrderBody, (_SIDES[side], price, quantity, TIFS[tif], tag))
-        elif head == 0x82:  # a cancel: [1, order_id]
-            if not data.startswith(_CANCEL_START, at):
+        elif head == 0x82:  # a cancel: [1, order_id], or a heartbeat: [2, time_ms]
+            if data.startswith(_CANCEL_START, at):
+                body = _new_tuple(CancelBody, (data[at + 4 : at + 36],))
+                at += 36
+            elif data[at + 1] == _KIND_HEARTBEAT and data[1] == WITNESSED_VERSION:
+                time_ms = data[at + 2]
+                if time_ms < 24:
+                    at += 3
+                else:
+                    time_ms, at = _long_uint(data, at + 2)
+                    if not time_ms:
+                        return None
+                body = _new_tuple(HeartbeatBody, (time_ms,))
+            else:
                 return None
-            body = _new_tuple(CancelBody, (data[at + 4 : at + 36],))
-            at += 36
-        elif head == 0x81 and data[at + 1] == _KIND_HEARTBEAT and data[1] == WITNESSED_VERSION:
-            body = HEARTBEAT_BODY
-            at += 2
         else:
             return None
         if at != sig_at:
@@ -821,9 +832,12 @@ def _decode_body(wire: object, version: int = PROTOCOL_VERSION) -> Body:
             raise MalformedOp("a cancel body is [1, order_id] with a 32-byte order id")
         return CancelBody(wire[1])
     if version == WITNESSED_VERSION and kind == _KIND_HEARTBEAT:
-        if len(wire) != 1:
-            raise MalformedOp("a heartbeat body is [2]")
-        return HEARTBEAT_BODY
+        if len(wire) != 2:
+            raise MalformedOp("a heartbeat body is [2, time_ms]")
+        time_ms = wire[1]
+        if type(time_ms) is not int or not 0 <= time_ms <= MAX_INT:
+            raise LimitExceeded(f"a heartbeat's time must be an integer in 0..{MAX_INT} (ms)")
+        return HeartbeatBody(time_ms)
     if version == WITNESSED_VERSION and kind == _KIND_RECONFIG:
         return _decode_reconfig(wire)
     raise UnknownKind(f"unknown op kind {kind} in a version {version} op")

@@ -34,7 +34,6 @@ from ._limits import MAX_PARENTS
 from ._market import Market
 from ._ops import (
     BUY,
-    HEARTBEAT_BODY,
     SELL,
     TIFS,
     Body,
@@ -575,8 +574,9 @@ class Replica:
             )
         return self._author(identity, CancelBody(order_id))
 
-    def heartbeat(self, identity: Identity) -> Op:
+    def heartbeat(self, identity: Identity, *, time_ms: int = 0) -> Op:
         """Sign a heartbeat acknowledging everything this replica holds, apply it and return it.
+        ``time_ms``: the caller's clock (Unix ms), reported as the batch's witnessed time.
 
         Raises:
             BadWitness: ``identity`` is not a witness of this market in force.
@@ -585,7 +585,9 @@ class Replica:
             raise BadWitness(f"{self.market.name} has no witnesses: nothing is ever final there")
         if identity.public_key not in self._fin.current:
             raise BadWitness("this key is not a witness of the market (in the epoch in force)")
-        return self._author(identity, HEARTBEAT_BODY)
+        if type(time_ms) is not int or time_ms < 0:
+            raise ValueError(f"time_ms must be a non-negative integer, not {time_ms!r}")
+        return self._author(identity, HeartbeatBody(time_ms))
 
     def approve_reconfig(self, identity: Identity, witnesses: Iterable[bytes]) -> bytes:
         """A witness's approval (a signature) of ``witnesses`` as the next epoch's set, to hand
@@ -732,6 +734,15 @@ class Replica:
             return None
         value = self._fin.placement.get(op_id, UNPLACED)
         return None if value == UNPLACED else value
+
+    def witnessed_time(self, op_id: bytes) -> int | None:
+        """The earliest clock time (Unix ms) its witnesses gave among the heartbeats of the
+        batch the op is placed in (None: not placed, or no witness gave a time). Final with the
+        op: it is read off heartbeats at the op's placement, which never change below the
+        frontier. A label for people, never an input to the order."""
+        if self._fin is None:
+            return None
+        return self._fin.witnessed_time(op_id)
 
     @property
     def epoch(self) -> int:
