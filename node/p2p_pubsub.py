@@ -13,6 +13,12 @@ peer can trigger that:
   ``DecodeError``, which ``Pubsub.stream_handler`` does not catch, so it escapes into the
   swarm connection's nursery.
 
+One more kills it with no hostile input at all: blacklisting a peer (our ban) runs
+``_teardown_if_connected`` as a service task, which awaits ``stream.reset()`` between reading
+``self.peers[peer_id]`` and ``del self.peers[peer_id]``.  When the peer's connection closes in
+that window (our own ban disconnects it, or the peer hangs up first), ``_handle_dead_peer``
+deletes the entry, and the ``del`` raises ``KeyError``: the service and the node die.
+
 :class:`HardenedPubsub` overrides the three entry points that see remote input
 (``push_msg``, ``stream_handler``, ``notify_subscriptions``) so each failure is counted as
 a rejection of the peer that sent it and otherwise swallowed.  It also removes duplicate
@@ -122,6 +128,26 @@ class HardenedPubsub(Pubsub):
                 self._handle_dead_peer(peer_id)
             except Exception:
                 logger.debug("cleanup after malformed stream failed", exc_info=True)
+
+    async def _teardown_if_connected(self, peer_id: ID) -> None:
+        """Drop a blacklisted peer whatever else removes it meanwhile (see the module doc).
+
+        The peer is taken out of every table, as ``_handle_dead_peer`` takes out a dead one,
+        before the first await, and every step accepts that it is gone already, so no
+        interleaving with a disconnect, whoever started it, can raise."""
+        try:
+            stream = self.peers.pop(peer_id, None)
+            if stream is not None:
+                queue = self.peer_queues.pop(peer_id, None)
+                if queue is not None:
+                    queue.close()  # ends the peer's sending task
+                self.router.remove_peer(peer_id)
+            self._forget_all_subscriptions(peer_id)
+        except Exception:  # a bug of ours or of libp2p: report it, keep the node up
+            logger.exception("dropping blacklisted peer %s failed", peer_id)
+            return
+        if stream is not None:
+            await _quiet_reset(stream)
 
     def notify_subscriptions(self, publish_message: rpc_pb2.Message) -> None:
         try:

@@ -81,8 +81,16 @@ class Raw:
         await self.send_raw(target, rpc_pb2.RPC(publish=list(msgs)).SerializeToString())
 
 
+def stock_pubsub(host: IHost, router: GossipSub) -> Pubsub:
+    return Pubsub(host, router, msg_id_constructor=lambda m: hashlib.sha256(m.data).digest())
+
+
 @asynccontextmanager
-async def raw_node() -> AsyncIterator[Raw]:
+async def raw_node(
+    make_pubsub: Callable[[IHost, GossipSub], Pubsub] = stock_pubsub,
+) -> AsyncIterator[Raw]:
+    """A libp2p host with gossipsub on a free loopback port; stock ``Pubsub`` unless
+    ``make_pubsub`` builds another."""
     key_pair = create_new_key_pair()
     host = new_host(
         key_pair=key_pair,
@@ -100,7 +108,7 @@ async def raw_node() -> AsyncIterator[Raw]:
         spam_protection_enabled=False,
         adaptive_gossip_enabled=False,
     )
-    pubsub = Pubsub(host, router, msg_id_constructor=lambda m: hashlib.sha256(m.data).digest())
+    pubsub = make_pubsub(host, router)
     try:
         async with (
             host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]),
