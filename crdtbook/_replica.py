@@ -154,7 +154,7 @@ class Replica:
         self.version += 1
         return applied
 
-    def apply_many(self, items: Iterable[Op | bytes], *, _raise: bool = False) -> ApplyReport:
+    def apply_many(self, items: Iterable[Op | bytes]) -> ApplyReport:
         """Apply a batch, rewinding the matched state at most once. Never raises for bad ops:
         they are listed in the report (a ``PendingFull`` op is reported as pending=0, dropped)."""
         applied: list[Op] = []
@@ -174,13 +174,10 @@ class Replica:
                         self._park(op)
                         pending += 1
                 except InvalidOp as exc:
-                    if _raise:
-                        raise
                     ident = item.id if isinstance(item, Op) else op_id(bytes(item))
                     invalid.append((ident, exc))
                 except PendingFull:
-                    if _raise:
-                        raise
+                    pass
         finally:
             self._rematch()
         if applied:

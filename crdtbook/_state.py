@@ -11,7 +11,16 @@ import cbor2
 from ._engine import REASONS, STATUSES, Engine, Fill, OrderRow
 from ._ops import OrderBody
 
-__all__ = ["Book", "Fill", "Level", "OrderState", "RestingOrder", "state_digest"]
+__all__ = [
+    "Book",
+    "Fill",
+    "Level",
+    "OrderState",
+    "RestingOrder",
+    "book_view",
+    "order_state",
+    "state_digest",
+]
 
 _STATE_DOMAIN: Final = "crdtbook/state/v1"
 _WITNESSED_STATE_DOMAIN: Final = "crdtbook/state/v2"
@@ -122,6 +131,3 @@ def state_digest(market_id: bytes, engine: Engine, frontier: int | None = None) 
         state.append(frontier)
     return hashlib.sha256(cbor2.dumps(state, canonical=True)).digest()
 
-
-__all__ += ["book_view", "order_state"]
-_ = Fill

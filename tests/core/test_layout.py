@@ -1,0 +1,63 @@
+"""The layout keeps its promise: the core (``crdtbook/``) does no I/O and reads no clock.
+
+The node and CLI live in ``node/`` and ``cli/`` (installed as ``crdtbook.node`` and
+``crdtbook.cli``); the core's own modules may import none of what would let them touch the
+network, the disk, threads or time. Checked on the source, so a lazy import inside a function
+is caught too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+CORE = Path(__file__).resolve().parents[2] / "crdtbook"
+
+#: Modules the core must never import, with why.
+FORBIDDEN = {
+    "trio": "the event loop belongs to the node",
+    "libp2p": "networking belongs to the node",
+    "multiaddr": "networking belongs to the node",
+    "socket": "networking belongs to the node",
+    "sqlite3": "the store belongs to the node",
+    "threading": "derivation is single-threaded and deterministic",
+    "asyncio": "the event loop belongs to the node",
+    "time": "derived state may not depend on a clock",
+    "datetime": "derived state may not depend on a clock",
+    "random": "derived state may not depend on randomness (Identity.generate uses os.urandom)",
+    "subprocess": "the core starts no processes",
+}
+
+
+def core_modules() -> list[Path]:
+    # node/ and cli/ are separate folders at the top of the repo, not inside crdtbook/.
+    return sorted(CORE.glob("*.py"))
+
+
+def imported(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_the_core_has_modules() -> None:
+    assert len(core_modules()) >= 10
+
+
+@pytest.mark.parametrize("path", core_modules(), ids=lambda p: p.name)
+def test_core_module_imports_no_io(path: Path) -> None:
+    bad = {name: FORBIDDEN[name] for name in imported(path) if name in FORBIDDEN}
+    assert not bad, f"{path.name} imports {bad}"
+
+
+def test_the_check_sees_imports(tmp_path: Path) -> None:
+    """The scanner itself: a module importing trio and time is caught (so the test can fail)."""
+    sample = tmp_path / "sample.py"
+    sample.write_text("import time\nfrom trio import sleep\n\ndef f():\n    import socket\n")
+    assert imported(sample) == {"time", "trio", "socket"}
