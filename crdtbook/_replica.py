@@ -225,9 +225,11 @@ class Replica:
         deciding whether to forward). True: valid, with every parent applied. False: some parent
         is not applied yet, so no verdict now. Raises the ``InvalidOp`` it would raise on apply.
         Changes nothing."""
-        if op.market_id != self.market.id:
+        if op.market_id != self.market.id or op.version != self.market.version:
             raise WrongMarket(f"op is not for market {self.market.name}")
         if check_in_context(op, self._applied, self._unique_at_seq):
+            if self._fin is not None and type(op.body) is ReconfigBody:
+                self._fin.check_reconfig(op)
             return True
         if any(p in self._invalid for p in op.parents if p not in self._applied):
             raise InvalidParent("a parent of this op is invalid")
