@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from heapq import heappop, heappush
 from typing import Final, NamedTuple
 
@@ -430,17 +430,21 @@ class Witnessing:
             )
         return infos
 
-    def needs_heartbeat(self, witness: bytes, order: list[Op], is_heartbeat: Callable[[Op], bool]
-                        ) -> bool:
-        """Whether ``witness`` has something to acknowledge: an op other than a heartbeat that is
-        not placed at or below its latest counted heartbeat."""
+    def needs_heartbeat(self, witness: bytes, order: list[Op]) -> bool:
+        """Whether ``witness`` has something to acknowledge: an op, other than a witness's
+        heartbeat, that is not placed at or below ``witness``'s latest counted heartbeat. The
+        total order sorts by placement (unplaced last), so the last such op decides; the scan
+        passes over witnesses' trailing heartbeats only (a few per interval). A heartbeat by
+        any other key is an op like an order here: it gets acknowledged, and cannot make the
+        scan long."""
         if witness not in self.current or witness in self.fork_at:
             return False
         latest = self.latest.get(witness)
         mine = 0 if latest is None else latest.lamport
         placement = self.placement
+        witnesses = self.current | set(self.added_at) | set(self.genesis)
         for op in reversed(order):
-            if is_heartbeat(op):
+            if type(op.body) is HeartbeatBody and op.author in witnesses:
                 continue
             return placement.get(op.id, UNPLACED) > mine
         return False

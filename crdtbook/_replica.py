@@ -762,9 +762,7 @@ class Replica:
         market costs nothing."""
         if self._fin is None:
             return False
-        return self._fin.needs_heartbeat(
-            witness, self._order, lambda op: type(op.body) is HeartbeatBody
-        )
+        return self._fin.needs_heartbeat(witness, self._order)
 
     def final_book(self, depth: int | None = None) -> Book:
         """The book as it stands after the final prefix: what no valid op can change."""
