@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -45,6 +45,10 @@ app = typer.Typer(
 )
 
 DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/4001"
+#: How long ``submit --wait-final`` waits by default (the control API's default too).
+WAIT_FINAL_TIMEOUT = 30.0
+#: Extra seconds the client waits beyond a waiting call's own timeout.
+CLIENT_GRACE = 10.0
 
 
 class Side(StrEnum):
@@ -87,7 +91,8 @@ MarketOpt = Annotated[
     typer.Option(
         "--market",
         "-m",
-        help="Market name; may be omitted when the node follows exactly one market.",
+        help="Market name, or its definition (NAME:TICK:LOT[:WITNESSES], or @FILE holding it, "
+        "checked against the node's); may be omitted when the node follows exactly one market.",
         show_default=False,
     ),
 ]
@@ -180,15 +185,87 @@ def node_errors(home: Path) -> Iterator[None]:
         fail(f"cannot talk to the node at {home}: {exc}", 1)
 
 
-def call(ctx: typer.Context, home: Path | None, method: str, **params: Any) -> Any:
-    """Call one control method on the chosen node, exiting cleanly on any error."""
+class Session:
+    """One client to the chosen node: ``call`` leaves out ``None`` params and turns a market
+    definition (``NAME:TICK:LOT[:WITNESSES]`` or ``@FILE``) into the name the node knows it by,
+    after checking that the node follows that very market (same id)."""
+
+    def __init__(self, client: connect.Client, home: Path) -> None:
+        self.client = client
+        self.home = home
+        self._names: dict[str, str] = {}
+
+    def call(self, method: str, **params: Any) -> Any:
+        if isinstance(params.get("market"), str):
+            params["market"] = self.market_name(params["market"])
+        return self.client.call(method, **{k: v for k, v in params.items() if v is not None})
+
+    def market_name(self, value: str) -> str:
+        """The name to send for a ``--market`` value (exit 2 on a bad definition, 1 when the
+        node follows a market of that name with another definition)."""
+        from crdtbook.cli import markets
+
+        if not markets.is_definition(value):
+            return value
+        if value in self._names:
+            return self._names[value]
+        try:
+            market = markets.load_market(value)
+        except markets.DefinitionError as exc:
+            fail(str(exc), 2)
+        followed = self.client.call("markets") or []
+        entry = next((m for m in followed if m.get("name") == market.name), None)
+        if entry is not None and entry.get("id") not in (None, market.id.hex()):
+            fail(
+                f"the node at {self.home} follows a market named {market.name} with another "
+                f"definition (id {str(entry.get('id'))[:12]}, not {market.id.hex()[:12]}): check "
+                "the tick, lot and witnesses"
+            )
+        self._names[value] = market.name
+        return market.name
+
+
+@contextmanager
+def session(
+    ctx: typer.Context, home: Path | None, timeout: float | None = None
+) -> Iterator[Session]:
+    """A :class:`Session` on the chosen node; any error exits cleanly (see :func:`node_errors`)."""
     resolved = _home(ctx, home)
     with node_errors(resolved):
-        client = connect.open_client(resolved)
+        client = connect.open_client(resolved, timeout)
         try:
-            return client.call(method, **{k: v for k, v in params.items() if v is not None})
+            yield Session(client, resolved)
         finally:
             connect.close_client(client)
+
+
+def call(ctx: typer.Context, home: Path | None, method: str, **params: Any) -> Any:
+    """Call one control method on the chosen node, exiting cleanly on any error."""
+    with session(ctx, home) as node:
+        return node.call(method, **params)
+
+
+def market_entry(node: Session, name: str | None) -> dict[str, Any] | None:
+    """The node's ``status`` entry for market ``name`` (its only market when None), or None.
+
+    Used by the commands whose results do not say whether the market has witnesses (orders,
+    order, submit), so they can say when fills there are never final.
+    """
+    api = connect.client_api()
+    try:
+        st = node.client.call("status", digest=False)
+    except (api.ControlError, api.NodeNotRunning, OSError):
+        return None
+    ms: list[dict[str, Any]] = list((st or {}).get("markets") or [])
+    if name is None:
+        return ms[0] if len(ms) == 1 else None
+    return next((m for m in ms if m.get("name") == name), None)
+
+
+def witnessed(entry: dict[str, Any] | None) -> bool | None:
+    """Whether a market status entry has witnesses (None: the node does not say)."""
+    value = (entry or {}).get("witnessed")
+    return value if isinstance(value, bool) else None
 
 
 def emit(result: Any, as_json: bool, render: Callable[[Any], Any]) -> None:
@@ -249,8 +326,10 @@ def node(
         typer.Option(
             "--market",
             "-m",
-            help="Market to follow: NAME of a built-in market (BTC-USD, ETH-USD, SOL-USD, DEMO) "
-            "or NAME:TICK:LOT (repeatable) [default: the node's default market].",
+            help="Market to follow: NAME of a built-in market (BTC-USD, ETH-USD, SOL-USD, DEMO), "
+            "NAME:TICK:LOT, a witnessed market NAME:TICK:LOT:KEY,KEY,... (see `crdtbook market "
+            "new`), or @FILE holding one of those (repeatable) [default: the node's default "
+            "market].",
             show_default=False,
         ),
     ] = None,
@@ -274,7 +353,13 @@ def node(
 
     Example: crdtbook node --listen /ip4/0.0.0.0/tcp/4001 --market DEMO:1:1 -v
     """
+    from crdtbook.cli import markets
+
     resolved = _home(ctx, home)
+    try:
+        specs = [markets.market_text(value) for value in market or []]
+    except markets.DefinitionError as exc:
+        fail(str(exc), 2)
     try:
         from crdtbook.node.app import NodeConfig, run_node
     except ImportError as exc:
@@ -283,7 +368,7 @@ def node(
         home=resolved,
         listen=list(listen or [DEFAULT_LISTEN]),
         bootstrap=list(bootstrap or []),
-        markets=list(market or []),
+        markets=specs,
         verbose=verbose,
         fsync=fsync,
     )
@@ -318,34 +403,74 @@ def submit(
     tag: Annotated[
         str | None, typer.Option("--tag", help="Free-form label kept with the order.")
     ] = None,
+    wait_final: Annotated[
+        bool,
+        typer.Option(
+            "--wait-final",
+            help="Wait until the order's outcome is final (the market's witnesses acknowledged "
+            "it, so no order can change it any more) and print that final outcome.",
+        ),
+    ] = False,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--timeout",
+            min=0.1,
+            help="With --wait-final: seconds to wait before giving up (the order stays placed).",
+        ),
+    ] = WAIT_FINAL_TIMEOUT,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Submit a limit order and show at once what happened to it.
 
-    Examples: crdtbook submit buy 5 100 ; crdtbook submit sell 5@100 --tif ioc
+    Examples: crdtbook submit buy 5 100 ; crdtbook submit sell 5@100 --tif ioc ;
+    crdtbook submit buy 3@101 --wait-final --timeout 10
 
     Prints the order id, then whether it filled (with each fill), partially filled, is resting on
-    the book, expired, or was rejected (with the reason). Quantities and prices are decimal strings
-    in the market's units; the node checks them against the tick and lot.
+    the book, expired, or was rejected (with the reason), marked final or provisional: on a market
+    with witnesses an outcome is provisional until their heartbeats acknowledge it (an order that
+    sorts earlier can still change it), then final; on a market without witnesses it is never
+    final. Quantities and prices are decimal strings in the market's units; the node checks them
+    against the tick and lot.
 
-    --json prints the node's result: {"order": Order, "fills": [Fill]}.
+    --json prints the node's result: {"order": Order, "fills": [Fill], "final": bool}.
     """
     from crdtbook.cli import render
 
     qty, px = split_qty_price(quantity, price)
-    result = call(
-        ctx,
-        home,
-        "submit",
-        market=market,
-        side=side.value,
-        price=px,
-        quantity=qty,
-        tif=tif.api,
-        tag=tag,
-    )
-    emit(result, as_json, render.submit_result)
+    params: dict[str, Any] = {
+        "market": market,
+        "side": side.value,
+        "price": px,
+        "quantity": qty,
+        "tif": tif.api,
+        "tag": tag,
+    }
+    if wait_final:
+        params.update(wait_final=True, timeout=timeout)
+    # The client waits a little longer than the node, so the node's own timeout error (which
+    # says what finality waits for) is the one the user sees.
+    with session(ctx, home, timeout + CLIENT_GRACE if wait_final else None) as node:
+        name = node.market_name(market) if market is not None else None
+        entry = market_entry(node, name) if wait_final or not as_json else None
+        if wait_final and witnessed(entry) is False:
+            label = (entry or {}).get("name") or name or "this market"
+            fail(
+                f"fills here are never final: {label} has no witnesses, so --wait-final would "
+                "wait forever (submit without it)"
+            )
+        try:
+            result = node.call("submit", **params)
+        except connect.client_api().ControlError as exc:
+            if getattr(exc, "code", None) != "timeout":
+                raise
+            message = getattr(exc, "message", None) or str(exc)
+            fail(
+                f"{message} [timeout]; the order was placed and may still turn final: "
+                "`crdtbook orders` shows it, `crdtbook status` shows which witness is silent"
+            )
+    emit(result, as_json, lambda r: render.submit_result(r, witnessed=witnessed(entry)))
 
 
 @app.command()
@@ -406,35 +531,35 @@ def _watch_book(
 
     from crdtbook.cli import render
 
-    resolved = _home(ctx, home)
     recent: list[dict[str, Any]] = []
-    with node_errors(resolved):
-        client = connect.open_client(resolved)
+    with session(ctx, home) as node:
+        resolved = node.home
+        client = node.client
+        name = None if market is None else node.market_name(market)
         events: Any = None
         try:
-            events = client.watch(market)
-            params = {"market": market, "depth": depth}
-            snapshot = client.call("book", **params)
+            events = client.watch(name)
+            params = {"market": name, "depth": depth}
+            snapshot = node.call("book", **params)
             if as_json:
                 typer.echo(json.dumps(snapshot))
                 for event in events:
                     if event.get("event") == "update":
-                        typer.echo(json.dumps(client.call("book", **params)))
+                        typer.echo(json.dumps(node.call("book", **params)))
             else:
                 first = render.book_ladder(snapshot)
                 with Live(first, console=_console(), auto_refresh=False) as live:
                     for event in events:
                         if event.get("event") != "update":
                             continue
-                        recent.extend(event.get("fills") or [])
-                        del recent[:-5]
-                        snapshot = client.call("book", **params)
-                        live.update(render.book_ladder(snapshot, fills=recent), refresh=True)
+                        note = render.track_fills(recent, event)
+                        snapshot = node.call("book", **params)
+                        ladder = render.book_ladder(snapshot, fills=recent, note=note)
+                        live.update(ladder, refresh=True)
         except KeyboardInterrupt:
             return
         finally:
             connect.close_client(events)
-            connect.close_client(client)
     fail(f"the node at {resolved} closed the watch stream (did it stop?)", 1)
 
 
@@ -467,12 +592,20 @@ def orders(
 ) -> None:
     """List this node's orders on a market (with --all, every order).
 
+    Each order is marked final (its state can never change again) or provisional.
+
     --json prints the node's result: {"market": str, "orders": [Order]}.
     """
     from crdtbook.cli import render
 
-    result = call(ctx, home, "orders", market=market, all=everyone or None)
-    emit(result, as_json, lambda r: render.orders_table(r, everyone=everyone))
+    with session(ctx, home) as node:
+        result = node.call("orders", market=market, all=everyone or None)
+        entry = None if as_json else market_entry(node, result.get("market"))
+    emit(
+        result,
+        as_json,
+        lambda r: render.orders_table(r, everyone=everyone, witnessed=witnessed(entry)),
+    )
 
 
 @app.command()
@@ -483,22 +616,28 @@ def order(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show one order: price, quantity, filled, remaining, status and reason.
+    """Show one order: price, quantity, filled, remaining, status, reason and whether that state
+    is final (can never change again) or provisional.
 
     --json prints the node's Order object.
     """
     from crdtbook.cli import render
 
-    result = call(ctx, home, "order", order_id=order_id.lower(), market=market)
-    emit(result, as_json, render.order_detail)
+    with session(ctx, home) as node:
+        result = node.call("order", order_id=order_id.lower(), market=market)
+        entry = None if as_json else market_entry(node, result.get("market"))
+    emit(result, as_json, lambda r: render.order_detail(r, witnessed=witnessed(entry)))
 
 
 @app.command()
 def status(ctx: typer.Context, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Show the node: identity, peers, and per-market replication state.
+    """Show the node: identity, peers, and per-market replication and finality state.
 
-    Prints the peer id, listen addresses, connected peers, and per market: ops, DAG heads,
-    pending (ops waiting for missing parents), orders, fills, last sync and the state digest.
+    Prints the peer id, witness key, listen addresses, connected peers, and per market: ops, DAG
+    heads, pending (ops waiting for missing parents), orders, fills, last sync and the state
+    digest; then finality: final (everything acknowledged), pending (heartbeats due) or stalled
+    (a witness silent while something waits: which one, and for how long), the frontier, the
+    epoch, and every witness with its full key.
 
     --json prints the node's status result unchanged.
     """
@@ -509,14 +648,212 @@ def status(ctx: typer.Context, home: HomeOpt = None, as_json: JsonOpt = False) -
 
 @app.command("id")
 def id_(ctx: typer.Context, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Print the node's peer id and the multiaddrs it listens on (to give to --bootstrap).
+    """Print the node's peer id, its witness key (the public key to name it by in `crdtbook
+    market new --witness`) and the multiaddrs it listens on (to give to --bootstrap).
 
-    --json prints {"peer_id": str, "addrs": [str]}.
+    --json prints {"peer_id": str, "public_key": hex, "addrs": [str]}.
     """
     from crdtbook.cli import render
 
-    st = call(ctx, home, "status")
-    emit({"peer_id": st.get("peer_id"), "addrs": st.get("addrs") or []}, as_json, render.id_lines)
+    st = call(ctx, home, "status", digest=False)
+    key = st.get("public_key") or st.get("author")
+    if not key:  # an older node: read the key from its home
+        from crdtbook.cli import markets
+
+        with suppress(markets.DefinitionError):
+            key = markets.home_public_key(_home(ctx, home))
+    result = {"peer_id": st.get("peer_id"), "public_key": key, "addrs": st.get("addrs") or []}
+    if as_json:
+        emit(result, True, render.id_lines)
+    else:
+        # soft wrap: the long ids and keys come out whole, for copying, whatever the width
+        _console().print(render.id_lines(result), soft_wrap=True)
+
+
+# ---------------------------------------------------------------- market definitions, witnesses
+
+market_app = typer.Typer(
+    name="market",
+    help="Define markets: `crdtbook market new` prints the definition --market takes.",
+    no_args_is_help=True,
+)
+app.add_typer(market_app)
+
+reconfig_app = typer.Typer(
+    name="reconfig",
+    help="Change a witnessed market's witnesses: a majority of the witnesses in force approve "
+    "(`reconfig approve` on each), then one node submits (`reconfig submit`).",
+    no_args_is_help=True,
+)
+app.add_typer(reconfig_app)
+
+WitnessOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--witness",
+        "-w",
+        help="A witness: its 64-hex public key (`crdtbook id` shows a node's) or its node home "
+        "directory (repeatable).",
+        show_default=False,
+    ),
+]
+WitnessHomeOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--witness-home",
+        help="A witness named by its node home: the key is read from DIR/identity.key "
+        "(repeatable).",
+        show_default=False,
+        file_okay=False,
+    ),
+]
+
+
+def witness_keys(keys: list[str] | None, homes: list[Path] | None) -> list[str]:
+    """The hex keys named by ``--witness`` and ``--witness-home`` (exit 2 on a bad one)."""
+    from crdtbook.cli import markets
+
+    try:
+        out = [markets.witness_key(k) for k in keys or []]
+        out += [markets.home_public_key(h) for h in homes or []]
+    except markets.DefinitionError as exc:
+        fail(str(exc), 2)
+    if not out:
+        fail("name at least one witness: --witness KEY or --witness-home DIR", 2)
+    dup = sorted({k for k in out if out.count(k) > 1})
+    if dup:
+        fail(f"witness {dup[0]} is named twice", 2)
+    return out
+
+
+@market_app.command("new")
+def market_new(
+    name: Annotated[str, typer.Argument(help="Market name, e.g. BTC-EUR (no ':', '/', spaces).")],
+    tick: Annotated[str, typer.Argument(help="Price increment, a decimal (e.g. 0.01).")],
+    lot: Annotated[str, typer.Argument(help="Quantity increment, a decimal (e.g. 0.0001).")],
+    witness: WitnessOpt = None,
+    witness_home: WitnessHomeOpt = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Also write the definition to FILE (then pass --market @FILE).",
+            dir_okay=False,
+            show_default=False,
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the definition of a witnessed market: the one string --market takes.
+
+    Fills on a market with witnesses become final once the witnesses' heartbeats acknowledge them
+    (a market without witnesses, like the built-in BTC-USD, never has final fills). Every node of
+    the market must use the same definition: the market id covers name, tick, lot and witnesses.
+
+    Example: crdtbook market new BTC-EUR 0.01 0.0001 --witness-home ~/n1 --witness-home ~/n2
+    --witness-home ~/n3 --out btc-eur.market ; crdtbook node --market @btc-eur.market
+
+    --json prints {"name", "tick", "lot", "id": hex, "version": int, "witnesses": [hex], "spec",
+    "file": str | null}.
+    """
+    from crdtbook import Market
+
+    keys = witness_keys(witness, witness_home)
+    try:
+        market = Market(name, tick, lot, witnesses=keys)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    if out is not None:
+        try:
+            out.expanduser().write_text(market.spec + "\n", encoding="utf-8")
+        except OSError as exc:
+            fail(f"cannot write {out}: {exc}")
+    if as_json:
+        result = {
+            "name": market.name,
+            "tick": market.tick,
+            "lot": market.lot,
+            "id": market.id.hex(),
+            "version": market.version,
+            "witnesses": [k.hex() for k in market.witnesses],
+            "spec": market.spec,
+            "file": None if out is None else str(out.expanduser()),
+        }
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(market.spec)
+    if out is not None:
+        typer.echo(f"wrote {out}: use --market @{out}", err=True)
+
+
+@reconfig_app.command("approve")
+def reconfig_approve(
+    ctx: typer.Context,
+    witness: WitnessOpt = None,
+    witness_home: WitnessHomeOpt = None,
+    market: MarketOpt = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Sign this node's approval of a new witness set (this node must be a witness in force).
+
+    Give the whole new set with --witness (keep the witnesses that stay, leave out the ones to
+    remove, add new ones). Prints the approval token KEY:SIGNATURE on one line: hand it to the
+    node that runs `crdtbook reconfig submit`.
+
+    --json prints the node's result: {"witness": hex, "signature": hex, "epoch": int}.
+    """
+    keys = witness_keys(witness, witness_home)
+    result = call(ctx, home, "approve_reconfig", market=market, witnesses=keys)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        typer.echo(f"{result['witness']}:{result['signature']}")
+
+
+@reconfig_app.command("submit")
+def reconfig_submit(
+    ctx: typer.Context,
+    approval: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--approval",
+            "-a",
+            help="An approval token KEY:SIGNATURE from `crdtbook reconfig approve` (repeatable; "
+            "a majority of the witnesses in force is needed).",
+            show_default=False,
+        ),
+    ] = None,
+    witness: WitnessOpt = None,
+    witness_home: WitnessHomeOpt = None,
+    market: MarketOpt = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Replace the witness set with the one given (--witness, the same set the approvals sign).
+
+    Prints the new epoch and the id of the reconfiguration op. A witness that is gone for good
+    stalls finality until it is removed this way.
+
+    --json prints the node's result: {"op": hex, "epoch": int}.
+    """
+    from crdtbook.cli import markets
+
+    keys = witness_keys(witness, witness_home)
+    if not approval:
+        fail("give the approvals: --approval KEY:SIGNATURE (from crdtbook reconfig approve)", 2)
+    try:
+        pairs = [markets.parse_approval(token) for token in approval]
+    except markets.DefinitionError as exc:
+        fail(str(exc), 2)
+    approvals = [{"witness": k, "signature": sig} for k, sig in pairs]
+    result = call(ctx, home, "reconfigure", market=market, witnesses=keys, approvals=approvals)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"epoch {result.get('epoch')}: {len(keys)} witnesses in force")
+    typer.echo(f"reconfiguration op {result.get('op')}")
 
 
 @app.command()

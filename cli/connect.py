@@ -55,9 +55,13 @@ def resolve_home(home: Path | None) -> Path:
     return Path(resolver(home))
 
 
-def open_client(home: Path) -> Client:
-    """Create a control client for the node at ``home`` (already resolved)."""
-    client: Client = client_api().ControlClient(home)
+def open_client(home: Path, timeout: float | None = None) -> Client:
+    """Create a control client for the node at ``home`` (already resolved). ``timeout`` (seconds
+    to wait for each answer) replaces the client's default, for calls that wait on purpose."""
+    api = client_api()
+    client: Client = (
+        api.ControlClient(home) if timeout is None else api.ControlClient(home, timeout=timeout)
+    )
     return client
 
 

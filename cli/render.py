@@ -76,6 +76,57 @@ def status_text(status: str) -> Text:
     return Text(status.replace("_", " "), style=STATUS_STYLE.get(status, ""))
 
 
+# -------------------------------------------------------------------------------------- finality
+
+FINAL = "final"
+PROVISIONAL = "provisional"
+#: How each finality state of a market (``status``) reads, and its colour.
+FINALITY_TEXT: dict[str, tuple[str, str]] = {
+    "final": ("final", "green"),
+    "pending": ("pending", "yellow"),
+    "stalled": ("stalled", "bold red"),
+    "none": ("never final", "dim"),
+}
+
+
+def finality_mark(final: object) -> Text:
+    """``final`` (green) or ``provisional`` (yellow) for a fill, order or level; empty when the
+    node did not say (an older node)."""
+    if final is True:
+        return Text(FINAL, style="green")
+    if final is False:
+        return Text(PROVISIONAL, style="yellow")
+    return Text("")
+
+
+def never_final(market: object) -> Text:
+    """The plain statement for a market without witnesses."""
+    return Text(f"fills here are never final: {market} has no witnesses", style="yellow")
+
+
+def track_fills(recent: list[Json], event: Json, keep: int = 5) -> str:
+    """Keep ``recent`` (the last fills a live view shows) true to a ``watch`` event: drop the
+    fills it revokes, add its new ones, mark those that became final. Returns a note for the
+    view ("" when nothing was revoked), so fill numbers never shift silently."""
+    revoked = list(event.get("revoked") or [])
+    gone = {f.get("index") for f in revoked}
+    recent[:] = [f for f in recent if f.get("index") not in gone]
+    recent.extend(dict(f) for f in event.get("fills") or [])
+    became = set(event.get("became_final") or [])
+    for f in recent:
+        if f.get("index") in became:
+            f["final"] = True
+    del recent[:-keep]
+    if not revoked:
+        return ""
+    n = len(revoked)
+    return (
+        f"{n} provisional fill{'' if n == 1 else 's'} revoked "
+        f"(#{', #'.join(str(f.get('index')) for f in revoked)}): an order that sorts earlier "
+        "changed the matching"
+    )
+
+
 # ---------------------------------------------------------------------------------------- submit
 
 
@@ -86,12 +137,17 @@ def _fill_lines(fills: Sequence[Json], indent: str = "  ") -> list[Text]:
         line.append("fill ", style="green")
         line.append(f"{f['quantity']} @ {f['price']}", style="bold")
         line.append(f"  maker {short(f.get('maker'))}  #{f.get('index', '?')}", style="dim")
+        if "final" in f:
+            line.append("  ")
+            line.append_text(finality_mark(f["final"]))
         lines.append(line)
     return lines
 
 
-def submit_result(result: Json) -> RenderableType:
-    """What happened to a submitted order, at once: id, outcome, and the fills it took."""
+def submit_result(result: Json, witnessed: bool | None = None) -> RenderableType:
+    """What happened to a submitted order, at once: id, outcome (marked final or provisional),
+    and the fills it took. ``witnessed`` False says plainly that this market's fills are never
+    final (None: not known)."""
     order: Json = result["order"]
     fills: list[Json] = list(result.get("fills") or [])
     status = order.get("status", "?")
@@ -107,6 +163,11 @@ def submit_result(result: Json) -> RenderableType:
     if order.get("tag"):
         desc.append(f" tag {order['tag']}", style="dim")
     outcome = Text()
+    final = result.get("final", order.get("final"))
+    if final is True:
+        outcome.append("final: ", style="bold green")
+    elif final is False:
+        outcome.append("provisional: ", style="bold yellow")
     n_fills = f"{len(fills)} fill" + ("" if len(fills) == 1 else "s")
     traded = _dec_sum([f["quantity"] for f in fills]) if fills else order.get("filled", "0")
     if status == "filled":
@@ -128,7 +189,18 @@ def submit_result(result: Json) -> RenderableType:
         outcome.append(REASONS.get(reason or "", reason or "no reason given"))
         if fills:
             outcome.append(f" ({verb} {traded} of {order.get('quantity')} first)")
-    return Group(head, desc, outcome, *_fill_lines(fills))
+    parts: list[RenderableType] = [head, desc, outcome, *_fill_lines(fills)]
+    if witnessed is False:
+        parts.append(never_final(order.get("market")))
+    elif final is False:
+        parts.append(
+            Text(
+                "not final yet: an order that sorts earlier can still change this until the "
+                "witnesses' heartbeats acknowledge it (submit --wait-final waits for that)",
+                style="dim",
+            )
+        )
+    return Group(*parts)
 
 
 def cancel_result(result: Json) -> RenderableType:
@@ -166,46 +238,82 @@ def _cumulative(levels: Sequence[Json]) -> list[str]:
     return out
 
 
-def book_ladder(book: Json, title: str | None = None, fills: Sequence[Json] = ()) -> Panel:
+def book_ladder(
+    book: Json, title: str | None = None, fills: Sequence[Json] = (), note: str = ""
+) -> Panel:
     """:func:`book_body` in a panel titled with the market."""
     return Panel(
-        book_body(book, fills),
+        book_body(book, fills, note=note),
         title=title or str(book.get("market", "")),
         expand=False,
     )
 
 
-def book_body(book: Json, fills: Sequence[Json] = (), digest: bool = True) -> Group:
+def frontier_line(book: Json) -> Text | None:
+    """The finality line under a ladder: the frontier and how many levels are final, or that
+    this market's fills are never final (None when the node does not say)."""
+    witnessed = book.get("witnessed")
+    if witnessed is False:
+        return never_final(book.get("market", "?"))
+    if witnessed is not True:
+        return None
+    levels = list(book.get("asks") or []) + list(book.get("bids") or [])
+    n_final = sum(1 for lv in levels if lv.get("final") is True)
+    frontier = book.get("frontier")
+    if not frontier:
+        return Text("frontier 0: nothing is final yet (no witness heartbeat so far)", style="dim")
+    text = Text(f"frontier {frontier}: ", style="dim")
+    text.append(f"{n_final} of {len(levels)} levels final", style="green" if n_final else "yellow")
+    return text
+
+
+def book_body(book: Json, fills: Sequence[Json] = (), digest: bool = True, note: str = "") -> Group:
     """A depth ladder: asks above (highest price at the top), spread/mid, bids below, digest.
 
-    Columns are price, size, and cumulative size counted from the best price outward. ``fills``
-    (the latest few) are listed underneath when given.
+    Columns are price, size, cumulative size counted from the best price outward and, on a
+    market with witnesses, whether the level is final (the final book has the same level with the
+    same size) or provisional. Under it: the frontier (or that fills here are never final).
+    ``fills`` (the latest few) are listed underneath when given, each marked too, with ``note``.
     """
     asks: list[Json] = list(book.get("asks") or [])
     bids: list[Json] = list(book.get("bids") or [])
+    marks = book.get("witnessed") is True
     ask_cum = _cumulative(asks)
     bid_cum = _cumulative(bids)
-    ask_rows = [(a["price"], a["quantity"], c) for a, c in zip(asks, ask_cum, strict=True)]
-    bid_rows = [(b["price"], b["quantity"], c) for b, c in zip(bids, bid_cum, strict=True)]
+    ask_rows = [
+        (a["price"], a["quantity"], c, a.get("final")) for a, c in zip(asks, ask_cum, strict=True)
+    ]
+    bid_rows = [
+        (b["price"], b["quantity"], c, b.get("final")) for b, c in zip(bids, bid_cum, strict=True)
+    ]
     ask_rows.reverse()  # highest ask on top, best ask just above the spread line
     rows = ask_rows + bid_rows
     w_price = max([len("price"), *(len(r[0]) for r in rows)])
     w_size = max([len("size"), *(len(r[1]) for r in rows)])
     w_cum = max([len("total"), *(len(r[2]) for r in rows)])
+    w_mark = max([len(FINAL), *(len(PROVISIONAL) for r in rows if r[3] is False)]) if marks else 0
 
     def table(header: bool) -> Table:
         t = Table(box=None, show_header=header, pad_edge=False, padding=(0, 1))
         t.add_column("price", justify="right", width=w_price)
         t.add_column("size", justify="right", width=w_size)
         t.add_column("total", justify="right", width=w_cum, style="dim")
+        if marks:
+            t.add_column("", justify="left", width=w_mark)
         return t
 
+    def row(price: str, qty: str, cum: str, final: object, style: str) -> list[RenderableType]:
+        cells: list[RenderableType] = [Text(price, style=style), qty, cum]
+        if marks:
+            cells.append(finality_mark(final))
+        return cells
+
     ask_t = table(True)
-    for price, qty, cum in ask_rows:
-        ask_t.add_row(Text(price, style="red"), qty, cum)
+    for price, qty, cum, final in ask_rows:
+        ask_t.add_row(*row(price, qty, cum, final, "red"))
     bid_t = table(False)
-    for price, qty, cum in bid_rows:
-        bid_t.add_row(Text(price, style="green"), qty, cum)
+    for price, qty, cum, final in bid_rows:
+        bid_t.add_row(*row(price, qty, cum, final, "green"))
 
     if book.get("spread") is not None:
         mid = Text(f"spread {book['spread']}  mid {book['mid']}", style="yellow")
@@ -213,28 +321,57 @@ def book_body(book: Json, fills: Sequence[Json] = (), digest: bool = True) -> Gr
         mid = Text("(empty book)", style="dim")
     else:
         mid = Text("(one-sided: no " + ("asks" if not asks else "bids") + ")", style="dim")
-    width = w_price + w_size + w_cum + 4
+    width = w_price + w_size + w_cum + 4 + (w_mark + 1 if marks else 0)
     mid.align("center", max(width, len(mid.plain)))
     parts: list[RenderableType] = [ask_t, mid, bid_t]
+    finality = frontier_line(book)
+    if finality is not None:
+        parts.append(finality)
     if digest:
         parts.append(Text(f"digest {short(book.get('digest'))}", style="dim"))
-    if fills:
+    if fills or note:
         parts.append(Text("last fills", style="bold"))
         for f in list(fills)[-5:]:
-            parts.append(
-                Text(f"{f.get('taker_side', '?'):>4} {f['quantity']} @ {f['price']}", style="dim")
+            line = Text(
+                f"{f.get('taker_side', '?'):>4} {f['quantity']} @ {f['price']}", style="dim"
             )
+            if "final" in f and book.get("witnessed") is not False:
+                line.append("  ")
+                line.append_text(finality_mark(f["final"]))
+            parts.append(line)
+        if note:
+            parts.append(Text(note, style="yellow"))
     return Group(*parts)
 
 
 # ----------------------------------------------------------------------------- fills and orders
 
 
+def fills_caption(data: Json) -> Text | None:
+    """Which fills are final, from a ``fills`` result (None when the node does not say)."""
+    witnessed = data.get("witnessed")
+    if witnessed is False:
+        return never_final(data.get("market", "?"))
+    if witnessed is not True:
+        return None
+    n = int(data.get("final_count") or 0)
+    if n == 0:
+        return Text("no fill is final yet: every fill here is provisional", style="yellow")
+    if n == 1:
+        return Text("fill #0 is final; later fills are provisional", style="dim")
+    return Text(f"fills #0 to #{n - 1} are final; later fills are provisional", style="dim")
+
+
 def fills_table(data: Json) -> RenderableType:
-    """A table of fills, oldest first."""
+    """A table of fills, oldest first, each marked final or provisional."""
     fills: list[Json] = list(data.get("fills") or [])
+    caption = fills_caption(data)
     if not fills:
-        return Text(f"no fills yet on {data.get('market', '?')}", style="dim")
+        empty = Text(f"no fills yet on {data.get('market', '?')}", style="dim")
+        return Group(empty, caption) if data.get("witnessed") is False and caption else empty
+    marks = data.get("witnessed") is True or (
+        data.get("witnessed") is None and any("final" in f for f in fills)
+    )
     t = Table(title=f"fills on {data.get('market', '?')}", title_justify="left")
     t.add_column("#", justify="right", style="dim")
     t.add_column("taker", justify="left")
@@ -242,25 +379,36 @@ def fills_table(data: Json) -> RenderableType:
     t.add_column("price", justify="right")
     t.add_column("taker id", style="dim")
     t.add_column("maker id", style="dim")
+    if marks:
+        t.add_column("final?")
     for f in fills:
         side = f.get("taker_side", "?")
-        t.add_row(
+        row: list[RenderableType] = [
             str(f.get("index", "")),
             Text(side, style="green" if side == "buy" else "red"),
             f["quantity"],
             f["price"],
             short(f.get("taker")),
             short(f.get("maker")),
-        )
-    return t
+        ]
+        if marks:
+            row.append(finality_mark(f.get("final")))
+        t.add_row(*row)
+    return t if caption is None else Group(t, caption)
 
 
-def orders_table(data: Json, everyone: bool = False) -> RenderableType:
-    """A table of orders (this node's, or every order with ``--all``)."""
+def orders_table(
+    data: Json, everyone: bool = False, witnessed: bool | None = None
+) -> RenderableType:
+    """A table of orders (this node's, or every order with ``--all``), each marked final (its
+    state can never change again) or provisional; ``witnessed`` False says once that fills on
+    this market are never final instead."""
     orders: list[Json] = list(data.get("orders") or [])
     market = data.get("market", "?")
     if not orders:
-        return Text(f"no {'' if everyone else 'own '}orders on {market}", style="dim")
+        empty = Text(f"no {'' if everyone else 'own '}orders on {market}", style="dim")
+        return Group(empty, never_final(market)) if witnessed is False else empty
+    marks = witnessed is not False and any("final" in o for o in orders)
     t = Table(title=f"{'all' if everyone else 'my'} orders on {market}", title_justify="left")
     t.add_column("id", style="bold")
     t.add_column("side")
@@ -273,6 +421,8 @@ def orders_table(data: Json, everyone: bool = False) -> RenderableType:
     t.add_column("tag", style="dim")
     if everyone:
         t.add_column("mine")
+    if marks:
+        t.add_column("final?")
     for o in orders:
         row: list[RenderableType] = [
             short(o.get("id")),
@@ -287,12 +437,14 @@ def orders_table(data: Json, everyone: bool = False) -> RenderableType:
         ]
         if everyone:
             row.append("yes" if o.get("mine") else "")
+        if marks:
+            row.append(finality_mark(o.get("final")))
         t.add_row(*row)
-    return t
+    return Group(t, never_final(market)) if witnessed is False else t
 
 
-def order_detail(order: Json) -> RenderableType:
-    """Every field of one order, one per line."""
+def order_detail(order: Json, witnessed: bool | None = None) -> RenderableType:
+    """Every field of one order, one per line, with whether its state is final."""
     t = Table(box=None, show_header=False, padding=(0, 1))
     t.add_column(style="bold")
     t.add_column()
@@ -309,6 +461,23 @@ def order_detail(order: Json) -> RenderableType:
     if order.get("reason"):
         st.append(f"  ({REASONS.get(order['reason'], order['reason'])})", style="dim")
     t.add_row("status", st)
+    if witnessed is False:
+        t.add_row("finality", never_final(order.get("market")))
+    elif order.get("final") is True:
+        t.add_row("finality", Text("final: this state can never change again", style="green"))
+    elif order.get("final") is False:
+        t.add_row(
+            "finality",
+            Text(
+                "provisional: "
+                + (
+                    "the order is still live"
+                    if order.get("status") in ("open", "partially_filled")
+                    else "an order that sorts earlier can still change this"
+                ),
+                style="yellow",
+            ),
+        )
     t.add_row("tag", str(order.get("tag") or "-"))
     t.add_row("lamport", str(order.get("lamport")))
     return t
@@ -318,10 +487,13 @@ def order_detail(order: Json) -> RenderableType:
 
 
 def id_lines(status: Json) -> RenderableType:
-    """The node's peer id and the multiaddrs it listens on."""
+    """The node's peer id, its witness key (whole, on its own line) and its multiaddrs."""
     text = Text()
     text.append("peer id ", style="bold")
     text.append(str(status.get("peer_id")))
+    if status.get("public_key"):
+        text.append("\nwitness key ", style="bold")
+        text.append(str(status["public_key"]))
     for addr in status.get("addrs") or []:
         text.append("\n  " + addr)
     return text
@@ -333,6 +505,9 @@ def status_view(status: Json, now: float | None = None) -> RenderableType:
     head.add_column(style="bold")
     head.add_column()
     head.add_row("peer id", str(status.get("peer_id")))
+    key = status.get("public_key") or status.get("author")
+    if key:
+        head.add_row("witness key", Text(str(key), no_wrap=True, overflow="ignore"))
     head.add_row("addrs", "\n".join(status.get("addrs") or []) or "-")
     peers: list[Json] = list(status.get("peers") or [])
     peer_lines = [
@@ -359,6 +534,7 @@ def status_view(status: Json, now: float | None = None) -> RenderableType:
         ("pending", "right"),
         ("orders", "right"),
         ("fills", "right"),
+        ("finality", "left"),
         ("last sync", "right"),
         ("digest", "left"),
     ]:
@@ -378,7 +554,107 @@ def status_view(status: Json, now: float | None = None) -> RenderableType:
             Text(str(pending), style="yellow" if pending else ""),
             str(m.get("orders", "")),
             str(m.get("fills", "")),
+            finality_cell(m),
             ago(m.get("last_sync"), now),
             short(m.get("digest")),
         )
-    return Group(head, markets)
+    parts: list[RenderableType] = [head, markets]
+    for m in status.get("markets") or []:
+        parts.extend(finality_lines(m))
+    return Group(*parts)
+
+
+def _seconds(value: float) -> str:
+    """``0.4s`` below ten seconds, else :func:`duration`."""
+    return f"{value:.1f}s" if value < 10 else duration(value)
+
+
+def finality_cell(m: Json) -> Text:
+    """A market's finality state in one word (details under the table)."""
+    state = m.get("finality")
+    if state is None:
+        return Text("-", style="dim")
+    word, style = FINALITY_TEXT.get(str(state), (str(state), ""))
+    return Text(word, style=style)
+
+
+def finality_lines(m: Json) -> list[Text]:
+    """A market's finality in full: its state and why, the frontier and epoch, and every witness
+    with its whole key (never cut: the lines run past a narrow terminal rather than wrap)."""
+    name = m.get("name", "?")
+    state = m.get("finality")
+    if state is None and m.get("witnessed") is None:
+        return []  # an older node: it does not say
+    if state == "none" or m.get("witnessed") is False:
+        return [never_final(name)]
+    word, style = FINALITY_TEXT.get(str(state), (str(state), ""))
+    head = Text("\n")
+    head.append(f"{name} finality: ", style="bold")
+    head.append(word, style=style)
+    why = {
+        "final": "everything is acknowledged",
+        "pending": "waiting on heartbeats that are due",
+        "stalled": "a witness has been silent while something waits",
+    }.get(str(state))
+    if why:
+        head.append(f" ({why})")
+    head.append(
+        f"\n  frontier {m.get('frontier', '?')}, epoch {m.get('epoch', '?')}, "
+        f"{m.get('final_ops', '?')} of {m.get('ops', '?')} ops final, "
+        f"{m.get('final_fills', '?')} of {m.get('fills', '?')} fills final",
+        style="dim",
+    )
+    lines = [head]
+    witnesses: list[Json] = list(m.get("witnesses") or [])
+    stalled_on = set(m.get("stalled_on") or [])
+    current = sum(1 for w in witnesses if w.get("current", True))
+    lines.append(Text(f"  witnesses ({current} in force):", style="bold"))
+    for w in witnesses:
+        # The key alone on its line (4 + 64 columns), so it is never cut or wrapped.
+        lines.append(Text("    " + str(w.get("key")), no_wrap=True, overflow="ignore"))
+        line = Text("      ")
+        tags = []
+        if w.get("me"):
+            tags.append(("this node", "bold"))
+        if not w.get("current", True):
+            tags.append(("removed", "dim"))
+        if w.get("forked"):
+            tags.append(("forked: it signed two ops at one sequence number", "bold red"))
+        silent = w.get("silent_s")
+        if w.get("key") in stalled_on:
+            for_how_long = "" if silent is None else f" for {_seconds(float(silent))}"
+            tags.append((f"STALLED: silent{for_how_long} while finality waits for it", "bold red"))
+        for tag, tag_style in tags:
+            line.append(tag, style=tag_style)
+            line.append("; ")
+        lamport = int(w.get("heartbeat_lamport") or 0)
+        if lamport:
+            seen = (
+                "not seen since this node started"
+                if silent is None
+                else f"last new one {_seconds(float(silent))} ago"
+            )
+            beat = f"heartbeat at lamport {lamport} (seq {w.get('heartbeat_seq')}), {seen}"
+        else:
+            beat = "no heartbeat yet"
+        line.append(beat, style="dim")
+        lines.append(line)
+    if stalled_on:
+        silent_for: dict[str, float] = {
+            str(w.get("key")): float(w["silent_s"])
+            for w in witnesses
+            if w.get("silent_s") is not None
+        }
+        who = ", ".join(
+            short(k) + (f" (silent {_seconds(silent_for[k])})" if k in silent_for else "")
+            for k in sorted(stalled_on)
+        )
+        lines.append(
+            Text(
+                f"  finality on {name} is stalled on {who}: if a witness is gone for good, a "
+                "majority of the witnesses can remove it (crdtbook reconfig approve, then "
+                "crdtbook reconfig submit)",
+                style="yellow",
+            )
+        )
+    return lines

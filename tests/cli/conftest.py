@@ -31,7 +31,12 @@ B = "b2" * 32
 C = "c3" * 32
 ME = "e5" * 32
 OTHER = "f6" * 32
+THIRD = "0a" * 32
 DIGEST = "d4" * 32
+SIGNATURE = "5e" * 64
+#: The DEMO market the canned answers follow: witnessed by this node and two others.
+WITNESSES = sorted([ME, OTHER, THIRD])
+DEMO_SPEC = "DEMO:1:1:" + ",".join(WITNESSES)
 
 
 def order(**over: Any) -> Json:
@@ -55,6 +60,7 @@ def order(**over: Any) -> Json:
         "tag": None,
         "mine": True,
         "lamport": 7,
+        "final": False,
     }
     o.update(over)
     return o
@@ -74,12 +80,13 @@ def fill(index: int = 0, **over: Any) -> Json:
         "quantity_lots": 5,
         "taker_author": ME,
         "maker_author": OTHER,
+        "final": False,
     }
     f.update(over)
     return f
 
 
-def level(price: int, qty: int, orders: int = 1) -> Json:
+def level(price: int, qty: int, orders: int = 1, final: bool = True) -> Json:
     """A book Level."""
     return {
         "price": str(price),
@@ -87,19 +94,38 @@ def level(price: int, qty: int, orders: int = 1) -> Json:
         "quantity": str(qty),
         "quantity_lots": qty,
         "orders": orders,
+        "final": final,
     }
 
 
 BOOK: Json = {
     "market": "DEMO",
-    "bids": [level(95, 2), level(94, 4, 2)],
+    "bids": [level(95, 2, final=False), level(94, 4, 2)],
     "asks": [level(105, 2), level(106, 3)],
     "best_bid": "95",
     "best_ask": "105",
     "spread": "10",
     "mid": "100",
     "digest": DIGEST,
+    "witnessed": True,
+    "frontier": 41,
 }
+
+
+def witness(key: str, **over: Any) -> Json:
+    """One witness of a MarketStatus."""
+    w: Json = {
+        "key": key,
+        "me": key == ME,
+        "current": True,
+        "forked": False,
+        "heartbeat_lamport": 41,
+        "heartbeat_seq": 3,
+        "silent_s": 0.4,
+    }
+    w.update(over)
+    return w
+
 
 STATUS: Json = {
     "peer_id": "12D3KooWFakePeerOne",
@@ -118,8 +144,21 @@ STATUS: Json = {
             "last_sync": None,
             "orders": 6,
             "fills": 2,
+            "witnessed": True,
+            "frontier": 41,
+            "final_ops": 7,
+            "final_fills": 1,
+            "epoch": 0,
+            "finality": "stalled",
+            "stalled_on": [THIRD],
+            "witnesses": [
+                witness(THIRD, heartbeat_lamport=12, heartbeat_seq=1, silent_s=75.0),
+                witness(ME),
+                witness(OTHER, heartbeat_lamport=40, heartbeat_seq=2, silent_s=1.2),
+            ],
         }
     ],
+    "author": ME,
     "version": "0.1.0",
     "uptime": 65.0,
     "pid": 4242,
@@ -131,19 +170,36 @@ def default_answers() -> dict[str, Any]:
     return copy.deepcopy(
         {
             "status": STATUS,
-            "markets": [{"name": "DEMO", "id": "9a" * 32, "tick": "1", "lot": "1"}],
-            "submit": {"order": order(), "fills": [fill()]},
+            "markets": [{"name": "DEMO", "id": demo_market_id(), "tick": "1", "lot": "1"}],
+            "submit": {"order": order(), "fills": [fill()], "final": False},
             "cancel": {
                 "order": order(status="cancelled", reason="cancelled", filled="0", remaining="5"),
                 "cancel_id": C,
                 "effective": True,
             },
             "book": BOOK,
-            "fills": {"market": "DEMO", "fills": [fill(0), fill(1, taker_side="sell")]},
-            "orders": {"market": "DEMO", "orders": [order(), order(id=B, status="open")]},
+            "fills": {
+                "market": "DEMO",
+                "fills": [fill(0, final=True), fill(1, taker_side="sell")],
+                "witnessed": True,
+                "final_count": 1,
+            },
+            "orders": {
+                "market": "DEMO",
+                "orders": [order(final=True), order(id=B, status="open")],
+            },
             "order": order(),
+            "approve_reconfig": {"witness": ME, "signature": SIGNATURE, "epoch": 1},
+            "reconfigure": {"op": C, "epoch": 1},
         }
     )
+
+
+def demo_market_id() -> str:
+    """The id of the canned DEMO market (witnessed by WITNESSES), as the core computes it."""
+    from crdtbook import Market
+
+    return Market.parse(DEMO_SPEC).id.hex()
 
 
 class FakeControlError(Exception):
@@ -166,6 +222,7 @@ class FakeNode:
     answers: dict[str, Any] = field(default_factory=default_answers)
     calls: list[tuple[str, Json]] = field(default_factory=list)
     homes: list[Path] = field(default_factory=list)
+    timeouts: list[float | None] = field(default_factory=list)
     events: list[Json] = field(default_factory=list)
     watch_error: BaseException | None = None
     running: bool = True
@@ -181,10 +238,12 @@ class FakeNode:
 class FakeClient:
     """Same surface as ``ControlClient``: ``call`` and ``watch``."""
 
-    def __init__(self, node: FakeNode, home: Path) -> None:
+    def __init__(self, node: FakeNode, home: Path, timeout: float | None = None) -> None:
         self.node = node
         self.home = home
+        self.timeout = timeout
         node.homes.append(home)
+        node.timeouts.append(timeout)
 
     def _check(self) -> None:
         if not self.node.running:
@@ -222,7 +281,7 @@ def fake_node(monkeypatch: pytest.MonkeyPatch) -> FakeNode:
 
     node = FakeNode()
     api = SimpleNamespace(
-        ControlClient=lambda home: FakeClient(node, Path(home)),
+        ControlClient=lambda home, timeout=None: FakeClient(node, Path(home), timeout),
         NodeNotRunning=FakeNodeNotRunning,
         ControlError=FakeControlError,
         resolve_home=lambda home: Path(home) if home is not None else Path("/fake/default-home"),
@@ -323,11 +382,18 @@ def samples() -> SimpleNamespace:
         order=order,
         fill=fill,
         level=level,
+        witness=witness,
         BOOK=BOOK,
         STATUS=STATUS,
         A=A,
         B=B,
         C=C,
+        ME=ME,
+        OTHER=OTHER,
+        THIRD=THIRD,
+        WITNESSES=WITNESSES,
+        DEMO_SPEC=DEMO_SPEC,
+        SIGNATURE=SIGNATURE,
         DIGEST=DIGEST,
         ControlError=FakeControlError,
         NodeNotRunning=FakeNodeNotRunning,

@@ -308,6 +308,7 @@ def test_id(fake_node: Any, samples: Any) -> None:
     assert "12D3KooWFakePeerOne" in res.stdout
     assert json.loads(run("id", "--json").stdout) == {
         "peer_id": samples.STATUS["peer_id"],
+        "public_key": samples.ME,
         "addrs": samples.STATUS["addrs"],
     }
 
