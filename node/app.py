@@ -26,6 +26,7 @@ import trio
 from crdtbook import Identity, Market
 
 from .control import serve_control
+from .finality import HEARTBEAT_INTERVAL
 from .handler import ControlAdapter
 from .service import BAN_SECONDS, FLUSH_DELAY, PUBLISH_INTERVAL, MarketState, NodeService
 from .store import OpStore, StoreError
@@ -63,7 +64,10 @@ class NodeConfig:
     verbose: int = 0
     announce_interval: float = 60.0
     sync_interval: float = SYNC_INTERVAL
-    heartbeat_interval: float = 1.0
+    #: A witness heartbeats this long after it has something to acknowledge (node.finality).
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+    #: GossipSub's own heartbeat (mesh upkeep), unrelated to witness heartbeats.
+    gossip_heartbeat_interval: float = 1.0
     #: Ops per gossip message and how long the first waits (bench baselines set 1 and 0).
     gossip_batch: int = MAX_BATCH_OPS
     flush_delay: float = FLUSH_DELAY
@@ -180,13 +184,14 @@ async def _main(config: NodeConfig) -> int:
         flush_delay=config.flush_delay,
         publish_interval=config.publish_interval,
         fsync=config.fsync,
+        heartbeat_interval=config.heartbeat_interval,
     )
     started = time.monotonic()
     loaded = service.load_from_store()
     load_seconds = time.monotonic() - started
     try:
         net_config = NetworkConfig(
-            heartbeat_interval=config.heartbeat_interval,
+            heartbeat_interval=config.gossip_heartbeat_interval,
             degree=config.gossip_degree,
             degree_low=max(1, config.gossip_degree * 2 // 3),
             degree_high=config.gossip_degree * 2,
@@ -230,6 +235,9 @@ class _Node:
                     service.flush_loop, ms, net.publish, lambda t: len(net.gossip_peers(t))
                 )
                 nursery.start_soon(service.apply_loop, ms)
+                if ms.market.witnessed:
+                    nursery.start_soon(service.heartbeat_loop, ms)
+                    nursery.start_soon(service.finality_loop, ms)
             adapter = ControlAdapter(service, self.status, self.block)
             control = await nursery.start(serve_control, home, adapter)
             nursery.start_soon(self._peer_events)
@@ -238,6 +246,7 @@ class _Node:
             nursery.start_soon(self._summary_loop)
 
             addrs = net.addrs()
+            identity_key = service.identity.public_key
             _say(f"crdtbook node {net.peer_id}{' (new identity)' if created else ''}")
             for addr in addrs:
                 _say(f"  listening on {addr}")
@@ -248,6 +257,10 @@ class _Node:
                     f"from the store ({load_seconds:.2f} s"
                     + (f", checkpoint of {covered} ops)" if covered else ")")
                 )
+                if ms.market.witnessed:
+                    keys = ms.replica.witnesses()
+                    role = "this node is one" if identity_key in keys else "this node is not one"
+                    _say(f"  {ms.market.name}: {len(keys)} witness(es) in force; {role}")
             _say(f"  control socket {control}")
             _write_info(home, net.peer_id, addrs, service)
             _say("ready")

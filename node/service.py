@@ -32,6 +32,7 @@ import trio
 
 from crdtbook import Identity, InvalidOp, Market, Op, Replica, decode, op_id
 
+from .finality import HEARTBEAT_INTERVAL, FinalityTracker
 from .store import OpStore
 from .wire import MAX_BATCH_OPS, WireError, decode_batch, encode_batch
 
@@ -61,6 +62,8 @@ PUBLISH_INTERVAL: Final = -1.0
 THREAD_VERIFY_MIN: Final = 32
 #: Worker threads one big batch is verified on (one per core is all that helps).
 VERIFY_THREADS: Final = max(1, min(4, os.cpu_count() or 1))
+#: Least time between two finality evaluations of a market (they follow changes).
+FINALITY_CHECK_INTERVAL: Final = 0.05
 #: Applied ops between two GC freezes (see NodeService.note_applied).
 GC_FREEZE_EVERY: Final = 50_000
 #: A peer whose gossip is refused this many times within BAN_WINDOW is disconnected for
@@ -102,7 +105,14 @@ class MarketState:
     apply_queue: list[Op] = field(default_factory=list)
     queued: set[bytes] = field(default_factory=set)
     apply_ready: trio.Event = field(default_factory=trio.Event)
+    #: Set (and replaced) whenever ops are applied: what heartbeats and finality waits wake on.
+    changed: trio.Event = field(default_factory=trio.Event)
+    finality: FinalityTracker = field(init=False)
     _digest: tuple[int, bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.finality = FinalityTracker(self.market.name)
+        self.finality.prime(self.replica)
 
     def digest(self) -> bytes:
         """The replica's digest, cached per state version (it hashes the whole state)."""
@@ -241,8 +251,10 @@ class NodeService:
         flush_delay: float = FLUSH_DELAY,
         publish_interval: float = PUBLISH_INTERVAL,
         fsync: bool = False,
+        heartbeat_interval: float = HEARTBEAT_INTERVAL,
     ) -> None:
         self.identity = identity
+        self.heartbeat_interval = heartbeat_interval
         self.publish_interval = publish_interval
         self.gossip_batch = max(1, min(gossip_batch, MAX_BATCH_OPS))
         self.flush_delay = flush_delay
@@ -297,6 +309,7 @@ class NodeService:
             seconds = time.monotonic() - started
             ms.replica = replica
             ms._digest = None  # cached for the replica it replaces
+            ms.finality.prime(replica)
             for _, exc in replica.restore_skipped[:10]:
                 logger.warning("skipping a stored op that does not apply: %s", exc)
             if len(replica.restore_skipped) > 10:
@@ -479,6 +492,76 @@ class NodeService:
         await self._publish_own(ms, op)
         return op
 
+    async def heartbeat(self, ms: MarketState) -> Op:
+        """Sign a heartbeat acknowledging everything the replica holds (this node must be a
+        witness in force: else ``BadWitness``), and send it like any own op."""
+        op = ms.replica.heartbeat(self.identity)
+        await self._publish_own(ms, op)
+        return op
+
+    def approve_reconfig(self, ms: MarketState, witnesses: list[bytes]) -> bytes:
+        """This witness's signature approving ``witnesses`` as the next epoch's set."""
+        return ms.replica.approve_reconfig(self.identity, witnesses)
+
+    async def reconfigure(
+        self, ms: MarketState, witnesses: list[bytes], approvals: dict[bytes, bytes]
+    ) -> Op:
+        """Sign and send a reconfiguration (with a majority's ``approvals``)."""
+        op = ms.replica.reconfigure(self.identity, witnesses, approvals)
+        await self._publish_own(ms, op)
+        return op
+
+    async def wait_final(self, ms: MarketState, op_id: bytes) -> None:
+        """Return once the op is final (wrap in a cancel scope: it may never be)."""
+        while not ms.replica.is_final(op_id):
+            await ms.changed.wait()
+
+    async def heartbeat_loop(self, ms: MarketState) -> None:
+        """While this node is a witness of the market in force: whenever there is something to
+        acknowledge, wait ``heartbeat_interval`` (ops arriving meanwhile share the heartbeat),
+        then heartbeat. Woken by applied ops only, so an idle market costs nothing. A failure is
+        logged and retried after an interval; it never stops the node or its trading."""
+        me = self.identity.public_key
+        witness: bool | None = None
+        while not self.closing:
+            changed = ms.changed
+            now_witness = me in ms.replica.witnesses()
+            if now_witness != witness:
+                if now_witness:
+                    logger.info("%s: this node is a witness; heartbeating", ms.market.name)
+                elif witness:
+                    logger.info(
+                        "%s: this node is no longer a witness (epoch %d); heartbeats stop",
+                        ms.market.name,
+                        ms.replica.epoch,
+                    )
+                witness = now_witness
+            if not (now_witness and ms.replica.needs_heartbeat(me)):
+                await changed.wait()
+                continue
+            await trio.sleep(self.heartbeat_interval)
+            replica = ms.replica
+            if self.closing or me not in replica.witnesses() or not replica.needs_heartbeat(me):
+                continue
+            try:
+                await self.heartbeat(ms)
+            except Exception:  # never fatal: finality waits, trading goes on
+                logger.exception("%s: heartbeat failed; retrying", ms.market.name)
+                await trio.sleep(self.heartbeat_interval)
+
+    async def finality_loop(self, ms: MarketState) -> None:
+        """Re-evaluate a witnessed market's finality after changes and when a stall is due, so
+        the log says when it stalls or resumes and when a witness equivocates."""
+        me = self.identity.public_key
+        while True:
+            changed = ms.changed
+            now = trio.current_time()
+            view = ms.finality.evaluate(ms.replica, me, now)
+            deadline = float("inf") if view.next_stall is None else view.next_stall + 0.01
+            with trio.move_on_at(deadline):
+                await changed.wait()
+            await trio.sleep(FINALITY_CHECK_INTERVAL)  # coalesce a burst of changes
+
     async def _publish_own(self, ms: MarketState, op: Op) -> None:
         raw = op.raw
         await self._writer.write([(op.id, op.market_id, op.lamport, raw)])
@@ -521,6 +604,10 @@ class NodeService:
     # -- watchers ----------------------------------------------------------------------------
 
     def notify(self, ms: MarketState, applied: list[Op]) -> None:
+        if ms.replica.witnessed:
+            ms.finality.observe(ms.replica, trio.current_time())
+        ms.changed.set()
+        ms.changed = trio.Event()
         for watcher in list(ms.watchers):
             room = MAX_WATCH_IDS - len(watcher.ids)
             watcher.ids.extend(op.id for op in applied[:room])
