@@ -11,6 +11,7 @@ from typing import Final
 
 __all__ = [
     "AMBIGUOUS",
+    "BAD_APPROVAL",
     "BAD_REQUEST",
     "CONTROL_SOCKET_NAME",
     "ERROR_CODES",
@@ -19,8 +20,12 @@ __all__ = [
     "MAX_REQUEST_LINE_BYTES",
     "NOT_FOUND",
     "NOT_OWNER",
+    "NOT_WITNESS",
+    "NOT_WITNESSED",
+    "NO_MAJORITY",
     "OFF_LOT",
     "OFF_TICK",
+    "TIMEOUT",
     "UNKNOWN_MARKET",
     "UNKNOWN_METHOD",
     "ControlError",
@@ -43,6 +48,11 @@ NOT_FOUND: Final = "not_found"  # no order matches the id
 AMBIGUOUS: Final = "ambiguous"  # an id prefix matches several orders
 NOT_OWNER: Final = "not_owner"  # cancelling an order this node's key did not sign
 INVALID_OP: Final = "invalid_op"
+TIMEOUT: Final = "timeout"  # submit with wait_final: the order is not final within the timeout
+NOT_WITNESSED: Final = "not_witnessed"  # finality asked of a market without witnesses
+NOT_WITNESS: Final = "not_witness"  # a witness's act by a key that is not a witness in force
+NO_MAJORITY: Final = "no_majority"  # a reconfiguration without approvals from a majority
+BAD_APPROVAL: Final = "bad_approval"  # an approval signature that does not verify for the set
 INTERNAL: Final = "internal"  # a bug in the node; details are in the node's log
 
 ERROR_CODES: Final = frozenset(
@@ -56,6 +66,11 @@ ERROR_CODES: Final = frozenset(
         AMBIGUOUS,
         NOT_OWNER,
         INVALID_OP,
+        TIMEOUT,
+        NOT_WITNESSED,
+        NOT_WITNESS,
+        NO_MAJORITY,
+        BAD_APPROVAL,
         INTERNAL,
     }
 )

@@ -2,26 +2,46 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Final
 
-from crdtbook import BadCancel, Fill, InvalidOp, OffLot, OffTick, OrderState, __version__
+import trio
+
+from crdtbook import (
+    BadCancel,
+    BadWitness,
+    Book,
+    Fill,
+    InvalidOp,
+    Level,
+    OffLot,
+    OffTick,
+    OrderState,
+    __version__,
+)
 
 from .control import optional_param, require_param
 from .control_errors import (
     AMBIGUOUS,
+    BAD_APPROVAL,
     BAD_REQUEST,
     INVALID_OP,
+    NO_MAJORITY,
     NOT_FOUND,
     NOT_OWNER,
+    NOT_WITNESS,
+    NOT_WITNESSED,
     OFF_LOT,
     OFF_TICK,
+    TIMEOUT,
     UNKNOWN_MARKET,
     UNKNOWN_METHOD,
     ControlError,
 )
+from .finality import STALL_SECONDS, FinalityView
 from .service import MarketState, NodeService
 
 __all__ = ["ControlAdapter"]
@@ -30,6 +50,14 @@ _TIFS = ("gtc", "ioc", "fok", "post_only")
 #: At most ~20 watch events a second per client: changes in between are coalesced into one
 #: event (with all their op ids), so a busy market does not hash its state on every op.
 WATCH_MIN_INTERVAL = 0.05
+#: ``submit`` with ``wait_final``: how long to wait by default, and at most.
+FINAL_TIMEOUT: Final = 30.0
+FINAL_TIMEOUT_MAX: Final = 3600.0
+#: A watch stream remembers at most this many of the provisional fills it sent (the newest), to
+#: report those that a reordering revoked.
+WATCH_PROVISIONAL_MAX: Final = 1000
+#: Said wherever finality is shown for a market without witnesses.
+NEVER_FINAL: Final = "never final: no witnesses"
 
 
 def order_json(ms: MarketState, order: OrderState, me: bytes) -> dict[str, Any]:
@@ -53,10 +81,11 @@ def order_json(ms: MarketState, order: OrderState, me: bytes) -> dict[str, Any]:
         "tag": order.tag,
         "mine": order.author == me,
         "lamport": order.lamport,
+        "final": order.final,
     }
 
 
-def fill_json(ms: MarketState, index: int, fill: Fill) -> dict[str, Any]:
+def fill_json(ms: MarketState, index: int, fill: Fill, final: bool = False) -> dict[str, Any]:
     m = ms.market
     return {
         "index": index,
@@ -70,7 +99,28 @@ def fill_json(ms: MarketState, index: int, fill: Fill) -> dict[str, Any]:
         "quantity_lots": fill.quantity,
         "taker_author": fill.taker_author.hex(),
         "maker_author": fill.maker_author.hex(),
+        "final": final,
     }
+
+
+def _hex_key(text: Any, what: str) -> bytes:
+    """A 32-byte key (or a signature, ``size`` 64) from hex, else ``bad_request``."""
+    return _hex_bytes(text, what, 32)
+
+
+def _hex_bytes(text: Any, what: str, size: int) -> bytes:
+    if not isinstance(text, str):
+        raise ControlError(BAD_REQUEST, f"{what} must be a hex string, not {text!r:.60}")
+    try:
+        value = bytes.fromhex(text.strip())
+    except ValueError:
+        raise ControlError(BAD_REQUEST, f"{what} {text!r:.80} is not hex") from None
+    if len(value) != size:
+        raise ControlError(
+            BAD_REQUEST,
+            f"{what} must be {size} bytes ({2 * size} hex digits), not {len(value)} bytes",
+        )
+    return value
 
 
 class ControlAdapter:
@@ -95,6 +145,9 @@ class ControlAdapter:
             "order": self._order,
             "orders": self._orders,
             "block": self._block,
+            "id": self._id,
+            "approve_reconfig": self._approve_reconfig,
+            "reconfigure": self._reconfigure,
         }
 
     async def call(self, method: str, params: dict[str, Any]) -> Any:
@@ -150,6 +203,30 @@ class ControlAdapter:
             )
         return matches[0]
 
+    def _witnessed_market(self, params: dict[str, Any]) -> MarketState:
+        ms = self._market(params)
+        if not ms.market.witnessed:
+            raise ControlError(
+                NOT_WITNESSED,
+                f"{ms.market.name} has no witnesses ({NEVER_FINAL}); only a market defined "
+                "with witnesses (NAME:TICK:LOT:KEY,...) has a witness set to change",
+            )
+        return ms
+
+    def _finality(self, ms: MarketState) -> FinalityView:
+        return ms.finality.evaluate(
+            ms.replica, self.service.identity.public_key, trio.current_time()
+        )
+
+    def _witness_keys(self, params: dict[str, Any]) -> list[bytes]:
+        keys = require_param(params, "witnesses", list)
+        if not keys:
+            raise ControlError(BAD_REQUEST, "witnesses must name at least one key")
+        out = [_hex_key(k, "witness key") for k in keys]
+        if len(set(out)) != len(out):
+            raise ControlError(BAD_REQUEST, "witnesses names a key twice")
+        return out
+
     # -- methods -----------------------------------------------------------------------------
 
     def _status(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -163,6 +240,7 @@ class ControlAdapter:
             "markets": [
                 self._market_status(ms, with_digest) for ms in self.service.markets.values()
             ],
+            "public_key": self.service.identity.public_key.hex(),
             "version": __version__,
             "uptime": time.time() - self.service.started,
             "pid": os.getpid(),
@@ -184,6 +262,32 @@ class ControlAdapter:
             "orders": r.order_count,
             "fills": r.fill_count,
             "refused": ms.refused,
+            **self._finality_status(ms),
+        }
+
+    def _finality_status(self, ms: MarketState) -> dict[str, Any]:
+        r = ms.replica
+        view = self._finality(ms)
+        return {
+            "witnessed": r.witnessed,
+            "frontier": r.frontier,
+            "final_ops": r.final_count,
+            "final_fills": r.final_fill_count(),
+            "epoch": r.epoch,
+            "finality": view.state,
+            "stalled_on": [key.hex() for key in view.stalled_on],
+            "witnesses": [
+                {
+                    "key": w.key.hex(),
+                    "me": w.me,
+                    "current": w.current,
+                    "forked": w.forked,
+                    "heartbeat_lamport": w.heartbeat_lamport,
+                    "heartbeat_seq": w.heartbeat_seq,
+                    "silent_s": None if w.silent_s is None else round(w.silent_s, 3),
+                }
+                for w in view.witnesses
+            ],
         }
 
     def _markets(self, params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -204,6 +308,16 @@ class ControlAdapter:
         if tif not in _TIFS:
             raise ControlError(BAD_REQUEST, f"tif must be one of {', '.join(_TIFS)}, not {tif!r}")
         tag = optional_param(params, "tag", str, None)
+        wait_final = optional_param(params, "wait_final", bool, False)
+        timeout = optional_param(params, "timeout", float, FINAL_TIMEOUT)
+        if not (math.isfinite(timeout) and 0 < timeout <= FINAL_TIMEOUT_MAX):
+            raise ControlError(BAD_REQUEST, f"timeout must be in (0, {FINAL_TIMEOUT_MAX:.0f}] s")
+        if wait_final and not ms.market.witnessed:
+            raise ControlError(
+                NOT_WITNESSED,
+                f"{ms.market.name} has no witnesses, so its orders are {NEVER_FINAL}; "
+                "submit without wait_final",
+            )
         price_text = str(require_param(params, "price", str))
         qty_text = str(require_param(params, "quantity", str))
         try:
@@ -219,15 +333,47 @@ class ControlAdapter:
             op = await self.service.submit(ms, side, price, quantity, tif, tag)
         except (InvalidOp, ValueError) as exc:
             raise ControlError(INVALID_OP, str(exc)) from None
+        if wait_final:
+            with trio.move_on_after(timeout):
+                await self.service.wait_final(ms, op.id)
+            if not ms.replica.is_final(op.id):
+                raise ControlError(TIMEOUT, self._not_final_message(ms, op.id, timeout))
+            taken = _fills_of(ms, op.id)
+        else:
+            start = min(before, ms.replica.fill_count)
+            taken = [
+                (start + i, f) for i, f in enumerate(ms.replica.fills(start)) if f.taker == op.id
+            ]
         order = ms.replica.order(op.id)
         assert order is not None
         me = self.service.identity.public_key
-        fills = [
-            fill_json(ms, before + i, f)
-            for i, f in enumerate(ms.replica.fills(before))
-            if f.taker == op.id
-        ]
-        return {"order": order_json(ms, order, me), "fills": fills}
+        final_fills = ms.replica.final_fill_count()
+        return {
+            "order": order_json(ms, order, me),
+            "fills": [fill_json(ms, i, f, i < final_fills) for i, f in taken],
+            "final": ms.replica.is_final(op.id),
+        }
+
+    def _not_final_message(self, ms: MarketState, op_id: bytes, timeout: float) -> str:
+        view = self._finality(ms)
+        now = trio.current_time()
+        waits = []
+        for key in view.waiting_on:
+            silent = ms.finality.silent_for(key, now)
+            heard = "never heard" if silent is None else f"last heard {silent:.1f} s ago"
+            me = " (this node)" if key == self.service.identity.public_key else ""
+            waits.append(f"{key.hex()[:16]}{me} {heard}")
+        waiting = "; ".join(waits) or "no witness (a reconfiguration may be under way)"
+        stalled = (
+            f"; finality is stalled (a witness silent for over {STALL_SECONDS:.0f} s stalls it "
+            "until it returns or a majority of witnesses removes it)"
+            if view.stalled_on
+            else ""
+        )
+        return (
+            f"order {op_id.hex()} was submitted and stands, but is not final after "
+            f"{timeout:g} s: finality waits for heartbeats from {waiting}{stalled}"
+        )
 
     async def _cancel(self, params: dict[str, Any]) -> dict[str, Any]:
         ms, order = self._resolve_order(params)
@@ -255,8 +401,9 @@ class ControlAdapter:
             raise ControlError(BAD_REQUEST, "depth must be at least 1")
         book = ms.replica.book(depth)
         m = ms.market
+        final_bids, final_asks = _final_levels(ms, book, depth)
 
-        def levels(side: tuple[Any, ...]) -> list[dict[str, Any]]:
+        def levels(side: tuple[Level, ...], final: dict[int, int]) -> list[dict[str, Any]]:
             return [
                 {
                     "price": m.ticks_to_price(lv.price),
@@ -264,6 +411,7 @@ class ControlAdapter:
                     "quantity": m.lots_to_qty(lv.quantity),
                     "quantity_lots": lv.quantity,
                     "orders": len(lv.orders),
+                    "final": final.get(lv.price) == lv.quantity,
                 }
                 for lv in side
             ]
@@ -272,13 +420,15 @@ class ControlAdapter:
         both = bid is not None and ask is not None
         return {
             "market": m.name,
-            "bids": levels(book.bids),
-            "asks": levels(book.asks),
+            "bids": levels(book.bids, final_bids),
+            "asks": levels(book.asks, final_asks),
             "best_bid": None if bid is None else m.ticks_to_price(bid),
             "best_ask": None if ask is None else m.ticks_to_price(ask),
             "spread": m.ticks_to_price(ask - bid) if both else None,  # type: ignore[operator]
             "mid": _mid(m.ticks_to_price(bid), m.ticks_to_price(ask)) if both else None,  # type: ignore[arg-type]
             "digest": ms.digest().hex(),
+            "witnessed": ms.replica.witnessed,
+            "frontier": ms.replica.frontier,
         }
 
     def _fills(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -286,9 +436,19 @@ class ControlAdapter:
         limit = optional_param(params, "limit", int, 100)
         if limit < 1:
             raise ControlError(BAD_REQUEST, "limit must be at least 1")
-        start = max(0, ms.replica.fill_count - limit)
-        fills = [fill_json(ms, start + i, f) for i, f in enumerate(ms.replica.fills(start))]
-        return {"market": ms.market.name, "fills": fills}
+        replica = ms.replica
+        start = max(0, replica.fill_count - limit)
+        final = replica.final_fill_count()
+        fills = [
+            fill_json(ms, start + i, f, start + i < final)
+            for i, f in enumerate(replica.fills(start))
+        ]
+        return {
+            "market": ms.market.name,
+            "fills": fills,
+            "witnessed": replica.witnessed,
+            "final_count": final,
+        }
 
     def _order(self, params: dict[str, Any]) -> dict[str, Any]:
         ms, order = self._resolve_order(params)
@@ -311,27 +471,204 @@ class ControlAdapter:
             raise ControlError(BAD_REQUEST, "this node cannot block peers")
         return {"blocked": self._block_fn(peer, seconds), "seconds": seconds}
 
+    def _id(self, params: dict[str, Any]) -> dict[str, Any]:
+        net = self._network_status()
+        return {
+            "peer_id": net.get("peer_id"),
+            "addrs": net.get("addrs", []),
+            "public_key": self.service.identity.public_key.hex(),
+        }
+
+    def _approve_reconfig(self, params: dict[str, Any]) -> dict[str, Any]:
+        """This node's approval, as a witness in force, of a new witness set."""
+        ms = self._witnessed_market(params)
+        witnesses = self._witness_keys(params)
+        me = self.service.identity.public_key
+        current = ms.replica.witnesses()
+        if me not in current:
+            raise ControlError(
+                NOT_WITNESS,
+                f"this node's key {me.hex()[:16]} is not a witness of {ms.market.name} in force "
+                f"(epoch {ms.replica.epoch}): only a witness in force can approve",
+            )
+        try:
+            signature = self.service.approve_reconfig(ms, witnesses)
+        except (BadWitness, ValueError) as exc:
+            raise ControlError(BAD_REQUEST, f"cannot approve this witness set: {exc}") from None
+        return {"witness": me.hex(), "signature": signature.hex(), "epoch": ms.replica.epoch + 1}
+
+    async def _reconfigure(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Sign a reconfiguration to ``witnesses`` with other witnesses' approvals."""
+        ms = self._witnessed_market(params)
+        witnesses = self._witness_keys(params)
+        raw = optional_param(params, "approvals", list, [])
+        me = self.service.identity.public_key
+        replica = ms.replica
+        current = replica.witnesses()
+        name, epoch = ms.market.name, replica.epoch
+        if me not in current:
+            raise ControlError(
+                NOT_WITNESS,
+                f"this node's key {me.hex()[:16]} is not a witness of {name} in force "
+                f"(epoch {epoch}): only a witness in force can sign a reconfiguration",
+            )
+        approvals: dict[bytes, bytes] = {}
+        for item in raw:
+            if not isinstance(item, dict):
+                raise ControlError(
+                    BAD_REQUEST, 'each approval must be {"witness": hex, "signature": hex}'
+                )
+            key = _hex_key(item.get("witness"), "approval witness")
+            approvals[key] = _hex_bytes(item.get("signature"), "approval signature", 64)
+        approvals.pop(me, None)  # this node's own signature is the op's
+        strangers = [key.hex()[:16] for key in approvals if key not in current]
+        if strangers:
+            raise ControlError(
+                NOT_WITNESS,
+                f"approval(s) from {', '.join(strangers)}: not witnesses of {name} in force "
+                f"(epoch {epoch}); only the {len(current)} witnesses in force can approve",
+            )
+        if 2 * (1 + len(approvals)) <= len(current):
+            need = len(current) // 2
+            raise ControlError(
+                NO_MAJORITY,
+                f"a reconfiguration of {name} needs a majority of its {len(current)} witnesses: "
+                f"this node's signature and {need} approval(s), not {len(approvals)}; get them "
+                "with approve_reconfig at other witnesses' nodes",
+            )
+        try:
+            op = await self.service.reconfigure(ms, witnesses, approvals)
+        except BadWitness as exc:  # before ValueError: it is one
+            raise ControlError(
+                BAD_APPROVAL,
+                f"{exc} (an approval is for one exact witness set at epoch {epoch + 1}: ask again "
+                "with the same list)",
+            ) from None
+        except InvalidOp as exc:
+            raise ControlError(INVALID_OP, str(exc)) from None
+        except ValueError as exc:  # the set itself (e.g. more keys than a market may have)
+            raise ControlError(BAD_REQUEST, f"not a valid witness set: {exc}") from None
+        return {"op": op.id.hex(), "epoch": ms.replica.epoch}
+
     async def watch(self, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         ms = self._market(params)
         with_digest = optional_param(params, "digest", bool, True)
         interval = optional_param(params, "interval", float, WATCH_MIN_INTERVAL)
         interval = min(max(interval, 0.005), 10.0)
         yield {"watching": ms.market.name}
-        seen = ms.replica.fill_count
+        sent = WatchedFills(ms)
         async for applied, dropped in self.service.changes(ms, interval):
-            count = ms.replica.fill_count
-            start = min(seen, count)  # a late op may have rewound fills
-            fills = [fill_json(ms, start + i, f) for i, f in enumerate(ms.replica.fills(start))]
-            seen = count
+            fills, revoked, became_final = sent.update()
+            final = sent.final
             yield {
                 "event": "update",
                 "market": ms.market.name,
                 "ops": len(ms.replica),
                 "digest": ms.digest().hex() if with_digest else None,
-                "fills": fills,
+                "fills": [fill_json(ms, i, f, i < final) for i, f in fills],
+                "final_fill_count": final,
+                "revoked": [fill_json(ms, i, f) for i, f in revoked],
+                "became_final": became_final,
                 "applied": [ident.hex() for ident in applied],
                 "dropped": dropped,
             }
+
+
+class WatchedFills:
+    """The fills one watch stream has told its client about, to say what changed since.
+
+    Fills below the final count never change. The others (provisional) can: a late op, or in a
+    witnessed market a heartbeat batch, may reorder or remove them. The stream keeps the newest
+    ``WATCH_PROVISIONAL_MAX`` provisional fills it sent (or that existed when it began) and on
+    each update reports: the fills to (re)send, from the first new or changed index on; the
+    provisional fills that are no longer at their index (``revoked``); and the indexes the client
+    holds unchanged that became final (``became_final``)."""
+
+    def __init__(self, ms: MarketState) -> None:
+        self.ms = ms
+        replica = ms.replica
+        self.seen = replica.fill_count
+        self.final = replica.final_fill_count()
+        low = max(self.final, self.seen - WATCH_PROVISIONAL_MAX)
+        self.provisional: dict[int, Fill] = {
+            low + i: fill for i, fill in enumerate(replica.fills(low))
+        }
+
+    def update(self) -> tuple[list[tuple[int, Fill]], list[tuple[int, Fill]], list[int]]:
+        """(fills to send, revoked fills, indexes that became final), as (index, fill) pairs."""
+        replica = self.ms.replica
+        count = replica.fill_count
+        final = min(count, max(self.final, replica.final_fill_count()))
+        known = self.provisional
+        low = min(self.seen, count, min(known, default=count))
+        current = replica.fills(low)
+        revoked = [
+            (i, fill) for i, fill in sorted(known.items()) if i >= count or current[i - low] != fill
+        ]
+        start = min(self.seen, count)
+        if revoked:
+            start = min(start, revoked[0][0])
+        fills = [(i, current[i - low]) for i in range(start, count)]
+        became_final = list(range(self.final, min(final, start)))
+        for i in [i for i in known if i < final or i >= count]:
+            del known[i]
+        for i, fill in fills:
+            if i >= final:
+                known[i] = fill
+        if len(known) > WATCH_PROVISIONAL_MAX:
+            for i in sorted(known)[: len(known) - WATCH_PROVISIONAL_MAX]:
+                del known[i]
+        self.seen, self.final = count, final
+        return fills, revoked, became_final
+
+
+def _final_levels(ms: MarketState, book: Book, depth: int) -> tuple[dict[int, int], dict[int, int]]:
+    """price -> size of the final book's levels, for every price ``book`` shows (bids, asks);
+    empty maps in a market without witnesses (nothing is final there)."""
+    replica = ms.replica
+    if not replica.witnessed or not replica.frontier:
+        return {}, {}
+    final = replica.final_book(depth)
+
+    def side(shown: tuple[Level, ...], kept: tuple[Level, ...], better: int) -> bool:
+        # Every shown price is decided by the final book's top levels unless it lies past the
+        # worst of them while they are a full ``depth`` (then that price may be further down).
+        if len(kept) < depth or not shown:
+            return True
+        worst = kept[-1].price
+        return all((lv.price - worst) * better >= 0 for lv in shown)
+
+    if not (side(book.bids, final.bids, 1) and side(book.asks, final.asks, -1)):
+        final = replica.final_book()
+    return (
+        {lv.price: lv.quantity for lv in final.bids},
+        {lv.price: lv.quantity for lv in final.asks},
+    )
+
+
+def _fills_of(ms: MarketState, op_id: bytes) -> list[tuple[int, Fill]]:
+    """(index, fill) of every fill the placed order ``op_id`` is in (as taker or maker), oldest
+    first. Fills follow the total order, which sorts by placement first, and an order's fills
+    all come at or after its own place: scan back from the newest fills, in growing chunks,
+    until the fills of earlier batches."""
+    replica = ms.replica
+    place = replica.placement(op_id)
+    assert place is not None, "only for a placed op"
+    found: list[tuple[int, Fill]] = []
+    high, step = replica.fill_count, 64
+    while high > 0:
+        low = max(0, high - step)
+        chunk = replica.fills(low)[: high - low]
+        for offset in range(len(chunk) - 1, -1, -1):
+            fill = chunk[offset]
+            if fill.taker == op_id or fill.maker == op_id:
+                found.append((low + offset, fill))
+                continue
+            taker_place = replica.placement(fill.taker)
+            if taker_place is not None and taker_place < place:
+                return found[::-1]
+        high, step = low, step * 2
+    return found[::-1]
 
 
 def _mid(bid: str, ask: str) -> str:
