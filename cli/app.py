@@ -345,6 +345,19 @@ def node(
             "only a crash of the node (slower: a few ms per commit instead of ~50 us).",
         ),
     ] = False,
+    heartbeat_interval: Annotated[
+        float | None,
+        typer.Option(
+            "--heartbeat-interval",
+            metavar="SECONDS",
+            min=0.0,
+            max=60.0,
+            help="In a market where this node is a witness: how long it waits, once there is "
+            "something to acknowledge, before it heartbeats (ops arriving meanwhile share the "
+            "heartbeat) [default: 0.25].",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run a node in the foreground until Ctrl-C (SIGINT) or SIGTERM.
 
@@ -371,6 +384,7 @@ def node(
         markets=specs,
         verbose=verbose,
         fsync=fsync,
+        **({} if heartbeat_interval is None else {"heartbeat_interval": heartbeat_interval}),
     )
     try:
         code = run_node(config)
