@@ -1,0 +1,556 @@
+"""Fill finality in the node, in process: witness heartbeats, finality in every control shape,
+``submit`` with ``wait_final``, watch diffs, stalls and reconfiguration (issue #8).
+
+Several ``NodeService``s share a gossip stand-in that hands each published message to the other
+nodes' gossip validators, so ops take the node's real paths (store first, batched publish, the
+validator, the apply task). Tests with stalls run on trio's autojump clock: STALL_SECONDS pass
+at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from crdtbook import Identity, Market, Replica
+from crdtbook.node.control_errors import (
+    BAD_APPROVAL,
+    BAD_REQUEST,
+    NO_MAJORITY,
+    NOT_WITNESS,
+    NOT_WITNESSED,
+    TIMEOUT,
+    UNKNOWN_MARKET,
+    ControlError,
+)
+from crdtbook.node.finality import STALL_SECONDS
+from crdtbook.node.handler import WATCH_PROVISIONAL_MAX, ControlAdapter, WatchedFills
+from crdtbook.node.service import MarketState, NodeService
+from crdtbook.node.store import OpStore
+
+pytestmark = pytest.mark.timeout(60)
+
+#: Short witness heartbeat interval: tests on the real clock stay fast.
+INTERVAL = 0.02
+
+
+class Node:
+    def __init__(self, service: NodeService, adapter: ControlAdapter) -> None:
+        self.service = service
+        self.adapter = adapter
+        self.up = True
+
+    @property
+    def key(self) -> bytes:
+        return self.service.identity.public_key
+
+    @property
+    def ms(self) -> MarketState:
+        return next(iter(self.service.markets.values()))
+
+    async def call(self, method: str, **params: Any) -> Any:
+        return await self.adapter.call(method, params)
+
+    def heartbeats(self, author: bytes | None = None) -> int:
+        author = self.key if author is None else author
+        return sum(
+            1 for op in self.ms.replica.ops() if op.kind == "heartbeat" and op.author == author
+        )
+
+
+class Net:
+    """Gossip stand-in: a node's publish reaches every other node that is up."""
+
+    def __init__(self, nursery: trio.Nursery, tmp: Path) -> None:
+        self.nursery = nursery
+        self.tmp = tmp
+        self.nodes: list[Node] = []
+        self.stores: list[OpStore] = []
+
+    def add(self, identity: Identity, market: Market, interval: float = INTERVAL) -> Node:
+        home = self.tmp / f"n{len(self.nodes)}"
+        home.mkdir()
+        store = OpStore.open(home, synchronous="NORMAL")
+        self.stores.append(store)
+        service = NodeService(
+            identity, store, [market], heartbeat_interval=interval, publish_interval=0.0
+        )
+        service.load_from_store()
+        adapter = ControlAdapter(
+            service, lambda: {"peer_id": f"peer-{identity.public_key.hex()[:8]}", "addrs": []}
+        )
+        node = Node(service, adapter)
+        self.nodes.append(node)
+        ms = node.ms
+
+        async def publish(topic: str, data: bytes) -> None:
+            if not node.up:
+                return
+            for other in self.nodes:
+                if other is not node and other.up:
+                    await other.service.validate_gossip(other.ms, data, "peer")
+
+        self.nursery.start_soon(service.flush_loop, ms, publish, lambda _t: 2)
+        self.nursery.start_soon(service.apply_loop, ms)
+        if market.witnessed:
+            self.nursery.start_soon(service.heartbeat_loop, ms)
+            self.nursery.start_soon(service.finality_loop, ms)
+        return node
+
+    async def sync(self, node: Node) -> None:
+        """What the sync protocol does when a node comes back: pull what it lacks (and push)."""
+        for other in self.nodes:
+            if other is node or not other.up:
+                continue
+            for a, b in ((other, node), (node, other)):
+                raws = [op.raw for op in a.ms.replica.ops() if op.id not in b.ms.replica]
+                prepared = await b.service.prepare(b.ms, raws)
+                await b.service.commit(b.ms, prepared, "sync")
+
+    def close(self) -> None:
+        for store in self.stores:
+            store.close()
+
+
+@asynccontextmanager
+async def network(tmp: Path) -> AsyncIterator[Net]:
+    async with trio.open_nursery() as nursery:
+        net = Net(nursery, tmp)
+        try:
+            yield net
+        finally:
+            nursery.cancel_scope.cancel()
+    net.close()
+
+
+def identities(n: int) -> list[Identity]:
+    return [Identity.from_seed(bytes([i + 1]) * 32) for i in range(n)]
+
+
+def witnessed(ids: list[Identity]) -> Market:
+    return Market("W", "1", "1", witnesses=[i.public_key for i in ids])
+
+
+async def until(predicate: Any, timeout: float = 10.0, step: float = 0.01) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(step)
+
+
+def settled(node: Node) -> bool:
+    """Every op but heartbeats final (status "final")."""
+    return (
+        node.ms.finality.evaluate(node.ms.replica, node.key, trio.current_time()).state == "final"
+    )
+
+
+def all_final(node: Node) -> bool:
+    r = node.ms.replica
+    return r.fill_count > 0 and r.final_fill_count() == r.fill_count
+
+
+@pytest.fixture
+def tmp(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+
+
+# -- heartbeats and finality everywhere ----------------------------------------------------------
+
+
+async def test_fills_become_final_on_every_node(tmp: Path) -> None:
+    ids = identities(3)
+    market = witnessed(ids)
+    async with network(tmp) as net:
+        nodes = [net.add(i, market) for i in ids]
+        await nodes[0].call("submit", side="sell", price="100", quantity="5")
+        await nodes[1].call("submit", side="buy", price="100", quantity="3")
+        await nodes[2].call("submit", side="buy", price="101", quantity="1")
+        await until(
+            lambda: all(n.ms.replica.fill_count == 2 and all_final(n) and settled(n) for n in nodes)
+        )
+        digests = {n.ms.digest() for n in nodes}
+        assert len(digests) == 1
+        for node in nodes:
+            fills = await node.call("fills")
+            assert fills["witnessed"] is True
+            assert fills["final_count"] == 2
+            assert [f["final"] for f in fills["fills"]] == [True, True]
+            status = (await node.call("status"))["markets"][0]
+            assert status["witnessed"] is True
+            assert status["finality"] == "final"
+            assert status["stalled_on"] == []
+            assert status["final_fills"] == 2
+            assert status["epoch"] == 0
+            assert status["frontier"] > 0
+            assert status["final_ops"] <= status["ops"]
+            keys = {w["key"]: w for w in status["witnesses"]}
+            assert set(keys) == {i.public_key.hex() for i in ids}
+            assert keys[node.key.hex()]["me"] is True
+            assert all(w["current"] and not w["forked"] for w in keys.values())
+            assert all(w["heartbeat_seq"] > 0 for w in keys.values())
+            assert all(w["silent_s"] is not None and w["silent_s"] >= 0 for w in keys.values())
+            # The buys filled completely: final. The sell rests (1 lot left): never final.
+            orders = {
+                o["side"] + o["price"]: o for o in (await node.call("orders", all=True))["orders"]
+            }
+            assert orders["buy100"]["final"] and orders["buy101"]["final"]
+            assert orders["sell100"]["status"] == "partially_filled"
+            assert orders["sell100"]["final"] is False
+            book = await node.call("book")
+            assert book["witnessed"] is True and book["frontier"] == status["frontier"]
+            assert [(lv["quantity"], lv["final"]) for lv in book["asks"]] == [("1", True)]
+
+
+async def test_idle_market_sends_no_heartbeats(tmp: Path, autojump_clock: trio.abc.Clock) -> None:
+    ids = identities(3)
+    market = witnessed(ids)
+    async with network(tmp) as net:
+        nodes = [net.add(i, market) for i in ids]
+        await trio.sleep(5)
+        assert all(len(n.ms.replica) == 0 for n in nodes)  # nothing to acknowledge, no heartbeat
+        await nodes[0].call("submit", side="sell", price="100", quantity="5")
+        await until(lambda: all(n.ms.replica.final_count > 0 for n in nodes))
+        await trio.sleep(1)
+        ops = len(nodes[0].ms.replica)
+        await trio.sleep(30)
+        assert len(nodes[0].ms.replica) == ops
+        # One order: each witness heartbeat once (the heartbeats need no acknowledging).
+        assert [n.heartbeats() for n in nodes] == [1, 1, 1]
+        assert (await nodes[0].call("status"))["markets"][0]["finality"] == "final"
+
+
+async def test_non_witness_follows_but_never_heartbeats(tmp: Path) -> None:
+    ids = identities(4)
+    market = witnessed(ids[:2])
+    async with network(tmp) as net:
+        nodes = [net.add(i, market) for i in ids[:2]]
+        outsider = net.add(ids[3], market)
+        await outsider.call("submit", side="sell", price="100", quantity="5")
+        await nodes[0].call("submit", side="buy", price="100", quantity="5")
+        await until(lambda: all(all_final(n) for n in [*nodes, outsider]))
+        assert outsider.heartbeats() == 0
+        status = (await outsider.call("status"))["markets"][0]
+        assert not any(w["me"] for w in status["witnesses"])
+        with pytest.raises(ControlError) as err:
+            await outsider.call("approve_reconfig", witnesses=[ids[0].public_key.hex()])
+        assert err.value.code == NOT_WITNESS
+
+
+async def test_submit_wait_final_returns_final_order_and_fills(tmp: Path) -> None:
+    ids = identities(3)
+    market = witnessed(ids)
+    async with network(tmp) as net:
+        nodes = [net.add(i, market) for i in ids]
+        sell = await nodes[0].call("submit", side="sell", price="100", quantity="5")
+        assert sell["final"] is False and sell["order"]["final"] is False
+        started = trio.current_time()
+        buy = await nodes[1].call(
+            "submit", side="buy", price="100", quantity="5", wait_final=True, timeout=10
+        )
+        assert trio.current_time() - started < 5
+        assert buy["final"] is True
+        assert buy["order"]["status"] == "filled" and buy["order"]["final"] is True
+        # Every fill it is in, as taker or maker (the sell may reach this node after the buy
+        # and sort after it).
+        assert [(f["quantity"], f["final"]) for f in buy["fills"]] == [("5", True)]
+        assert buy["order"]["id"] in (buy["fills"][0]["taker"], buy["fills"][0]["maker"])
+        assert buy["fills"][0]["index"] == 0
+
+
+# -- markets without witnesses ------------------------------------------------------------------
+
+
+async def test_market_without_witnesses_is_never_final(tmp: Path) -> None:
+    ids = identities(2)
+    market = Market("PLAIN", "1", "1")
+    async with network(tmp) as net:
+        a, b = net.add(ids[0], market), net.add(ids[1], market)
+        with pytest.raises(ControlError) as err:
+            await a.call("submit", side="sell", price="100", quantity="5", wait_final=True)
+        assert err.value.code == NOT_WITNESSED and "never final: no witnesses" in err.value.message
+        assert a.ms.replica.order_count == 0  # refused before anything was signed
+        await a.call("submit", side="sell", price="100", quantity="5")
+        await until(lambda: b.ms.replica.order_count == 1)
+        result = await b.call("submit", side="buy", price="100", quantity="2")
+        assert result["final"] is False and result["order"]["final"] is False
+        assert [f["final"] for f in result["fills"]] == [False]
+        fills = await b.call("fills")
+        assert fills["witnessed"] is False and fills["final_count"] == 0
+        status = (await b.call("status"))["markets"][0]
+        assert (status["finality"], status["witnesses"], status["stalled_on"]) == ("none", [], [])
+        assert (status["frontier"], status["final_ops"], status["final_fills"]) == (0, 0, 0)
+        book = await b.call("book")
+        assert book["witnessed"] is False and book["frontier"] == 0
+        assert [lv["final"] for lv in book["asks"]] == [False]
+        assert a.heartbeats() == 0
+        for method in ("approve_reconfig", "reconfigure"):
+            with pytest.raises(ControlError) as err:
+                await a.call(method, witnesses=[ids[0].public_key.hex()])
+            assert err.value.code == NOT_WITNESSED
+
+
+# -- stalls, timeouts, restarts, reconfiguration -----------------------------------------------
+
+
+async def test_dead_witness_stalls_then_resumes(
+    tmp: Path, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="crdtbook.node")
+    ids = identities(3)
+    market = witnessed(ids)
+    async with network(tmp) as net:
+        nodes = [net.add(i, market) for i in ids]
+        await nodes[0].call("submit", side="sell", price="100", quantity="5")
+        await until(lambda: all(n.ms.replica.final_count > 0 for n in nodes))
+        dead = nodes[2]
+        dead.up = False
+        # Trading goes on without it; fills stay provisional.
+        await nodes[1].call("submit", side="buy", price="100", quantity="2")
+        await until(lambda: nodes[0].ms.replica.fill_count == 1)
+        status = (await nodes[1].call("status"))["markets"][0]
+        assert status["finality"] == "pending" and status["stalled_on"] == []
+        with pytest.raises(ControlError) as err:
+            await nodes[1].call(
+                "submit", side="buy", price="100", quantity="1", wait_final=True, timeout=1
+            )
+        assert err.value.code == TIMEOUT
+        assert dead.key.hex()[:16] in err.value.message
+        assert "submitted and stands" in err.value.message
+        assert nodes[1].ms.replica.fill_count == 2  # the order was placed all the same
+        await trio.sleep(STALL_SECONDS + 0.5)
+        for node in nodes[:2]:
+            status = (await node.call("status"))["markets"][0]
+            assert status["finality"] == "stalled"
+            assert status["stalled_on"] == [dead.key.hex()]
+            assert status["final_fills"] == 0
+            silent = {w["key"]: w["silent_s"] for w in status["witnesses"]}
+            assert silent[dead.key.hex()] > STALL_SECONDS
+        assert "finality stalled" in caplog.text and dead.key.hex()[:16] in caplog.text
+        with pytest.raises(ControlError) as err:
+            await nodes[0].call(
+                "submit", side="sell", price="200", quantity="1", wait_final=True, timeout=1
+            )
+        assert err.value.code == TIMEOUT and "stalled" in err.value.message
+        # It comes back, syncs what it missed and acknowledges it.
+        dead.up = True
+        await net.sync(dead)
+        await until(
+            lambda: all(all_final(n) and settled(n) and n.ms.replica.fill_count == 2 for n in nodes)
+        )
+        for node in nodes:
+            status = (await node.call("status"))["markets"][0]
+            assert status["finality"] == "final" and status["stalled_on"] == []
+        await until(lambda: "finality resumed" in caplog.text)
+
+
+async def test_reconfiguration_removes_a_dead_witness(
+    tmp: Path, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="crdtbook.node")
+    ids = identities(3)
+    market = witnessed(ids)
+    async with network(tmp) as net:
+        nodes = [net.add(i, market) for i in ids]
+        await nodes[0].call("submit", side="sell", price="100", quantity="5")
+        await until(lambda: all(n.ms.replica.final_count > 0 for n in nodes))
+        dead = nodes[2]
+        dead.up = False
+        await nodes[1].call("submit", side="buy", price="100", quantity="2")
+        await trio.sleep(STALL_SECONDS + 1)
+        assert (await nodes[0].call("status"))["markets"][0]["stalled_on"] == [dead.key.hex()]
+        keep = sorted(k.hex() for k in (ids[0].public_key, ids[1].public_key))
+        approval = await nodes[1].call("approve_reconfig", witnesses=keep)
+        assert approval == {
+            "witness": ids[1].public_key.hex(),
+            "signature": approval["signature"],
+            "epoch": 1,
+        }
+        done = await nodes[0].call("reconfigure", witnesses=keep, approvals=[approval])
+        assert done["epoch"] == 1 and len(done["op"]) == 64
+        await until(lambda: all(all_final(n) and settled(n) for n in nodes[:2]))
+        for node in nodes[:2]:
+            status = (await node.call("status"))["markets"][0]
+            assert (status["finality"], status["epoch"], status["stalled_on"]) == ("final", 1, [])
+            current = {w["key"]: w["current"] for w in status["witnesses"]}
+            assert current[dead.key.hex()] is False
+        # Finality goes on without it.
+        result = await nodes[1].call(
+            "submit", side="buy", price="100", quantity="1", wait_final=True, timeout=5
+        )
+        assert result["final"] is True
+        # Back again, it learns it is no longer a witness and does not heartbeat.
+        before = dead.heartbeats()
+        dead.up = True
+        await net.sync(dead)
+        await until(lambda: dead.ms.replica.epoch == 1)
+        await nodes[0].call("submit", side="buy", price="100", quantity="1")
+        await until(lambda: all(all_final(n) for n in nodes))
+        await trio.sleep(2)
+        assert dead.heartbeats() == before
+        assert "no longer a witness" in caplog.text
+
+
+async def test_reconfigure_errors(tmp: Path) -> None:
+    ids = identities(4)
+    market = witnessed(ids[:3])
+    async with network(tmp) as net:
+        a, b, c = (net.add(i, market) for i in ids[:3])
+        outsider = net.add(ids[3], market)
+        keep = [ids[0].public_key.hex(), ids[1].public_key.hex()]
+
+        async def code(node: Node, method: str, **params: Any) -> str:
+            with pytest.raises(ControlError) as err:
+                await node.call(method, **params)
+            assert err.value.message
+            return err.value.code
+
+        assert await code(a, "reconfigure", market="NOPE", witnesses=keep) == UNKNOWN_MARKET
+        assert await code(a, "reconfigure", witnesses=["zz"]) == BAD_REQUEST
+        assert await code(a, "reconfigure", witnesses=["ab" * 31]) == BAD_REQUEST
+        assert await code(a, "reconfigure", witnesses=[]) == BAD_REQUEST
+        assert await code(a, "reconfigure", witnesses=[keep[0], keep[0]]) == BAD_REQUEST
+        assert await code(a, "reconfigure", witnesses=keep) == NO_MAJORITY
+        assert await code(outsider, "approve_reconfig", witnesses=keep) == NOT_WITNESS
+        assert await code(outsider, "reconfigure", witnesses=keep) == NOT_WITNESS
+        stranger = {"witness": ids[3].public_key.hex(), "signature": "00" * 64}
+        assert await code(a, "reconfigure", witnesses=keep, approvals=[stranger]) == NOT_WITNESS
+        bad = {"witness": ids[1].public_key.hex(), "signature": "00" * 64}
+        assert await code(a, "reconfigure", witnesses=keep, approvals=[bad]) == BAD_APPROVAL
+        short = {"witness": ids[1].public_key.hex(), "signature": "00" * 10}
+        assert await code(a, "reconfigure", witnesses=keep, approvals=[short]) == BAD_REQUEST
+        assert await code(a, "reconfigure", witnesses=keep, approvals=["x"]) == BAD_REQUEST
+        # An approval of another set does not verify for this one.
+        other = await b.call("approve_reconfig", witnesses=[keep[1]])
+        assert await code(a, "reconfigure", witnesses=keep, approvals=[other]) == BAD_APPROVAL
+        # Its own approval does not count twice.
+        own = await a.call("approve_reconfig", witnesses=keep)
+        assert await code(a, "reconfigure", witnesses=keep, approvals=[own]) == NO_MAJORITY
+        assert a.ms.replica.epoch == 0 and len(a.ms.replica) == 0  # nothing was signed
+        good = await c.call("approve_reconfig", witnesses=keep)
+        assert (await a.call("reconfigure", witnesses=keep, approvals=[good]))["epoch"] == 1
+
+
+async def test_equivocating_witness_is_logged_once(
+    tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="crdtbook.node")
+    ids = identities(3)
+    market = witnessed(ids[:2])
+    async with network(tmp) as net:
+        node = net.add(ids[0], market, interval=60.0)  # its own heartbeats play no part
+        # The other witness signs two different ops at sequence 1 (two replicas, one key).
+        first, second = Replica(market), Replica(market)
+        second.submit(ids[2], "sell", 100, 1)
+        ops = [first.submit(ids[1], "sell", 100, 1), second.heartbeat(ids[1])]
+        raws = [op.raw for op in second.ops()] + [ops[0].raw]
+        await node.service.commit(node.ms, await node.service.prepare(node.ms, raws), "test")
+        assert ids[1].public_key in node.ms.replica.forked_authors()
+        for _ in range(3):
+            status = (await node.call("status"))["markets"][0]
+        forked = {w["key"]: w["forked"] for w in status["witnesses"]}
+        assert forked[ids[1].public_key.hex()] is True
+        warnings = [r for r in caplog.records if "equivocation" in r.getMessage()]
+        assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+
+
+# -- id ----------------------------------------------------------------------------------------
+
+
+async def test_id_and_status_name_the_witness_key(tmp: Path) -> None:
+    ids = identities(1)
+    async with network(tmp) as net:
+        node = net.add(ids[0], witnessed(ids))
+        result = await node.call("id")
+        assert result["public_key"] == ids[0].public_key.hex()
+        assert result["peer_id"].startswith("peer-") and result["addrs"] == []
+        assert (await node.call("status"))["public_key"] == ids[0].public_key.hex()
+
+
+# -- watch ---------------------------------------------------------------------------------------
+
+
+async def test_watch_reports_fills_turning_final(tmp: Path) -> None:
+    ids = identities(2)
+    market = witnessed(ids)
+    async with network(tmp) as net:
+        a, b = net.add(ids[0], market, interval=0.2), net.add(ids[1], market, interval=0.2)
+        events = a.adapter.watch({"interval": 0.005})
+        try:
+            assert await events.__anext__() == {"watching": "W"}
+            await a.call("submit", side="sell", price="100", quantity="5")
+            await b.call("submit", side="buy", price="100", quantity="2")
+            seen: list[dict[str, Any]] = []
+            with trio.fail_after(10):
+                while not any(e["became_final"] for e in seen):
+                    seen.append(await events.__anext__())
+            sent = [f for e in seen for f in e["fills"]]
+            assert sent and sent[0]["final"] is False  # the fill was first sent provisional
+            assert seen[-1]["became_final"] == [0]
+            assert seen[-1]["final_fill_count"] == 1
+            assert all(e["revoked"] == [] for e in seen)
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+
+class _Fakes:
+    """A replica stand-in with a settable fill list, for WatchedFills."""
+
+    def __init__(self, fills: list[Any], final: int) -> None:
+        self.list, self.final = fills, final
+
+    @property
+    def fill_count(self) -> int:
+        return len(self.list)
+
+    def final_fill_count(self) -> int:
+        return self.final
+
+    def fills(self, start: int = 0) -> tuple[Any, ...]:
+        return tuple(self.list[start:])
+
+
+class _FakeState:
+    def __init__(self, replica: _Fakes) -> None:
+        self.replica = replica
+
+
+def test_watched_fills_revokes_reordered_provisional_fills() -> None:
+    replica = _Fakes(["f0", "f1", "f2"], final=1)
+    sent = WatchedFills(_FakeState(replica))  # type: ignore[arg-type]
+    # f3 arrives; nothing else changed.
+    replica.list.append("f3")
+    assert sent.update() == ([(3, "f3")], [], [])
+    # A heartbeat batch reorders the provisional tail: index 2 now holds f3, 3 holds f2, and
+    # indexes 1 and 2 (as they now stand) are final.
+    replica.list[2:] = ["f3", "f2"]
+    replica.final = 3
+    fills, revoked, became_final = sent.update()
+    assert revoked == [(2, "f2"), (3, "f3")]
+    assert fills == [(2, "f3"), (3, "f2")]
+    assert became_final == [1]
+    assert sent.final == 3
+    # A late op removes the last fill: revoked, nothing to send.
+    replica.list.pop()
+    assert sent.update() == ([], [(3, "f2")], [])
+    # Everything final, nothing new.
+    replica.final = 3
+    assert sent.update() == ([], [], [])
+
+
+def test_watched_fills_keeps_a_bounded_tail() -> None:
+    replica = _Fakes([f"f{i}" for i in range(WATCH_PROVISIONAL_MAX + 50)], final=0)
+    sent = WatchedFills(_FakeState(replica))  # type: ignore[arg-type]
+    assert len(sent.provisional) == WATCH_PROVISIONAL_MAX
+    replica.list.extend(["x", "y"])
+    assert sent.update() == (
+        [(WATCH_PROVISIONAL_MAX + 50, "x"), (WATCH_PROVISIONAL_MAX + 51, "y")],
+        [],
+        [],
+    )
+    assert len(sent.provisional) == WATCH_PROVISIONAL_MAX
