@@ -1,10 +1,14 @@
-"""``crdtbook demo``: a local N-node network, concurrent trading, and a convergence check.
+"""``crdtbook demo``: a local N-node network, concurrent trading, convergence and finality.
 
-The demo starts N ``crdtbook node`` processes on 127.0.0.1 (free ports, one temporary home each;
-nodes 2..N bootstrap from node 1), places a resting ladder, then fires crossing orders and a cancel
-at different nodes at the same moment (one thread each, released by a barrier). It waits until
-every node reports the same digest, shows the books side by side, and always stops the nodes and
-removes the temporary homes (``try/finally``; SIGINT first, SIGKILL after a grace period).
+The demo creates N node homes, each with its identity, and defines a witnessed market in which
+every node is a witness (the definition names their keys; the nodes get it as ``--market
+@FILE``). It starts N ``crdtbook node`` processes on 127.0.0.1 (free ports; nodes 2..N bootstrap
+from node 1), places a resting ladder, then fires crossing orders and a cancel at different nodes
+at the same moment (one thread each, released by a barrier). It waits until every node reports
+the same digest, then until every node reports every fill final (the witnesses' heartbeats
+acknowledged them), shows the books side by side with the fills marked final, and always stops
+the nodes and removes the temporary homes (``try/finally``; SIGINT first, SIGKILL after a grace
+period).
 """
 
 from __future__ import annotations
@@ -30,12 +34,15 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from crdtbook.cli import connect, render
+from crdtbook import Identity, Market
+from crdtbook.cli import connect, markets, render
 
 MARKET = "DEMO"
-MARKET_SPEC = "DEMO:1:1"  # tick 1, lot 1: prices and quantities are plain integers
+TICK, LOT = "1", "1"  # prices and quantities are plain integers
+MARKET_FILE = "demo.market"  # in the demo's root: the definition every node is given
 LISTEN = "/ip4/127.0.0.1/tcp/0"
 STOP_GRACE = 10.0  # seconds between SIGINT and SIGKILL
+SNAPSHOT_TRIES = 3  # reads of every node's state before a difference counts as disagreement
 
 Json = dict[str, Any]
 
@@ -54,6 +61,7 @@ class DemoNode:
     log: Path
     peer_id: str = ""
     addrs: list[str] = field(default_factory=list)
+    witness: str = ""  # its public key (hex): the node is one of the market's witnesses
 
     @property
     def name(self) -> str:
@@ -135,12 +143,36 @@ def outcome(step: Step) -> Text:
 # ---------------------------------------------------------------------------------- processes
 
 
-def _node_cmd(home: Path, bootstrap: list[str]) -> list[str]:
+def _node_cmd(home: Path, bootstrap: list[str], market: str) -> list[str]:
     cmd = [sys.executable, "-m", "crdtbook.cli.app", "node", "--home", str(home)]
-    cmd += ["--listen", LISTEN, "--market", MARKET_SPEC]
+    cmd += ["--listen", LISTEN, "--market", market]
     for addr in bootstrap:
         cmd += ["--bootstrap", addr]
     return cmd
+
+
+def prepare_home(root: Path, index: int) -> tuple[Path, str]:
+    """Create node ``index``'s home and its identity (as the node would on first start: a
+    32-byte seed in ``identity.key``, mode 0600), so the market can name its key before the
+    node runs. Returns the home and the node's witness key (hex)."""
+    home = root / f"node{index}"
+    home.mkdir(mode=0o700)
+    identity = Identity.generate()
+    fd = os.open(home / markets.IDENTITY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, identity.seed)
+    finally:
+        os.close(fd)
+    return home, identity.public_key.hex()
+
+
+def define_market(root: Path, witnesses: list[str]) -> tuple[Market, str]:
+    """The demo market, witnessed by ``witnesses``, written to a file; returns it and the
+    ``--market`` argument that names the file (``@FILE``)."""
+    market = Market(MARKET, TICK, LOT, witnesses=witnesses)
+    path = root / MARKET_FILE
+    path.write_text(market.spec + "\n", encoding="utf-8")
+    return market, f"@{path}"
 
 
 def _death_signal_setup() -> Callable[[], None] | None:
@@ -162,15 +194,16 @@ def _death_signal_setup() -> Callable[[], None] | None:
     return setup
 
 
-def start_node(root: Path, index: int, bootstrap: list[str]) -> DemoNode:
-    """Spawn one node in its own session (so terminal Ctrl-C reaches only the demo)."""
+def start_node(root: Path, index: int, bootstrap: list[str], market: str) -> DemoNode:
+    """Spawn one node (its home already prepared) in its own session, so terminal Ctrl-C
+    reaches only the demo."""
     home = root / f"node{index}"
-    home.mkdir(mode=0o700)
+    home.mkdir(mode=0o700, exist_ok=True)
     log = root / f"node{index}.log"
     env = {k: v for k, v in os.environ.items() if k != "CRDTBOOK_HOME"}
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            _node_cmd(home, bootstrap),
+            _node_cmd(home, bootstrap, market),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -341,6 +374,9 @@ def final_text(step: Step) -> Text:
         text.append(f" {order.get('filled')} of {order.get('quantity')}", style="")
     if order.get("reason") and order.get("reason") != order.get("status"):
         text.append(f" ({order['reason']})", style="dim")
+    if "final" in order and order.get("status") not in ("open", "partially_filled"):
+        text.append("  ")  # (a live order is never final: the book's levels are marked instead)
+        text.append_text(render.finality_mark(order["final"]))
     return text
 
 
@@ -379,13 +415,26 @@ def node_panel(node: DemoNode, snap: Json, reference: str | None) -> Panel:
     fills.add_column("#", justify="right", style="dim")
     fills.add_column("taker")
     fills.add_column("qty@price", justify="right")
+    fills.add_column("")
     for f in snap["fills"]:
         trade = f"{f['quantity']}@{f['price']}"
-        fills.add_row(str(f.get("index")), f.get("taker_side", "?"), trade)
+        mark = render.finality_mark(f.get("final"))
+        fills.add_row(str(f.get("index")), f.get("taker_side", "?"), trade, mark)
     body: list[RenderableType] = [render.book_body(snap["book"], digest=False), Text("")]
     body.append(fills if snap["fills"] else Text("no fills", style="dim"))
     line = f"ops {snap['ops']}  digest {render.short(digest, 16)}"
     body.append(Text(line, style="green" if same else "red"))
+    if snap.get("finality"):
+        n_final = sum(1 for f in snap["fills"] if f.get("final") is True)
+        done = n_final == len(snap["fills"])
+        final = Text(
+            f"{n_final} of {len(snap['fills'])} fills final", style="green" if done else "yellow"
+        )
+        if snap["finality"] != "final":
+            final.append(" (")
+            final.append_text(render.finality_cell({"finality": snap["finality"]}))
+            final.append(")")
+        body.append(final)
     return Panel(
         Group(*body),
         title=f"{node.name} …{node.peer_id[-6:]}",
@@ -398,14 +447,23 @@ def node_panel(node: DemoNode, snap: Json, reference: str | None) -> Panel:
 
 
 def snapshot(node: DemoNode) -> Json:
-    """Book, fills and status digest of one node."""
+    """Book, fills (each marked final or not), status digest and finality of one node."""
     st = market_status(_call(node.home, "status"))
     return {
         "ops": st.get("ops"),
         "digest": st.get("digest"),
+        "final_fills": st.get("final_fills"),
+        "finality": st.get("finality"),
+        "frontier": st.get("frontier"),
         "book": _call(node.home, "book", market=MARKET, depth=10),
         "fills": (_call(node.home, "fills", market=MARKET, limit=100) or {}).get("fills") or [],
     }
+
+
+def all_final(snap: Json) -> bool:
+    """Whether a node reports every fill final (and has fills)."""
+    fills: list[Json] = snap["fills"]
+    return bool(fills) and all(f.get("final") is True for f in fills)
 
 
 def _fill_key(fills: list[Json]) -> list[tuple[Any, ...]]:
@@ -450,13 +508,18 @@ def _restore_sigterm(previous: Any) -> None:
 def run_demo(
     nodes: int = 3, keep_running: bool = False, timeout: float = 60.0, as_json: bool = False
 ) -> int:
-    """Run the whole demo; return the exit code (0 agree, 1 disagree or failure, 130 Ctrl-C)."""
+    """Run the whole demo; return the exit code (0 when the nodes agree and every fill turned
+    final on every node, 1 otherwise or on a failure, 130 on Ctrl-C)."""
     console = Console(stderr=as_json, highlight=False)
     summary: Json = {
         "agree": False,
+        "all_final": False,
         "market": MARKET,
+        "spec": None,
+        "witnesses": [],
         "digest": None,
         "elapsed": None,
+        "final_elapsed": None,
         "error": None,
         "nodes": [],
         "submissions": [],
@@ -502,8 +565,12 @@ def _entry(node: DemoNode) -> Json:
         "peer_id": node.peer_id or None,
         "addrs": node.addrs,
         "home": str(node.home),
+        "witness": node.witness or None,
         "ops": None,
         "digest": None,
+        "final_fills": None,
+        "finality": None,
+        "frontier": None,
         "book": None,
         "fills": [],
     }
@@ -521,8 +588,18 @@ def _run(
 ) -> int:
     console.print(f"[bold]crdtbook demo[/]: {n} nodes on 127.0.0.1, homes under {root}")
 
+    # 0. every node's home and key first, so the market can name them all as its witnesses.
+    keys = [prepare_home(root, i)[1] for i in range(1, n + 1)]
+    market, market_arg = define_market(root, keys)
+    summary.update(spec=market.spec, witnesses=[k.hex() for k in market.witnesses])
+    console.print(
+        f"market {market.name} (tick {market.tick}, lot {market.lot}) witnessed by all {n} "
+        f"nodes: fills turn final once their heartbeats acknowledge them ({MARKET_FILE})"
+    )
+
     # 1. node 1, then the others bootstrapping from it.
-    procs.append(start_node(root, 1, []))
+    procs.append(start_node(root, 1, [], market_arg))
+    procs[0].witness = keys[0]
     summary["nodes"].append(_entry(procs[0]))
     statuses: dict[int, Json] = {}
 
@@ -543,14 +620,15 @@ def _run(
     wait_until("starting node 1", ready(procs[:1]), timeout, console, procs)
     boot = dial_addr(statuses[1])
     for i in range(2, n + 1):
-        procs.append(start_node(root, i, [boot]))
+        procs.append(start_node(root, i, [boot], market_arg))
+        procs[-1].witness = keys[i - 1]
         summary["nodes"].append(_entry(procs[-1]))
     wait_until(f"starting nodes 2..{n}", ready(procs[1:]), timeout, console, procs)
     for node, entry in zip(procs, summary["nodes"], strict=True):
         entry.update(peer_id=node.peer_id, addrs=node.addrs)
     for node in procs:
         addrs = " ".join(a.split("/p2p/")[0] for a in node.addrs)
-        console.print(f"  {node.name}  {node.peer_id}  {addrs}")
+        console.print(f"  {node.name}  {node.peer_id}  witness {node.witness[:16]}…  {addrs}")
 
     # 2. everyone connected: node 1 sees the n-1 others, each other node sees at least node 1.
     def connected() -> tuple[bool, str]:
@@ -579,14 +657,45 @@ def _run(
         ok = len(digests) == 1 and None not in digests and pending == 0
         return ok, f"ops {ops}, {len(digests)} distinct digest(s), {pending} pending"
 
+    race_done = time.monotonic()
+    converged_ok = False
     try:
         wait_until("waiting for all digests to agree", converged, timeout, console, procs)
+        converged_ok = True
     except DemoError as exc:
         if any(node.proc.poll() is not None for node in procs):
             raise
         console.print(f"[red]✗[/] {exc}")
 
-    # 5. show and judge.
+    # 5. finality: every node reports every fill final (the witnesses' heartbeats acknowledged
+    # them), with the same digest and nothing pending.
+    def finalised() -> tuple[bool, str]:
+        ms = [market_status(try_status(node)) for node in procs]
+        counts = [(int(m.get("final_fills") or 0), int(m.get("fills") or 0)) for m in ms]
+        digests = {m.get("digest") for m in ms}
+        pending = sum(int(m.get("pending") or 0) for m in ms)
+        ok = (
+            len(digests) == 1
+            and None not in digests
+            and pending == 0
+            and len({total for _, total in counts}) == 1
+            and all(final == total > 0 for final, total in counts)
+        )
+        states = "/".join(str(m.get("finality", "?")) for m in ms)
+        return ok, "final fills " + " ".join(f"{f}/{t}" for f, t in counts) + f" ({states})"
+
+    final_ok = False
+    if converged_ok:
+        try:
+            wait_until("waiting for every fill to turn final", finalised, timeout, console, procs)
+            final_ok = True
+            summary["final_elapsed"] = round(time.monotonic() - race_done, 3)
+        except DemoError as exc:
+            if any(node.proc.poll() is not None for node in procs):
+                raise
+            console.print(f"[red]✗[/] {exc}")
+
+    # 6. show and judge.
     fetch_finals(ladder + race, procs[0])
     for phase, steps in (("ladder", ladder), ("race", race)):
         for s in steps:
@@ -604,20 +713,28 @@ def _run(
     if not as_json:
         console.print(steps_table("resting ladder (one at a time)", ladder, procs))
         console.print(steps_table("the race (all sent at the same moment)", race, procs))
-    snaps = [snapshot(node) for node in procs]
-    ref = snaps[0]["digest"]
-    digests_agree = all(s["digest"] == ref and s["digest"] for s in snaps)
-    books_agree = all(s["book"].get("digest") == snaps[0]["book"].get("digest") for s in snaps)
-    fills_agree = all(_fill_key(s["fills"]) == _fill_key(snaps[0]["fills"]) for s in snaps)
-    agree = bool(digests_agree and books_agree and fills_agree)
-    summary.update(agree=agree, digest=ref if agree else None)
+    for attempt in range(SNAPSHOT_TRIES):
+        # Read one node after the other; a heartbeat landing in between may change a digest, so
+        # a differing read is taken again (briefly) before it counts as a disagreement.
+        snaps = [snapshot(node) for node in procs]
+        ref = snaps[0]["digest"]
+        digests_agree = all(s["digest"] == ref and s["digest"] for s in snaps)
+        books_agree = all(s["book"].get("digest") == snaps[0]["book"].get("digest") for s in snaps)
+        fills_agree = all(_fill_key(s["fills"]) == _fill_key(snaps[0]["fills"]) for s in snaps)
+        agree = bool(digests_agree and books_agree and fills_agree)
+        if agree or not converged_ok or attempt == SNAPSHOT_TRIES - 1:
+            break
+        time.sleep(0.5)
+    finals = final_ok and all(all_final(snap) for snap in snaps)
+    summary.update(agree=agree, digest=ref if agree else None, all_final=finals)
     for entry, snap in zip(summary["nodes"], snaps, strict=True):
         entry.update(snap)
     if not as_json:
         console.print(Columns([node_panel(nd, s, ref) for nd, s in zip(procs, snaps, strict=True)]))
+    n_fills = len(snaps[0]["fills"])
     if agree:
         console.print(
-            f"[bold green]✓ all {n} nodes agree[/]: same book, same {len(snaps[0]['fills'])} "
+            f"[bold green]✓ all {n} nodes agree[/]: same book, same {n_fills} "
             f"fills, digest {render.short(ref, 16)}"
         )
     else:
@@ -631,11 +748,23 @@ def _run(
             if not ok
         ]
         console.print(f"[bold red]✗ the nodes DISAGREE[/] ({', '.join(what)} differ)")
+    if finals:
+        console.print(
+            f"[bold green]✓ all {n_fills} fills final on every node[/] (frontier "
+            f"{snaps[0].get('frontier')}, {summary['final_elapsed']:.1f}s after the race)"
+        )
+    else:
+        per_node = ", ".join(
+            f"{nd.name} {sum(1 for f in s['fills'] if f.get('final') is True)}/{len(s['fills'])}"
+            for nd, s in zip(procs, snaps, strict=True)
+        )
+        console.print(f"[bold red]✗ not every fill is final on every node[/] ({per_node})")
 
     if keep_running:
         console.print("nodes keep running; in another terminal try:")
         for node in procs:
             console.print(f"  crdtbook --home {node.home} book --market {MARKET} --watch")
+        console.print(f"  crdtbook --home {procs[0].home} status   (finality and the witnesses)")
         console.print("press Ctrl-C to stop them")
         try:
             while all(node.proc.poll() is None for node in procs):
@@ -643,4 +772,4 @@ def _run(
             console.print("[red]a node exited[/]")
         except KeyboardInterrupt:
             pass
-    return 0 if agree else 1
+    return 0 if agree and finals else 1

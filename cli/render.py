@@ -262,8 +262,11 @@ def frontier_line(book: Json) -> Text | None:
     frontier = book.get("frontier")
     if not frontier:
         return Text("frontier 0: nothing is final yet (no witness heartbeat so far)", style="dim")
-    text = Text(f"frontier {frontier}: ", style="dim")
-    text.append(f"{n_final} of {len(levels)} levels final", style="green" if n_final else "yellow")
+    text = Text(f"frontier {frontier}", style="dim")
+    if levels:
+        text.append(": ", style="dim")
+        style = "green" if n_final == len(levels) else "yellow"
+        text.append(f"{n_final} of {len(levels)} levels final", style=style)
     return text
 
 

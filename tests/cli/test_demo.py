@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from crdtbook import Market
 from crdtbook.cli import connect, demo
 
 FAKE_NODE = Path(__file__).with_name("fake_node.py")
@@ -90,7 +91,7 @@ def fake_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         )
         monkeypatch.setattr(connect, "client_api", lambda: api)
 
-    def cmd(home: Path, bootstrap: list[str]) -> list[str]:
+    def cmd(home: Path, bootstrap: list[str], market: str) -> list[str]:
         args = [
             sys.executable,
             str(FAKE_NODE),
@@ -99,6 +100,8 @@ def fake_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
             str(home),
             "--listen",
             demo.LISTEN,
+            "--market",
+            market,
         ]
         for addr in bootstrap:
             args += ["--bootstrap", addr]
@@ -129,6 +132,24 @@ def assert_nothing_left(summary: dict[str, Any]) -> None:
                 pass
 
 
+def assert_witnessed_by_every_node(summary: dict[str, Any]) -> None:
+    """The demo market names every node's key as a witness, and the nodes were given it."""
+    keys = [n["witness"] for n in summary["nodes"]]
+    assert all(isinstance(k, str) and len(k) == 64 for k in keys), keys
+    assert summary["witnesses"] == sorted(keys)
+    assert Market.parse(summary["spec"]) == Market("DEMO", "1", "1", witnesses=keys)
+
+
+def assert_all_final(summary: dict[str, Any]) -> None:
+    """Every node reports every fill final."""
+    assert summary["all_final"] is True
+    assert summary["final_elapsed"] is not None
+    for node in summary["nodes"]:
+        assert node["fills"], node
+        assert all(f["final"] is True for f in node["fills"]), node["fills"]
+        assert node["final_fills"] == len(node["fills"])
+
+
 def test_demo_agrees_and_cleans_up(
     fake_network: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -136,6 +157,9 @@ def test_demo_agrees_and_cleans_up(
     code, summary = run_json(capsys, nodes=3, timeout=20)
     assert code == 0, summary
     assert summary["agree"] is True and summary["error"] is None
+    assert_witnessed_by_every_node(summary)
+    assert_all_final(summary)
+    assert [len(n["fills"]) for n in summary["nodes"]] == [2, 2, 2]
     digests = {n["digest"] for n in summary["nodes"]}
     assert digests == {summary["digest"]}
     assert [n["node"] for n in summary["nodes"]] == [1, 2, 3]
@@ -146,6 +170,31 @@ def test_demo_agrees_and_cleans_up(
     cancel = next(s for s in subs if s["method"] == "cancel")
     assert cancel["error"] is None and cancel["result"]["effective"] is True
     assert_nothing_left(summary)
+
+
+def test_demo_fills_that_never_turn_final_exit_1(
+    fake_network: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_NODE_MODE", "nofinal")
+    code, summary = run_json(capsys, nodes=2, timeout=2)
+    assert code == 1
+    assert summary["agree"] is True  # the books agree; the fills just never turn final
+    assert summary["all_final"] is False and summary["final_elapsed"] is None
+    assert all(f["final"] is False for n in summary["nodes"] for f in n["fills"])
+    assert_nothing_left(summary)
+
+
+def test_demo_human_output_when_not_final(
+    fake_network: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_NODE_MODE", "nofinal")
+    monkeypatch.setenv("COLUMNS", "200")
+    assert demo.run_demo(nodes=2, timeout=2) == 1
+    out = capsys.readouterr().out
+    assert "timed out after 2s waiting for every fill to turn final" in out
+    assert "(stalled/stalled)" in out
+    assert "all 2 nodes agree" in out
+    assert "✗ not every fill is final on every node (node 1 0/2, node 2 0/2)" in out
 
 
 def test_demo_disagreement_exits_1(
@@ -187,7 +236,14 @@ def test_demo_human_output(
     out = capsys.readouterr().out
     assert "all 2 nodes agree" in out
     assert "node 1" in out and "node 2" in out
+    assert "witnessed by all 2 nodes" in out
     assert "the race (all sent at the same moment)" in out
+    assert "waiting for every fill to turn final: final fills 2/2 2/2 (final/final)" in out
+    assert re.search(r"5@100 +final", out), out  # each node's fills, marked final
+    assert "2 of 2 fills final" in out
+    lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
+    agree = next(i for i, ln in enumerate(lines) if "all 2 nodes agree" in ln)
+    assert lines[agree + 1].startswith("✓ all 2 fills final on every node")
     assert "stopped 2 nodes" in out
 
 
@@ -226,6 +282,9 @@ def test_real_demo(tmp_path: Path) -> None:
     assert len(summary["nodes"]) == 3
     fills = [json.dumps(n["fills"], sort_keys=True) for n in summary["nodes"]]
     assert len(set(fills)) == 1
+    assert_witnessed_by_every_node(summary)
+    assert_all_final(summary)  # the witnesses' heartbeats made every fill final on every node
+    assert all(n["finality"] == "final" and n["frontier"] > 0 for n in summary["nodes"])
     assert_nothing_left(summary)
     ports = {
         int(m.group(1))
