@@ -377,6 +377,9 @@ def node(
         from crdtbook.node.app import NodeConfig, run_node
     except ImportError as exc:
         fail(f"the node is not available in this install ({exc})")
+    extra: dict[str, Any] = {}  # (typed: NodeConfig's fields are not all floats)
+    if heartbeat_interval is not None:
+        extra["heartbeat_interval"] = heartbeat_interval
     config = NodeConfig(
         home=resolved,
         listen=list(listen or [DEFAULT_LISTEN]),
@@ -384,7 +387,7 @@ def node(
         markets=specs,
         verbose=verbose,
         fsync=fsync,
-        **({} if heartbeat_interval is None else {"heartbeat_interval": heartbeat_interval}),
+        **extra,
     )
     try:
         code = run_node(config)
@@ -430,6 +433,7 @@ def submit(
         typer.Option(
             "--timeout",
             min=0.1,
+            max=3600.0,
             help="With --wait-final: seconds to wait before giving up (the order stays placed).",
         ),
     ] = WAIT_FINAL_TIMEOUT,
@@ -669,9 +673,16 @@ def id_(ctx: typer.Context, home: HomeOpt = None, as_json: JsonOpt = False) -> N
     """
     from crdtbook.cli import render
 
-    st = call(ctx, home, "status", digest=False)
+    api = connect.client_api()
+    with session(ctx, home) as node:
+        try:
+            st = node.call("id")
+        except api.ControlError as exc:
+            if getattr(exc, "code", None) != "unknown_method":
+                raise
+            st = node.call("status", digest=False)  # an older node: no `id` method
     key = st.get("public_key") or st.get("author")
-    if not key:  # an older node: read the key from its home
+    if not key:  # an older node still: read the key from its home
         from crdtbook.cli import markets
 
         with suppress(markets.DefinitionError):
@@ -887,15 +898,17 @@ def demo(
     ] = 60.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run a local N-node network, trade on it concurrently, check every book agrees.
+    """Run a local N-node network, trade on it concurrently, check every book agrees and every
+    fill turns final.
 
-    Nodes listen on 127.0.0.1 (free ports), each with its own temporary home; nodes 2..N join
-    through node 1. The script places a resting ladder, then at the same moment sends crossing
-    orders and a cancel to different nodes; it waits until all digests agree and shows each node's
-    book, fills and digest side by side. Every node is stopped and the temporary homes are removed
-    before it exits (also on Ctrl-C).
+    Nodes listen on 127.0.0.1 (free ports), each with its own temporary home and key; the DEMO
+    market names every node as a witness. Nodes 2..N join through node 1. The script places a
+    resting ladder, then at the same moment sends crossing orders and a cancel to different nodes;
+    it waits until all digests agree, then until every node reports every fill final, and shows
+    each node's book, fills (marked final) and digest side by side. Every node is stopped and the
+    temporary homes are removed before it exits (also on Ctrl-C).
 
-    Exit 0 when all nodes agree, 1 otherwise.
+    Exit 0 when all nodes agree and every fill is final on every node, 1 otherwise.
 
     --json prints a summary (shape in specs/control-api.md, "CLI --json shapes").
     """

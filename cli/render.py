@@ -130,14 +130,14 @@ def track_fills(recent: list[Json], event: Json, keep: int = 5) -> str:
 # ---------------------------------------------------------------------------------------- submit
 
 
-def _fill_lines(fills: Sequence[Json], indent: str = "  ") -> list[Text]:
+def _fill_lines(fills: Sequence[Json], indent: str = "  ", marks: bool = True) -> list[Text]:
     lines = []
     for f in fills:
         line = Text(indent)
         line.append("fill ", style="green")
         line.append(f"{f['quantity']} @ {f['price']}", style="bold")
         line.append(f"  maker {short(f.get('maker'))}  #{f.get('index', '?')}", style="dim")
-        if "final" in f:
+        if marks and "final" in f:
             line.append("  ")
             line.append_text(finality_mark(f["final"]))
         lines.append(line)
@@ -166,7 +166,7 @@ def submit_result(result: Json, witnessed: bool | None = None) -> RenderableType
     final = result.get("final", order.get("final"))
     if final is True:
         outcome.append("final: ", style="bold green")
-    elif final is False:
+    elif final is False and witnessed is not False:  # (else: "never final" is said below)
         outcome.append("provisional: ", style="bold yellow")
     n_fills = f"{len(fills)} fill" + ("" if len(fills) == 1 else "s")
     traded = _dec_sum([f["quantity"] for f in fills]) if fills else order.get("filled", "0")
@@ -189,7 +189,12 @@ def submit_result(result: Json, witnessed: bool | None = None) -> RenderableType
         outcome.append(REASONS.get(reason or "", reason or "no reason given"))
         if fills:
             outcome.append(f" ({verb} {traded} of {order.get('quantity')} first)")
-    parts: list[RenderableType] = [head, desc, outcome, *_fill_lines(fills)]
+    parts: list[RenderableType] = [
+        head,
+        desc,
+        outcome,
+        *_fill_lines(fills, marks=witnessed is not False),
+    ]
     if witnessed is False:
         parts.append(never_final(order.get("market")))
     elif final is False:
@@ -632,12 +637,11 @@ def finality_lines(m: Json) -> list[Text]:
             line.append("; ")
         lamport = int(w.get("heartbeat_lamport") or 0)
         if lamport:
-            seen = (
-                "not seen since this node started"
-                if silent is None
-                else f"last new one {_seconds(float(silent))} ago"
-            )
-            beat = f"heartbeat at lamport {lamport} (seq {w.get('heartbeat_seq')}), {seen}"
+            beat = f"heartbeat at lamport {lamport} (seq {w.get('heartbeat_seq')})"
+            if silent is None:
+                beat += ", not seen since this node started"
+            elif w.get("key") not in stalled_on:  # (a stalled one says how long just before)
+                beat += f", last new one {_seconds(float(silent))} ago"
         else:
             beat = "no heartbeat yet"
         line.append(beat, style="dim")

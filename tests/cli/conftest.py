@@ -189,6 +189,11 @@ def default_answers() -> dict[str, Any]:
                 "orders": [order(final=True), order(id=B, status="open")],
             },
             "order": order(),
+            "id": {
+                "peer_id": STATUS["peer_id"],
+                "addrs": STATUS["addrs"],
+                "public_key": ME,
+            },
             "approve_reconfig": {"witness": ME, "signature": SIGNATURE, "epoch": 1},
             "reconfigure": {"op": C, "epoch": 1},
         }

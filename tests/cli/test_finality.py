@@ -159,6 +159,14 @@ def test_node_market_from_file(
     assert seen["config"].markets == [samples.DEMO_SPEC, "BTC-USD"]
 
 
+def test_node_heartbeat_interval(monkeypatch: pytest.MonkeyPatch, fake_node: Any) -> None:
+    seen = fake_node_app(monkeypatch)
+    assert run("node", "--home", "/h", "--heartbeat-interval", "0.1").exit_code == 0
+    assert seen["config"].heartbeat_interval == 0.1
+    assert run("node", "--home", "/h").exit_code == 0
+    assert not hasattr(seen["config"], "heartbeat_interval")  # the node's default applies
+
+
 @pytest.mark.parametrize(
     ("content", "text"),
     [(None, "does not exist"), ("", "holds no market definition"), ("A:1:1\nB:1:1\n", "2 lines")],
@@ -221,11 +229,16 @@ def test_id_shows_the_witness_key_whole(fake_node: Any, samples: Any) -> None:
 def test_id_key_from_the_home_of_an_older_node(
     fake_node: Any, samples: Any, tmp_path: Path
 ) -> None:
+    fake_node.answers["id"] = samples.ControlError("unknown_method", "unknown method 'id'")
+    res = run("id", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["public_key"] == samples.ME  # from status
+    assert [m for m, _ in fake_node.calls] == ["id", "status"]
     del fake_node.answers["status"]["author"]
     home, key = node_home(tmp_path, "n", b"\x05" * 32)
     res = run("--home", str(home), "id", "--json")
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["public_key"] == key
+    assert json.loads(res.stdout)["public_key"] == key  # from the home's identity file
 
 
 # ------------------------------------------------------------------------------------- submit
@@ -287,7 +300,8 @@ def test_submit_never_final_market(fake_node: Any, samples: Any) -> None:
     res = run("submit", "buy", "5@100")
     assert res.exit_code == 0, res.output
     assert "fills here are never final: DEMO has no witnesses" in res.stdout
-    assert "not final yet" not in res.stdout
+    assert "not final yet" not in res.stdout and "provisional" not in res.stdout
+    assert "filled: bought 5 in 1 fill" in res.stdout
     res = run("submit", "buy", "5@100", "--wait-final")
     assert res.exit_code == 1
     err = lines(res.stderr)
