@@ -52,6 +52,7 @@ from ._engine import (
     _ASK,
     _BID,
     _CANCELLED,
+    _DUPLICATE_REJECTED,
     _FOK_EXPIRED,
     _IOC_EXPIRED,
     _POST_ONLY_REJECTED,
@@ -62,7 +63,7 @@ from ._engine import (
     Engine,
     _Level,
 )
-from ._ops import BUY, SELL, CancelBody, Op, OrderBody
+from ._ops import BUY, SELL, CancelAllBody, CancelBody, Op, OrderBody
 
 __all__ = [
     "FORMAT",
@@ -76,12 +77,12 @@ __all__ = [
 
 FORMAT: Final = "crdtbook/checkpoint"
 #: Bump when the layout or the meaning of a field changes: other versions are ignored.
-VERSION: Final = 1
+VERSION: Final = 2  # 2: cancel-all counts, duplicate client ids (protocol version 2)
 PREFIX_DOMAIN: Final = b"crdtbook/checkpoint-prefix/v1\x00"
 
 _KEYS: Final = frozenset(("format", "version", "market", "ops", "prefix", "state", "sha256"))
 _STATE_KEYS: Final = frozenset(
-    ("remaining", "filled", "states", "fills", "cancels", "bids", "asks")
+    ("remaining", "filled", "states", "fills", "cancels", "cancel_alls", "bids", "asks")
 )
 #: Every state an order can end in (status | reason << 3), as bytes for ``bytes.translate``,
 #: which deletes them and must leave nothing.
@@ -96,6 +97,7 @@ _VALID_STATES: Final = bytes(
             _FOK_EXPIRED,
             _POST_ONLY_REJECTED,
             _SELF_TRADE_EXPIRED,
+            _DUPLICATE_REJECTED,
         )
     )
 )
@@ -164,6 +166,8 @@ def encode_checkpoint(market_id: bytes, order: list[Op], n: int, engine: Engine)
         "fills": _pack(fills),
         # The engine records cancels in the order it processes them: the total order.
         "cancels": bytes(engine.cancels.values()),
+        # Likewise cancel-alls, each with how many orders it cancelled.
+        "cancel_alls": _pack(array("q", engine.cancel_alls.values())),
         "bids": sides[0],
         "asks": sides[1],
     }
@@ -199,7 +203,7 @@ def read_checkpoint(blob: object, market_id: bytes) -> Checkpoint | str:
         return "unreadable"
 
 
-def install(checkpoint: Checkpoint, order: list[Op]) -> Engine | str:
+def install(checkpoint: Checkpoint, order: list[Op], client_ids: bool = False) -> Engine | str:
     """The engine after the first ``checkpoint.ops`` ops of ``order`` as the checkpoint holds
     it, if ``order`` starts with exactly the checkpointed ops and the state passes the checks
     of ``_rebuild``; else why not. Never raises."""
@@ -207,7 +211,7 @@ def install(checkpoint: Checkpoint, order: list[Op]) -> Engine | str:
     try:
         if n > len(order) or prefix_fingerprint(order, n) != checkpoint.prefix:
             raise _Unusable("the log does not start with the checkpointed ops")
-        return _rebuild(checkpoint.state, order, n)
+        return _rebuild(checkpoint.state, order, n, client_ids)
     except _Unusable as exc:
         return str(exc)
     except Exception:  # e.g. OverflowError from forged quantities: not usable either
@@ -248,7 +252,7 @@ def _read(blob: object, market_id: bytes) -> Checkpoint:
     return Checkpoint(n, fields["prefix"], state)
 
 
-def _rebuild(state: dict[str, bytes], order: list[Op], n: int) -> Engine:
+def _rebuild(state: dict[str, bytes], order: list[Op], n: int, client_ids: bool) -> Engine:
     """The engine after ``order[:n]`` as ``state`` describes it (``_Unusable`` if it breaks an
     invariant the engine relies on).
 
@@ -308,13 +312,18 @@ def _rebuild(state: dict[str, bytes], order: list[Op], n: int) -> Engine:
     if len(flags) != len(cancel_ops) or flags.translate(None, b"\x00\x01"):
         raise _Unusable("cancel records of the wrong size or out of range")
     # A cancelled order was cancelled by exactly one cancel (later ones find it finished).
-    if flags.count(1) != states.count(_CANCELLED):
+    cancel_all_ops = list(compress(prefix, map(isinstance, map(_body_of, prefix),
+                                               repeat(CancelAllBody))))
+    counts = _unpack(state["cancel_alls"])
+    if len(counts) != len(cancel_all_ops) or (counts and min(counts) < 0):
+        raise _Unusable("cancel-all records of the wrong size or out of range")
+    if flags.count(1) + sum(counts) != states.count(_CANCELLED):
         raise _Unusable("cancel records do not match the cancelled orders")
 
     # The book: every live order on the level of its own side and price, once, in time
     # priority (ascending numbers), resting what it did not fill; the only dead orders left in
     # a deque are cancelled ones; live counts right; not crossed.
-    engine = Engine()
+    engine = Engine(client_ids)
     placed: set[int] = set()
     resting = 0
     for side, key in ((_BID, "bids"), (_ASK, "asks")):
@@ -373,6 +382,14 @@ def _rebuild(state: dict[str, bytes], order: list[Op], n: int) -> Engine:
         zip(map(id_of, takers), map(id_of, makers), prices, quantities, strict=True)
     )
     engine.cancels = dict(zip(map(_id_of, cancel_ops), map(bool, flags), strict=True))
+    engine.cancel_alls = dict(zip(map(_id_of, cancel_all_ops), counts, strict=True))
+    if engine.client_ids is not None:  # version 2: the first order of each (author, tag)
+        for number, op in enumerate(order_ops):
+            tag = op.body.tag  # type: ignore[union-attr]
+            if tag is not None and states[number] != _DUPLICATE_REJECTED:
+                if (op.author, tag) in engine.client_ids:
+                    raise _Unusable("two orders holding one client order id")
+                engine.client_ids[(op.author, tag)] = number
     engine.prices = (SortedList(bids), SortedList(asks))
     engine.best = [max(bids) if bids else None, min(asks) if asks else None]
     return engine

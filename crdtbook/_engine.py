@@ -49,7 +49,19 @@ from typing import Any, Final, NamedTuple
 
 from sortedcontainers import SortedList
 
-from ._ops import BUY, FOK, IOC, POST_ONLY, CancelBody, Op, OrderBody
+from ._ops import (
+    BUY,
+    EXPIRE_BOTH,
+    EXPIRE_MAKER,
+    EXPIRE_TAKER,
+    FOK,
+    IOC,
+    POST_ONLY,
+    CancelAllBody,
+    CancelBody,
+    Op,
+    OrderBody,
+)
 
 __all__ = [
     "CANCELLED",
@@ -76,8 +88,9 @@ REASONS: Final = (
     "fok_unfillable",
     "post_only_would_take",
     "self_trade",
+    "duplicate_client_id",
 )
-R_NONE, R_CANCELLED, R_IOC, R_FOK, R_POST_ONLY, R_SELF_TRADE = range(6)
+R_NONE, R_CANCELLED, R_IOC, R_FOK, R_POST_ONLY, R_SELF_TRADE, R_DUPLICATE = range(7)
 
 _BID, _ASK = 0, 1
 
@@ -87,6 +100,8 @@ _FOK_EXPIRED: Final = EXPIRED | R_FOK << 3
 _POST_ONLY_REJECTED: Final = REJECTED | R_POST_ONLY << 3
 _SELF_TRADE_EXPIRED: Final = EXPIRED | R_SELF_TRADE << 3
 _CANCELLED: Final = CANCELLED | R_CANCELLED << 3
+#: Version 2: a later order of an author that reuses one of its client order ids (tags).
+_DUPLICATE_REJECTED: Final = REJECTED | R_DUPLICATE << 3
 
 # Undo records on the tape: each record's arguments, then its code, read backwards by undo. A
 # maker's state before a record is implied by its state after it (a live order has closed == 0
@@ -97,6 +112,7 @@ _J_FILL_POP: Final = 2  # maker, quantity: a fill that completed the maker (take
 _J_SELF_TRADE: Final = 3  # maker: expired by self-trade prevention (taken off its level)
 _J_DEAD_POP: Final = 4  # maker: a cancelled order dropped from the front of its level
 _J_PUT_LEVEL: Final = 5  # level: the level was removed when its last live order went
+_J_CANCEL_ONE: Final = 6  # order: cancelled by a cancel-all (it stays in its deque, dead)
 
 
 class Fill(NamedTuple):
@@ -138,9 +154,12 @@ class _Level(deque[int]):
 
 
 class Engine:
-    """The matched state of one market, fed ops in total order."""
+    """The matched state of one market, fed ops in total order.
 
-    def __init__(self) -> None:
+    ``client_ids`` (version 2): an order whose tag an earlier order of its author already used
+    is rejected (``duplicate_client_id``); ``client_ids`` maps (author, tag) to the order."""
+
+    def __init__(self, client_ids: bool = False) -> None:
         self.orders: dict[bytes, int] = {}  # order id -> order number
         # The order columns (see the module docstring).
         self.ids: list[bytes] = []
@@ -152,6 +171,10 @@ class Engine:
         self.fills: list[tuple[bytes, bytes, int, int]] = []
         #: cancel op id -> True if it removed a rest, False if the order was already finished.
         self.cancels: dict[bytes, bool] = {}
+        #: cancel-all op id -> how many resting orders it cancelled (version 2).
+        self.cancel_alls: dict[bytes, int] = {}
+        #: (author, tag) -> the order that holds that client order id (version 2; else None).
+        self.client_ids: dict[tuple[bytes, str], int] | None = {} if client_ids else None
         self.levels: tuple[dict[int, _Level], dict[int, _Level]] = ({}, {})
         self.prices: tuple[SortedList, SortedList] = (SortedList(), SortedList())
         #: Best bid and best ask (None: no level), kept with ``prices``: reading a SortedList's
@@ -170,6 +193,8 @@ class Engine:
         if type(body) is not OrderBody:
             if type(body) is CancelBody:
                 self._cancel(op, body)
+            elif type(body) is CancelAllBody:
+                self._cancel_all(op, body)
             return  # a heartbeat or reconfiguration changes no order
         side = _BID if body.side == BUY else _ASK
         limit = body.price
@@ -182,6 +207,13 @@ class Engine:
         self.ops.append(op)
         author = op.author
         self.authors.append(author)
+        client_ids = self.client_ids
+        if client_ids is not None and body.tag is not None:
+            held = (author, body.tag)
+            if held in client_ids:
+                self._close_new(0, _DUPLICATE_REJECTED)
+                return
+            client_ids[held] = taker
         # Is the best opposing price within the taker's limit?
         if side == _BID:
             best = self.best[_ASK]
@@ -200,10 +232,14 @@ class Engine:
         if tif == POST_ONLY:
             self._close_new(0, _POST_ONLY_REJECTED)
             return
-        if tif == FOK and not self._can_fill(side, limit, author, quantity):
+        stp = body.stp
+        if tif == FOK and not self._can_fill(side, limit, author, quantity, stp):
             self._close_new(0, _FOK_EXPIRED)
             return
-        left = self._match(ident, side, limit, author, quantity)
+        left = self._match(ident, side, limit, author, quantity, stp)
+        if left < 0:  # stopped at its author's own order (expire_taker, expire_both)
+            self._close_new(quantity - ~left, _SELF_TRADE_EXPIRED)
+            return
         if left == 0:
             self._close_new(quantity, FILLED)
         elif tif == IOC:
@@ -231,8 +267,10 @@ class Engine:
         level.append(taker)
         level.live += 1
 
-    def _can_fill(self, side: int, limit: int, author: bytes, need: int) -> bool:
-        """FOK: is there enough liquidity from other authors within the limit?"""
+    def _can_fill(self, side: int, limit: int, author: bytes, need: int, stp: str) -> bool:
+        """FOK: is there enough liquidity from other authors within the limit? With
+        expire_taker or expire_both, only the liquidity ahead of its author's first own order
+        counts: the taker would stop there."""
         opp = 1 - side
         levels = self.levels[opp]
         prices = self.prices[opp]
@@ -242,14 +280,20 @@ class Engine:
             if (price > limit) if opp == _ASK else (price < limit):
                 break
             for maker in levels[price]:
-                if states[maker] <= PARTIALLY_FILLED and authors[maker] != author:
-                    need -= remaining[maker]
-                    if need <= 0:
-                        return True
+                if states[maker] <= PARTIALLY_FILLED:
+                    if authors[maker] != author:
+                        need -= remaining[maker]
+                        if need <= 0:
+                            return True
+                    elif stp != EXPIRE_MAKER:
+                        return False
         return False
 
-    def _match(self, taker_id: bytes, side: int, limit: int, author: bytes, left: int) -> int:
-        """Take liquidity, best level first; returns the taker's unfilled quantity."""
+    def _match(
+        self, taker_id: bytes, side: int, limit: int, author: bytes, left: int, stp: str
+    ) -> int:
+        """Take liquidity, best level first; returns the taker's unfilled quantity, or its
+        bitwise complement (negative) when self-trade prevention stopped the taker."""
         opp = 1 - side
         levels = self.levels[opp]
         ask = opp == _ASK
@@ -270,11 +314,22 @@ class Engine:
                     record((maker, _J_DEAD_POP))
                     continue
                 if authors[maker] == author:
-                    # Self-trade prevention: expire the resting order, keep matching.
+                    # Self-trade prevention: expire the resting order and keep matching
+                    # (expire_maker); or stop the taker, expiring the maker too (expire_both)
+                    # or not (expire_taker).
+                    if stp == EXPIRE_TAKER:
+                        return ~left
                     remaining[maker] = 0  # the rest is closed
                     states[maker] = _SELF_TRADE_EXPIRED
                     level.popleft()
                     record((maker, _J_SELF_TRADE))
+                    if stp == EXPIRE_BOTH:
+                        level.live -= 1
+                        if not level.live:
+                            del levels[price]
+                            self._remove_price(opp, price)
+                            record((level, _J_PUT_LEVEL))
+                        return ~left
                 else:
                     available = remaining[maker]
                     if left < available:
@@ -317,6 +372,34 @@ class Engine:
             self._remove_price(side, price)
             self.tape += (level, _J_PUT_LEVEL)
 
+    def _cancel_all(self, op: Op, body: CancelAllBody) -> None:
+        """Cancel every resting order of the op's author (whose tag starts with the prefix, if
+        one is given). O(resting orders): it walks the book, not the history."""
+        author, prefix = op.author, body.prefix
+        states, authors, ops, tape = self.states, self.authors, self.ops, self.tape
+        count = 0
+        for side in (_BID, _ASK):
+            levels = self.levels[side]
+            for price in list(self.prices[side]):
+                level = levels[price]
+                for order in level:
+                    if states[order] > PARTIALLY_FILLED or authors[order] != author:
+                        continue
+                    if prefix is not None:
+                        tag = ops[order].body.tag  # type: ignore[union-attr]
+                        if tag is None or not tag.startswith(prefix):
+                            continue
+                    self.remaining[order] = 0  # the rest is closed
+                    states[order] = _CANCELLED
+                    tape += (order, _J_CANCEL_ONE)
+                    level.live -= 1
+                    count += 1
+                if not level.live:
+                    del levels[price]
+                    self._remove_price(side, price)
+                    tape += (level, _J_PUT_LEVEL)
+        self.cancel_alls[op.id] = count
+
     def _add_price(self, side: int, price: int) -> None:
         self.prices[side].add(price)
         best = self.best[side]
@@ -336,6 +419,10 @@ class Engine:
         ``tape[start]``. Ops must be undone last first, exactly as they were processed."""
         body = op.body
         if type(body) is not OrderBody:
+            if type(body) is CancelAllBody:
+                self._undo_records(start)
+                del self.cancel_alls[op.id]
+                return
             if type(body) is not CancelBody:
                 return  # a heartbeat or reconfiguration did nothing
             if len(self.tape) > start:
@@ -347,6 +434,11 @@ class Engine:
                 self.levels[side][price].live += 1
             return
         del self.orders[op.id]  # the last order added: pop its row
+        client_ids = self.client_ids
+        if client_ids is not None and body.tag is not None:
+            held = (op.author, body.tag)
+            if client_ids.get(held) == len(self.ids) - 1:
+                del client_ids[held]
         self.ids.pop()
         self.ops.pop()
         self.authors.pop()
@@ -405,6 +497,13 @@ class Engine:
                 side, price = self._place(maker)
                 levels[side][price].appendleft(maker)
                 continue
+            elif code == _J_CANCEL_ONE:  # it never left its deque: live again where it stands
+                order = tape[i - 2]
+                i -= 2
+                self._revive(order)
+                side, price = self._place(order)
+                levels[side][price].live += 1
+                continue
             else:  # pragma: no cover - tape records are only written above
                 raise AssertionError(f"unknown undo record {code!r}")
             side, price = self._place(maker)
@@ -426,7 +525,7 @@ class Engine:
                 i -= 3
             elif code == _J_FILL:
                 i -= 3
-            elif code == _J_SELF_TRADE:
+            elif code in (_J_SELF_TRADE, _J_CANCEL_ONE):
                 closed.add(tape[i - 2])
                 i -= 2
             else:  # _J_DEAD_POP, _J_PUT_LEVEL

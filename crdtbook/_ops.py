@@ -58,6 +58,10 @@ from ._limits import (
 __all__ = [
     "BUY",
     "CANCEL",
+    "CANCEL_ALL",
+    "EXPIRE_BOTH",
+    "EXPIRE_MAKER",
+    "EXPIRE_TAKER",
     "FOK",
     "GTC",
     "HEARTBEAT",
@@ -66,7 +70,9 @@ __all__ = [
     "POST_ONLY",
     "RECONFIG",
     "SELL",
+    "STP_MODES",
     "TIFS",
+    "CancelAllBody",
     "CancelBody",
     "HeartbeatBody",
     "Op",
@@ -99,12 +105,20 @@ ORDER: Final = "order"
 CANCEL: Final = "cancel"
 HEARTBEAT: Final = "heartbeat"
 RECONFIG: Final = "reconfig"
+CANCEL_ALL: Final = "cancel_all"
+EXPIRE_MAKER: Final = "expire_maker"
+EXPIRE_TAKER: Final = "expire_taker"
+EXPIRE_BOTH: Final = "expire_both"
+#: Self-trade prevention modes by wire code (version 2's order item 6; version 1 has only 0).
+STP_MODES: Final = (EXPIRE_MAKER, EXPIRE_TAKER, EXPIRE_BOTH)
 
 #: Wire codes. Append only: a code once given keeps its meaning in every later version.
 _KIND_ORDER: Final = 0
 _KIND_CANCEL: Final = 1
 _KIND_HEARTBEAT: Final = 2  # version 2 only
 _KIND_RECONFIG: Final = 3  # version 2 only
+_KIND_CANCEL_ALL: Final = 4  # version 2 only
+_STP_CODE: Final = {mode: i for i, mode in enumerate(STP_MODES)}
 _SIDES: Final = (BUY, SELL)
 TIFS: Final = (GTC, IOC, FOK, POST_ONLY)
 _SIDE_CODE: Final = {BUY: 0, SELL: 1}
@@ -120,13 +134,20 @@ _B32_HEADER: Final = b"\x58\x20"
 
 
 class OrderBody(NamedTuple):
-    """A limit order: ``price`` in ticks, ``quantity`` in lots."""
+    """A limit order: ``price`` in ticks, ``quantity`` in lots.
+
+    ``tag``: the client's text for it; in version 2 it is the client order id, unique per
+    author (a later order of the same author with the same tag is rejected).
+    ``stp``: self-trade prevention when it meets its author's own resting order:
+    ``expire_maker`` (version 1's only rule), ``expire_taker`` or ``expire_both`` (version 2).
+    """
 
     side: str
     price: int
     quantity: int
     tif: str = GTC
     tag: str | None = None
+    stp: str = "expire_maker"
 
     @property
     def kind(self) -> str:
@@ -141,6 +162,17 @@ class CancelBody(NamedTuple):
     @property
     def kind(self) -> str:
         return CANCEL
+
+
+class CancelAllBody(NamedTuple):
+    """Cancels every resting order of its author at its place in the total order (version 2);
+    with ``prefix``, only those whose client order id (tag) starts with it."""
+
+    prefix: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return CANCEL_ALL
 
 
 class HeartbeatBody(NamedTuple):
@@ -172,7 +204,7 @@ class ReconfigBody(NamedTuple):
         return RECONFIG
 
 
-Body = OrderBody | CancelBody | HeartbeatBody | ReconfigBody
+Body = OrderBody | CancelBody | CancelAllBody | HeartbeatBody | ReconfigBody
 
 
 def reconfig_message(market_id: bytes, epoch: int, witnesses: Sequence[bytes]) -> bytes:
@@ -354,6 +386,11 @@ _TAG_HEADS: Final = tuple(_head(3, n) for n in range(MAX_CLIENT_TAG_BYTES + 1))
 #: An order body's array head, kind and side: the encoding starts ``0x86 0x00 side``.
 _ORDER_START: Final = {side: bytes((0x86, _KIND_ORDER, code)) for side, code in _SIDE_CODE.items()}
 _TIF_BYTE: Final = {tif: _uint(code) for tif, code in _TIF_CODE.items()}
+#: Version 2's order: ``0x87 0x00 side``, and its self-trade mode byte.
+_ORDER_V2_START: Final = {
+    side: bytes((0x87, _KIND_ORDER, code)) for side, code in _SIDE_CODE.items()
+}
+_STP_BYTE: Final = {mode: _uint(code) for mode, code in _STP_CODE.items()}
 _NULL: Final = b"\xf6"
 #: A cancel body up to its order id: array head, kind, the id's byte-string head.
 _CANCEL_START: Final = bytes((0x82, _KIND_CANCEL)) + _B32_HEADER
@@ -388,19 +425,24 @@ def _encode_chunks(
         chunks.append(_B32_HEADER)
         chunks.append(_B32_HEADER.join(parents))
     if isinstance(body, OrderBody):
-        side, price, quantity, tif, tag = body
-        chunks += (_ORDER_START[side], _uint(price), _uint(quantity), _TIF_BYTE[tif])
+        side, price, quantity, tif, tag, stp = body
+        if start[1] == WITNESSED_VERSION:  # 7 items: one more head, the mode after the tag
+            chunks += (_ORDER_V2_START[side], _uint(price), _uint(quantity), _TIF_BYTE[tif])
+        else:
+            chunks += (_ORDER_START[side], _uint(price), _uint(quantity), _TIF_BYTE[tif])
         if tag is None:
             chunks.append(_NULL)
         else:
             text = tag.encode("utf-8")
             chunks += (_TAG_HEADS[len(text)], text)
+        if start[1] == WITNESSED_VERSION:
+            chunks.append(_STP_BYTE[stp])
     elif isinstance(body, CancelBody):
         chunks += (_CANCEL_START, body.order_id)
     elif isinstance(body, HeartbeatBody):
         chunks += (_HEARTBEAT_START, _uint(body.time_ms))
-    else:  # a reconfiguration: rare, so cbor2's canonical encoder writes it
-        chunks.append(cbor2.dumps(_body_to_wire(body), canonical=True))
+    else:  # a reconfiguration or cancel-all: rare, so cbor2's canonical encoder writes them
+        chunks.append(cbor2.dumps(_body_to_wire(body, WITNESSED_VERSION), canonical=True))
     return chunks
 
 
@@ -444,8 +486,10 @@ def _encodable(
         return version == WITNESSED_VERSION and type(time_ms) is int and 0 <= time_ms <= MAX_INT
     if type(body) is not OrderBody:
         return False
-    side, price, quantity, tif, tag = body
+    side, price, quantity, tif, tag, stp = body
     if not (type(side) is str and side in _SIDE_CODE and type(tif) is str and tif in _TIF_CODE):
+        return False
+    if stp != EXPIRE_MAKER and not (version == WITNESSED_VERSION and stp in _STP_CODE):
         return False
     if not (_is_uint(price) and _is_uint(quantity)):
         return False
@@ -467,9 +511,9 @@ def encode(op: Op) -> bytes:
 # -- the cbor2 encoder: the reference, and sign_op's path for out-of-range fields -----------------
 
 
-def _body_to_wire(body: Body) -> list[Any]:
+def _body_to_wire(body: Body, version: int) -> list[Any]:
     if isinstance(body, OrderBody):
-        return [
+        wire = [
             _KIND_ORDER,
             _SIDE_CODE[body.side],
             body.price,
@@ -477,8 +521,15 @@ def _body_to_wire(body: Body) -> list[Any]:
             _TIF_CODE[body.tif],
             body.tag,
         ]
+        if version == WITNESSED_VERSION:
+            wire.append(_STP_CODE[body.stp])
+        elif body.stp != EXPIRE_MAKER:
+            raise ValueError(f"self-trade mode {body.stp!r} needs a witnessed (version 2) market")
+        return wire
     if isinstance(body, CancelBody):
         return [_KIND_CANCEL, body.order_id]
+    if isinstance(body, CancelAllBody):
+        return [_KIND_CANCEL_ALL, body.prefix]
     if isinstance(body, HeartbeatBody):
         return [_KIND_HEARTBEAT, body.time_ms]
     return [
@@ -525,7 +576,7 @@ def sign_op(
     else:
         # Not a valid op's fields: encode them with cbor2 as always, so that the decode below
         # refuses them with the same error as ever (or _body_to_wire raises as it always did).
-        wire_body = _body_to_wire(body)
+        wire_body = _body_to_wire(body, version)
         payload = _payload(version, market_id, author, seq, lamport, parents, wire_body)
     signature = identity.sign(SIGNATURE_DOMAINS.get(version, SIGNATURE_DOMAIN) + payload)
     raw = b"\x88" + payload[1:] + _SIG_HEADER + signature
@@ -712,7 +763,7 @@ def _decode_fast(
 
         head = data[at]
         body: Body
-        if head == 0x86:  # an order: [0, side, price, quantity, tif, tag]
+        if head == _ORDER_HEADS[data[1]]:  # an order: [0, side, price, quantity, tif, tag(, stp)]
             side = data[at + 2]
             if data[at + 1] != _KIND_ORDER or side > 1:
                 return None
@@ -749,7 +800,14 @@ def _decode_fast(
                     return None
                 tag = data[at : at + length].decode("utf-8")  # strict, as cbor2 decodes text
                 at += length
-            body = _new_tuple(OrderBody, (_SIDES[side], price, quantity, TIFS[tif], tag))
+            stp = EXPIRE_MAKER
+            if data[1] == WITNESSED_VERSION:
+                code = data[at]
+                if code > 2:
+                    return None
+                stp = STP_MODES[code]
+                at += 1
+            body = _new_tuple(OrderBody, (_SIDES[side], price, quantity, TIFS[tif], tag, stp))
         elif head == 0x82:  # a cancel: [1, order_id], or a heartbeat: [2, time_ms]
             if data.startswith(_CANCEL_START, at):
                 body = _new_tuple(CancelBody, (data[at + 4 : at + 36],))
@@ -800,6 +858,8 @@ def _decode_fast(
 
 
 _sha256 = hashlib.sha256
+#: An order body's array head by version: 6 items in version 1, 7 (with stp) in version 2.
+_ORDER_HEADS: Final = {PROTOCOL_VERSION: 0x86, WITNESSED_VERSION: 0x87}
 _OP_V2_START: Final = _OP_STARTS[WITNESSED_VERSION]
 # NamedTuple.__new__ is a Python function around tuple.__new__; calling the latter skips a frame.
 _new_tuple = tuple.__new__
@@ -810,6 +870,20 @@ def _decode_body(wire: object, version: int = PROTOCOL_VERSION) -> Body:
         raise MalformedOp("op body must be an array starting with its kind code")
     kind = wire[0]
     if kind == _KIND_ORDER:
+        stp = EXPIRE_MAKER
+        if version == WITNESSED_VERSION:
+            if len(wire) != 7:
+                raise MalformedOp(
+                    "a version-2 order body has 7 items: kind, side, price, quantity, tif, tag, "
+                    "stp"
+                )
+            code = wire[6]
+            if type(code) is not int or not 0 <= code < len(STP_MODES):
+                raise MalformedOp(
+                    "self-trade mode must be 0 expire_maker, 1 expire_taker or 2 expire_both"
+                )
+            stp = STP_MODES[code]
+            wire = wire[:6]
         if len(wire) != 6:
             raise MalformedOp("an order body has 6 items: kind, side, price, quantity, tif, tag")
         _, side, price, quantity, tif, tag = wire
@@ -826,7 +900,7 @@ def _decode_body(wire: object, version: int = PROTOCOL_VERSION) -> Body:
                 raise MalformedOp("order tag must be a text string or null")
             if len(tag.encode("utf-8")) > MAX_CLIENT_TAG_BYTES:
                 raise LimitExceeded(f"order tag is longer than {MAX_CLIENT_TAG_BYTES} bytes")
-        return OrderBody(_SIDES[side], price, quantity, TIFS[tif], tag)
+        return OrderBody(_SIDES[side], price, quantity, TIFS[tif], tag, stp)
     if kind == _KIND_CANCEL:
         if len(wire) != 2 or not _is_id(wire[1]):
             raise MalformedOp("a cancel body is [1, order_id] with a 32-byte order id")
@@ -840,6 +914,18 @@ def _decode_body(wire: object, version: int = PROTOCOL_VERSION) -> Body:
         return HeartbeatBody(time_ms)
     if version == WITNESSED_VERSION and kind == _KIND_RECONFIG:
         return _decode_reconfig(wire)
+    if version == WITNESSED_VERSION and kind == _KIND_CANCEL_ALL:
+        if len(wire) != 2:
+            raise MalformedOp("a cancel-all body is [4, prefix]")
+        prefix = wire[1]
+        if prefix is not None:
+            if type(prefix) is not str:
+                raise MalformedOp("a cancel-all's prefix must be a text string or null")
+            if len(prefix.encode("utf-8")) > MAX_CLIENT_TAG_BYTES:
+                raise LimitExceeded(
+                    f"a cancel-all's prefix is longer than {MAX_CLIENT_TAG_BYTES} bytes"
+                )
+        return CancelAllBody(prefix)
     raise UnknownKind(f"unknown op kind {kind} in a version {version} op")
 
 

@@ -30,13 +30,16 @@ from ._engine import Engine, Fill
 from ._errors import BadCancel, BadWitness, InvalidOp, InvalidParent, PendingFull, WrongMarket
 from ._finality import UNPLACED, WitnessInfo, Witnessing, check_approval
 from ._identity import Identity
-from ._limits import MAX_PARENTS
+from ._limits import MAX_CLIENT_TAG_BYTES, MAX_PARENTS
 from ._market import Market
 from ._ops import (
     BUY,
+    EXPIRE_MAKER,
     SELL,
+    STP_MODES,
     TIFS,
     Body,
+    CancelAllBody,
     CancelBody,
     HeartbeatBody,
     Op,
@@ -91,7 +94,7 @@ class Replica:
         #: Where each matched op's undo records begin on the engine's tape (8 bytes per op, and
         #: no object: an array, not a list of ints).
         self._marks = array("q")
-        self._engine = Engine()
+        self._engine = Engine(client_ids=market.witnessed)
         #: Ops below this position have no undo records (they came from a checkpoint): undoing
         #: one means deriving from scratch. 0 unless restored from a checkpoint.
         self._floor = 0
@@ -416,7 +419,7 @@ class Replica:
         """Undo the matched ops at ``position`` and after, last first. Below the undo floor there
         is nothing to undo with: start over from an empty engine (``_rematch`` redoes it all)."""
         if position < self._floor:
-            self._engine = Engine()
+            self._engine = Engine(client_ids=self.market.witnessed)
             self._marks = array("q")
             self._matched = self._floor = 0
             return
@@ -523,7 +526,7 @@ class Replica:
         skipped.extend(report.invalid)
         replica.restore_skipped = skipped
         if isinstance(read, Checkpoint):
-            engine = install(read, replica._order)
+            engine = install(read, replica._order, market.witnessed)
             if isinstance(engine, Engine):
                 replica._engine = engine
                 replica._matched = replica._floor = read.ops
@@ -546,8 +549,16 @@ class Replica:
         quantity: int,
         tif: str = "gtc",
         tag: str | None = None,
+        *,
+        stp: str = EXPIRE_MAKER,
     ) -> Op:
-        """Sign a new order (price in ticks, quantity in lots), apply it and return it."""
+        """Sign a new order (price in ticks, quantity in lots), apply it and return it.
+
+        ``tag``: the client's text; in a witnessed market the client order id, unique per
+        author (refused here if this author already used it). ``stp``: self-trade
+        prevention, ``expire_maker`` (the only mode of a market without witnesses),
+        ``expire_taker`` or ``expire_both``.
+        """
         if side not in (BUY, SELL):
             raise ValueError(f"side must be 'buy' or 'sell', not {side!r}")
         tif = tif.replace("-", "_").lower() if isinstance(tif, str) else tif
@@ -556,7 +567,39 @@ class Replica:
         for name, value in (("price", price), ("quantity", quantity)):
             if type(value) is not int or value <= 0:
                 raise ValueError(f"{name} must be a positive integer (ticks/lots), not {value!r}")
-        return self._author(identity, OrderBody(side, price, quantity, tif, tag))
+        stp = stp.replace("-", "_").lower() if isinstance(stp, str) else stp
+        if stp not in STP_MODES:
+            raise ValueError(f"self-trade mode must be one of {', '.join(STP_MODES)}, not {stp!r}")
+        if stp != EXPIRE_MAKER and not self.market.witnessed:
+            raise ValueError(
+                f"self-trade mode {stp} needs a witnessed market (protocol version 2); "
+                f"{self.market.name} has only expire_maker"
+            )
+        client_ids = self._engine.client_ids
+        if client_ids is not None and tag is not None and (identity.public_key, tag) in client_ids:
+            raise ValueError(f"client order id {tag!r} is already used by this key's order")
+        return self._author(identity, OrderBody(side, price, quantity, tif, tag, stp))
+
+    def cancel_all(self, identity: Identity, prefix: str | None = None) -> Op:
+        """Sign one op that cancels every resting order of ``identity`` (whose client order id
+        starts with ``prefix``, if given) at its place in the total order; apply and return it.
+        Witnessed markets only (protocol version 2)."""
+        if not self.market.witnessed:
+            raise ValueError(
+                f"cancel-all needs a witnessed market (protocol version 2); cancel "
+                f"{self.market.name}'s orders one by one"
+            )
+        if prefix is not None and len(prefix.encode("utf-8")) > MAX_CLIENT_TAG_BYTES:
+            raise ValueError(f"a client-id prefix is at most {MAX_CLIENT_TAG_BYTES} bytes")
+        return self._author(identity, CancelAllBody(prefix))
+
+    def order_by_client_id(self, author: bytes, client_id: str) -> OrderState | None:
+        """The order that holds ``client_id`` for ``author`` (witnessed markets), or None."""
+        client_ids = self._engine.client_ids
+        number = None if client_ids is None else client_ids.get((author, client_id))
+        if number is None:
+            return None
+        return order_state(self._engine.row(number), self._order_final(number))
 
     def cancel(self, identity: Identity, order_id: bytes) -> Op:
         """Sign a cancel of one of ``identity``'s orders, apply it and return it."""
@@ -814,9 +857,17 @@ class Replica:
         return number not in self._final_view()[2]
 
     def cancel_effective(self, cancel_id: bytes) -> bool | None:
-        """True if the cancel removed a rest, False if its order was already done, None if
-        no such cancel is applied."""
-        return self._engine.cancels.get(cancel_id)
+        """True if the cancel (or cancel-all) removed a rest, False if there was nothing to
+        remove, None if no such cancel is applied."""
+        effective = self._engine.cancels.get(cancel_id)
+        if effective is None:
+            count = self._engine.cancel_alls.get(cancel_id)
+            return None if count is None else count > 0
+        return effective
+
+    def cancelled_by(self, cancel_all_id: bytes) -> int | None:
+        """How many orders a cancel-all cancelled (None: no such cancel-all applied)."""
+        return self._engine.cancel_alls.get(cancel_all_id)
 
     def digest(self) -> bytes:
         """SHA-256 of the canonical encoding of book, fills and order states."""

@@ -564,7 +564,7 @@ def make_invalid(main_ops: list[Op], fork: dict[str, Op]) -> Json:
         stage, got = _classify(raw, ctx, market)
         # Version 2 made one version-1 case refused under another (informative) class; the file
         # keeps the class it was published with (tests/core/test_vectors.py says why).
-        now = {"unknown protocol version 2": "BadSignature"}.get(name, expect)
+        now = {"unknown protocol version 2": "MalformedOp"}.get(name, expect)
         assert got == now, f"{name}: reference says {got}, expected {now}"
         cases.append(
             {

@@ -15,6 +15,16 @@ sorting that list for every taker, no price index, no undo. It trusts its input 
   nothing;
 - self-trade prevention, "expire maker": a resting order of the taker's own author that the
   taker reaches expires (``self_trade``) and the taker goes on.
+
+Version 2 (witnessed markets, ``client_ids=True``) adds:
+
+- self-trade modes on the taker: ``expire_taker`` stops the taker at its own resting order (the
+  taker's rest expires, ``self_trade``; the maker stays), ``expire_both`` expires both; a FOK
+  with either mode counts only the other authors' quantity ahead of its own first order;
+- client order ids: a tagged order whose (author, tag) an earlier order already holds is
+  rejected (``duplicate_client_id``) and changes nothing;
+- cancel-all: every resting order of the author (with a tag starting with the prefix, if one is
+  given) is cancelled.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ class RefOrder:
     quantity: int
     tif: str
     arrival: int
+    tag: str | None = None
     remaining: int = 0
     filled: int = 0
     closed: int = 0
@@ -60,6 +71,8 @@ class RefBook:
     fills: list[RefFill] = field(default_factory=list)
     cancels: dict[bytes, bool] = field(default_factory=dict)
     arrivals: int = 0
+    client_ids: bool = False
+    held: set[tuple[bytes, str]] = field(default_factory=set)
 
     # -- matching ----------------------------------------------------------------------------
 
@@ -76,18 +89,39 @@ class RefBook:
         return (price, maker.arrival)
 
     def submit(
-        self, op_id: bytes, author: bytes, side: str, price: int, quantity: int, tif: str
+        self,
+        op_id: bytes,
+        author: bytes,
+        side: str,
+        price: int,
+        quantity: int,
+        tif: str,
+        tag: str | None = None,
+        stp: str = "expire_maker",
     ) -> None:
-        taker = RefOrder(op_id, author, side, price, quantity, tif, self.arrivals)
+        taker = RefOrder(op_id, author, side, price, quantity, tif, self.arrivals, tag)
         self.arrivals += 1
         self.orders[op_id] = taker
+        if self.client_ids and tag is not None:
+            if (author, tag) in self.held:
+                taker.status, taker.reason = "rejected", "duplicate_client_id"
+                taker.closed = quantity
+                return
+            self.held.add((author, tag))
         candidates = sorted((o for o in self.resting if self.crosses(taker, o)), key=self.priority)
 
         if tif == "post_only" and candidates:
             taker.status, taker.reason, taker.closed = "rejected", "post_only_would_take", quantity
             return
         if tif == "fok":
-            available = sum(o.remaining for o in candidates if o.author != author)
+            if stp == "expire_maker":
+                available = sum(o.remaining for o in candidates if o.author != author)
+            else:  # only what comes before its own first order
+                available = 0
+                for o in candidates:
+                    if o.author == author:
+                        break
+                    available += o.remaining
             if available < quantity:
                 taker.status, taker.reason, taker.closed = "expired", "fok_unfillable", quantity
                 return
@@ -97,11 +131,15 @@ class RefBook:
             if left == 0:
                 break
             if maker.author == author:
-                maker.closed += maker.remaining
-                maker.remaining = 0
-                maker.status, maker.reason = "expired", "self_trade"
-                self.resting.remove(maker)
-                continue
+                if stp in ("expire_maker", "expire_both"):
+                    maker.closed += maker.remaining
+                    maker.remaining = 0
+                    maker.status, maker.reason = "expired", "self_trade"
+                    self.resting.remove(maker)
+                if stp == "expire_maker":
+                    continue
+                taker.status, taker.reason, taker.closed = "expired", "self_trade", left
+                return
             qty = min(left, maker.remaining)
             left -= qty
             taker.filled += qty
@@ -137,6 +175,20 @@ class RefBook:
         order.status, order.reason = "cancelled", "cancelled"
         self.resting.remove(order)
 
+    def cancel_all(self, cancel_id: bytes, author: bytes, prefix: str | None) -> None:
+        count = 0
+        for order in list(self.resting):
+            if order.author != author:
+                continue
+            if prefix is not None and (order.tag is None or not order.tag.startswith(prefix)):
+                continue
+            order.closed += order.remaining
+            order.remaining = 0
+            order.status, order.reason = "cancelled", "cancelled"
+            self.resting.remove(order)
+            count += 1
+        self.cancels[cancel_id] = count > 0
+
     # -- views -------------------------------------------------------------------------------
 
     def levels(self, side: str) -> list[tuple[int, int, tuple[tuple[bytes, int], ...]]]:
@@ -154,11 +206,22 @@ class RefBook:
 
 def replay(ops: Iterable[Any]) -> RefBook:
     """Sort ``ops`` (crdtbook ``Op`` objects) by (Lamport, id) and match them from nothing."""
-    book = RefBook()
-    for op in sorted(ops, key=lambda o: (o.lamport, o.id)):
+    return replay_in_order(sorted(ops, key=lambda o: (o.lamport, o.id)))
+
+
+def replay_in_order(ops: Iterable[Any], client_ids: bool = False) -> RefBook:
+    """Match ``ops`` in the order given (a witnessed market's total order comes from its
+    heartbeats; the reference takes it as given and does only matching)."""
+    book = RefBook(client_ids=client_ids)
+    for op in ops:
         body = op.body
         if op.kind == "order":
-            book.submit(op.id, op.author, body.side, body.price, body.quantity, body.tif)
-        else:
+            book.submit(
+                op.id, op.author, body.side, body.price, body.quantity, body.tif, body.tag,
+                body.stp,
+            )
+        elif op.kind == "cancel":
             book.cancel(op.id, body.order_id)
+        elif op.kind == "cancel_all":
+            book.cancel_all(op.id, op.author, body.prefix)
     return book

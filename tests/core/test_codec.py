@@ -153,6 +153,7 @@ order_bodies = st.builds(
     quantity=uints,
     tif=st.sampled_from(("gtc", "ioc", "fok", "post_only")),
     tag=tags,
+    stp=st.just("expire_maker"),  # version 1 has only this mode
 )
 bodies = order_bodies | st.builds(CancelBody, order_id=ids)
 

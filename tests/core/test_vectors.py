@@ -234,10 +234,11 @@ INVALID = load("invalid.json")
 
 
 #: Version-1 cases whose refusal stays but whose reference class changed when version 2 came:
-#: "version 2" was an unknown version; it is now the witnessed version, signed under its own
-#: domain (crdtbook/op/v2), so a version-2 op signed under version 1's domain fails its signature.
+#: "version 2" was an unknown version; it is now the witnessed version, whose orders have seven
+#: items (with a self-trade mode), so this version-2 op with a six-item order is malformed (it
+#: was also signed under version 1's domain, which version 2 does not accept).
 #: The refusal is normative, the class informative (protocol.md 4.6); the file stays as it was.
-REFUSED_SINCE_VERSION_2_AS: dict[str, str] = {"unknown protocol version 2": "BadSignature"}
+REFUSED_SINCE_VERSION_2_AS: dict[str, str] = {"unknown protocol version 2": "MalformedOp"}
 
 
 @pytest.mark.parametrize("case", INVALID["cases"], ids=lambda c: c["name"][:60])
