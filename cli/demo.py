@@ -732,10 +732,11 @@ def _run(
     if not as_json:
         console.print(Columns([node_panel(nd, s, ref) for nd, s in zip(procs, snaps, strict=True)]))
     n_fills = len(snaps[0]["fills"])
+    fills_word = f"{n_fills} fill" + ("" if n_fills == 1 else "s")
     if agree:
         console.print(
-            f"[bold green]✓ all {n} nodes agree[/]: same book, same {n_fills} "
-            f"fills, digest {render.short(ref, 16)}"
+            f"[bold green]✓ all {n} nodes agree[/]: same book, same {fills_word}, "
+            f"digest {render.short(ref, 16)}"
         )
     else:
         what = [
@@ -750,7 +751,7 @@ def _run(
         console.print(f"[bold red]✗ the nodes DISAGREE[/] ({', '.join(what)} differ)")
     if finals:
         console.print(
-            f"[bold green]✓ all {n_fills} fills final on every node[/] (frontier "
+            f"[bold green]✓ all {fills_word} final on every node[/] (frontier "
             f"{snaps[0].get('frontier')}, {summary['final_elapsed']:.1f}s after the race)"
         )
     else:
