@@ -80,11 +80,9 @@ class BadWitness(InvalidOp):
 
 
 class PendingFull(Exception):
-    """The bounded buffer of ops waiting for their parents is full; the op was not kept.
-
-    Not an :class:`InvalidOp`: the op may be valid. Offer it again once its parents are known
-    (the sync protocol does this on its own).
-    """
+    """Kept for code that catches it; no longer raised. The bounded buffer of ops waiting for
+    their parents now forgets its oldest op when full (``Replica.evicted``) instead of refusing
+    the newest, so orphans that never resolve cannot hold it full for ever."""
 
 
 class OffTick(ValueError):

@@ -27,7 +27,7 @@ from typing import Final, NamedTuple
 
 from ._checkpoint import Checkpoint, encode_checkpoint, install, read_checkpoint
 from ._engine import Engine, Fill
-from ._errors import BadCancel, BadWitness, InvalidOp, InvalidParent, PendingFull, WrongMarket
+from ._errors import BadCancel, BadWitness, InvalidOp, InvalidParent, WrongMarket
 from ._finality import UNPLACED, WitnessInfo, Witnessing, check_approval
 from ._identity import Identity
 from ._limits import MAX_CLIENT_TAG_BYTES, MAX_PARENTS
@@ -119,6 +119,8 @@ class Replica:
         self._fork_at: dict[bytes, int] = {}  # author -> lowest seq with two ops (equivocation)
         #: Bumped whenever derived state may have changed; cheap change detection for watchers.
         self.version = 0
+        #: Pending ops forgotten because the buffer was full (oldest first; see ``_park``).
+        self.evicted = 0
         #: Placement and the finality frontier (witnessed markets only; specs/finality.md).
         self._fin = (
             Witnessing(market.id, market.witnesses, self._applied, self._fork_at)
@@ -138,7 +140,9 @@ class Replica:
 
         Raises:
             InvalidOp: the op is invalid (nothing changed).
-            PendingFull: its parents are missing and the pending buffer is full.
+
+        An op whose parents are missing waits in a bounded buffer (``max_pending``); when it is
+        full the op that waited longest is forgotten (``evicted`` counts them).
         """
         op = self._accept(item)
         if op is None:
@@ -159,7 +163,7 @@ class Replica:
 
     def apply_many(self, items: Iterable[Op | bytes]) -> ApplyReport:
         """Apply a batch, rewinding the matched state at most once. Never raises for bad ops:
-        they are listed in the report (a ``PendingFull`` op is reported as pending=0, dropped)."""
+        they are listed in the report."""
         applied: list[Op] = []
         pending = duplicates = 0
         invalid: list[tuple[bytes | None, InvalidOp]] = []
@@ -179,8 +183,6 @@ class Replica:
                 except InvalidOp as exc:
                     ident = item.id if isinstance(item, Op) else op_id(bytes(item))
                     invalid.append((ident, exc))
-                except PendingFull:
-                    pass
         finally:
             self._rematch()
         if applied:
@@ -247,13 +249,26 @@ class Replica:
             bad_parent = InvalidParent("a parent of this op is invalid")
             self._reject_pending_descendants(op.id, bad_parent)
             raise bad_parent
-        if len(self._pending) >= self.max_pending:
-            raise PendingFull(
-                f"{len(self._pending)} ops already wait for parents; offer this one again later"
-            )
+        while len(self._pending) >= max(1, self.max_pending):
+            self._evict_oldest_pending()
         self._pending[op.id] = op
         for parent in missing:
             self._waiting.setdefault(parent, []).append(op.id)
+
+    def _evict_oldest_pending(self) -> None:
+        """Forget the op that has waited longest for its parents (the buffer is full). It is
+        not a verdict: the op is simply unknown again, and its children that wait for it now
+        list it in ``missing()``, so sync fetches it once more when it can be applied. Oldest
+        first, so that orphans that never resolve (a peer's flood) cannot hold the buffer."""
+        ident, op = next(iter(self._pending.items()))
+        del self._pending[ident]
+        for parent in op.parents:
+            waiters = self._waiting.get(parent)
+            if waiters is not None and ident in waiters:
+                waiters.remove(ident)
+                if not waiters:
+                    del self._waiting[parent]
+        self.evicted += 1
 
     def _release(self, op: Op, applied: list[Op]) -> None:
         """Admit every pending op that ``op`` (just admitted) unblocks, and theirs in turn."""

@@ -510,7 +510,7 @@ def test_missing_lists_every_absent_parent():
     assert r.missing() == []
 
 
-def test_pending_full():
+def test_full_pending_buffer_forgets_its_oldest_op():
     src = Replica(MARKET)
     root = src.submit(ALICE, "sell", 100, 1)
     children = [src.submit(AUTHORS[i], "buy", 90, 1) for i in range(1, 5)]
@@ -518,16 +518,29 @@ def test_pending_full():
     assert r.apply(children[-1].raw) == []
     assert r.apply(children[-2].raw) == []
     digest = r.digest()
-    with pytest.raises(PendingFull):
-        r.apply(children[0].raw)
-    assert not issubclass(PendingFull, InvalidOp)
-    assert r.pending_count == 2 and not r.knows(children[0].id) and r.digest() == digest
-    report = r.apply_many([children[1].raw])  # dropped, not raised, not invalid
-    assert report.pending == 0 and report.invalid == [] and r.pending_count == 2
-    # Once parents are in, the same ops are accepted.
+    assert r.apply(children[0].raw) == []  # kept; the longest waiting one is forgotten
+    assert r.pending_count == 2 and r.evicted == 1 and r.digest() == digest
+    assert not r.knows(children[-1].id) and r.knows(children[0].id)
+    # A forgotten op is no verdict: offered again (as sync does), it is taken like any other.
     assert r.apply(root.raw)[0] == root
-    assert r.apply_many([c.raw for c in children]).applied == children
+    assert r.apply_many([c.raw for c in children]).applied != []
     assert len(r) == 5 and r.pending_count == 0 and r.digest() == src.digest()
+    assert not issubclass(PendingFull, InvalidOp)
+
+
+def test_a_forgotten_pending_parent_is_listed_missing_again():
+    src = Replica(MARKET)
+    a = src.submit(ALICE, "sell", 100, 1)
+    b = src.submit(BOB, "buy", 90, 1)  # parent: a
+    c = src.submit(ALICE, "sell", 101, 1)  # parents: b (and a)
+    r = Replica(MARKET, max_pending=1)
+    r.apply(b.raw)  # waits for a
+    r.apply(c.raw)  # waits for b, which waits for a: b is forgotten
+    assert r.evicted == 1 and r.is_pending(c.id) and not r.knows(b.id)
+    assert b.id in r.missing()
+    r.apply(a.raw)
+    r.apply(b.raw)
+    assert len(r) == 3 and r.digest() == src.digest()
 
 
 # -- idempotence and reports ------------------------------------------------------------------
