@@ -554,3 +554,57 @@ def test_watched_fills_keeps_a_bounded_tail() -> None:
         [],
     )
     assert len(sent.provisional) == WATCH_PROVISIONAL_MAX
+
+
+# -- book levels and params ------------------------------------------------------------------------
+
+
+async def test_book_levels_compare_with_the_final_book(tmp: Path) -> None:
+    ids = identities(2)
+    market = witnessed(ids[:1])
+    async with network(tmp) as net:
+        node = net.add(ids[0], market, interval=600.0)  # heartbeats only by hand here
+        trader = net.add(ids[1], market)  # not a witness
+        for price in ("101", "102", "103"):
+            await node.call("submit", side="sell", price=price, quantity="1")
+        await until(lambda: trader.ms.replica.order_count == 3)
+        await node.service.heartbeat(node.ms)
+        assert settled(node)
+        book = await node.call("book", depth=3)
+        assert [(lv["price"], lv["final"]) for lv in book["asks"]] == [
+            ("101", True),
+            ("102", True),
+            ("103", True),
+        ]
+        # Provisional: a buy takes 101 and 102; a sell rests at 104.
+        await trader.call("submit", side="buy", price="102", quantity="2")
+        await node.call("submit", side="sell", price="104", quantity="1")
+        await until(lambda: node.ms.replica.fill_count == 2)
+        for depth in (1, 2, 5):  # 1: 103 lies past the final book's top level: looked up in full
+            book = await node.call("book", depth=depth)
+            levels = [(lv["price"], lv["final"]) for lv in book["asks"]]
+            assert levels == [("103", True), ("104", False)][:depth]
+        fills = await node.call("fills")
+        assert fills["final_count"] == 0 and [f["final"] for f in fills["fills"]] == [False] * 2
+
+
+async def test_submit_checks_its_finality_params(tmp: Path) -> None:
+    ids = identities(1)
+    async with network(tmp) as net:
+        node = net.add(ids[0], witnessed(ids))
+        for timeout in (0, -1, 1e9, "soon"):
+            with pytest.raises(ControlError) as err:
+                await node.call(
+                    "submit", side="buy", price="1", quantity="1", wait_final=True, timeout=timeout
+                )
+            assert err.value.code == BAD_REQUEST
+        with pytest.raises(ControlError) as err:
+            await node.call("submit", side="buy", price="1", quantity="1", wait_final="yes")
+        assert err.value.code == BAD_REQUEST
+        assert len(node.ms.replica) == 0
+        # The only witness: final after its own heartbeat.
+        result = await node.call(
+            "submit", side="buy", price="1", quantity="1", wait_final=True, timeout=5
+        )
+        assert result["final"] is True and result["order"]["final"] is False  # it rests
+        assert result["fills"] == []
