@@ -5,12 +5,14 @@ Why this shape:
 * **One file** ``<home>/store.sqlite3`` in WAL mode.  WAL lets readers run while a batch commits
   and turns each commit into one sequential append (+ one fsync), the cheapest durable write
   SQLite offers.
-* **``synchronous=FULL``** by default: in WAL mode, ``NORMAL`` survives a crash of the *process*
-  (``kill -9``) but may lose the last commits on power loss or an OS crash, because the WAL is
-  only fsynced at checkpoints.  The node acknowledges an op to a client, or forwards it to peers,
-  only after :meth:`OpStore.add_ops` has returned, so that promise must survive power loss too:
-  ``FULL`` fsyncs the WAL on every commit.  Batching (one transaction per ``add_ops`` call)
-  amortises that fsync; run ``python -m crdtbook.node.store`` to measure both modes.
+* **Durability is the caller's choice.** The node acknowledges an op to a client, or forwards
+  it to peers, only after :meth:`OpStore.add_ops` has returned. The node opens the store with
+  ``synchronous=NORMAL`` (its default): in WAL mode a commit then reaches the OS, so a
+  ``kill -9`` of the process loses nothing acknowledged, but power loss or an OS crash may lose
+  the last commits (the WAL is fsynced at checkpoints). ``crdtbook node --fsync`` opens it with
+  ``FULL``, which fsyncs the WAL on every commit (milliseconds each; batching, one transaction
+  per ``add_ops`` call, amortises it). ``OpStore.open`` itself defaults to ``FULL``, the safe
+  choice for other callers. ``python bench/bench_store.py`` measures both modes.
 * **The store never decodes an op.**  The caller verifies signatures and extracts
   ``(id, market, lamport)``; the store keeps the raw bytes and hands them back in
   ``(lamport, id)`` order (``id`` compared bytewise, as SQLite compares BLOBs with ``memcmp``).
@@ -32,13 +34,8 @@ Why this shape:
 
 from __future__ import annotations
 
-import argparse
-import os
 import sqlite3
-import sys
-import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Literal, NamedTuple, Self
@@ -87,7 +84,8 @@ CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value BLOB
 );
--- Reserved for derived-state checkpoints (state of `market` after all ops with lamport <= upto).
+-- Derived-state checkpoints: the matched state of `market` after its first `upto` ops in total
+-- order (a count of ops, not a Lamport time). The node keeps one row per market.
 CREATE TABLE checkpoints (
     market BLOB NOT NULL,
     upto   INTEGER NOT NULL,
@@ -400,132 +398,3 @@ def _check_item(item: OpItem) -> OpItem:
     if not isinstance(lamport, int) or isinstance(lamport, bool) or lamport < 0:
         raise TypeError(f"lamport must be a non-negative int, not {lamport!r}")
     return (op_id, market, lamport, raw)
-
-
-# -- benchmark: python -m crdtbook.node.store ------------------------------------------------
-
-# Target wall time per benchmark cell: long enough to average out fsync jitter, short enough
-# that the whole table takes well under a minute.
-_BENCH_SECONDS = 2.0
-
-# Size of a benchmark op's raw bytes (a signed order op is about this big).
-_BENCH_OP_BYTES = 200
-
-
-def _bench_batches(batch: int) -> Iterator[list[OpItem]]:
-    market = b"M" * 32
-    lamport = 0
-    while True:
-        rows: list[OpItem] = []
-        for _ in range(batch):
-            lamport += 1
-            rows.append((os.urandom(32), market, lamport, os.urandom(_BENCH_OP_BYTES)))
-        yield rows
-
-
-def _bench_cell(
-    directory: Path, sync: Synchronous, batch: int, via_thread: bool
-) -> tuple[float, float]:
-    """Return (ops per second, mean milliseconds per batch) for one configuration.
-
-    Only the add_ops calls are timed (op generation is not), until they add up to
-    _BENCH_SECONDS.
-    """
-    import trio  # only the benchmark needs trio
-
-    path = directory / f"bench-{sync}-{batch}-{int(via_thread)}.sqlite3"
-    store = OpStore.open(path, synchronous=sync)
-    batches = _bench_batches(batch)
-    done = 0
-    commits = 0
-    spent = 0.0
-
-    def run_inline() -> None:
-        nonlocal done, commits, spent
-        while spent < _BENCH_SECONDS:
-            rows = next(batches)
-            start = time.perf_counter()
-            done += store.add_ops(rows)
-            spent += time.perf_counter() - start
-            commits += 1
-
-    async def run_threaded() -> None:
-        nonlocal done, commits, spent
-        while spent < _BENCH_SECONDS:
-            rows = next(batches)
-            start = time.perf_counter()
-            done += await trio.to_thread.run_sync(store.add_ops, rows)
-            spent += time.perf_counter() - start
-            commits += 1
-
-    try:
-        if via_thread:
-            trio.run(run_threaded)
-        else:
-            run_inline()
-    finally:
-        store.close()
-    return done / spent, 1000.0 * spent / commits
-
-
-def _bench_load(directory: Path, n_ops: int) -> tuple[float, float]:
-    """Return (ops per second streamed by load_market, seconds to count) for n_ops ops."""
-    store = OpStore.open(directory / "bench-load.sqlite3", synchronous="NORMAL")
-    try:
-        batches = _bench_batches(10_000)
-        left = n_ops
-        while left > 0:
-            batch = next(batches)[:left]
-            store.add_ops(batch)
-            left -= len(batch)
-        start = time.perf_counter()
-        seen = sum(1 for _ in store.load_market(b"M" * 32))
-        load_s = time.perf_counter() - start
-        start = time.perf_counter()
-        assert store.count(b"M" * 32) == seen == n_ops
-        count_s = time.perf_counter() - start
-    finally:
-        store.close()
-    return n_ops / load_s, count_s
-
-
-def _main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m crdtbook.node.store",
-        description="Measure op store write throughput (synchronous FULL vs NORMAL).",
-    )
-    parser.add_argument(
-        "--dir",
-        type=Path,
-        default=None,
-        help="directory on the filesystem to measure (default: system temp)",
-    )
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 100, 1000])
-    parser.add_argument(
-        "--load",
-        type=int,
-        default=200_000,
-        help="ops for the load_market streaming figure (0 to skip)",
-    )
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(dir=args.dir, prefix="crdtbook-bench-") as tmp:
-        directory = Path(tmp)
-        print(f"store on {directory}; ops of {_BENCH_OP_BYTES} B; {_BENCH_SECONDS:.0f} s per cell")
-        print(f"{'synchronous':<12}{'batch':>6}{'call':>10}{'ops/s':>12}{'ms/batch':>10}")
-        for sync in ("NORMAL", "FULL"):
-            for batch in args.batches:
-                for via_thread in (False, True):
-                    rate, ms = _bench_cell(directory, sync, batch, via_thread)
-                    call = "to_thread" if via_thread else "inline"
-                    print(f"{sync:<12}{batch:>6}{call:>10}{rate:>12,.0f}{ms:>10.3f}", flush=True)
-        if args.load:
-            rate, count_s = _bench_load(directory, args.load)
-            print(
-                f"load_market: {rate:,.0f} ops/s over {args.load:,} ops; "
-                f"count(): {count_s * 1000:.1f} ms"
-            )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))

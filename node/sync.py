@@ -16,7 +16,6 @@ are missing; its next session names them in ``need``.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Final, Protocol, TypeVar
 
@@ -40,7 +39,6 @@ from .wire import (
 
 __all__ = ["SyncStream", "build_request", "pull", "respond"]
 
-logger = logging.getLogger("crdtbook.node.sync")
 
 P = TypeVar("P")
 

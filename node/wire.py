@@ -1,6 +1,8 @@
 """Frames the node sends: gossip batches and sync messages (CBOR, bounded).
 
-Ops travel as their exact encoded bytes, never re-encoded, so their ids survive every hop.
+Ops travel as their canonical encoding, the one encoding a valid op has (a receiver refuses any
+other), so their ids survive every hop. Gossip sends the bytes an op was stored with; the sync
+responder rebuilds them from the op it holds (``Op.raw``), which gives the same bytes.
 
 Gossip message (one per flush of a market's outbound queue)::
 
