@@ -360,9 +360,13 @@ class ControlAdapter:
         waits = []
         for key in view.waiting_on:
             silent = ms.finality.silent_for(key, now)
-            heard = "never heard" if silent is None else f"last heard {silent:.1f} s ago"
-            me = " (this node)" if key == self.service.identity.public_key else ""
-            waits.append(f"{key.hex()[:16]}{me} {heard}")
+            heard = (
+                "no heartbeat seen since this node started"
+                if silent is None
+                else f"last heartbeat {silent:.1f} s ago"
+            )
+            me = "this node, " if key == self.service.identity.public_key else ""
+            waits.append(f"{key.hex()[:16]} ({me}{heard})")
         waiting = "; ".join(waits) or "no witness (a reconfiguration may be under way)"
         stalled = (
             f"; finality is stalled (a witness silent for over {STALL_SECONDS:.0f} s stalls it "
