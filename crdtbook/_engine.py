@@ -512,26 +512,6 @@ class Engine:
             level.live += 1
         del tape[start:]
 
-    def closed_makers(self, start: int) -> set[int]:
-        """Order numbers of the resting orders that the records from ``tape[start]`` on took
-        off the book (filled completely or expired by self-trade prevention): read, not undone.
-        Cancels are not on the tape (their undo reads the op); the caller adds their targets."""
-        tape, closed = self.tape, set()
-        i = len(tape)
-        while i > start:
-            code = tape[i - 1]
-            if code == _J_FILL_POP:
-                closed.add(tape[i - 3])
-                i -= 3
-            elif code == _J_FILL:
-                i -= 3
-            elif code in (_J_SELF_TRADE, _J_CANCEL_ONE):
-                closed.add(tape[i - 2])
-                i -= 2
-            else:  # _J_DEAD_POP, _J_PUT_LEVEL
-                i -= 2
-        return closed
-
     # -- views -------------------------------------------------------------------------------
 
     def _place(self, order: int) -> tuple[int, int]:

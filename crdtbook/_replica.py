@@ -127,7 +127,14 @@ class Replica:
             if market.witnessed
             else None
         )
-        self._final_cache: tuple[int, int, int, set[int]] | None = None
+        #: The matched state after the final prefix, fed each op once as it becomes final and
+        #: never undone (witnessed markets). Final views read it in O(1) (counts, an order's
+        #: finality) or O(book) (the final book), however long the provisional tail has grown
+        #: while a witness is silent. Order numbers are the main engine's: both process the
+        #: same prefix in the same order.
+        self._final_engine = Engine(client_ids=True) if market.witnessed else None
+        self._final_fed = 0  # how many ops of _order the final engine has processed
+        self._final_version = -1  # self.version when _final_fed was last brought up to date
 
     # -- input -------------------------------------------------------------------------------
 
@@ -350,6 +357,9 @@ class Replica:
         recompute, moved = fin.admitted(op)
         if recompute:  # a reconfiguration or a witness's fork changed what counts
             self._rewind_to(-1)
+            self._final_engine = Engine(client_ids=True)  # rebuilt on the next final view
+            self._final_fed = 0
+            self._final_version = -1
             fin.recompute()
             order.append(op)
             order.sort(key=key)
@@ -547,6 +557,13 @@ class Replica:
                 replica._matched = replica._floor = read.ops
                 replica._marks = array("q", bytes(8 * read.ops))  # never read: below the floor
                 replica.restored_from_checkpoint = read.ops
+                # A witnessed market's checkpoint covers final ops only: the final engine
+                # starts from the same state (a second copy of it, as it will diverge).
+                if replica._fin is not None and read.ops <= replica._advance_final_count():
+                    final = install(read, replica._order, True)
+                    if isinstance(final, Engine):
+                        replica._final_engine = final
+                        replica._final_fed = read.ops
             else:
                 replica.checkpoint_unused = engine  # why not
         else:
@@ -773,7 +790,7 @@ class Replica:
     @property
     def final_count(self) -> int:
         """How many ops at the start of ``ops()`` are final."""
-        return self._final_view()[0]
+        return self._advance_final()
 
     def is_final(self, op_id: bytes) -> bool:
         """Whether the op is applied and final: its place in the total order, and everything
@@ -782,7 +799,10 @@ class Replica:
 
     def final_fill_count(self) -> int:
         """The first this many of ``fills()`` are final; the others are provisional."""
-        return self._final_view()[1]
+        if self._final_engine is None:
+            return 0
+        self._advance_final()
+        return len(self._final_engine.fills)
 
     def placement(self, op_id: bytes) -> int | None:
         """The Lamport time of the heartbeat batch the op is placed in (None: not placed yet,
@@ -824,52 +844,44 @@ class Replica:
 
     def final_book(self, depth: int | None = None) -> Book:
         """The book as it stands after the final prefix: what no valid op can change."""
-        count = self.final_count
-        if count >= self._matched:
-            return book_view(self._engine, depth)
-        self._rewind_to(count)
-        try:
-            return book_view(self._engine, depth)
-        finally:
-            self._rematch()
+        if self._final_engine is None:
+            return Book((), ())
+        self._advance_final()
+        return book_view(self._final_engine, depth)
 
-    def _final_view(self) -> tuple[int, int, set[int]]:
-        """(final ops, final fills, order numbers a provisional op closed), cached per change."""
-        cached = self._final_cache
-        if cached is not None and cached[0] == self.version:
-            return cached[1], cached[2], cached[3]
-        fin = self._fin
-        if fin is None:
-            return 0, 0, set()
-        order, engine = self._order, self._engine
+    def _advance_final(self) -> int:
+        """Feed the final engine the ops that became final since it last looked; the final op
+        count. Each op is matched there once, in order, and never undone."""
+        fin, engine = self._fin, self._final_engine
+        if fin is None or engine is None:
+            return 0
+        if self._final_version == self.version:
+            return self._final_fed
+        order = self._order
         count = fin.final_count(order)
-        if count < self._floor:  # no undo records there (restored): derive them once
-            self._rewind_to(-1)
-            self._rematch()
-        fills = engine.fills
-        final_fills = len(fills)
-        is_final = fin.is_final
-        while final_fills and not is_final(fills[final_fills - 1][0]):
-            final_fills -= 1
-        closed: set[int] = set()
-        if count < self._matched:
-            closed = engine.closed_makers(self._marks[count])
-            for op in order[count : self._matched]:
-                body = op.body
-                if type(body) is CancelBody and engine.cancels.get(op.id):
-                    closed.add(engine.orders[body.order_id])
-        self._final_cache = (self.version, count, final_fills, closed)
-        return count, final_fills, closed
+        if count < self._final_fed:  # only a lying witness can take back what was final
+            engine = self._final_engine = Engine(client_ids=True)
+            self._final_fed = 0
+        process = engine.process
+        for index in range(self._final_fed, count):
+            process(order[index])
+        engine.tape.clear()  # nothing here is ever undone
+        self._final_fed = count
+        self._final_version = self.version
+        return count
+
+    def _advance_final_count(self) -> int:
+        """The final op count, without feeding the final engine (for ``restore``)."""
+        return 0 if self._fin is None else self._fin.final_count(self._order)
 
     def _order_final(self, number: int) -> bool:
-        """Order number ``number``'s state is final: placed in the final prefix, finished there,
-        and not closed by a provisional op."""
-        if self._fin is None:
+        """Order number ``number``'s state is final: it ended (filled, cancelled, expired,
+        rejected) within the final prefix, so no later op can touch it."""
+        engine = self._final_engine
+        if engine is None:
             return False
-        engine = self._engine
-        if engine.states[number] & 7 <= 1 or not self._fin.is_final(engine.ids[number]):
-            return False  # resting (open or partially filled: later ops can fill it), or not final
-        return number not in self._final_view()[2]
+        self._advance_final()
+        return number < len(engine.ids) and engine.states[number] & 7 > 1
 
     def cancel_effective(self, cancel_id: bytes) -> bool | None:
         """True if the cancel (or cancel-all) removed a rest, False if there was nothing to
