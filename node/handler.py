@@ -6,6 +6,7 @@ import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from itertools import islice
 from typing import Any, Final
 
 import trio
@@ -559,11 +560,19 @@ class ControlAdapter:
         with_digest = optional_param(params, "digest", bool, True)
         interval = optional_param(params, "interval", float, WATCH_MIN_INTERVAL)
         interval = min(max(interval, 0.005), 10.0)
+        with_finalized = optional_param(params, "finalized", bool, False)
         yield {"watching": ms.market.name}
         sent = WatchedFills(ms)
+        final_ops = ms.replica.final_count
         async for applied, dropped in self.service.changes(ms, interval):
             fills, revoked, became_final = sent.update()
             final = sent.final
+            extra: dict[str, Any] = {}
+            if with_finalized:  # the ids of the ops that became final (they never change)
+                now_final = ms.replica.final_count
+                newly = islice(ms.replica.iter_ops(final_ops), max(0, now_final - final_ops))
+                extra["finalized"] = [op.id.hex() for op in newly]
+                final_ops = max(final_ops, now_final)
             yield {
                 "event": "update",
                 "market": ms.market.name,
@@ -575,6 +584,7 @@ class ControlAdapter:
                 "became_final": became_final,
                 "applied": [ident.hex() for ident in applied],
                 "dropped": dropped,
+                **extra,
             }
 
 

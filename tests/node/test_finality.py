@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -496,6 +497,38 @@ async def test_watch_reports_fills_turning_final(tmp: Path) -> None:
             assert all(e["revoked"] == [] for e in seen)
         finally:
             await events.aclose()  # type: ignore[attr-defined]
+
+
+async def test_watch_lists_the_ops_that_became_final_when_asked(tmp: Path) -> None:
+    ids = identities(2)
+    market = witnessed(ids)
+    async with network(tmp) as net:
+        a, b = net.add(ids[0], market, interval=0.2), net.add(ids[1], market, interval=0.2)
+        plain = a.adapter.watch({"interval": 0.005})
+        events = a.adapter.watch({"interval": 0.005, "finalized": True})
+        try:
+            assert await events.__anext__() == {"watching": "W"}
+            assert await plain.__anext__() == {"watching": "W"}
+            sell = await a.call("submit", side="sell", price="100", quantity="5")
+            buy = await b.call("submit", side="buy", price="100", quantity="2")
+            finalized: list[str] = []
+            with trio.fail_after(10):
+                while not {sell["order"]["id"], buy["order"]["id"]} <= set(finalized):
+                    finalized += (await events.__anext__())["finalized"]
+            # Each op once, in the total order, and exactly the final prefix so far.
+            ops = [op.id.hex() for op in a.ms.replica.ops()]
+            assert finalized == ops[: len(finalized)]
+            # Not asked for: not there. (A stream starts listening at its first event read.)
+            with trio.fail_after(10):
+                listening = plain.__anext__()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(
+                        partial(b.call, "submit", side="buy", price="90", quantity="1")
+                    )
+                    assert "finalized" not in await listening
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+            await plain.aclose()  # type: ignore[attr-defined]
 
 
 class _Fakes:
