@@ -73,6 +73,7 @@ __all__ = [
     "FrameStream",
     "FrameTooLarge",
     "GossipMessage",
+    "ListenError",
     "Network",
     "NetworkConfig",
     "P2PError",
@@ -146,6 +147,34 @@ def _install_drop_counter() -> None:
 _install_drop_counter()
 
 
+# libp2p 0.8.1 opens every TCP listen socket with SO_REUSEPORT (for DCUtR hole punching, which
+# this node does not use). On Linux that lets a second process listen on a port another one
+# already listens on, when both set it: a second node started on a busy port came up, printed
+# "listening on" and split the incoming connections with the first. Listen sockets here set
+# SO_REUSEADDR only (a restart may still reuse a port in TIME_WAIT), so the kernel refuses a
+# port in use, whatever flags its owner set.
+
+
+def _install_exclusive_listen() -> None:
+    import socket as stdlib_socket
+
+    import libp2p.transport.tcp.tcp as tcp_module
+
+    original = tcp_module._set_reuse_flags
+    if getattr(original, "_crdtbook_original", None) is not None:
+        return
+
+    def set_reuse_addr_only(sock: trio.socket.SocketType) -> None:
+        with suppress(OSError):
+            sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
+
+    set_reuse_addr_only._crdtbook_original = original  # type: ignore[attr-defined]
+    tcp_module._set_reuse_flags = set_reuse_addr_only
+
+
+_install_exclusive_listen()
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -179,6 +208,10 @@ class FrameError(StreamError):
 
 class FrameTooLarge(FrameError):
     """A frame's announced length exceeds the reader's ``max_size``."""
+
+
+class ListenError(P2PError, OSError):
+    """A listen address could not be opened (in use, not an address of this machine, ...)."""
 
 
 # ----------------------------------------------------------------------- data types
@@ -266,6 +299,38 @@ def _parse_peer_id(peer_id: str) -> ID:
         return ID.from_base58(peer_id)
     except Exception as exc:
         raise ValueError(f"invalid peer id: {peer_id!r}") from exc
+
+
+# ------------------------------------------------------------------- addresses
+
+
+def _listen_failure(host: IHost, requested: Sequence[Multiaddr]) -> ListenError | None:
+    """The error for the first requested address libp2p did not open, or None. (libp2p's
+    swarm only logs a listen failure at DEBUG and carries on, listening on nothing.)"""
+    opened = getattr(host.get_network(), "listeners", {})
+    for maddr in requested:
+        if str(maddr) not in opened:
+            return ListenError(f"cannot listen on {maddr}: {_why_not_listening(maddr)}")
+    return None
+
+
+def _why_not_listening(maddr: Multiaddr) -> str:
+    """Ask the kernel why ``maddr`` cannot be bound (``address already in use``, ...)."""
+    import socket as stdlib_socket
+
+    names = [p.name for p in maddr.protocols()]
+    if len(names) != 2 or names[0] not in ("ip4", "ip6") or names[1] != "tcp":
+        return "this node listens on /ip4|ip6/ADDRESS/tcp/PORT only"
+    ip6 = names[0] == "ip6"
+    family = stdlib_socket.AF_INET6 if ip6 else stdlib_socket.AF_INET
+    host = str(maddr.value_for_protocol(names[0]))
+    try:
+        with stdlib_socket.socket(family, stdlib_socket.SOCK_STREAM) as probe:
+            probe.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
+            probe.bind((host, int(maddr.value_for_protocol("tcp"))))
+    except OSError as exc:
+        return (exc.strerror or str(exc)).lower()
+    return "libp2p could not open it (run with -vvv to see why)"
 
 
 # ------------------------------------------------------------------------- streams
@@ -920,7 +985,11 @@ async def open_network(
 ) -> AsyncIterator[Network]:
     """Start a node whose identity is the ed25519 ``seed`` (32 bytes; same seed, same
     peer id) listening on the TCP multiaddrs ``listen`` (port 0 picks a free port;
-    :meth:`Network.addrs` reports the real ones).  Shuts everything down on exit."""
+    :meth:`Network.addrs` reports the real ones).  Shuts everything down on exit.
+
+    Raises :class:`ListenError` (before yielding) when an address cannot be opened, e.g.
+    its port is in use: listen sockets are exclusive (no SO_REUSEPORT), so two nodes never
+    share a port."""
     if len(seed) != 32:
         raise ValueError("seed must be 32 bytes")
     cfg = config or NetworkConfig()
@@ -950,26 +1019,33 @@ async def open_network(
     )
     net = Network(host, router, cfg)
     # Start bottom-up (host, pubsub, router, DHT, our tasks); exit unwinds top-down.
+    failure: ListenError | None = None
     try:
         async with _suppress_shutdown_races(), AsyncExitStack() as stack:
             await stack.enter_async_context(host.run(listen_addrs))
-            await stack.enter_async_context(background_trio_service(net._pubsub))
-            await stack.enter_async_context(background_trio_service(router))
-            with trio.fail_after(cfg.call_timeout):
-                await net._pubsub.wait_until_ready()
-            await stack.enter_async_context(background_trio_service(net._dht))
-            nursery = await stack.enter_async_context(trio.open_nursery())
-            net._nursery = nursery
-            nursery.start_soon(net._housekeeping)
-            try:
-                yield net
-            finally:
-                net._begin_shutdown()
-                nursery.cancel_scope.cancel()
+            # Raised after the host has stopped: raised in here, libp2p's nurseries would
+            # wrap it in exception groups.
+            failure = _listen_failure(host, listen_addrs)
+            if failure is None:
+                await stack.enter_async_context(background_trio_service(net._pubsub))
+                await stack.enter_async_context(background_trio_service(router))
+                with trio.fail_after(cfg.call_timeout):
+                    await net._pubsub.wait_until_ready()
+                await stack.enter_async_context(background_trio_service(net._dht))
+                nursery = await stack.enter_async_context(trio.open_nursery())
+                net._nursery = nursery
+                nursery.start_soon(net._housekeeping)
+                try:
+                    yield net
+                finally:
+                    net._begin_shutdown()
+                    nursery.cancel_scope.cancel()
     finally:
         net._begin_shutdown()
         with suppress(Exception):
             net._pubsub.seen_messages.stop()  # joins libp2p's sweeper thread
+    if failure is not None:
+        raise failure
 
 
 def _expand_wildcards(addrs: list[Multiaddr]) -> list[Multiaddr]:
