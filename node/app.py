@@ -53,6 +53,9 @@ SYNC_SESSION_TIMEOUT: Final = 120.0
 NOT_FOLLOWING_BACKOFF: Final = 60.0
 #: Discovery: look for providers of our markets this often once settled (faster at start).
 DISCOVERY_INTERVAL: Final = 10.0
+#: A bootstrap peer still unreachable after this many attempts gets a WARNING (shown without -v):
+#: until it, or another peer, answers, this node trades alone.
+BOOTSTRAP_WARN_AFTER: Final = 3
 SUMMARY_INTERVAL: Final = 60.0
 
 
@@ -166,14 +169,30 @@ def _say(text: str) -> None:
 
 
 async def _main(config: NodeConfig) -> int:
-    from .p2p import NetworkConfig, open_network  # libp2p import costs ~0.7 s: only here
+    # libp2p import costs ~0.7 s: only here
+    from .p2p import (
+        NetworkConfig,
+        check_bootstrap_addr,
+        check_listen_addr,
+        open_network,
+        peer_id_of_seed,
+    )
 
     set_library_log_levels(config.verbose)
+    # Addresses that can never work are refused before anything is created or opened.
+    for addr in config.listen:
+        check_listen_addr(addr)
+    bootstrap_ids = {addr: check_bootstrap_addr(addr) for addr in config.bootstrap}
 
     home = Path(config.home).expanduser()
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     lock_fd = lock_home(home)
     identity, created = load_or_create_identity(home)
+    own_id = peer_id_of_seed(identity.seed)
+    for addr, peer in bootstrap_ids.items():
+        if peer == own_id:
+            os.close(lock_fd)
+            raise ValueError(f"bootstrap address {addr!r} is this node itself ({home})")
     markets = [Market.parse(spec) for spec in (config.markets or [DEFAULT_MARKET])]
     # NORMAL: durable across a crash of the node (kill -9); FULL: across power loss too.
     store = OpStore.open(home, synchronous="FULL" if config.fsync else "NORMAL")
@@ -220,6 +239,8 @@ class _Node:
         self._urgent: set[str] = set()
         #: (peer, market) -> heads that peer named in its last answer and we did not get.
         self._wanted: dict[tuple[str, bytes], list[bytes]] = {}
+        #: Bootstrap address -> (failed attempts in a row, why the first one failed).
+        self._bootstrap_failures: dict[str, tuple[int, str]] = {}
 
     async def run(
         self, home: Path, created: bool, loaded: dict[str, int], load_seconds: float
@@ -438,14 +459,38 @@ class _Node:
             delay = min(DISCOVERY_INTERVAL, delay * 2)
 
     async def _bootstrap(self) -> None:
+        from .p2p import P2PError
+
         connected = set(self.net.connected_peers())
         for addr in self.config.bootstrap:
             if any(addr.endswith(f"/p2p/{p}") for p in connected):
+                self._bootstrap_reached(addr)
                 continue
             try:
                 await self.net.connect(addr)
-            except Exception as exc:
-                logger.info("bootstrap %s not reachable yet: %s", addr, exc)
+            except P2PError as exc:
+                # Later attempts often fail on libp2p's cache of failed dials: keep the first
+                # reason, the one that says what is wrong.
+                failures, first = self._bootstrap_failures.get(addr, (0, str(exc)))
+                self._bootstrap_failures[addr] = (failures + 1, first)
+                if failures + 1 == BOOTSTRAP_WARN_AFTER:
+                    logger.warning(
+                        "bootstrap peer %s is still unreachable after %d attempts (%s); "
+                        "retrying in the background",
+                        addr,
+                        failures + 1,
+                        first,
+                    )
+                else:
+                    logger.info("bootstrap %s not reachable yet: %s", addr, exc)
+            except Exception:
+                logger.exception("connecting to bootstrap %s failed", addr)
+            else:
+                self._bootstrap_reached(addr)
+
+    def _bootstrap_reached(self, addr: str) -> None:
+        if self._bootstrap_failures.pop(addr, (0, ""))[0] >= BOOTSTRAP_WARN_AFTER:
+            logger.warning("bootstrap peer %s is reachable now", addr)
 
     async def _summary_loop(self) -> None:
         while True:

@@ -84,7 +84,10 @@ __all__ = [
     "StreamError",
     "StreamHandler",
     "Validator",
+    "check_bootstrap_addr",
+    "check_listen_addr",
     "open_network",
+    "peer_id_of_seed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -302,6 +305,78 @@ def _parse_peer_id(peer_id: str) -> ID:
 
 
 # ------------------------------------------------------------------- addresses
+
+_LISTEN_FORM: Final = "/ip4/ADDRESS/tcp/PORT or /ip6/ADDRESS/tcp/PORT"
+_DIAL_FORM: Final = "/ip4/HOST/tcp/PORT/p2p/PEER_ID"
+_IP: Final = ("ip4", "ip6")
+_DIAL_HOST: Final = ("ip4", "ip6", "dns", "dns4", "dns6")
+#: Multihash codes of peer ids: the key itself (ed25519 ids, 12D3KooW...) or its sha2-256.
+_IDENTITY, _SHA256 = 0x00, 0x12
+
+
+def _multiaddr(addr: str, what: str, form: str) -> Multiaddr:
+    try:
+        return Multiaddr(addr)
+    except Exception as exc:  # multiaddr raises ValueError subclasses, and others on odd input
+        detail = " ".join(str(exc).split())
+        raise ValueError(
+            f"{what} {addr!r} is not a multiaddr ({detail}); expected {form}"
+        ) from None
+
+
+def check_listen_addr(addr: str) -> None:
+    """Raise ``ValueError`` (one line) unless this node can listen on ``addr``: TCP on an IP
+    address, nothing more (this stack has no UDP/QUIC or WebSocket transport)."""
+    names = [p.name for p in _multiaddr(addr, "listen address", _LISTEN_FORM).protocols()]
+    if len(names) == 2 and names[0] in _IP and names[1] == "tcp":
+        return
+    if "udp" in names or "quic" in names or "quic-v1" in names:
+        reason = "crdtbook listens on TCP only"
+    elif names[:1] and names[0] not in _IP:
+        reason = "listening needs an IP address of this machine (or 0.0.0.0 / ::)"
+    elif "p2p" in names:
+        reason = "a listen address has no /p2p part (the peer id is this node's own)"
+    else:
+        reason = "not a plain TCP address"
+    raise ValueError(f"cannot listen on {addr!r}: {reason}; use {_LISTEN_FORM}")
+
+
+def check_bootstrap_addr(addr: str) -> str:
+    """Return the peer id in the bootstrap address ``addr``, or raise ``ValueError`` (one line)
+    when no dial to it can ever succeed: not a multiaddr, no transport this node dials (TCP to
+    an IP address or a DNS name), port 0, or no valid ``/p2p/<peer id>`` at the end (Noise
+    authenticates the peer against that id, and a dial without one is refused)."""
+    names = [p.name for p in _multiaddr(addr, "bootstrap address", _DIAL_FORM).protocols()]
+    what = f"bootstrap address {addr!r}"
+    if not names or names[-1] != "p2p":
+        raise ValueError(
+            f"{what} does not end in /p2p/<peer id>; `crdtbook id` on that node prints its "
+            f"full addresses ({_DIAL_FORM})"
+        )
+    if len(names) != 3 or names[0] not in _DIAL_HOST or names[1] != "tcp":
+        raise ValueError(f"{what} is not a TCP address: crdtbook dials TCP only ({_DIAL_FORM})")
+    info = info_from_p2p_addr(Multiaddr(addr))
+    if Multiaddr(addr).value_for_protocol("tcp") == "0":
+        raise ValueError(f"{what} has port 0, which nothing listens on")
+    if not _is_peer_id(info.peer_id):
+        raise ValueError(f"{what} ends in a malformed peer id (cut short when copied?)")
+    return info.peer_id.to_base58()
+
+
+def peer_id_of_seed(seed: bytes) -> str:
+    """The peer id a node with the ed25519 ``seed`` has (as :func:`open_network` gives it)."""
+    if len(seed) != 32:
+        raise ValueError("seed must be 32 bytes")
+    return ID.from_pubkey(create_new_key_pair(seed).public_key).to_base58()
+
+
+def _is_peer_id(peer: ID) -> bool:
+    """Whether ``peer`` is well formed: an inlined public key (identity multihash: ed25519
+    ids, 12D3KooW...) that decodes, or a sha2-256 multihash of one (Qm...)."""
+    raw = peer.to_bytes()
+    if raw[:1] == bytes([_IDENTITY]):
+        return peer.extract_public_key() is not None
+    return raw[:2] == bytes([_SHA256, 32]) and len(raw) == 34
 
 
 def _listen_failure(host: IHost, requested: Sequence[Multiaddr]) -> ListenError | None:
@@ -987,11 +1062,13 @@ async def open_network(
     peer id) listening on the TCP multiaddrs ``listen`` (port 0 picks a free port;
     :meth:`Network.addrs` reports the real ones).  Shuts everything down on exit.
 
-    Raises :class:`ListenError` (before yielding) when an address cannot be opened, e.g.
-    its port is in use: listen sockets are exclusive (no SO_REUSEPORT), so two nodes never
-    share a port."""
+    Raises ``ValueError`` for an address that is not ``/ip4|ip6/ADDRESS/tcp/PORT`` and
+    :class:`ListenError` (before yielding) when one cannot be opened, e.g. its port is in
+    use: listen sockets are exclusive (no SO_REUSEPORT), so two nodes never share a port."""
     if len(seed) != 32:
         raise ValueError("seed must be 32 bytes")
+    for addr in listen:
+        check_listen_addr(addr)
     cfg = config or NetworkConfig()
     key_pair = create_new_key_pair(seed)
     listen_addrs = [Multiaddr(a) for a in listen]

@@ -1,4 +1,4 @@
-"""Listen addresses: a port is never shared, and one that cannot be opened fails the start.
+"""Listen and bootstrap addresses: what the network refuses, and that a port is never shared.
 
 py-libp2p 0.8.1 opens TCP listen sockets with SO_REUSEPORT, and its swarm only logs a failed
 listen at DEBUG: a node started on a port another node listened on came up on it (both sockets
@@ -19,9 +19,17 @@ import libp2p.transport.tcp.tcp as libp2p_tcp
 import pytest
 import trio
 
-from crdtbook.node.p2p import ListenError, NetworkConfig, open_network
+from crdtbook.node.p2p import (
+    ListenError,
+    NetworkConfig,
+    check_bootstrap_addr,
+    check_listen_addr,
+    open_network,
+    peer_id_of_seed,
+)
 
 FAST = NetworkConfig(heartbeat_interval=0.2, call_timeout=5.0, dial_timeout=5.0)
+PEER = peer_id_of_seed(hashlib.sha256(b"peer").digest())
 
 
 def seed(name: str) -> bytes:
@@ -110,3 +118,62 @@ async def test_one_busy_address_among_several_fails_the_start() -> None:
         with pytest.raises(ListenError, match=f"{busy}: address already in use"):
             async with open_network(seed("n"), ["/ip4/127.0.0.1/tcp/0", busy], config=FAST):
                 pytest.fail("started with one listen address missing")
+
+
+@pytest.mark.parametrize(
+    "addr", ["/ip4/127.0.0.1/tcp/4001", "/ip4/0.0.0.0/tcp/0", "/ip6/::1/tcp/0", "/ip6/::/tcp/1"]
+)
+def test_listen_addresses_accepted(addr: str) -> None:
+    check_listen_addr(addr)
+
+
+@pytest.mark.parametrize(
+    ("addr", "reason"),
+    [
+        ("/ip4/127.0.0.1/udp/4001", "TCP only"),
+        ("/ip4/127.0.0.1/udp/4001/quic-v1", "TCP only"),
+        ("garbage", "is not a multiaddr"),
+        ("", "not a plain TCP address"),
+        ("/ip4/127.0.0.1/tcp/99999", "is not a multiaddr"),
+        ("/dns4/localhost/tcp/4001", "needs an IP address"),
+        (f"/ip4/127.0.0.1/tcp/4001/p2p/{PEER}", "no /p2p part"),
+        ("/ip4/127.0.0.1/tcp/4001/ws", "not a plain TCP address"),
+    ],
+)
+async def test_listen_addresses_refused(addr: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason) as refused:
+        check_listen_addr(addr)
+    assert "\n" not in str(refused.value)
+    with trio.fail_after(10), pytest.raises(ValueError, match=reason):
+        async with open_network(seed("n"), [addr], config=FAST):
+            pytest.fail("started on an address it cannot listen on")
+
+
+@pytest.mark.parametrize(
+    "addr",
+    [
+        f"/ip4/127.0.0.1/tcp/4001/p2p/{PEER}",
+        f"/ip6/::1/tcp/4001/p2p/{PEER}",
+        f"/dns4/node.example/tcp/4001/p2p/{PEER}",
+        "/ip4/10.0.0.5/tcp/4001/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N",
+    ],
+)
+def test_bootstrap_addresses_accepted(addr: str) -> None:
+    assert check_bootstrap_addr(addr) == addr.rsplit("/", 1)[1]
+
+
+@pytest.mark.parametrize(
+    ("addr", "reason"),
+    [
+        ("garbage", "is not a multiaddr"),
+        ("/ip4/127.0.0.1/tcp/4001", r"does not end in /p2p/<peer id>"),
+        (f"/p2p/{PEER}", "is not a TCP address"),
+        (f"/ip4/127.0.0.1/udp/4001/quic-v1/p2p/{PEER}", "is not a TCP address"),
+        (f"/ip4/127.0.0.1/tcp/0/p2p/{PEER}", "port 0"),
+        (f"/ip4/127.0.0.1/tcp/4001/p2p/{PEER[:12]}", "malformed peer id"),
+    ],
+)
+def test_bootstrap_addresses_refused(addr: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason) as refused:
+        check_bootstrap_addr(addr)
+    assert "\n" not in str(refused.value)
