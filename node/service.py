@@ -494,8 +494,10 @@ class NodeService:
 
     async def heartbeat(self, ms: MarketState) -> Op:
         """Sign a heartbeat acknowledging everything the replica holds (this node must be a
-        witness in force: else ``BadWitness``), and send it like any own op."""
-        op = ms.replica.heartbeat(self.identity)
+        witness in force: else ``BadWitness``), and send it like any own op. It carries the
+        node's wall clock, which becomes the batch's witnessed time (a label, never an input to
+        the order)."""
+        op = ms.replica.heartbeat(self.identity, time_ms=time.time_ns() // 1_000_000)
         await self._publish_own(ms, op)
         return op
 
