@@ -123,10 +123,11 @@ def rank_by_spec(replica: Replica, op: Op) -> int:
     """An op's rank from specs/finality.md section 4, computed from public views only."""
     point = replica.placement(op.id)
     assert point is not None
+    # The batch's counted heartbeats: a counted heartbeat is placed at its own Lamport time (one
+    # that does not count is placed, if at all, by a later heartbeat: a larger time).
     beats = sorted(
         h.id for h in replica.ops()
         if h.kind == "heartbeat" and h.lamport == point and replica.placement(h.id) == point
-        and h.author in replica.witnesses()
     )
     seed = hashlib.sha256(BATCH_DOMAIN + b"".join(beats)).digest()
     value = int.from_bytes(hashlib.sha256(seed + op.id).digest()[:8], "big")

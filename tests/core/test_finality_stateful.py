@@ -378,12 +378,12 @@ class WitnessedNetwork(RuleBasedStateMachine):
             for ident, time in self.shown_times[at].items():
                 assert replica.witnessed_time(ident) == time, "a final op's witnessed time moved"
             # Across replicas and time: one final order of ops, one of fills.
-            short, long = sorted((prefix, agreed_prefix), key=len)
-            assert long[: len(short)] == short, "two replicas' final prefixes differ"
-            agreed_prefix = long
-            short, long = sorted((fills, agreed_fills), key=len)
-            assert long[: len(short)] == short, "two replicas' final fills differ"
-            agreed_fills = long
+            short_ids, long_ids = sorted((prefix, agreed_prefix), key=len)
+            assert long_ids[: len(short_ids)] == short_ids, "two replicas' final prefixes differ"
+            agreed_prefix = long_ids
+            short_fills, long_fills = sorted((fills, agreed_fills), key=len)
+            assert long_fills[: len(short_fills)] == short_fills, "two replicas' final fills differ"
+            agreed_fills = long_fills
             views.append((prefix, fills, final_orders(replica)))
         self.global_prefix, self.global_fills = agreed_prefix, agreed_fills
         for at, (prefix, fills, orders) in enumerate(views):
