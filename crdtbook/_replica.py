@@ -59,6 +59,10 @@ __all__ = ["ApplyReport", "Replica"]
 #: Ops waiting for parents. Enough for a gap of several seconds at thousands of ops/s; past it
 #: the sync protocol offers the ops again once their parents are in.
 DEFAULT_MAX_PENDING: Final = 100_000
+#: A witnessed replica drops the undo records of final ops (nothing ever rewinds below the
+#: frontier) once this many have piled up: the tape is the largest per-op structure (~140 B/op),
+#: and trimming costs a pass over the provisional tail, so it is done in steps, not per op.
+TRIM_FINAL_UNDO_AFTER: Final = 4096
 #: Invalid op ids remembered so that a re-sent invalid op is refused without a signature check,
 #: and its descendants are refused at once. Oldest forgotten first.
 MAX_INVALID_REMEMBERED: Final = 10_000
@@ -134,6 +138,7 @@ class Replica:
         #: same prefix in the same order.
         self._final_engine = Engine(client_ids=True) if market.witnessed else None
         self._final_fed = 0  # how many ops of _order the final engine has processed
+        self._placed_since_trim = False  # a counted heartbeat moved the frontier, maybe
         self._final_version = -1  # self.version when _final_fed was last brought up to date
 
     # -- input -------------------------------------------------------------------------------
@@ -165,6 +170,8 @@ class Replica:
         finally:
             if self._matched != len(self._order):
                 self._rematch()
+            if self._placed_since_trim:
+                self._trim_final_undo()
         self.version += 1
         return applied
 
@@ -192,6 +199,8 @@ class Replica:
                     invalid.append((ident, exc))
         finally:
             self._rematch()
+            if self._placed_since_trim:
+                self._trim_final_undo()
         if applied:
             self.version += 1
         return ApplyReport(applied, pending, duplicates, invalid)
@@ -384,11 +393,30 @@ class Replica:
             if other is not op:
                 low = min(low, bisect_left(order, key(other), key=key))
         self._rewind_to(low)
+        self._placed_since_trim = True
         fin.commit_placement(op, moved)
         tail = order[low:]
         tail.append(op)
         tail.sort(key=key)
         order[low:] = tail
+
+    def _trim_final_undo(self) -> None:
+        """Drop the undo records of final ops (witnessed markets): raise the undo floor to the
+        final prefix. Only a lying witness could make the replica rewind below it, and then it
+        derives from scratch, as below any floor."""
+        self._placed_since_trim = False
+        fin = self._fin
+        if fin is None or self._deferred:
+            return
+        final = min(fin.final_count(self._order), self._matched)
+        if final - self._floor < TRIM_FINAL_UNDO_AFTER:
+            return
+        marks = self._marks
+        start = marks[final] if final < self._matched else len(self._engine.tape)
+        del self._engine.tape[:start]
+        if start:
+            marks[final:] = array("q", [mark - start for mark in marks[final:]])
+        self._floor = final
 
     def _track_author(self, op: Op) -> None:
         author = op.author
