@@ -374,12 +374,13 @@ class Witnessing:
     def _rank_batch(self, point: int) -> list[Op]:
         """Rank the ops placed at ``point``: parents in the batch first (ascending Lamport)."""
         applied, rank, placement = self.applied, self.rank, self.placement
-        seed = hashlib.sha256(BATCH_DOMAIN + b"".join(sorted(self.heartbeats_at[point])))
+        # specs/finality.md section 4: seed(P) = SHA-256(domain || sorted heartbeat ids), and
+        # each op's hash SHA-256(seed(P) || op id), first 8 bytes big-endian.
+        seed = hashlib.sha256(BATCH_DOMAIN + b"".join(sorted(self.heartbeats_at[point]))).digest()
+        sha256 = hashlib.sha256
         ops = sorted((applied[i] for i in self.batches[point]), key=lambda o: (o.lamport, o.id))
         for op in ops:
-            hasher = seed.copy()
-            hasher.update(op.id)
-            value = int.from_bytes(hasher.digest()[:8], "big")
+            value = int.from_bytes(sha256(seed + op.id).digest()[:8], "big")
             for parent in op.parents:
                 if placement.get(parent) == point:
                     parent_rank = rank[parent]

@@ -561,12 +561,6 @@ def test_parents_in_the_batch_come_first() -> None:
         assert len({r.placement(op.id) for op in chain + others}) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: _finality._rank_batch hashes BATCH_DOMAIN || heartbeat ids || op id in one "
-    "SHA-256; specs/finality.md section 4 says SHA-256(seed(P) || op id) with seed(P) itself a "
-    "SHA-256 (reported to the lead; one of the two must change before vectors are final)",
-)
 def test_batch_ranks_follow_the_spec_formula() -> None:
     """specs/finality.md section 4: seed(P) = SHA-256("crdtbook/batch/v2" || 0x00 || sorted
     heartbeat ids), rank(X) = uint64_be(SHA-256(seed(P) || X.id)[0:8]) (raised to its parents'
