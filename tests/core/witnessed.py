@@ -134,9 +134,23 @@ def assert_matches_reference_in_order(replica: Replica) -> None:
 
 
 def assert_final_book(replica: Replica) -> None:
-    """``final_book()`` is the book the final prefix alone derives."""
+    """``final_book()``, the final fills and the final order states are what the final prefix
+    alone derives (specs/finality.md section 6: an order is final iff it is in the final prefix
+    and finished at its end)."""
     ref = replay(replica.ops()[: replica.final_count])
     assert book_levels(replica.final_book()) == (ref.levels("buy"), ref.levels("sell"))
+    assert [(f.taker, f.maker, f.price, f.quantity) for f in replica.fills()][
+        : replica.final_fill_count()
+    ] == [(f.taker, f.maker, f.price, f.quantity) for f in ref.fills]
+    for state in replica.orders():
+        want = ref.orders.get(state.id)
+        finished = want is not None and want.status not in LIVE
+        assert state.final == finished, (state, want)
+        if finished:
+            assert want is not None
+            assert (state.status, state.reason, state.remaining, state.filled, state.closed) == (
+                want.status, want.reason, want.remaining, want.filled, want.closed,
+            )
 
 
 def assert_finality_consistent(replica: Replica) -> None:
