@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,20 +18,51 @@ from crdtbook.node.client import ControlClient, NodeNotRunning
 
 MARKET = "DEMO:1:1"
 START_TIMEOUT = 30.0
+#: ``python -c`` body that runs a node from a JSON NodeConfig (fields the CLI does not offer).
+_LAUNCHER = (
+    "import json, sys; from pathlib import Path; "
+    "from crdtbook.node.app import NodeConfig, run_node; "
+    "c = json.loads(sys.argv[1]); c['home'] = Path(c['home']); "
+    "sys.exit(run_node(NodeConfig(**c)))"
+)
 
 
 class NodeProcess:
-    def __init__(self, home: Path, bootstrap: list[str] | None = None, market: str = MARKET):
+    def __init__(
+        self,
+        home: Path,
+        bootstrap: list[str] | None = None,
+        market: str = MARKET,
+        *,
+        listen: str = "/ip4/127.0.0.1/tcp/0",
+        prefix: Sequence[str] = (),
+        config: dict[str, Any] | None = None,
+    ):
+        """``prefix`` runs the node under another command (e.g. ``ip netns exec NAME``);
+        ``config`` sets NodeConfig fields the CLI does not offer (the node then starts
+        through ``run_node`` instead of the CLI)."""
         self.home = home
         self.bootstrap = bootstrap or []
         self.market = market
+        self.listen = listen
+        self.prefix = list(prefix)
+        self.config = config
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = home.parent / f"{home.name}.log"
 
-    def start(self) -> NodeProcess:
-        self.home.mkdir(parents=True, exist_ok=True)
-        (self.home / "node.json").unlink(missing_ok=True)
+    def command(self) -> list[str]:
+        if self.config is not None:
+            config = {
+                "home": str(self.home),
+                "listen": [self.listen],
+                "bootstrap": self.bootstrap,
+                "markets": [self.market],
+                "verbose": 1,
+                **self.config,
+            }
+            return [*self.prefix, sys.executable, "-c", _LAUNCHER, json.dumps(config)]
         cmd = [
+            *self.prefix,
             sys.executable,
             "-m",
             "crdtbook.cli.app",
@@ -39,13 +70,19 @@ class NodeProcess:
             "--home",
             str(self.home),
             "--listen",
-            "/ip4/127.0.0.1/tcp/0",
+            self.listen,
             "--market",
             self.market,
             "-v",
         ]
         for addr in self.bootstrap:
             cmd += ["--bootstrap", addr]
+        return cmd
+
+    def start(self) -> NodeProcess:
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "node.json").unlink(missing_ok=True)
+        cmd = self.command()
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         log.close()
