@@ -493,6 +493,37 @@ def test_a_removed_witness_heartbeat_is_acknowledged_like_any_op() -> None:
     assert r.is_final(late.id)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="core bug: _finality.check_reconfig judges a reconfiguration against previous[0] of the "
+    "epoch e-1 reconfigurations in its past, in arrival order, where the chain in force takes "
+    "the smallest id: with two at one epoch (a lying approver) replicas split (reported)",
+)
+def test_two_reconfigurations_at_one_epoch_do_not_split_replicas() -> None:
+    """A approves two different epoch-1 sets (it lies): R1 = {A, B, C, D} signed by A, R2 =
+    {A, B} signed by B. A replica holding both signs epoch 2 over the chain in force, and an
+    order follows. Every replica must reach one verdict on every op, whatever order R1 and R2
+    arrived in (specs/finality.md 3.3: each rule reads only R and its causal past)."""
+    def keys(*ws: Identity) -> list[bytes]:
+        return sorted(w.public_key for w in ws)
+
+    r0, r1 = Replica(WMARKET), Replica(WMARKET)
+    four, two, three = keys(A, B, C, D), keys(A, B), keys(A, B, D)
+    first_set = r0.reconfigure(A, four, {B.public_key: r0.approve_reconfig(B, four)})
+    second_set = r1.reconfigure(B, two, {A.public_key: r1.approve_reconfig(A, two)})
+    r1.apply(first_set.raw)
+    assert r1.witnesses() == frozenset(two) and second_set.id < first_set.id  # R2 in force
+    epoch_2 = r1.reconfigure(A, three, {B.public_key: r1.approve_reconfig(B, three)})
+    ask = r1.submit(ALICE, "sell", 100, 1)
+    seen = set()
+    for first, second in ((first_set, second_set), (second_set, first_set)):
+        replica = Replica(WMARKET)
+        report = replica.apply_many(op.raw for op in (first, second, epoch_2, ask))
+        assert not report.invalid, [type(e).__name__ for _, e in report.invalid]
+        seen.add((tuple(op.id for op in replica.ops()), replica.epoch, replica.digest()))
+    assert len(seen) == 1
+
+
 # -- equivocation -----------------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from hypothesis import event, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from strategies import PRICES, QUANTITIES, SIDES, TIFS, examples
@@ -46,7 +46,14 @@ from witnessed import (
 )
 
 from crdtbook import BadWitness, Op, OrderState, Replica
-from crdtbook._ops import STP_MODES, CancelAllBody, HeartbeatBody, OrderBody, sign_op
+from crdtbook._ops import (
+    STP_MODES,
+    CancelAllBody,
+    HeartbeatBody,
+    OrderBody,
+    ReconfigBody,
+    sign_op,
+)
 
 N_WITNESS_HOMES = 3
 #: Client order ids (tags) from a small set, so that keys reuse them (the adversary does: its
@@ -464,3 +471,90 @@ WitnessedNetwork.TestCase.settings = settings(
     max_examples=examples(0.6), stateful_step_count=60, deadline=None
 )
 TestWitnessedNetwork = WitnessedNetwork.TestCase
+
+
+# -- lying witnesses: no finality promise, but replicas still converge --------------------------
+
+#: Let two witnesses sign reconfigurations for one epoch (the approvers lie). Off while the core
+#: judges a reconfiguration against the first of two such in its past in arrival order:
+#: test_finality.py::test_two_reconfigurations_at_one_epoch_do_not_split_replicas.
+COMPETING_RECONFIGS = False
+
+lying_steps = st.lists(
+    st.tuples(
+        st.sampled_from(("order", "order", "beat", "beat", "reconfig", "deliver")),
+        st.integers(0, 3),  # replica
+        st.integers(0, 4),  # who
+        st.integers(0, 2**16),  # anything else
+    ),
+    min_size=5,
+    max_size=40,
+)
+
+
+@settings(max_examples=examples(1), deadline=None)
+@given(steps=lying_steps, seed=st.integers(0, 2**16))
+def test_lying_witnesses_cannot_split_replicas(steps: list[tuple[str, int, int, int]],
+                                               seed: int) -> None:
+    """Witnesses that heartbeat at several replicas (equivocation) and, with COMPETING_RECONFIGS,
+    approve competing reconfigurations void the finality promise (specs/finality.md sections
+    8-9), never convergence: every delivery order of the same ops gives one total order and one
+    digest."""
+    world = [Replica(WMARKET) for _ in range(4)]
+    for kind, at, who, extra in steps:
+        replica = world[at]
+        rng = random.Random(extra)
+        if kind == "order":
+            replica.submit(TRADERS[who % 3], SIDES[extra % 2], 97 + extra % 7, 1 + extra % 4,
+                           TIFS[extra % 4])
+        elif kind == "beat":
+            witness = WITNESSES[who]
+            if witness.public_key in replica.witnesses():
+                replica.heartbeat(witness)
+        elif kind == "reconfig":
+            current = sorted(replica.witnesses())
+            signer = next(w for w in WITNESSES if w.public_key == current[who % len(current)])
+            spares = [w.public_key for w in WITNESSES if w.public_key not in current]
+            new = sorted(current[:-1] if extra % 2 and len(current) > 1 else
+                         current + spares[:1])
+            removed_before = {w.key for w in replica.witness_status() if not w.current}
+            if not new or removed_before & set(new):
+                continue
+            taken = {op.body.epoch for op in union(world) if isinstance(op.body, ReconfigBody)}
+            if not COMPETING_RECONFIGS and replica.epoch + 1 in taken:
+                continue
+            others = [w for w in WITNESSES if w.public_key in current and w is not signer]
+            approvals = {w.public_key: replica.approve_reconfig(w, new) for w in others}
+            replica.reconfigure(signer, new, approvals)
+        else:
+            deliver_some(world[who % 4], replica, rng, 50)
+    ops = union(world)
+    if not ops:
+        return
+    rng = random.Random(seed)
+    reference = Replica(WMARKET)
+    reference.apply_many(op.raw for op in ops)
+    assert reference.pending_count == 0
+    if reference.forked_authors() & {w.public_key for w in WITNESSES}:
+        event("a witness equivocated")
+    if reference.epoch:
+        event("a reconfiguration is in force")
+    epochs = [op.body.epoch for op in ops if isinstance(op.body, ReconfigBody)]
+    if len(epochs) != len(set(epochs)):
+        event("two reconfigurations at one epoch (lying approvers)")
+    for _ in range(2):
+        shuffled = [op.raw for op in ops]
+        rng.shuffle(shuffled)
+        one_by_one = Replica(WMARKET)
+        for raw in shuffled:
+            one_by_one.apply(raw)
+        for other in (one_by_one, Replica.restore(WMARKET, shuffled, reference.checkpoint())):
+            assert other.ops() == reference.ops()
+            assert other.digest() == reference.digest()
+            assert (other.frontier, other.final_count, other.epoch) == (
+                reference.frontier, reference.final_count, reference.epoch,
+            )
+            assert other.witness_status() == reference.witness_status()
+    assert_finality_consistent(reference)
+    assert_final_book(reference)
+    assert_matches_reference_in_order(reference)
