@@ -41,7 +41,15 @@ from crdtbook import (
 )
 from crdtbook._engine import REASONS, STATUSES
 from crdtbook._limits import MAX_INT
-from crdtbook._ops import SIGNATURE_DOMAIN, CancelBody, OrderBody, sign_op
+from crdtbook._ops import (
+    SIGNATURE_DOMAIN,
+    CancelAllBody,
+    CancelBody,
+    HeartbeatBody,
+    OrderBody,
+    ReconfigBody,
+    sign_op,
+)
 
 OUT_DIR = Path(__file__).resolve().parent / "vectors"
 
@@ -862,6 +870,445 @@ def make_sync(main_ops: list[Op]) -> Json:
     }
 
 
+# -- finality.json (protocol version 2: witnessed markets) ---------------------------------------
+
+WITNESSED_SIGNATURE_DOMAIN = b"crdtbook/op/v2\x00"
+WITNESSED_MARKET_DOMAIN = "crdtbook/market/v2"
+BATCH_DOMAIN = b"crdtbook/batch/v2\x00"
+RECONFIG_DOMAIN = b"crdtbook/reconfig/v2\x00"
+STP_CODE = {"expire_maker": 0, "expire_taker": 1, "expire_both": 2}
+W_NAMES = {11: "w1", 12: "w2", 13: "w3", 14: "w4", 6: "mallory"}
+W1, W2, W3, W4 = (ident(i) for i in (11, 12, 13, 14))
+MALLORY = ident(6)
+V2_LABEL = {**LABEL, **{ident(i).public_key: name for i, name in W_NAMES.items()}}
+
+
+def finality_identities_json() -> list[Json]:
+    names = {**NAMES, **W_NAMES}
+    return [
+        {"name": name, "seed": (bytes([i]) * 32).hex(), "public_key": ident(i).public_key.hex()}
+        for i, name in sorted(names.items())
+    ]
+
+
+def witnessed_market_json(m: Market) -> Json:
+    definition = cbor2.dumps(
+        [WITNESSED_MARKET_DOMAIN, m.name, m.tick, m.lot, list(m.witnesses)], canonical=True
+    )
+    assert hashlib.sha256(definition).digest() == m.id, "market id disagrees with the spec"
+    assert Market.parse(m.spec) == m
+    return {
+        "name": m.name,
+        "tick": m.tick,
+        "lot": m.lot,
+        "witnesses": [k.hex() for k in m.witnesses],
+        "spec": m.spec,
+        "definition": definition.hex(),
+        "id": m.id.hex(),
+    }
+
+
+def wire_body_v2(body: Any) -> list[Any]:
+    """A version-2 body as specs/finality.md 3.1 writes it."""
+    if isinstance(body, OrderBody):
+        return [0, SIDE_CODE[body.side], body.price, body.quantity, TIF_CODE[body.tif], body.tag,
+                STP_CODE[body.stp]]
+    if isinstance(body, CancelBody):
+        return [1, body.order_id]
+    if isinstance(body, HeartbeatBody):
+        return [2, body.time_ms]
+    if isinstance(body, ReconfigBody):
+        return [3, body.epoch, list(body.witnesses), [list(a) for a in body.approvals]]
+    assert isinstance(body, CancelAllBody)
+    return [4, body.prefix]
+
+
+def build_v2(identity: Identity, market: Market, seq: int, lamport: int,
+             parents: Sequence[bytes], body: Any) -> Op:
+    """Sign a version-2 op from the spec; check it equals what the reference produces."""
+    parents = sorted(parents)
+    payload = payload_bytes(
+        [2, market.id, identity.public_key, seq, lamport, parents, wire_body_v2(body)]
+    )
+    raw = assemble(payload, identity.sign(WITNESSED_SIGNATURE_DOMAIN + payload))
+    reference = sign_op(identity, market.id, seq, lamport, tuple(parents), body, 2)
+    assert reference.raw == raw, "version-2 encoder disagrees with the reference"
+    op = decode(raw)
+    assert op.id == hashlib.sha256(raw).digest() and op.version == 2
+    return op
+
+
+def approval(identity: Identity, market: Market, epoch: int,
+             witnesses: Sequence[bytes]) -> tuple[bytes, bytes]:
+    message = RECONFIG_DOMAIN + cbor2.dumps([market.id, epoch, sorted(witnesses)],
+                                            canonical=True)
+    return identity.public_key, identity.sign(message)
+
+
+class _WNode(_Node):
+    """A peer of a witnessed market: authors version-2 ops with the spec's parent choice."""
+
+    def sign(self, identity: Identity, body: Any) -> Op:
+        """The op ``identity`` would author here next (not added to this view)."""
+        pk = identity.public_key
+        mine = [op for op in self.ops.values() if op.author == pk]
+        tip = max(mine, key=lambda o: o.seq, default=None)
+        parents = {h for h in self.heads() if self.ops[h].author != pk}
+        if tip is not None:
+            parents.add(tip.id)
+        lamport = 1 + max((self.ops[p].lamport for p in parents), default=0)
+        return build_v2(identity, self.market, 1 if tip is None else tip.seq + 1, lamport,
+                        sorted(parents), body)
+
+    def author(self, identity: Identity, body: Any) -> Op:
+        op = self.sign(identity, body)
+        self.ops[op.id] = op
+        return op
+
+
+def describe_v2(op: Op) -> str:
+    who = V2_LABEL.get(op.author, op.author.hex()[:8])
+    b = op.body
+    if isinstance(b, OrderBody):
+        tag = f" tag={b.tag!r}" if b.tag is not None else ""
+        stp = f" {b.stp}" if b.stp != "expire_maker" else ""
+        what = f"{b.side} {b.quantity}@{b.price} {b.tif}{tag}{stp}"
+    elif isinstance(b, CancelBody):
+        what = f"cancel {b.order_id.hex()[:12]}"
+    elif isinstance(b, CancelAllBody):
+        what = "cancel-all" + (f" prefix={b.prefix!r}" if b.prefix is not None else "")
+    elif isinstance(b, HeartbeatBody):
+        what = f"heartbeat t={b.time_ms}"
+    else:
+        assert isinstance(b, ReconfigBody)
+        names = ",".join(V2_LABEL.get(k, k.hex()[:8]) for k in b.witnesses)
+        what = f"reconfig epoch {b.epoch} -> {{{names}}}"
+    return f"{who}#{op.seq} L{op.lamport} {what}"
+
+
+def spec_ranks(replica: Replica) -> dict[bytes, int]:
+    """Every placed op's rank, computed from specs/finality.md section 4 with public views only
+    (placements): the generator's check on the reference's order."""
+    ops = replica.ops()
+    by_id = {op.id: op for op in ops}
+    batches: dict[int, list[Op]] = {}
+    for op in ops:
+        point = replica.placement(op.id)
+        if point is not None:
+            batches.setdefault(point, []).append(op)
+    ranks: dict[bytes, int] = {}
+    for point, members in batches.items():
+        # The counted heartbeats of the batch: a counted heartbeat is placed at its own Lamport
+        # time; one that does not count is placed, if at all, by a later one (a larger time).
+        beats = sorted(op.id for op in members if op.kind == "heartbeat" and op.lamport == point)
+        seed = hashlib.sha256(BATCH_DOMAIN + b"".join(beats)).digest()
+        for op in sorted(members, key=lambda o: (o.lamport, o.id)):
+            value = int.from_bytes(hashlib.sha256(seed + op.id).digest()[:8], "big")
+            for parent in op.parents:
+                if replica.placement(parent) == point:
+                    value = max(value, ranks[parent])
+            ranks[op.id] = value
+    assert all(i in by_id for i in ranks)
+    return ranks
+
+
+def _witnessed_preimage(market: Market, replica: Replica) -> bytes:
+    """The digest preimage of specs/finality.md section 6: protocol.md's with the v2 domain and
+    the frontier appended."""
+    book = replica.book()
+
+    def side(levels: Any) -> list[Any]:
+        return [[lv.price, [[o.order_id, o.remaining] for o in lv.orders]] for lv in levels]
+
+    orders = [
+        [o.id, STATUSES.index(o.status), o.remaining, o.filled, o.closed, REASONS.index(o.reason)]
+        for o in sorted(replica.orders(), key=lambda o: o.id)
+    ]
+    fills = [[f.taker, f.maker, f.price, f.quantity] for f in replica.fills()]
+    state = ["crdtbook/state/v2", market.id, side(book.bids), side(book.asks), fills, orders,
+             replica.frontier]
+    return cbor2.dumps(state, canonical=True)
+
+
+def finality_state_json(replica: Replica) -> Json:
+    """Everything a witnessed replica derives about order and finality, in readable form (what
+    a finality case expects; tests/core/test_vectors.py compares a replica against it)."""
+    ops = replica.ops()
+    ranks = spec_ranks(replica)
+    key = {op.id: (replica.placement(op.id) or 2**63, ranks.get(op.id, 0), op.lamport, op.id)
+           for op in ops}
+    assert ops == sorted(ops, key=lambda o: key[o.id]), "the reference's order is not the spec's"
+
+    def levels(side: Any) -> list[Json]:
+        return [
+            {"price": lv.price, "quantity": lv.quantity,
+             "orders": [{"order_id": o.order_id.hex(), "remaining": o.remaining}
+                        for o in lv.orders]}
+            for lv in side
+        ]
+
+    book, final_book = replica.book(), replica.final_book()
+    fills = replica.fills()
+    return {
+        "total_order": [
+            {
+                "id": op.id.hex(),
+                "placement": replica.placement(op.id),
+                "rank": ranks.get(op.id, 0),
+                "final": replica.is_final(op.id),
+                "witnessed_time": replica.witnessed_time(op.id),
+            }
+            for op in ops
+        ],
+        "frontier": replica.frontier,
+        "final_count": replica.final_count,
+        "epoch": replica.epoch,
+        "witnesses": [k.hex() for k in sorted(replica.witnesses())],
+        "witness_status": [
+            {"key": w.key.hex(), "heartbeat_lamport": w.heartbeat_lamport,
+             "heartbeat_seq": w.heartbeat_seq, "current": w.current, "forked": w.forked}
+            for w in replica.witness_status()
+        ],
+        "fills": [
+            {"taker": f.taker.hex(), "maker": f.maker.hex(), "price": f.price,
+             "quantity": f.quantity, "taker_side": f.taker_side,
+             "final": i < replica.final_fill_count()}
+            for i, f in enumerate(fills)
+        ],
+        "final_fill_count": replica.final_fill_count(),
+        "orders": [
+            {"id": o.id.hex(), "status": o.status, "reason": o.reason, "remaining": o.remaining,
+             "filled": o.filled, "closed": o.closed, "final": o.final}
+            for o in replica.orders()
+        ],
+        "book": {"bids": levels(book.bids), "asks": levels(book.asks)},
+        "final_book": {"bids": levels(final_book.bids), "asks": levels(final_book.asks)},
+        "digest": replica.digest().hex(),
+    }
+
+
+def _finality_case(name: str, text: str, market: Market, ops: list[Op],
+                   refused: Sequence[tuple[str, Op, str]] = (),
+                   stages: Sequence[tuple[str, list[Op]]] = ()) -> Json:
+    delivery = _shuffled(ops)
+    replica = Replica(market)
+    for op in delivery:
+        replica.apply(op.raw)  # children before parents wait, then are released
+    assert replica.pending_count == 0 and len(replica) == len(ops)
+    for order in (ops, list(reversed(ops))):  # every delivery order: the same replica
+        other = Replica(market)
+        report = other.apply_many(op.raw for op in order)
+        assert not report.invalid
+        assert other.ops() == replica.ops() and other.digest() == replica.digest()
+    preimage = _witnessed_preimage(market, replica)
+    assert hashlib.sha256(preimage).digest() == replica.digest()
+    state = finality_state_json(replica)
+    digest = state.pop("digest")
+    refusals = []
+    for why, op, error in refused:
+        before = replica.digest()
+        try:
+            replica.apply(op.raw)
+        except InvalidOp as exc:
+            assert type(exc).__name__ == error, (why, type(exc).__name__)
+        else:  # pragma: no cover - generator self-check
+            raise AssertionError(f"{why}: accepted")
+        assert replica.digest() == before
+        refusals.append({"why": why, "label": describe_v2(op), "id": op.id.hex(),
+                         "encoding": op.raw.hex(), "error": error})
+    staged = []
+    for what, some in stages:
+        partial = Replica(market)
+        report = partial.apply_many(op.raw for op in _shuffled(some))
+        assert not report.invalid and partial.pending_count == 0
+        staged.append({
+            "description": what,
+            "ops": [op.id.hex() for op in _shuffled(some)],
+            "frontier": partial.frontier,
+            "final_count": partial.final_count,
+            "fill_count": partial.fill_count,
+            "final_fill_count": partial.final_fill_count(),
+            "needs_heartbeat": [k.hex() for k in sorted(partial.witnesses())
+                                if partial.needs_heartbeat(k)],
+        })
+    labels = {op.id: describe_v2(op) for op in ops}
+    case: Json = {
+        "name": name,
+        "description": text,
+        "market": witnessed_market_json(market),
+        "ops": [
+            {"label": labels[op.id], "id": op.id.hex(), "encoding": op.raw.hex()}
+            for op in delivery
+        ],
+        "expected": {**state, "state_encoding": preimage.hex(), "digest": digest},
+    }
+    if staged:
+        case["stages"] = staged
+    if refusals:
+        case["refused"] = refusals
+    return case
+
+
+def make_finality_main() -> Json:
+    m = Market("WIT", "1", "1", witnesses=[w.public_key for w in (W1, W2, W3)])
+    na, nb, nc, nd, ne = (_WNode(m) for _ in range(5))
+    n1, n2, n3 = (_WNode(m) for _ in range(3))
+    everyone = (na, nb, nc, nd, ne, n1, n2, n3)
+    ops: list[Op] = []
+
+    def add(node: _WNode, who: Identity, body: Any) -> Op:
+        op = node.author(who, body)
+        ops.append(op)
+        return op
+
+    def merge(*nodes: _WNode) -> None:
+        for n in nodes:
+            n.learn(*nodes)
+
+    # Batch 1. alice's ask and carol's IOC bid are concurrent (Lamport 1): which comes first is
+    # decided by their ranks in the batch, not by their ids. bob bids on top of alice's ask.
+    alice_ask = add(na, ALICE, OrderBody("sell", 100, 6, "gtc", "a-1"))
+    add(nc, CAROL, OrderBody("buy", 101, 2, "ioc", None))
+    nb.learn(na)
+    add(nb, BOB, OrderBody("buy", 100, 3, "gtc", "b-1"))
+    for n in (n1, n2, n3):
+        n.learn(na, nb, nc)
+    # The three witnesses heartbeat at once (Lamport 3 each): one batch, seeded by all three.
+    for n, w, t in ((n1, W1, 1_700_000_000_300), (n2, W2, 1_700_000_000_250), (n3, W3, 0)):
+        add(n, w, HeartbeatBody(t))
+    merge(*everyone)
+
+    # Batch 2, concurrent again: dave rests a post-only ask, erin's expire_taker FOK, alice's
+    # cancel-all of her tagged orders, bob's duplicate client id (rejected).
+    add(nd, DAVE, OrderBody("sell", 101, 4, "post_only", None))
+    add(ne, ERIN, OrderBody("buy", 101, 3, "fok", None, "expire_taker"))
+    add(na, ALICE, CancelAllBody("a-"))
+    add(nb, BOB, OrderBody("buy", 99, 1, "gtc", "b-1"))
+    merge(na, nb, nd, ne, n1)
+    add(n1, W1, HeartbeatBody(1_700_000_000_600))
+    merge(na, nb, nd, ne, n1, n2)
+    add(n2, W2, HeartbeatBody(1_700_000_000_650))
+    merge(*everyone)
+    add(n3, W3, HeartbeatBody(1_700_000_000_700))
+    merge(*everyone)
+
+    # Above the frontier: carol's order acknowledged by w1 alone (placed, not final) ...
+    nc.learn(*everyone)
+    add(nc, CAROL, OrderBody("buy", 101, 1, "gtc", "c-2"))
+    n1.learn(nc)
+    add(n1, W1, HeartbeatBody(1_700_000_000_900))
+    # ... and mallory's order from a fresh replica, no parents, Lamport 1: in version 1 it would
+    # sort before everything; here it is unplaced, after everything, and final fills stand.
+    late = _WNode(m)
+    add(late, MALLORY, OrderBody("buy", 101, 5, "gtc", None))
+    text = (
+        "A witnessed market (witnesses w1, w2, w3). Batch 1: alice's ask and carol's IOC bid are "
+        "concurrent at Lamport 1 and sort by rank; bob bids on alice's ask; the three witnesses "
+        "heartbeat at once. Batch 2: a post-only, an expire_taker FOK, a cancel-all by prefix, a "
+        "duplicate client id; the witnesses heartbeat one after the other. Then carol's order "
+        "acknowledged by w1 alone (placed above the frontier, not final) and mallory's order "
+        "with no parents (Lamport 1), delivered last in spirit: unplaced, after everything. "
+        "Ops are listed in a shuffled delivery order."
+    )
+    case = _finality_case("main", text, m, ops)
+    expected = case["expected"]
+    placements = [e["placement"] for e in expected["total_order"]]
+    assert None in placements and any(p is not None and p > expected["frontier"]
+                                       for p in placements)
+    assert expected["total_order"][-1]["id"] == ops[-1].id.hex()  # mallory's, last
+    assert 0 < expected["final_fill_count"] < len(expected["fills"])
+    assert alice_ask.lamport == 1
+    return case
+
+
+def make_finality_reconfig() -> Json:
+    m = Market("WIT", "1", "1", witnesses=[w.public_key for w in (W1, W2, W3)])
+    na, nb = _WNode(m), _WNode(m)
+    n1, n2, n3 = (_WNode(m) for _ in range(3))
+    everyone = (na, nb, n1, n2, n3)
+    ops: list[Op] = []
+
+    def add(node: _WNode, who: Identity, body: Any) -> Op:
+        op = node.author(who, body)
+        ops.append(op)
+        return op
+
+    def merge(*nodes: _WNode) -> None:
+        for n in nodes:
+            n.learn(*nodes)
+
+    add(na, ALICE, OrderBody("sell", 100, 5, "gtc", None))
+    merge(*everyone)
+    for n, w in ((n1, W1), (n2, W2), (n3, W3)):
+        add(n, w, HeartbeatBody(0))
+    merge(*everyone)
+    # w3 is gone from here on. Trading goes on; w1 and w2 acknowledge; the frontier stalls.
+    add(nb, BOB, OrderBody("buy", 100, 2, "gtc", None))
+    merge(nb, n1, n2)
+    add(n1, W1, HeartbeatBody(0))
+    add(n2, W2, HeartbeatBody(0))
+    merge(na, nb, n1, n2)
+    stalled = list(ops)
+    # w1 replaces w3 by w4, with w2's approval (2 of 3), knowing w3's last heartbeat.
+    new = sorted(w.public_key for w in (W1, W2, W4))
+    body = ReconfigBody(1, tuple(new), (approval(W2, m, 1, new),))
+    reconfig = add(n1, W1, body)
+    merge(na, nb, n1, n2)
+    n4 = _WNode(m)
+    n4.learn(n1)
+    add(n4, W4, HeartbeatBody(0))
+    merge(na, nb, n1, n2, n4)
+    add(n1, W1, HeartbeatBody(0))
+    add(n2, W2, HeartbeatBody(0))
+    merge(na, nb, n1, n2, n4)
+    text = (
+        "Reconfiguration: w3 heartbeats once and falls silent, which stalls the frontier while "
+        "trading goes on; w1 signs epoch 1 = {w1, w2, w4} with w2's approval (a majority of "
+        "three), w4 heartbeats with the reconfiguration in its past, and finality resumes. "
+        "stages: what a replica given only the listed ops shows. refused: reconfigurations "
+        "every replica holding these ops must refuse (BadWitness), changing nothing."
+    )
+    two = [w.public_key for w in (W1, W2)]
+    back = [w.public_key for w in (W1, W2, W3, W4)]
+    refused = [
+        ("no majority: epoch 2 signed by w2 alone (1 of 3)",
+         n1.sign(W2, ReconfigBody(2, tuple(sorted(two)), ())), "BadWitness"),
+        ("a removed key added again: epoch 2 re-adds w3",
+         n1.sign(W1, ReconfigBody(2, tuple(sorted(back)), (approval(W2, m, 2, back),))),
+         "BadWitness"),
+        ("wrong epoch: epoch 1 again, with epoch 1 in its past",
+         n1.sign(W1, ReconfigBody(1, tuple(sorted(two)), (approval(W2, m, 1, two),))),
+         "BadWitness"),
+        ("forged approval: w2's key, signed by mallory",
+         n1.sign(W1, ReconfigBody(2, tuple(sorted(two)),
+                                  ((W2.public_key, approval(MALLORY, m, 2, two)[1]),))),
+         "BadWitness"),
+    ]
+    stage = "w3 silent: the frontier stays at its last heartbeat; bob's fill is not final"
+    case = _finality_case("reconfiguration", text, m, ops, refused, [(stage, stalled)])
+    expected = case["expected"]
+    stalled_json = case["stages"][0]
+    assert stalled_json["fill_count"] == 1 and stalled_json["final_fill_count"] == 0
+    assert stalled_json["needs_heartbeat"] == [W3.public_key.hex()]
+    assert expected["epoch"] == 1 and reconfig.kind == "reconfig"
+    assert expected["final_count"] == len(ops) - 2  # all but the last two heartbeats
+    return case
+
+
+def make_finality() -> Json:
+    return {
+        "description": "Witnessed markets (protocol version 2, specs/finality.md). Each case: "
+        "the market (definition = canonical CBOR of ['crdtbook/market/v2', name, tick, lot, "
+        "[witness keys]], id = SHA-256 of it), the ops in a shuffled delivery order, and what a "
+        "replica given them in that order derives: the total order (placement: Lamport time of "
+        "the batch, null if unplaced; rank per section 4; final), frontier, final_count, epoch, "
+        "witnesses, fills with finality, orders, book and final book, state_encoding (digest "
+        "preimage, section 6) and digest. Signed messages use 'crdtbook/op/v2\\x00'.",
+        "identities": finality_identities_json(),
+        "cases": [make_finality_main(), make_finality_reconfig()],
+    }
+
+
 # -- driver -----------------------------------------------------------------------------------
 
 
@@ -875,6 +1322,7 @@ def render() -> dict[str, str]:
         "scenario.json": {"scenarios": [main, fork]},
         "invalid.json": make_invalid(main_ops, named),
         "sync.json": make_sync(main_ops),
+        "finality.json": make_finality(),
     }
     return {
         name: json.dumps(obj, indent=2, ensure_ascii=False) + "\n" for name, obj in files.items()

@@ -306,6 +306,139 @@ def test_missing_ops_walk() -> None:
     assert [op.id.hex() for op in missing] == with_bloom["missing"]
 
 
+# -- finality (protocol version 2) --------------------------------------------------------------
+
+FINALITY = load("finality.json")
+BATCH_DOMAIN = b"crdtbook/batch/v2\x00"
+
+
+def witnessed_market_of(entry: dict[str, Any]) -> Market:
+    market = Market(entry["name"], entry["tick"], entry["lot"],
+                    witnesses=[h(k) for k in entry["witnesses"]])
+    assert market.version == 2 and [k.hex() for k in market.witnesses] == entry["witnesses"]
+    assert hashlib.sha256(h(entry["definition"])).hexdigest() == entry["id"] == market.id.hex()
+    assert market.spec == entry["spec"] and Market.parse(entry["spec"]) == market
+    return market
+
+
+def spec_order_check(replica: Replica, total_order: list[dict[str, Any]]) -> None:
+    """The expected ranks follow specs/finality.md section 4 from the expected placements, and
+    the expected order is the sort by (placement, rank, Lamport, id)."""
+    ops = {op.id.hex(): op for op in replica.ops()}
+    placement = {e["id"]: e["placement"] for e in total_order}
+    rank = {e["id"]: e["rank"] for e in total_order}
+    for e in total_order:
+        op = ops[e["id"]]
+        point = e["placement"]
+        if point is None:
+            assert e["rank"] == 0 and not e["final"]
+            continue
+        beats = sorted(
+            h(i) for i, p in placement.items()
+            if p == point and ops[i].kind == "heartbeat" and ops[i].lamport == point
+        )
+        seed = hashlib.sha256(BATCH_DOMAIN + b"".join(beats)).digest()
+        value = int.from_bytes(hashlib.sha256(seed + op.id).digest()[:8], "big")
+        for parent in op.parents:
+            if placement[parent.hex()] == point:
+                value = max(value, rank[parent.hex()])
+        assert e["rank"] == value, e
+    unplaced = 2**63
+    keys = [
+        (unplaced if e["placement"] is None else e["placement"], e["rank"], ops[e["id"]].lamport,
+         h(e["id"]))
+        for e in total_order
+    ]
+    assert keys == sorted(keys)
+
+
+def check_finality_case(case: dict[str, Any], replica: Replica) -> None:
+    expected = dict(case["expected"])
+    encoding = expected.pop("state_encoding")
+    assert hashlib.sha256(h(encoding)).hexdigest() == expected["digest"]
+    assert replica.digest().hex() == expected["digest"]
+    assert replica.pending_count == 0
+    order = expected["total_order"]
+    assert [op.id.hex() for op in replica.ops()] == [e["id"] for e in order]
+    for op, e in zip(replica.ops(), order, strict=True):
+        assert replica.placement(op.id) == e["placement"]
+        assert replica.is_final(op.id) == e["final"]
+        assert replica.witnessed_time(op.id) == e["witnessed_time"]
+    assert (replica.frontier, replica.final_count, replica.epoch) == (
+        expected["frontier"], expected["final_count"], expected["epoch"],
+    )
+    assert sum(e["final"] for e in order) == replica.final_count
+    assert sorted(k.hex() for k in replica.witnesses()) == expected["witnesses"]
+    assert replica.final_fill_count() == expected["final_fill_count"]
+    assert [f["final"] for f in expected["fills"]] == [
+        i < replica.final_fill_count() for i in range(replica.fill_count)
+    ]
+    spec_order_check(replica, order)
+    assert dict(generator().finality_state_json(replica)) == expected
+
+
+@pytest.mark.parametrize("case", FINALITY["cases"], ids=lambda c: c["name"])
+def test_finality_in_delivery_order(case: dict[str, Any]) -> None:
+    """Fed one by one in the listed (shuffled) order to a fresh replica."""
+    market = witnessed_market_of(case["market"])
+    replica = Replica(market)
+    for entry in case["ops"]:
+        raw = h(entry["encoding"])
+        assert hashlib.sha256(raw).hexdigest() == entry["id"]
+        op = decode(raw)
+        assert op.version == 2 and crdtbook.encode(op) == raw
+        replica.apply(raw)
+    check_finality_case(case, replica)
+    for refused in case.get("refused", []):
+        error = getattr(crdtbook, refused["error"])
+        before = replica.digest()
+        with pytest.raises(error):
+            replica.apply(h(refused["encoding"]))
+        assert replica.digest() == before and h(refused["id"]) not in replica
+
+
+@pytest.mark.parametrize("case", FINALITY["cases"], ids=lambda c: c["name"])
+def test_finality_in_other_orders(case: dict[str, Any]) -> None:
+    market = witnessed_market_of(case["market"])
+    raws = {e["id"]: h(e["encoding"]) for e in case["ops"]}
+    in_total_order = [raws[e["id"]] for e in case["expected"]["total_order"]]
+    for order in (in_total_order, list(reversed(in_total_order))):
+        replica = Replica(market)
+        report = replica.apply_many(order + order)
+        assert not report.invalid and report.duplicates == len(order)
+        check_finality_case(case, replica)
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in FINALITY["cases"] if "stages" in c], ids=lambda c: c["name"]
+)
+def test_finality_stages(case: dict[str, Any]) -> None:
+    market = witnessed_market_of(case["market"])
+    raws = {e["id"]: h(e["encoding"]) for e in case["ops"]}
+    for stage in case["stages"]:
+        replica = Replica(market)
+        report = replica.apply_many(raws[i] for i in stage["ops"])
+        assert not report.invalid and replica.pending_count == 0
+        assert (replica.frontier, replica.final_count, replica.fill_count) == (
+            stage["frontier"], stage["final_count"], stage["fill_count"],
+        )
+        assert replica.final_fill_count() == stage["final_fill_count"]
+        assert [k.hex() for k in sorted(replica.witnesses()) if replica.needs_heartbeat(k)] == (
+            stage["needs_heartbeat"]
+        )
+
+
+def test_finality_main_case_covers_what_the_spec_promises() -> None:
+    main = next(c for c in FINALITY["cases"] if c["name"] == "main")["expected"]
+    order = main["total_order"]
+    assert any(e["final"] for e in order)
+    assert any(e["placement"] is not None and not e["final"] for e in order)  # above F
+    assert order[-1]["placement"] is None  # the late Lamport-1 order: unplaced, last
+    assert 0 < main["final_fill_count"] < len(main["fills"])
+    assert {o["reason"] for o in main["orders"]} >= {"duplicate_client_id", "fok_unfillable"}
+    assert any(o["final"] for o in main["orders"]) and not all(o["final"] for o in main["orders"])
+
+
 # -- the generator ----------------------------------------------------------------------------
 
 
