@@ -64,7 +64,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.address_validation import expand_wildcard_address
 from multiaddr import Multiaddr
 
-from . import p2p_records
+from . import p2p_limits, p2p_records
 from .p2p_pubsub import HardenedPubsub, content_message_id
 
 __all__ = [
@@ -125,6 +125,7 @@ def _configure_library_logging() -> None:
 _configure_library_logging()
 _configure_yamux()
 p2p_records.install()
+p2p_limits.install()  # caps multistream-select reads (see node/p2p_limits.py)
 
 
 # libp2p drops outbound gossip silently when a peer's queue (32 RPCs) is full; it only logs at
