@@ -74,6 +74,7 @@ def decode_batch(data: bytes) -> list[bytes]:
     if (
         type(frame) is not list
         or len(frame) != 2
+        or type(frame[0]) is not int  # 1.0 and True equal 1 in Python: not version 1
         or frame[0] != GOSSIP_VERSION
         or type(frame[1]) is not list
     ):
@@ -122,7 +123,7 @@ def _load_map(data: bytes) -> dict[str, Any]:
         frame = cbor2.loads(data, max_depth=4)
     except Exception as exc:
         raise WireError(f"sync frame is not CBOR: {exc}") from None
-    if type(frame) is not dict or frame.get("v") != 1:
+    if type(frame) is not dict or type(frame.get("v")) is not int or frame["v"] != 1:
         raise WireError("sync frame is not a version 1 map")
     return frame
 
