@@ -32,6 +32,9 @@ __all__ = [
 #: The node's seed in its home (as crdtbook.node.app writes it).
 IDENTITY_FILE = "identity.key"
 _HEX = frozenset(string.hexdigits)
+#: Longest market file read: a definition with the most witnesses is under 800 bytes. Anything
+#: longer is not one (``@/dev/zero`` or a FIFO would otherwise be read until memory runs out).
+MAX_MARKET_FILE_BYTES = 64 * 1024
 
 
 class DefinitionError(ValueError):
@@ -55,7 +58,18 @@ def market_text(value: str) -> str:
         return value.strip()
     path = Path(value[1:]).expanduser()
     try:
-        text = path.read_text(encoding="utf-8")
+        if not path.is_file():  # a directory, FIFO or device is never a definition
+            raise DefinitionError(
+                f"market file {path} "
+                + ("is not a regular file" if path.exists() else "does not exist")
+            )
+        with path.open("rb") as file:
+            data = file.read(MAX_MARKET_FILE_BYTES + 1)
+        if len(data) > MAX_MARKET_FILE_BYTES:
+            raise DefinitionError(
+                f"market file {path} is over {MAX_MARKET_FILE_BYTES} bytes: not a definition"
+            )
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise DefinitionError(f"market file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -43,7 +43,13 @@ def _witness_keys(witnesses: Iterable[bytes | str]) -> tuple[bytes, ...]:
     if len(keys) > MAX_WITNESSES:
         raise ValueError(f"a market has at most {MAX_WITNESSES} witnesses, not {len(keys)}")
     return tuple(sorted(keys))
+
+
 _NAME_FORBIDDEN: Final = frozenset(":/ \t\r\n")
+#: Bounds on a tick or lot (far beyond any real market's: prices and sizes are integers of
+#: ticks and lots below 2**63 anyway).
+_MAX_EXPONENT: Final = 40
+_MAX_DIGITS: Final = 40
 
 
 def _canonical_decimal(text: str | Decimal, what: str) -> Decimal:
@@ -53,6 +59,15 @@ def _canonical_decimal(text: str | Decimal, what: str) -> Decimal:
         raise ValueError(f"{what} {text!r} is not a decimal number") from None
     if not value.is_finite() or value <= 0:
         raise ValueError(f"{what} must be a positive decimal number, got {text!r}")
+    # Its plain spelling is part of the market id: "1e999999" would spell a million digits
+    # (and "1e99999999" overflow the decimal context), so a definition must stay short.
+    if not -_MAX_EXPONENT <= value.adjusted() <= _MAX_EXPONENT or (
+        len(value.normalize().as_tuple().digits) > _MAX_DIGITS
+    ):
+        raise ValueError(
+            f"{what} {str(text)[:40]!r} is out of range: at most {_MAX_DIGITS} significant "
+            f"digits, between 1e-{_MAX_EXPONENT} and 1e{_MAX_EXPONENT}"
+        )
     return value
 
 
@@ -221,6 +236,8 @@ def _to_units(
             f"nearest valid: {nearest}"
         )
     result = int(units)
+    if result == 0:  # e.g. 1e-99999999: below the decimal context, its remainder rounds to 0
+        raise error(f"{what} {str(value)[:40]} is below one {unit} ({_plain(step)})")
     if result > MAX_INT:
         raise error(f"{what} {value} is too large (at most {MAX_INT} {unit}s)")
     return result
