@@ -210,7 +210,9 @@ class Witnessing:
                 f"its causal past, and none later (the latest in its past is epoch {highest})"
             )
         previous = [r for r in in_past if r.body.epoch == epoch - 1]  # type: ignore[union-attr]
-        chain = self._chain_of(previous[0]) if previous else []
+        # Two at one epoch only if a witness lied; the one in force is the smaller id (as in
+        # _winning_chain), never the first to arrive: the verdict must not depend on arrival.
+        chain = self._chain_of(min(previous, key=lambda r: r.id)) if previous else []
         before = chain[-1].body.witnesses if chain else self.genesis  # type: ignore[union-attr]
         if op.author not in before:
             raise BadWitness("only a witness of the epoch it replaces can sign a reconfiguration")
@@ -432,20 +434,21 @@ class Witnessing:
         return infos
 
     def needs_heartbeat(self, witness: bytes, order: list[Op]) -> bool:
-        """Whether ``witness`` has something to acknowledge: an op, other than a witness's
-        heartbeat, that is not placed at or below ``witness``'s latest counted heartbeat. The
-        total order sorts by placement (unplaced last), so the last such op decides; the scan
-        passes over witnesses' trailing heartbeats only (a few per interval). A heartbeat by
-        any other key is an op like an order here: it gets acknowledged, and cannot make the
-        scan long."""
+        """Whether ``witness`` has something to acknowledge: an op, other than a heartbeat of a
+        witness in force, that is not placed at or below ``witness``'s latest counted heartbeat.
+        The total order sorts by placement (unplaced last), so the last such op decides; the
+        scan passes over the trailing heartbeats of witnesses in force (a few per interval;
+        they need no acknowledgement, and acknowledging them would never end). A heartbeat by
+        any other key, or by a removed or forked witness, is an op like an order here: it gets
+        acknowledged (so it becomes final), and cannot make the scan long."""
         if witness not in self.current or witness in self.fork_at:
             return False
         latest = self.latest.get(witness)
         mine = 0 if latest is None else latest.lamport
-        placement = self.placement
-        witnesses = self.current | set(self.added_at) | set(self.genesis)
+        placement, current, forked = self.placement, self.current, self.fork_at
         for op in reversed(order):
-            if type(op.body) is HeartbeatBody and op.author in witnesses:
+            author = op.author
+            if type(op.body) is HeartbeatBody and author in current and author not in forked:
                 continue
             return placement.get(op.id, UNPLACED) > mine
         return False

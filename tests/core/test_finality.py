@@ -462,13 +462,6 @@ def test_a_removed_witness_is_never_added_again(configured: tuple[Replica, list[
         r.approve_reconfig(C, keys)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: needs_heartbeat passes over every heartbeat by a genesis or added key, removed "
-    "ones too, so a removed (or forked) witness's later heartbeats are never acknowledged: "
-    "never placed, never final in an idle market, and each needs_heartbeat call scans them all "
-    "(reported to the lead)",
-)
 def test_a_removed_witness_heartbeat_is_acknowledged_like_any_op() -> None:
     """A removed witness that is still alive (it never learnt of its removal) signs another
     heartbeat. It counts for nothing; the witnesses in force acknowledge it like any op (as they
@@ -493,12 +486,6 @@ def test_a_removed_witness_heartbeat_is_acknowledged_like_any_op() -> None:
     assert r.is_final(late.id)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: _finality.check_reconfig judges a reconfiguration against previous[0] of the "
-    "epoch e-1 reconfigurations in its past, in arrival order, where the chain in force takes "
-    "the smallest id: with two at one epoch (a lying approver) replicas split (reported)",
-)
 def test_two_reconfigurations_at_one_epoch_do_not_split_replicas() -> None:
     """A approves two different epoch-1 sets (it lies): R1 = {A, B, C, D} signed by A, R2 =
     {A, B} signed by B. A replica holding both signs epoch 2 over the chain in force, and an
