@@ -391,6 +391,10 @@ class NodeService:
         """Second half of ingest: apply verified ops, persist the new ones, tell watchers."""
         ops, result = prepared.ops, prepared.result
         if not ops:
+            # Bytes that did not decode or verify (prepare) are refusals too: count them.
+            ms.refused += result.invalid
+            if result.invalid:
+                logger.info("refused %d invalid ops from %s", result.invalid, source)
             return result
         replica = ms.replica
         report = replica.apply_many(ops)
