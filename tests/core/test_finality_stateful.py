@@ -25,7 +25,7 @@ from typing import Any
 
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from strategies import PRICES, QUANTITIES, SIDES, TIFS, examples
 from witnessed import (
     ADVERSARIES,
@@ -251,7 +251,6 @@ class WitnessedNetwork(RuleBasedStateMachine):
         for witness in order:
             self.heartbeat(witness, 1)
 
-    @precondition(lambda self: self.reconfigs < MAX_RECONFIGS)
     @rule(signer=st.integers(0, 4), change=st.sampled_from(("remove", "add")),
           pick=st.integers(0, 4), approvals=st.integers(0, 4))
     def reconfigure(self, signer: int, change: str, pick: int, approvals: int) -> None:
@@ -259,6 +258,8 @@ class WitnessedNetwork(RuleBasedStateMachine):
         holds), approved by enough others for a majority. As specs/finality.md section 8 asks of
         approvers, a removed witness is gone for good from now on, and its last heartbeat is in
         the reconfiguration's past (its home replica's ops reach the signer first)."""
+        if self.reconfigs >= MAX_RECONFIGS:
+            return
         keys = [w.public_key for w in WITNESSES]
         live = [k for k in sorted(self.world[0].witnesses()) if k not in self.gone]
         identity = WITNESSES[keys.index(live[signer % len(live)])]
@@ -468,17 +469,12 @@ class WitnessedNetwork(RuleBasedStateMachine):
 
 
 WitnessedNetwork.TestCase.settings = settings(
-    max_examples=examples(0.6), stateful_step_count=60, deadline=None
+    max_examples=examples(0.4), stateful_step_count=50, deadline=None
 )
 TestWitnessedNetwork = WitnessedNetwork.TestCase
 
 
 # -- lying witnesses: no finality promise, but replicas still converge --------------------------
-
-#: Let two witnesses sign reconfigurations for one epoch (the approvers lie). Off while the core
-#: judges a reconfiguration against the first of two such in its past in arrival order:
-#: test_finality.py::test_two_reconfigurations_at_one_epoch_do_not_split_replicas.
-COMPETING_RECONFIGS = False
 
 lying_steps = st.lists(
     st.tuples(
@@ -496,10 +492,10 @@ lying_steps = st.lists(
 @given(steps=lying_steps, seed=st.integers(0, 2**16))
 def test_lying_witnesses_cannot_split_replicas(steps: list[tuple[str, int, int, int]],
                                                seed: int) -> None:
-    """Witnesses that heartbeat at several replicas (equivocation) and, with COMPETING_RECONFIGS,
-    approve competing reconfigurations void the finality promise (specs/finality.md sections
-    8-9), never convergence: every delivery order of the same ops gives one total order and one
-    digest."""
+    """Witnesses that heartbeat at several replicas (equivocation) and approve competing
+    reconfigurations (two at one epoch) void the finality promise (specs/finality.md sections
+    8-9), never convergence: every delivery order of the same ops gives one total order, one
+    verdict on every op and one digest."""
     world = [Replica(WMARKET) for _ in range(4)]
     for kind, at, who, extra in steps:
         replica = world[at]
@@ -519,9 +515,6 @@ def test_lying_witnesses_cannot_split_replicas(steps: list[tuple[str, int, int, 
                          current + spares[:1])
             removed_before = {w.key for w in replica.witness_status() if not w.current}
             if not new or removed_before & set(new):
-                continue
-            taken = {op.body.epoch for op in union(world) if isinstance(op.body, ReconfigBody)}
-            if not COMPETING_RECONFIGS and replica.epoch + 1 in taken:
                 continue
             others = [w for w in WITNESSES if w.public_key in current and w is not signer]
             approvals = {w.public_key: replica.approve_reconfig(w, new) for w in others}
