@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
 
-from crdtbook import Identity, Market
+from crdtbook import Identity, Market, Replica
 from crdtbook._ops import OrderBody, sign_op
 from crdtbook.node.p2p import NetworkConfig, open_network
-from crdtbook.node.service import topic_for
+from crdtbook.node.service import BAN_THRESHOLD, topic_for
+from crdtbook.node.store import OpStore
 from crdtbook.node.wire import SYNC_PROTOCOL, encode_batch
 
 from .harness import MARKET, converged, node_group, wait_until
@@ -74,6 +76,28 @@ async def test_hostile_peer_cannot_crash_or_pollute_nodes(tmp_path: Path) -> Non
                         pass  # the node may have banned us already: that is fine
                 await trio.sleep(1)
 
+        # The payloads reached the nodes and were refused there, counted against Mallory:
+        # ("no op arrived" alone would also hold if nothing had been delivered at all).
+        def refusals_counted() -> None:
+            for n in (n1, n2):
+                status = n.call("status")
+                market = status["markets"][0]
+                counts[n.home.name] = (status["network"]["rejected"], market["refused"])
+                assert market["ops"] == 0 and market["pending"] == 0
+            assert sum(rejected for rejected, _ in counts.values()) >= BAN_THRESHOLD
+            assert all(rejected >= 1 and refused >= 1 for rejected, refused in counts.values())
+            # Mallory crossed the ban threshold on a node: it is disconnected there.
+            assert any(
+                status["network"]["banned"] >= 1
+                for status in (n1.call("status"), n2.call("status"))
+            )
+
+        counts: dict[str, tuple[int, int]] = {}
+        await trio.to_thread.run_sync(
+            lambda: wait_until(lambda: _ok(refusals_counted), 10, "refusals counted")
+        )
+        await trio.to_thread.run_sync(refusals_counted)
+
         # Both nodes are up, hold no hostile op, and still converge on honest trading.
         def honest_round() -> None:
             assert n1.market_status()["ops"] == 0
@@ -87,3 +111,23 @@ async def test_hostile_peer_cannot_crash_or_pollute_nodes(tmp_path: Path) -> Non
         await trio.to_thread.run_sync(honest_round)
         assert n1.proc is not None and n1.proc.poll() is None
         assert n2.proc is not None and n2.proc.poll() is None
+    # No invalid op entered either log: each store, replayed with every signature checked,
+    # holds exactly the two honest ops.
+    market = Market.parse(MARKET)
+    for name in ("n1", "n2"):
+        store = OpStore.open(tmp_path / name, synchronous="OFF")
+        try:
+            stored = list(store.load_market(market.id))
+        finally:
+            store.close()
+        replica = Replica(market)
+        assert not replica.apply_many(stored).invalid
+        assert len(stored) == len(replica) == 2
+
+
+def _ok(check: Callable[[], None]) -> bool:
+    try:
+        check()
+    except AssertionError:
+        return False
+    return True
