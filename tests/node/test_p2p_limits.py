@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
 import pytest
 import trio
@@ -23,7 +23,7 @@ from libp2p.io.exceptions import MessageTooLarge
 from libp2p.utils.varint import read_delim as stock_read_delim
 
 from crdtbook.node import p2p_limits
-from crdtbook.node.p2p import Network, NetworkConfig, open_network
+from crdtbook.node.p2p import FrameStream, Network, NetworkConfig, open_network
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -183,3 +183,46 @@ async def test_control_idle_connections_from_one_address_lock_out_the_stock_libr
 
 async def test_idle_connections_from_one_address_cannot_lock_out_honest_peers() -> None:
     assert await _honest_dial_with_idle_flood(300) is None
+
+
+async def test_a_stream_flood_from_one_peer_is_bounded_and_others_are_served() -> None:
+    """2,000 sync streams opened at once by one connected peer, none of which sends a frame:
+    libp2p's Yamux admits 255 at a time per connection (the rest fail on the opener's side),
+    memory stays flat, and an honest peer's stream is served at once."""
+    opener = NetworkConfig(heartbeat_interval=0.5, call_timeout=2.0)
+    async with (
+        open_network(os.urandom(32), ["/ip4/127.0.0.1/tcp/0"], config=CFG) as target,
+        open_network(os.urandom(32), ["/ip4/127.0.0.1/tcp/0"], config=opener) as mallory,
+        open_network(os.urandom(32), ["/ip4/127.0.0.1/tcp/0"], config=CFG) as honest,
+    ):
+        active = [0, 0]
+
+        async def handler(stream: FrameStream) -> None:
+            active[0] += 1
+            active[1] = max(active[1], active[0])
+            try:
+                with trio.move_on_after(20):
+                    await stream.read_frame(1024)
+                await stream.write_frame(b"ok")
+            finally:
+                active[0] -= 1
+
+        target.set_stream_handler("/test/sync", handler)
+        await mallory.connect(target.addrs()[0])
+        before = _rss_bytes()
+        opened: list[FrameStream] = []
+
+        async def open_one() -> None:
+            with suppress(Exception):
+                opened.append(await mallory.open_stream(target.peer_id, "/test/sync"))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(2000):
+                nursery.start_soon(open_one)
+        assert active[1] <= 256 and len(opened) <= 256
+        assert _rss_bytes() - before < 64 * 1024 * 1024
+        await honest.connect(target.addrs()[0])
+        with trio.fail_after(5):
+            stream = await honest.open_stream(target.peer_id, "/test/sync")
+            await stream.write_frame(b"hi")
+            assert await stream.read_frame(16) == b"ok"
