@@ -30,7 +30,7 @@ from .finality import HEARTBEAT_INTERVAL
 from .handler import ControlAdapter
 from .service import BAN_SECONDS, FLUSH_DELAY, PUBLISH_INTERVAL, MarketState, NodeService
 from .store import OpStore, StoreError
-from .sync import MarketNotFollowed, pull, respond
+from .sync import FRAME_TIMEOUT, MarketNotFollowed, pull, respond
 from .wire import MAX_BATCH_OPS, SYNC_PROTOCOL, WireError
 
 __all__ = ["NodeConfig", "run_node"]
@@ -68,6 +68,10 @@ class NodeConfig:
     verbose: int = 0
     announce_interval: float = 60.0
     sync_interval: float = SYNC_INTERVAL
+    #: Bounds on sync (node.sync): one frame read or written, served or pulled, and a whole
+    #: session pulled from a peer. A peer that stalls, dribbles or vanishes is dropped then.
+    sync_frame_timeout: float = FRAME_TIMEOUT
+    sync_session_timeout: float = SYNC_SESSION_TIMEOUT
     #: A witness heartbeats this long after it has something to acknowledge (node.finality).
     heartbeat_interval: float = HEARTBEAT_INTERVAL
     #: GossipSub's own heartbeat (mesh upkeep), unrelated to witness heartbeats.
@@ -234,6 +238,8 @@ class _Node:
         self.service = service
         self.net = net
         self._syncing: set[tuple[str, bytes]] = set()
+        #: Sync sessions being served now (those pulled are ``_syncing``).
+        self._serving = 0
         self._not_following: dict[tuple[str, bytes], float] = {}
         self._sync_now = trio.Event()
         self._urgent: set[str] = set()
@@ -247,7 +253,7 @@ class _Node:
     ) -> None:
         service, net = self.service, self.net
         net.on_reject(self._on_reject)
-        net.set_stream_handler(SYNC_PROTOCOL, self._serve_sync)
+        net.set_stream_handler(SYNC_PROTOCOL, self._serve_sync_counted)
         async with trio.open_nursery() as nursery:
             for ms in service.markets.values():
                 net.set_validator(ms.topic, self._validator(ms))
@@ -309,6 +315,7 @@ class _Node:
                 for p in sorted(self.net.connected_peers())
             ],
             "network": self.net.stats(),
+            "sync_sessions": {"serving": self._serving, "pulling": len(self._syncing)},
         }
 
     def block(self, peer: str | None, seconds: float) -> list[str]:
@@ -344,13 +351,22 @@ class _Node:
 
     # -- sync --------------------------------------------------------------------------------
 
+    async def _serve_sync_counted(self, stream: Any) -> None:
+        self._serving += 1
+        try:
+            await self._serve_sync(stream)
+        finally:
+            self._serving -= 1
+
     async def _serve_sync(self, stream: Any) -> None:
         def replica_for(market_id: bytes) -> Any:
             ms = self.service.markets.get(market_id)
             return None if ms is None else ms.replica
 
         try:
-            sent, _ = await respond(stream, replica_for)
+            sent, _ = await respond(
+                stream, replica_for, frame_timeout=self.config.sync_frame_timeout
+            )
             if sent:
                 logger.debug("sync: sent %d ops", sent)
         except WireError as exc:
@@ -390,8 +406,9 @@ class _Node:
     async def _sync_one(self, peer: str, ms: MarketState) -> None:
         key = (peer, ms.market.id)
         try:
-            with trio.move_on_after(SYNC_SESSION_TIMEOUT):
+            with trio.move_on_after(self.config.sync_session_timeout) as session:
                 stream = await self.net.open_stream(peer, SYNC_PROTOCOL)
+                pulled = False
                 try:
                     received, unknown_heads = await pull(
                         stream,
@@ -399,9 +416,16 @@ class _Node:
                         lambda raws: self.service.prepare(ms, raws),
                         lambda prepared: self.service.commit(ms, prepared, peer),
                         self._wanted.pop(key, ()),
+                        frame_timeout=self.config.sync_frame_timeout,
                     )
+                    pulled = True
                 finally:
-                    await stream.close()
+                    # Shielded: once the session's deadline passed, an unshielded close is
+                    # cancelled at once and the stream stays open (the peer's writes pile up in
+                    # the muxer). After a failure the framing is undefined: reset.
+                    bound = self.config.sync_frame_timeout
+                    with trio.CancelScope(deadline=trio.current_time() + bound, shield=True):
+                        await (stream.close() if pulled else stream.reset())
                 ms.last_sync = time.time()
                 if received:
                     logger.info("sync: %d ops from %s for %s", received, peer, ms.market.name)
@@ -410,6 +434,13 @@ class _Node:
                 if ms.replica.missing() or unknown_heads:
                     self._urgent.add(peer)
                     self._sync_now.set()  # a false positive or a race: ask again now
+            if session.cancelled_caught:
+                logger.info(
+                    "sync with %s for %s stopped: over %.0f s",
+                    peer,
+                    ms.market.name,
+                    self.config.sync_session_timeout,
+                )
         except MarketNotFollowed:
             self._not_following[key] = trio.current_time() + NOT_FOLLOWING_BACKOFF
         except Exception as exc:  # network errors, a peer going away, malformed frames

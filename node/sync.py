@@ -103,26 +103,44 @@ def ops_for(replica: Replica, request: SyncRequest) -> list[Op]:
         forked=replica.forked_authors(),
         held=request.held,
     )
-    if request.need:
-        have = {op.id for op in ops}
-        extra = [
-            op for op in map(replica.get, request.need) if op is not None and op.id not in have
-        ]
-        if extra:
-            ops = sorted(ops + extra, key=lambda o: o.key)
+    needed = [ident for ident in request.need if ident in replica.applied_index]
+    if needed:
+        # A needed op and the past of it the peer lacks. The walk above stops at a Bloom false
+        # positive, and on a chain (one author's ops) everything below it is hidden; the same
+        # filter would hide it again next time, so a fetch of the needed op alone would bring
+        # one op per round trip. Walk from the needed ops without the filter.
+        past = ops_missing_for(
+            replica.applied_index,
+            needed,
+            request.heads,
+            None,
+            their_seqs=request.seqs,
+            forked=replica.forked_authors(),
+            held=request.held,
+        )
+        union = {op.id: op for op in ops}
+        size = len(union)
+        for op in [*past, *map(replica.applied_index.__getitem__, needed)]:
+            union.setdefault(op.id, op)
+        if len(union) > size:
+            ops = sorted(union.values(), key=lambda o: o.key)
     return ops
 
 
 async def respond(
-    stream: SyncStream, replicas: Callable[[bytes], Replica | None]
+    stream: SyncStream,
+    replicas: Callable[[bytes], Replica | None],
+    *,
+    frame_timeout: float = FRAME_TIMEOUT,
 ) -> tuple[int, bytes | None]:
-    """Serve one session. Returns (ops sent, market id or None)."""
-    request = decode_request(await stream.read_frame(MAX_FRAME_BYTES, timeout=FRAME_TIMEOUT))
+    """Serve one session. Returns (ops sent, market id or None). Each frame read or written
+    is bounded by ``frame_timeout``; the caller bounds the whole session."""
+    request = decode_request(await stream.read_frame(MAX_FRAME_BYTES, timeout=frame_timeout))
     replica = replicas(request.market)
     if replica is None:
         await stream.write_frame(
             encode_response(SyncResponse([], [], False, "unknown_market", "not followed here")),
-            timeout=FRAME_TIMEOUT,
+            timeout=frame_timeout,
         )
         return 0, None
     ops = ops_for(replica, request)
@@ -131,7 +149,7 @@ async def respond(
     for index, chunk in enumerate(chunks):
         more = index + 1 < len(chunks)
         await stream.write_frame(
-            encode_response(SyncResponse(chunk, heads, more)), timeout=FRAME_TIMEOUT
+            encode_response(SyncResponse(chunk, heads, more)), timeout=frame_timeout
         )
     return len(ops), request.market
 
@@ -146,17 +164,20 @@ async def pull(
     prepare: Callable[[list[bytes]], Awaitable[P]],
     commit: Callable[[P], Awaitable[object]],
     wanted: Iterable[bytes] = (),
+    *,
+    frame_timeout: float = FRAME_TIMEOUT,
 ) -> tuple[int, list[bytes]]:
     """Run one session as the initiator. Each received frame goes through ``prepare`` (verify)
     as it is read, then ``commit`` (apply, persist) in order: frame k+1 is verified while
     frame k commits.
 
-    Returns the number of ops received and the responder's heads that we still do not know
+    Each frame read or written is bounded by ``frame_timeout``; the caller bounds the whole
+    session. Returns the number of ops received and the responder's heads that we still do not know
     (ops withheld by a wrong hint, or newer than its walk): name them in the next request.
     Raises ``MarketNotFollowed``, ``WireError`` or the stream's errors.
     """
     request = build_request(replica, wanted)
-    await stream.write_frame(encode_request(request), timeout=FRAME_TIMEOUT)
+    await stream.write_frame(encode_request(request), timeout=frame_timeout)
     their_heads: list[bytes] = []
     received = 0
     # Read the next frame while the previous one is verified and applied (bulk catch-up).
@@ -167,7 +188,7 @@ async def pull(
         async with send:
             try:
                 while True:
-                    frame = await stream.read_frame(MAX_FRAME_BYTES, timeout=FRAME_TIMEOUT)
+                    frame = await stream.read_frame(MAX_FRAME_BYTES, timeout=frame_timeout)
                     response = decode_response(frame)
                     if response.error == "unknown_market":
                         raise MarketNotFollowed(response.message)
