@@ -431,9 +431,12 @@ class _Node:
                     logger.info("sync: %d ops from %s for %s", received, peer, ms.market.name)
                 if unknown_heads:
                     self._wanted[key] = unknown_heads
-                if ms.replica.missing() or unknown_heads:
+                # Ask again at once only when this session made progress (a Bloom false
+                # positive or a race), not for parents this peer lacks too: orphans whose
+                # parents never arrive would otherwise re-sync back to back for ever.
+                if (received and ms.replica.missing()) or unknown_heads:
                     self._urgent.add(peer)
-                    self._sync_now.set()  # a false positive or a race: ask again now
+                    self._sync_now.set()
             if session.cancelled_caught:
                 logger.info(
                     "sync with %s for %s stopped: over %.0f s",
