@@ -15,6 +15,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Final
 
 import cbor2
+import nacl.bindings
 
 from ._errors import OffLot, OffTick
 from ._limits import MAX_INT, MAX_MARKET_NAME, MAX_WITNESSES, PROTOCOL_VERSION, WITNESSED_VERSION
@@ -37,6 +38,10 @@ def _witness_keys(witnesses: Iterable[bytes | str]) -> tuple[bytes, ...]:
                 raise ValueError(f"witness {key!r} is not a hex ed25519 public key") from None
         if not isinstance(key, bytes) or len(key) != _KEY_BYTES:
             raise ValueError("a witness is a 32-byte ed25519 public key (64 hex digits)")
+        # A key that is no curve point (or a small-order one) can never sign: such a witness
+        # would stall finality for ever, so the definition is refused outright.
+        if not nacl.bindings.crypto_core_ed25519_is_valid_point(key):
+            raise ValueError(f"witness {key.hex()[:16]}... is not a valid ed25519 public key")
         keys.append(key)
     if len(set(keys)) != len(keys):
         raise ValueError("a witness is named twice")

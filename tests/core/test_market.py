@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import examples
 
-from crdtbook import DEFAULT_MARKETS, Market, OffLot, OffTick
+from crdtbook import DEFAULT_MARKETS, Identity, Market, OffLot, OffTick
 
 MAX_INT = 2**63 - 1
 STEPS = ("1", "5", "0.5", "0.25", "0.01", "0.001", "0.0001", "0.005", "100", "0.00000001")
@@ -228,3 +228,13 @@ def test_markets_are_immutable():
     market = DEFAULT_MARKETS["DEMO"]
     with pytest.raises(AttributeError):
         market.tick = "2"  # type: ignore[misc]
+
+
+def test_a_witness_must_be_a_key_that_can_sign() -> None:
+    """All-zero bytes, or any 32 bytes that are no point of the curve, could never heartbeat:
+    such a market's finality would stall for ever, so its definition is refused."""
+    good = Identity.from_seed(b"w" * 32).public_key
+    for bad in (bytes(32), bytes([1]) + bytes(31), b"\xff" * 32):
+        with pytest.raises(ValueError, match="not a valid ed25519 public key"):
+            Market("X", "1", "1", witnesses=[good, bad])
+    assert Market("X", "1", "1", witnesses=[good]).witnesses == (good,)
