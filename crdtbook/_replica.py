@@ -125,6 +125,9 @@ class Replica:
         self.version = 0
         #: Pending ops forgotten because the buffer was full (oldest first; see ``_park``).
         self.evicted = 0
+        #: Their ids, for a caller that keeps what it was given (a node's store) and wants to
+        #: forget them too: ``take_evicted``. Bounded like the buffer.
+        self._evicted_ids: list[bytes] = []
         #: Placement and the finality frontier (witnessed markets only; specs/finality.md).
         self._fin = (
             Witnessing(market.id, market.witnesses, self._applied, self._fork_at)
@@ -285,6 +288,14 @@ class Replica:
                 if not waiters:
                     del self._waiting[parent]
         self.evicted += 1
+        if len(self._evicted_ids) < self.max_pending:
+            self._evicted_ids.append(ident)
+
+    def take_evicted(self) -> list[bytes]:
+        """The ids of the pending ops forgotten since the last call (a node deletes them from
+        its store, so a flood of orphans does not grow the disk either)."""
+        taken, self._evicted_ids = self._evicted_ids, []
+        return taken
 
     def _release(self, op: Op, applied: list[Op]) -> None:
         """Admit every pending op that ``op`` (just admitted) unblocks, and theirs in turn."""

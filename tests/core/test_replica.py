@@ -521,6 +521,7 @@ def test_full_pending_buffer_forgets_its_oldest_op():
     assert r.apply(children[0].raw) == []  # kept; the longest waiting one is forgotten
     assert r.pending_count == 2 and r.evicted == 1 and r.digest() == digest
     assert not r.knows(children[-1].id) and r.knows(children[0].id)
+    assert r.take_evicted() == [children[-1].id] and r.take_evicted() == []
     # A forgotten op is no verdict: offered again (as sync does), it is taken like any other.
     assert r.apply(root.raw)[0] == root
     assert r.apply_many([c.raw for c in children]).applied != []
