@@ -233,10 +233,12 @@ async def checked(pair: Pair, name: str) -> AsyncIterator[None]:
     assert time.monotonic() - started < 2.0
 
 
-async def _serving_ends(pair: Pair, bound: float) -> float:
-    return await _until(
-        lambda: pair.sessions()["serving"] == 0, bound + SLACK, "the target drops the session"
-    )
+async def _serving_ends(pair: Pair, bound: float, since: float) -> float:
+    """Seconds from ``since`` (trio clock) until the target serves no session, at most
+    ``bound`` + SLACK."""
+    left = since + bound + SLACK - trio.current_time()
+    await _until(lambda: pair.sessions()["serving"] == 0, left, "the target drops the session")
+    return trio.current_time() - since
 
 
 # -- serving: the raw peer asks, then misbehaves ---------------------------------------------
@@ -245,10 +247,13 @@ async def _serving_ends(pair: Pair, bound: float) -> float:
 async def test_peer_that_stops_reading(pair: Pair) -> None:
     async with checked(pair, "stops_reading"), raw_peer(pair) as host:
         await _open_sync(host, pair)  # and never reads a byte
+        asked = trio.current_time()
         await _until(lambda: pair.sessions()["serving"] == 1, 5, "the session starts")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_honest_keeps_working, pair, 1)
-            figures["stops_reading_dropped_after_s"] = await _serving_ends(pair, FRAME_TIMEOUT)
+            figures["stops_reading_dropped_after_s"] = await _serving_ends(
+                pair, FRAME_TIMEOUT, asked
+            )
 
 
 async def test_peer_that_reads_too_slowly(pair: Pair) -> None:
@@ -257,6 +262,7 @@ async def test_peer_that_reads_too_slowly(pair: Pair) -> None:
     takes the response in ~2 s: the node is done long before the reader is)."""
     async with checked(pair, "reads_slowly"), raw_peer(pair) as host:
         stream, _ = await _open_sync(host, pair)
+        asked = trio.current_time()
         got = 0
 
         async def dribble() -> None:
@@ -273,7 +279,9 @@ async def test_peer_that_reads_too_slowly(pair: Pair) -> None:
             nursery.start_soon(dribble)
             nursery.start_soon(_honest_keeps_working, pair, 2)
             await _until(lambda: pair.sessions()["serving"] == 1, 5, "the session starts")
-            figures["reads_slowly_dropped_after_s"] = await _serving_ends(pair, SESSION_TIMEOUT)
+            figures["reads_slowly_dropped_after_s"] = await _serving_ends(
+                pair, SESSION_TIMEOUT, asked
+            )
             nursery.cancel_scope.cancel()
         figures["reads_slowly_bytes_read_by_then"] = got
 
@@ -288,9 +296,10 @@ async def test_peer_that_vanishes_mid_transfer(pair: Pair, how: str) -> None:
             await stream.reset()
         else:
             await host.disconnect(_target_id(pair))
+        gone = trio.current_time()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_honest_keeps_working, pair, 3 if how == "stream_reset" else 4)
-            figures[f"vanishes_{how}_dropped_after_s"] = await _serving_ends(pair, 1.0)
+            figures[f"vanishes_{how}_dropped_after_s"] = await _serving_ends(pair, 1.0, gone)
 
 
 # -- pulling: the target asks the raw peer, which misbehaves in its answer --------------------
@@ -411,7 +420,7 @@ async def test_peer_that_vanishes_mid_answer(pair: Pair) -> None:
             lambda: pair.ops(pair.target) == before + MAX_BATCH_OPS, 10, "the first frame kept"
         )
         figures["vanishes_mid_answer_first_frame_applied_s"] = held
-    await _until(
+    figures["vanishes_mid_answer_honest_has_them_s"] = await _until(
         lambda: pair.ops(pair.honest) == before + MAX_BATCH_OPS, 15, "passed on to the honest node"
     )
     assert await _call(pair.target, "status", digest=False)
