@@ -36,6 +36,8 @@ pytestmark = pytest.mark.timeout(150)
 #: Bounded wait for convergence under delay and loss (the figure is reported, not asserted).
 IMPAIRED_CONVERGE_WITHIN = 60.0
 HEAL_CONVERGE_WITHIN = 60.0
+#: Orders submitted across the nodes while every link has delay and loss.
+IMPAIRED_ORDERS = 40
 #: How long the plain split lasts: over two sync rounds (SYNC_INTERVAL, 4 s).
 SPLIT_HOLD = 10.0
 
@@ -209,11 +211,11 @@ def test_split_heal_then_delay_and_loss(tmp_path: Path) -> None:
 
         how = lab.impair(200, 5)
         started = time.monotonic()
-        for i in range(12):
+        for i in range(IMPAIRED_ORDERS):
             side = "buy" if i % 2 else "sell"
             nodes[i % 4].call("submit", side=side, quantity="1", price=str(300 + i % 3))
         wait_until(
-            lambda: converged(nodes) and _status(nodes[0])["ops"] == 24,
+            lambda: converged(nodes) and _status(nodes[0])["ops"] == 12 + IMPAIRED_ORDERS,
             IMPAIRED_CONVERGE_WITHIN,
             f"convergence with delay and loss ({how})",
         )
