@@ -9,6 +9,7 @@ task, write each market's checkpoint, leave libp2p, close the store.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -225,7 +226,8 @@ async def _main(config: NodeConfig) -> int:
             await node.run(home, created, loaded, load_seconds)
     finally:
         store.close()
-        (home / NODE_INFO_FILE).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. a filesystem that turned read-only
+            (home / NODE_INFO_FILE).unlink(missing_ok=True)
         os.close(lock_fd)
     return 0
 

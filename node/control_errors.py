@@ -25,6 +25,8 @@ __all__ = [
     "NO_MAJORITY",
     "OFF_LOT",
     "OFF_TICK",
+    "STORE_ERROR",
+    "STORE_FULL",
     "TIMEOUT",
     "UNKNOWN_MARKET",
     "UNKNOWN_METHOD",
@@ -53,6 +55,8 @@ NOT_WITNESSED: Final = "not_witnessed"  # finality asked of a market without wit
 NOT_WITNESS: Final = "not_witness"  # a witness's act by a key that is not a witness in force
 NO_MAJORITY: Final = "no_majority"  # a reconfiguration without approvals from a majority
 BAD_APPROVAL: Final = "bad_approval"  # an approval signature that does not verify for the set
+STORE_FULL: Final = "store_full"  # the node's store has no space left: nothing was done
+STORE_ERROR: Final = "store_error"  # the node's store cannot be written (read-only, I/O error)
 INTERNAL: Final = "internal"  # a bug in the node; details are in the node's log
 
 ERROR_CODES: Final = frozenset(
@@ -71,6 +75,8 @@ ERROR_CODES: Final = frozenset(
         NOT_WITNESS,
         NO_MAJORITY,
         BAD_APPROVAL,
+        STORE_FULL,
+        STORE_ERROR,
         INTERNAL,
     }
 )

@@ -37,6 +37,8 @@ from .control_errors import (
     NOT_WITNESSED,
     OFF_LOT,
     OFF_TICK,
+    STORE_ERROR,
+    STORE_FULL,
     TIMEOUT,
     UNKNOWN_MARKET,
     UNKNOWN_METHOD,
@@ -44,6 +46,7 @@ from .control_errors import (
 )
 from .finality import STALL_SECONDS, FinalityView
 from .service import MarketState, NodeService
+from .store import StoreWriteError
 
 __all__ = ["ControlAdapter"]
 
@@ -156,9 +159,16 @@ class ControlAdapter:
         if fn is None:
             known = ", ".join(sorted([*self._methods, "watch"]))
             raise ControlError(UNKNOWN_METHOD, f"unknown method {method!r}; known: {known}")
-        result = fn(params)
-        if hasattr(result, "__await__"):
-            result = await result
+        try:
+            result = fn(params)
+            if hasattr(result, "__await__"):
+                result = await result
+        except StoreWriteError as exc:  # disk full or read-only: the node itself carries on
+            raise ControlError(
+                STORE_FULL if exc.reason == "full" else STORE_ERROR,
+                f"{exc}; nothing was signed or sent: retry once the node's disk takes writes "
+                "again (it resumes by itself)",
+            ) from None
         return result
 
     # -- helpers -----------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import trio
 from crdtbook import Identity, InvalidOp, Market, Op, Replica, decode, op_id
 
 from .finality import HEARTBEAT_INTERVAL, FinalityTracker
-from .store import OpStore
+from .store import OpStore, StoreWriteError
 from .wire import MAX_BATCH_OPS, WireError, decode_batch, encode_batch
 
 __all__ = ["IngestResult", "MarketState", "NodeService"]
@@ -77,6 +77,9 @@ BAN_SECONDS: Final = 120.0
 #: short rewind, where one sorting inside the checkpoint costs a rematch of the whole log.
 #: (10k ops: some tens of ms of matching at start.)
 CHECKPOINT_TAIL_MAX: Final = 10_000
+#: While the store refuses writes (disk full, read-only), it is tried again at most this often;
+#: in between, new ops (own, gossip, sync) are refused at once with the last error.
+STORE_RETRY_INTERVAL: Final = 0.5
 
 
 def checkpoint_tail(ops: int) -> int:
@@ -215,27 +218,63 @@ class _StoreWriter:
     transaction and one fsync (group commit).
     """
 
-    def __init__(self, store: OpStore, fsync: bool) -> None:
+    def __init__(
+        self,
+        store: OpStore,
+        fsync: bool,
+        on_failure: Callable[[StoreWriteError, list[bytes]], None],
+    ) -> None:
         self._store = store
         self._fsync = fsync
-        self._queue: list[tuple[list[tuple[bytes, bytes, int, bytes]], trio.Event]] = []
+        self._queue: list[_Write] = []
         self._lock = trio.Lock()
+        #: Called, before any other task runs, with the error and the ids of every op whose
+        #: write failed (so the node can forget them before anyone sees them).
+        self._on_failure = on_failure
 
     async def write(self, items: list[tuple[bytes, bytes, int, bytes]]) -> None:
+        """Return once ``items`` are committed; raise ``StoreWriteError`` if they are not."""
         if not self._fsync:
-            self._store.add_ops(items)
+            try:
+                self._store.add_ops(items)
+            except StoreWriteError as exc:
+                self._on_failure(exc, [item[0] for item in items])
+                raise
             return
-        done = trio.Event()
-        self._queue.append((items, done))
+        mine = _Write(items)
+        self._queue.append(mine)
         async with self._lock:
-            if not done.is_set():
+            if not mine.done.is_set():
                 batch, self._queue = self._queue, []
-                flat = [item for chunk, _ in batch for item in chunk]
-                # Not abandon_on_cancel: we must know the commit happened before acknowledging.
-                await trio.to_thread.run_sync(self._store.add_ops, flat)
-                for _, event in batch:
-                    event.set()
-        await done.wait()
+                flat = [item for write in batch for item in write.items]
+                try:
+                    # Not abandon_on_cancel: we must know the commit happened before
+                    # acknowledging.
+                    await trio.to_thread.run_sync(self._store.add_ops, flat)
+                except StoreWriteError as exc:
+                    # The group failed, and so does every write queued meanwhile: the node
+                    # forgets all their ops at once (they were signed or applied before the
+                    # failure was known).
+                    batch += self._queue
+                    self._queue = []
+                    for write in batch:
+                        write.error = exc.copy()
+                    self._on_failure(exc, [item[0] for write in batch for item in write.items])
+                finally:
+                    for write in batch:
+                        write.done.set()
+        await mine.done.wait()
+        if mine.error is not None:
+            raise mine.error
+
+
+@dataclass
+class _Write:
+    """One caller's items in a group commit, and how it ended."""
+
+    items: list[tuple[bytes, bytes, int, bytes]]
+    done: trio.Event = field(default_factory=trio.Event)
+    error: StoreWriteError | None = None
 
 
 class NodeService:
@@ -263,7 +302,10 @@ class NodeService:
             m.id: MarketState(m, Replica(m), topic_for(m)) for m in markets
         }
         self.by_name: dict[str, MarketState] = {ms.market.name: ms for ms in self.markets.values()}
-        self._writer = _StoreWriter(store, fsync)
+        self._writer = _StoreWriter(store, fsync, self._write_failed)
+        #: Set while the store refuses writes (see ``_store_ready``); None when it takes them.
+        self.store_fault: StoreWriteError | None = None
+        self._store_tried = -float("inf")
         self._rejects: dict[str, deque[float]] = {}
         self.closing = False
         self.started = time.time()
@@ -291,39 +333,44 @@ class NodeService:
         for ms in self.markets.values():
             market = ms.market
             self.store.add_market(market.id, market.name, market.tick, market.lot)
-            started = time.monotonic()
-            checkpoint = self.store.get_checkpoint(market.id) if use_checkpoints else None
-            # The cyclic GC off while loading: everything loaded lives on and holds no cycles,
-            # yet collections would walk the growing log again and again. Afterwards the lot
-            # goes straight to the permanent generation (a collection first would walk it all
-            # once more, for the few cycles loading leaves: not worth it).
-            gc.disable()
-            try:
-                replica = Replica.restore(
-                    market, self.store.load_market(market.id), checkpoint, verify=False
-                )
-            finally:
-                gc.freeze()
-                gc.enable()
-                self._applied_since_freeze = 0
-            seconds = time.monotonic() - started
-            ms.replica = replica
-            ms._digest = None  # cached for the replica it replaces
-            ms.finality.prime(replica)
-            for _, exc in replica.restore_skipped[:10]:
-                logger.warning("skipping a stored op that does not apply: %s", exc)
-            if len(replica.restore_skipped) > 10:
-                logger.warning("... and %d more", len(replica.restore_skipped) - 10)
-            covered = replica.restored_from_checkpoint
-            if covered:
-                how = f"checkpoint of {covered} ops + replay of {len(replica) - covered}"
-            elif checkpoint is None:
-                how = "full replay (no checkpoint)"
-            else:
-                how = f"full replay (checkpoint not used: {replica.checkpoint_unused})"
-            logger.info("loaded %s: %d ops in %.2f s, %s", market.name, len(replica), seconds, how)
-            loaded[market.name] = len(replica)
+            loaded[market.name] = self._restore(ms, use_checkpoints)
         return loaded
+
+    def _restore(self, ms: MarketState, use_checkpoints: bool = True) -> int:
+        """Replace ``ms``'s replica with one rebuilt from the store; returns its op count."""
+        market = ms.market
+        started = time.monotonic()
+        checkpoint = self.store.get_checkpoint(market.id) if use_checkpoints else None
+        # The cyclic GC off while loading: everything loaded lives on and holds no cycles,
+        # yet collections would walk the growing log again and again. Afterwards the lot
+        # goes straight to the permanent generation (a collection first would walk it all
+        # once more, for the few cycles loading leaves: not worth it).
+        gc.disable()
+        try:
+            replica = Replica.restore(
+                market, self.store.load_market(market.id), checkpoint, verify=False
+            )
+        finally:
+            gc.freeze()
+            gc.enable()
+            self._applied_since_freeze = 0
+        seconds = time.monotonic() - started
+        ms.replica = replica
+        ms._digest = None  # cached for the replica it replaces
+        ms.finality.prime(replica)
+        for _, exc in replica.restore_skipped[:10]:
+            logger.warning("skipping a stored op that does not apply: %s", exc)
+        if len(replica.restore_skipped) > 10:
+            logger.warning("... and %d more", len(replica.restore_skipped) - 10)
+        covered = replica.restored_from_checkpoint
+        if covered:
+            how = f"checkpoint of {covered} ops + replay of {len(replica) - covered}"
+        elif checkpoint is None:
+            how = "full replay (no checkpoint)"
+        else:
+            how = f"full replay (checkpoint not used: {replica.checkpoint_unused})"
+        logger.info("loaded %s: %d ops in %.2f s, %s", market.name, len(replica), seconds, how)
+        return len(replica)
 
     def write_checkpoints(self) -> None:
         """Store a checkpoint of every market's matched state (on an orderly stop, once no
@@ -352,6 +399,49 @@ class NodeService:
                 len(blob),
                 time.monotonic() - started,
             )
+
+    # -- store faults ------------------------------------------------------------------------
+
+    def _store_ready(self) -> None:
+        """Raise ``StoreWriteError`` while the store refuses writes (disk full, read-only), so
+        that nothing new is signed, applied or accepted that could not be stored. A known fault
+        is tried again (one small write) at most every STORE_RETRY_INTERVAL."""
+        fault = self.store_fault
+        if fault is None:
+            return
+        now = time.monotonic()
+        if now - self._store_tried < STORE_RETRY_INTERVAL:
+            raise fault.copy()
+        self._store_tried = now
+        try:
+            self.store.check_writable()
+        except StoreWriteError as exc:
+            self.store_fault = exc
+            raise exc.copy() from None
+        self.store_fault = None
+        logger.warning(
+            "the op store takes writes again: new ops are accepted, sync fetches what was missed"
+        )
+
+    def _write_failed(self, exc: StoreWriteError, ids: list[bytes]) -> None:
+        """The write of ``ids`` failed (the store writer calls this before any other task
+        runs). New ops are refused from now on (``_store_ready``). A market whose replica holds
+        any of these ops (own ops and sync are applied before they are stored) is rebuilt from
+        the store at once, so that no task shows, serves or heartbeats over an op the node has
+        not stored, and this node's next op may reuse a lost own op's sequence number: nobody
+        saw that op. (With ``fsync`` the failed commit ran in a thread, and a sync answer may
+        have sent such an op to a peer meanwhile: the window this leaves is that long.)"""
+        if self.store_fault is None:
+            logger.error("%s; refusing new ops until it takes writes again", exc)
+        self.store_fault = exc
+        self._store_tried = time.monotonic()
+        for ms in self.markets.values():
+            replica = ms.replica
+            if any(ident in replica or replica.is_pending(ident) for ident in ids):
+                ms.apply_queue, ms.queued = [], set()  # all stored: the store gives them back
+                self._restore(ms)
+                ms.changed.set()
+                ms.changed = trio.Event()
 
     # -- ingest ------------------------------------------------------------------------------
 
@@ -396,6 +486,7 @@ class NodeService:
             if result.invalid:
                 logger.info("refused %d invalid ops from %s", result.invalid, source)
             return result
+        self._store_ready()
         replica = ms.replica
         report = replica.apply_many(ops)
         result.invalid += len(report.invalid)
@@ -422,6 +513,10 @@ class NodeService:
         if self.closing:
             return False
         try:
+            self._store_ready()
+        except StoreWriteError:  # not stored, so not forwarded: sync brings it later
+            return False  # (and it counts against no peer: see should_ban)
+        try:
             raws = decode_batch(data)
         except WireError as exc:
             logger.info("refused a malformed gossip message from %s: %s", from_peer, exc)
@@ -442,9 +537,12 @@ class NodeService:
             accepted.append(op)
         if accepted:
             raw_of = prepared.raws
-            await self._writer.write(
-                [(op.id, op.market_id, op.lamport, raw_of[op.id]) for op in accepted]
-            )
+            try:
+                await self._writer.write(
+                    [(op.id, op.market_id, op.lamport, raw_of[op.id]) for op in accepted]
+                )
+            except StoreWriteError:
+                return False
             ms.apply_queue.extend(accepted)
             ms.queued.update(op.id for op in accepted)
             ms.apply_ready.set()
@@ -471,7 +569,11 @@ class NodeService:
             await trio.lowlevel.checkpoint()
 
     def should_ban(self, peer_id: str) -> bool:
-        """Count one refusal against ``peer_id``; True when it crossed the ban threshold."""
+        """Count one refusal against ``peer_id``; True when it crossed the ban threshold. Not
+        while this node's store refuses writes: gossip is refused then for want of a disk, not
+        for anything the peer did."""
+        if self.store_fault is not None:
+            return False
         now = trio.current_time()
         times = self._rejects.setdefault(peer_id, deque())
         times.append(now)
@@ -487,11 +589,13 @@ class NodeService:
     async def submit(
         self, ms: MarketState, side: str, price: int, quantity: int, tif: str, tag: str | None
     ) -> Op:
+        self._store_ready()
         op = ms.replica.submit(self.identity, side, price, quantity, tif, tag)
         await self._publish_own(ms, op)
         return op
 
     async def cancel(self, ms: MarketState, order_id: bytes) -> Op:
+        self._store_ready()
         op = ms.replica.cancel(self.identity, order_id)
         await self._publish_own(ms, op)
         return op
@@ -501,6 +605,7 @@ class NodeService:
         witness in force: else ``BadWitness``), and send it like any own op. It carries the
         node's wall clock, which becomes the batch's witnessed time (a label, never an input to
         the order)."""
+        self._store_ready()
         op = ms.replica.heartbeat(self.identity, time_ms=time.time_ns() // 1_000_000)
         await self._publish_own(ms, op)
         return op
@@ -513,6 +618,7 @@ class NodeService:
         self, ms: MarketState, witnesses: list[bytes], approvals: dict[bytes, bytes]
     ) -> Op:
         """Sign and send a reconfiguration (with a majority's ``approvals``)."""
+        self._store_ready()
         op = ms.replica.reconfigure(self.identity, witnesses, approvals)
         await self._publish_own(ms, op)
         return op
@@ -551,6 +657,9 @@ class NodeService:
                 continue
             try:
                 await self.heartbeat(ms)
+            except StoreWriteError as exc:  # logged once as an error when the fault began
+                logger.debug("%s: no heartbeat: %s", ms.market.name, exc)
+                await trio.sleep(self.heartbeat_interval)
             except Exception:  # never fatal: finality waits, trading goes on
                 logger.exception("%s: heartbeat failed; retrying", ms.market.name)
                 await trio.sleep(self.heartbeat_interval)

@@ -34,6 +34,9 @@ Why this shape:
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -46,6 +49,7 @@ __all__ = [
     "MarketRecord",
     "OpStore",
     "StoreError",
+    "StoreWriteError",
     "Synchronous",
 ]
 
@@ -109,6 +113,20 @@ assert len(_MIGRATIONS) == SCHEMA_VERSION
 
 class StoreError(Exception):
     """The store file cannot be used (not a database, written by a newer version, ...)."""
+
+
+class StoreWriteError(StoreError):
+    """A write to the store failed and stored nothing of what it was given: the filesystem is
+    full (``reason`` ``"full"``), read-only (``"read-only"``) or failing (``"io"``). The store
+    stays open and readable; a later write succeeds once the cause is gone."""
+
+    def __init__(self, message: str, reason: Literal["full", "read-only", "io"]) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def copy(self) -> StoreWriteError:
+        """The same error as a fresh exception (to raise again without growing a traceback)."""
+        return StoreWriteError(str(self), self.reason)
 
 
 class MarketRecord(NamedTuple):
@@ -207,7 +225,7 @@ class OpStore:
         rows = [_check_item(item) for item in items]
         if not rows:
             return 0
-        with self._lock:
+        with self._lock, self._writing():
             conn = self._db()
             before = conn.total_changes
             conn.execute("BEGIN IMMEDIATE")
@@ -218,8 +236,7 @@ class OpStore:
                 )
                 conn.execute("COMMIT")
             except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
             return conn.total_changes - before
 
@@ -274,7 +291,7 @@ class OpStore:
 
         A market id is derived from its parameters, so an existing row is left untouched.
         """
-        with self._lock:
+        with self._lock, self._writing():
             cur = self._db().execute(
                 "INSERT OR IGNORE INTO markets (id, name, tick, lot) VALUES (?, ?, ?, ?)",
                 (_need_bytes("market_id", market_id), name, tick, lot),
@@ -295,7 +312,7 @@ class OpStore:
 
     def set_meta(self, key: str, value: bytes) -> None:
         """Durably store ``value`` under ``key`` (replacing any previous value)."""
-        with self._lock:
+        with self._lock, self._writing():
             self._db().execute(
                 "INSERT INTO meta (key, value) VALUES (?, ?)"
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -311,7 +328,7 @@ class OpStore:
         never worth an fsync of its own beyond what ``synchronous`` gives every commit."""
         _need_bytes("market", market)
         _need_bytes("data", data)
-        with self._lock:
+        with self._lock, self._writing():
             conn = self._db()
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -323,8 +340,7 @@ class OpStore:
                 )
                 conn.execute("COMMIT")
             except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
 
     def get_checkpoint(self, market: bytes) -> bytes | None:
@@ -342,8 +358,33 @@ class OpStore:
 
     def delete_checkpoint(self, market: bytes) -> None:
         """Forget ``market``'s checkpoint (the next start replays every op)."""
-        with self._lock:
+        with self._lock, self._writing():
             self._db().execute("DELETE FROM checkpoints WHERE market = ?", (market,))
+
+    # -- write failures --------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """One small committed write (the meta row ``write_check``); raises
+        :class:`StoreWriteError` while the store cannot take writes (full, read-only)."""
+        self.set_meta("write_check", b"")
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Turn SQLite's failure of a write (disk full, read-only or failing filesystem, a lock
+        held too long) into a :class:`StoreWriteError` that says which, in one line."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            name = getattr(exc, "sqlite_errorname", "")
+            reason: Literal["full", "read-only", "io"]
+            why = None if name == "SQLITE_FULL" else _unwritable_dir(self.path.parent)
+            if name == "SQLITE_FULL" or why == errno.ENOSPC:
+                message, reason = "is full: no space left on its filesystem", "full"
+            elif why == errno.EROFS or name.startswith("SQLITE_READONLY"):
+                message, reason = "is on a read-only filesystem", "read-only"
+            else:
+                message, reason = "cannot be written", "io"
+            raise StoreWriteError(f"the op store {self.path} {message} ({exc})", reason) from exc
 
     # -- maintenance -----------------------------------------------------------------------
 
@@ -381,6 +422,34 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back a failed write's transaction, if SQLite has not already: a rollback that fails
+    too (the disk is gone) must not hide the first error."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+def _unwritable_dir(directory: Path) -> int | None:
+    """Why files cannot be created in ``directory`` (an errno such as EROFS), or None. SQLite
+    reports a write on a filesystem that turned read-only as a plain "disk I/O error"; this
+    finds out which (only on that error path)."""
+    probe = directory / f".write-check-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as exc:
+        return exc.errno
+    try:
+        os.write(fd, b"x")
+    except OSError as exc:
+        return exc.errno
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+    return None
 
 
 def _need_bytes(name: str, value: object) -> bytes:
