@@ -26,7 +26,7 @@ import trio
 
 from crdtbook import Identity, Market
 
-from .control import serve_control
+from .control import check_home, serve_control
 from .finality import HEARTBEAT_INTERVAL
 from .handler import ControlAdapter
 from .service import BAN_SECONDS, FLUSH_DELAY, PUBLISH_INTERVAL, MarketState, NodeService
@@ -191,6 +191,7 @@ async def _main(config: NodeConfig) -> int:
 
     home = Path(config.home).expanduser()
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_home(home)  # before anything in it is trusted: others must not be able to write there
     lock_fd = lock_home(home)
     identity, created = load_or_create_identity(home)
     own_id = peer_id_of_seed(identity.seed)

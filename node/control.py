@@ -8,7 +8,9 @@ socket's life cycle and permissions, framing, request validation, response order
 Why it looks like this:
 
 * **Owner-only access by filesystem permissions.**  There is no TCP port and no token: the home
-  directory is 0700 and the socket 0600, so only the node's user can connect.
+  directory is 0700 and the socket 0600, so only the node's user can connect.  A home that
+  others can write to, or a socket that does not keep its 0600 mode, is refused (the node does
+  not start); a home others can only read or enter is tightened to 0700.
 * **A client can never take the server down.**  Every line gets an answer (malformed ones with
   ``"id": null``), oversize lines are skipped without buffering them, every connection runs in
   its own task, handler bugs become ``internal`` errors (traceback in the log), and a client
@@ -50,6 +52,7 @@ from .control_errors import (
 __all__ = [
     "ControlHandler",
     "ControlSocketInUse",
+    "check_home",
     "optional_param",
     "require_param",
     "serve_control",
@@ -211,19 +214,24 @@ async def serve_control(
     _remove_stale_socket(path)
 
     raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound = False
     try:
         # umask makes the socket 0600 from birth (no window in which others could connect);
         # umask is process-wide, so chmod below repeats it in case another thread raced us.
         old_umask = os.umask(0o777 & ~SOCKET_MODE)
         try:
             raw.bind(os.fspath(path))
+            bound = True
         finally:
             os.umask(old_umask)
         os.chmod(path, SOCKET_MODE)
-        inode = os.stat(path).st_ino
+        inode = _check_socket(path)
         raw.listen(SOCKET_BACKLOG)
     except BaseException:
         raw.close()
+        if bound:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         raise
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(raw))
     try:
@@ -245,14 +253,54 @@ async def serve_control(
                 os.unlink(path)
 
 
-def _prepare_home(home: Path) -> None:
-    """Make sure ``home`` exists, belongs to us and is closed to everyone else."""
-    home.mkdir(mode=HOME_MODE, parents=True, exist_ok=True)
+def check_home(home: Path) -> None:
+    """Refuse a home that others could write to (``PermissionError``, one line): whoever can
+    create files there can plant a key or a store before the node starts, or replace the control
+    socket while it runs. Also refuse one that belongs to another user."""
     st = home.stat()
     if hasattr(os, "getuid") and st.st_uid != os.getuid():
         raise PermissionError(
             f"{home} belongs to another user (uid {st.st_uid}); refusing to serve"
         )
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        who = " and ".join(
+            name
+            for name, bit in (("its group", stat.S_IWGRP), ("other users", stat.S_IWOTH))
+            if mode & bit
+        )
+        raise PermissionError(
+            f"{home} is writable by {who} (mode {mode:o}), who could replace the node's key, "
+            f"store or control socket; refusing to start: chmod 700 {home}"
+        )
+
+
+def _check_socket(path: Path) -> int:
+    """The control socket's inode, once it is sure that only we can connect to it (a socket
+    needs write permission to connect); raises ``PermissionError`` where the filesystem did not
+    keep the 0600 mode (some ignore modes) or the socket is not ours."""
+    st = os.lstat(path)
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISSOCK(st.st_mode):
+        raise PermissionError(f"{path} is not the socket this node created; refusing to serve")
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise PermissionError(
+            f"{path} belongs to another user (uid {st.st_uid}); refusing to serve"
+        )
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(
+            f"the control socket {path} is open to other users (mode {mode:o}, not "
+            f"{SOCKET_MODE:o}: does its filesystem ignore permissions?); refusing to serve: "
+            "use a home on a filesystem that keeps them"
+        )
+    return st.st_ino
+
+
+def _prepare_home(home: Path) -> None:
+    """Make sure ``home`` exists, belongs to us and is closed to everyone else."""
+    home.mkdir(mode=HOME_MODE, parents=True, exist_ok=True)
+    check_home(home)
+    st = home.stat()
     if stat.S_IMODE(st.st_mode) & ~HOME_MODE:
         logger.warning("tightening permissions of %s to %o", home, HOME_MODE)
         os.chmod(home, HOME_MODE)
