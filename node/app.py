@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import signal
+import sqlite3
 import sys
 import time
 from dataclasses import dataclass, field
@@ -304,10 +305,14 @@ class _Node:
                     await service.flush(ms, net.publish)
             nursery.cancel_scope.cancel()
         # Every task has stopped (only an orderly stop gets here): the replicas are final.
+        # A checkpoint only saves work at the next start: failing to write one never stops
+        # the node from stopping in order.
         try:
             service.write_checkpoints()
-        except Exception as exc:  # a checkpoint only saves work at the next start
+        except (StoreError, sqlite3.Error, OSError) as exc:
             logger.warning("could not write checkpoints: %s", exc)
+        except Exception:
+            logger.exception("could not write checkpoints")
 
     def status(self) -> dict[str, Any]:
         return {
@@ -362,6 +367,8 @@ class _Node:
             self._serving -= 1
 
     async def _serve_sync(self, stream: Any) -> None:
+        from .p2p import P2PError
+
         def replica_for(market_id: bytes) -> Any:
             ms = self.service.markets.get(market_id)
             return None if ms is None else ms.replica
@@ -373,9 +380,11 @@ class _Node:
             if sent:
                 logger.debug("sync: sent %d ops", sent)
         except WireError as exc:
-            logger.info("sync: malformed request: %s", exc)
-        except Exception as exc:  # a peer's stream can fail in many ways; none may crash us
-            logger.debug("sync: serving failed: %r", exc)
+            logger.info("sync: malformed request from %s: %s", stream.peer_id, exc)
+        except P2PError as exc:  # the peer went away, reset the stream or stalled
+            logger.debug("sync: serving %s failed: %r", stream.peer_id, exc)
+        except Exception:  # a bug, not the peer: report it, keep serving others
+            logger.exception("sync: serving %s failed", stream.peer_id)
 
     async def _peer_events(self) -> None:
         events = self.net.peer_events()
@@ -407,6 +416,8 @@ class _Node:
                         nursery.start_soon(self._sync_one, peer, ms)
 
     async def _sync_one(self, peer: str, ms: MarketState) -> None:
+        from .p2p import P2PError
+
         key = (peer, ms.market.id)
         try:
             with trio.move_on_after(self.config.sync_session_timeout) as session:
@@ -449,14 +460,20 @@ class _Node:
                 )
         except MarketNotFollowed:
             self._not_following[key] = trio.current_time() + NOT_FOLLOWING_BACKOFF
-        except Exception as exc:  # network errors, a peer going away, malformed frames
+        except WireError as exc:  # malformed frames, or the peer refused
+            logger.info("sync with %s failed: %s", peer, exc)
+        except P2PError as exc:  # network errors, a peer going away or banned
             logger.debug("sync with %s failed: %r", peer, exc)
+        except Exception:  # a bug or our store failing, not the peer: report it, go on
+            logger.exception("sync with %s for %s failed", peer, ms.market.name)
         finally:
             self._syncing.discard(key)
 
     # -- discovery ---------------------------------------------------------------------------
 
     async def _discovery_loop(self) -> None:
+        from .p2p import P2PError
+
         keys = {
             ms.market.id: f"crdtbook-market-{ms.market.id.hex()}"
             for ms in self.service.markets.values()
@@ -471,14 +488,19 @@ class _Node:
                     try:
                         await self.net.provide(key)
                         last_announce = now
-                    except Exception as exc:
+                    except P2PError as exc:
                         logger.debug("DHT provide failed: %r", exc)
+                    except Exception:
+                        logger.exception("DHT provide failed")
             connected = set(self.net.connected_peers())
             for key in keys.values():
                 try:
                     providers = await self.net.find_providers(key)
-                except Exception as exc:
+                except P2PError as exc:
                     logger.debug("DHT find_providers failed: %r", exc)
+                    continue
+                except Exception:
+                    logger.exception("DHT find_providers failed")
                     continue
                 for peer_id, addrs in providers:
                     if peer_id == self.net.peer_id or peer_id in connected:
@@ -490,8 +512,10 @@ class _Node:
                             connected.add(peer_id)
                             logger.info("discovered and connected to %s", peer_id)
                             break
-                        except Exception as exc:
+                        except P2PError as exc:  # includes a malformed address from the DHT
                             logger.debug("could not reach provider %s: %r", full, exc)
+                        except Exception:
+                            logger.exception("dialing provider %s failed", full)
             await trio.sleep(delay)
             delay = min(DISCOVERY_INTERVAL, delay * 2)
 

@@ -1,0 +1,120 @@
+"""How the node's background tasks treat failures: what a peer or the network can cause is
+expected and logged quietly; anything else is a bug, logged at ERROR with its traceback. Neither
+escapes (an exception out of a task would stop the node)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import trio
+
+from crdtbook.node.app import BOOTSTRAP_WARN_AFTER, NodeConfig, _Node
+from crdtbook.node.p2p import DialError, StreamError
+from crdtbook.node.wire import WireError
+
+PEER = "12D3KooWPeer"
+MARKET = SimpleNamespace(market=SimpleNamespace(id=b"m" * 32, name="DEMO"))
+BOOTSTRAP = "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWBootstrap"
+
+
+class FailingNet:
+    """Every network call raises ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def connected_peers(self) -> list[str]:
+        return []
+
+    async def open_stream(self, peer: str, protocol: str) -> Any:
+        raise self.error
+
+    async def connect(self, addr: str) -> str:
+        raise self.error
+
+
+class FailingStream:
+    peer_id = PEER
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    async def read_frame(self, max_size: int, *, timeout: float | None = None) -> bytes:
+        raise self.error
+
+
+def node(tmp_path: Path, error: Exception) -> _Node:
+    config = NodeConfig(home=tmp_path, bootstrap=[BOOTSTRAP])
+    return _Node(config, SimpleNamespace(markets={}), FailingNet(error))
+
+
+def records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "crdtbook.node" and r.levelno == level]
+
+
+@pytest.mark.parametrize(
+    ("error", "level"),
+    [
+        (StreamError("reset by the peer"), logging.DEBUG),
+        (WireError("a malformed frame"), logging.INFO),
+        (RuntimeError("a bug of ours"), logging.ERROR),
+    ],
+    ids=["network", "peer-data", "bug"],
+)
+async def test_a_failed_sync_is_logged_by_what_failed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, error: Exception, level: int
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="crdtbook.node")
+    n = node(tmp_path, error)
+    n._syncing.add((PEER, MARKET.market.id))
+    await n._sync_one(PEER, MARKET)  # type: ignore[arg-type]  # never raises
+    assert not n._syncing
+    (record,) = [r for r in caplog.records if r.name == "crdtbook.node"]
+    assert record.levelno == level
+    assert (record.exc_info is not None) == (level == logging.ERROR)
+
+
+@pytest.mark.parametrize(
+    ("error", "level"),
+    [
+        (StreamError("stalled"), logging.DEBUG),
+        (WireError("not a request"), logging.INFO),
+        (KeyError("a bug of ours"), logging.ERROR),
+    ],
+    ids=["network", "peer-data", "bug"],
+)
+async def test_a_failed_sync_request_is_logged_by_what_failed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, error: Exception, level: int
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="crdtbook.node")
+    await node(tmp_path, error)._serve_sync(FailingStream(error))  # never raises
+    (record,) = [r for r in caplog.records if r.name == "crdtbook.node"]
+    assert record.levelno == level
+    assert (record.exc_info is not None) == (level == logging.ERROR)
+
+
+async def test_an_unreachable_bootstrap_warns_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="crdtbook.node")
+    n = node(tmp_path, DialError("connection refused"))
+    for _ in range(BOOTSTRAP_WARN_AFTER + 3):
+        await n._bootstrap()
+    (warning,) = records(caplog, logging.WARNING)
+    assert BOOTSTRAP in warning.getMessage() and "connection refused" in warning.getMessage()
+    assert len(records(caplog, logging.INFO)) == BOOTSTRAP_WARN_AFTER + 2
+    assert not records(caplog, logging.ERROR)
+
+
+async def test_a_bug_while_bootstrapping_is_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    n = node(tmp_path, AttributeError("a bug of ours"))
+    with trio.fail_after(5):
+        await n._bootstrap()
+    (error,) = records(caplog, logging.ERROR)
+    assert error.exc_info is not None
