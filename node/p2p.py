@@ -1101,6 +1101,7 @@ async def open_network(
     try:
         async with _suppress_shutdown_races(), AsyncExitStack() as stack:
             await stack.enter_async_context(host.run(listen_addrs))
+            stack.push_async_callback(_close_connections, host)
             # Raised after the host has stopped: raised in here, libp2p's nurseries would
             # wrap it in exception groups.
             failure = _listen_failure(host, listen_addrs)
@@ -1124,6 +1125,13 @@ async def open_network(
             net._pubsub.seen_messages.stop()  # joins libp2p's sweeper thread
     if failure is not None:
         raise failure
+
+
+async def _close_connections(host: IHost) -> None:
+    """Close every connection before the host stops: stopping it only cancels the tasks that
+    use them, and their sockets stay open until garbage collection."""
+    with trio.move_on_after(5, shield=True):
+        await host.get_network().close()
 
 
 def _expand_wildcards(addrs: list[Multiaddr]) -> list[Multiaddr]:

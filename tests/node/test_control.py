@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import pytest
 import trio
@@ -100,7 +100,15 @@ def home() -> Iterator[Path]:
 
 
 @pytest.fixture
-async def handler(nursery: trio.Nursery, home: Path) -> FakeHandler:
+async def close_peers() -> AsyncIterator[None]:
+    """Close every :class:`Peer` the test left open."""
+    yield
+    while Peer.opened:
+        await Peer.opened.pop().aclose()
+
+
+@pytest.fixture
+async def handler(nursery: trio.Nursery, home: Path, close_peers: None) -> FakeHandler:
     h = FakeHandler()
     path = await nursery.start(serve_control, home, h)
     assert path == socket_path(home)
@@ -110,13 +118,18 @@ async def handler(nursery: trio.Nursery, home: Path) -> FakeHandler:
 class Peer:
     """A raw protocol client on a trio socket stream."""
 
+    #: Connections not closed yet (the ``close_peers`` fixture closes what a test leaves).
+    opened: ClassVar[list[Peer]] = []
+
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.buf = bytearray()
 
     @classmethod
     async def connect(cls, home: Path) -> Peer:
-        return cls(await trio.open_unix_socket(os.fspath(socket_path(home))))
+        peer = cls(await trio.open_unix_socket(os.fspath(socket_path(home))))
+        cls.opened.append(peer)
+        return peer
 
     async def send(self, data: bytes) -> None:
         await self.stream.send_all(data)
@@ -144,6 +157,8 @@ class Peer:
         return line
 
     async def aclose(self) -> None:
+        if self in Peer.opened:
+            Peer.opened.remove(self)
         await self.stream.aclose()
 
 
@@ -389,6 +404,7 @@ async def test_socket_removed_on_exit(home: Path) -> None:
         await peer.aclose()
 
 
+@pytest.mark.usefixtures("close_peers")
 async def test_stale_socket_is_replaced(nursery: trio.Nursery, home: Path) -> None:
     home.mkdir(mode=0o700)
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -597,6 +613,7 @@ class OddWatchHandler(FakeHandler):
 
 
 @pytest.mark.parametrize(("mode", "code"), [("crash", INTERNAL), ("drop", UNKNOWN_MARKET)])
+@pytest.mark.usefixtures("close_peers")
 async def test_watch_failing_midway(
     nursery: trio.Nursery, home: Path, mode: str, code: str
 ) -> None:

@@ -110,13 +110,15 @@ async def raw_node(
     )
     pubsub = make_pubsub(host, router)
     try:
-        async with (
-            host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]),
-            background_trio_service(pubsub),
-            background_trio_service(router),
-        ):
-            await pubsub.wait_until_ready()
-            yield Raw(host, pubsub)
+        async with host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            try:
+                async with background_trio_service(pubsub), background_trio_service(router):
+                    await pubsub.wait_until_ready()
+                    yield Raw(host, pubsub)
+            finally:
+                # Stopping the host leaves its connections' sockets to the garbage collector.
+                with trio.move_on_after(5, shield=True):
+                    await host.get_network().close()
     finally:
         pubsub.seen_messages.stop()
 
