@@ -2,16 +2,23 @@
 
 Every function takes plain dicts shaped as in specs/control-api.md and returns a rich renderable (or
 a list of lines); none of them talks to a node.
+
+Text that another party chose (an order's tag, set by whoever placed the order; a peer's
+addresses) goes through :func:`printable` (inside ``Text``) or :func:`inert` (where rich reads
+markup, e.g. a table cell given as ``str``): it shows as the characters it is, never as rich
+markup or terminal escape sequences.
 """
 
 from __future__ import annotations
 
 import time
+import unicodedata
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from rich.console import Group, RenderableType
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -35,6 +42,35 @@ STATUS_STYLE: dict[str, str] = {
     "expired": "magenta",
     "rejected": "red",
 }
+
+
+#: Characters a terminal acts on instead of showing: C0/C1 controls and DEL (ESC starts escape
+#: sequences), format characters (bidi overrides can reorder what is shown), line and
+#: paragraph separators, and lone surrogates (which cannot even be printed).
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def printable(value: object) -> str:
+    """``value`` as text that shows as what it is: every control or format character becomes
+    its escape (``\\x1b``, ``\\u202e``, ``\\U000e0001``); everything else is kept."""
+    text = str(value)
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(_escaped(c) if unicodedata.category(c) in _UNPRINTABLE else c for c in text)
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def inert(value: object) -> str:
+    """:func:`printable`, with rich markup escaped: for strings that rich parses as markup."""
+    return escape(printable(value))
 
 
 def short(hex_id: str | None, n: int = 12) -> str:
@@ -161,7 +197,7 @@ def submit_result(result: Json, witnessed: bool | None = None) -> RenderableType
         f" ({str(order.get('tif', 'gtc')).replace('_', '-')})"
     )
     if order.get("tag"):
-        desc.append(f" tag {order['tag']}", style="dim")
+        desc.append(f" tag {printable(order['tag'])}", style="dim")
     outcome = Text()
     final = result.get("final", order.get("final"))
     if final is True:
@@ -441,7 +477,7 @@ def orders_table(
             o.get("remaining", "?"),
             str(o.get("tif", "?")).replace("_", "-"),
             status_text(o.get("status", "?")),
-            o.get("tag") or "",
+            inert(o.get("tag") or ""),
         ]
         if everyone:
             row.append("yes" if o.get("mine") else "")
@@ -486,7 +522,7 @@ def order_detail(order: Json, witnessed: bool | None = None) -> RenderableType:
                 style="yellow",
             ),
         )
-    t.add_row("tag", str(order.get("tag") or "-"))
+    t.add_row("tag", inert(order.get("tag") or "-"))
     t.add_row("lamport", str(order.get("lamport")))
     return t
 
@@ -498,12 +534,12 @@ def id_lines(status: Json) -> RenderableType:
     """The node's peer id, its witness key (whole, on its own line) and its multiaddrs."""
     text = Text()
     text.append("peer id ", style="bold")
-    text.append(str(status.get("peer_id")))
+    text.append(printable(status.get("peer_id")))
     if status.get("public_key"):
         text.append("\nwitness key ", style="bold")
         text.append(str(status["public_key"]))
     for addr in status.get("addrs") or []:
-        text.append("\n  " + addr)
+        text.append("\n  " + printable(addr))
     return text
 
 
@@ -512,14 +548,15 @@ def status_view(status: Json, now: float | None = None) -> RenderableType:
     head = Table(box=None, show_header=False, padding=(0, 1))
     head.add_column(style="bold")
     head.add_column()
-    head.add_row("peer id", str(status.get("peer_id")))
+    head.add_row("peer id", inert(status.get("peer_id")))
     key = status.get("public_key") or status.get("author")
     if key:
         head.add_row("witness key", Text(str(key), no_wrap=True, overflow="ignore"))
-    head.add_row("addrs", "\n".join(status.get("addrs") or []) or "-")
+    head.add_row("addrs", "\n".join(inert(a) for a in status.get("addrs") or []) or "-")
     peers: list[Json] = list(status.get("peers") or [])
-    peer_lines = [
-        f"{p.get('peer_id')}" + (f"  {p['addrs'][0]}" if p.get("addrs") else "") for p in peers
+    peer_lines = [  # what a peer announced about itself
+        inert(p.get("peer_id")) + (f"  {inert(p['addrs'][0])}" if p.get("addrs") else "")
+        for p in peers
     ]
     head.add_row("peers", f"{len(peers)}" + ("\n" + "\n".join(peer_lines) if peers else ""))
     extra = []
@@ -528,7 +565,7 @@ def status_view(status: Json, now: float | None = None) -> RenderableType:
     if status.get("pid") is not None:
         extra.append(f"pid {status['pid']}")
     if status.get("version"):
-        extra.append(f"version {status['version']}")
+        extra.append(f"version {inert(status['version'])}")
     if extra:
         head.add_row("node", "  ".join(extra))
 
