@@ -63,6 +63,10 @@ DEFAULT_MAX_PENDING: Final = 100_000
 #: frontier) once this many have piled up: the tape is the largest per-op structure (~140 B/op),
 #: and trimming costs a pass over the provisional tail, so it is done in steps, not per op.
 TRIM_FINAL_UNDO_AFTER: Final = 4096
+#: Ids of evicted pending ops kept for ``take_evicted`` between two calls. One apply evicts at
+#: most as many ops as it is given, and a node takes them after every batch (at most 2,000 ops:
+#: a gossip message or a sync frame), so this bounds only a caller that never takes them.
+MAX_EVICTED_REMEMBERED: Final = 10_000
 #: Invalid op ids remembered so that a re-sent invalid op is refused without a signature check,
 #: and its descendants are refused at once. Oldest forgotten first.
 MAX_INVALID_REMEMBERED: Final = 10_000
@@ -126,7 +130,7 @@ class Replica:
         #: Pending ops forgotten because the buffer was full (oldest first; see ``_park``).
         self.evicted = 0
         #: Their ids, for a caller that keeps what it was given (a node's store) and wants to
-        #: forget them too: ``take_evicted``. Bounded like the buffer.
+        #: forget them too: ``take_evicted`` (bounded: MAX_EVICTED_REMEMBERED).
         self._evicted_ids: list[bytes] = []
         #: Placement and the finality frontier (witnessed markets only; specs/finality.md).
         self._fin = (
@@ -288,7 +292,7 @@ class Replica:
                 if not waiters:
                     del self._waiting[parent]
         self.evicted += 1
-        if len(self._evicted_ids) < self.max_pending:
+        if len(self._evicted_ids) < MAX_EVICTED_REMEMBERED:
             self._evicted_ids.append(ident)
 
     def take_evicted(self) -> list[bytes]:

@@ -33,7 +33,7 @@ import trio
 from crdtbook import Identity, InvalidOp, Market, Op, Replica, decode, op_id
 
 from .finality import HEARTBEAT_INTERVAL, FinalityTracker
-from .store import OpStore, StoreWriteError
+from .store import OpStore, StoreError, StoreWriteError
 from .wire import MAX_BATCH_OPS, WireError, decode_batch, encode_batch
 
 __all__ = ["IngestResult", "MarketState", "NodeService"]
@@ -358,6 +358,7 @@ class NodeService:
         ms.replica = replica
         ms._digest = None  # cached for the replica it replaces
         ms.finality.prime(replica)
+        self._forget_evicted(ms)  # a store that held more orphans than the buffer does
         for _, exc in replica.restore_skipped[:10]:
             logger.warning("skipping a stored op that does not apply: %s", exc)
         if len(replica.restore_skipped) > 10:
@@ -489,6 +490,7 @@ class NodeService:
         self._store_ready()
         replica = ms.replica
         report = replica.apply_many(ops)
+        self._forget_evicted(ms)
         result.invalid += len(report.invalid)
         result.duplicates += report.duplicates
         kept = [op for op in ops if op.id in replica or replica.is_pending(op.id)]
@@ -558,6 +560,7 @@ class NodeService:
             ms.apply_ready = trio.Event()
             batch, ms.apply_queue = ms.apply_queue, []
             report = ms.replica.apply_many(batch)
+            self._forget_evicted(ms)
             ms.queued.difference_update(op.id for op in batch)
             ms.received += len(batch)
             if report.invalid:
@@ -567,6 +570,18 @@ class NodeService:
                 self.notify(ms, report.applied)
                 self.note_applied(len(report.applied))
             await trio.lowlevel.checkpoint()
+
+    def _forget_evicted(self, ms: MarketState) -> None:
+        """Pending ops the replica forgot (its bounded buffer was full) leave the store too:
+        they are no verdict, sync brings them again once they can be applied, and a flood of
+        orphans that never resolve must not grow the disk when it cannot grow memory."""
+        evicted = ms.replica.take_evicted()
+        if not evicted:
+            return
+        try:
+            self.store.delete_ops(evicted)
+        except StoreError as exc:  # kept on disk: reloaded as pending at the next start
+            logger.warning("could not drop %d evicted ops from the store: %s", len(evicted), exc)
 
     def should_ban(self, peer_id: str) -> bool:
         """Count one refusal against ``peer_id``; True when it crossed the ban threshold. Not

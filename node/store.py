@@ -240,6 +240,24 @@ class OpStore:
                 raise
             return conn.total_changes - before
 
+    def delete_ops(self, op_ids: Iterable[bytes]) -> int:
+        """Forget ops by id (ops the node's replica forgot: pending ones evicted from its
+        bounded buffer); return how many were stored. One transaction."""
+        ids = [(_need_bytes("op id", ident),) for ident in op_ids]
+        if not ids:
+            return 0
+        with self._lock, self._writing():
+            conn = self._db()
+            before = conn.total_changes
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany("DELETE FROM ops WHERE id = ?", ids)
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+            return conn.total_changes - before
+
     def has(self, op_id: bytes) -> bool:
         """Whether an op with this id is stored."""
         with self._lock:

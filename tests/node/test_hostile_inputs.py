@@ -408,9 +408,9 @@ async def test_orphan_flood_keeps_the_pending_buffer_bounded_and_the_node_respon
         assert await n.gossip(V1, [honest.raw])
         assert honest.id in replica and time.monotonic() - started < 1.0
         assert len(replica) == 1
-        # Observed, not yet bounded: the validator persisted every orphan before forwarding it,
-        # so the store keeps the evicted ones (see docs/reliability.md).
-        assert n.store.count(V1.id) == flood + 1
+        # The store forgets what the replica forgot: it stays bounded too (the validator
+        # persists an orphan before forwarding it; the apply task drops the evicted ones).
+        assert n.store.count(V1.id) == replica.pending_count + 1
 
 
 # -- hostile sync requests at the responder --------------------------------------------------
