@@ -381,10 +381,22 @@ class _Node:
                 logger.debug("sync: sent %d ops", sent)
         except WireError as exc:
             logger.info("sync: malformed request from %s: %s", stream.peer_id, exc)
+            self.net.report_reject(stream.peer_id, "sync-malformed")  # as gossip counts it
+            await self._reset_quietly(stream)
         except P2PError as exc:  # the peer went away, reset the stream or stalled
             logger.debug("sync: serving %s failed: %r", stream.peer_id, exc)
+            await self._reset_quietly(stream)
         except Exception:  # a bug, not the peer: report it, keep serving others
             logger.exception("sync: serving %s failed", stream.peer_id)
+            await self._reset_quietly(stream)
+
+    async def _reset_quietly(self, stream: Any) -> None:
+        """After a failed session the framing is undefined: reset (not half-close) the stream,
+        so its record leaves the connection now; bounded and shielded, as in _sync_one
+        (FrameStream.reset never raises)."""
+        bound = self.config.sync_frame_timeout
+        with trio.CancelScope(deadline=trio.current_time() + bound, shield=True):
+            await stream.reset()
 
     async def _peer_events(self) -> None:
         events = self.net.peer_events()
@@ -428,7 +440,7 @@ class _Node:
                         stream,
                         ms.replica,
                         lambda raws: self.service.prepare(ms, raws),
-                        lambda prepared: self.service.commit(ms, prepared, peer),
+                        lambda prepared: self._commit_counted(ms, prepared, peer),
                         self._wanted.pop(key, ()),
                         frame_timeout=self.config.sync_frame_timeout,
                     )
@@ -460,14 +472,23 @@ class _Node:
                 )
         except MarketNotFollowed:
             self._not_following[key] = trio.current_time() + NOT_FOLLOWING_BACKOFF
-        except WireError as exc:  # malformed frames, or the peer refused
+        except WireError as exc:  # malformed frames
             logger.info("sync with %s failed: %s", peer, exc)
+            self.net.report_reject(peer, "sync-malformed")
         except P2PError as exc:  # network errors, a peer going away or banned
             logger.debug("sync with %s failed: %r", peer, exc)
         except Exception:  # a bug or our store failing, not the peer: report it, go on
             logger.exception("sync with %s for %s failed", peer, ms.market.name)
         finally:
             self._syncing.discard(key)
+
+    async def _commit_counted(self, ms: MarketState, prepared: Any, peer: str) -> Any:
+        """Commit a sync frame's ops; invalid ones count against the peer that sent them, as
+        an invalid op in a gossip message does."""
+        result = await self.service.commit(ms, prepared, peer)
+        if result.invalid:
+            self.net.report_reject(peer, "sync-invalid")
+        return result
 
     # -- discovery ---------------------------------------------------------------------------
 

@@ -946,6 +946,18 @@ class Network:
         except RuntimeError:  # nursery closed under us during shutdown
             logger.debug("not spawning %s: shutting down", fn)
 
+    def report_reject(self, peer_id: str, reason: str) -> None:
+        """Count a refusal of what ``peer_id`` sent outside gossip (a malformed sync frame,
+        invalid ops in a sync answer): the same counter and ban policy as gossip's."""
+        self._rejects[peer_id] += 1
+        logger.debug("rejected input from %s: %s", peer_id, reason)
+        hook = self._reject_hook
+        if hook is not None:
+            try:
+                hook(peer_id, reason)
+            except Exception:
+                logger.exception("reject hook failed")
+
     def _record_reject(self, peer: ID, reason: str) -> None:
         peer_id = peer.to_base58()
         self._rejects[peer_id] += 1

@@ -131,3 +131,33 @@ def _ok(check: Callable[[], None]) -> bool:
     except AssertionError:
         return False
     return True
+
+
+async def test_malformed_sync_requests_count_against_the_peer_until_it_is_banned(
+    tmp_path: Path,
+) -> None:
+    """Sync is an entry point like gossip: each malformed request counts against its sender
+    with the same counter and threshold, so a peer that keeps sending junk there is banned."""
+    with node_group(tmp_path) as start:
+        n1 = await trio.to_thread.run_sync(start, "n1")
+        with trio.fail_after(60):
+            async with open_network(
+                os.urandom(32),
+                ["/ip4/127.0.0.1/tcp/0"],
+                config=NetworkConfig(heartbeat_interval=0.5),
+            ) as mallory:
+                await mallory.connect(n1.addr)
+                for junk in [b"\xff" * 64, os.urandom(300), b"\xa0"] * BAN_THRESHOLD:
+                    try:
+                        stream = await mallory.open_stream(n1.peer_id, SYNC_PROTOCOL)
+                        await stream.write_frame(junk)
+                        await stream.close()
+                    except Exception:
+                        break  # banned: the node no longer takes our streams
+
+                def banned() -> bool:
+                    network = n1.call("status")["network"]
+                    return bool(network["rejected"] >= BAN_THRESHOLD and network["banned"] >= 1)
+
+                await trio.to_thread.run_sync(lambda: wait_until(banned, 15, "a ban for junk"))
+        assert n1.proc is not None and n1.proc.poll() is None
