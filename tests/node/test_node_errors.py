@@ -26,6 +26,7 @@ class FailingNet:
 
     def __init__(self, error: Exception) -> None:
         self.error = error
+        self.rejects: list[tuple[str, str]] = []
 
     def connected_peers(self) -> list[str]:
         return []
@@ -36,15 +37,22 @@ class FailingNet:
     async def connect(self, addr: str) -> str:
         raise self.error
 
+    def report_reject(self, peer: str, reason: str) -> None:
+        self.rejects.append((peer, reason))
+
 
 class FailingStream:
     peer_id = PEER
+    was_reset = False
 
     def __init__(self, error: Exception) -> None:
         self.error = error
 
     async def read_frame(self, max_size: int, *, timeout: float | None = None) -> bytes:
         raise self.error
+
+    async def reset(self) -> None:
+        self.was_reset = True
 
 
 def node(tmp_path: Path, error: Exception) -> _Node:
@@ -73,6 +81,7 @@ async def test_a_failed_sync_is_logged_by_what_failed(
     n._syncing.add((PEER, MARKET.market.id))
     await n._sync_one(PEER, MARKET)  # type: ignore[arg-type]  # never raises
     assert not n._syncing
+    assert n.net.rejects == ([(PEER, "sync-malformed")] if level == logging.INFO else [])
     (record,) = [r for r in caplog.records if r.name == "crdtbook.node"]
     assert record.levelno == level
     assert (record.exc_info is not None) == (level == logging.ERROR)
@@ -91,7 +100,9 @@ async def test_a_failed_sync_request_is_logged_by_what_failed(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, error: Exception, level: int
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="crdtbook.node")
-    await node(tmp_path, error)._serve_sync(FailingStream(error))  # never raises
+    stream = FailingStream(error)
+    await node(tmp_path, error)._serve_sync(stream)  # never raises
+    assert stream.was_reset
     (record,) = [r for r in caplog.records if r.name == "crdtbook.node"]
     assert record.levelno == level
     assert (record.exc_info is not None) == (level == logging.ERROR)
