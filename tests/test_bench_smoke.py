@@ -59,3 +59,26 @@ def test_restart_bench_runs_and_both_paths_agree() -> None:
     assert row["ops"] == 3000 and row["covered"] == 2700  # the stop leaves a tenth out
     for key in ("full_us_per_op", "checkpoint_us_per_op", "speedup", "checkpoint_write_ms"):
         assert row[key] > 0, key
+
+
+@pytest.mark.timeout(120)
+def test_kill_soak_bench_runs_and_loses_nothing() -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "bench_kill_soak.py"),
+            "--quick",
+            "--kills",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert report["pass"] and report["totals"]["missing"] == 0
+    (row,) = report["kills"]
+    assert row["store_opened"] and row["acknowledged"] == row["found_after_kill"]
