@@ -432,6 +432,8 @@ class _Node:
 
         key = (peer, ms.market.id)
         try:
+            if not self.service.store_writable():  # nothing pulled now could be stored
+                return
             with trio.move_on_after(self.config.sync_session_timeout) as session:
                 stream = await self.net.open_stream(peer, SYNC_PROTOCOL)
                 pulled = False

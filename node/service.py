@@ -424,6 +424,15 @@ class NodeService:
             "the op store takes writes again: new ops are accepted, sync fetches what was missed"
         )
 
+    def store_writable(self) -> bool:
+        """False while the store refuses writes (tried again as ``_store_ready`` does): a sync
+        pull then waits, since nothing it brought could be stored."""
+        try:
+            self._store_ready()
+        except StoreWriteError:
+            return False
+        return True
+
     def _write_failed(self, exc: StoreWriteError, ids: list[bytes]) -> None:
         """The write of ``ids`` failed (the store writer calls this before any other task
         runs). New ops are refused from now on (``_store_ready``). A market whose replica holds

@@ -359,13 +359,15 @@ def _check_no_crash(node: NodeProcess, load: Load) -> None:
 
 def test_disk_full_under_load(tmp_path: Path) -> None:
     with _private(tmp_path / "fs") as base, _tmpfs(base / "small", "16m") as mnt:
-        peer, node = _start_pair(tmp_path, mnt / "home")
+        # Syncs every 0.5 s: several fall inside the fault.
+        peer, node = _start_pair(tmp_path, mnt / "home", config={"sync_interval": 0.5})
         loads: list[Load] = []
         try:
             loads = [Load(node, 1), Load(peer, 2)]
             wait_until(lambda: len(loads[0].acked) >= 20, 20, "ops acknowledged")
             filler = _fill(mnt)
             loads[0].wait_errors(STORE_FULL, 5, 30)
+            time.sleep(1.5)  # the peer's gossip and a few syncs meet the full store
             _check_no_crash(node, loads[0])
             _code, message = next(e for e in loads[0].errors if e[0] == STORE_FULL)
             assert "is full" in message and "\n" not in message
@@ -380,6 +382,11 @@ def test_disk_full_under_load(tmp_path: Path) -> None:
                 load.stop()
             _wait_converged(node, peer)
             _check_no_crash(node, loads[0])
+            # One error line when the fault began; no sync failure (with its traceback) for
+            # each session meanwhile: a sync waits while nothing it brings could be stored.
+            log = node.log_path.read_text(errors="replace")
+            assert log.count("refusing new ops until it takes writes again") == 1, log[-3000:]
+            assert "sync with" not in log and "Traceback" not in log, log[-3000:]
         finally:
             for load in loads:
                 load.stop()
