@@ -24,14 +24,18 @@ from typing import Any
 
 import pytest
 
+from crdtbook import Identity
+
 Json = dict[str, Any]
 
 A = "a1" * 32  # order ids / authors, 64 hex digits
 B = "b2" * 32
 C = "c3" * 32
-ME = "e5" * 32
-OTHER = "f6" * 32
-THIRD = "0a" * 32
+# Witness keys must be real ed25519 public keys (a market definition refuses any other), so
+# these three come from fixed seeds.
+ME = Identity.from_seed(b"\xe5" * 32).public_key.hex()
+OTHER = Identity.from_seed(b"\xf6" * 32).public_key.hex()
+THIRD = Identity.from_seed(b"\x0a" * 32).public_key.hex()
 DIGEST = "d4" * 32
 SIGNATURE = "5e" * 64
 #: The DEMO market the canned answers follow: witnessed by this node and two others.

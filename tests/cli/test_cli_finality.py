@@ -25,6 +25,11 @@ runner = CliRunner()
 pytestmark = pytest.mark.timeout(30)
 
 
+def valid_key(byte: int) -> str:
+    """A real ed25519 public key (hex) from a fixed seed: a witness must be one."""
+    return Identity.from_seed(bytes([byte]) * 32).public_key.hex()
+
+
 def run(*args: str, columns: int = 160) -> Result:
     """Invoke the CLI in-process."""
     return runner.invoke(app, list(args), env={"COLUMNS": str(columns)})
@@ -61,12 +66,13 @@ def unwitnessed(samples: Any, fake_node: Any, name: str = "BTC-USD") -> None:
 
 
 def test_market_new_prints_the_spec(tmp_path: Path) -> None:
-    k1, k2 = "11" * 32, "22" * 32
+    k1, k2 = valid_key(0x11), valid_key(0x22)
     res = run("market", "new", "BTC-EUR", "0.010", "0.0001", "--witness", k2, "-w", k1)
     assert res.exit_code == 0, res.output
     spec = Market("BTC-EUR", "0.01", "0.0001", witnesses=[k1, k2]).spec
     assert res.stdout == spec + "\n"
-    assert Market.parse(res.stdout.strip()).witnesses == (bytes.fromhex(k1), bytes.fromhex(k2))
+    keys = tuple(sorted((bytes.fromhex(k1), bytes.fromhex(k2))))
+    assert Market.parse(res.stdout.strip()).witnesses == keys
 
 
 def test_market_new_from_node_homes(tmp_path: Path) -> None:
@@ -85,7 +91,7 @@ def test_market_new_from_node_homes(tmp_path: Path) -> None:
 
 
 def test_market_new_json(tmp_path: Path) -> None:
-    key = "33" * 32
+    key = valid_key(0x33)
     res = run("market", "new", "X", "0.5", "2", "-w", key, "--json")
     assert res.exit_code == 0, res.output
     market = Market("X", "0.5", "2", witnesses=[key])
@@ -106,9 +112,9 @@ def test_market_new_json(tmp_path: Path) -> None:
     [
         (["X", "1", "1"], "name at least one witness"),
         (["X", "1", "1", "-w", "abc"], "neither a 64-hex public key nor a node home"),
-        (["X", "1", "1", "-w", "11" * 32, "-w", "11" * 32], "named twice"),
-        (["X", "0", "1", "-w", "11" * 32], "tick must be a positive decimal"),
-        (["X:Y", "1", "1", "-w", "11" * 32], "may not contain"),
+        (["X", "1", "1", "-w", valid_key(0x11), "-w", valid_key(0x11)], "named twice"),
+        (["X", "0", "1", "-w", valid_key(0x11)], "tick must be a positive decimal"),
+        (["X:Y", "1", "1", "-w", valid_key(0x11)], "may not contain"),
         (["X", "1", "1", "--witness-home", "/nonexistent-home"], "identity.key does not exist"),
     ],
 )
@@ -202,7 +208,7 @@ def test_client_market_from_file(fake_node: Any, samples: Any, tmp_path: Path) -
 
 def test_client_market_definition_mismatch(fake_node: Any, samples: Any, tmp_path: Path) -> None:
     path = tmp_path / "other.market"
-    path.write_text(Market("DEMO", "1", "1", witnesses=["77" * 32]).spec)
+    path.write_text(Market("DEMO", "1", "1", witnesses=[valid_key(0x77)]).spec)
     res = run("book", "--market", f"@{path}")
     assert res.exit_code == 1
     err = lines(res.stderr)
