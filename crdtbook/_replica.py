@@ -285,15 +285,20 @@ class Replica:
         first, so that orphans that never resolve (a peer's flood) cannot hold the buffer."""
         ident, op = next(iter(self._pending.items()))
         del self._pending[ident]
+        self._unwait(op)
+        self.evicted += 1
+        if len(self._evicted_ids) < MAX_EVICTED_REMEMBERED:
+            self._evicted_ids.append(ident)
+
+    def _unwait(self, op: Op) -> None:
+        """Take a pending op that leaves the buffer off the waiting lists of its parents."""
+        ident = op.id
         for parent in op.parents:
             waiters = self._waiting.get(parent)
             if waiters is not None and ident in waiters:
                 waiters.remove(ident)
                 if not waiters:
                     del self._waiting[parent]
-        self.evicted += 1
-        if len(self._evicted_ids) < MAX_EVICTED_REMEMBERED:
-            self._evicted_ids.append(ident)
 
     def take_evicted(self) -> list[bytes]:
         """The ids of the pending ops forgotten since the last call (a node deletes them from
@@ -472,12 +477,7 @@ class Replica:
                 child = self._pending.pop(child_id, None)
                 if child is None:
                     continue
-                for parent in child.parents:
-                    waiters = self._waiting.get(parent)
-                    if waiters is not None and child_id in waiters:
-                        waiters.remove(child_id)
-                        if not waiters:
-                            del self._waiting[parent]
+                self._unwait(child)
                 self._remember_invalid(child_id, InvalidParent("an ancestor of this op is invalid"))
                 doomed.append(child_id)
 
