@@ -33,10 +33,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_network import run_load, wait_converged
+from bench_network import Node, run_load, wait_converged
 
 from crdtbook import Identity, Market
-from crdtbook.node.client import ControlClient, NodeNotRunning
 
 LAUNCHER = r"""
 import sys
@@ -48,57 +47,10 @@ sys.exit(run_node(NodeConfig(home=Path(home), listen=["/ip4/127.0.0.1/tcp/0"], b
 """
 
 
-class Node:
-    """One node process (the same shape bench_network's Node has)."""
-
-    def __init__(self, home: Path, market: str, heartbeat: float, bootstrap: list[str]) -> None:
-        import subprocess
-
-        self.home = home
-        (home / "node.json").unlink(missing_ok=True)
-        self.log = open(home.parent / f"{home.name}.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", LAUNCHER, str(home), market, str(heartbeat), *bootstrap],
-            stdout=self.log, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"node {home} exited {self.proc.returncode}")
-            if (home / "node.json").exists():
-                try:
-                    self.call("status")
-                    break
-                except NodeNotRunning:
-                    pass
-            time.sleep(0.05)
-        else:
-            raise TimeoutError(f"node {home} did not start")
-        self.addr = json.loads((home / "node.json").read_text())["addrs"][0]
-
-    def call(self, method: str, **params: Any) -> Any:
-        with ControlClient(self.home, timeout=30) as client:
-            return client.call(method, **params)
-
-    def market(self, digest: bool = True) -> dict[str, Any]:
-        return dict(self.call("status", digest=digest)["markets"][0])
-
-    def cpu_s(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        import signal
-        import subprocess
-
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
+def start_node(home: Path, market: str, heartbeat: float, bootstrap: list[str]) -> Node:
+    """bench_network's node process, following ``market`` with this heartbeat interval."""
+    command = [sys.executable, "-c", LAUNCHER, str(home), market, str(heartbeat), *bootstrap]
+    return Node(home, bootstrap, command=command)
 
 
 class Seen:
@@ -165,9 +117,9 @@ def run(tmp: Path, n: int, rate: float, seconds: float, heartbeat: float,
         os.close(fd)
         keys.append(identity.public_key)
     market = Market("FIN", "1", "1", witnesses=keys if witnessed else ()).spec
-    nodes = [Node(homes[0], market, heartbeat, [])]
+    nodes = [start_node(homes[0], market, heartbeat, [])]
     try:
-        nodes += [Node(h, market, heartbeat, [nodes[0].addr]) for h in homes[1:]]
+        nodes += [start_node(h, market, heartbeat, [nodes[0].addr]) for h in homes[1:]]
         deadline = time.monotonic() + 40
         while time.monotonic() < deadline:
             if all(len(nd.call("status")["peers"]) >= n - 1 for nd in nodes):
@@ -177,8 +129,8 @@ def run(tmp: Path, n: int, rate: float, seconds: float, heartbeat: float,
         seen = Seen(nodes)
         time.sleep(0.3)
         cpu_before = sum(nd.cpu_s() for nd in nodes)
-        sent = run_load(nodes, rate, seconds, threads_per_node=4, seed=7)  # type: ignore[arg-type]
-        wait_converged(nodes, 120)  # type: ignore[arg-type]
+        sent = run_load(nodes, rate, seconds, threads_per_node=4, seed=7)
+        wait_converged(nodes, 120)
         final_deadline = time.monotonic() + 30
         while witnessed and time.monotonic() < final_deadline:
             ms = [nd.market(digest=False) for nd in nodes]

@@ -63,15 +63,19 @@ sys.exit(run_node(NodeConfig(home=Path(home), listen=["/ip4/127.0.0.1/tcp/0"], b
 
 
 class Node:
-    def __init__(self, home: Path, bootstrap: list[str], batch: int, delay: float) -> None:
+    """A node process, ready (answering on its control socket) once constructed. ``command``
+    replaces the default launcher (another bench's NodeConfig); it gets the home as is."""
+
+    def __init__(self, home: Path, bootstrap: list[str], batch: int = 2000,
+                 delay: float = 0.002, command: list[str] | None = None) -> None:
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
         (home / "node.json").unlink(missing_ok=True)
         self.log = open(home.parent / f"{home.name}.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", LAUNCHER, str(home), str(batch), str(delay), *bootstrap],
-            stdout=self.log, stderr=subprocess.STDOUT,
-        )
+        if command is None:
+            command = [sys.executable, "-c", LAUNCHER, str(home), str(batch), str(delay),
+                       *bootstrap]
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
