@@ -55,6 +55,8 @@ NOT_WITNESSED: Final = "not_witnessed"  # finality asked of a market without wit
 NOT_WITNESS: Final = "not_witness"  # a witness's act by a key that is not a witness in force
 NO_MAJORITY: Final = "no_majority"  # a reconfiguration without approvals from a majority
 BAD_APPROVAL: Final = "bad_approval"  # an approval signature that does not verify for the set
+#: submit with a client order id this node's key already used in the market (witnessed markets)
+DUPLICATE_CLIENT_ID: Final = "duplicate_client_id"
 STORE_FULL: Final = "store_full"  # the node's store has no space left: nothing was done
 STORE_ERROR: Final = "store_error"  # the node's store cannot be written (read-only, I/O error)
 INTERNAL: Final = "internal"  # a bug in the node; details are in the node's log

@@ -29,6 +29,7 @@ from .control_errors import (
     AMBIGUOUS,
     BAD_APPROVAL,
     BAD_REQUEST,
+    DUPLICATE_CLIENT_ID,
     INVALID_OP,
     NO_MAJORITY,
     NOT_FOUND,
@@ -51,6 +52,8 @@ from .store import StoreWriteError
 __all__ = ["ControlAdapter"]
 
 _TIFS = ("gtc", "ioc", "fok", "post_only")
+_STP_MODES = ("expire_maker", "expire_taker", "expire_both")
+_RESTING = ("open", "partially_filled")
 #: At most ~20 watch events a second per client: changes in between are coalesced into one
 #: event (with all their op ids), so a busy market does not hash its state on every op.
 WATCH_MIN_INTERVAL = 0.05
@@ -86,6 +89,17 @@ def order_json(ms: MarketState, order: OrderState, me: bytes) -> dict[str, Any]:
         "mine": order.author == me,
         "lamport": order.lamport,
         "final": order.final,
+        "client_id": order.tag if m.witnessed else None,
+        **_times(ms, order.id, order.final),
+    }
+
+
+def _times(ms: MarketState, op_id: bytes, final: bool) -> dict[str, int | None]:
+    """When this node first applied the op (Unix ms; None for ops loaded from its store at start)
+    and, once final, the time its witnesses gave its batch."""
+    return {
+        "received_ms": ms.received_ms.get(op_id),
+        "witnessed_ms": ms.replica.witnessed_time(op_id) if final else None,
     }
 
 
@@ -104,6 +118,7 @@ def fill_json(ms: MarketState, index: int, fill: Fill, final: bool = False) -> d
         "taker_author": fill.taker_author.hex(),
         "maker_author": fill.maker_author.hex(),
         "final": final,
+        **_times(ms, fill.taker, final),
     }
 
 
@@ -144,6 +159,7 @@ class ControlAdapter:
             "markets": self._markets,
             "submit": self._submit,
             "cancel": self._cancel,
+            "cancel_all": self._cancel_all,
             "book": self._book,
             "fills": self._fills,
             "order": self._order,
@@ -192,6 +208,11 @@ class ControlAdapter:
         return ms
 
     def _resolve_order(self, params: dict[str, Any]) -> tuple[MarketState, OrderState]:
+        client_id = optional_param(params, "client_id", str, None)
+        if client_id is not None:
+            if params.get("order_id") is not None:
+                raise ControlError(BAD_REQUEST, "give order_id or client_id, not both")
+            return self._order_by_client_id(params, client_id)
         text = require_param(params, "order_id", str).strip().lower()
         if not text or any(c not in "0123456789abcdef" for c in text):
             raise ControlError(BAD_REQUEST, f"order id {text!r} is not hex")
@@ -213,6 +234,24 @@ class ControlAdapter:
                 AMBIGUOUS, f"id prefix {text} matches {len(matches)} orders; give more digits"
             )
         return matches[0]
+
+    def _order_by_client_id(
+        self, params: dict[str, Any], client_id: str
+    ) -> tuple[MarketState, OrderState]:
+        """This node's order carrying ``client_id`` (client ids are per author)."""
+        ms = self._market(params)
+        if not ms.market.witnessed:
+            raise ControlError(
+                NOT_WITNESSED,
+                f"{ms.market.name} has no witnesses, so it has no client order ids (a tag there "
+                "is a free label, not unique); use the order id",
+            )
+        order = ms.replica.order_by_client_id(self.service.identity.public_key, client_id)
+        if order is None:
+            raise ControlError(
+                NOT_FOUND, f"no order of this node's key with client id {client_id!r:.80}"
+            )
+        return ms, order
 
     def _witnessed_market(self, params: dict[str, Any]) -> MarketState:
         ms = self._market(params)
@@ -308,6 +347,11 @@ class ControlAdapter:
                 "id": m.market.id.hex(),
                 "tick": m.market.tick,
                 "lot": m.market.lot,
+                "spec": m.market.spec,
+                "version": m.market.version,
+                "witnessed": m.market.witnessed,
+                "witnesses": len(m.replica.witnesses()) if m.market.witnessed else 0,
+                "frontier": m.replica.frontier,
             }
             for m in self.service.markets.values()
         ]
@@ -319,6 +363,41 @@ class ControlAdapter:
         if tif not in _TIFS:
             raise ControlError(BAD_REQUEST, f"tif must be one of {', '.join(_TIFS)}, not {tif!r}")
         tag = optional_param(params, "tag", str, None)
+        client_id = optional_param(params, "client_id", str, None)
+        if client_id is not None:
+            if tag is not None and tag != client_id:
+                raise ControlError(
+                    BAD_REQUEST, "client_id is the tag of a witnessed market's order: give one"
+                )
+            if not ms.market.witnessed:
+                raise ControlError(
+                    BAD_REQUEST,
+                    f"{ms.market.name} has no witnesses, so it has no client order ids (they "
+                    "need protocol version 2); use tag for a free label",
+                )
+            tag = client_id
+        stp = optional_param(params, "stp", str, "expire_maker").replace("-", "_").lower()
+        if stp not in _STP_MODES:
+            raise ControlError(
+                BAD_REQUEST, f"stp must be one of {', '.join(_STP_MODES)}, not {stp!r:.40}"
+            )
+        if stp != "expire_maker" and not ms.market.witnessed:
+            raise ControlError(
+                BAD_REQUEST,
+                f"{ms.market.name} has no witnesses: its only self-trade mode is expire_maker "
+                f"(stp {stp} needs a witnessed market, protocol version 2)",
+            )
+        me = self.service.identity.public_key
+        if (
+            tag is not None
+            and ms.market.witnessed
+            and ms.replica.order_by_client_id(me, tag) is not None
+        ):
+            raise ControlError(
+                DUPLICATE_CLIENT_ID,
+                f"client id {tag!r:.80} is already used by this node's order in "
+                f"{ms.market.name}; client ids are unique per author (pick another)",
+            )
         wait_final = optional_param(params, "wait_final", bool, False)
         timeout = optional_param(params, "timeout", float, FINAL_TIMEOUT)
         if not (math.isfinite(timeout) and 0 < timeout <= FINAL_TIMEOUT_MAX):
@@ -340,8 +419,9 @@ class ControlAdapter:
         except OffLot as exc:
             raise ControlError(OFF_LOT, str(exc)) from None
         before = ms.replica.fill_count
+        resting = {o.id for o in ms.replica.orders(me) if o.status in _RESTING}
         try:
-            op = await self.service.submit(ms, side, price, quantity, tif, tag)
+            op = await self.service.submit(ms, side, price, quantity, tif, tag, stp)
         except (InvalidOp, ValueError) as exc:
             raise ControlError(INVALID_OP, str(exc)) from None
         if wait_final:
@@ -357,12 +437,21 @@ class ControlAdapter:
             ]
         order = ms.replica.order(op.id)
         assert order is not None
-        me = self.service.identity.public_key
         final_fills = ms.replica.final_fill_count()
+        # Self-trade prevention: this node's makers the order expired (they rested before it
+        # and now are expired for self_trade), and the order itself when it stopped there.
+        expired = [
+            o
+            for o in ms.replica.orders(me)
+            if o.id in resting and o.status == "expired" and o.reason == "self_trade"
+        ]
+        if order.reason == "self_trade":
+            expired.append(order)
         return {
             "order": order_json(ms, order, me),
             "fills": [fill_json(ms, i, f, i < final_fills) for i, f in taken],
             "final": ms.replica.is_final(op.id),
+            "self_trade_expired": [order_json(ms, o, me) for o in expired],
         }
 
     def _not_final_message(self, ms: MarketState, op_id: bytes, timeout: float) -> str:
@@ -409,6 +498,31 @@ class ControlAdapter:
             "effective": bool(ms.replica.cancel_effective(op.id)),
         }
 
+    async def _cancel_all(self, params: dict[str, Any]) -> dict[str, Any]:
+        """One op cancelling every resting order of this node (with ``prefix``: whose client
+        id starts with it) at its place in the total order."""
+        ms = self._market(params)
+        prefix = optional_param(params, "prefix", str, None)
+        if not ms.market.witnessed:
+            raise ControlError(
+                NOT_WITNESSED,
+                f"{ms.market.name} has no witnesses: cancel-all needs a witnessed market "
+                "(protocol version 2); cancel its orders one by one",
+            )
+        try:
+            op = await self.service.cancel_all(ms, prefix)
+        except ValueError as exc:
+            raise ControlError(BAD_REQUEST, str(exc)) from None
+        except InvalidOp as exc:
+            raise ControlError(INVALID_OP, str(exc)) from None
+        return {
+            "market": ms.market.name,
+            "cancel_id": op.id.hex(),
+            "prefix": prefix,
+            "cancelled": ms.replica.cancelled_by(op.id) or 0,
+            "final": ms.replica.is_final(op.id),
+        }
+
     def _book(self, params: dict[str, Any]) -> dict[str, Any]:
         ms = self._market(params)
         depth = optional_param(params, "depth", int, 10)
@@ -451,19 +565,42 @@ class ControlAdapter:
         limit = optional_param(params, "limit", int, 100)
         if limit < 1:
             raise ControlError(BAD_REQUEST, "limit must be at least 1")
+        mine = optional_param(params, "mine", bool, False)
         replica = ms.replica
-        start = max(0, replica.fill_count - limit)
         final = replica.final_fill_count()
-        fills = [
-            fill_json(ms, start + i, f, start + i < final)
-            for i, f in enumerate(replica.fills(start))
-        ]
+        if mine:
+            fills = [fill_json(ms, i, f, i < final) for i, f in self._my_fills(ms, limit)]
+        else:
+            start = max(0, replica.fill_count - limit)
+            fills = [
+                fill_json(ms, start + i, f, start + i < final)
+                for i, f in enumerate(replica.fills(start))
+            ]
         return {
             "market": ms.market.name,
             "fills": fills,
             "witnessed": replica.witnessed,
             "final_count": final,
         }
+
+    def _my_fills(self, ms: MarketState, limit: int) -> list[tuple[int, Fill]]:
+        """The newest ``limit`` fills this node's key took part in (oldest first), scanning back
+        from the newest fills in growing chunks."""
+        me = self.service.identity.public_key
+        replica = ms.replica
+        found: list[tuple[int, Fill]] = []
+        high, step = replica.fill_count, 256
+        while high > 0 and len(found) < limit:
+            low = max(0, high - step)
+            chunk = replica.fills(low)[: high - low]
+            for offset in range(len(chunk) - 1, -1, -1):
+                fill = chunk[offset]
+                if fill.taker_author == me or fill.maker_author == me:
+                    found.append((low + offset, fill))
+                    if len(found) == limit:
+                        break
+            high, step = low, step * 2
+        return found[::-1]
 
     def _order(self, params: dict[str, Any]) -> dict[str, Any]:
         ms, order = self._resolve_order(params)
@@ -473,7 +610,15 @@ class ControlAdapter:
         ms = self._market(params)
         me = self.service.identity.public_key
         every = optional_param(params, "all", bool, False)
+        only_open = optional_param(params, "open", bool, False)
+        limit = optional_param(params, "limit", int, None)
+        if limit is not None and limit < 1:
+            raise ControlError(BAD_REQUEST, "limit must be at least 1")
         orders = ms.replica.orders(None if every else me)
+        if only_open:
+            orders = [o for o in orders if o.status in _RESTING]
+        if limit is not None:
+            orders = orders[-limit:]  # the newest
         return {"market": ms.market.name, "orders": [order_json(ms, o, me) for o in orders]}
 
     def _block(self, params: dict[str, Any]) -> dict[str, Any]:

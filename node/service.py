@@ -110,6 +110,9 @@ class MarketState:
     apply_ready: trio.Event = field(default_factory=trio.Event)
     #: Set (and replaced) whenever ops are applied: what heartbeats and finality waits wake on.
     changed: trio.Event = field(default_factory=trio.Event)
+    #: When this node first applied (or authored) each op: op id -> Unix ms. Ops loaded from
+    #: the store at start have none. Bounded by the log (one entry per applied op).
+    received_ms: dict[bytes, int] = field(default_factory=dict)
     finality: FinalityTracker = field(init=False)
     _digest: tuple[int, bytes] | None = None
 
@@ -611,10 +614,24 @@ class NodeService:
     # -- authoring ---------------------------------------------------------------------------
 
     async def submit(
-        self, ms: MarketState, side: str, price: int, quantity: int, tif: str, tag: str | None
+        self,
+        ms: MarketState,
+        side: str,
+        price: int,
+        quantity: int,
+        tif: str,
+        tag: str | None,
+        stp: str = "expire_maker",
     ) -> Op:
         self._store_ready()
-        op = ms.replica.submit(self.identity, side, price, quantity, tif, tag)
+        op = ms.replica.submit(self.identity, side, price, quantity, tif, tag, stp=stp)
+        await self._publish_own(ms, op)
+        return op
+
+    async def cancel_all(self, ms: MarketState, prefix: str | None) -> Op:
+        """Sign and send one cancel-all of this node's resting orders (witnessed markets)."""
+        self._store_ready()
+        op = ms.replica.cancel_all(self.identity, prefix)
         await self._publish_own(ms, op)
         return op
 
@@ -743,6 +760,10 @@ class NodeService:
     # -- watchers ----------------------------------------------------------------------------
 
     def notify(self, ms: MarketState, applied: list[Op]) -> None:
+        now_ms = time.time_ns() // 1_000_000
+        received = ms.received_ms
+        for op in applied:
+            received.setdefault(op.id, now_ms)
         if ms.replica.witnessed:
             ms.finality.observe(ms.replica, trio.current_time())
         ms.changed.set()
