@@ -57,7 +57,8 @@ class FailingStream:
 
 def node(tmp_path: Path, error: Exception) -> _Node:
     config = NodeConfig(home=tmp_path, bootstrap=[BOOTSTRAP])
-    return _Node(config, SimpleNamespace(markets={}), FailingNet(error))
+    service = SimpleNamespace(markets={}, store_writable=lambda: True)
+    return _Node(config, service, FailingNet(error))
 
 
 def records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:
