@@ -72,6 +72,19 @@ class Tif(StrEnum):
         return self.value.replace("-", "_")
 
 
+class Stp(StrEnum):
+    """Self-trade prevention mode, as typed on the command line."""
+
+    expire_maker = "expire-maker"
+    expire_taker = "expire-taker"
+    expire_both = "expire-both"
+
+    @property
+    def api(self) -> str:
+        """The control-API spelling."""
+        return self.value.replace("-", "_")
+
+
 # ------------------------------------------------------------------------------ shared options
 
 HomeOpt = Annotated[
@@ -420,6 +433,26 @@ def submit(
     tag: Annotated[
         str | None, typer.Option("--tag", help="Free-form label kept with the order.")
     ] = None,
+    client_id: Annotated[
+        str | None,
+        typer.Option(
+            "--client-id",
+            help="Client order id (witnessed markets): unique per key and market, for "
+            "`cancel --client-id`, `order --client-id` and `cancel --all --prefix`.",
+            show_default=False,
+        ),
+    ] = None,
+    stp: Annotated[
+        Stp | None,
+        typer.Option(
+            "--stp",
+            help="Self-trade prevention when the order meets a resting order of this node: "
+            "expire-maker (the default: the resting order expires), expire-taker (this order "
+            "stops) or expire-both. Only expire-maker in a market without witnesses.",
+            case_sensitive=False,
+            show_default=False,
+        ),
+    ] = None,
     wait_final: Annotated[
         bool,
         typer.Option(
@@ -450,9 +483,11 @@ def submit(
     with witnesses an outcome is provisional until their heartbeats acknowledge it (an order that
     sorts earlier can still change it), then final; on a market without witnesses it is never
     final. Quantities and prices are decimal strings in the market's units; the node checks them
-    against the tick and lot.
+    against the tick and lot. Orders that self-trade prevention expired (this node's resting
+    orders the new one met, or the new one itself) are named.
 
-    --json prints the node's result: {"order": Order, "fills": [Fill], "final": bool}.
+    --json prints the node's result: {"order": Order, "fills": [Fill], "final": bool,
+    "self_trade_expired": [Order]}.
     """
     from crdtbook.cli import render
 
@@ -464,6 +499,8 @@ def submit(
         "quantity": qty,
         "tif": tif.api,
         "tag": tag,
+        "client_id": client_id,
+        "stp": None if stp is None else stp.api,
     }
     if wait_final:
         params.update(wait_final=True, timeout=timeout)
@@ -491,22 +528,75 @@ def submit(
     emit(result, as_json, lambda r: render.submit_result(r, witnessed=witnessed(entry)))
 
 
+ClientIdOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--client-id",
+        help="This node's order with this client order id (instead of ORDER_ID).",
+        show_default=False,
+    ),
+]
+
+
+def one_order(order_id: str | None, client_id: str | None) -> dict[str, str]:
+    """The params naming one order: ORDER_ID or --client-id, exactly one (else exit 2)."""
+    if (order_id is None) == (client_id is None):
+        fail("name the order by ORDER_ID or by --client-id (one of them)", 2)
+    if client_id is not None:
+        return {"client_id": client_id}
+    assert order_id is not None
+    return {"order_id": order_id.lower()}
+
+
 @app.command()
 def cancel(
     ctx: typer.Context,
-    order_id: Annotated[str, typer.Argument(help="Order id, or any prefix of it that is unique.")],
+    order_id: Annotated[
+        str | None,
+        typer.Argument(help="Order id, or any prefix of it that is unique.", show_default=False),
+    ] = None,
+    client_id: ClientIdOpt = None,
+    every: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            help="Cancel every resting order of this node on the market, in one op (witnessed "
+            "markets).",
+        ),
+    ] = False,
+    prefix: Annotated[
+        str | None,
+        typer.Option(
+            "--prefix",
+            help="With --all: only the orders whose client id starts with this.",
+            show_default=False,
+        ),
+    ] = None,
     market: MarketOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Cancel one of this node's resting orders.
+    """Cancel one of this node's resting orders (by id or --client-id), or all of them (--all).
+
+    Examples: crdtbook cancel 3fa2 ; crdtbook cancel --client-id grid-7 ;
+    crdtbook cancel --all --prefix grid-
 
     --json prints {"order": Order, "cancel_id": hex, "effective": bool} (effective is false when
-    the order had already finished).
+    the order had already finished); with --all, {"market", "cancel_id": hex, "prefix",
+    "cancelled": int, "final": bool}.
     """
     from crdtbook.cli import render
 
-    result = call(ctx, home, "cancel", order_id=order_id.lower(), market=market)
+    if every:
+        if order_id is not None or client_id is not None:
+            fail("--all cancels every resting order: give no ORDER_ID or --client-id with it", 2)
+        result = call(ctx, home, "cancel_all", prefix=prefix, market=market)
+        emit(result, as_json, render.cancel_all_result)
+        return
+    if prefix is not None:
+        fail("--prefix goes with --all", 2)
+    params = one_order(order_id, client_id)
+    result = call(ctx, home, "cancel", market=market, **params)
     emit(result, as_json, render.cancel_result)
 
 
@@ -586,16 +676,22 @@ def fills(
     ctx: typer.Context,
     market: MarketOpt = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="How many, newest.")] = 20,
+    mine: Annotated[
+        bool, typer.Option("--mine", help="Only fills this node's orders took part in.")
+    ] = False,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List the last fills on a market, oldest first.
+    """List the last fills on a market, oldest first, with when this node received each (UTC).
 
-    --json prints the node's result: {"market": str, "fills": [Fill]}.
+    --json prints the node's result: {"market": str, "fills": [Fill], "witnessed": bool,
+    "final_count": int}; each Fill has received_ms and witnessed_ms (Unix ms; witnessed_ms null
+    until final).
     """
     from crdtbook.cli import render
 
-    emit(call(ctx, home, "fills", market=market, limit=limit), as_json, render.fills_table)
+    result = call(ctx, home, "fills", market=market, limit=limit, mine=mine or None)
+    emit(result, as_json, render.fills_table)
 
 
 @app.command()
@@ -605,6 +701,13 @@ def orders(
     everyone: Annotated[
         bool, typer.Option("--all", "-a", help="Every order on the market, not only this node's.")
     ] = False,
+    only_open: Annotated[
+        bool, typer.Option("--open", help="Only resting orders (open or partially filled).")
+    ] = False,
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", "-n", min=1, help="Only the newest N.", show_default=False),
+    ] = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -617,7 +720,9 @@ def orders(
     from crdtbook.cli import render
 
     with session(ctx, home) as node:
-        result = node.call("orders", market=market, all=everyone or None)
+        result = node.call(
+            "orders", market=market, all=everyone or None, open=only_open or None, limit=limit
+        )
         entry = None if as_json else market_entry(node, result.get("market"))
     emit(
         result,
@@ -629,7 +734,11 @@ def orders(
 @app.command()
 def order(
     ctx: typer.Context,
-    order_id: Annotated[str, typer.Argument(help="Order id, or any prefix of it that is unique.")],
+    order_id: Annotated[
+        str | None,
+        typer.Argument(help="Order id, or any prefix of it that is unique.", show_default=False),
+    ] = None,
+    client_id: ClientIdOpt = None,
     market: MarketOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
@@ -641,10 +750,24 @@ def order(
     """
     from crdtbook.cli import render
 
+    params = one_order(order_id, client_id)
     with session(ctx, home) as node:
-        result = node.call("order", order_id=order_id.lower(), market=market)
+        result = node.call("order", market=market, **params)
         entry = None if as_json else market_entry(node, result.get("market"))
     emit(result, as_json, lambda r: render.order_detail(r, witnessed=witnessed(entry)))
+
+
+@app.command("markets")
+def markets_(ctx: typer.Context, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """List the markets the node follows: tick, lot, whether it has witnesses (and how many in
+    force), the finality frontier, and the market id.
+
+    --json prints the node's markets result: [{"name", "id", "tick", "lot", "spec", "version",
+    "witnessed", "witnesses", "frontier"}].
+    """
+    from crdtbook.cli import render
+
+    emit(call(ctx, home, "markets"), as_json, render.markets_table)
 
 
 @app.command()

@@ -32,6 +32,7 @@ REASONS: dict[str, str] = {
     "fok_unfillable": "fill-or-kill: the book could not fill it in full, nothing traded",
     "post_only_would_take": "post-only: it would have taken liquidity, so it was not placed",
     "self_trade": "self-trade prevention: it met an order from the same author",
+    "duplicate_client_id": "its client order id was already used by an earlier order of this key",
 }
 
 STATUS_STYLE: dict[str, str] = {
@@ -87,6 +88,19 @@ def _dec_sum(values: Sequence[str]) -> str:
     except InvalidOperation:
         return "?"
     return format(total, "f")
+
+
+def iso_ms(ms: object) -> str:
+    """Unix milliseconds as ISO 8601 UTC (``2026-12-02T07:41:06.123Z``); ``-`` when unknown."""
+    from datetime import UTC, datetime
+
+    if not isinstance(ms, int) or isinstance(ms, bool):
+        return "-"
+    try:
+        moment = datetime.fromtimestamp(ms / 1000, UTC)
+    except (OverflowError, OSError, ValueError):
+        return "-"
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def ago(ts: float | None, now: float | None = None) -> str:
@@ -230,6 +244,7 @@ def submit_result(result: Json, witnessed: bool | None = None) -> RenderableType
         desc,
         outcome,
         *_fill_lines(fills, marks=witnessed is not False),
+        *_self_trade_lines(result.get("self_trade_expired") or [], order.get("id")),
     ]
     if witnessed is False:
         parts.append(never_final(order.get("market")))
@@ -242,6 +257,61 @@ def submit_result(result: Json, witnessed: bool | None = None) -> RenderableType
             )
         )
     return Group(*parts)
+
+
+def _self_trade_lines(expired: Sequence[Json], taker_id: object) -> list[Text]:
+    """One line per order self-trade prevention expired as the submitted order matched."""
+    lines = []
+    for o in expired:
+        line = Text("  ")
+        line.append("expired by self-trade prevention: ", style="magenta")
+        if o.get("id") == taker_id:
+            line.append("this order itself (it met a resting order of this node)")
+        else:
+            line.append(f"own {o.get('side')} order {o.get('id')} ")
+            line.append(f"({o.get('remaining')} @ {o.get('price')} no longer rests)", style="dim")
+        lines.append(line)
+    return lines
+
+
+def cancel_all_result(result: Json) -> RenderableType:
+    """The outcome of a cancel-all."""
+    n = int(result.get("cancelled") or 0)
+    prefix = result.get("prefix")
+    which = "" if prefix is None else f" with a client id starting {printable(prefix)!r}"
+    text = Text()
+    text.append(f"cancelled {n} order{'' if n == 1 else 's'}", style="bold" if n else "yellow")
+    text.append(f" of this node on {result.get('market')}{which}")
+    if not n:
+        text.append(" (none was resting)")
+    text.append(f"\ncancel-all op {result.get('cancel_id')}", style="dim")
+    return text
+
+
+def markets_table(markets: Sequence[Json]) -> RenderableType:
+    """The markets the node follows: tick, lot, witnesses, finality frontier."""
+    if not markets:
+        return Text("this node follows no market", style="dim")
+    t = Table(title="markets", title_justify="left")
+    t.add_column("name", style="bold", no_wrap=True)
+    t.add_column("tick", justify="right")
+    t.add_column("lot", justify="right")
+    t.add_column("witnessed")
+    t.add_column("witnesses", justify="right")
+    t.add_column("frontier", justify="right")
+    t.add_column("id", style="dim", no_wrap=True)
+    for m in markets:
+        witnessed = m.get("witnessed")
+        t.add_row(
+            inert(m.get("name", "?")),
+            str(m.get("tick", "?")),
+            str(m.get("lot", "?")),
+            "yes" if witnessed else ("no (never final)" if witnessed is False else "?"),
+            str(m.get("witnesses", "?")),
+            str(m.get("frontier", "?")) if witnessed else "-",
+            str(m.get("id", "?")),
+        )
+    return t
 
 
 def cancel_result(result: Json) -> RenderableType:
@@ -423,6 +493,9 @@ def fills_table(data: Json) -> RenderableType:
     t.add_column("price", justify="right")
     t.add_column("taker id", style="dim")
     t.add_column("maker id", style="dim")
+    times = any("received_ms" in f for f in fills)
+    if times:
+        t.add_column("received (UTC)", style="dim", no_wrap=True)
     if marks:
         t.add_column("final?")
     for f in fills:
@@ -435,6 +508,8 @@ def fills_table(data: Json) -> RenderableType:
             short(f.get("taker")),
             short(f.get("maker")),
         ]
+        if times:
+            row.append(iso_ms(f.get("received_ms")))
         if marks:
             row.append(finality_mark(f.get("final")))
         t.add_row(*row)
@@ -465,6 +540,9 @@ def orders_table(
     t.add_column("tag", style="dim")
     if everyone:
         t.add_column("mine")
+    times = any("received_ms" in o for o in orders)
+    if times:
+        t.add_column("received (UTC)", style="dim", no_wrap=True)
     if marks:
         t.add_column("final?")
     for o in orders:
@@ -481,6 +559,8 @@ def orders_table(
         ]
         if everyone:
             row.append("yes" if o.get("mine") else "")
+        if times:
+            row.append(iso_ms(o.get("received_ms")))
         if marks:
             row.append(finality_mark(o.get("final")))
         t.add_row(*row)
@@ -523,6 +603,13 @@ def order_detail(order: Json, witnessed: bool | None = None) -> RenderableType:
             ),
         )
     t.add_row("tag", inert(order.get("tag") or "-"))
+    if order.get("client_id") is not None:
+        t.add_row("client id", inert(order["client_id"]))
+    if "received_ms" in order:
+        t.add_row("received", iso_ms(order.get("received_ms")) + "  (by this node)")
+    if "witnessed_ms" in order:
+        when = order.get("witnessed_ms")
+        t.add_row("witnessed", iso_ms(when) if when is not None else "- (not final)")
     t.add_row("lamport", str(order.get("lamport")))
     return t
 

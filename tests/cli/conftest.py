@@ -174,8 +174,32 @@ def default_answers() -> dict[str, Any]:
     return copy.deepcopy(
         {
             "status": STATUS,
-            "markets": [{"name": "DEMO", "id": demo_market_id(), "tick": "1", "lot": "1"}],
-            "submit": {"order": order(), "fills": [fill()], "final": False},
+            "markets": [
+                {
+                    "name": "DEMO",
+                    "id": demo_market_id(),
+                    "tick": "1",
+                    "lot": "1",
+                    "spec": DEMO_SPEC,
+                    "version": 2,
+                    "witnessed": True,
+                    "witnesses": 3,
+                    "frontier": 41,
+                }
+            ],
+            "submit": {
+                "order": order(),
+                "fills": [fill()],
+                "final": False,
+                "self_trade_expired": [],
+            },
+            "cancel_all": {
+                "market": "DEMO",
+                "cancel_id": C,
+                "prefix": None,
+                "cancelled": 2,
+                "final": False,
+            },
             "cancel": {
                 "order": order(status="cancelled", reason="cancelled", filled="0", remaining="5"),
                 "cancel_id": C,

@@ -1,0 +1,130 @@
+"""The command line's order tools (issue #11), against the fake node: client order ids and
+self-trade modes on ``submit`` (and the orders it expired), ``cancel --client-id`` and
+``cancel --all [--prefix]``, ``order --client-id``, ``markets``, ``orders --open --limit``,
+``fills --mine``, and timestamps (ISO 8601 for people, epoch ms in JSON)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from crdtbook.cli import render
+from crdtbook.cli.app import app
+
+runner = CliRunner()
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def run(*args: str, columns: int = 200) -> Result:
+    return runner.invoke(app, list(args), env={"COLUMNS": str(columns)})
+
+
+def test_submit_sends_client_id_and_stp(fake_node: Any, samples: Any) -> None:
+    result = run("submit", "buy", "5@100", "--client-id", "grid-1", "--stp", "expire-both")
+    assert result.exit_code == 0, result.output
+    sent = fake_node.last("submit")
+    assert sent["client_id"] == "grid-1" and sent["stp"] == "expire_both"
+    run("submit", "buy", "5@100")
+    assert "client_id" not in fake_node.last("submit") and "stp" not in fake_node.last("submit")
+    bad = run("submit", "buy", "5@100", "--stp", "expire-nobody")
+    assert bad.exit_code == 2
+
+
+def test_submit_names_orders_expired_by_self_trade(fake_node: Any, samples: Any) -> None:
+    maker = samples.order(
+        id=samples.B, side="sell", status="expired", reason="self_trade", remaining="3"
+    )
+    fake_node.answers["submit"] = {
+        "order": samples.order(status="open", filled="0", remaining="5"),
+        "fills": [],
+        "final": False,
+        "self_trade_expired": [maker],
+    }
+    result = run("submit", "buy", "5@100")
+    assert result.exit_code == 0, result.output
+    assert "expired by self-trade prevention" in result.output and samples.B in result.output
+    taker = samples.order(status="expired", reason="self_trade", filled="0")
+    fake_node.answers["submit"] = {
+        "order": taker,
+        "fills": [],
+        "final": False,
+        "self_trade_expired": [taker],
+    }
+    result = run("submit", "buy", "5@100", "--stp", "expire-taker")
+    assert "this order itself" in result.output
+    as_json = json.loads(run("submit", "buy", "5@100", "--json").output)
+    assert as_json["self_trade_expired"][0]["id"] == samples.A
+
+
+def test_refusals_are_clear(fake_node: Any, samples: Any) -> None:
+    fake_node.answers["submit"] = samples.ControlError(
+        "duplicate_client_id", "client id 'x' is already used by this node's order in DEMO"
+    )
+    result = run("submit", "buy", "5@100", "--client-id", "x")
+    assert result.exit_code == 1
+    assert "already used" in result.output and "[duplicate_client_id]" in result.output
+
+
+def test_cancel_by_client_id_and_all(fake_node: Any, samples: Any) -> None:
+    result = run("cancel", "--client-id", "grid-1")
+    assert result.exit_code == 0, result.output
+    assert fake_node.last("cancel") == {"client_id": "grid-1"}
+    run("cancel", "A1B2")
+    assert fake_node.last("cancel") == {"order_id": "a1b2"}
+    result = run("cancel", "--all", "--prefix", "grid-")
+    assert result.exit_code == 0, result.output
+    assert fake_node.last("cancel_all") == {"prefix": "grid-"}
+    assert "cancelled 2 orders" in result.output and samples.C in result.output
+    as_json = json.loads(run("cancel", "--all", "--json").output)
+    assert as_json["cancelled"] == 2
+    for args in ((), ("A1", "--client-id", "x"), ("A1", "--all"), ("A1", "--prefix", "p")):
+        bad = run("cancel", *args)
+        assert bad.exit_code == 2, (args, bad.output)
+
+
+def test_order_by_client_id_with_times(fake_node: Any, samples: Any) -> None:
+    fake_node.answers["order"] = samples.order(
+        client_id="grid-1", tag="grid-1", received_ms=1_764_660_000_123, witnessed_ms=None
+    )
+    result = run("order", "--client-id", "grid-1")
+    assert result.exit_code == 0, result.output
+    assert fake_node.last("order") == {"client_id": "grid-1"}
+    assert "2025-12-02T07:20:00.123Z" in result.output and "not final" in result.output
+    assert run("order").exit_code == 2
+
+
+def test_markets(fake_node: Any, samples: Any) -> None:
+    result = run("markets")
+    assert result.exit_code == 0, result.output
+    assert "DEMO" in result.output and "yes" in result.output and "41" in result.output
+    assert json.loads(run("markets", "--json").output)[0]["spec"] == samples.DEMO_SPEC
+    fake_node.answers["markets"] = [
+        {"name": "BTC-USD", "id": "00" * 32, "tick": "0.01", "lot": "0.0001",
+         "witnessed": False, "witnesses": 0, "frontier": 0}
+    ]  # fmt: skip
+    assert "never final" in run("markets").output
+
+
+def test_orders_open_limit_and_fills_mine(fake_node: Any, samples: Any) -> None:
+    fake_node.answers["orders"]["orders"][0]["received_ms"] = 1_764_660_000_123
+    result = run("orders", "--open", "--limit", "5")
+    assert result.exit_code == 0, result.output
+    assert fake_node.last("orders") == {"open": True, "limit": 5}
+    assert "2025-12-02T07:20:00.123Z" in result.output
+    run("orders")
+    assert fake_node.last("orders") == {}
+    fake_node.answers["fills"]["fills"] = [samples.fill(0, received_ms=1_764_660_000_123)]
+    result = run("fills", "--mine")
+    assert result.exit_code == 0, result.output
+    assert fake_node.last("fills") == {"limit": 20, "mine": True}
+    assert "2025-12-02T07:20:00.123Z" in result.output
+
+
+def test_iso_ms() -> None:
+    assert render.iso_ms(0) == "1970-01-01T00:00:00.000Z"
+    assert render.iso_ms(None) == "-" and render.iso_ms(True) == "-"
+    assert render.iso_ms(10**20) == "-"
