@@ -156,6 +156,19 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+#: Fields of a fill or order that are this node's own view, not derived state (the local time
+#: it first applied the op): the same fill differs there from node to node.
+NODE_LOCAL_FIELDS = frozenset({"received_ms"})
+
+
+def shared_fills(node: NodeProcess) -> list[dict[str, Any]]:
+    """The node's fills as every node must show them (without node-local fields)."""
+    return [
+        {k: v for k, v in fill.items() if k not in NODE_LOCAL_FIELDS}
+        for fill in node.call("fills")["fills"]
+    ]
+
+
 def converged(nodes: list[NodeProcess]) -> bool:
     statuses = [n.market_status() for n in nodes]
     return (

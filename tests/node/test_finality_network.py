@@ -22,7 +22,7 @@ from crdtbook.node.app import load_or_create_identity
 from crdtbook.node.client import ControlError
 from crdtbook.node.finality import STALL_SECONDS
 
-from .harness import NodeProcess, wait_until
+from .harness import NodeProcess, shared_fills, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -136,7 +136,7 @@ def test_finality_across_three_real_nodes(tmp_path: Path) -> None:
         wait_until(
             lambda: all(_all_final(n, fill_count) for n in nodes), 15, "every fill final everywhere"
         )
-        fills = [n.call("fills")["fills"] for n in nodes]
+        fills = [shared_fills(n) for n in nodes]
         assert fills[0] == fills[1] == fills[2]
         # Left: bids at 100-101 only. The trades below are at 110, away from them.
 

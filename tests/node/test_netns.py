@@ -28,7 +28,7 @@ from crdtbook.node.client import ControlError
 from crdtbook.node.finality import STALL_SECONDS
 
 from . import netns
-from .harness import NodeProcess, converged, wait_until
+from .harness import NodeProcess, converged, shared_fills, wait_until
 from .test_network import test_partitioned_node_converges_after_heal as _block_fallback
 
 pytestmark = pytest.mark.timeout(150)
@@ -120,7 +120,7 @@ def _all_final(node: NodeProcess) -> bool:
 
 
 def _same_fills(nodes: list[NodeProcess]) -> bool:
-    fills = [n.call("fills")["fills"] for n in nodes]
+    fills = [shared_fills(n) for n in nodes]
     return all(f == fills[0] for f in fills)
 
 

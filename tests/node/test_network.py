@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import NodeProcess, converged, node_group, wait_until
+from .harness import NodeProcess, converged, node_group, shared_fills, wait_until
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -48,7 +48,7 @@ def test_three_nodes_cross_at_once_and_agree(tmp_path: Path) -> None:
         wait_until(lambda: converged(nodes), 20, "equal digests on all nodes")
 
         books = [n.call("book") for n in nodes]
-        fills = [n.call("fills")["fills"] for n in nodes]
+        fills = [shared_fills(n) for n in nodes]
         assert all(b == books[0] for b in books)
         assert all(f == fills[0] for f in fills)
         # 5 to sell against 8 to buy: exactly 5 trade, once, wherever they were matched.
