@@ -132,6 +132,9 @@ class Replica:
         #: Their ids, for a caller that keeps what it was given (a node's store) and wants to
         #: forget them too: ``take_evicted`` (bounded: MAX_EVICTED_REMEMBERED).
         self._evicted_ids: list[bytes] = []
+        #: Ids of pending ops refused once judged (a parent turned out invalid, or the op did
+        #: when its parents arrived), for the same caller: ``take_refused_pending`` (bounded too).
+        self._refused_pending_ids: list[bytes] = []
         #: Placement and the finality frontier (witnessed markets only; specs/finality.md).
         self._fin = (
             Witnessing(market.id, market.witnesses, self._applied, self._fork_at)
@@ -306,6 +309,16 @@ class Replica:
         taken, self._evicted_ids = self._evicted_ids, []
         return taken
 
+    def take_refused_pending(self) -> list[bytes]:
+        """The ids of the ops refused since the last call after waiting in the pending buffer
+        (so not in any ``ApplyReport.invalid``): a node that stored them deletes them."""
+        taken, self._refused_pending_ids = self._refused_pending_ids, []
+        return taken
+
+    def _note_refused_pending(self, ident: bytes) -> None:
+        if len(self._refused_pending_ids) < MAX_EVICTED_REMEMBERED:
+            self._refused_pending_ids.append(ident)
+
     def _release(self, op: Op, applied: list[Op]) -> None:
         """Admit every pending op that ``op`` (just admitted) unblocks, and theirs in turn."""
         ready = [op.id]
@@ -318,6 +331,7 @@ class Replica:
                 try:
                     self._admit(child)
                 except InvalidOp as exc:
+                    self._note_refused_pending(child_id)
                     self._reject_pending_descendants(child_id, exc)
                     continue
                 applied.append(child)
@@ -477,6 +491,7 @@ class Replica:
                 child = self._pending.pop(child_id, None)
                 if child is None:
                     continue
+                self._note_refused_pending(child_id)
                 self._unwait(child)
                 self._remember_invalid(child_id, InvalidParent("an ancestor of this op is invalid"))
                 doomed.append(child_id)

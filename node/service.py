@@ -586,14 +586,24 @@ class NodeService:
     def _forget_evicted(self, ms: MarketState) -> None:
         """Pending ops the replica forgot (its bounded buffer was full) leave the store too:
         they are no verdict, sync brings them again once they can be applied, and a flood of
-        orphans that never resolve must not grow the disk when it cannot grow memory."""
+        orphans that never resolve must not grow the disk when it cannot grow memory. So do
+        pending ops refused once judged (stored while pending, found invalid when their parents
+        arrived): those are refusals, counted as such."""
         evicted = ms.replica.take_evicted()
-        if not evicted:
+        refused = ms.replica.take_refused_pending()
+        if refused:
+            ms.refused += len(refused)
+            logger.info("refused %d ops that waited for their parents", len(refused))
+        if not evicted and not refused:
             return
         try:
-            self.store.delete_ops(evicted)
+            self.store.delete_ops(evicted + refused)
         except StoreError as exc:  # kept on disk: reloaded as pending at the next start
-            logger.warning("could not drop %d evicted ops from the store: %s", len(evicted), exc)
+            logger.warning(
+                "could not drop %d evicted or refused ops from the store: %s",
+                len(evicted) + len(refused),
+                exc,
+            )
 
     def should_ban(self, peer_id: str) -> bool:
         """Count one refusal against ``peer_id``; True when it crossed the ban threshold. Not

@@ -244,30 +244,44 @@ async def test_apply_loop_applies_queued_ops_in_one_batch_and_notifies(
         n.check_log(V1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: an op stored while pending and refused once its parent arrives (Replica."
-    "_release) is in no ApplyReport: not counted in ms.refused, and it stays in the store",
-)
 async def test_apply_loop_counts_and_drops_a_deferred_op_found_invalid(tmp_path: Path) -> None:
     """An op whose parent is not applied passes the validator unjudged (precheck: False) and is
-    stored; when its parent arrives it turns out invalid (Lamport not above its parent's)."""
+    stored; when its parent arrives it turns out invalid (Lamport not above its parent's): it is
+    counted as refused and leaves the store. (It was neither, before Replica reported pending
+    ops refused on release: ``take_refused_pending``.)"""
     async with bare(tmp_path) as n:
         ms = n.ms(V1)
         a = order(BOB, V1)
         bad = order(MALLORY, V1, 1, a.lamport, (a.id,))
-        assert await n.service.validate_gossip(ms, encode_batch([bad.raw]), "p")  # deferred
-        assert n.store.has(bad.id)
+        child = order(MALLORY, V1, 2, a.lamport + 1, (bad.id,), price=101)
+        assert await n.service.validate_gossip(ms, encode_batch([bad.raw, child.raw]), "p")
+        assert n.store.has(bad.id) and n.store.has(child.id)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(n.service.apply_loop, ms)
             await trio.testing.wait_all_tasks_blocked()
-            assert ms.replica.is_pending(bad.id)
+            assert ms.replica.is_pending(bad.id) and ms.replica.is_pending(child.id)
             assert await n.service.validate_gossip(ms, encode_batch([a.raw]), "p")
             await trio.testing.wait_all_tasks_blocked()
             assert a.id in ms.replica and ms.replica.is_invalid(bad.id)
+            assert ms.replica.is_invalid(child.id)  # an ancestor is invalid
             assert ms.queued == set()
             nursery.cancel_scope.cancel()
-        assert ms.refused == 1
+        assert ms.refused == 2
+        assert not n.store.has(bad.id) and not n.store.has(child.id)
+        n.check_log(V1)
+
+
+async def test_sync_counts_and_drops_a_pending_op_found_invalid(tmp_path: Path) -> None:
+    """The same through prepare/commit: the op waits (stored) after one frame, its parent comes
+    in the next."""
+    async with bare(tmp_path) as n:
+        ms = n.ms(V1)
+        a = order(BOB, V1)
+        bad = order(MALLORY, V1, 1, a.lamport, (a.id,))
+        first = await n.service.commit(ms, await n.service.prepare(ms, [bad.raw]), "s")
+        assert first.new == 1 and n.store.has(bad.id) and ms.replica.is_pending(bad.id)
+        await n.service.commit(ms, await n.service.prepare(ms, [a.raw]), "s")
+        assert ms.replica.is_invalid(bad.id) and ms.refused == 1
         assert not n.store.has(bad.id)
         n.check_log(V1)
 
