@@ -57,6 +57,8 @@ NO_MAJORITY: Final = "no_majority"  # a reconfiguration without approvals from a
 BAD_APPROVAL: Final = "bad_approval"  # an approval signature that does not verify for the set
 #: submit with a client order id this node's key already used in the market (witnessed markets)
 DUPLICATE_CLIENT_ID: Final = "duplicate_client_id"
+#: a market order while the side of the book it would take from is empty
+EMPTY_BOOK: Final = "empty_book"
 STORE_FULL: Final = "store_full"  # the node's store has no space left: nothing was done
 STORE_ERROR: Final = "store_error"  # the node's store cannot be written (read-only, I/O error)
 INTERNAL: Final = "internal"  # a bug in the node; details are in the node's log

@@ -6,6 +6,7 @@ import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation
 from itertools import islice
 from typing import Any, Final
 
@@ -30,6 +31,7 @@ from .control_errors import (
     BAD_APPROVAL,
     BAD_REQUEST,
     DUPLICATE_CLIENT_ID,
+    EMPTY_BOOK,
     INVALID_OP,
     NO_MAJORITY,
     NOT_FOUND,
@@ -160,6 +162,7 @@ class ControlAdapter:
             "submit": self._submit,
             "cancel": self._cancel,
             "cancel_all": self._cancel_all,
+            "amend": self._amend,
             "book": self._book,
             "fills": self._fills,
             "order": self._order,
@@ -362,6 +365,81 @@ class ControlAdapter:
         tif = optional_param(params, "tif", str, "gtc").replace("-", "_").lower()
         if tif not in _TIFS:
             raise ControlError(BAD_REQUEST, f"tif must be one of {', '.join(_TIFS)}, not {tif!r}")
+        tag, stp = self._tag_and_stp(ms, params)
+        wait_final = optional_param(params, "wait_final", bool, False)
+        timeout = optional_param(params, "timeout", float, FINAL_TIMEOUT)
+        if not (math.isfinite(timeout) and 0 < timeout <= FINAL_TIMEOUT_MAX):
+            raise ControlError(BAD_REQUEST, f"timeout must be in (0, {FINAL_TIMEOUT_MAX:.0f}] s")
+        if wait_final and not ms.market.witnessed:
+            raise ControlError(
+                NOT_WITNESSED,
+                f"{ms.market.name} has no witnesses, so its orders are {NEVER_FINAL}; "
+                "submit without wait_final",
+            )
+        quantity = _lots(ms, str(require_param(params, "quantity", str)))
+        protection: dict[str, str] | None = None
+        if optional_param(params, "market_order", bool, False):
+            if params.get("price") is not None:
+                raise ControlError(BAD_REQUEST, "a market order takes no price (it takes band)")
+            if tif not in ("gtc", "ioc"):
+                raise ControlError(BAD_REQUEST, "a market order is immediate-or-cancel: no tif")
+            tif = "ioc"
+            band = optional_param(params, "band", str, "1%")
+            price, protection = _market_order_price(ms, side, band)
+        else:
+            price = _ticks(ms, str(require_param(params, "price", str)))
+        me = self.service.identity.public_key
+        before = ms.replica.fill_count
+        resting = {o.id for o in ms.replica.orders(me) if o.status in _RESTING}
+        try:
+            op = await self.service.submit(ms, side, price, quantity, tif, tag, stp)
+        except (InvalidOp, ValueError) as exc:
+            raise ControlError(INVALID_OP, str(exc)) from None
+        if wait_final:
+            with trio.move_on_after(timeout):
+                await self.service.wait_final(ms, op.id)
+            if not ms.replica.is_final(op.id):
+                raise ControlError(TIMEOUT, self._not_final_message(ms, op.id, timeout))
+            taken = _fills_of(ms, op.id)
+        else:
+            taken = _taken(ms, op.id, before)
+        result = self._placed(ms, op.id, taken, resting)
+        if protection is not None:
+            result["market_order"] = protection
+        return result
+
+    def _placed(
+        self,
+        ms: MarketState,
+        op_id: bytes,
+        taken: list[tuple[int, Fill]],
+        resting: set[bytes],
+    ) -> dict[str, Any]:
+        """The ``submit`` result for the order ``op_id`` this node just placed (``resting``:
+        this node's resting orders just before)."""
+        me = self.service.identity.public_key
+        order = ms.replica.order(op_id)
+        assert order is not None
+        final_fills = ms.replica.final_fill_count()
+        # Self-trade prevention: this node's makers the order expired (they rested before it
+        # and now are expired for self_trade), and the order itself when it stopped there.
+        expired = [
+            o
+            for o in ms.replica.orders(me)
+            if o.id in resting and o.status == "expired" and o.reason == "self_trade"
+        ]
+        if order.reason == "self_trade":
+            expired.append(order)
+        return {
+            "order": order_json(ms, order, me),
+            "fills": [fill_json(ms, i, f, i < final_fills) for i, f in taken],
+            "final": ms.replica.is_final(op_id),
+            "self_trade_expired": [order_json(ms, o, me) for o in expired],
+        }
+
+    def _tag_and_stp(self, ms: MarketState, params: dict[str, Any]) -> tuple[str | None, str]:
+        """The new order's tag (``client_id`` is its name in a witnessed market) and self-trade
+        mode, checked before anything is signed."""
         tag = optional_param(params, "tag", str, None)
         client_id = optional_param(params, "client_id", str, None)
         if client_id is not None:
@@ -398,61 +476,7 @@ class ControlAdapter:
                 f"client id {tag!r:.80} is already used by this node's order in "
                 f"{ms.market.name}; client ids are unique per author (pick another)",
             )
-        wait_final = optional_param(params, "wait_final", bool, False)
-        timeout = optional_param(params, "timeout", float, FINAL_TIMEOUT)
-        if not (math.isfinite(timeout) and 0 < timeout <= FINAL_TIMEOUT_MAX):
-            raise ControlError(BAD_REQUEST, f"timeout must be in (0, {FINAL_TIMEOUT_MAX:.0f}] s")
-        if wait_final and not ms.market.witnessed:
-            raise ControlError(
-                NOT_WITNESSED,
-                f"{ms.market.name} has no witnesses, so its orders are {NEVER_FINAL}; "
-                "submit without wait_final",
-            )
-        price_text = str(require_param(params, "price", str))
-        qty_text = str(require_param(params, "quantity", str))
-        try:
-            price = ms.market.price_to_ticks(price_text)
-        except OffTick as exc:
-            raise ControlError(OFF_TICK, str(exc)) from None
-        try:
-            quantity = ms.market.qty_to_lots(qty_text)
-        except OffLot as exc:
-            raise ControlError(OFF_LOT, str(exc)) from None
-        before = ms.replica.fill_count
-        resting = {o.id for o in ms.replica.orders(me) if o.status in _RESTING}
-        try:
-            op = await self.service.submit(ms, side, price, quantity, tif, tag, stp)
-        except (InvalidOp, ValueError) as exc:
-            raise ControlError(INVALID_OP, str(exc)) from None
-        if wait_final:
-            with trio.move_on_after(timeout):
-                await self.service.wait_final(ms, op.id)
-            if not ms.replica.is_final(op.id):
-                raise ControlError(TIMEOUT, self._not_final_message(ms, op.id, timeout))
-            taken = _fills_of(ms, op.id)
-        else:
-            start = min(before, ms.replica.fill_count)
-            taken = [
-                (start + i, f) for i, f in enumerate(ms.replica.fills(start)) if f.taker == op.id
-            ]
-        order = ms.replica.order(op.id)
-        assert order is not None
-        final_fills = ms.replica.final_fill_count()
-        # Self-trade prevention: this node's makers the order expired (they rested before it
-        # and now are expired for self_trade), and the order itself when it stopped there.
-        expired = [
-            o
-            for o in ms.replica.orders(me)
-            if o.id in resting and o.status == "expired" and o.reason == "self_trade"
-        ]
-        if order.reason == "self_trade":
-            expired.append(order)
-        return {
-            "order": order_json(ms, order, me),
-            "fills": [fill_json(ms, i, f, i < final_fills) for i, f in taken],
-            "final": ms.replica.is_final(op.id),
-            "self_trade_expired": [order_json(ms, o, me) for o in expired],
-        }
+        return tag, stp
 
     def _not_final_message(self, ms: MarketState, op_id: bytes, timeout: float) -> str:
         view = self._finality(ms)
@@ -497,6 +521,55 @@ class ControlAdapter:
             "cancel_id": op.id.hex(),
             "effective": bool(ms.replica.cancel_effective(op.id)),
         }
+
+    async def _amend(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Cancel-replace one of this node's resting orders: a cancel and a new order (same
+        side and time in force; new price and/or quantity) signed and sent together."""
+        ms, old = self._resolve_order(params)
+        me = self.service.identity.public_key
+        if old.author != me:
+            raise ControlError(
+                NOT_OWNER, "this order was signed by another key; only its author can amend it"
+            )
+        if old.status not in _RESTING:
+            raise ControlError(
+                INVALID_OP,
+                f"order {old.id.hex()} is {old.status.replace('_', ' ')}, not resting: there is "
+                "nothing to amend (submit a new order)",
+            )
+        new_params = {k: v for k, v in params.items() if k in ("tag", "stp")}
+        if params.get("new_client_id") is not None:
+            new_params["client_id"] = params["new_client_id"]
+        elif "tag" not in new_params and not ms.market.witnessed:
+            new_params["tag"] = old.tag  # a free label there: it carries over
+        tag, stp = self._tag_and_stp(ms, new_params)
+        price_text = optional_param(params, "price", str, None)
+        qty_text = optional_param(params, "quantity", str, None)
+        if price_text is None and qty_text is None:
+            raise ControlError(BAD_REQUEST, "amend needs a new price, a new quantity or both")
+        price = old.price if price_text is None else _ticks(ms, price_text)
+        quantity = old.remaining if qty_text is None else _lots(ms, qty_text)
+        before = ms.replica.fill_count
+        resting = {o.id for o in ms.replica.orders(me) if o.status in _RESTING}
+        try:
+            cancel, new = await self.service.amend(ms, old.id, price, quantity, tag, stp)
+        except (BadCancel, InvalidOp) as exc:
+            raise ControlError(INVALID_OP, str(exc)) from None
+        cancelled = ms.replica.order(old.id)
+        assert cancelled is not None
+        result: dict[str, Any] = {
+            "cancel_id": cancel.id.hex(),
+            "cancelled": order_json(ms, cancelled, me),
+            "effective": bool(ms.replica.cancel_effective(cancel.id)),
+        }
+        if new is None:  # refused after the cancel was signed: say so, the cancel stands
+            raise ControlError(
+                INVALID_OP,
+                f"order {old.id.hex()} was cancelled (cancel op {cancel.id.hex()}) but the "
+                "replacement could not be signed; submit it again",
+            )
+        resting.discard(old.id)
+        return {**result, **self._placed(ms, new.id, _taken(ms, new.id, before), resting)}
 
     async def _cancel_all(self, params: dict[str, Any]) -> dict[str, Any]:
         """One op cancelling every resting order of this node (with ``prefix``: whose client
@@ -838,6 +911,64 @@ def _fills_of(ms: MarketState, op_id: bytes) -> list[tuple[int, Fill]]:
                 return found[::-1]
         high, step = low, step * 2
     return found[::-1]
+
+
+def _taken(ms: MarketState, op_id: bytes, before: int) -> list[tuple[int, Fill]]:
+    """(index, fill) of the fills the order ``op_id``, just placed, took as taker (``before``:
+    the fill count just before it)."""
+    start = min(before, ms.replica.fill_count)
+    return [(start + i, f) for i, f in enumerate(ms.replica.fills(start)) if f.taker == op_id]
+
+
+def _ticks(ms: MarketState, text: str) -> int:
+    try:
+        return ms.market.price_to_ticks(text)
+    except OffTick as exc:
+        raise ControlError(OFF_TICK, str(exc)) from None
+
+
+def _lots(ms: MarketState, text: str) -> int:
+    try:
+        return ms.market.qty_to_lots(text)
+    except OffLot as exc:
+        raise ControlError(OFF_LOT, str(exc)) from None
+
+
+#: A market order's protection band: at most this many percent past the best price.
+MAX_BAND_PCT: Final = Decimal(50)
+
+
+def _market_order_price(ms: MarketState, side: str, band: str) -> tuple[int, dict[str, str]]:
+    """A market order's limit: the best opposite price moved ``band`` (percent, ``"2%"`` or
+    ``"2"``) against the taker, rounded to the tick inward (a buy never pays more than the band
+    allows, a sell never sells for less). Refused when that side of the book is empty."""
+    text = band.strip().removesuffix("%").strip()
+    try:
+        pct = Decimal(text)
+    except InvalidOperation:
+        raise ControlError(BAD_REQUEST, f"band {band!r:.40} is not a percentage like 2%") from None
+    if not (pct.is_finite() and 0 <= pct <= MAX_BAND_PCT):
+        raise ControlError(
+            BAD_REQUEST, f"band must be from 0% to {MAX_BAND_PCT}%, not {band!r:.40}"
+        )
+    book = ms.replica.book(1)
+    best = book.best_ask if side == "buy" else book.best_bid
+    if best is None:
+        other = "asks" if side == "buy" else "bids"
+        raise ControlError(
+            EMPTY_BOOK,
+            f"no {other} on {ms.market.name}: a market {side} has no price to start from "
+            "(place a limit order instead)",
+        )
+    factor = (Decimal(100) + pct) / 100 if side == "buy" else (Decimal(100) - pct) / 100
+    rounding = ROUND_FLOOR if side == "buy" else ROUND_CEILING
+    ticks = max(1, int((best * factor).to_integral_value(rounding)))
+    m = ms.market
+    return ticks, {
+        "reference": m.ticks_to_price(best),
+        "limit": m.ticks_to_price(ticks),
+        "band_pct": str(pct),
+    }
 
 
 def _mid(bid: str, ask: str) -> str:

@@ -638,6 +638,38 @@ class NodeService:
         await self._publish_own(ms, op)
         return op
 
+    async def amend(
+        self,
+        ms: MarketState,
+        order_id: bytes,
+        price: int,
+        quantity: int,
+        tag: str | None,
+        stp: str = "expire_maker",
+    ) -> tuple[Op, Op | None]:
+        """Cancel-replace: sign a cancel of ``order_id`` and, right after it, a new order on the
+        same side with the same time in force (``price``, ``quantity``, ``tag``), then store and
+        send both together. Returns (cancel, new order); the new order is None if the replica
+        refused to sign it (the cancel stands and is sent all the same)."""
+        self._store_ready()
+        replica = ms.replica
+        cancel = replica.cancel(self.identity, order_id)  # BadCancel if it cannot
+        old = replica.order(order_id)
+        assert old is not None
+        ops = [cancel]
+        new: Op | None = None
+        try:
+            new = replica.submit(self.identity, old.side, price, quantity, old.tif, tag, stp=stp)
+        except ValueError:
+            pass
+        else:
+            ops.append(new)
+        await self._writer.write([(op.id, op.market_id, op.lamport, op.raw) for op in ops])
+        ms.outbox.extend(op.raw for op in ops)
+        ms.outbox_ready.set()
+        self.notify(ms, ops)
+        return cancel, new
+
     async def cancel_all(self, ms: MarketState, prefix: str | None) -> Op:
         """Sign and send one cancel-all of this node's resting orders (witnessed markets)."""
         self._store_ready()

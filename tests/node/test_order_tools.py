@@ -13,6 +13,8 @@ from crdtbook import Market
 from crdtbook.node.control_errors import (
     BAD_REQUEST,
     DUPLICATE_CLIENT_ID,
+    EMPTY_BOOK,
+    INVALID_OP,
     NOT_FOUND,
     NOT_WITNESSED,
     ControlError,
@@ -121,3 +123,58 @@ async def test_markets_orders_fills_and_timestamps(tmp_path: Path) -> None:
         with pytest.raises(ControlError) as err:
             await a.call("orders", limit=0)
         assert err.value.code == BAD_REQUEST
+
+
+async def test_market_order_is_ioc_within_the_band(tmp_path: Path) -> None:
+    ids = identities(2)
+    market = Market("PLAIN", "1", "1")
+    async with network(tmp_path) as net:
+        a, b = net.add(ids[0], market), net.add(ids[1], market)
+        with pytest.raises(ControlError) as err:
+            await b.call("submit", side="buy", quantity="3", market_order=True, band="2%")
+        assert err.value.code == EMPTY_BOOK and "no asks" in err.value.message
+        assert b.ms.replica.order_count == 0
+        await a.call("submit", side="sell", price="100", quantity="2")
+        await a.call("submit", side="sell", price="102", quantity="2")
+        await a.call("submit", side="sell", price="103", quantity="2")
+        await until(lambda: b.ms.replica.order_count == 3)
+        result = await b.call("submit", side="buy", quantity="5", market_order=True, band="2%")
+        assert result["market_order"] == {"reference": "100", "limit": "102", "band_pct": "2"}
+        order = result["order"]
+        assert (order["tif"], order["price"], order["filled"]) == ("ioc", "102", "4")
+        assert order["status"] == "expired" and order["reason"] == "ioc_remainder"
+        assert [f["price"] for f in result["fills"]] == ["100", "102"]
+        with pytest.raises(ControlError) as err:  # b's buy was IOC: no bids rest
+            await a.call("submit", side="sell", quantity="1", market_order=True, band="10")
+        assert err.value.code == EMPTY_BOOK and "no bids" in err.value.message
+        for params in ({"band": "x"}, {"band": "60%"}, {"price": "5"}, {"tif": "fok"}):
+            with pytest.raises(ControlError) as err:
+                await b.call("submit", side="buy", quantity="1", market_order=True, **params)
+            assert err.value.code == BAD_REQUEST, params
+
+
+async def test_amend_cancels_and_replaces_in_one_step(tmp_path: Path) -> None:
+    ids = identities(1)
+    async with network(tmp_path) as net:
+        a = net.add(ids[0], witnessed(ids))
+        first = await a.call("submit", side="buy", price="90", quantity="3", client_id="g1")
+        oid = first["order"]["id"]
+        result = await a.call("amend", order_id=oid, price="91", new_client_id="g2")
+        assert result["effective"] is True and result["cancelled"]["status"] == "cancelled"
+        new = result["order"]
+        assert (new["side"], new["price"], new["quantity"], new["client_id"]) == (
+            "buy", "91", "3", "g2"
+        )  # fmt: skip
+        assert result["cancel_id"] != new["id"]
+        again = await a.call("amend", client_id="g2", quantity="1")
+        assert again["order"]["price"] == "91" and again["order"]["quantity"] == "1"
+        with pytest.raises(ControlError) as err:  # the cancelled one: nothing to amend
+            await a.call("amend", order_id=oid, price="92")
+        assert err.value.code == INVALID_OP and "not resting" in err.value.message
+        with pytest.raises(ControlError) as err:
+            await a.call("amend", order_id=again["order"]["id"])
+        assert err.value.code == BAD_REQUEST
+        with pytest.raises(ControlError) as err:  # reusing a client id is refused up front
+            await a.call("amend", order_id=again["order"]["id"], price="1", new_client_id="g1")
+        assert err.value.code == DUPLICATE_CLIENT_ID
+        assert (await a.call("order", order_id=again["order"]["id"]))["status"] == "open"
