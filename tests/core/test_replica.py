@@ -617,3 +617,18 @@ def test_views():
     assert list(r.iter_ops(2)) == r.ops()[2:]
     assert len(r) == 8 and "ops=8" in repr(r)
     checked(r)
+
+
+def test_pending_ops_refused_once_judged_are_listed_for_the_caller():
+    """An op that waited for its parent and is refused when the parent arrives (the parent lies
+    about its Lamport time) is in no ApplyReport of a later call: take_refused_pending lists
+    it, so a node that stored it while it waited can drop it and count the refusal."""
+    parent = sign_op(ALICE, MARKET.id, 1, 5, (), OrderBody("sell", 100, 1))  # must be 1
+    child = sign_op(BOB, MARKET.id, 1, 6, (parent.id,), OrderBody("buy", 90, 1))
+    r = Replica(MARKET)
+    assert r.apply(child.raw) == [] and r.is_pending(child.id)
+    assert r.take_refused_pending() == []
+    with pytest.raises(BadLamport):
+        r.apply(parent.raw)
+    assert r.take_refused_pending() == [child.id] and r.take_refused_pending() == []
+    assert not r.is_pending(child.id) and r.is_invalid(child.id) and len(r) == 0
