@@ -453,6 +453,23 @@ def submit(
             show_default=False,
         ),
     ] = None,
+    market_order: Annotated[
+        bool,
+        typer.Option(
+            "--market-order",
+            help="A market order: immediate-or-cancel at the best opposite price moved by --band "
+            "(give QUANTITY only); refused when that side of the book is empty.",
+        ),
+    ] = False,
+    band: Annotated[
+        str | None,
+        typer.Option(
+            "--band",
+            help="With --market-order: price protection, how far past the best price it may "
+            "trade (percent, e.g. 2%; default 1%).",
+            show_default=False,
+        ),
+    ] = None,
     wait_final: Annotated[
         bool,
         typer.Option(
@@ -476,7 +493,8 @@ def submit(
     """Submit a limit order and show at once what happened to it.
 
     Examples: crdtbook submit buy 5 100 ; crdtbook submit sell 5@100 --tif ioc ;
-    crdtbook submit buy 3@101 --wait-final --timeout 10
+    crdtbook submit buy 3@101 --wait-final --timeout 10 ;
+    crdtbook submit buy 3 --market-order --band 2%
 
     Prints the order id, then whether it filled (with each fill), partially filled, is resting on
     the book, expired, or was rejected (with the reason), marked final or provisional: on a market
@@ -491,7 +509,16 @@ def submit(
     """
     from crdtbook.cli import render
 
-    qty, px = split_qty_price(quantity, price)
+    if market_order:
+        if price is not None or "@" in quantity:
+            fail("a market order takes a quantity only: its price comes from the book", 2)
+        if tif not in (Tif.gtc, Tif.ioc):
+            fail("a market order is immediate-or-cancel: leave out --tif", 2)
+        qty, px, tif = quantity.strip(), None, Tif.ioc
+    else:
+        if band is not None:
+            fail("--band goes with --market-order", 2)
+        qty, px = split_qty_price(quantity, price)
     params: dict[str, Any] = {
         "market": market,
         "side": side.value,
@@ -502,6 +529,8 @@ def submit(
         "client_id": client_id,
         "stp": None if stp is None else stp.api,
     }
+    if market_order:
+        params.update(market_order=True, band=band)
     if wait_final:
         params.update(wait_final=True, timeout=timeout)
     # The client waits a little longer than the node, so the node's own timeout error (which
@@ -598,6 +627,63 @@ def cancel(
     params = one_order(order_id, client_id)
     result = call(ctx, home, "cancel", market=market, **params)
     emit(result, as_json, render.cancel_result)
+
+
+@app.command()
+def amend(
+    ctx: typer.Context,
+    order_id: Annotated[
+        str | None,
+        typer.Argument(help="Order id, or any prefix of it that is unique.", show_default=False),
+    ] = None,
+    client_id: ClientIdOpt = None,
+    price: Annotated[
+        str | None, typer.Option("--price", help="The new price.", show_default=False)
+    ] = None,
+    quantity: Annotated[
+        str | None,
+        typer.Option(
+            "--quantity",
+            help="The new order's quantity (default: what is left).",
+            show_default=False,
+        ),
+    ] = None,
+    new_client_id: Annotated[
+        str | None,
+        typer.Option(
+            "--new-client-id",
+            help="Client id of the new order (witnessed markets; a client id is never reused).",
+            show_default=False,
+        ),
+    ] = None,
+    market: MarketOpt = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cancel-replace one of this node's resting orders in one step: a cancel and a new order on
+    the same side (new --price and/or --quantity), signed and sent together.
+
+    Example: crdtbook amend 3fa2 --price 101 --quantity 2
+
+    --json prints {"cancel_id": hex, "cancelled": Order, "effective": bool, "order": Order,
+    "fills": [Fill], "final": bool, "self_trade_expired": [Order]}.
+    """
+    from crdtbook.cli import render
+
+    if price is None and quantity is None:
+        fail("give --price, --quantity or both", 2)
+    params = one_order(order_id, client_id)
+    result = call(
+        ctx,
+        home,
+        "amend",
+        market=market,
+        price=price,
+        quantity=quantity,
+        new_client_id=new_client_id,
+        **params,
+    )
+    emit(result, as_json, render.amend_result)
 
 
 @app.command()

@@ -239,6 +239,13 @@ def submit_result(result: Json, witnessed: bool | None = None) -> RenderableType
         outcome.append(REASONS.get(reason or "", reason or "no reason given"))
         if fills:
             outcome.append(f" ({verb} {traded} of {order.get('quantity')} first)")
+    protection = result.get("market_order")
+    if isinstance(protection, dict):
+        desc.append(
+            f" market order: best {protection.get('reference')}, band "
+            f"{protection.get('band_pct')}%, limit {protection.get('limit')}",
+            style="dim",
+        )
     parts: list[RenderableType] = [
         head,
         desc,
@@ -257,6 +264,21 @@ def submit_result(result: Json, witnessed: bool | None = None) -> RenderableType
             )
         )
     return Group(*parts)
+
+
+def amend_result(result: Json) -> RenderableType:
+    """The outcome of a cancel-replace: the cancel, then the new order as ``submit`` shows it."""
+    old: Json = result.get("cancelled") or {}
+    head = Text()
+    if result.get("effective"):
+        head.append("cancelled ", style="bold")
+        head.append(str(old.get("id", "?")))
+        head.append(f" ({old.get('filled')} had filled)", style="dim")
+    else:
+        head.append("nothing to cancel: ", style="bold yellow")
+        head.append(f"order {old.get('id', '?')} had already finished")
+    head.append(f"\ncancel op {result.get('cancel_id')}", style="dim")
+    return Group(head, Text("replaced by:", style="dim"), submit_result(result))
 
 
 def _self_trade_lines(expired: Sequence[Json], taker_id: object) -> list[Text]:

@@ -128,3 +128,53 @@ def test_iso_ms() -> None:
     assert render.iso_ms(0) == "1970-01-01T00:00:00.000Z"
     assert render.iso_ms(None) == "-" and render.iso_ms(True) == "-"
     assert render.iso_ms(10**20) == "-"
+
+
+def test_market_order(fake_node: Any, samples: Any) -> None:
+    fake_node.answers["submit"] = {
+        "order": samples.order(tif="ioc", price="102", quantity="3", filled="3"),
+        "fills": [samples.fill(0, quantity="3")],
+        "final": False,
+        "self_trade_expired": [],
+        "market_order": {"reference": "100", "limit": "102", "band_pct": "2"},
+    }
+    result = run("submit", "buy", "3", "--market-order", "--band", "2%")
+    assert result.exit_code == 0, result.output
+    sent = fake_node.last("submit")
+    assert sent["market_order"] is True and sent["band"] == "2%" and sent["tif"] == "ioc"
+    assert "price" not in sent
+    assert "market order: best 100, band 2%, limit 102" in result.output
+    fake_node.answers["submit"] = samples.ControlError(
+        "empty_book", "no asks on DEMO: a market buy has no price to start from"
+    )
+    refused = run("submit", "buy", "3", "--market-order")
+    assert refused.exit_code == 1 and "no asks" in refused.output
+    for args in (
+        ("3@100", "--market-order"),
+        ("3", "100", "--market-order"),
+        ("3@1", "--band", "2"),
+    ):
+        assert run("submit", "buy", *args).exit_code == 2, args
+    assert run("submit", "buy", "3", "--market-order", "--tif", "fok").exit_code == 2
+
+
+def test_amend(fake_node: Any, samples: Any) -> None:
+    fake_node.answers["amend"] = {
+        "cancel_id": samples.C,
+        "cancelled": samples.order(status="cancelled", reason="cancelled", filled="0"),
+        "effective": True,
+        "order": samples.order(id=samples.B, status="open", price="101", filled="0"),
+        "fills": [],
+        "final": False,
+        "self_trade_expired": [],
+    }
+    result = run("amend", "A1A1", "--price", "101", "--quantity", "2")
+    assert result.exit_code == 0, result.output
+    assert fake_node.last("amend") == {"order_id": "a1a1", "price": "101", "quantity": "2"}
+    assert samples.A in result.output and samples.B in result.output and samples.C in result.output
+    run("amend", "--client-id", "g1", "--price", "1", "--new-client-id", "g2")
+    assert fake_node.last("amend") == {"client_id": "g1", "price": "1", "new_client_id": "g2"}
+    as_json = json.loads(run("amend", "A1", "--price", "5", "--json").output)
+    assert as_json["cancel_id"] == samples.C and as_json["order"]["id"] == samples.B
+    assert run("amend", "A1").exit_code == 2
+    assert run("amend", "--price", "5").exit_code == 2
