@@ -191,6 +191,26 @@ class Node:
             }
             self.write_op(order)
             return {"order": {**order, "final": False}, "fills": [], "final": False}
+        if method == "markets":
+            return [
+                {
+                    "name": "DEMO",
+                    "id": "00" * 32,
+                    "tick": "1",
+                    "lot": "1",
+                    "witnessed": bool(self.witnesses),
+                    "witnesses": len(self.witnesses),
+                    "frontier": self.finality()["frontier"],
+                }
+            ]
+        if method == "cancel_all":
+            return {
+                "market": "DEMO",
+                "cancel_id": "cc" * 32,
+                "prefix": params.get("prefix"),
+                "cancelled": 0,
+                "final": False,
+            }
         if method == "cancel":
             for op in self.ops():
                 if op["id"].startswith(params["order_id"]):
