@@ -388,9 +388,8 @@ class ControlAdapter:
             price, protection = _market_order_price(ms, side, band)
         else:
             price = _ticks(ms, str(require_param(params, "price", str)))
-        me = self.service.identity.public_key
         before = ms.replica.fill_count
-        resting = {o.id for o in ms.replica.orders(me) if o.status in _RESTING}
+        crossed = _crossed(ms, side, price)
         try:
             op = await self.service.submit(ms, side, price, quantity, tif, tag, stp)
         except (InvalidOp, ValueError) as exc:
@@ -403,7 +402,7 @@ class ControlAdapter:
             taken = _fills_of(ms, op.id)
         else:
             taken = _taken(ms, op.id, before)
-        result = self._placed(ms, op.id, taken, resting)
+        result = self._placed(ms, op.id, taken, crossed)
         if protection is not None:
             result["market_order"] = protection
         return result
@@ -413,20 +412,24 @@ class ControlAdapter:
         ms: MarketState,
         op_id: bytes,
         taken: list[tuple[int, Fill]],
-        resting: set[bytes],
+        crossed: list[bytes],
     ) -> dict[str, Any]:
-        """The ``submit`` result for the order ``op_id`` this node just placed (``resting``:
-        this node's resting orders just before)."""
+        """The ``submit`` result for the order ``op_id`` this node just placed (``crossed``: the
+        resting orders its price reached just before, see :func:`_crossed`)."""
         me = self.service.identity.public_key
         order = ms.replica.order(op_id)
         assert order is not None
         final_fills = ms.replica.final_fill_count()
-        # Self-trade prevention: this node's makers the order expired (they rested before it
-        # and now are expired for self_trade), and the order itself when it stopped there.
+        # Self-trade prevention: this node's makers the order expired (they rested where its
+        # price reached and now are expired for self_trade), and the order itself when it
+        # stopped there.
         expired = [
             o
-            for o in ms.replica.orders(me)
-            if o.id in resting and o.status == "expired" and o.reason == "self_trade"
+            for o in map(ms.replica.order, crossed)
+            if o is not None
+            and o.author == me
+            and o.status == "expired"
+            and o.reason == "self_trade"
         ]
         if order.reason == "self_trade":
             expired.append(order)
@@ -550,7 +553,7 @@ class ControlAdapter:
         price = old.price if price_text is None else _ticks(ms, price_text)
         quantity = old.remaining if qty_text is None else _lots(ms, qty_text)
         before = ms.replica.fill_count
-        resting = {o.id for o in ms.replica.orders(me) if o.status in _RESTING}
+        crossed = _crossed(ms, old.side, price)
         try:
             cancel, new = await self.service.amend(ms, old.id, price, quantity, tag, stp)
         except (BadCancel, InvalidOp) as exc:
@@ -568,8 +571,7 @@ class ControlAdapter:
                 f"order {old.id.hex()} was cancelled (cancel op {cancel.id.hex()}) but the "
                 "replacement could not be signed; submit it again",
             )
-        resting.discard(old.id)
-        return {**result, **self._placed(ms, new.id, _taken(ms, new.id, before), resting)}
+        return {**result, **self._placed(ms, new.id, _taken(ms, new.id, before), crossed)}
 
     async def _cancel_all(self, params: dict[str, Any]) -> dict[str, Any]:
         """One op cancelling every resting order of this node (with ``prefix``: whose client
@@ -911,6 +913,22 @@ def _fills_of(ms: MarketState, op_id: bytes) -> list[tuple[int, Fill]]:
                 return found[::-1]
         high, step = low, step * 2
     return found[::-1]
+
+
+def _crossed(ms: MarketState, side: str, price: int) -> list[bytes]:
+    """The ids of the resting orders a ``side`` order at ``price`` (ticks) can reach, in
+    priority order: the only ones its self-trade prevention can expire. Reads the opposite side
+    of the book only as deep as the price reaches."""
+    depth = 8
+    while True:
+        book = ms.replica.book(depth)
+        levels = book.asks if side == "buy" else book.bids
+        reached = [
+            lv for lv in levels if (lv.price <= price if side == "buy" else lv.price >= price)
+        ]
+        if len(reached) < len(levels) or len(levels) < depth:
+            return [ro.order_id for lv in reached for ro in lv.orders]
+        depth *= 4
 
 
 def _taken(ms: MarketState, op_id: bytes, before: int) -> list[tuple[int, Fill]]:

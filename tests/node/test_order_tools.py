@@ -178,3 +178,21 @@ async def test_amend_cancels_and_replaces_in_one_step(tmp_path: Path) -> None:
             await a.call("amend", order_id=again["order"]["id"], price="1", new_client_id="g1")
         assert err.value.code == DUPLICATE_CLIENT_ID
         assert (await a.call("order", order_id=again["order"]["id"]))["status"] == "open"
+
+
+async def test_self_trade_report_reaches_deep_into_the_book(tmp_path: Path) -> None:
+    ids = identities(2)
+    market = Market("PLAIN", "1", "1")
+    async with network(tmp_path) as net:
+        a, b = net.add(ids[0], market), net.add(ids[1], market)
+        await b.call("submit", side="sell", price="99", quantity="1")  # another author's
+        await until(lambda: a.ms.replica.order_count == 1)
+        mine = [
+            (await a.call("submit", side="sell", price=str(100 + i), quantity="1"))["order"]["id"]
+            for i in range(12)
+        ]
+        await a.call("submit", side="sell", price="200", quantity="1")  # out of reach
+        result = await a.call("submit", side="buy", price="111", quantity="20")
+        assert [o["id"] for o in result["self_trade_expired"]] == mine
+        assert [f["price"] for f in result["fills"]] == ["99"]
+        assert result["order"]["status"] == "partially_filled"
