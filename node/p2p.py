@@ -959,15 +959,7 @@ class Network:
                 logger.exception("reject hook failed")
 
     def _record_reject(self, peer: ID, reason: str) -> None:
-        peer_id = peer.to_base58()
-        self._rejects[peer_id] += 1
-        logger.debug("rejected input from %s: %s", peer_id, reason)
-        hook = self._reject_hook
-        if hook is not None:
-            try:
-                hook(peer_id, reason)
-            except Exception:
-                logger.exception("reject hook failed")
+        self.report_reject(peer.to_base58(), reason)
 
     def _deliver(self, msg: rpc_pb2.Message) -> None:
         origin = ID(msg.from_id)
