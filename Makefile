@@ -21,7 +21,14 @@ node: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check .
-	$(BIN)/mypy --strict crdtbook
+	@# Types: node/ and cli/ are checked as crdtbook.node and crdtbook.cli, as they are
+	@# installed, through a tree of links the checker can follow (it cannot follow setuptools'
+	@# editable-install finder).
+	@rm -rf build/typecheck && mkdir -p build/typecheck/crdtbook
+	@ln -s $(CURDIR)/crdtbook/*.py $(CURDIR)/crdtbook/py.typed build/typecheck/crdtbook/
+	@ln -s $(CURDIR)/node $(CURDIR)/cli build/typecheck/crdtbook/
+	@ln -s $(CURDIR)/pyproject.toml build/typecheck/
+	cd build/typecheck && $(CURDIR)/$(BIN)/mypy --strict -p crdtbook
 	$(BIN)/pytest -q
 
 bench: $(BIN)/.installed

@@ -136,7 +136,9 @@ _SEND_DROPS = [0]
 def _install_drop_counter() -> None:
     import libp2p.pubsub.pubsub as pubsub_module
 
-    original = pubsub_module.drop_rpc
+    # The name pubsub's own calls look up (it imports it from .rpc_queue, not re-exported).
+    namespace = vars(pubsub_module)
+    original = namespace["drop_rpc"]
     if getattr(original, "_crdtbook_counting", False):
         return
 
@@ -145,7 +147,7 @@ def _install_drop_counter() -> None:
         original(peer_id, rpc)
 
     counting_drop_rpc._crdtbook_counting = True  # type: ignore[attr-defined]
-    pubsub_module.drop_rpc = counting_drop_rpc
+    namespace["drop_rpc"] = counting_drop_rpc
 
 
 _install_drop_counter()
@@ -1134,7 +1136,8 @@ async def open_network(
 async def _close_connections(host: IHost) -> None:
     """Close every connection before the host stops: stopping it only cancels the tasks that
     use them, and their sockets stay open until garbage collection."""
-    with trio.move_on_after(5, shield=True):
+    # (CancelScope rather than move_on_after(shield=...): libp2p's trio-typing stubs predate it.)
+    with trio.CancelScope(deadline=trio.current_time() + 5, shield=True):
         await host.get_network().close()
 
 
