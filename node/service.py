@@ -30,7 +30,8 @@ from typing import Final
 
 import trio
 
-from crdtbook import Identity, InvalidOp, Market, Op, Replica, decode, op_id
+from crdtbook import Identity, InvalidOp, Market, Op, Replica, op_id
+from crdtbook._ops import decode_with_id  # the shell hashes received bytes once (prepare)
 
 from .finality import HEARTBEAT_INTERVAL, FinalityTracker
 from .store import OpStore, StoreError, StoreWriteError
@@ -165,8 +166,10 @@ class Prepared:
 
 
 def _decode_all(
-    raws: list[bytes], intern_id: Callable[[bytes], bytes] | None = None
+    items: list[tuple[bytes, bytes]], intern_id: Callable[[bytes], bytes] | None = None
 ) -> list[Op | tuple[bytes, InvalidOp]]:
+    """Decode and verify ``(raw, id)`` pairs whose ids ``prepare`` just hashed (to skip known
+    ops before decoding): ``decode_with_id`` takes the id instead of hashing the bytes again."""
     out: list[Op | tuple[bytes, InvalidOp]] = []
     # Parents are mostly the ops just before in the same batch: share those ids too.
     local: dict[bytes, bytes] = {}
@@ -177,9 +180,9 @@ def _decode_all(
             return found
         return ident if intern_id is None else intern_id(ident)
 
-    for raw in raws:
+    for raw, ident in items:
         try:
-            op = decode(raw, intern_id=shared_id)
+            op = decode_with_id(raw, ident, shared_id)
             local[op.id] = op.id
             out.append(op)
         except InvalidOp as exc:
@@ -188,7 +191,7 @@ def _decode_all(
 
 
 async def _decode_parallel(
-    raws: list[bytes], intern_id: Callable[[bytes], bytes] | None = None
+    raws: list[tuple[bytes, bytes]], intern_id: Callable[[bytes], bytes] | None = None
 ) -> list[Op | tuple[bytes, InvalidOp]]:
     """Decode and verify, off the event loop for big batches, on every core for bigger ones:
     PyNaCl releases the GIL while it verifies, and verification is the ingest ceiling."""
@@ -464,7 +467,7 @@ class NodeService:
         one commits."""
         result = IngestResult()
         replica = ms.replica
-        fresh: list[bytes] = []
+        fresh: list[tuple[bytes, bytes]] = []  # (raw, its id): hashed once, here
         seen: set[bytes] = set()
         queued = ms.queued
         for raw in raws:
@@ -476,17 +479,17 @@ class NodeService:
                     result.duplicates += 1
                 continue
             seen.add(ident)
-            fresh.append(raw)
+            fresh.append((raw, ident))
         ops: list[Op] = []
         raw_of: dict[bytes, bytes] = {}
         if fresh:
             decoded = await _decode_parallel(fresh, replica.intern_id)
-            for raw, item in zip(fresh, decoded, strict=True):
+            for (raw, ident), item in zip(fresh, decoded, strict=True):
                 if isinstance(item, Op):
                     ops.append(item)
-                    raw_of[item.id] = raw
+                    raw_of[ident] = raw
                 else:  # never verify these bytes again
-                    replica.remember_invalid(op_id(item[0]), item[1])
+                    replica.remember_invalid(ident, item[1])
                     result.invalid += 1
         return Prepared(ops, result, raw_of)
 

@@ -55,13 +55,14 @@ def chain(who: Any, n: int, first_price: int = 100) -> list[Op]:
 def decoded(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bytes]]:
     """The bytes the service decodes (and verifies), in order."""
     seen: list[bytes] = []
-    real = service_module.decode
+    real = service_module.decode_with_id
 
-    def counting(raw: bytes, **kwargs: Any) -> Op:
+    def counting(raw: bytes, ident: bytes, *args: Any) -> Op:
+        assert ident == op_id(raw)  # the id prepare hashed, handed over, not hashed again
         seen.append(raw)
-        return real(raw, **kwargs)
+        return real(raw, ident, *args)
 
-    monkeypatch.setattr(service_module, "decode", counting)
+    monkeypatch.setattr(service_module, "decode_with_id", counting)
     yield seen
 
 
