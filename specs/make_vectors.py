@@ -332,6 +332,11 @@ def _shuffled(ops: list[Op]) -> list[Op]:
 
 def _state_preimage(market: Market, replica: Replica) -> bytes:
     """The digest preimage, rebuilt from the public views as the spec describes it."""
+    return cbor2.dumps(_state_items("crdtbook/state/v1", market, replica), canonical=True)
+
+
+def _state_items(domain: str, market: Market, replica: Replica) -> list[Any]:
+    """protocol.md section 9's state array (both versions share it but for the domain)."""
     book = replica.book()
 
     def side(levels: Any) -> list[Any]:
@@ -342,8 +347,7 @@ def _state_preimage(market: Market, replica: Replica) -> bytes:
         for o in sorted(replica.orders(), key=lambda o: o.id)
     ]
     fills = [[f.taker, f.maker, f.price, f.quantity] for f in replica.fills()]
-    state = ["crdtbook/state/v1", market.id, side(book.bids), side(book.asks), fills, orders]
-    return cbor2.dumps(state, canonical=True)
+    return [domain, market.id, side(book.bids), side(book.asks), fills, orders]
 
 
 def _expected(market: Market, replica: Replica, ops: list[Op]) -> Json:
@@ -1015,18 +1019,7 @@ def spec_ranks(replica: Replica) -> dict[bytes, int]:
 def _witnessed_preimage(market: Market, replica: Replica) -> bytes:
     """The digest preimage of specs/finality.md section 6: protocol.md's with the v2 domain and
     the frontier appended."""
-    book = replica.book()
-
-    def side(levels: Any) -> list[Any]:
-        return [[lv.price, [[o.order_id, o.remaining] for o in lv.orders]] for lv in levels]
-
-    orders = [
-        [o.id, STATUSES.index(o.status), o.remaining, o.filled, o.closed, REASONS.index(o.reason)]
-        for o in sorted(replica.orders(), key=lambda o: o.id)
-    ]
-    fills = [[f.taker, f.maker, f.price, f.quantity] for f in replica.fills()]
-    state = ["crdtbook/state/v2", market.id, side(book.bids), side(book.asks), fills, orders,
-             replica.frontier]
+    state = [*_state_items("crdtbook/state/v2", market, replica), replica.frontier]
     return cbor2.dumps(state, canonical=True)
 
 
