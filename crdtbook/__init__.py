@@ -45,7 +45,19 @@ from ._limits import (
     WITNESSED_VERSION,
 )
 from ._market import DEFAULT_MARKETS, Market
-from ._ops import CancelBody, HeartbeatBody, Op, OrderBody, ReconfigBody, decode, encode, op_id
+from ._ops import (
+    SIDES,
+    STP_MODES,
+    TIFS,
+    CancelBody,
+    HeartbeatBody,
+    Op,
+    OrderBody,
+    ReconfigBody,
+    decode,
+    encode,
+    op_id,
+)
 from ._replica import ApplyReport, Replica
 from ._state import Book, Level, OrderState, RestingOrder
 from ._sync import BloomFilter, ops_missing_for
@@ -59,6 +71,9 @@ __all__ = [
     "MAX_PARENTS",
     "MAX_WITNESSES",
     "PROTOCOL_VERSION",
+    "SIDES",
+    "STP_MODES",
+    "TIFS",
     "WITNESSED_VERSION",
     "ApplyReport",
     "BadCancel",

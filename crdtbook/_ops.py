@@ -70,6 +70,7 @@ __all__ = [
     "POST_ONLY",
     "RECONFIG",
     "SELL",
+    "SIDES",
     "STP_MODES",
     "TIFS",
     "CancelAllBody",
@@ -119,7 +120,9 @@ _KIND_HEARTBEAT: Final = 2  # version 2 only
 _KIND_RECONFIG: Final = 3  # version 2 only
 _KIND_CANCEL_ALL: Final = 4  # version 2 only
 _STP_CODE: Final = {mode: i for i, mode in enumerate(STP_MODES)}
-_SIDES: Final = (BUY, SELL)
+#: The vocabulary of orders, by wire code: the one list the shell and the CLI spell them from.
+SIDES: Final = (BUY, SELL)
+_SIDES: Final = SIDES
 TIFS: Final = (GTC, IOC, FOK, POST_ONLY)
 _SIDE_CODE: Final = {BUY: 0, SELL: 1}
 _TIF_CODE: Final = {tif: i for i, tif in enumerate(TIFS)}
