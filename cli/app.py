@@ -870,7 +870,12 @@ def status(ctx: typer.Context, home: HomeOpt = None, as_json: JsonOpt = False) -
     """
     from crdtbook.cli import render
 
-    emit(call(ctx, home, "status"), as_json, render.status_view)
+    result = call(ctx, home, "status")
+    if as_json:
+        emit(result, True, render.status_view)
+    else:
+        # soft wrap: peer ids, keys and multiaddrs come out whole, for copying, whatever the width
+        _console().print(render.status_view(result), soft_wrap=True)
 
 
 @app.command("id")

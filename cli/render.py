@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from rich.console import Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -640,46 +641,81 @@ def order_detail(order: Json, witnessed: bool | None = None) -> RenderableType:
 
 
 def id_lines(status: Json) -> RenderableType:
-    """The node's peer id, its witness key (whole, on its own line) and its multiaddrs."""
+    """The node's peer id, its witness key and its multiaddrs, each whole on a line of its own.
+
+    The multiaddrs come last, one a line with no indent, so ``crdtbook id | tail -1`` is one
+    whole multiaddr to give to ``--bootstrap``. Print with ``soft_wrap=True``: nothing is cut or
+    wrapped, whatever the terminal's width.
+    """
     text = Text()
     text.append("peer id ", style="bold")
     text.append(printable(status.get("peer_id")))
     if status.get("public_key"):
         text.append("\nwitness key ", style="bold")
         text.append(str(status["public_key"]))
-    for addr in status.get("addrs") or []:
-        text.append("\n  " + printable(addr))
+    addrs = list(status.get("addrs") or [])
+    text.append(f"\nmultiaddrs ({len(addrs)}):" if addrs else "\nmultiaddrs: none", style="bold")
+    for addr in addrs:
+        text.append("\n" + printable(addr))
     return text
 
 
+class FitOrStack:
+    """A table when it fits the width it is given at its natural size, else the same facts as
+    ``stacked`` lines: a squeezed table would cut names and ids (``BTC-…``) to fit."""
+
+    def __init__(self, table: Table, stacked: RenderableType) -> None:
+        self.table = table
+        self.stacked = stacked
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        natural = Measurement.get(console, options.update_width(_UNBOUNDED), self.table).maximum
+        yield self.table if natural <= options.max_width else self.stacked
+
+
+#: A width no terminal has, to measure a table's natural width without squeezing it.
+_UNBOUNDED = 100_000
+
+
 def status_view(status: Json, now: float | None = None) -> RenderableType:
-    """The node's identity, its peers, and per-market replication state."""
-    head = Table(box=None, show_header=False, padding=(0, 1))
-    head.add_column(style="bold")
-    head.add_column()
-    head.add_row("peer id", inert(status.get("peer_id")))
+    """The node's identity, its peers, and per-market replication state.
+
+    Peer ids, keys and multiaddrs are each whole on a line (print with ``soft_wrap=True``, so a
+    narrow terminal or a pipe never cuts or wraps them); the markets table falls back to one
+    block of lines per market where it would not fit (:class:`FitOrStack`).
+    """
+    head = Text()
+
+    def field(label: str, value: str = "") -> None:
+        head.append(("\n" if head.plain else "") + label, style="bold")
+        if value:
+            head.append(" " + value)
+
+    field("peer id", printable(status.get("peer_id")))
     key = status.get("public_key") or status.get("author")
     if key:
-        head.add_row("witness key", Text(str(key), no_wrap=True, overflow="ignore"))
-    head.add_row("addrs", "\n".join(inert(a) for a in status.get("addrs") or []) or "-")
+        field("witness key", printable(key))
+    addrs = [printable(a) for a in status.get("addrs") or []]
+    field("addrs", "" if addrs else "-")
+    for addr in addrs:
+        head.append("\n  " + addr)
     peers: list[Json] = list(status.get("peers") or [])
-    peer_lines = [  # what a peer announced about itself
-        inert(p.get("peer_id")) + (f"  {inert(p['addrs'][0])}" if p.get("addrs") else "")
-        for p in peers
-    ]
-    head.add_row("peers", f"{len(peers)}" + ("\n" + "\n".join(peer_lines) if peers else ""))
+    field("peers", str(len(peers)))
+    for p in peers:  # what a peer announced about itself: its id, then its first address
+        head.append("\n  " + printable(p.get("peer_id")))
+        if p.get("addrs"):
+            head.append("\n    " + printable(p["addrs"][0]), style="dim")
     extra = []
     if status.get("uptime") is not None:
         extra.append(f"uptime {duration(float(status['uptime']))}")
     if status.get("pid") is not None:
         extra.append(f"pid {status['pid']}")
     if status.get("version"):
-        extra.append(f"version {inert(status['version'])}")
+        extra.append(f"version {printable(status['version'])}")
     if extra:
-        head.add_row("node", "  ".join(extra))
+        field("node", "  ".join(extra))
 
-    markets = Table(title="markets", title_justify="left")
-    for col, just in [
+    columns: list[tuple[str, str]] = [
         ("market", "left"),
         ("tick", "right"),
         ("lot", "right"),
@@ -691,28 +727,40 @@ def status_view(status: Json, now: float | None = None) -> RenderableType:
         ("finality", "left"),
         ("last sync", "right"),
         ("digest", "left"),
-    ]:
-        markets.add_column(col, justify=just)  # type: ignore[arg-type]
+    ]
+    markets = Table(title="markets", title_justify="left")
+    for col, just in columns:
+        markets.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
+    stacked = Text()
     for m in status.get("markets") or []:
         heads: list[str] = list(m.get("heads") or [])
         heads_s = str(len(heads)) + (
             f" ({short(heads[0], 8)}{', …' if len(heads) > 1 else ''})" if heads else ""
         )
         pending = int(m.get("pending") or 0)
-        markets.add_row(
-            str(m.get("name")),
-            str(m.get("tick")),
-            str(m.get("lot")),
-            str(m.get("ops")),
-            heads_s,
+        cells: list[Text] = [
+            Text(printable(m.get("name"))),
+            Text(str(m.get("tick"))),
+            Text(str(m.get("lot"))),
+            Text(str(m.get("ops"))),
+            Text(heads_s),
             Text(str(pending), style="yellow" if pending else ""),
-            str(m.get("orders", "")),
-            str(m.get("fills", "")),
+            Text(str(m.get("orders", ""))),
+            Text(str(m.get("fills", ""))),
             finality_cell(m),
-            ago(m.get("last_sync"), now),
-            short(m.get("digest")),
-        )
-    parts: list[RenderableType] = [head, markets]
+            Text(ago(m.get("last_sync"), now)),
+            Text(short(m.get("digest"))),
+        ]
+        markets.add_row(*cells)
+        stacked.append(("\n" if stacked.plain else "") + "market ", style="bold")
+        stacked.append_text(cells[0])
+        for (col, _), cell in zip(columns[1:], cells[1:], strict=True):
+            stacked.append(f"\n  {col} ", style="dim")
+            stacked.append_text(cell)
+    parts: list[RenderableType] = [
+        head,
+        FitOrStack(markets, Group(Text("markets", style="italic"), stacked)),
+    ]
     for m in status.get("markets") or []:
         parts.extend(finality_lines(m))
     return Group(*parts)
