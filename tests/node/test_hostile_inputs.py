@@ -514,7 +514,7 @@ async def test_orphans_whose_parents_nobody_has_do_not_start_a_sync_storm(tmp_pa
     back to back for ever (17.6% and 30.6% CPU against 1.2% idle, for 5 orphans): after every
     session ``missing()`` was still non-empty, and that alone asked for another one at once.
     A session that brought nothing must leave the next one to the sync interval."""
-    from crdtbook.node.app import NodeConfig, _Node
+    from crdtbook.node.sync_schedule import SyncScheduler
 
     async with node(tmp_path, V1) as n:
         ms = n.ms(V1)
@@ -522,7 +522,7 @@ async def test_orphans_whose_parents_nobody_has_do_not_start_a_sync_storm(tmp_pa
         assert await n.gossip(V1, [orphan])
         assert ms.replica.missing()
         net = _OnePeerNet()
-        peer = _Node(NodeConfig(home=tmp_path), n.service, net)
-        await peer._sync_one("peer", ms)
+        peer = SyncScheduler(n.service, net)  # type: ignore[arg-type]
+        await peer.sync_one("peer", ms)
         assert net.stream.requests == 1
-        assert not peer._sync_now.is_set(), "an empty session asked for another one at once"
+        assert not peer.sync_now.is_set(), "an empty session asked for another one at once"

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import trio
 
-from crdtbook.node.app import BOOTSTRAP_WARN_AFTER, NodeConfig, _Node
+from crdtbook.node.discovery import BOOTSTRAP_WARN_AFTER, Discovery
 from crdtbook.node.p2p import DialError, StreamError
+from crdtbook.node.sync_schedule import SyncScheduler
 from crdtbook.node.wire import WireError
 
 PEER = "12D3KooWPeer"
@@ -55,10 +56,13 @@ class FailingStream:
         self.was_reset = True
 
 
-def node(tmp_path: Path, error: Exception) -> _Node:
-    config = NodeConfig(home=tmp_path, bootstrap=[BOOTSTRAP])
+def scheduler(error: Exception) -> SyncScheduler:
     service = SimpleNamespace(markets={}, store_writable=lambda: True)
-    return _Node(config, service, FailingNet(error))
+    return SyncScheduler(service, FailingNet(error))  # type: ignore[arg-type]
+
+
+def discovery(error: Exception) -> Discovery:
+    return Discovery(FailingNet(error), [], [BOOTSTRAP])  # type: ignore[arg-type]
 
 
 def records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:
@@ -78,11 +82,12 @@ async def test_a_failed_sync_is_logged_by_what_failed(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, error: Exception, level: int
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="crdtbook.node")
-    n = node(tmp_path, error)
-    n._syncing.add((PEER, MARKET.market.id))
-    await n._sync_one(PEER, MARKET)  # type: ignore[arg-type]  # never raises
-    assert not n._syncing
-    assert n.net.rejects == ([(PEER, "sync-malformed")] if level == logging.INFO else [])
+    n = scheduler(error)
+    n.syncing.add((PEER, MARKET.market.id))
+    await n.sync_one(PEER, MARKET)  # type: ignore[arg-type]  # never raises
+    assert not n.syncing
+    rejects = n.net.rejects  # type: ignore[attr-defined]
+    assert rejects == ([(PEER, "sync-malformed")] if level == logging.INFO else [])
     (record,) = [r for r in caplog.records if r.name == "crdtbook.node"]
     assert record.levelno == level
     assert (record.exc_info is not None) == (level == logging.ERROR)
@@ -102,7 +107,7 @@ async def test_a_failed_sync_request_is_logged_by_what_failed(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="crdtbook.node")
     stream = FailingStream(error)
-    await node(tmp_path, error)._serve_sync(stream)  # never raises
+    await scheduler(error).serve(stream)  # type: ignore[arg-type]  # never raises
     assert stream.was_reset
     (record,) = [r for r in caplog.records if r.name == "crdtbook.node"]
     assert record.levelno == level
@@ -113,9 +118,9 @@ async def test_an_unreachable_bootstrap_warns_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="crdtbook.node")
-    n = node(tmp_path, DialError("connection refused"))
+    n = discovery(DialError("connection refused"))
     for _ in range(BOOTSTRAP_WARN_AFTER + 3):
-        await n._bootstrap()
+        await n.bootstrap()
     (warning,) = records(caplog, logging.WARNING)
     assert BOOTSTRAP in warning.getMessage() and "connection refused" in warning.getMessage()
     assert len(records(caplog, logging.INFO)) == BOOTSTRAP_WARN_AFTER + 2
@@ -125,8 +130,8 @@ async def test_an_unreachable_bootstrap_warns_once(
 async def test_a_bug_while_bootstrapping_is_an_error(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    n = node(tmp_path, AttributeError("a bug of ours"))
+    n = discovery(AttributeError("a bug of ours"))
     with trio.fail_after(5):
-        await n._bootstrap()
+        await n.bootstrap()
     (error,) = records(caplog, logging.ERROR)
     assert error.exc_info is not None
