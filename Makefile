@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench node clean
+.PHONY: demo test bench node clean browser
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ demo: $(BIN)/.installed
 node: $(BIN)/.installed
 	$(BIN)/crdtbook node --listen /ip4/0.0.0.0/tcp/4001
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed browser
 	$(BIN)/ruff check .
 	@# Types: node/ and cli/ are checked as crdtbook.node and crdtbook.cli, as they are
 	@# installed, through a tree of links the checker can follow (it cannot follow setuptools'
@@ -34,6 +34,17 @@ test: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python bench/bench_core.py
 	$(BIN)/python bench/bench_network.py
+
+# The browser tests (tests/browser/) drive Debian's chromium; as root, install it when missing.
+# Best effort and quiet: without it (no root, no apt, no network) those tests skip, saying why.
+CHROMIUM := /usr/bin/chromium
+browser:
+	@if [ ! -x $(CHROMIUM) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium for the browser tests (apt-get)"; \
+		( timeout 900 apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			timeout 900 apt-get install -y -qq chromium ) >/dev/null 2>&1 \
+			|| echo "could not install chromium: the browser tests will skip"; \
+	fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info .hypothesis
