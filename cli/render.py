@@ -499,6 +499,12 @@ def fills_caption(data: Json) -> Text | None:
     return Text(f"fills #0 to #{n - 1} are final; later fills are provisional", style="dim")
 
 
+def _any_witnessed_time(rows: Sequence[Json]) -> bool:
+    """Whether any row has its witnessed time (it is final on a witnessed market): only then
+    do the tables give the column (issue #11: the witnessed time once finality lands)."""
+    return any(isinstance(r.get("witnessed_ms"), int) for r in rows)
+
+
 def fills_table(data: Json) -> RenderableType:
     """A table of fills, oldest first, each marked final or provisional."""
     fills: list[Json] = list(data.get("fills") or [])
@@ -519,6 +525,9 @@ def fills_table(data: Json) -> RenderableType:
     times = any("received_ms" in f for f in fills)
     if times:
         t.add_column("received (UTC)", style="dim", no_wrap=True)
+    witnessed_times = _any_witnessed_time(fills)
+    if witnessed_times:
+        t.add_column("witnessed (UTC)", style="dim", no_wrap=True)
     if marks:
         t.add_column("final?")
     for f in fills:
@@ -533,6 +542,8 @@ def fills_table(data: Json) -> RenderableType:
         ]
         if times:
             row.append(iso_ms(f.get("received_ms")))
+        if witnessed_times:
+            row.append(iso_ms(f.get("witnessed_ms")))
         if marks:
             row.append(finality_mark(f.get("final")))
         t.add_row(*row)
@@ -566,6 +577,9 @@ def orders_table(
     times = any("received_ms" in o for o in orders)
     if times:
         t.add_column("received (UTC)", style="dim", no_wrap=True)
+    witnessed_times = _any_witnessed_time(orders)
+    if witnessed_times:
+        t.add_column("witnessed (UTC)", style="dim", no_wrap=True)
     if marks:
         t.add_column("final?")
     for o in orders:
@@ -584,6 +598,8 @@ def orders_table(
             row.append("yes" if o.get("mine") else "")
         if times:
             row.append(iso_ms(o.get("received_ms")))
+        if witnessed_times:
+            row.append(iso_ms(o.get("witnessed_ms")))
         if marks:
             row.append(finality_mark(o.get("final")))
         t.add_row(*row)
