@@ -20,6 +20,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from crdtbook import SIDES, STP_MODES, TIFS
 from crdtbook.cli import connect
 
 HELP = """\
@@ -51,38 +52,29 @@ WAIT_FINAL_TIMEOUT = 30.0
 CLIENT_GRACE = 10.0
 
 
-class Side(StrEnum):
-    """Order side."""
-
-    buy = "buy"
-    sell = "sell"
-
-
-class Tif(StrEnum):
-    """Time in force, as typed on the command line (``post-only`` maps to ``post_only``)."""
-
-    gtc = "gtc"
-    ioc = "ioc"
-    fok = "fok"
-    post_only = "post-only"
-
-    @property
-    def api(self) -> str:
-        """The control-API spelling."""
-        return self.value.replace("-", "_")
+def _choices(names: tuple[str, ...]) -> dict[str, str]:
+    """Command-line choices for the core's ``names``, typed with dashes (``post-only`` for
+    ``post_only``), as the command line spells every other word."""
+    return {name: name.replace("_", "-") for name in names}
 
 
-class Stp(StrEnum):
-    """Self-trade prevention mode, as typed on the command line."""
+def api_name(choice: StrEnum) -> str:
+    """The core's (and the control API's) name of a command-line choice: ``post-only`` ->
+    ``post_only``."""
+    return choice.value.replace("-", "_")
 
-    expire_maker = "expire-maker"
-    expire_taker = "expire-taker"
-    expire_both = "expire-both"
 
-    @property
-    def api(self) -> str:
-        """The control-API spelling."""
-        return self.value.replace("-", "_")
+# The order vocabulary is the core's (crdtbook.SIDES, TIFS, STP_MODES): one list, spelled here
+# with dashes. mypy cannot list the members of an Enum built from a computed mapping (hence the
+# ignores); nothing below reads a member by attribute: ``Tif("gtc")``.
+#: Order side.
+Side = StrEnum("Side", _choices(SIDES))  # type: ignore[misc]
+#: Time in force, as typed on the command line (``post-only`` maps to ``post_only``).
+Tif = StrEnum("Tif", _choices(TIFS))  # type: ignore[misc]
+#: Self-trade prevention mode, as typed on the command line.
+Stp = StrEnum("Stp", _choices(STP_MODES))  # type: ignore[misc]
+#: An order rests until filled or cancelled unless told otherwise.
+DEFAULT_TIF = Tif("gtc")
 
 
 # ------------------------------------------------------------------------------ shared options
@@ -429,7 +421,7 @@ def submit(
             "only rests (rejected if it would trade at once).",
             case_sensitive=False,
         ),
-    ] = Tif.gtc,
+    ] = DEFAULT_TIF,
     tag: Annotated[
         str | None, typer.Option("--tag", help="Free-form label kept with the order.")
     ] = None,
@@ -512,22 +504,22 @@ def submit(
     if market_order:
         if price is not None or "@" in quantity:
             fail("a market order takes a quantity only: its price comes from the book", 2)
-        if tif not in (Tif.gtc, Tif.ioc):
+        if api_name(tif) not in ("gtc", "ioc"):
             fail("a market order is immediate-or-cancel: leave out --tif", 2)
-        qty, px, tif = quantity.strip(), None, Tif.ioc
+        qty, px, tif = quantity.strip(), None, Tif("ioc")
     else:
         if band is not None:
             fail("--band goes with --market-order", 2)
         qty, px = split_qty_price(quantity, price)
     params: dict[str, Any] = {
         "market": market,
-        "side": side.value,
+        "side": api_name(side),
         "price": px,
         "quantity": qty,
-        "tif": tif.api,
+        "tif": api_name(tif),
         "tag": tag,
         "client_id": client_id,
-        "stp": None if stp is None else stp.api,
+        "stp": None if stp is None else api_name(stp),
     }
     if market_order:
         params.update(market_order=True, band=band)

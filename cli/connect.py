@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -34,13 +33,11 @@ def client_api() -> ModuleType:
 
 
 def default_home(home: Path | None) -> Path:
-    """The spec's rule: ``--home``, else ``$CRDTBOOK_HOME``, else ``~/.crdtbook``."""
-    if home is not None:
-        return Path(home).expanduser()
-    env = os.environ.get("CRDTBOOK_HOME")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".crdtbook"
+    """The spec's rule: ``--home``, else ``$CRDTBOOK_HOME``, else ``~/.crdtbook`` (the node's
+    own, ``crdtbook.node.home``: standard library only, cheap to import)."""
+    from crdtbook.node.home import resolve_home as node_rule
+
+    return node_rule(home)
 
 
 def resolve_home(home: Path | None) -> Path:

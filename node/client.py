@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, Final, NoReturn, Self
 
 from .control_errors import BAD_REQUEST, CONTROL_SOCKET_NAME, ControlError
+from .home import DEFAULT_HOME, HOME_ENV, resolve_home
+from .limits import MAX_RESPONSE_LINE_BYTES
 
 __all__ = [
     "DEFAULT_HOME",
@@ -35,33 +37,12 @@ __all__ = [
     "resolve_home",
 ]
 
-# Environment variable naming the node home when --home is not given.
-HOME_ENV: Final = "CRDTBOOK_HOME"
-
-# Home used when neither --home nor $CRDTBOOK_HOME is given.
-DEFAULT_HOME: Final = Path("~/.crdtbook")
-
-# Longest response line accepted.  Responses are not bounded by the protocol (a deep book or a
-# long fill history can be large); this only stops a runaway peer from exhausting memory.
-MAX_RESPONSE_LINE_BYTES: Final = 64 << 20
-
 # Bytes asked of the socket per read.
 RECEIVE_CHUNK_BYTES: Final = 64 * 1024
 
 
 class NodeNotRunning(ConnectionError):
     """No node answers on the home's control socket (missing, or left over by a dead node)."""
-
-
-def resolve_home(home: Path | str | None = None) -> Path:
-    """The node home: ``home`` if given, else ``$CRDTBOOK_HOME``, else ``~/.crdtbook``.
-
-    ``~`` is expanded and the result made absolute (not symlink-resolved), so messages show a
-    path the user recognises.
-    """
-    if home is None or str(home) == "":
-        home = os.environ.get(HOME_ENV) or DEFAULT_HOME
-    return Path(home).expanduser().absolute()
 
 
 def _start_hint(home: Path) -> str:

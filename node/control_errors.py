@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import Final
 
+# The longest request line the server reads is one of the shell's limits (node.limits).
+from .limits import MAX_REQUEST_LINE_BYTES
+
 __all__ = [
     "AMBIGUOUS",
     "BAD_APPROVAL",
@@ -36,9 +39,6 @@ __all__ = [
 # File name of the control socket inside the node's home directory.
 CONTROL_SOCKET_NAME: Final = "control.sock"
 
-# Longest request line (bytes, without the newline) the server reads: requests are small, and a
-# bound keeps a buggy or hostile client from making the node buffer without limit.
-MAX_REQUEST_LINE_BYTES: Final = 1 << 20
 
 # Error codes (specs/control-api.md, "Error codes").
 BAD_REQUEST: Final = "bad_request"  # malformed line, or missing / mistyped params

@@ -13,6 +13,9 @@ from typing import Any, Final
 import trio
 
 from crdtbook import (
+    SIDES,
+    STP_MODES,
+    TIFS,
     BadCancel,
     BadWitness,
     Book,
@@ -53,8 +56,9 @@ from .store import StoreWriteError
 
 __all__ = ["ControlAdapter"]
 
-_TIFS = ("gtc", "ioc", "fok", "post_only")
-_STP_MODES = ("expire_maker", "expire_taker", "expire_both")
+# Sides, times in force and self-trade modes are the core's lists (crdtbook.SIDES, TIFS,
+# STP_MODES): the API accepts them as spelled there, and with dashes (``post-only``), as the
+# CLI types them.
 _RESTING = ("open", "partially_filled")
 #: At most ~20 watch events a second per client: changes in between are coalesced into one
 #: event (with all their op ids), so a busy market does not hash its state on every op.
@@ -361,10 +365,10 @@ class ControlAdapter:
 
     async def _submit(self, params: dict[str, Any]) -> dict[str, Any]:
         ms = self._market(params)
-        side = require_param(params, "side", str, choices=("buy", "sell"))
+        side = require_param(params, "side", str, choices=SIDES)
         tif = optional_param(params, "tif", str, "gtc").replace("-", "_").lower()
-        if tif not in _TIFS:
-            raise ControlError(BAD_REQUEST, f"tif must be one of {', '.join(_TIFS)}, not {tif!r}")
+        if tif not in TIFS:
+            raise ControlError(BAD_REQUEST, f"tif must be one of {', '.join(TIFS)}, not {tif!r}")
         tag, stp = self._tag_and_stp(ms, params)
         wait_final = optional_param(params, "wait_final", bool, False)
         timeout = optional_param(params, "timeout", float, FINAL_TIMEOUT)
@@ -458,9 +462,9 @@ class ControlAdapter:
                 )
             tag = client_id
         stp = optional_param(params, "stp", str, "expire_maker").replace("-", "_").lower()
-        if stp not in _STP_MODES:
+        if stp not in STP_MODES:
             raise ControlError(
-                BAD_REQUEST, f"stp must be one of {', '.join(_STP_MODES)}, not {stp!r:.40}"
+                BAD_REQUEST, f"stp must be one of {', '.join(STP_MODES)}, not {stp!r:.40}"
             )
         if stp != "expire_maker" and not ms.market.witnessed:
             raise ControlError(

@@ -34,6 +34,7 @@ from crdtbook import Identity, InvalidOp, Market, Op, Replica, op_id
 from crdtbook._ops import decode_with_id  # the shell hashes received bytes once (prepare)
 
 from .finality import HEARTBEAT_INTERVAL, FinalityTracker
+from .limits import GOSSIP_ENVELOPE_BYTES, GOSSIP_OP_OVERHEAD, MAX_GOSSIP_BYTES, MAX_WATCH_IDS
 from .store import OpStore, StoreError, StoreWriteError
 from .wire import MAX_BATCH_OPS, WireError, decode_batch, encode_batch
 
@@ -129,11 +130,6 @@ class MarketState:
         return self._digest[1]
 
 
-#: Op ids a watcher may have queued between two reads; past it the oldest are dropped (the
-#: watcher sees ``dropped`` > 0 and can re-read the state instead).
-MAX_WATCH_IDS: Final = 10_000
-
-
 class Watcher:
     """One watch stream: a wake-up channel that coalesces, and the ids applied since."""
 
@@ -146,6 +142,22 @@ class Watcher:
         ids, dropped = self.ids, self.dropped
         self.ids, self.dropped = [], 0
         return ids, dropped
+
+
+def _batch_length(outbox: list[bytes], most: int) -> int:
+    """How many of the first ops in ``outbox`` make one gossip message: at most ``most`` ops, and
+    within MAX_GOSSIP_BYTES once encoded (pubsub refuses a bigger message at publish), at least
+    one (the core bounds an op far below that)."""
+    head = outbox[:most]
+    size = GOSSIP_ENVELOPE_BYTES + GOSSIP_OP_OVERHEAD * len(head) + sum(map(len, head))
+    if size <= MAX_GOSSIP_BYTES:  # the usual case: ~250-byte ops, 2,000 of them ~0.5 MB
+        return len(head)
+    size = GOSSIP_ENVELOPE_BYTES
+    for count, raw in enumerate(head):
+        size += len(raw) + GOSSIP_OP_OVERHEAD
+        if size > MAX_GOSSIP_BYTES:
+            return max(1, count)
+    return len(head)
 
 
 @dataclass
@@ -794,8 +806,9 @@ class NodeService:
 
     async def flush(self, ms: MarketState, publish: PublishFn) -> None:
         while ms.outbox:
-            batch = ms.outbox[: self.gossip_batch]
-            del ms.outbox[: self.gossip_batch]
+            count = _batch_length(ms.outbox, self.gossip_batch)
+            batch = ms.outbox[:count]
+            del ms.outbox[:count]
             try:
                 await publish(ms.topic, encode_batch(batch))
             except Exception as exc:  # gossip is best effort; sync delivers what this misses

@@ -23,11 +23,15 @@ import trio
 
 from crdtbook import BloomFilter, Op, Replica, ops_missing_for
 
-from .wire import (
+from .limits import (
+    BLOOM_RECENT_OPS,
     MAX_AUTHORS,
     MAX_BATCH_OPS,
     MAX_FRAME_BYTES,
+    MAX_HELD,
     MAX_IDS,
+)
+from .wire import (
     SyncRequest,
     SyncResponse,
     WireError,
@@ -42,14 +46,8 @@ __all__ = ["SyncStream", "build_request", "pull", "respond"]
 
 P = TypeVar("P")
 
-#: The requester's Bloom filter covers its newest ops in total order. A peer more than this far
-#: behind (or ahead in another branch) is recognised through its heads instead.
-BLOOM_RECENT_OPS: Final = 2048
 #: A frame in flight should not wait for ever on a stalled peer.
 FRAME_TIMEOUT: Final = 20.0
-#: Pending ops named in a request's held-ops Bloom filter (~12 KB at 10 bits each); the rest
-#: may be sent again, which costs bandwidth, not correctness.
-MAX_HELD: Final = 10_000
 #: Frames read ahead of the one being ingested: enough to keep the stream busy.
 READ_AHEAD_FRAMES: Final = 2
 #: Leave room under the frame limit for the CBOR envelope and the heads list.

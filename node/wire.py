@@ -26,6 +26,16 @@ import cbor2
 
 from crdtbook import MAX_OP_BYTES, BloomFilter
 
+# The bounds are the shell's (node.limits), with their reasons; named here too for importers.
+from .limits import (
+    MAX_AUTHORS,
+    MAX_BATCH_OPS,
+    MAX_BLOOM_BYTES,
+    MAX_FRAME_BYTES,
+    MAX_GOSSIP_BYTES,
+    MAX_IDS,
+)
+
 __all__ = [
     "GOSSIP_VERSION",
     "MAX_BATCH_OPS",
@@ -44,16 +54,6 @@ __all__ = [
 
 GOSSIP_VERSION: Final = 1
 SYNC_PROTOCOL: Final = "/crdtbook/sync/1.0.0"
-#: One gossip message or sync frame. Sync responses are cut to stay under it.
-MAX_FRAME_BYTES: Final = 4 * 1024 * 1024
-#: Ops in one gossip batch or sync response: ~0.5 MB of typical ops, ~0.1 s to verify.
-MAX_BATCH_OPS: Final = 2000
-#: Heads and needed ids a request may name (a replica has at most a few dozen heads).
-MAX_IDS: Final = 4096
-#: Authors in a request's sequence summary (~45 bytes each: at most ~180 KB).
-MAX_AUTHORS: Final = 4096
-#: A Bloom filter in a request covers the requester's recent ops (see node.sync).
-MAX_BLOOM_BYTES: Final = 64 * 1024
 
 
 class WireError(ValueError):
@@ -65,7 +65,7 @@ def encode_batch(ops: list[bytes]) -> bytes:
 
 
 def decode_batch(data: bytes) -> list[bytes]:
-    if len(data) > MAX_FRAME_BYTES:
+    if len(data) > MAX_GOSSIP_BYTES:  # pubsub carries no more; nor does a node's flush build it
         raise WireError("gossip message too large")
     try:
         frame = cbor2.loads(data, max_depth=4)
