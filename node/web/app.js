@@ -5,7 +5,7 @@
 // the page as text (textContent), never parsed as HTML. The token is kept in sessionStorage
 // only: it leaves with the tab.
 
-import { APPLIED, BookState, GAP, cost, finalKeys, levelKey, spreadMid } from "./book.js";
+import { APPLIED, BookState, GAP, atLeast, cost, decimals, finalKeys, levelKey, spreadMid } from "./book.js";
 import { DepthChart } from "./depth.js";
 
 /** Where the bearer token is kept for this tab. */
@@ -305,8 +305,14 @@ function myPrices(side) {
 }
 
 function renderBook() {
-  const bids = state.book.levels("bids", CHART_DEPTH).map(([p, a, c]) => [p, a, c, levelFinal("bids", p, a)]);
-  const asks = state.book.levels("asks", CHART_DEPTH).map(([p, a, c]) => [p, a, c, levelFinal("asks", p, a)]);
+  // totals, spread and mid at the market's precision, like the prices and amounts the node sends
+  const precision = (state.market && state.market.precision) || {};
+  const amountDp = precision.amount ? decimals(precision.amount) : 0;
+  const priceDp = precision.price ? decimals(precision.price) : 0;
+  const shape = (side) =>
+    state.book.levels(side, CHART_DEPTH).map(([p, a, c]) => [p, a, atLeast(c, amountDp), levelFinal(side, p, a)]);
+  const bids = shape("bids");
+  const asks = shape("asks");
   const shownBids = bids.slice(0, LADDER_DEPTH);
   const shownAsks = asks.slice(0, LADDER_DEPTH);
   const maxCum = Math.max(
@@ -347,7 +353,9 @@ function renderBook() {
   $("bids").replaceChildren(...shownBids.map((lv) => row("bids", lv)));
   const bestBid = bids.length ? bids[0][0] : null;
   const bestAsk = asks.length ? asks[0][0] : null;
-  const { spread, mid } = spreadMid(bestBid, bestAsk);
+  const sm = spreadMid(bestBid, bestAsk);
+  const spread = sm.spread === null ? null : atLeast(sm.spread, priceDp);
+  const mid = sm.mid === null ? null : atLeast(sm.mid, priceDp);
   const midline = $("midline");
   if (mid !== null) {
     midline.replaceChildren(el("b", { text: mid }), el("span", { text: `spread ${spread}` }));
@@ -433,6 +441,12 @@ function onPrivate(msg) {
   for (const id of fresh) {
     const f = state.fills.get(id);
     if (f) toast(`filled: ${f.side} ${f.amount} @ ${f.price}${f.takerOrMaker ? ` as ${f.takerOrMaker}` : ""}`);
+  }
+  for (const id of msg.became_final || []) {
+    // the last order's outcome, shown under the form, follows its fills to final too
+    for (const mark of document.querySelectorAll("#order-result [data-fill-id]")) {
+      if (mark.dataset.fillId === id) mark.replaceWith(finalSpan(true));
+    }
   }
   renderMine(fresh);
   queueRender(); // my price marks on the ladder
@@ -582,7 +596,9 @@ function showResult(res) {
   else outcome = `${res.status}${res.info && res.info.reason ? `: ${String(res.info.reason).replaceAll("_", " ")}` : ""}${Number(res.filled) > 0 ? ` (${verb} ${res.filled} first)` : ""}`;
   lines.push(el("div", { text: outcome }));
   for (const f of fills) {
-    lines.push(el("div", {}, el("span", { text: `  fill ${f.amount} @ ${f.price} ` }), finalSpan(f.final)));
+    const mark = finalSpan(f.final);
+    mark.dataset.fillId = f.id;
+    lines.push(el("div", {}, el("span", { text: `  fill ${f.amount} @ ${f.price} ` }), mark));
   }
   for (const x of res.expired || []) {
     lines.push(el("div", { class: "prov", text: `  expired by self-trade prevention: own ${x.side} order ${x.id} (${x.remaining} @ ${x.price})` }));

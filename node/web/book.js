@@ -123,6 +123,22 @@ export function spreadMid(bestBid, bestAsk) {
   return { spread: ask.minus(bid).toString(), mid: bid.plus(ask).div(2).toString() };
 }
 
+/** How many decimals a decimal string has once canonical ("0.010" -> 2, "5" -> 0). */
+export function decimals(value) {
+  const text = canon(value);
+  const dot = text.indexOf(".");
+  return dot < 0 ? 0 : text.length - dot - 1;
+}
+
+/** A decimal string shown with at least `dp` decimals (a market's precision), never rounded. */
+export function atLeast(value, dp) {
+  try {
+    return new Big(value).toFixed(Math.max(dp, decimals(value)));
+  } catch {
+    return String(value);
+  }
+}
+
 /** price * amount, exactly. */
 export function cost(price, amount) {
   try {

@@ -39,7 +39,7 @@ def test_page_shows_the_market(page: Any, fake: FakeNode) -> None:
     # the ladder: asks highest first down to the best, then bids best first; exact strings
     assert texts(page, "#asks .level .price") == ["104", "102", "101.5", "101"]
     assert texts(page, "#bids .level .price") == ["100.5", "100", "99.5", "98"]
-    assert texts(page, "#bids .level span:nth-of-type(3)") == ["1.2", "1.95", "4.95", "9.45"]
+    assert texts(page, "#bids .level span:nth-of-type(3)") == ["1.200", "1.950", "4.950", "9.450"]
     # the levels the final book lacks are marked provisional, the others final
     assert page.locator("#bids .level.provisional").get_attribute("data-price") == "100.5"
     assert page.locator("#asks .level.provisional").get_attribute("data-price") == "101"
