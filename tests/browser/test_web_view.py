@@ -187,3 +187,25 @@ def test_untrusted_text_stays_text(page: Any, fake: FakeNode) -> None:
     assert page.locator("#peers img").count() == 0
     assert page.evaluate("window.pwned === undefined")
     assert evil in page.inner_text("#peers")
+
+
+def test_reconnect_resumes_the_book_from_its_last_u(page: Any, fake: FakeNode) -> None:
+    open_page(page)
+    last = fake.delta(bids=[["99", "2"]], asks=[])
+    page.wait_for_selector('#bids .level[data-price="99"]')
+    first = fake.ws
+    sent_before = len(fake.sent)
+    first.close()  # the node went away
+    page.wait_for_function("document.getElementById('conn').classList.contains('down')")
+    page.wait_for_function("document.getElementById('conn').classList.contains('live')")
+    resubscribed = {"op": "subscribe", "channel": "book", "symbol": "BTC-USD", "since": last}
+    for _ in range(200):  # (each turn lets Playwright deliver the page's messages)
+        if resubscribed in fake.sent[sent_before:]:
+            break
+        page.wait_for_timeout(50)
+    assert fake.ws is not first
+    again = fake.sent[sent_before:]
+    assert {"op": "auth", "token": TOKEN} in again
+    assert resubscribed in again
+    assert {"op": "subscribe", "channel": "private", "symbol": "BTC-USD"} in again
+    assert page.errors == []
