@@ -1,0 +1,507 @@
+"""The HTTP and WebSocket API (issue #11), in process: in-process nodes (tests/node/test_finality's
+gossip stand-in) each serving the real app on hypercorn's trio worker on a free 127.0.0.1 port,
+driven with httpx and trio-websocket. Also: the OpenAPI document against the served routes and
+live responses, the token file, and ``--http`` parsing."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+import trio
+from starlette.routing import Mount, Route, WebSocketRoute
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from crdtbook import Market
+from crdtbook.node.http_api import COALESCE_SECONDS, create_app, serve_http
+from crdtbook.node.http_auth import (
+    TOKEN_FILE,
+    is_loopback,
+    load_or_create_token,
+    parse_bind,
+)
+from crdtbook.node.http_openapi import openapi_document
+
+from .test_finality import Net, Node, identities, network, until, witnessed
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Api:
+    """One in-process node's HTTP API: a client with and one without the token."""
+
+    def __init__(self, node: Node, base: str, token: str) -> None:
+        self.node, self.base, self.token = node, base, token
+        self.ws_url = base.replace("http://", "ws://") + "/ws"
+        self.auth = {"Authorization": f"Bearer {token}"}
+        self.client = httpx.AsyncClient(base_url=base, timeout=10.0)
+
+    async def get(self, path: str, auth: bool = True, **params: Any) -> Any:
+        r = await self.client.get(path, params=params, headers=self.auth if auth else {})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    async def post(self, path: str, body: Any) -> Any:
+        r = await self.client.post(path, json=body, headers=self.auth)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    async def delete(self, path: str, **params: Any) -> Any:
+        r = await self.client.delete(path, params=params, headers=self.auth)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+
+@asynccontextmanager
+async def serving(net: Net, node: Node, home: Path) -> AsyncIterator[Api]:
+    host, port = await net.nursery.start(serve_http, node.adapter, home, "127.0.0.1", 0)
+    api = Api(node, f"http://{host}:{port}", load_or_create_token(home))
+    try:
+        yield api
+    finally:
+        await api.client.aclose()
+
+
+async def recv(ws: WebSocketConnection, timeout: float = 10.0) -> dict[str, Any]:
+    with trio.fail_after(timeout):
+        message = json.loads(await ws.get_message())
+    assert isinstance(message, dict)
+    return message
+
+
+async def recv_channel(ws: WebSocketConnection, channel: str, **match: Any) -> dict[str, Any]:
+    """The next message of ``channel`` (with the given fields), skipping others."""
+    while True:
+        message = await recv(ws)
+        if "op" in message:  # a reply to a request, not a push
+            continue
+        if message.get("channel") == channel and all(message.get(k) == v for k, v in match.items()):
+            return message
+
+
+def order(side: str, price: str, amount: str, **extra: Any) -> dict[str, Any]:
+    return {"symbol": "W", "type": "limit", "side": side, "price": price, "amount": amount, **extra}
+
+
+# -- REST ----------------------------------------------------------------------------------------
+
+
+async def test_rest_trading_round_trip(tmp_path: Path) -> None:
+    ids = identities(2)
+    market = witnessed(ids[:1])
+    async with network(tmp_path) as net:
+        a, b = net.add(ids[0], market), net.add(ids[1], market)
+        async with (
+            serving(net, a, tmp_path / "n0") as api_a,
+            serving(net, b, tmp_path / "n1") as api_b,
+        ):
+            (m,) = await api_a.get("/api/v1/markets", auth=False)
+            assert (m["id"], m["symbol"], m["precision"]) == (
+                "W",
+                "W",
+                {"price": "1", "amount": "1"},
+            )
+            assert m["info"]["witnessed"] is True and m["info"]["witnesses"] == [
+                ids[0].public_key.hex()
+            ]
+            # trading and private reads need the token; public reads do not
+            for method, path in (
+                ("GET", "/api/v1/orders"),
+                ("POST", "/api/v1/orders"),
+                ("DELETE", "/api/v1/orders"),
+                ("GET", "/api/v1/orders/ab"),
+                ("DELETE", "/api/v1/orders/ab"),
+            ):
+                r = await api_a.client.request(method, path)
+                assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+                r = await api_a.client.request(
+                    method, path, headers={"Authorization": "Bearer " + "0" * 64}
+                )
+                assert r.status_code == 401
+            empty = await api_a.get("/api/v1/orderbook", auth=False, symbol="W")
+            assert empty["bids"] == [] and empty["asks"] == [] and empty["witnessed"] is True
+
+            sell = await api_a.post(
+                "/api/v1/orders", order("sell", "100", "5", clientOrderId="ask-1")
+            )
+            assert sell["status"] == "open" and sell["clientOrderId"] == "ask-1"
+            assert (sell["price"], sell["amount"], sell["filled"], sell["remaining"]) == (
+                "100",
+                "5",
+                "0",
+                "5",
+            )
+            assert sell["timeInForce"] == "GTC" and sell["postOnly"] is False
+            assert sell["fills"] == [] and sell["expired"] == []
+            assert isinstance(sell["timestamp"], int) and sell["datetime"].endswith("Z")
+            book = await api_a.get("/api/v1/orderbook", auth=False, symbol="W")
+            assert book["asks"] == [["100", "5"]] and book["nonce"] > empty["nonce"]
+            await until(lambda: b.ms.replica.order_count == 1)
+            buy = await api_b.post("/api/v1/orders", order("buy", "101", "2"))
+            assert buy["status"] == "closed" and buy["filled"] == "2"
+            (fill,) = buy["fills"]
+            assert (fill["price"], fill["amount"], fill["cost"]) == ("100", "2", "200")
+            assert fill["takerOrMaker"] == "taker" and fill["order"] == buy["id"]
+            await until(lambda: a.ms.replica.fill_count == 1)
+            (trade,) = await api_a.get("/api/v1/trades", auth=False, symbol="W")
+            assert trade["id"] == fill["id"] and trade["side"] == "buy"
+            assert trade["takerOrMaker"] is None
+            assert await api_a.get("/api/v1/trades", auth=False, symbol="W", since=2**60) == []
+            # market order with a band; then amounts as numbers are refused (floats lose digits)
+            mkt = await api_b.post(
+                "/api/v1/orders",
+                {"symbol": "W", "type": "market", "side": "buy", "amount": "1", "band": "5%"},
+            )
+            assert mkt["type"] == "market" and mkt["timeInForce"] == "IOC" and mkt["filled"] == "1"
+            r = await api_b.client.post(
+                "/api/v1/orders", json=order("buy", 1.5, "1"), headers=api_b.auth
+            )
+            assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request"
+            r = await api_b.client.post(
+                "/api/v1/orders", json=order("buy", "1.5", "1"), headers=api_b.auth
+            )
+            assert r.status_code == 400 and r.json()["error"]["code"] == "off_tick"
+            r = await api_b.client.post(
+                "/api/v1/orders",
+                json={**order("buy", "1", "1"), "symbol": "NOPE"},
+                headers=api_b.auth,
+            )
+            assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_market"
+
+            # orders: paging newest first, filters, one order, cancel, cancel-all by prefix
+            for i in range(3):
+                await api_a.post(
+                    "/api/v1/orders", order("buy", str(90 + i), "1", clientOrderId=f"g-{i}")
+                )
+            page = await api_a.get("/api/v1/orders", symbol="W", limit=2)
+            assert [o["price"] for o in page["orders"]] == ["92", "91"]
+            rest = await api_a.get(
+                "/api/v1/orders", symbol="W", limit=2, cursor=page["next_cursor"]
+            )
+            assert [o["price"] for o in rest["orders"]] == ["90", "100"]
+            assert rest["next_cursor"] is None
+            opened = await api_a.get("/api/v1/orders", symbol="W", status="open")
+            assert len(opened["orders"]) == 4
+            assert (await api_a.get("/api/v1/orders", symbol="W", status="closed"))["orders"] == []
+            one = await api_a.get(f"/api/v1/orders/{sell['id'][:12]}", symbol="W")
+            assert one["id"] == sell["id"] and one["filled"] == "3" and one["status"] == "open"
+            r = await api_a.client.get(f"/api/v1/orders/{'f' * 64}", headers=api_a.auth)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+            r = await api_b.client.delete(f"/api/v1/orders/{sell['id']}", headers=api_b.auth)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "not_owner"
+            gone = await api_a.delete(f"/api/v1/orders/{sell['id']}", symbol="W")
+            assert gone["status"] == "canceled" and gone["info"]["effective"] is True
+            cancelled = await api_a.delete("/api/v1/orders", symbol="W", clientOrderIdPrefix="g-")
+            assert cancelled["op"] and len(cancelled["cancelled"]) == 3
+            assert (await api_a.get("/api/v1/orders", symbol="W", status="open"))["orders"] == []
+
+            status = await api_a.get("/api/v1/status", auth=False)
+            assert status["markets"][0]["name"] == "W" and "pid" not in status
+            r = await api_a.client.get("/api/v1/nothing")
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+async def test_cancel_all_without_witnesses_cancels_one_by_one(tmp_path: Path) -> None:
+    ids = identities(1)
+    async with network(tmp_path) as net:
+        a = net.add(ids[0], Market("PLAIN", "0.5", "0.1"))
+        async with serving(net, a, tmp_path / "n0") as api:
+            for price in ("1", "1.5"):
+                await api.post(
+                    "/api/v1/orders",
+                    {
+                        "symbol": "PLAIN",
+                        "side": "buy",
+                        "price": price,
+                        "amount": "0.3",
+                        "clientOrderId": "label",
+                    },
+                )
+            result = await api.delete("/api/v1/orders", symbol="PLAIN")
+            assert result["op"] is None and len(result["cancelled"]) == 2
+            book = await api.get("/api/v1/orderbook", auth=False)  # one market: symbol optional
+            assert book["bids"] == [] and book["final"] == {"bids": [], "asks": []}
+
+
+# -- OpenAPI -------------------------------------------------------------------------------------
+
+
+def test_openapi_names_every_route_and_only_those() -> None:
+    doc = openapi_document()
+    jsonschema.Draft202012Validator.check_schema({"components": doc["components"]})
+    app = create_app(None, "0" * 64)  # type: ignore[arg-type]  # routes only
+    served: set[tuple[str, str]] = set()
+    for route in app.routes:
+        if isinstance(route, Route):
+            served |= {(route.path, m.lower()) for m in route.methods or () if m != "HEAD"}
+        elif isinstance(route, WebSocketRoute):
+            served.add((route.path, "get"))
+        elif isinstance(route, Mount):
+            served.add((route.path + "/{path}", "get"))
+    documented = {(path, m) for path, ops in doc["paths"].items() for m in ops}
+    assert served == documented
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            secured = "security" in op
+            private = path.startswith("/api/v1/orders")
+            assert secured == private, (path, method)
+
+
+def _check(doc: dict[str, Any], schema: dict[str, Any], value: Any) -> None:
+    jsonschema.validate(value, {**schema, "components": doc["components"]})
+
+
+async def test_live_responses_match_the_openapi_document(tmp_path: Path) -> None:
+    ids = identities(1)
+    doc = openapi_document()
+    async with network(tmp_path) as net:
+        a = net.add(ids[0], witnessed(ids))
+        async with serving(net, a, tmp_path / "n0") as api:
+            served = await api.get("/openapi.json", auth=False)
+            assert served == json.loads(json.dumps(doc))
+            await api.post("/api/v1/orders", order("sell", "10", "3", clientOrderId="x"))
+            created = await api.post(
+                "/api/v1/orders", order("buy", "10", "1", selfTradePrevention="expire_taker")
+            )
+            created2 = await api.post("/api/v1/orders", order("buy", "9", "1", postOnly=True))
+            assert created2["timeInForce"] == "PO" and created2["postOnly"] is True
+            calls: list[tuple[str, str, Any]] = [
+                ("/api/v1/markets", "get", await api.get("/api/v1/markets")),
+                ("/api/v1/orderbook", "get", await api.get("/api/v1/orderbook")),
+                ("/api/v1/trades", "get", await api.get("/api/v1/trades")),
+                ("/api/v1/status", "get", await api.get("/api/v1/status")),
+                ("/api/v1/orders", "get", await api.get("/api/v1/orders")),
+                ("/api/v1/orders", "post", created),
+                (
+                    "/api/v1/orders/{order_id}",
+                    "get",
+                    await api.get(f"/api/v1/orders/{created['id']}"),
+                ),
+                (
+                    "/api/v1/orders/{order_id}",
+                    "delete",
+                    await api.delete(f"/api/v1/orders/{created2['id']}"),
+                ),
+                ("/api/v1/orders", "delete", await api.delete("/api/v1/orders")),
+            ]
+            for path, method, value in calls:
+                schema = doc["paths"][path][method]["responses"]["200"]["content"][
+                    "application/json"
+                ]["schema"]
+                _check(doc, schema, value)
+            r = await api.client.get("/api/v1/orders")
+            _check(doc, doc["components"]["schemas"]["Error"], r.json())
+            r = await api.client.get("/")
+            assert r.status_code == 200 and "html" in r.headers["content-type"]
+
+
+# -- WebSocket -----------------------------------------------------------------------------------
+
+
+def apply_levels(book: dict[str, str], changes: list[list[str]]) -> None:
+    for price, amount in changes:
+        if amount == "0":
+            book.pop(price, None)
+        else:
+            book[price] = amount
+
+
+async def test_ws_book_snapshot_deltas_and_resume(tmp_path: Path) -> None:
+    ids = identities(1)
+    async with network(tmp_path) as net:
+        a = net.add(ids[0], witnessed(ids))
+        async with serving(net, a, tmp_path / "n0") as api:
+            await api.post("/api/v1/orders", order("buy", "10", "1"))
+            async with open_websocket_url(api.ws_url) as ws:
+                await ws.send_message(
+                    json.dumps({"op": "subscribe", "channel": "book", "symbol": "W"})
+                )
+                assert (await recv(ws)) == {"op": "subscribed", "channel": "book", "symbol": "W"}
+                snap = await recv(ws)
+                assert snap["type"] == "snapshot" and snap["bids"] == [["10", "1"]]
+                bids = dict(map(tuple, snap["bids"]))
+                last = snap["u"]
+                await api.post("/api/v1/orders", order("buy", "11", "2"))
+                await api.post("/api/v1/orders", order("sell", "12", "1"))
+                delta: dict[str, Any] = {}
+                while "12" not in str(delta.get("asks")):
+                    delta = await recv_channel(ws, "book")
+                    assert delta["type"] == "delta" and delta["pu"] == last
+                    assert delta["U"] == last + 1 and delta["u"] >= delta["U"]
+                    apply_levels(bids, delta["bids"])
+                    last = delta["u"]
+                assert bids == {"10": "1", "11": "2"}
+            # away: changes happen; back with since = the last u: deltas, not a snapshot
+            await api.post("/api/v1/orders", order("sell", "11", "2"))  # takes the 11 bid
+            async with open_websocket_url(api.ws_url) as ws:
+                await ws.send_message(
+                    json.dumps({"op": "subscribe", "channel": "book", "symbol": "W", "since": last})
+                )
+                resumed = await recv_channel(ws, "book")
+                assert resumed["type"] == "delta" and resumed["pu"] == last
+                apply_levels(bids, resumed["bids"])
+                assert bids == {"10": "1"}
+                book = await api.get("/api/v1/orderbook")
+                assert book["nonce"] == resumed["u"] and book["bids"] == [["10", "1"]]
+                # a since this feed never had (from before a restart): a fresh snapshot
+                await ws.send_message(
+                    json.dumps({"op": "subscribe", "channel": "book", "symbol": "W", "since": 5})
+                )
+                again = await recv_channel(ws, "book")
+                assert again["type"] == "snapshot" and again["u"] == resumed["u"]
+
+
+async def test_ws_pushes_are_coalesced(tmp_path: Path) -> None:
+    ids = identities(1)
+    async with network(tmp_path) as net:
+        a = net.add(ids[0], witnessed(ids))
+        async with (
+            serving(net, a, tmp_path / "n0") as api,
+            open_websocket_url(api.ws_url) as ws,
+        ):
+            await ws.send_message(json.dumps({"op": "subscribe", "channel": "book"}))
+            await recv(ws)
+            last = (await recv(ws))["u"]
+            count = 40
+            stamps: list[float] = []
+            bids: dict[str, str] = {}
+
+            async def read() -> None:
+                nonlocal last
+                while len(bids) < count:
+                    delta = await recv_channel(ws, "book")
+                    assert delta["pu"] == last
+                    last = delta["u"]
+                    stamps.append(trio.current_time())
+                    apply_levels(bids, delta["bids"])
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                started = trio.current_time()
+                for i in range(count):  # about 200 changes a second for 0.2 s
+                    await a.call("submit", side="buy", price=str(100 + i), quantity="1")
+                    await trio.sleep(0.005)
+            # at most one push per 100 ms (the first may come at once): far fewer pushes
+            # than changes. Counted, not timed apart: a busy client reads late, bunched.
+            assert len(stamps) < count
+            assert len(stamps) <= (stamps[-1] - started) / COALESCE_SECONDS + 2
+
+
+async def test_ws_private_stream_needs_auth_and_sees_fills_become_final(tmp_path: Path) -> None:
+    ids = identities(2)
+    market = witnessed(ids[:1])
+    async with network(tmp_path) as net:
+        a, b = net.add(ids[0], market), net.add(ids[1], market)
+        async with (
+            serving(net, a, tmp_path / "n0") as api_a,
+            serving(net, b, tmp_path / "n1") as api_b,
+        ):
+            maker = await api_a.post("/api/v1/orders", order("sell", "100", "3"))
+            async with open_websocket_url(api_a.ws_url) as ws:
+                sub = {"op": "subscribe", "channel": "private", "symbol": "W"}
+                await ws.send_message(json.dumps(sub))
+                denied = await recv(ws)
+                assert denied["error"]["code"] == "unauthorized"
+                await ws.send_message(json.dumps({"op": "auth", "token": "nope"}))
+                assert (await recv(ws))["error"]["code"] == "unauthorized"
+                await ws.send_message(json.dumps({"op": "auth", "token": api_a.token}))
+                assert (await recv(ws)) == {"op": "auth", "ok": True}
+                await ws.send_message(json.dumps(sub))
+                await ws.send_message(json.dumps({"op": "subscribe", "channel": "trades"}))
+                snap = await recv_channel(ws, "private", type="snapshot")
+                assert [o["id"] for o in snap["orders"]] == [maker["id"]]
+                await until(lambda: b.ms.replica.order_count == 1)
+                taker = await api_b.post("/api/v1/orders", order("buy", "100", "2"))
+                trade_id = taker["fills"][0]["id"]
+                seen_fill = seen_final = seen_order = seen_trade = False
+                while not (seen_fill and seen_final and seen_order and seen_trade):
+                    message = await recv(ws)
+                    if "op" in message:  # the trades subscription's reply
+                        continue
+                    if message.get("channel") == "trades" and message["type"] == "update":
+                        seen_trade |= trade_id in [t["id"] for t in message["trades"]]
+                    if message.get("channel") != "private":
+                        continue
+                    for fill in message["fills"]:
+                        assert fill["id"] == trade_id and fill["takerOrMaker"] == "maker"
+                        assert fill["side"] == "sell" and fill["order"] == maker["id"]
+                        seen_fill = True
+                        seen_final |= fill["final"]
+                    seen_final |= trade_id in message["became_final"]
+                    for o in message["orders"]:
+                        if o["id"] == maker["id"] and o["filled"] == "2":
+                            seen_order = True
+                assert not message.get("revoked")
+
+
+async def test_ws_bad_requests_keep_the_connection(tmp_path: Path) -> None:
+    ids = identities(1)
+    async with network(tmp_path) as net:
+        a = net.add(ids[0], witnessed(ids))
+        async with (
+            serving(net, a, tmp_path / "n0") as api,
+            open_websocket_url(
+                api.ws_url, extra_headers=[(b"authorization", f"Bearer {api.token}".encode())]
+            ) as ws,
+        ):
+            for bad, code in (
+                ("not json", "bad_request"),
+                ("[1]", "bad_request"),
+                (json.dumps({"op": "dance"}), "bad_request"),
+                (json.dumps({"op": "subscribe", "channel": "x"}), "bad_request"),
+                (
+                    json.dumps({"op": "subscribe", "channel": "book", "symbol": "Z"}),
+                    "unknown_market",
+                ),
+                (
+                    json.dumps({"op": "subscribe", "channel": "book", "since": "1"}),
+                    "bad_request",
+                ),
+            ):
+                await ws.send_message(bad)
+                assert (await recv(ws))["error"]["code"] == code, bad
+            # the header's token authorizes the private channel at once
+            await ws.send_message(json.dumps({"op": "subscribe", "channel": "private"}))
+            assert (await recv(ws))["op"] == "subscribed"
+            assert (await recv(ws))["type"] == "snapshot"
+            await ws.send_message(json.dumps({"op": "subscribe", "channel": "status"}))
+            assert (await recv(ws))["op"] == "subscribed"
+            status = await recv_channel(ws, "status")
+            assert status["markets"][0]["name"] == "W"
+            await ws.send_message(json.dumps({"op": "unsubscribe", "channel": "status"}))
+            assert (await recv(ws))["op"] == "unsubscribed"
+
+
+# -- token and --http ----------------------------------------------------------------------------
+
+
+def test_token_file(tmp_path: Path) -> None:
+    token = load_or_create_token(tmp_path)
+    path = tmp_path / TOKEN_FILE
+    assert len(token) == 64 and int(token, 16) >= 0
+    assert path.stat().st_mode & 0o777 == 0o600
+    os.chmod(path, 0o644)
+    assert load_or_create_token(tmp_path) == token
+    assert path.stat().st_mode & 0o777 == 0o600
+    path.write_text("garbage")
+    with pytest.raises(ValueError, match="does not hold a token"):
+        load_or_create_token(tmp_path)
+
+
+def test_parse_bind() -> None:
+    assert parse_bind("8080") == ("127.0.0.1", 8080)
+    assert parse_bind("0.0.0.0:80") == ("0.0.0.0", 80)
+    assert parse_bind("[::1]:8080") == ("::1", 8080)
+    assert parse_bind(":9") == ("127.0.0.1", 9)
+    for bad in ("x", "1:2:x", "70000"):
+        with pytest.raises(ValueError):
+            parse_bind(bad)
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("example.org")
