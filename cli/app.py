@@ -363,11 +363,23 @@ def node(
             show_default=False,
         ),
     ] = None,
+    http: Annotated[
+        str | None,
+        typer.Option(
+            "--http",
+            metavar="[HOST:]PORT",
+            help="Also serve the HTTP/WebSocket API and the web view (specs/http-api.md) on "
+            "PORT; HOST defaults to 127.0.0.1. Trading and private requests need the bearer "
+            "token of `crdtbook token`; another HOST (e.g. 0.0.0.0) is reachable from other "
+            "machines.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run a node in the foreground until Ctrl-C (SIGINT) or SIGTERM.
 
     It serves the control API on HOME/control.sock, so the other commands (in another terminal)
-    can trade through it.
+    can trade through it; with --http also an HTTP API and a web view (http://HOST:PORT/).
 
     Example: crdtbook node --listen /ip4/0.0.0.0/tcp/4001 --market DEMO:1:1 -v
     """
@@ -385,6 +397,13 @@ def node(
     extra: dict[str, Any] = {}  # (typed: NodeConfig's fields are not all floats)
     if heartbeat_interval is not None:
         extra["heartbeat_interval"] = heartbeat_interval
+    if http is not None:
+        from crdtbook.node.http_auth import parse_bind
+
+        try:
+            extra["http"] = parse_bind(http)
+        except ValueError as exc:
+            fail(str(exc), 2)
     config = NodeConfig(
         home=resolved,
         listen=list(listen or [DEFAULT_LISTEN]),
@@ -868,6 +887,26 @@ def status(ctx: typer.Context, home: HomeOpt = None, as_json: JsonOpt = False) -
     else:
         # soft wrap: peer ids, keys and multiaddrs come out whole, for copying, whatever the width
         _console().print(render.status_view(result), soft_wrap=True)
+
+
+@app.command()
+def token(ctx: typer.Context, home: HomeOpt = None) -> None:
+    """Print the bearer token of the node's HTTP API (HOME/http.token, made when absent).
+
+    Send it as `Authorization: Bearer TOKEN` with every trading or private request to a node
+    started with --http (and in the WebSocket's {"op": "auth", "token": TOKEN}). Whoever has it
+    can trade with the node's key: keep it like the key. To change it, delete the file and
+    restart the node.
+    """
+    from crdtbook.node.http_auth import load_or_create_token
+
+    resolved = _home(ctx, home)
+    if not resolved.is_dir():
+        fail(f"no node home at {resolved}: start a node there first (crdtbook node --http PORT)")
+    try:
+        typer.echo(load_or_create_token(resolved))
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
 
 
 @app.command("id")

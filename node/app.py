@@ -82,6 +82,8 @@ class NodeConfig:
     #: The libp2p layer's tunables (GossipSub heartbeat and degree, timeouts, message cap);
     #: None: ``node.p2p.NetworkConfig()``'s defaults, which are the production values.
     network: NetworkConfig | None = None
+    #: Serve the HTTP/WebSocket API and the web view on (host, port) (node.http_api); None: off.
+    http: tuple[str, int] | None = None
 
 
 def load_or_create_identity(home: Path) -> tuple[Identity, bool]:
@@ -267,6 +269,11 @@ class _Node:
                     nursery.start_soon(service.finality_loop, ms)
             adapter = ControlAdapter(service, self.status, self.block)
             control = await nursery.start(serve_control, home, adapter)
+            http = None
+            if self.config.http is not None:  # imported only when asked for (starlette)
+                from .http_api import http_banner, serve_http
+
+                http = await nursery.start(serve_http, adapter, home, *self.config.http)
             nursery.start_soon(self.sync.run)
             nursery.start_soon(self.discovery.run)
             nursery.start_soon(summary_loop, service, net, _say)
@@ -288,6 +295,8 @@ class _Node:
                     role = "this node is one" if identity_key in keys else "this node is not one"
                     _say(f"  {ms.market.name}: {len(keys)} witness(es) in force; {role}")
             _say(f"  control socket {control}")
+            for line in http_banner(http, home) if http else ():
+                _say(line)
             _write_info(home, net.peer_id, addrs, service)
             _say("ready")
 

@@ -48,7 +48,7 @@ from .control_errors import (
     ControlError,
 )
 from .handler import ControlAdapter, fill_json, order_json
-from .http_auth import check_token, load_or_create_token
+from .http_auth import TOKEN_FILE, check_token, is_loopback, load_or_create_token
 from .http_feeds import BOOK_FEED_DEPTH, BookFeed, PrivateWatch
 from .http_openapi import openapi_document
 from .http_shapes import (
@@ -65,7 +65,7 @@ from .service import MarketState
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
-__all__ = ["UNAUTHORIZED", "HttpApi", "create_app", "serve_http"]
+__all__ = ["UNAUTHORIZED", "HttpApi", "create_app", "http_banner", "serve_http"]
 
 logger = logging.getLogger("crdtbook.node.http")
 
@@ -718,6 +718,23 @@ async def serve_http(
     async with trio.open_nursery() as nursery:
         bound: list[str] = await nursery.start(_serve, app, config)
         task_status.started((host, int(bound[0].rsplit(":", 1)[1])))
+
+
+def http_banner(bound: tuple[str, int], home: Path) -> list[str]:
+    """The node's start-up lines about its HTTP API (a warning when others can reach it)."""
+    host, port = bound
+    shown = f"[{host}]" if ":" in host else host
+    lines = [
+        f"  http api and web view on http://{shown}:{port}/ (token for trading: "
+        f"{home / TOKEN_FILE}, or `crdtbook token`)"
+    ]
+    if not is_loopback(host):
+        lines.append(
+            f"  WARNING: the HTTP API listens on {host}, reachable from other machines: every "
+            "trading and private request needs the bearer token (public market data does not), "
+            "and requests travel unencrypted (put TLS in front of it to use it across networks)"
+        )
+    return lines
 
 
 async def _serve(
