@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import statistics
 import sys
@@ -36,20 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_network import Node, run_load, wait_converged
 
 from crdtbook import Identity, Market
-
-LAUNCHER = r"""
-import sys
-from pathlib import Path
-from crdtbook.node.app import NodeConfig, run_node
-home, market, heartbeat, *boot = sys.argv[1:]
-sys.exit(run_node(NodeConfig(home=Path(home), listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=boot,
-                             markets=[market], heartbeat_interval=float(heartbeat))))
-"""
+from crdtbook.node.procs import NodeProcess, make_identity
 
 
 def start_node(home: Path, market: str, heartbeat: float, bootstrap: list[str]) -> Node:
-    """bench_network's node process, following ``market`` with this heartbeat interval."""
-    command = [sys.executable, "-c", LAUNCHER, str(home), market, str(heartbeat), *bootstrap]
+    """bench_network's node (its load and convergence helpers take one), launched by the
+    package's harness (crdtbook.node.procs) following ``market`` with this heartbeat interval."""
+    command = NodeProcess(
+        home, bootstrap, market, config={"heartbeat_interval": heartbeat}, verbose=0
+    ).command()
     return Node(home, bootstrap, command=command)
 
 
@@ -111,11 +105,7 @@ def run(tmp: Path, n: int, rate: float, seconds: float, heartbeat: float,
     keys = []
     for home in homes:
         home.mkdir(parents=True)
-        identity = Identity.generate()
-        fd = os.open(home / "identity.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.write(fd, identity.seed)
-        os.close(fd)
-        keys.append(identity.public_key)
+        keys.append(make_identity(home))
     market = Market("FIN", "1", "1", witnesses=keys if witnessed else ()).spec
     nodes = [start_node(homes[0], market, heartbeat, [])]
     try:

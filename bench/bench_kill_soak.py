@@ -28,9 +28,7 @@ import argparse
 import json
 import os
 import random
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,12 +36,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from crdtbook import Identity, Market, op_id
-from crdtbook.node.client import ControlClient, ControlError, NodeNotRunning
+from crdtbook import Market, op_id
+from crdtbook.node.client import ControlClient, ControlError
+from crdtbook.node.procs import NodeProcess, make_identity
 from crdtbook.node.store import OpStore
 
 PLAIN_MARKET = "SOAK:1:1"
 START_TIMEOUT = 60.0
+#: A node with a big store takes a while to checkpoint at an orderly stop.
+STOP_TIMEOUT = 20.0
 CONVERGE_TIMEOUT = 120.0
 
 
@@ -51,83 +52,23 @@ def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-class Node:
-    """One node process, started through the CLI on 127.0.0.1 with a free port."""
+class Node(NodeProcess):
+    """One node process (the package's harness, crdtbook.node.procs), started through the CLI
+    on 127.0.0.1 with a free port; ``restarts`` counts the soak's restarts of it."""
 
     def __init__(self, home: Path, market: str, bootstrap: list[str], name: str) -> None:
-        self.home = home
-        self.market = market
-        self.bootstrap = bootstrap
+        super().__init__(
+            home, bootstrap, market, log_path=home.parent / f"{name}.log", call_timeout=30
+        )
         self.name = name
-        self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
 
-    def start(self) -> Node:
-        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
-        (self.home / "node.json").unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "crdtbook.cli.app", "node", "--home", str(self.home),
-               "--listen", "/ip4/127.0.0.1/tcp/0", "--market", self.market, "-v"]
-        for addr in self.bootstrap:
-            cmd += ["--bootstrap", addr]
-        with open(self.home.parent / f"{self.name}.log", "ab") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited {self.proc.returncode}: see its log")
-            if (self.home / "node.json").exists():
-                try:
-                    self.call("status", digest=False)
-                    return self
-                except (NodeNotRunning, OSError):
-                    pass
-            time.sleep(0.05)
-        raise TimeoutError(f"{self.name} did not start within {START_TIMEOUT:.0f} s")
+    def start(self, timeout: float = START_TIMEOUT) -> Node:
+        return super().start(timeout)
 
-    @property
-    def addr(self) -> str:
-        return str(json.loads((self.home / "node.json").read_text())["addrs"][0])
-
-    def call(self, method: str, **params: Any) -> Any:
-        with ControlClient(self.home, timeout=30) as client:
-            return client.call(method, **params)
-
-    def market_status(self, digest: bool = True) -> dict[str, Any]:
-        return dict(self.call("status", digest=digest)["markets"][0])
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def rss_mb(self) -> float | None:
-        if not self.alive():
-            return None
-        assert self.proc is not None
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            return None
-        return None
-
-    def kill9(self) -> None:
-        if self.alive():
-            assert self.proc is not None
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> int | None:
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
         """Stop in order (SIGINT); SIGKILL if it does not stop. Returns the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
+        return super().stop(timeout)
 
 
 class Load:
@@ -239,15 +180,7 @@ def make_homes(tmp: Path, count: int) -> list[Path]:
 
 def witness_market(homes: list[Path], name: str = "SOAK") -> str:
     """A market witnessed by the nodes of ``homes`` (their keys made here, before they start)."""
-    keys = []
-    for home in homes:
-        identity = Identity.generate()
-        fd = os.open(home / "identity.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, identity.seed)
-        finally:
-            os.close(fd)
-        keys.append(identity.public_key)
+    keys = [make_identity(home) for home in homes]
     return Market(name, "1", "1", witnesses=keys).spec
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -34,8 +33,9 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from crdtbook import Identity, Market
-from crdtbook.cli import connect, markets, render
+from crdtbook import Market
+from crdtbook.cli import connect, render
+from crdtbook.node import procs
 
 MARKET = "DEMO"
 TICK, LOT = "1", "1"  # prices and quantities are plain integers
@@ -57,7 +57,7 @@ class DemoNode:
 
     index: int  # 1-based
     home: Path
-    proc: subprocess.Popen[bytes]
+    process: procs.NodeProcess
     log: Path
     peer_id: str = ""
     addrs: list[str] = field(default_factory=list)
@@ -67,6 +67,12 @@ class DemoNode:
     def name(self) -> str:
         """``node 1`` etc."""
         return f"node {self.index}"
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        """The running process (started by ``start_node``)."""
+        assert self.process.proc is not None
+        return self.process.proc
 
 
 @dataclass
@@ -144,11 +150,8 @@ def outcome(step: Step) -> Text:
 
 
 def _node_cmd(home: Path, bootstrap: list[str], market: str) -> list[str]:
-    cmd = [sys.executable, "-m", "crdtbook.cli.app", "node", "--home", str(home)]
-    cmd += ["--listen", LISTEN, "--market", market]
-    for addr in bootstrap:
-        cmd += ["--bootstrap", addr]
-    return cmd
+    """The command that runs one demo node (quiet: the demo shows what matters)."""
+    return procs.NodeProcess(home, bootstrap, market, listen=LISTEN, verbose=0).command()
 
 
 def prepare_home(root: Path, index: int) -> tuple[Path, str]:
@@ -156,14 +159,8 @@ def prepare_home(root: Path, index: int) -> tuple[Path, str]:
     32-byte seed in ``identity.key``, mode 0600), so the market can name its key before the
     node runs. Returns the home and the node's witness key (hex)."""
     home = root / f"node{index}"
-    home.mkdir(mode=0o700)
-    identity = Identity.generate()
-    fd = os.open(home / markets.IDENTITY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, identity.seed)
-    finally:
-        os.close(fd)
-    return home, identity.public_key.hex()
+    home.mkdir(mode=0o700)  # a fresh home: never another node's key
+    return home, procs.make_identity(home).hex()
 
 
 def define_market(root: Path, witnesses: list[str]) -> tuple[Market, str]:
@@ -175,67 +172,26 @@ def define_market(root: Path, witnesses: list[str]) -> tuple[Market, str]:
     return market, f"@{path}"
 
 
-def _death_signal_setup() -> Callable[[], None] | None:
-    """On Linux, a ``preexec_fn`` that has the kernel SIGTERM the node if the demo dies without
-    cleaning up (SIGKILL). libc is loaded here, in the parent: the child only calls ``prctl``."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-
-    def setup() -> None:  # pragma: no cover - runs in the child between fork and exec
-        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-
-    return setup
-
-
 def start_node(root: Path, index: int, bootstrap: list[str], market: str) -> DemoNode:
     """Spawn one node (its home already prepared) in its own session, so terminal Ctrl-C
-    reaches only the demo."""
+    reaches only the demo; the kernel stops it if the demo dies without cleaning up."""
     home = root / f"node{index}"
-    home.mkdir(mode=0o700, exist_ok=True)
-    log = root / f"node{index}.log"
-    env = {k: v for k, v in os.environ.items() if k != "CRDTBOOK_HOME"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            _node_cmd(home, bootstrap, market),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            preexec_fn=_death_signal_setup(),
-        )
-    return DemoNode(index=index, home=home, proc=proc, log=log)
+    process = procs.NodeProcess(
+        home,
+        bootstrap,
+        market,
+        command=_node_cmd(home, bootstrap, market),
+        log_path=root / f"node{index}.log",
+        own_session=True,
+        die_with_parent=True,
+    ).spawn()
+    return DemoNode(index=index, home=home, process=process, log=process.log_path)
 
 
 def stop_nodes(nodes: list[DemoNode], grace: float | None = None) -> None:
     """SIGINT every node, wait up to ``grace`` seconds (default STOP_GRACE), then SIGKILL the
     stragglers' process groups."""
-    grace = STOP_GRACE if grace is None else grace
-    for node in nodes:
-        if node.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                node.proc.send_signal(signal.SIGINT)
-    deadline = time.monotonic() + grace
-    try:
-        for node in nodes:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                node.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except KeyboardInterrupt:
-        pass  # a second Ctrl-C: go straight to SIGKILL
-    for node in nodes:
-        if node.proc.poll() is None:
-            # The node leads its own process group (start_new_session), so the group is ours.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(node.proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                node.proc.wait(timeout=5)
+    procs.stop_all([node.process for node in nodes], STOP_GRACE if grace is None else grace)
 
 
 def log_tail(node: DemoNode, lines: int = 15) -> str:

@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from crdtbook import Identity, Market
+from crdtbook import Market
 
 from .control import check_home, serve_control
 from .discovery import ANNOUNCE_INTERVAL, Discovery
 from .finality import HEARTBEAT_INTERVAL
 from .gossip import Gossip
 from .handler import ControlAdapter
+from .home import IDENTITY_FILE, load_or_create_identity
 from .network import Network
 from .service import FLUSH_DELAY, PUBLISH_INTERVAL, NodeService
 from .store import OpStore, StoreError
@@ -42,11 +43,10 @@ from .wire import MAX_BATCH_OPS
 if TYPE_CHECKING:  # libp2p's import costs ~0.7 s: the node imports node.p2p only when it runs
     from .p2p import NetworkConfig
 
-__all__ = ["NodeConfig", "run_node"]
+__all__ = ["IDENTITY_FILE", "NodeConfig", "load_or_create_identity", "run_node"]
 
 logger = logging.getLogger("crdtbook.node")
 
-IDENTITY_FILE: Final = "identity.key"
 LOCK_FILE: Final = "lock"
 NODE_INFO_FILE: Final = "node.json"
 DEFAULT_MARKET: Final = "BTC-USD"
@@ -84,26 +84,6 @@ class NodeConfig:
     network: NetworkConfig | None = None
     #: Serve the HTTP/WebSocket API and the web view on (host, port) (node.http_api); None: off.
     http: tuple[str, int] | None = None
-
-
-def load_or_create_identity(home: Path) -> tuple[Identity, bool]:
-    """The node's ed25519 seed in ``<home>/identity.key`` (mode 0600), created on first start."""
-    path = home / IDENTITY_FILE
-    if path.exists():
-        seed = path.read_bytes()
-        if len(seed) != 32:
-            raise ValueError(f"{path} is not a 32-byte key file; move it away to make a new key")
-        if path.stat().st_mode & 0o077:
-            os.chmod(path, 0o600)
-        return Identity.from_seed(seed), False
-    identity = Identity.generate()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, identity.seed)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return identity, True
 
 
 class HomeInUse(RuntimeError):
