@@ -11,6 +11,7 @@ import json
 import re
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +54,13 @@ class HttpNode(NodeProcess):
             return False
 
 
-@pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[tuple[HttpNode, HttpNode]]:
-    homes = [tmp_path / "a", tmp_path / "b"]
+@contextmanager
+def two_nodes(tmp_path: Path, absent_witness: bool = False) -> Iterator[tuple[HttpNode, HttpNode]]:
+    """Nodes A and B, both witnesses of BTC-USD (with ``absent_witness``, so is a third key whose
+    node never runs: nothing there becomes final), A serving, B bootstrapped from A."""
+    homes = [tmp_path / "a", tmp_path / "b", tmp_path / "absent"]
     keys = []
-    for home in homes:
+    for home in homes if absent_witness else homes[:2]:
         home.mkdir(mode=0o700)
         identity, _ = load_or_create_identity(home)
         keys.append(identity.public_key.hex())
@@ -104,8 +107,12 @@ def place(tab: Any, side: str, amount: str, price: str) -> str:
     return str(tab.inner_text("#order-result"))
 
 
-def test_order_on_node_a_fills_on_node_b_page(browser: Any, nodes: Any) -> None:
-    a, b = nodes
+def test_order_on_node_a_fills_on_node_b_page(browser: Any, tmp_path: Path) -> None:
+    with two_nodes(tmp_path) as (a, b):
+        trade_on_two_pages(browser, a, b)
+
+
+def trade_on_two_pages(browser: Any, a: HttpNode, b: HttpNode) -> None:
     page_a = open_node_page(browser, a)
     page_b = open_node_page(browser, b)
     try:
@@ -156,3 +163,28 @@ def test_order_on_node_a_fills_on_node_b_page(browser: Any, nodes: Any) -> None:
     finally:
         page_a.close()
         page_b.close()
+
+
+def test_provisional_while_a_witness_is_missing(browser: Any, tmp_path: Path) -> None:
+    """A third witness never runs: the same trade shows on both pages as provisional, the
+    market as stalled on that witness, and nothing turns final."""
+    with two_nodes(tmp_path, absent_witness=True) as (a, b):
+        page_a = open_node_page(browser, a)
+        page_b = open_node_page(browser, b)
+        try:
+            assert "resting" in place(page_b, "sell", "0.5", "100.25")
+            page_a.wait_for_selector('#asks .level[data-price="100.25"].provisional')
+            assert "filled" in place(page_a, "buy", "0.2", "100.25")
+            page_b.wait_for_selector('#trades tr.provisional[data-id] >> text="100.25"')
+            assert "provisional" in page_b.inner_text("#trades tr[data-id] td.state")
+            assert "provisional" in page_a.inner_text("#order-result")
+            page_b.wait_for_function(
+                "document.getElementById('finality-badge').textContent === 'stalled'"
+            )
+            assert "stalled" in page_b.inner_text("#witnesses")
+            assert page_b.locator("#trades tr.final").count() == 0
+            screenshot(page_b, "web-node-b-provisional-stalled")
+            assert page_a.errors == [] and page_b.errors == []
+        finally:
+            page_a.close()
+            page_b.close()
