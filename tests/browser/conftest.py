@@ -14,7 +14,9 @@ import pytest
 from .support import CHROMIUM, CHROMIUM_ARGS, VIEWPORT, WAIT_MS, skip_reason
 
 
-@pytest.fixture(scope="session")
+# Package scope: the browser closes once the browser tests are done, not at the end of the
+# whole suite (which runs for minutes after them on a shared machine).
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
     reason = skip_reason()
     if reason:
