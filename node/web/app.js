@@ -538,7 +538,7 @@ function updateForm() {
   $("order-form").querySelector('[name="timeInForce"]').disabled = isMarket;
   const submit = $("submit");
   const base = state.market ? state.market.base : "";
-  submit.textContent = `${v.side} ${base}${isMarket ? " at market" : ""}`;
+  submit.textContent = `${v.side === "sell" ? "Sell" : "Buy"} ${base}${isMarket ? " at market" : ""}`;
   submit.className = `submit ${v.side === "buy" ? "buy-bg" : "sell-bg"}`;
   updateCost();
 }

@@ -183,6 +183,9 @@ class FakeNode:
             placed["fills"] = [{"price": "101", "amount": body["amount"], "final": False}]
             placed["expired"] = [order("c3" * 32, "sell", "101", "0.3", 1_764_660_000_500)]
             return 200, placed
+        if path == "/orders" and method == "DELETE":
+            self.deleted.append(f"all {query.get('symbol')}")
+            return 200, {"op": "c4" * 32, "cancelled": [o["id"] for o in self.orders]}
         if path.startswith("/orders/") and method == "DELETE":
             oid = path.removeprefix("/orders/")
             self.deleted.append(oid)

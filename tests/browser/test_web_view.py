@@ -209,3 +209,27 @@ def test_reconnect_resumes_the_book_from_its_last_u(page: Any, fake: FakeNode) -
     assert resubscribed in again
     assert {"op": "subscribe", "channel": "private", "symbol": "BTC-USD"} in again
     assert page.errors == []
+
+
+def test_market_order_sends_band_not_price(page: Any, fake: FakeNode) -> None:
+    open_page(page)
+    page.check('#order-form input[value="market"]', force=True)
+    assert page.is_hidden('[data-testid="price"]') and page.is_visible('[data-testid="band"]')
+    assert page.inner_text('[data-testid="submit"]') == "Buy BTC at market"
+    page.fill('[data-testid="amount"]', "0.25")
+    page.fill('[data-testid="band"]', "2")
+    page.click('[data-testid="submit"]')
+    page.wait_for_selector("#order-result div")
+    assert fake.posted == [
+        {"symbol": "BTC-USD", "type": "market", "side": "buy", "amount": "0.25", "band": "2"}
+    ]
+    assert page.errors == []
+
+
+def test_cancel_all_is_one_request(page: Any, fake: FakeNode) -> None:
+    open_page(page)
+    page.click('[data-testid="cancel-all"]')
+    page.wait_for_function("document.querySelectorAll('#open-orders tr[data-id]').length === 0")
+    assert fake.deleted == ["all BTC-USD"]
+    assert "1 order cancelled in one op" in page.inner_text("#toasts")
+    assert page.errors == []
