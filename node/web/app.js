@@ -367,7 +367,7 @@ function renderBook() {
   $("spread").textContent = spread ?? "-";
   $("book-seq").textContent = state.book.u === null ? "" : `u ${state.book.u}`;
   const note = $("book-note");
-  if (state.witnessed === false) note.textContent = "no witnesses: nothing here is ever final";
+  if (state.witnessed === false) note.textContent = "no witnesses: fills here are never final";
   else if (state.witnessed === true) {
     const all = [...shownBids, ...shownAsks];
     const prov = all.filter((lv) => lv[3] === false).length;

@@ -233,3 +233,28 @@ def test_cancel_all_is_one_request(page: Any, fake: FakeNode) -> None:
     assert fake.deleted == ["all BTC-USD"]
     assert "1 order cancelled in one op" in page.inner_text("#toasts")
     assert page.errors == []
+
+
+def test_market_without_witnesses_says_never_final(page: Any, fake: FakeNode) -> None:
+    fake.markets[0]["info"]["witnessed"] = False
+    fake.status["markets"][0].update(witnessed=False, finality="none", witnesses=[])
+    open_page(page)
+    page.wait_for_function(
+        "document.getElementById('finality-badge').textContent === 'never final'"
+    )
+    assert set(texts(page, "#trades td.state")) == {"never final"}
+    assert page.locator(".level.provisional, .level.final").count() == 0  # no marks at all
+    assert "never final" in page.inner_text("#book-note")
+    assert page.errors == []
+
+
+def test_depth_chart_hover(page: Any, fake: FakeNode) -> None:
+    open_page(page)
+    box = page.locator("#depth").bounding_box()
+    # a point left of the mid (bids) and right of it (asks), halfway up
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5)
+    page.wait_for_selector("#chart-tip:not([hidden])")
+    assert page.inner_text("#chart-tip").startswith("bids to ")
+    page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.5)
+    page.wait_for_function("document.getElementById('chart-tip').textContent.startsWith('asks')")
+    assert page.errors == []
