@@ -17,8 +17,9 @@ Usage::
 
 Stack: TCP, Noise only (no plaintext, no secio), Yamux only, one connection per peer,
 GossipSub v1.1/v1.0 (no v1.2 IDONTWANT, no spam protection, no adaptive gossip),
-content-addressed message ids (sha256 of the data), strict message signing, and a
-Kademlia DHT in server mode.
+content-addressed message ids (sha256 of the data), unsigned messages (StrictNoSign: the ops
+inside are signed by their authors; see ``node/p2p_pubsub.py``), and a Kademlia DHT in
+server mode.
 
 Concurrency: :func:`open_network` owns a trio nursery; every call into the network is
 bounded by a timeout from :class:`NetworkConfig` and raises :class:`P2PTimeout` when it
@@ -34,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -54,7 +54,6 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID as MESHSUB_V10
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as MESHSUB_V11
-from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
@@ -64,8 +63,20 @@ from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.address_validation import expand_wildcard_address
 from multiaddr import Multiaddr
 
-from . import p2p_limits, p2p_records
-from .p2p_pubsub import HardenedPubsub, content_message_id
+from . import p2p_install
+from .frames import FrameStream
+from .p2p_errors import (
+    DialError,
+    FrameError,
+    FrameTooLarge,
+    ListenError,
+    P2PError,
+    P2PTimeout,
+    PeerBanned,
+    StreamEOF,
+    StreamError,
+)
+from .p2p_pubsub import ContentGossipSub, HardenedPubsub, content_message_id
 
 __all__ = [
     "DialError",
@@ -92,134 +103,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: py-libp2p's Yamux (0.8.1) sends a WINDOW_UPDATE frame after every read by default
-#: ("release on read"), so each small gossip message costs a second frame, Noise-encrypted,
-#: on the way back. "0" gives go-yamux's behaviour: credit is returned in batches of half a
-#: window. Measured with bench/bench_network.py, 5 nodes at 300 ops/s: node CPU per op 5.2 ->
-#: 4.5 ms (all nodes together), p99 238 -> 215 ms. Read by libp2p at call time; an explicit
-#: setting in the environment wins.
-_YAMUX_TUNING: Final = {"PY_YAMUX_RELEASE_ON_READ": "0"}
-
-
-def _configure_yamux() -> None:
-    for name, value in _YAMUX_TUNING.items():
-        os.environ.setdefault(name, value)
-
-
-def _configure_library_logging() -> None:
-    """Route libp2p's logs to the application's handlers and quieten multiaddr.
-
-    ``import libp2p`` sets the ``libp2p`` logger to ``propagate=False`` with no handler
-    (unless ``LIBP2P_DEBUG`` is set, in which case libp2p's own handlers are kept).
-    """
-    if not os.environ.get("LIBP2P_DEBUG"):
-        logging.getLogger("libp2p").propagate = True
-    # multiaddr logs heavily at DEBUG; libp2p pins its auto-connector to INFO and logs
-    # a status line every few seconds.
-    for name in ("multiaddr", "libp2p.network.auto_connector"):
-        lib_logger = logging.getLogger(name)
-        if lib_logger.level < logging.WARNING:
-            lib_logger.setLevel(logging.WARNING)
-
-
-_configure_library_logging()
-_configure_yamux()
-p2p_records.install()
-p2p_limits.install()  # caps multistream-select reads (see node/p2p_limits.py)
-
-
-# libp2p drops outbound gossip silently when a peer's queue (32 RPCs) is full; it only logs at
-# DEBUG. Count the drops so `status` can show them: the one sign that gossip is over capacity.
-_SEND_DROPS = [0]
-
-
-def _install_drop_counter() -> None:
-    import libp2p.pubsub.pubsub as pubsub_module
-
-    # The name pubsub's own calls look up (it imports it from .rpc_queue, not re-exported).
-    namespace = vars(pubsub_module)
-    original = namespace["drop_rpc"]
-    if getattr(original, "_crdtbook_counting", False):
-        return
-
-    def counting_drop_rpc(peer_id: ID, rpc: rpc_pb2.RPC) -> None:
-        _SEND_DROPS[0] += 1
-        original(peer_id, rpc)
-
-    counting_drop_rpc._crdtbook_counting = True  # type: ignore[attr-defined]
-    namespace["drop_rpc"] = counting_drop_rpc
-
-
-_install_drop_counter()
-
-
-# libp2p 0.8.1 opens every TCP listen socket with SO_REUSEPORT (for DCUtR hole punching, which
-# this node does not use). On Linux that lets a second process listen on a port another one
-# already listens on, when both set it: a second node started on a busy port came up, printed
-# "listening on" and split the incoming connections with the first. Listen sockets here set
-# SO_REUSEADDR only (a restart may still reuse a port in TIME_WAIT), so the kernel refuses a
-# port in use, whatever flags its owner set.
-
-
-def _install_exclusive_listen() -> None:
-    import socket as stdlib_socket
-
-    import libp2p.transport.tcp.tcp as tcp_module
-
-    original = tcp_module._set_reuse_flags
-    if getattr(original, "_crdtbook_original", None) is not None:
-        return
-
-    def set_reuse_addr_only(sock: trio.socket.SocketType) -> None:
-        with suppress(OSError):
-            sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
-
-    set_reuse_addr_only._crdtbook_original = original  # type: ignore[attr-defined]
-    tcp_module._set_reuse_flags = set_reuse_addr_only
-
-
-_install_exclusive_listen()
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class P2PError(Exception):
-    """Base class of every error raised by this module."""
-
-
-class P2PTimeout(P2PError, TimeoutError):
-    """A network call did not finish within its bound."""
-
-
-class DialError(P2PError):
-    """Could not connect to a peer (bad address, refused, handshake failed)."""
-
-
-class PeerBanned(P2PError):
-    """The operation targets a peer that is currently banned."""
-
-
-class StreamError(P2PError):
-    """A stream failed: reset by the peer, closed, or protocol negotiation failed."""
-
-
-class StreamEOF(StreamError):
-    """The peer closed the stream cleanly at a frame boundary."""
-
-
-class FrameError(StreamError):
-    """A malformed frame: bad length prefix or the stream ended inside a frame."""
-
-
-class FrameTooLarge(FrameError):
-    """A frame's announced length exceeds the reader's ``max_size``."""
-
-
-class ListenError(P2PError, OSError):
-    """A listen address could not be opened (in use, not an address of this machine, ...)."""
-
-
 # ----------------------------------------------------------------------- data types
 
 
@@ -234,7 +117,8 @@ class NetworkConfig:
     message to its own mesh, so on a small network D costs duplicate deliveries, not reach."""
     degree_low: int = 4
     degree_high: int = 12
-    """GossipSub heartbeat in seconds (tests may use less)."""
+    """GossipSub D_lo and D_hi: the heartbeat grafts peers into a topic's mesh below D_lo and
+    prunes it back to D above D_hi (peers that graft us count too)."""
     dial_timeout: float = 10.0
     """Bound on :meth:`Network.connect`."""
     call_timeout: float = 10.0
@@ -265,7 +149,8 @@ class GossipMessage:
     topic: str
     data: bytes
     from_peer: str
-    """The peer that originally published it (signature-verified by libp2p)."""
+    """The neighbour that forwarded it to us. Gossip names no origin (messages are unsigned:
+    the ops inside are signed by their authors)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,169 +296,6 @@ def _why_not_listening(maddr: Multiaddr) -> str:
     return "libp2p could not open it (run with -vvv to see why)"
 
 
-# ------------------------------------------------------------------------- streams
-
-
-def _encode_uvarint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-class FrameStream:
-    """A libp2p stream carrying unsigned-varint length-prefixed frames.
-
-    Not safe for concurrent readers or concurrent writers (one of each is fine).  After
-    a timeout or :class:`FrameError`, the stream's framing is undefined: reset it.
-    """
-
-    _READ_CHUNK = 64 * 1024
-    _WRITE_BATCH = 60 * 1024
-
-    def __init__(
-        self, stream: INetStream, peer_id: str, protocol_id: str, io_timeout: float
-    ) -> None:
-        self._stream = stream
-        self._buf = bytearray()
-        self._io_timeout = io_timeout
-        self.peer_id = peer_id
-        """The remote peer."""
-        self.protocol_id = protocol_id
-        """The negotiated protocol."""
-
-    async def write_frame(self, data: bytes, *, timeout: float | None = None) -> None:
-        """Send one frame.  Raises :class:`StreamError` or :class:`P2PTimeout`."""
-        frame = _encode_uvarint(len(data)) + data
-        try:
-            with trio.fail_after(self._io_timeout if timeout is None else timeout):
-                await self._stream.write(frame)
-        except trio.TooSlowError as exc:
-            raise P2PTimeout(f"write_frame to {self.peer_id} timed out") from exc
-        except Exception as exc:
-            raise StreamError(f"write_frame to {self.peer_id} failed: {exc!r}") from exc
-
-    async def write_frames(self, frames: Sequence[bytes], *, timeout: float | None = None) -> None:
-        """Send several frames with as few writes as possible (each libp2p write is
-        a Yamux frame + a Noise message, about 0.2 ms: batch when sending many)."""
-        batch = bytearray()
-        try:
-            with trio.fail_after(self._io_timeout if timeout is None else timeout):
-                for data in frames:
-                    batch += _encode_uvarint(len(data))
-                    batch += data
-                    if len(batch) >= self._WRITE_BATCH:
-                        await self._stream.write(bytes(batch))
-                        batch.clear()
-                if batch:
-                    await self._stream.write(bytes(batch))
-        except trio.TooSlowError as exc:
-            raise P2PTimeout(f"write_frames to {self.peer_id} timed out") from exc
-        except Exception as exc:
-            raise StreamError(f"write_frames to {self.peer_id} failed: {exc!r}") from exc
-
-    async def read_frame(self, max_size: int, *, timeout: float | None = None) -> bytes:
-        """Receive one frame of at most ``max_size`` bytes.
-
-        Raises :class:`StreamEOF` on a clean end of stream, :class:`FrameTooLarge`,
-        :class:`FrameError`, :class:`StreamError` or :class:`P2PTimeout`.
-        """
-        try:
-            with trio.fail_after(self._io_timeout if timeout is None else timeout):
-                return await self._read_frame(max_size)
-        except trio.TooSlowError as exc:
-            raise P2PTimeout(f"read_frame from {self.peer_id} timed out") from exc
-
-    async def _read_frame(self, max_size: int) -> bytes:
-        while True:
-            header = self._parse_header(max_size)
-            if header is not None:
-                hdr_len, length = header
-                total = hdr_len + length
-                while len(self._buf) < total:
-                    if not await self._fill(total - len(self._buf)):
-                        raise FrameError(f"stream from {self.peer_id} ended inside a frame")
-                frame = bytes(self._buf[hdr_len:total])
-                del self._buf[:total]
-                return frame
-            if not await self._fill(self._READ_CHUNK):
-                if self._buf:
-                    raise FrameError(f"stream from {self.peer_id} ended inside a frame")
-                raise StreamEOF(f"stream from {self.peer_id} closed")
-
-    def _parse_header(self, max_size: int) -> tuple[int, int] | None:
-        value = 0
-        for i, byte in enumerate(self._buf[:10]):
-            value |= (byte & 0x7F) << (7 * i)
-            if not byte & 0x80:
-                if value > max_size:
-                    raise FrameTooLarge(
-                        f"frame of {value} bytes from {self.peer_id} exceeds {max_size}"
-                    )
-                return i + 1, value
-        if len(self._buf) >= 10:
-            raise FrameError(f"bad frame length prefix from {self.peer_id}")
-        return None
-
-    async def _fill(self, want: int) -> bool:
-        """Read more bytes into the buffer; False on end of stream."""
-        try:
-            chunk = await self._stream.read(max(want, self._READ_CHUNK))
-        except EOFError:  # libp2p's StreamEOF subclasses EOFError
-            return False
-        except Exception as exc:
-            raise StreamError(f"read from {self.peer_id} failed: {exc!r}") from exc
-        if not chunk:
-            return False
-        self._buf += chunk
-        return True
-
-    async def close_write(self) -> None:
-        """Half-close: tell the peer we will send nothing more (its next
-        :meth:`read_frame` raises :class:`StreamEOF`); we can still read."""
-        # NetStream has close_write (a Yamux FIN); the INetStream interface does not.
-        close_write: Callable[[], Awaitable[None]] = getattr(
-            self._stream, "close_write", self._stream.close
-        )
-        try:
-            with trio.fail_after(self._io_timeout):
-                await close_write()
-        except trio.TooSlowError as exc:
-            raise P2PTimeout(f"close_write to {self.peer_id} timed out") from exc
-        except Exception as exc:
-            raise StreamError(f"close_write to {self.peer_id} failed: {exc!r}") from exc
-
-    async def close(self) -> None:
-        """Close the stream (never raises)."""
-        try:
-            with trio.move_on_after(self._io_timeout):
-                await self._stream.close()
-        except Exception:
-            logger.debug("stream close failed", exc_info=True)
-
-    async def reset(self) -> None:
-        """Abort the stream (never raises)."""
-        try:
-            with trio.move_on_after(self._io_timeout):
-                await self._stream.reset()
-        except Exception:
-            logger.debug("stream reset failed", exc_info=True)
-
-    async def __aenter__(self) -> FrameStream:
-        return self
-
-    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            await self.close()
-        else:
-            await self.reset()
-
-
 # ------------------------------------------------------------------------- network
 
 
@@ -605,7 +327,7 @@ class _Notifee(INotifee):
 class Network:
     """A running libp2p node.  Obtain one from :func:`open_network`."""
 
-    def __init__(self, host: IHost, router: GossipSub, config: NetworkConfig) -> None:
+    def __init__(self, host: IHost, router: ContentGossipSub, config: NetworkConfig) -> None:
         self._host = host
         self._router = router
         self._config = config
@@ -618,7 +340,7 @@ class Network:
             on_reject=self._record_reject,
             deliver=self._deliver,
             msg_id_constructor=content_message_id,
-            strict_signing=True,
+            unsigned=True,
             seen_ttl=config.seen_ttl,
             # Our wrapper enforces config.validation_timeout itself (and counts it).
             validation_timeout=config.validation_timeout + 1.0,
@@ -785,7 +507,8 @@ class Network:
         """Call ``hook(peer_id, reason)`` on every rejection (policy lives in the node).
 
         Reasons: ``invalid`` (validator said no), ``validator-error``,
-        ``validator-timeout``, ``bad-signature``, ``malformed`` (undecodable pubsub
+        ``validator-timeout``, ``signed`` (a gossip message carrying the envelope fields
+        unsigned gossip refuses), ``malformed`` (undecodable pubsub
         frame), ``error`` (anything else that failed while handling its message)."""
         self._reject_hook = hook
 
@@ -932,7 +655,7 @@ class Network:
             "banned": sum(1 for deadline in self._bans.values() if deadline > now),
             "rejected": sum(self._rejects.values()),
             "gossip_dropped": self._dropped_gossip,
-            "gossip_send_dropped": _SEND_DROPS[0],
+            "gossip_send_dropped": p2p_install.send_drops(),
             "mesh_peers": sum(len(peers) for peers in self._router.mesh.values()),
             "fanout_peers": sum(len(peers) for peers in self._router.fanout.values()),
         }
@@ -963,11 +686,8 @@ class Network:
     def _record_reject(self, peer: ID, reason: str) -> None:
         self.report_reject(peer.to_base58(), reason)
 
-    def _deliver(self, msg: rpc_pb2.Message) -> None:
-        origin = ID(msg.from_id)
-        if origin == self._id:
-            return
-        from_peer = origin.to_base58()
+    def _deliver(self, msg: rpc_pb2.Message, forwarder: ID) -> None:
+        from_peer = forwarder.to_base58()
         for topic in msg.topicIDs:
             sends = self._subscribers.get(topic)
             if not sends:
@@ -1076,6 +796,7 @@ async def open_network(
         raise ValueError("seed must be 32 bytes")
     for addr in listen:
         check_listen_addr(addr)
+    p2p_install.install()  # the process-wide changes to libp2p, logging and the environment
     cfg = config or NetworkConfig()
     key_pair = create_new_key_pair(seed)
     listen_addrs = [Multiaddr(a) for a in listen]
@@ -1092,12 +813,13 @@ async def open_network(
         announce_addrs=[Multiaddr(a) for a in cfg.announce] or None,
         addrs_factory=None if cfg.announce else _expand_wildcards,
     )
-    router = GossipSub(
+    router = ContentGossipSub(
+        msg_id=content_message_id,
         protocols=[MESHSUB_V11, MESHSUB_V10],
         degree=cfg.degree,
         degree_low=cfg.degree_low,
         degree_high=cfg.degree_high,
-        heartbeat_interval=cfg.heartbeat_interval,  # type: ignore[arg-type]  # int-typed, float works
+        heartbeat_interval=cfg.heartbeat_interval,  # int-typed in libp2p; a float works
         spam_protection_enabled=False,
         adaptive_gossip_enabled=False,
     )

@@ -24,6 +24,31 @@ deletes the entry, and the ``del`` raises ``KeyError``: the service and the node
 a rejection of the peer that sent it and otherwise swallowed.  It also removes duplicate
 deliveries caused by concurrent async validation of the same message (several forwarders
 deliver it while the first validation is still running) by tracking in-flight message ids.
+
+**Unsigned gossip (gossipsub's StrictNoSign policy).** Stock py-libp2p signs every message it
+publishes (an ed25519 envelope signature over the message) and checks it on every first receipt,
+here twice (``push_msg`` below and the library's own ``push_msg``): ~60 us per check per node
+per message, plus ~150 bytes of ``from``/``seqno``/``signature``/``key`` on every copy. The
+payloads are crdtbook ops, each signed by its author and verified by the validator, and message
+ids are content hashes, so the envelope authenticates nothing the node uses: bans and rejection
+counts go to the forwarding neighbour (the one accountable), never to the claimed origin. With
+``unsigned=True`` a message carries its data and topics only, and a message that carries any
+of the four envelope fields is refused (reason ``signed``), as go-libp2p's StrictNoSign does.
+Peers on the signed protocol and peers on this one refuse each other's gossip (and sync still
+converges them); every node of this repository speaks the unsigned one.
+
+:class:`ContentGossipSub` fixes two things the router assumes about message ids:
+
+* the message cache keys entries by ``from + seqno`` (``mcache.default_msg_id_fn``) whatever
+  id function pubsub was given, and its ids are what IHAVE advertises and IWANT asks for; the
+  receiving node checks them against its seen-cache, which holds *content* ids, finds none,
+  and asks for every advertised message again: each node fetched, over IWANT, a full copy of
+  every message of the gossip window from every peer that gossips to it (the peers outside its
+  mesh: none in a small network, several in one larger than the mesh bound). Here the cache
+  uses the content id, so IHAVE names ids the receiver can recognise;
+* the equivocation check keys messages by ``from + seqno`` too; with unsigned messages both
+  are empty and every message after the first would look like an equivocation (and, signed or
+  not, a content id cannot equivocate: a different content is a different id).
 """
 
 from __future__ import annotations
@@ -35,6 +60,8 @@ from typing import Any
 
 from libp2p.abc import INetStream
 from libp2p.peer.id import ID
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.mcache import CacheEntry, MessageCache
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.validators import signature_validator
@@ -43,13 +70,21 @@ logger = logging.getLogger(__name__)
 
 #: Called with (forwarding peer, reason) whenever input from a peer is rejected.
 RejectHook = Callable[[ID, str], None]
-#: Called with every message that passed validation and is for a subscribed topic.
-DeliverHook = Callable[[rpc_pb2.Message], None]
+#: Called with every message from another peer that passed validation and is for a subscribed
+#: topic, and the neighbour that forwarded it.
+DeliverHook = Callable[[rpc_pb2.Message, ID], None]
+#: The envelope fields an unsigned message must not carry (StrictNoSign).
+ENVELOPE_FIELDS = ("from_id", "seqno", "signature", "key")
 
 
 def content_message_id(msg: rpc_pb2.Message) -> bytes:
     """Gossip message id: sha256 of the payload only (same data => same id)."""
     return hashlib.sha256(msg.data).digest()
+
+
+def has_envelope(msg: rpc_pb2.Message) -> bool:
+    """Whether ``msg`` carries any of the signed envelope's fields."""
+    return any(getattr(msg, name) for name in ENVELOPE_FIELDS)
 
 
 def signature_ok(msg: rpc_pb2.Message) -> bool:
@@ -68,12 +103,27 @@ class HardenedPubsub(Pubsub):
         *args: Any,
         on_reject: RejectHook,
         deliver: DeliverHook,
+        unsigned: bool = False,
         **kwargs: Any,
     ) -> None:
+        """``unsigned``: publish messages without the envelope and refuse those that carry one
+        (see the module doc; it implies ``strict_signing=False``)."""
+        if unsigned:
+            kwargs["strict_signing"] = False
         super().__init__(*args, **kwargs)
+        self.unsigned = unsigned
         self._on_reject = on_reject
         self._deliver = deliver
-        self._inflight: set[bytes] = set()
+        #: Message id -> the peer it came from, while its validation runs (a second copy
+        #: meanwhile is a duplicate; delivery names the forwarder).
+        self._inflight: dict[bytes, ID] = {}
+
+    async def publish(self, topic_id: str | list[str], data: bytes) -> None:
+        if not self.unsigned:
+            await super().publish(topic_id, data)
+            return
+        topics = [topic_id] if isinstance(topic_id, str) else list(topic_id)
+        await self.push_msg(self.my_id, rpc_pb2.Message(data=data, topicIDs=topics))
 
     def _reject(self, peer_id: ID, reason: str) -> None:
         try:
@@ -92,15 +142,19 @@ class HardenedPubsub(Pubsub):
             msg_id = self._msg_id_constructor(msg)
             if msg_id in self._inflight or self.seen_messages.has(msg_id):
                 return  # duplicate: being validated right now, or already seen
-            if self.strict_signing and not signature_ok(msg):
+            if self.unsigned:
+                if has_envelope(msg):
+                    self._reject(msg_forwarder, "signed")
+                    return
+            elif self.strict_signing and not signature_ok(msg):
                 # Pitfall: the library's check raises on a garbage key; ours cannot.
                 self._reject(msg_forwarder, "bad-signature")
                 return
-            self._inflight.add(msg_id)
+            self._inflight[msg_id] = msg_forwarder
             try:
                 await super().push_msg(msg_forwarder, msg)
             finally:
-                self._inflight.discard(msg_id)
+                self._inflight.pop(msg_id, None)
         except Exception as exc:
             if not self.manager.is_running or _is_closed_nursery(exc):
                 logger.debug("message from %s dropped by shutdown: %r", msg_forwarder, exc)
@@ -150,10 +204,43 @@ class HardenedPubsub(Pubsub):
             await _quiet_reset(stream)
 
     def notify_subscriptions(self, publish_message: rpc_pb2.Message) -> None:
+        forwarder = self._inflight.get(self._msg_id_constructor(publish_message))
+        if forwarder is None:
+            return  # our own publish (only remote messages are in flight): not echoed
         try:
-            self._deliver(publish_message)
+            self._deliver(publish_message, forwarder)
         except Exception:
             logger.exception("gossip delivery hook failed")
+
+
+class ContentMessageCache(MessageCache):
+    """``MessageCache`` keyed by the message id pubsub uses (see the module doc)."""
+
+    def __init__(
+        self, msg_id: Callable[[rpc_pb2.Message], bytes], window_size: int, history_size: int
+    ) -> None:
+        super().__init__(window_size, history_size)
+        self._msg_id = msg_id
+
+    def put(self, msg: rpc_pb2.Message) -> None:
+        mid = self._msg_id(msg)
+        if mid in self.msgs:
+            return
+        self.msgs[mid] = msg
+        self.history[0].append(CacheEntry(mid, msg.topicIDs))
+
+
+class ContentGossipSub(GossipSub):
+    """``GossipSub`` for content-addressed message ids (see the module doc)."""
+
+    def __init__(
+        self, *args: Any, msg_id: Callable[[rpc_pb2.Message], bytes], **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.mcache = ContentMessageCache(msg_id, self.mcache.window_size, self.mcache.history_size)
+
+    def _check_equivocation(self, msg: rpc_pb2.Message) -> bool:
+        return True  # a content id names one content: there is nothing to equivocate about
 
 
 def _is_closed_nursery(exc: BaseException) -> bool:

@@ -22,7 +22,7 @@ import trio
 from libp2p.io.exceptions import MessageTooLarge
 from libp2p.utils.varint import read_delim as stock_read_delim
 
-from crdtbook.node import p2p_limits
+from crdtbook.node import p2p_install, p2p_limits
 from crdtbook.node.p2p import FrameStream, Network, NetworkConfig, open_network
 
 pytestmark = pytest.mark.timeout(60)
@@ -150,6 +150,7 @@ async def _idle_connections(port: int, count: int) -> list[trio.socket.SocketTyp
 
 @asynccontextmanager
 async def _stock_library() -> AsyncIterator[None]:
+    p2p_install.install()  # what opening a network does first (once per process)
     p2p_limits.uninstall()
     try:
         yield

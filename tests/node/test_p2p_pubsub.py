@@ -38,7 +38,7 @@ def hardened_pubsub(
             host,
             router,
             on_reject=lambda peer, why: None,
-            deliver=lambda msg: out.append(bytes(msg.data)),
+            deliver=lambda msg, forwarder: out.append(bytes(msg.data)),
             msg_id_constructor=content_message_id,
         )
 

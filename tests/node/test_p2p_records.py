@@ -47,7 +47,9 @@ def library_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[ID]]:
 
 
 def test_installed_where_pubsub_looks_them_up() -> None:
-    import crdtbook.node.p2p  # noqa: F401  (installs on import)
+    from crdtbook.node import p2p_install
+
+    p2p_install.install()  # what open_network does first
 
     for module in (libp2p.pubsub.pubsub, libp2p.pubsub.gossipsub):
         assert module.maybe_consume_signed_record is p2p_records.cached_consume_signed_record

@@ -1,0 +1,131 @@
+"""What the node changes in py-libp2p 0.8.1 and in the process for it, in one explicit step.
+
+Private helper of :mod:`crdtbook.node.p2p` (the only other module allowed to import libp2p).
+:func:`install` runs when a network opens (``open_network`` calls it), never at import: importing
+``crdtbook.node.p2p`` changes nothing in the environment, the logging tree or libp2p. Every
+change is process-wide (libp2p looks these names up in its own modules) and idempotent:
+
+* the environment: Yamux window updates in batches (``PY_YAMUX_RELEASE_ON_READ``);
+* logging: libp2p's logs reach the application's handlers; multiaddr's DEBUG chatter is cut;
+* libp2p: signed peer records checked once per peer (``node/p2p_records.py``); bounds on what a
+  peer can make it read before authentication (``node/p2p_limits.py``); dropped outbound gossip
+  counted (:func:`send_drops`); listen sockets exclusive (no ``SO_REUSEPORT``).
+
+What changes gossip's own behaviour (unsigned messages, content-keyed message cache) is not
+patched in: it lives in the ``Pubsub`` and ``GossipSub`` subclasses of ``node/p2p_pubsub.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import suppress
+from typing import Final
+
+import trio
+from libp2p.peer.id import ID
+from libp2p.pubsub.pb import rpc_pb2
+
+from . import p2p_limits, p2p_records
+
+__all__ = ["install", "send_drops"]
+
+
+#: py-libp2p's Yamux (0.8.1) sends a WINDOW_UPDATE frame after every read by default
+#: ("release on read"), so each small gossip message costs a second frame, Noise-encrypted,
+#: on the way back. "0" gives go-yamux's behaviour: credit is returned in batches of half a
+#: window. Measured with bench/bench_network.py, 5 nodes at 300 ops/s: node CPU per op 5.2 ->
+#: 4.5 ms (all nodes together), p99 238 -> 215 ms. Read by libp2p at call time; an explicit
+#: setting in the environment wins.
+_YAMUX_TUNING: Final = {"PY_YAMUX_RELEASE_ON_READ": "0"}
+
+
+def _configure_yamux() -> None:
+    for name, value in _YAMUX_TUNING.items():
+        os.environ.setdefault(name, value)
+
+
+def _configure_library_logging() -> None:
+    """Route libp2p's logs to the application's handlers and quieten multiaddr.
+
+    ``import libp2p`` sets the ``libp2p`` logger to ``propagate=False`` with no handler
+    (unless ``LIBP2P_DEBUG`` is set, in which case libp2p's own handlers are kept).
+    """
+    if not os.environ.get("LIBP2P_DEBUG"):
+        logging.getLogger("libp2p").propagate = True
+    # multiaddr logs heavily at DEBUG; libp2p pins its auto-connector to INFO and logs
+    # a status line every few seconds.
+    for name in ("multiaddr", "libp2p.network.auto_connector"):
+        lib_logger = logging.getLogger(name)
+        if lib_logger.level < logging.WARNING:
+            lib_logger.setLevel(logging.WARNING)
+
+
+# libp2p drops outbound gossip silently when a peer's queue (32 RPCs) is full; it only logs at
+# DEBUG. Count the drops so `status` can show them: the one sign that gossip is over capacity.
+_SEND_DROPS = [0]
+
+
+def send_drops() -> int:
+    """Outbound gossip RPCs libp2p dropped on full peer queues, in this process so far."""
+    return _SEND_DROPS[0]
+
+
+def _install_drop_counter() -> None:
+    import libp2p.pubsub.pubsub as pubsub_module
+
+    # The name pubsub's own calls look up (it imports it from .rpc_queue, not re-exported).
+    namespace = vars(pubsub_module)
+    original = namespace["drop_rpc"]
+    if getattr(original, "_crdtbook_counting", False):
+        return
+
+    def counting_drop_rpc(peer_id: ID, rpc: rpc_pb2.RPC) -> None:
+        _SEND_DROPS[0] += 1
+        original(peer_id, rpc)
+
+    counting_drop_rpc._crdtbook_counting = True  # type: ignore[attr-defined]
+    namespace["drop_rpc"] = counting_drop_rpc
+
+
+# libp2p 0.8.1 opens every TCP listen socket with SO_REUSEPORT (for DCUtR hole punching, which
+# this node does not use). On Linux that lets a second process listen on a port another one
+# already listens on, when both set it: a second node started on a busy port came up, printed
+# "listening on" and split the incoming connections with the first. Listen sockets here set
+# SO_REUSEADDR only (a restart may still reuse a port in TIME_WAIT), so the kernel refuses a
+# port in use, whatever flags its owner set.
+
+
+def _install_exclusive_listen() -> None:
+    import socket as stdlib_socket
+
+    import libp2p.transport.tcp.tcp as tcp_module
+
+    original = tcp_module._set_reuse_flags
+    if getattr(original, "_crdtbook_original", None) is not None:
+        return
+
+    def set_reuse_addr_only(sock: trio.socket.SocketType) -> None:
+        with suppress(OSError):
+            sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
+
+    set_reuse_addr_only._crdtbook_original = original  # type: ignore[attr-defined]
+    tcp_module._set_reuse_flags = set_reuse_addr_only
+
+
+_installed = [False]
+
+
+def install() -> None:
+    """Make every change listed in the module doc, the first time it is called in a process (an
+    explicit setting of the Yamux variable in the environment wins). Later calls change nothing,
+    so a test may take one change back (``p2p_limits.uninstall``) while networks open."""
+    if _installed[0]:
+        return
+    _installed[0] = True
+    _configure_library_logging()
+    _configure_yamux()
+    p2p_records.install()
+    p2p_limits.install()  # caps multistream-select reads (see node/p2p_limits.py)
+    _install_drop_counter()
+    _install_exclusive_listen()
