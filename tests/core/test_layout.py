@@ -4,6 +4,9 @@ The node and CLI live in ``node/`` and ``cli/`` (installed as ``crdtbook.node`` 
 ``crdtbook.cli``); the core's own modules may import none of what would let them touch the
 network, the disk, threads or time. Checked on the source, so a lazy import inside a function
 is caught too.
+
+The shell keeps libp2p, SQLite and the HTTP stack each in its own modules, and the CLI's
+process loads none of them (docs/architecture.md, the rooms).
 """
 
 from __future__ import annotations
@@ -61,3 +64,44 @@ def test_the_check_sees_imports(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
     sample.write_text("import time\nfrom trio import sleep\n\ndef f():\n    import socket\n")
     assert imported(sample) == {"time", "trio", "socket"}
+
+
+# -- the shell and the CLI ---------------------------------------------------------------------
+
+SHELL = CORE.parent / "node"
+
+#: Libraries the shell confines to a few modules, with the modules allowed and why.
+CONFINED = {
+    # The rest of the node sees the network through node/network.py's typed interface.
+    "libp2p": lambda name: name == "p2p.py" or name.startswith("p2p_"),
+    "multiaddr": lambda name: name == "p2p.py" or name.startswith("p2p_"),
+    # The store owns the database; app.py names sqlite3.Error only to catch it at shutdown.
+    "sqlite3": lambda name: name in ("store.py", "app.py"),
+    # The HTTP stack is imported only when the node serves HTTP (--http).
+    "starlette": lambda name: name.startswith("http_"),
+    "hypercorn": lambda name: name.startswith("http_"),
+}
+
+
+@pytest.mark.parametrize("path", sorted(SHELL.glob("*.py")), ids=lambda p: p.name)
+def test_shell_module_imports_what_its_room_allows(path: Path) -> None:
+    bad = [lib for lib in imported(path) if lib in CONFINED and not CONFINED[lib](path.name)]
+    assert not bad, f"node/{path.name} imports {bad}: keep them in their own modules"
+
+
+def test_the_cli_loads_neither_trio_nor_libp2p() -> None:
+    """A command's process starts fast and does no I/O of the node's: importing the CLI (and the
+    demo, which drives node processes) loads no event loop, no libp2p, no database, no server."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, crdtbook.cli.app, crdtbook.cli.demo; "
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    loaded = set(
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+        ).stdout.split()
+    )
+    assert not loaded & {"trio", "libp2p", "multiaddr", "sqlite3", "starlette", "hypercorn"}
