@@ -28,6 +28,12 @@ logger = logging.getLogger("crdtbook.node")
 DISCOVERY_INTERVAL: Final = 10.0
 #: The first round's wait; each round doubles it up to DISCOVERY_INTERVAL.
 DISCOVERY_FIRST_DELAY: Final = 0.5
+#: Connected to this many peers, a node looks for more only every SETTLED_SEARCH_INTERVAL. A
+#: search asks most of the DHT's peers, and every node's searches reach every other node: in a
+#: 20-node network, one search per node per 10 s was a third of an idle node's CPU (py-spy, issue
+#: #12). A node with this many peers is in the gossip mesh already; newcomers find it themselves.
+ENOUGH_PEERS: Final = 8
+SETTLED_SEARCH_INTERVAL: Final = 60.0
 #: Re-announce our markets in the DHT this often once settled (records expire; see
 #: ``node.p2p_records``).
 ANNOUNCE_INTERVAL: Final = 60.0
@@ -62,14 +68,17 @@ class Discovery:
     async def run(self) -> None:
         """Discovery rounds until cancelled."""
         delay = DISCOVERY_FIRST_DELAY
-        last_announce = -1e9
+        last_announce = last_search = -1e9
         while True:
             await self.bootstrap()
             now = trio.current_time()
             due = now - last_announce >= self.announce_interval or delay < DISCOVERY_INTERVAL
             if due and await self._announce():
                 last_announce = now
-            await self._dial_providers()
+            settled = len(self.net.connected_peers()) >= ENOUGH_PEERS
+            if not settled or now - last_search >= SETTLED_SEARCH_INTERVAL:
+                await self._dial_providers()
+                last_search = now
             await trio.sleep(delay)
             delay = min(DISCOVERY_INTERVAL, delay * 2)
 

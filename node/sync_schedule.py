@@ -3,9 +3,10 @@
 Gossip is best effort; sync is what guarantees every op reaches every peer. This module decides
 when a session runs and what its outcome means; ``node.sync`` runs one session over a stream.
 
-- Pulling: every ``SYNC_INTERVAL`` (jittered) each connected peer is asked, per market, for what
-  we lack; at once when a peer connects, and again at once after a session that made progress
-  but left ops missing, or that named heads we do not know. At most one session per
+- Pulling: every ``SYNC_INTERVAL`` (jittered) ``SYNC_PEERS_PER_ROUND`` connected peers, drawn at
+  random, are asked, per market, for what we lack; a peer is asked at once when it connects,
+  and again at once after a session with it that made progress but left ops missing, or that
+  named heads we do not know. At most one session per
   (peer, market) at a time; a peer that said it does not follow a market is not asked about it
   for ``NOT_FOLLOWING_BACKOFF``.
 - Serving: each inbound sync stream is answered by ``node.sync.respond``.
@@ -36,6 +37,7 @@ from .wire import SYNC_PROTOCOL, WireError
 __all__ = [
     "NOT_FOLLOWING_BACKOFF",
     "SYNC_INTERVAL",
+    "SYNC_PEERS_PER_ROUND",
     "SYNC_SESSION_TIMEOUT",
     "SyncScheduler",
 ]
@@ -51,6 +53,12 @@ SYNC_INTERVAL: Final = 4.0
 #: Each wait is the interval times a factor drawn from this range, so that nodes started
 #: together do not all sync at the same instant.
 SYNC_JITTER: Final = (0.8, 1.2)
+#: Each round pulls from this many connected peers, drawn at random, besides those asked for at
+#: once (a new peer, one that named heads we lack). Pulling from every peer made the sync's cost
+#: per node grow with the network: in a 20-node network, 19 sessions pulled and 19 served per
+#: round were a third of an idle node's CPU (py-spy, issue #12). Gossip delivers nearly every op;
+#: an op it dropped is held by every other peer soon after, so any few of them bring it.
+SYNC_PEERS_PER_ROUND: Final = 3
 #: A whole sync session (a large catch-up streams many frames; each frame has its own bound).
 SYNC_SESSION_TIMEOUT: Final = 120.0
 #: After a peer says it does not follow a market, do not ask it again for this long.
@@ -164,7 +172,10 @@ class SyncScheduler:
                 self.sync_now = trio.Event()
                 urgent, self._urgent = self._urgent, set()
                 now = trio.current_time()
-                for peer in self.net.connected_peers():
+                connected = self.net.connected_peers()
+                others = [p for p in connected if p not in urgent]
+                drawn = random.sample(others, min(SYNC_PEERS_PER_ROUND, len(others)))
+                for peer in [p for p in connected if p in urgent] + drawn:
                     for ms in self.service.markets.values():
                         key = (peer, ms.market.id)
                         if key in self.syncing:
