@@ -28,6 +28,14 @@ Why this shape:
   many leading ops of the market's total order it covers) only save work on restart: the blob
   says what it covers and the replica checks that before using it (``crdtbook._checkpoint``),
   so a stale, damaged or missing one costs a full replay, never a wrong book.
+* **Compaction** (issue #10; witnessed markets only) never deletes an op: it marks the ops a
+  replica let go of (``ops.compacted``), keeps the final fills and finished orders it dropped
+  (``compacted_fills``, ``compacted_orders``: ``fills`` and ``order`` still answer for them) and
+  the replica's snapshot (``snapshots``), all in ONE transaction (:meth:`OpStore.compact`). So a
+  kill -9 at any moment leaves either the previous snapshot with its marks or the new one with
+  its marks: a restart loads the snapshot plus every op not marked (:meth:`OpStore.load_market`
+  with ``live_only``) and never misses an op nor replays one the snapshot holds. A partial index
+  over the live ops keeps that load proportional to the live ops, not to history.
 * **Versioned schema** with ``PRAGMA user_version`` and an ordered migration list, so later
   versions can upgrade old stores in place (and an older binary refuses a newer store).
 """
@@ -39,15 +47,20 @@ import errno
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal, NamedTuple, Self
+from typing import Any, Literal, NamedTuple, Self
+
+from crdtbook import Fill, OrderState
 
 __all__ = [
     "SCHEMA_VERSION",
     "STORE_FILENAME",
+    "CompactedFill",
+    "CompactedOrder",
     "MarketRecord",
     "OpStore",
+    "Snapshot",
     "StoreError",
     "StoreWriteError",
     "Synchronous",
@@ -57,7 +70,7 @@ __all__ = [
 STORE_FILENAME = "store.sqlite3"
 
 # Version written to PRAGMA user_version once all migrations ran; bump it with each migration.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Rows fetched per lock acquisition by load_market: bounds memory (~1 MiB of 200-byte ops) and
 # the time a streaming reader keeps writers waiting, while keeping per-query overhead small.
@@ -99,15 +112,81 @@ CREATE TABLE checkpoints (
 """
 
 
-def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
-    """Create the initial schema in an empty database."""
-    for statement in _SCHEMA_V1.split(";"):
+# Version 2 (issue #10): compaction. ADD COLUMN with a constant default rewrites no row, so an
+# existing store upgrades in the time it takes to build the live-ops index once.
+_SCHEMA_V2 = """
+-- 1: the op left its market's replica in a compaction (it is kept: sync and audits need it).
+ALTER TABLE ops ADD COLUMN compacted INTEGER NOT NULL DEFAULT 0;
+-- What a restart from a snapshot reads: the ops not compacted, in (lamport, id) order.
+CREATE INDEX ops_live ON ops (market, lamport, id) WHERE compacted = 0;
+-- Final fills a replica dropped, by their global index in the market's fill sequence.
+CREATE TABLE compacted_fills (
+    market       BLOB NOT NULL,
+    idx          INTEGER NOT NULL,
+    taker        BLOB NOT NULL,
+    maker        BLOB NOT NULL,
+    price        INTEGER NOT NULL,
+    quantity     INTEGER NOT NULL,
+    taker_side   TEXT NOT NULL,
+    taker_author BLOB NOT NULL,
+    maker_author BLOB NOT NULL,
+    received_ms  INTEGER,
+    witnessed_ms INTEGER,
+    PRIMARY KEY (market, idx)
+) WITHOUT ROWID;
+-- Final, finished orders a replica dropped (their state can never change again).
+CREATE TABLE compacted_orders (
+    market       BLOB NOT NULL,
+    id           BLOB NOT NULL,
+    author       BLOB NOT NULL,
+    side         TEXT NOT NULL,
+    price        INTEGER NOT NULL,
+    quantity     INTEGER NOT NULL,
+    remaining    INTEGER NOT NULL,
+    filled       INTEGER NOT NULL,
+    closed       INTEGER NOT NULL,
+    status       TEXT NOT NULL,
+    reason       TEXT,
+    tif          TEXT NOT NULL,
+    tag          TEXT,
+    lamport      INTEGER NOT NULL,
+    received_ms  INTEGER,
+    witnessed_ms INTEGER,
+    PRIMARY KEY (market, id)
+) WITHOUT ROWID;
+CREATE INDEX compacted_orders_tag ON compacted_orders (market, author, tag)
+    WHERE tag IS NOT NULL;
+-- The latest snapshot of each market's compacted replica (Replica.snapshot), and how many ops
+-- and fills had left memory when it was taken.
+CREATE TABLE snapshots (
+    market BLOB PRIMARY KEY,
+    ops    INTEGER NOT NULL,
+    fills  INTEGER NOT NULL,
+    data   BLOB NOT NULL
+);
+"""
+
+
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    """Run ``;``-separated statements inside the caller's transaction (``executescript`` would
+    commit it first)."""
+    for statement in script.split(";"):
         if statement.strip():
             conn.execute(statement)
 
 
+def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
+    """Create the initial schema in an empty database."""
+    _run_script(conn, _SCHEMA_V1)
+
+
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    """Add compaction: the compacted mark, the live-ops index, compacted history, snapshots."""
+    _run_script(conn, _SCHEMA_V2)
+
+
 # _MIGRATIONS[v] upgrades a store from user_version v to v + 1.  Append, never edit.
-_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_0_to_1,)
+_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_0_to_1, _migrate_1_to_2)
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
 
@@ -140,6 +219,54 @@ class MarketRecord(NamedTuple):
 
 OpItem = tuple[bytes, bytes, int, bytes]
 """``(op id, market id, lamport, raw encoded op)`` as handed to :meth:`OpStore.add_ops`."""
+
+
+class CompactedFill(NamedTuple):
+    """A final fill a replica dropped: its global index, the fill, and the node-local times
+    (when this node first applied the taker, the witnessed time of its batch; None if unknown)."""
+
+    number: int  # global index in the market's fill sequence (``index`` is tuple's)
+    fill: Fill
+    received_ms: int | None = None
+    witnessed_ms: int | None = None
+
+
+class CompactedOrder(NamedTuple):
+    """A final, finished order a replica dropped, with the same node-local times."""
+
+    order: OrderState
+    received_ms: int | None = None
+    witnessed_ms: int | None = None
+
+
+_FILL_COLUMNS = (
+    "idx, taker, maker, price, quantity, taker_side, taker_author, maker_author,"
+    " received_ms, witnessed_ms"
+)
+_ORDER_COLUMNS = (
+    "id, author, side, price, quantity, remaining, filled, closed, status, reason, tif, tag,"
+    " lamport, received_ms, witnessed_ms"
+)
+
+
+def _fill_row(row: Sequence[Any]) -> CompactedFill:
+    idx, taker, maker, price, qty, side, taker_author, maker_author, received, witnessed = row
+    fill = Fill(taker, maker, price, qty, side, taker_author, maker_author)
+    return CompactedFill(idx, fill, received, witnessed)
+
+
+def _order_row(row: Sequence[Any]) -> CompactedOrder:
+    *fields, received, witnessed = row
+    # Only final orders are compacted, so the stored state is final.
+    return CompactedOrder(OrderState._make([*fields, True]), received, witnessed)
+
+
+class Snapshot(NamedTuple):
+    """A market's latest snapshot as stored by :meth:`OpStore.compact`."""
+
+    ops: int  # ops that had left the replica's memory when it was taken
+    fills: int  # fills that had
+    data: bytes
 
 
 class OpStore:
@@ -264,8 +391,11 @@ class OpStore:
             row = self._db().execute("SELECT 1 FROM ops WHERE id = ?", (op_id,)).fetchone()
         return row is not None
 
-    def load_market(self, market: bytes) -> Iterator[bytes]:
-        """Yield the raw ops of ``market`` in ``(lamport, id)`` order, streamed.
+    def load_market(self, market: bytes, *, live_only: bool = False) -> Iterator[bytes]:
+        """Yield the raw ops of ``market`` in ``(lamport, id)`` order, streamed; with
+        ``live_only``, only those no compaction marked (what a restart from the market's
+        snapshot replays; read through the partial index of live ops, so history costs
+        nothing).
 
         Rows are fetched ``LOAD_CHUNK_ROWS`` at a time (keyset pagination on the
         ``(market, lamport, id)`` index), so a million ops never sit in memory here, and the
@@ -273,20 +403,22 @@ class OpStore:
         while the caller iterates.  Ops added during iteration appear if they sort after the
         last op already yielded.
         """
+        live = " AND compacted = 0" if live_only else ""
+        index = "ops_live" if live_only else "ops_market_lamport_id"
         last: tuple[int, bytes] | None = None
         while True:
             with self._lock:
                 conn = self._db()
                 if last is None:
                     rows = conn.execute(
-                        "SELECT lamport, id, raw FROM ops WHERE market = ?"
-                        " ORDER BY lamport, id LIMIT ?",
+                        f"SELECT lamport, id, raw FROM ops INDEXED BY {index}"
+                        f" WHERE market = ?{live} ORDER BY lamport, id LIMIT ?",
                         (market, LOAD_CHUNK_ROWS),
                     ).fetchall()
                 else:
                     rows = conn.execute(
-                        "SELECT lamport, id, raw FROM ops"
-                        " WHERE market = ? AND (lamport, id) > (?, ?)"
+                        f"SELECT lamport, id, raw FROM ops INDEXED BY {index}"
+                        f" WHERE market = ?{live} AND (lamport, id) > (?, ?)"
                         " ORDER BY lamport, id LIMIT ?",
                         (market, last[0], last[1], LOAD_CHUNK_ROWS),
                     ).fetchall()
@@ -295,6 +427,17 @@ class OpStore:
             if len(rows) < LOAD_CHUNK_ROWS:
                 return
             last = (rows[-1][0], rows[-1][1])
+
+    def get_raw(self, market: bytes, op_id: bytes) -> bytes | None:
+        """The stored bytes of op ``op_id`` of ``market``, or None (what a compacted replica
+        asks its archive for: an op it let go of, named again by a late op or duplicate)."""
+        with self._lock:
+            row = (
+                self._db()
+                .execute("SELECT raw FROM ops WHERE id = ? AND market = ?", (op_id, market))
+                .fetchone()
+            )
+        return None if row is None else bytes(row[0])
 
     def count(self, market: bytes) -> int:
         """Number of stored ops of ``market`` (scans the market's index range)."""
@@ -336,6 +479,137 @@ class OpStore:
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (key, _need_bytes("value", value)),
             )
+
+    # -- compaction ------------------------------------------------------------------------
+
+    def compact(
+        self,
+        market: bytes,
+        op_ids: Iterable[bytes],
+        fills: Iterable[CompactedFill],
+        orders: Iterable[CompactedOrder],
+        snapshot: Snapshot,
+    ) -> None:
+        """Record one compaction of ``market``'s replica in ONE transaction: mark ``op_ids``
+        compacted (they stay stored), keep the dropped final ``fills`` and finished ``orders``,
+        and replace the market's snapshot. A crash at any moment leaves all of it or none (see
+        the module docstring). Rewriting rows a previous compaction wrote is harmless (a retry
+        after a failed write, or a compaction after a fallback to the full log)."""
+        _need_bytes("market", market)
+        _need_bytes("snapshot", snapshot.data)
+        marks = [(_need_bytes("op id", ident),) for ident in op_ids]
+        fill_rows = [(market, c.number, *c.fill, c.received_ms, c.witnessed_ms) for c in fills]
+        order_rows = [(market, *c.order[:13], c.received_ms, c.witnessed_ms) for c in orders]
+        with self._lock, self._writing():
+            conn = self._db()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany("UPDATE ops SET compacted = 1 WHERE id = ?", marks)
+                conn.executemany(
+                    f"INSERT OR REPLACE INTO compacted_fills (market, {_FILL_COLUMNS})"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    fill_rows,
+                )
+                conn.executemany(
+                    f"INSERT OR REPLACE INTO compacted_orders (market, {_ORDER_COLUMNS})"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    order_rows,
+                )
+                conn.execute(
+                    "INSERT OR REPLACE INTO snapshots (market, ops, fills, data)"
+                    " VALUES (?, ?, ?, ?)",
+                    (market, snapshot.ops, snapshot.fills, snapshot.data),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+
+    def get_snapshot(self, market: bytes) -> Snapshot | None:
+        """``market``'s latest snapshot (:meth:`compact`), or None."""
+        with self._lock:
+            row = (
+                self._db()
+                .execute("SELECT ops, fills, data FROM snapshots WHERE market = ?", (market,))
+                .fetchone()
+            )
+        return None if row is None else Snapshot(int(row[0]), int(row[1]), bytes(row[2]))
+
+    def compacted_count(self, market: bytes) -> int:
+        """How many of ``market``'s stored ops are marked compacted (a scan: for tests and
+        tools, not the hot path)."""
+        with self._lock:
+            row = self._db().execute(
+                "SELECT count(*) FROM ops WHERE market = ? AND compacted = 1", (market,)
+            )
+            return int(row.fetchone()[0])
+
+    def compacted_fills(self, market: bytes, start: int, stop: int) -> list[CompactedFill]:
+        """``market``'s compacted fills with global indexes in ``[start, stop)``, in order."""
+        with self._lock:
+            rows = (
+                self._db()
+                .execute(
+                    f"SELECT {_FILL_COLUMNS} FROM compacted_fills"
+                    " WHERE market = ? AND idx >= ? AND idx < ? ORDER BY idx",
+                    (market, start, stop),
+                )
+                .fetchall()
+            )
+        return [_fill_row(row) for row in rows]
+
+    def compacted_order(self, market: bytes, order_id: bytes) -> CompactedOrder | None:
+        """A compacted order of ``market`` by its id, or None."""
+        with self._lock:
+            row = (
+                self._db()
+                .execute(
+                    f"SELECT {_ORDER_COLUMNS} FROM compacted_orders WHERE market = ? AND id = ?",
+                    (market, order_id),
+                )
+                .fetchone()
+            )
+        return None if row is None else _order_row(row)
+
+    def compacted_order_by_tag(
+        self, market: bytes, author: bytes, tag: str
+    ) -> CompactedOrder | None:
+        """The compacted order of ``author`` in ``market`` carrying client id ``tag`` (the
+        newest, by Lamport time), or None."""
+        with self._lock:
+            row = (
+                self._db()
+                .execute(
+                    f"SELECT {_ORDER_COLUMNS} FROM compacted_orders"
+                    " WHERE market = ? AND author = ? AND tag = ? ORDER BY lamport DESC LIMIT 1",
+                    (market, author, tag),
+                )
+                .fetchone()
+            )
+        return None if row is None else _order_row(row)
+
+    def compacted_orders_with_prefix(
+        self, market: bytes, prefix: str, limit: int
+    ) -> list[CompactedOrder]:
+        """At most ``limit`` compacted orders of ``market`` whose hex id starts with
+        ``prefix`` (a range scan on the bytes of its even-length part)."""
+        low = bytes.fromhex(prefix[: len(prefix) // 2 * 2])
+        high = _next_prefix(low)
+        query = f"SELECT {_ORDER_COLUMNS} FROM compacted_orders WHERE market = ? AND id >= ?"
+        args: tuple[object, ...] = (market, low)
+        if high is not None:
+            query += " AND id < ?"
+            args += (high,)
+        found: list[CompactedOrder] = []
+        with self._lock:
+            cursor = self._db().execute(query + " ORDER BY id", args)
+            for row in cursor:
+                if bytes(row[0]).hex().startswith(prefix):
+                    found.append(_order_row(row))
+                    if len(found) >= limit:
+                        break
+            cursor.close()
+        return found
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -468,6 +742,14 @@ def _unwritable_dir(directory: Path) -> int | None:
         with contextlib.suppress(OSError):
             os.unlink(probe)
     return None
+
+
+def _next_prefix(prefix: bytes) -> bytes | None:
+    """The least byte string greater than every string starting with ``prefix`` (None: none)."""
+    trimmed = prefix.rstrip(b"\xff")
+    if not trimmed:
+        return None
+    return trimmed[:-1] + bytes([trimmed[-1] + 1])
 
 
 def _need_bytes(name: str, value: object) -> bytes:

@@ -17,12 +17,16 @@ from pathlib import Path
 import pytest
 import trio
 
+from crdtbook import Fill, OrderState
 from crdtbook.node import store as store_module
 from crdtbook.node.store import (
     SCHEMA_VERSION,
     STORE_FILENAME,
+    CompactedFill,
+    CompactedOrder,
     MarketRecord,
     OpStore,
+    Snapshot,
     StoreError,
 )
 
@@ -346,4 +350,142 @@ def test_sigkill_during_checkpoint_writes_leaves_the_old_or_the_new(tmp_path: Pa
         k = int.from_bytes(stored[:8], "big")
         assert k in (acked[-1], acked[-1] + 1), f"seed={seed}"  # the last acked or the next
         assert stored == _blob(k), f"seed={seed}: a torn checkpoint"
+        start = k + 1
+
+
+# -- compaction (issue #10) -------------------------------------------------------------------
+
+
+def _fill(n: int) -> CompactedFill:
+    a, b = hashlib.sha256(b"t%d" % n).digest(), hashlib.sha256(b"m%d" % n).digest()
+    return CompactedFill(n, Fill(a, b, 100 + n, 1 + n, "buy", b"A" * 32, b"B" * 32), 7, None)
+
+
+def _order(n: int, tag: str | None = None) -> CompactedOrder:
+    state = OrderState(
+        hashlib.sha256(b"o%d" % n).digest(), b"A" * 32, "sell", 5, 10, 0, 10, 0, "filled",
+        None, "gtc", tag, n, True,
+    )  # fmt: skip
+    return CompactedOrder(state, 1_000 + n, 2_000 + n)
+
+
+def test_compact_marks_keeps_history_and_snapshot(store: OpStore) -> None:
+    items = [op(n) for n in range(1, 21)] + [op(n, M2) for n in range(1, 4)]
+    store.add_ops(items)
+    gone = [item[0] for item in items[:12]]
+    fills = [_fill(n) for n in range(5)]
+    orders = [_order(1, "c-1"), _order(2)]
+    store.compact(M1, gone, fills, orders, Snapshot(12, 5, b"snap-1"))
+    # Nothing is deleted; the live load skips the marked ops, in order.
+    assert store.count(M1) == 20 and store.compacted_count(M1) == 12
+    assert list(store.load_market(M1)) == [item[3] for item in items[:20]]
+    assert list(store.load_market(M1, live_only=True)) == [item[3] for item in items[12:20]]
+    assert list(store.load_market(M2, live_only=True)) == [item[3] for item in items[20:]]
+    assert store.get_snapshot(M1) == Snapshot(12, 5, b"snap-1")
+    assert store.get_snapshot(M2) is None
+    assert store.compacted_fills(M1, 0, 100) == fills
+    assert store.compacted_fills(M1, 2, 4) == fills[2:4]
+    assert store.compacted_fills(M2, 0, 100) == []
+    assert store.compacted_order(M1, orders[0].order.id) == orders[0]
+    assert store.compacted_order(M2, orders[0].order.id) is None
+    assert store.compacted_order_by_tag(M1, b"A" * 32, "c-1") == orders[0]
+    assert store.compacted_order_by_tag(M1, b"B" * 32, "c-1") is None
+    hex_id = orders[1].order.id.hex()
+    assert store.compacted_orders_with_prefix(M1, hex_id[:5], 10) == [orders[1]]
+    assert store.compacted_orders_with_prefix(M1, "", 10) != []
+    # The archive's lookup: any stored op of the market, compacted or not.
+    assert store.get_raw(M1, items[0][0]) == items[0][3]
+    assert store.get_raw(M2, items[0][0]) is None
+    # A second compaction replaces the snapshot; rewriting earlier rows is harmless.
+    store.compact(M1, [*gone, items[12][0]], fills[:1], [], Snapshot(13, 5, b"snap-2"))
+    assert store.get_snapshot(M1) == Snapshot(13, 5, b"snap-2")
+    assert list(store.load_market(M1, live_only=True)) == [item[3] for item in items[13:20]]
+
+
+def test_compaction_is_atomic(store: OpStore) -> None:
+    items = [op(n) for n in range(1, 11)]
+    store.add_ops(items)
+    store.compact(M1, [items[0][0]], [], [], Snapshot(1, 0, b"old"))
+    too_big = CompactedFill(9, _fill(9).fill._replace(price=2**70))  # SQLite refuses it
+    with pytest.raises(OverflowError):
+        ids = [i[0] for i in items[:5]]
+        store.compact(M1, ids, [_fill(8), too_big], [], Snapshot(5, 0, b"new"))
+    assert store.get_snapshot(M1) == Snapshot(1, 0, b"old")
+    assert store.compacted_count(M1) == 1
+    assert store.compacted_fills(M1, 0, 100) == []
+
+
+def test_migrates_a_version_1_store(tmp_path: Path) -> None:
+    path = tmp_path / STORE_FILENAME
+    conn = sqlite3.connect(path, isolation_level=None)
+    store_module._migrate_0_to_1(conn)
+    conn.execute("PRAGMA user_version = 1")
+    items = [op(n) for n in range(1, 6)]
+    conn.executemany("INSERT INTO ops (id, market, lamport, raw) VALUES (?, ?, ?, ?)", items)
+    conn.close()
+    with OpStore.open(path) as s:
+        assert s.schema_version() == SCHEMA_VERSION == 2
+        assert list(s.load_market(M1, live_only=True)) == [item[3] for item in items]
+        assert s.compacted_count(M1) == 0 and s.get_snapshot(M1) is None
+
+
+COMPACT_CHILD = """
+import sys
+from crdtbook.node.store import OpStore, Snapshot
+store = OpStore.open(sys.argv[1], synchronous="NORMAL")
+market = b"M" * 32
+k = int(sys.argv[2])
+print("open", flush=True)
+while True:
+    # Round k: 200 ops, then ops of round k compacted with snapshot k (rows of earlier rounds
+    # are rewritten too, to make each transaction long).
+    store.add_ops([(b"%08d-%04d" % (k, i), market, k, b"raw") for i in range(200)])
+    ids = [b"%08d-%04d" % (r, i) for r in range(max(0, k - 20), k + 1) for i in range(200)]
+    store.compact(market, ids, [], [], Snapshot(k, 0, b"%d" % k * 5_000))
+    print(k, flush=True)
+    k += 1
+"""
+
+
+def test_sigkill_during_compaction_leaves_the_old_or_the_new(tmp_path: Path) -> None:
+    """The snapshot and its marks commit together: after a kill -9, the ops marked compacted are
+    exactly those of the rounds up to the stored snapshot's, and every other op is live."""
+    seed = int.from_bytes(os.urandom(4), "big")
+    rng = random.Random(seed)
+    path = tmp_path / STORE_FILENAME
+    market = b"M" * 32
+    start = 0
+    for _ in range(4):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", COMPACT_CHILD, str(path), str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert proc.stdout is not None
+        stdout = proc.stdout
+        lines: list[bytes] = []
+        reader = threading.Thread(target=lines.extend, args=(stdout,), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 20
+        want = rng.randrange(1, 6)
+        while sum(1 for ln in lines if ln.strip().isdigit()) < want:
+            assert proc.poll() is None and time.monotonic() < deadline, f"seed={seed}"
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.02))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        reader.join(timeout=10)
+        stdout.close()
+        acked = [int(ln) for ln in lines if ln.strip().isdigit()]
+        with OpStore.open(path) as s:
+            assert s.integrity_check() == "ok", f"seed={seed}"
+            snap = s.get_snapshot(market)
+            assert snap is not None, f"seed={seed}"
+            k = snap.ops
+            assert k in (acked[-1], acked[-1] + 1), f"seed={seed}"
+            assert snap.data == b"%d" % k * 5_000, f"seed={seed}: a torn snapshot"
+            assert s.compacted_count(market) == 200 * (k + 1), f"seed={seed}"
+            live = s.count(market) - s.compacted_count(market)
+            assert live in (0, 200), f"seed={seed}"  # at most the next round's ops, unmarked
+            assert len(list(s.load_market(market, live_only=True))) == live
         start = k + 1
