@@ -19,8 +19,8 @@ import trio
 from starlette.routing import Mount, Route, WebSocketRoute
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from crdtbook import Market
-from crdtbook.node.http_api import COALESCE_SECONDS, create_app, serve_http
+from crdtbook import Fill, Market
+from crdtbook.node.http_api import COALESCE_SECONDS, _fills_message, create_app, serve_http
 from crdtbook.node.http_auth import (
     TOKEN_FILE,
     is_loopback,
@@ -505,3 +505,57 @@ def test_parse_bind() -> None:
             parse_bind(bad)
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("example.org")
+
+
+# -- trades/private updates from WatchedFills' answer --------------------------------------------
+
+
+class _FakeReplica:
+    def __init__(self, fills: list[Fill]) -> None:
+        self.list = fills
+
+    def fills(self, start: int = 0) -> list[Fill]:
+        return self.list[start:]
+
+    def witnessed_time(self, op_id: bytes) -> int:
+        return 1_000
+
+
+class _FakeMarketState:
+    def __init__(self, fills: list[Fill]) -> None:
+        self.market = Market("W", "1", "1")
+        self.replica = _FakeReplica(fills)
+        self.received_ms: dict[bytes, int] = {}
+
+
+def _fill(taker: int, maker: int, qty: int = 1) -> Fill:
+    return Fill(bytes([taker]) * 32, bytes([maker]) * 32, 100, qty, "buy", b"t" * 32, b"m" * 32)
+
+
+def test_trade_updates_name_revoked_and_final_trades_by_id() -> None:
+    f0, f1, f2, f3 = _fill(1, 9), _fill(2, 9), _fill(3, 9), _fill(4, 9)
+    ms = _FakeMarketState([f0, f1, f3, f2])
+    assert _fills_message("trades", ms, 0, [], [], [], None) is None  # type: ignore[arg-type]
+    # f2 and f3 swapped places (a late op reordered them), f2 changed quantity, f1 became final
+    # and f9 vanished: moved or changed trades are re-sent (clients replace by id), not revoked
+    f2b = _fill(3, 9, qty=2)
+    ms.replica.list = [f0, f1, f3, f2b]
+    gone = _fill(7, 9)
+    message = _fills_message(
+        "trades",
+        ms,  # type: ignore[arg-type]
+        2,
+        [(2, f3), (3, f2b)],
+        [(2, f2), (3, f3), (4, gone)],
+        [1],
+        None,
+    )
+    assert message is not None and message["type"] == "update"
+    assert [t["id"] for t in message["trades"]] == [trade_id_of(f3), trade_id_of(f2b)]
+    assert message["trades"][1]["amount"] == "2" and message["trades"][0]["final"] is False
+    assert message["revoked"] == [trade_id_of(gone)]
+    assert message["became_final"] == [trade_id_of(f1)]
+
+
+def trade_id_of(fill: Fill) -> str:
+    return fill.taker.hex()[:16] + fill.maker.hex()[:16]
