@@ -548,35 +548,39 @@ class _Connection:
     async def _private(self, ms: MarketState) -> None:
         me = self.api.me
         watch: PrivateWatch | None = None
-        async for _ in self._pushes(ms):
-            if watch is None:
-                watch = PrivateWatch(ms, me)
-                orders = await self.api.adapter.call(
-                    "orders", {"market": ms.market.name, "open": True}
-                )
-                fills = await self.api.adapter.call(
-                    "fills", {"market": ms.market.name, "mine": True, "limit": SNAPSHOT_TRADES}
-                )
-                message = _trades_message(
-                    "private",
-                    ms,
-                    "snapshot",
-                    [trade_shape(f, me.hex()) for f in fills["fills"]],
-                    [],
-                    [],
-                )
-                message["orders"] = [order_shape(o) for o in orders["orders"]]
-                await self.send_q.send(message)
-                continue
-            changed, mine, revoked, became_final = watch.update()
-            final = ms.replica.final_fill_count()
-            update = _fills_message("private", ms, final, mine, revoked, became_final, me.hex())
-            if update is None and not changed:
-                continue
-            if update is None:
-                update = _trades_message("private", ms, "update", [], [], [])
-            update["orders"] = [order_shape(order_json(ms, o, me)) for o in changed]
-            await self.send_q.send(update)
+        try:
+            async for _ in self._pushes(ms):
+                if watch is None:
+                    watch = PrivateWatch(ms, me)
+                    orders = await self.api.adapter.call(
+                        "orders", {"market": ms.market.name, "open": True}
+                    )
+                    fills = await self.api.adapter.call(
+                        "fills", {"market": ms.market.name, "mine": True, "limit": SNAPSHOT_TRADES}
+                    )
+                    message = _trades_message(
+                        "private",
+                        ms,
+                        "snapshot",
+                        [trade_shape(f, me.hex()) for f in fills["fills"]],
+                        [],
+                        [],
+                    )
+                    message["orders"] = [order_shape(o) for o in orders["orders"]]
+                    await self.send_q.send(message)
+                    continue
+                changed, mine, revoked, became_final = watch.update()
+                final = ms.replica.final_fill_count()
+                update = _fills_message("private", ms, final, mine, revoked, became_final, me.hex())
+                if update is None and not changed:
+                    continue
+                if update is None:
+                    update = _trades_message("private", ms, "update", [], [], [])
+                update["orders"] = [order_shape(order_json(ms, o, me)) for o in changed]
+                await self.send_q.send(update)
+        finally:
+            if watch is not None:
+                watch.close()
 
     async def _status(self) -> None:
         while True:

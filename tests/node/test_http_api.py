@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,6 +28,7 @@ from crdtbook.node.http_auth import (
     load_or_create_token,
     parse_bind,
 )
+from crdtbook.node.http_feeds import PrivateWatch
 from crdtbook.node.http_openapi import openapi_document
 
 from .test_finality import Net, Node, identities, network, until, witnessed
@@ -559,3 +561,50 @@ def test_trade_updates_name_revoked_and_final_trades_by_id() -> None:
 
 def trade_id_of(fill: Fill) -> str:
     return fill.taker.hex()[:16] + fill.maker.hex()[:16]
+
+
+async def test_private_watch_reports_exactly_the_orders_that_changed(tmp_path: Path) -> None:
+    """PrivateWatch re-reads only the orders that can change, yet reports what a full scan of
+    this key's orders would: new orders, fills (by others' orders too), cancels, cancel-alls,
+    and orders becoming final."""
+    ids = identities(2)
+    market = witnessed(ids[:1])
+    rng = random.Random(5)
+    async with network(tmp_path) as net:
+        a, b = net.add(ids[0], market), net.add(ids[1], market)
+        watch = PrivateWatch(a.ms, a.key)
+        last = {o.id: o for o in a.ms.replica.orders(a.key)}
+        reported, saw_final = 0, False
+        for _ in range(80):
+            actor = rng.choice([a, b])
+            action = rng.random()
+            if action < 0.65:
+                side = rng.choice(["buy", "sell"])
+                price = str(rng.randint(97, 103))
+                await actor.call("submit", side=side, price=price, quantity=str(rng.randint(1, 3)))
+            elif action < 0.9:
+                open_ids = [o["id"] for o in (await actor.call("orders", open=True))["orders"]]
+                if open_ids:
+                    await actor.call("cancel", order_id=rng.choice(open_ids))
+            else:
+                await actor.call("cancel_all")
+            await trio.sleep(rng.choice([0, 0.005, 0.02]))
+            changed = watch.update()[0]
+            truth = {o.id: o for o in a.ms.replica.orders(a.key)}
+            assert sorted(o.id for o in changed) == sorted(
+                i for i, o in truth.items() if last.get(i) != o
+            )
+            assert all(truth[o.id] == o for o in changed)
+            reported += len(changed)
+            saw_final |= any(o.final for o in changed)
+            last = truth
+        await until(lambda: a.ms.replica.final_count >= len(a.ms.replica) - 4)
+        changed = watch.update()[0]
+        truth = {o.id: o for o in a.ms.replica.orders(a.key)}
+        assert sorted(o.id for o in changed) == sorted(
+            i for i, o in truth.items() if last.get(i) != o
+        )
+        assert reported > 40 and (saw_final or any(o.final for o in changed))
+        watcher = watch._watcher
+        watch.close()
+        assert watcher not in a.ms.watchers

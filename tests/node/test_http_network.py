@@ -90,15 +90,19 @@ async def test_order_over_http_on_a_fills_on_bs_websocket(tmp_path: Path) -> Non
             )
             assert taker.status_code == 200, taker.text
             (fill,) = taker.json()["fills"]
-            trades = await push(ws, "trades")
-            while not trades["trades"]:
-                trades = await push(ws, "trades")
-            assert [t["id"] for t in trades["trades"]] == [fill["id"]]
-            assert trades["trades"][0]["price"] == "100" and trades["trades"][0]["amount"] == "2"
-            mine = await push(ws, "private")
-            while not mine["fills"]:
-                mine = await push(ws, "private")
-            (maker_fill,) = mine["fills"]
+            # the trade on the public stream and B's side of it on the private one, in
+            # whichever order the two pushes come
+            public: list[dict[str, Any]] = []
+            private: list[dict[str, Any]] = []
+            while not (public and private):
+                with trio.fail_after(30):
+                    message = json.loads(await ws.get_message())
+                if message.get("type") == "update":
+                    public += message.get("trades", [])
+                    private += message.get("fills", [])
+            assert [t["id"] for t in public] == [fill["id"]]
+            assert public[0]["price"] == "100" and public[0]["amount"] == "2"
+            (maker_fill,) = private
             assert maker_fill["id"] == fill["id"] and maker_fill["takerOrMaker"] == "maker"
             assert maker_fill["order"] == maker.json()["id"]
             r = await client.get(f"{base_b}/api/v1/orders/{maker.json()['id']}", headers=auth_b)
