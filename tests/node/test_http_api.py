@@ -21,7 +21,13 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from crdtbook import Fill, Market
-from crdtbook.node.http_api import COALESCE_SECONDS, _fills_message, create_app, serve_http
+from crdtbook.node.http_api import (
+    COALESCE_SECONDS,
+    _fills_message,
+    create_app,
+    http_banner,
+    serve_http,
+)
 from crdtbook.node.http_auth import (
     TOKEN_FILE,
     is_loopback,
@@ -608,3 +614,81 @@ async def test_private_watch_reports_exactly_the_orders_that_changed(tmp_path: P
         watcher = watch._watcher
         watch.close()
         assert watcher not in a.ms.watchers
+
+
+def test_token_command_and_the_start_up_warning(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from crdtbook.cli.app import app
+
+    home = tmp_path / "home"
+    runner = CliRunner()
+    missing = runner.invoke(app, ["token", "--home", str(home)])
+    assert missing.exit_code == 1 and "no node home" in missing.output
+    home.mkdir(mode=0o700)
+    first = runner.invoke(app, ["token", "--home", str(home)])
+    assert first.exit_code == 0 and first.output.strip() == load_or_create_token(home)
+    bad = runner.invoke(app, ["node", "--home", str(home), "--http", "host:port"])
+    assert bad.exit_code == 2 and "[HOST:]PORT" in bad.output
+    local = http_banner(("127.0.0.1", 8080), home)
+    assert len(local) == 1 and "http://127.0.0.1:8080/" in local[0]
+    wide = http_banner(("0.0.0.0", 8080), home)
+    assert "WARNING" in wide[1] and "token" in wide[1] and "unencrypted" in wide[1]
+    assert "http://[::]:8080/" in http_banner(("::", 8080), home)[0]
+
+
+async def test_ws_book_deltas_rebuild_the_book_through_random_trading(tmp_path: Path) -> None:
+    """A client that applies the deltas (and resumes with since after each reconnect) holds
+    exactly GET /orderbook's book at the same sequence number, through random orders, cancels
+    and takes from two keys."""
+    ids = identities(2)
+    market = witnessed(ids[:1])
+    rng = random.Random(11)
+    async with network(tmp_path) as net:
+        a, b = net.add(ids[0], market), net.add(ids[1], market)
+        async with serving(net, a, tmp_path / "n0") as api:
+            bids: dict[str, str] = {}
+            asks: dict[str, str] = {}
+            last: int | None = None
+            for session in range(4):
+                async with open_websocket_url(api.ws_url) as ws:
+                    sub: dict[str, Any] = {"op": "subscribe", "channel": "book"}
+                    if last is not None:
+                        sub["since"] = last
+                    await ws.send_message(json.dumps(sub))
+                    for _ in range(25):
+                        actor = rng.choice([a, b])
+                        if rng.random() < 0.8:
+                            await actor.call(
+                                "submit",
+                                side=rng.choice(["buy", "sell"]),
+                                price=str(rng.randint(95, 105)),
+                                quantity=str(rng.randint(1, 4)),
+                            )
+                        else:
+                            mine = (await actor.call("orders", open=True))["orders"]
+                            if mine:
+                                await actor.call("cancel", order_id=rng.choice(mine)["id"])
+                        await trio.sleep(rng.choice([0, 0.01, 0.05]))
+                    await until(lambda: a.ms.replica.order_count == b.ms.replica.order_count)
+                    book = await api.get("/api/v1/orderbook", limit=500)
+                    while last != book["nonce"]:
+                        if last is not None and last > book["nonce"]:
+                            # changed after the read (a heartbeat re-placed a batch): read again
+                            book = await api.get("/api/v1/orderbook", limit=500)
+                            continue
+                        message = await recv_channel(ws, "book")
+                        if message["type"] == "snapshot":
+                            # only the very first subscription may start from a snapshot
+                            assert session == 0 and last is None
+                            bids = dict(map(tuple, message["bids"]))
+                            asks = dict(map(tuple, message["asks"]))
+                        else:
+                            assert message["pu"] == last and message["U"] == last + 1
+                            apply_levels(bids, message["bids"])
+                            apply_levels(asks, message["asks"])
+                        last = message["u"]
+                    assert bids == dict(map(tuple, book["bids"]))
+                    assert asks == dict(map(tuple, book["asks"]))
+                # while away, the book changes
+                await a.call("submit", side="buy", price=str(90 - session), quantity="1")
