@@ -95,6 +95,12 @@ HTTP_STATUS: Final = {
 MAX_BODY_BYTES: Final = 64 * 1024
 #: Largest WebSocket message taken from a client (subscriptions are tiny).
 MAX_WS_MESSAGE_BYTES: Final = 64 * 1024
+#: WebSocket connections served at once: each may hold subscriptions that cost a little per
+#: change, so a node reachable from other machines bounds them (a dashboard or bot needs one).
+MAX_WS_CONNECTIONS: Final = 256
+#: The close code for a connection refused over that bound (RFC 6455 registry: "Try Again
+#: Later").
+WS_TRY_AGAIN_LATER: Final = 1013
 #: Subscriptions one WebSocket connection may hold (4 channels x a few markets, with room).
 MAX_SUBSCRIPTIONS: Final = 32
 #: At most one push per channel per subscription this often (issue #11: 100 ms).
@@ -149,6 +155,8 @@ class HttpApi:
     adapter: ControlAdapter
     token: str
     feeds: dict[str, BookFeed] = field(default_factory=dict)
+    #: WebSocket connections open now (bounded by MAX_WS_CONNECTIONS).
+    ws_open: int = 0
 
     @property
     def me(self) -> bytes:
@@ -345,9 +353,17 @@ class HttpApi:
     # -- WebSocket ---------------------------------------------------------------------------
 
     async def websocket(self, ws: WebSocket) -> None:
-        await ws.accept()
-        conn = _Connection(self, ws, self.authorized(ws.headers.get("authorization")))
-        await conn.run()
+        if self.ws_open >= MAX_WS_CONNECTIONS:
+            # Close before accepting: the handshake is refused (HTTP 403), nothing is spent.
+            await ws.close(code=WS_TRY_AGAIN_LATER)
+            return
+        self.ws_open += 1
+        try:
+            await ws.accept()
+            conn = _Connection(self, ws, self.authorized(ws.headers.get("authorization")))
+            await conn.run()
+        finally:
+            self.ws_open -= 1
 
 
 async def _json_body(request: Request) -> dict[str, Any]:

@@ -692,3 +692,33 @@ async def test_ws_book_deltas_rebuild_the_book_through_random_trading(tmp_path: 
                     assert asks == dict(map(tuple, book["asks"]))
                 # while away, the book changes
                 await a.call("submit", side="buy", price=str(90 - session), quantity="1")
+
+
+async def test_ws_connections_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trio_websocket import HandshakeError
+
+    from crdtbook.node import http_api
+
+    monkeypatch.setattr(http_api, "MAX_WS_CONNECTIONS", 2)
+    ids = identities(1)
+    async with network(tmp_path) as net:
+        a = net.add(ids[0], witnessed(ids))
+        async with serving(net, a, tmp_path / "n0") as api:
+            async with open_websocket_url(api.ws_url), open_websocket_url(api.ws_url) as second:
+                with pytest.raises(HandshakeError):
+                    async with open_websocket_url(api.ws_url):
+                        pass
+                await second.send_message(json.dumps({"op": "subscribe", "channel": "status"}))
+                assert (await recv(second))["op"] == "subscribed"
+            # closed connections free their places
+            with trio.fail_after(10):
+                while True:
+                    try:
+                        async with open_websocket_url(api.ws_url) as ws:
+                            await ws.send_message(
+                                json.dumps({"op": "subscribe", "channel": "status"})
+                            )
+                            assert (await recv(ws))["op"] == "subscribed"
+                            break
+                    except HandshakeError:  # the server has not seen the closes yet
+                        await trio.sleep(0.05)
