@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,8 @@ import httpx
 import jsonschema
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from starlette.routing import Mount, Route, WebSocketRoute
 from trio_websocket import WebSocketConnection, open_websocket_url
 
@@ -722,3 +724,120 @@ async def test_ws_connections_are_bounded(tmp_path: Path, monkeypatch: pytest.Mo
                             break
                     except HandshakeError:  # the server has not seen the closes yet
                         await trio.sleep(0.05)
+
+
+# -- hostile input: never a 500, always the error shape -------------------------------------------
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner),
+    max_leaves=12,
+)
+_FIELD_VALUES = st.one_of(
+    _JSON,
+    st.sampled_from(["W", "w", "buy", "sell", "limit", "market", "GTC", "PO", "1", "0", "-1"]),
+    st.sampled_from(["1e3", "0.5", "99999999999999999999", "expire_both", "5%", "200%", ""]),
+)
+_ORDER_BODIES = st.fixed_dictionaries(
+    {},
+    optional={
+        k: _FIELD_VALUES
+        for k in (
+            "symbol",
+            "type",
+            "side",
+            "amount",
+            "price",
+            "clientOrderId",
+            "timeInForce",
+            "postOnly",
+            "selfTradePrevention",
+            "band",
+        )
+    },
+)
+_QUERY = st.dictionaries(
+    st.sampled_from(["symbol", "limit", "since", "status", "cursor", "clientOrderIdPrefix"]),
+    st.text(max_size=12),
+    max_size=4,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    requests=st.lists(
+        st.tuples(
+            st.sampled_from(
+                [
+                    ("GET", "/api/v1/orderbook"),
+                    ("GET", "/api/v1/trades"),
+                    ("GET", "/api/v1/orders"),
+                    ("GET", "/api/v1/orders/ab"),
+                    ("DELETE", "/api/v1/orders/00"),
+                    ("DELETE", "/api/v1/orders"),
+                    ("POST", "/api/v1/orders"),
+                ]
+            ),
+            _QUERY,
+            _ORDER_BODIES
+            | _JSON
+            | st.builds(
+                order,
+                st.sampled_from(["buy", "sell"]),
+                st.sampled_from(["1", "2", "3"]),
+                st.sampled_from(["1", "2"]),
+            ),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_hostile_requests_get_errors_not_crashes(
+    hostile_api: tuple[httpx.AsyncClient, dict[str, str]],
+    requests: list[tuple[tuple[str, str], dict[str, str], Any]],
+) -> None:
+    client, auth = hostile_api
+    doc = openapi_document()
+
+    async def run() -> None:
+        for (method, path), query, body in requests:
+            kwargs: dict[str, Any] = {"params": query, "headers": auth}
+            if method == "POST":
+                kwargs["content"] = json.dumps(body)
+            r = await client.request(method, path, **kwargs)
+            assert r.status_code < 500, (method, path, query, body, r.text)
+            statuses.add(r.status_code)
+            if r.status_code >= 400:
+                _check(doc, doc["components"]["schemas"]["Error"], r.json())
+
+    trio.run(run)
+
+
+#: Every status the hostile requests got (checked: they reached success paths too).
+statuses: set[int] = set()
+
+
+def test_hostile_requests_reached_success_paths() -> None:
+    if not statuses:
+        pytest.skip("runs after test_hostile_requests_get_errors_not_crashes only")
+    assert 200 in statuses and 400 in statuses
+
+
+@pytest.fixture
+def hostile_api(tmp_path: Path) -> Iterator[tuple[httpx.AsyncClient, dict[str, str]]]:
+    """An app over one node's service in process (no server task: ASGI calls, fresh trio runs)."""
+    from crdtbook.node.handler import ControlAdapter
+    from crdtbook.node.service import NodeService
+    from crdtbook.node.store import OpStore
+
+    ids = identities(1)
+    store = OpStore.open(tmp_path, synchronous="NORMAL")
+    service = NodeService(ids[0], store, [witnessed(ids)], publish_interval=0.0)
+    service.load_from_store()
+    adapter = ControlAdapter(service, lambda: {"peer_id": "p", "addrs": []})
+    app = create_app(adapter, "0" * 64)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node")
+    try:
+        yield client, {"Authorization": "Bearer " + "0" * 64}
+    finally:
+        store.close()
