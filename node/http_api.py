@@ -442,11 +442,18 @@ class _Connection:
                 await self._handle(request)
             except (ControlError, HttpError) as exc:
                 await self._error(exc.code, exc.message, request)
+            except Exception:  # a bug: this request fails, the connection and others go on
+                logger.exception("WebSocket request %.200r failed", request)
+                await self._error(INTERNAL, "a bug in the node; details are in its log", request)
 
     async def _error(self, code: str, message: str, request: Any = None) -> None:
         body = error_body(code, message)
         if isinstance(request, dict):
-            body["request"] = {k: request[k] for k in ("op", "channel", "symbol") if k in request}
+            body["request"] = {
+                k: request[k]
+                for k in ("op", "channel", "symbol")
+                if isinstance(request.get(k), str | None) and k in request
+            }
         await self.send_q.send(body)
 
     async def _handle(self, request: dict[str, Any]) -> None:
@@ -463,7 +470,10 @@ class _Connection:
         channel = request.get("channel")
         if channel not in CHANNELS:
             raise HttpError(BAD_REQUEST, f"channel must be one of {', '.join(CHANNELS)}")
-        ms = None if channel == "status" else self.api.market(request.get("symbol"))
+        symbol = request.get("symbol")
+        if symbol is not None and not isinstance(symbol, str):
+            raise HttpError(BAD_REQUEST, "symbol must be a string")
+        ms = None if channel == "status" else self.api.market(symbol)
         key = (channel, None if ms is None else ms.market.name)
         old = self.subs.pop(key, None)
         if old is not None:

@@ -841,3 +841,41 @@ def hostile_api(tmp_path: Path) -> Iterator[tuple[httpx.AsyncClient, dict[str, s
         yield client, {"Authorization": "Bearer " + "0" * 64}
     finally:
         store.close()
+
+
+async def test_hostile_websocket_messages_get_errors_and_the_connection_lives(
+    tmp_path: Path,
+) -> None:
+    rng = random.Random(3)
+    weird: list[Any] = [None, 1, -1, 2**70, 1.5, True, "", "x" * 300, [], {}, ["book"], {"a": 1}]
+    fields = {
+        "op": ["subscribe"] * 6 + ["unsubscribe", "auth", *weird],
+        "channel": ["book", "trades", "private", "status"] * 3 + weird,
+        "symbol": ["W", "w", "W/", *weird],
+        "since": [0, 2**63, -5, *weird],
+        "token": ["0" * 64, *weird],
+    }
+    ids = identities(1)
+    async with network(tmp_path) as net:
+        a = net.add(ids[0], witnessed(ids))
+        async with serving(net, a, tmp_path / "n0") as api, open_websocket_url(api.ws_url) as ws:
+            errors: list[dict[str, Any]] = []
+
+            async def read() -> None:
+                while True:
+                    reply = await recv(ws)
+                    if "error" in reply:
+                        errors.append(reply)
+                    if reply.get("op") == "subscribed" and reply.get("channel") == "status":
+                        return
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                for _ in range(1000):
+                    message = {k: rng.choice(v) for k, v in fields.items() if rng.random() < 0.7}
+                    if rng.random() < 0.1:
+                        message = rng.choice(weird)
+                    await ws.send_message(json.dumps(message))
+                await ws.send_message(json.dumps({"op": "subscribe", "channel": "status"}))
+            assert len(errors) > 100
+            assert [e for e in errors if e["error"]["code"] == "internal"] == []
