@@ -2,10 +2,12 @@
 
 Private helper of :mod:`crdtbook.node.p2p` (the only other module allowed to import libp2p).
 :func:`install` runs when a network opens (``open_network`` calls it), never at import: importing
-``crdtbook.node.p2p`` changes nothing in the environment, the logging tree or libp2p. Every
+``crdtbook.node.p2p`` changes nothing in the logging tree or libp2p, and nothing here touches
+the environment. Every
 change is process-wide (libp2p looks these names up in its own modules) and idempotent:
 
-* the environment: Yamux window updates in batches (``PY_YAMUX_RELEASE_ON_READ``);
+* Yamux: window updates in batches, and its ``PY_YAMUX_*`` settings read once, not per frame
+  (the environment itself is not changed);
 * logging: libp2p's logs reach the application's handlers; multiaddr's DEBUG chatter is cut;
 * libp2p: signed peer records checked once per peer (``node/p2p_records.py``); bounds on what a
   peer can make it read before authentication (``node/p2p_limits.py``); dropped outbound gossip
@@ -35,14 +37,30 @@ __all__ = ["install", "send_drops"]
 #: ("release on read"), so each small gossip message costs a second frame, Noise-encrypted,
 #: on the way back. "0" gives go-yamux's behaviour: credit is returned in batches of half a
 #: window. Measured with bench/bench_network.py, 5 nodes at 300 ops/s: node CPU per op 5.2 ->
-#: 4.5 ms (all nodes together), p99 238 -> 215 ms. Read by libp2p at call time; an explicit
-#: setting in the environment wins.
-_YAMUX_TUNING: Final = {"PY_YAMUX_RELEASE_ON_READ": "0"}
+#: 4.5 ms (all nodes together), p99 238 -> 215 ms. An explicit PY_YAMUX_RELEASE_ON_READ in the
+#: environment wins. (Keys: Yamux's names without their PY_YAMUX_ prefix.)
+YAMUX_TUNING: Final = {"RELEASE_ON_READ": "0"}
 
 
-def _configure_yamux() -> None:
-    for name, value in _YAMUX_TUNING.items():
-        os.environ.setdefault(name, value)
+def _install_yamux_tuning() -> None:
+    """Yamux reads its ``PY_YAMUX_*`` settings from the environment on every frame (``os.getenv``
+    several times per read and write: ~5% of a busy node's CPU, py-spy); here each is read once,
+    with :data:`YAMUX_TUNING` as the default, and the environment itself is left alone."""
+    import libp2p.stream_muxer.yamux.yamux as yamux_module
+
+    if getattr(yamux_module._py_yamux_env, "_crdtbook_tuned", False):
+        return
+    cache: dict[tuple[str, str], str] = {}
+
+    def tuned_env(name: str, default: str = "") -> str:
+        value = cache.get((name, default))
+        if value is None:
+            value = os.environ.get(f"PY_YAMUX_{name}", YAMUX_TUNING.get(name, default))
+            cache[(name, default)] = value
+        return value
+
+    tuned_env._crdtbook_tuned = True  # type: ignore[attr-defined]
+    yamux_module._py_yamux_env = tuned_env
 
 
 def _configure_library_logging() -> None:
@@ -124,7 +142,7 @@ def install() -> None:
         return
     _installed[0] = True
     _configure_library_logging()
-    _configure_yamux()
+    _install_yamux_tuning()
     p2p_records.install()
     p2p_limits.install()  # caps multistream-select reads (see node/p2p_limits.py)
     _install_drop_counter()

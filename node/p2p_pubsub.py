@@ -25,6 +25,15 @@ a rejection of the peer that sent it and otherwise swallowed.  It also removes d
 deliveries caused by concurrent async validation of the same message (several forwarders
 deliver it while the first validation is still running) by tracking in-flight message ids.
 
+**Duplicates dropped as they are read.** Each node receives a message from each of its mesh
+peers; all but the first copy are duplicates. The stock read loop starts a service task
+(``manager.run_task(push_msg, ...)``: a ``FunctionTask`` in the service's task tree) for every
+message before anything looks at it, duplicates included, and builds a metrics event (a base58
+encoding of the peer id) for every RPC. :meth:`HardenedPubsub.continuously_read_stream` drops a
+copy whose id is seen or in validation right in the loop, and builds the event only when a
+metrics channel listens. It also reads the stream in chunks (:data:`READ_CHUNK`) instead of
+a byte at a time for each length prefix; otherwise it is the library's loop.
+
 **Unsigned gossip (gossipsub's StrictNoSign policy).** Stock py-libp2p signs every message it
 publishes (an ed25519 envelope signature over the message) and checks it on every first receipt,
 here twice (``push_msg`` below and the library's own ``push_msg``): ~60 us per check per node
@@ -56,23 +65,38 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
+import libp2p.pubsub.pubsub as pubsub_module
 from libp2p.abc import INetStream
+from libp2p.exceptions import ParseError
+from libp2p.io.exceptions import IOException, MessageTooLarge
+from libp2p.network.connection.exceptions import RawConnError
+from libp2p.network.stream.exceptions import StreamEOF, StreamError
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.mcache import CacheEntry, MessageCache
 from libp2p.pubsub.pb import rpc_pb2
-from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.pubsub import GossipsubEvent, Pubsub
 from libp2p.pubsub.validators import signature_validator
 
 logger = logging.getLogger(__name__)
+
+#: The pubsub module's globals: names it imported (not re-exported) that node/p2p_records.py
+#: replaces there, so they must be looked up there at call time.
+_LIBRARY_NAMES: dict[str, Any] = vars(pubsub_module)
 
 #: Called with (forwarding peer, reason) whenever input from a peer is rejected.
 RejectHook = Callable[[ID, str], None]
 #: Called with every message from another peer that passed validation and is for a subscribed
 #: topic, and the neighbour that forwarded it.
 DeliverHook = Callable[[rpc_pb2.Message, ID], None]
+#: Bytes asked of the stream per read: the stock loop reads each RPC's length prefix a byte at
+#: a time and then its body (three to four stream reads per RPC, each through Yamux's locks and
+#: window accounting); a chunk holds every RPC already received.
+READ_CHUNK: Final = 64 * 1024
+#: Longest unsigned varint (a 64-bit length).
+MAX_VARINT_BYTES: Final = 10
 #: The envelope fields an unsigned message must not carry (StrictNoSign).
 ENVELOPE_FIELDS = ("from_id", "seqno", "signature", "key")
 
@@ -80,6 +104,38 @@ ENVELOPE_FIELDS = ("from_id", "seqno", "signature", "key")
 def content_message_id(msg: rpc_pb2.Message) -> bytes:
     """Gossip message id: sha256 of the payload only (same data => same id)."""
     return hashlib.sha256(msg.data).digest()
+
+
+def take_frames(buf: bytearray, max_size: int) -> list[bytes]:
+    """Remove from ``buf`` every complete unsigned-varint length-prefixed frame at its start
+    and return their bodies; an incomplete one stays. Raises ``MessageTooLarge`` for a frame
+    announced longer than ``max_size`` (before its body arrives) and ``ParseError`` for a
+    length prefix of more than 10 bytes."""
+    frames: list[bytes] = []
+    pos, end = 0, len(buf)
+    while pos < end:
+        length = shift = 0
+        i = pos
+        while True:
+            if i == end:
+                del buf[:pos]
+                return frames  # the length prefix is not all here yet
+            byte = buf[i]
+            i += 1
+            length |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                break
+            shift += 7
+            if i - pos >= MAX_VARINT_BYTES:
+                raise ParseError("pubsub frame length prefix longer than 10 bytes")
+        if length > max_size:
+            raise MessageTooLarge(f"pubsub RPC of {length} bytes exceeds {max_size}")
+        if end - i < length:
+            break  # the body is not all here yet
+        frames.append(bytes(buf[i : i + length]))
+        pos = i + length
+    del buf[:pos]
+    return frames
 
 
 def has_envelope(msg: rpc_pb2.Message) -> bool:
@@ -161,6 +217,67 @@ class HardenedPubsub(Pubsub):
                 return
             logger.warning("dropped message from %s: %r", msg_forwarder, exc)
             self._reject(msg_forwarder, "error")
+
+    async def continuously_read_stream(self, stream: INetStream) -> None:
+        """The library's read loop (0.8.1), reading RPCs in chunks and dropping duplicates
+        before a task is started for them (see the module doc). Errors end it as they end the
+        library's."""
+        peer_id = stream.muxed_conn.peer_id
+        buf = bytearray()
+        try:
+            while self.manager.is_running:
+                chunk = await stream.read(READ_CHUNK)
+                if not chunk:
+                    return  # end of stream
+                buf += chunk
+                for frame in take_frames(buf, self.max_inbound_rpc_size):
+                    rpc = rpc_pb2.RPC()
+                    rpc.ParseFromString(frame)
+                    await self._handle_rpc(rpc, peer_id, stream, len(frame))
+        except MessageTooLarge as exc:
+            logger.warning("pubsub RPC from %s exceeded the size limit: %s", peer_id, exc)
+            await _quiet_reset(stream)
+            self._handle_dead_peer(peer_id)
+        except (StreamEOF, StreamError, IOException, RawConnError) as exc:
+            logger.debug("pubsub stream from %s ended: %r", peer_id, exc)
+
+    async def _handle_rpc(
+        self, rpc: rpc_pb2.RPC, peer_id: ID, stream: INetStream, size: int
+    ) -> None:
+        """One RPC from ``peer_id``: the body of the library's read loop."""
+        # Looked up in the library's module: node/p2p_records.py replaces it there.
+        if not _LIBRARY_NAMES["maybe_consume_signed_record"](rpc, self.host, peer_id):
+            logger.debug("invalid signed record from %s: RPC ignored", peer_id)
+            return
+        for msg in rpc.publish:
+            if not self._is_subscribed_to_msg(msg):
+                continue
+            msg_id = self._msg_id_constructor(msg)
+            if msg_id in self._inflight or self.seen_messages.has(msg_id):
+                continue  # a duplicate: no task, no validation
+            if self.manager.is_running:
+                self.manager.run_task(self.push_msg, peer_id, msg)
+        if rpc.subscriptions:
+            if len(rpc.subscriptions) > self.max_subscriptions_per_rpc:
+                logger.warning(
+                    "peer %s sent %d subscriptions (limit %d): refused",
+                    peer_id,
+                    len(rpc.subscriptions),
+                    self.max_subscriptions_per_rpc,
+                )
+            else:
+                for sub in rpc.subscriptions:
+                    self.handle_subscription(peer_id, sub)
+        if rpc.HasField("control"):
+            await self.router.handle_rpc(rpc, peer_id)
+        if stream.metric_send_channel is not None:
+            event = GossipsubEvent()
+            event.peer_id = peer_id.pretty()
+            event.message_size = size
+            event.publish = bool(rpc.publish)
+            event.subopts = bool(rpc.subscriptions)
+            event.control = rpc.HasField("control")
+            await stream.metric_send_channel.send(event)
 
     async def stream_handler(self, stream: INetStream) -> None:
         peer_id = stream.muxed_conn.peer_id
