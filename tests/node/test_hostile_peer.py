@@ -341,19 +341,25 @@ async def test_garbage_on_every_offered_protocol() -> None:
                 b"\xff" * 64,
                 encode_varint_prefixed(os.urandom(500)),
             )
-            for protocol in protocols:
-                for payload in junk:
-                    try:
-                        stream = await hostile.host.new_stream(target_id, [TProtocol(protocol)])
-                        await stream.write(payload)
-                        # Wait until the target has read the junk and given up on the stream
-                        # (EOF or a reset); bounded, for a handler that keeps waiting for more.
-                        with trio.move_on_after(1):
-                            while await stream.read(1024):
-                                pass
-                        await stream.close()
-                    except Exception:
-                        pass  # the target may reset us: fine
+
+            async def send_junk(protocol: str, payload: bytes) -> None:
+                try:
+                    stream = await hostile.host.new_stream(target_id, [TProtocol(protocol)])
+                    await stream.write(payload)
+                    # Wait until the target has read the junk and given up on the stream (EOF
+                    # or a reset); bounded, for a handler that keeps waiting for more.
+                    with trio.move_on_after(1):
+                        while await stream.read(1024):
+                            pass
+                    await stream.close()
+                except Exception:
+                    pass  # the target may reset us: fine
+
+            # All at once: each waits at most 1 s for the target, so the whole costs ~1 s.
+            async with trio.open_nursery() as nursery:
+                for protocol in protocols:
+                    for payload in junk:
+                        nursery.start_soon(send_junk, protocol, payload)
             # Still alive and serving: gossip from a fresh honest peer gets through.
             async with open_network(
                 b"B" * 32, ["/ip4/127.0.0.1/tcp/0"], config=TARGET_CFG
