@@ -18,6 +18,7 @@ import signal
 import sqlite3
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -236,8 +237,14 @@ class _Node:
         )
 
     async def run(
-        self, home: Path, created: bool, loaded: dict[str, int], load_seconds: float
+        self,
+        home: Path,
+        created: bool,
+        loaded: dict[str, int],
+        load_seconds: float,
+        stop: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """Run until ``stop()`` returns (default: SIGINT or SIGTERM), then stop in order."""
         service, net = self.service, self.net
         self.sync.install()
         async with trio.open_nursery() as nursery:
@@ -280,7 +287,7 @@ class _Node:
             _write_info(home, net.peer_id, addrs, service)
             _say("ready")
 
-            await _wait_for_signal()
+            await (stop or _wait_for_signal)()
             _say("shutting down")
             service.closing = True
             await self.gossip.flush_all()

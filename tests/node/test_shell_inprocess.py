@@ -345,3 +345,45 @@ async def test_status_reports_peers_and_sync_sessions(tmp_path: Path) -> None:
         assert [p["peer_id"] for p in status["peers"]] == ["B"]
         assert status["sync_sessions"] == {"serving": 0, "pulling": 0}
         assert node.block(None, 5) == ["B"] and net_a.bans == [("B", 5)]
+
+
+async def test_the_node_starts_every_service_answers_and_stops_in_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """_Node.run in process: topics joined, sync served, the control socket answering, the
+    "ready" lines; then, on stop, the outboxes flushed and every task ended."""
+    from crdtbook.node.client import ControlClient
+
+    async with bare(_dir(tmp_path, "a")) as a, trio.open_nursery() as nursery:
+        home = tmp_path / "node-home"  # the control socket's (the store is bare's)
+        home.mkdir(mode=0o700)
+        net = FakeNet("A", nursery)
+        link(net, FakeNet("B", nursery))
+        node = _Node(NodeConfig(home=home), a.service, _typed(net))
+        stop, stopped = trio.Event(), trio.Event()
+
+        async def run() -> None:
+            await node.run(home, False, {V1.name: 0}, 0.0, stop.wait)
+            stopped.set()
+
+        nursery.start_soon(run)
+        with trio.fail_after(10):
+            while "ready" not in capsys.readouterr().out:
+                await trio.sleep(0.01)  # stdout has no event to wait on
+        ms = a.ms(V1)
+        assert net.subscribed == [ms.topic] and SYNC_PROTOCOL in net.handlers
+
+        def status() -> Any:
+            with ControlClient(home, timeout=10) as client:
+                return client.call("status", digest=False)
+
+        answer = await trio.to_thread.run_sync(status)
+        assert answer["peer_id"] == "A" and [p["peer_id"] for p in answer["peers"]] == ["B"]
+        ms.outbox.append(order(BOB, V1).raw)  # queued, its flush not yet due
+        stop.set()
+        with trio.fail_after(10):
+            await stopped.wait()
+        assert "shutting down" in capsys.readouterr().out
+        assert [topic for topic, _ in net.published] == [ms.topic] and not ms.outbox
+        assert a.service.closing
+        nursery.cancel_scope.cancel()
