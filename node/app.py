@@ -34,7 +34,7 @@ from .gossip import Gossip
 from .handler import ControlAdapter
 from .home import IDENTITY_FILE, load_or_create_identity
 from .network import Network
-from .service import FLUSH_DELAY, PUBLISH_INTERVAL, NodeService
+from .service import COMPACT_AFTER, FLUSH_DELAY, PUBLISH_INTERVAL, NodeService
 from .store import OpStore, StoreError
 from .summary import summary_loop
 from .sync import FRAME_TIMEOUT
@@ -80,6 +80,8 @@ class NodeConfig:
     #: Wait for the disk on every commit (power-loss durability) instead of for the OS
     #: (process-crash durability, ~100x faster commits).
     fsync: bool = False
+    #: A witnessed market compacts once this many final ops sit in memory (node.service).
+    compact_after: int = COMPACT_AFTER
     #: The libp2p layer's tunables (GossipSub heartbeat and degree, timeouts, message cap);
     #: None: ``node.p2p.NetworkConfig()``'s defaults, which are the production values.
     network: NetworkConfig | None = None
@@ -191,6 +193,7 @@ async def _main(config: NodeConfig) -> int:
         publish_interval=config.publish_interval,
         fsync=config.fsync,
         heartbeat_interval=config.heartbeat_interval,
+        compact_after=config.compact_after,
     )
     started = time.monotonic()
     loaded = service.load_from_store()

@@ -51,8 +51,8 @@ from .control_errors import (
     ControlError,
 )
 from .finality import STALL_SECONDS, FinalityView
-from .service import MarketState, NodeService
-from .store import StoreWriteError
+from .service import HISTORY_CHUNK, MarketState, NodeService
+from .store import CompactedFill, StoreWriteError
 
 __all__ = ["ControlAdapter"]
 
@@ -73,7 +73,14 @@ WATCH_PROVISIONAL_MAX: Final = 1000
 NEVER_FINAL: Final = "never final: no witnesses"
 
 
-def order_json(ms: MarketState, order: OrderState, me: bytes) -> dict[str, Any]:
+#: Node-local times of a compacted fill or order, as the store kept them: (received_ms,
+#: witnessed_ms). The replica no longer knows them.
+Times = tuple[int | None, int | None]
+
+
+def order_json(
+    ms: MarketState, order: OrderState, me: bytes, times: Times | None = None
+) -> dict[str, Any]:
     m = ms.market
     return {
         "id": order.id.hex(),
@@ -96,20 +103,27 @@ def order_json(ms: MarketState, order: OrderState, me: bytes) -> dict[str, Any]:
         "lamport": order.lamport,
         "final": order.final,
         "client_id": order.tag if m.witnessed else None,
-        **_times(ms, order.id, order.final),
+        **_times(ms, order.id, order.final, times),
     }
 
 
-def _times(ms: MarketState, op_id: bytes, final: bool) -> dict[str, int | None]:
+def _times(
+    ms: MarketState, op_id: bytes, final: bool, times: Times | None = None
+) -> dict[str, int | None]:
     """When this node first applied the op (Unix ms; None for ops loaded from its store at start)
-    and, once final, the time its witnesses gave its batch."""
+    and, once final, the time its witnesses gave its batch (``times``: as the store kept them,
+    for compacted history)."""
+    if times is not None:
+        return {"received_ms": times[0], "witnessed_ms": times[1] if final else None}
     return {
         "received_ms": ms.received_ms.get(op_id),
         "witnessed_ms": ms.replica.witnessed_time(op_id) if final else None,
     }
 
 
-def fill_json(ms: MarketState, index: int, fill: Fill, final: bool = False) -> dict[str, Any]:
+def fill_json(
+    ms: MarketState, index: int, fill: Fill, final: bool = False, times: Times | None = None
+) -> dict[str, Any]:
     m = ms.market
     return {
         "index": index,
@@ -124,7 +138,7 @@ def fill_json(ms: MarketState, index: int, fill: Fill, final: bool = False) -> d
         "taker_author": fill.taker_author.hex(),
         "maker_author": fill.maker_author.hex(),
         "final": final,
-        **_times(ms, fill.taker, final),
+        **_times(ms, fill.taker, final, times),
     }
 
 
@@ -229,11 +243,12 @@ class ControlAdapter:
         matches: list[tuple[MarketState, OrderState]] = []
         for ms in candidates:
             if len(text) == 64:
-                order = ms.replica.order(bytes.fromhex(text))
-                if order is not None:
-                    matches.append((ms, order))
+                found = ms.order_with_times(bytes.fromhex(text))  # compacted ones too
+                if found is not None:
+                    matches.append((ms, found.order))
                 continue
             matches.extend((ms, o) for o in ms.replica.orders() if o.id.hex().startswith(text))
+            matches.extend((ms, o) for o in ms.orders_with_prefix(text, 2))
         if not matches:
             raise ControlError(NOT_FOUND, f"no order with id {text}")
         if len(matches) > 1:
@@ -253,7 +268,7 @@ class ControlAdapter:
                 f"{ms.market.name} has no witnesses, so it has no client order ids (a tag there "
                 "is a free label, not unique); use the order id",
             )
-        order = ms.replica.order_by_client_id(self.service.identity.public_key, client_id)
+        order = ms.order_by_client_id(self.service.identity.public_key, client_id)
         if order is None:
             raise ControlError(
                 NOT_FOUND, f"no order of this node's key with client id {client_id!r:.80}"
@@ -318,6 +333,9 @@ class ControlAdapter:
             "last_sync": ms.last_sync,
             "orders": r.order_count,
             "fills": r.fill_count,
+            # Out of memory (compaction, witnessed markets only): the store answers for them.
+            "compacted_ops": r.compacted_ops,
+            "compacted_fills": r.compacted_fills,
             "refused": ms.refused,
             **self._finality_status(ms),
         }
@@ -421,8 +439,9 @@ class ControlAdapter:
         """The ``submit`` result for the order ``op_id`` this node just placed (``crossed``: the
         resting orders its price reached just before, see :func:`_crossed`)."""
         me = self.service.identity.public_key
-        order = ms.replica.order(op_id)
-        assert order is not None
+        found = ms.order_with_times(op_id)  # compacted already if it waited to be final
+        assert found is not None
+        order = found.order
         final_fills = ms.replica.final_fill_count()
         # Self-trade prevention: this node's makers the order expired (they rested where its
         # price reached and now are expired for self_trade), and the order itself when it
@@ -647,14 +666,12 @@ class ControlAdapter:
         mine = optional_param(params, "mine", bool, False)
         replica = ms.replica
         final = replica.final_fill_count()
-        if mine:
-            fills = [fill_json(ms, i, f, i < final) for i, f in self._my_fills(ms, limit)]
-        else:
-            start = max(0, replica.fill_count - limit)
-            fills = [
-                fill_json(ms, start + i, f, start + i < final)
-                for i, f in enumerate(replica.fills(start))
-            ]
+        # Compacted fills come from the store, with the times it kept (ms.fills).
+        found = self._my_fills(ms, limit) if mine else ms.fills(replica.fill_count - limit)
+        fills = [
+            fill_json(ms, c.number, c.fill, c.number < final, (c.received_ms, c.witnessed_ms))
+            for c in found
+        ]
         return {
             "market": ms.market.name,
             "fills": fills,
@@ -662,28 +679,29 @@ class ControlAdapter:
             "final_count": final,
         }
 
-    def _my_fills(self, ms: MarketState, limit: int) -> list[tuple[int, Fill]]:
+    def _my_fills(self, ms: MarketState, limit: int) -> list[CompactedFill]:
         """The newest ``limit`` fills this node's key took part in (oldest first), scanning back
-        from the newest fills in growing chunks."""
+        from the newest fills in growing chunks (into compacted history, from the store)."""
         me = self.service.identity.public_key
-        replica = ms.replica
-        found: list[tuple[int, Fill]] = []
-        high, step = replica.fill_count, 256
+        found: list[CompactedFill] = []
+        high, step = ms.replica.fill_count, 256
         while high > 0 and len(found) < limit:
             low = max(0, high - step)
-            chunk = replica.fills(low)[: high - low]
+            chunk = ms.fills(low, high)
             for offset in range(len(chunk) - 1, -1, -1):
-                fill = chunk[offset]
+                fill = chunk[offset].fill
                 if fill.taker_author == me or fill.maker_author == me:
-                    found.append((low + offset, fill))
+                    found.append(chunk[offset])
                     if len(found) == limit:
                         break
-            high, step = low, step * 2
+            high, step = low, min(step * 2, HISTORY_CHUNK)
         return found[::-1]
 
     def _order(self, params: dict[str, Any]) -> dict[str, Any]:
         ms, order = self._resolve_order(params)
-        return order_json(ms, order, self.service.identity.public_key)
+        found = None if ms.replica.order(order.id) else ms.order_with_times(order.id)
+        times = None if found is None else (found.received_ms, found.witnessed_ms)
+        return order_json(ms, order, self.service.identity.public_key, times)
 
     def _orders(self, params: dict[str, Any]) -> dict[str, Any]:
         ms = self._market(params)
@@ -839,7 +857,7 @@ class WatchedFills:
         self.final = replica.final_fill_count()
         low = max(self.final, self.seen - WATCH_PROVISIONAL_MAX)
         self.provisional: dict[int, Fill] = {
-            low + i: fill for i, fill in enumerate(replica.fills(low))
+            low + i: fill for i, fill in enumerate(ms.fill_list(low))
         }
 
     def update(self) -> tuple[list[tuple[int, Fill]], list[tuple[int, Fill]], list[int]]:
@@ -849,7 +867,7 @@ class WatchedFills:
         final = min(count, max(self.final, replica.final_fill_count()))
         known = self.provisional
         low = min(self.seen, count, min(known, default=count))
-        current = replica.fills(low)
+        current = self.ms.fill_list(low)  # compacted meanwhile: from the store
         revoked = [
             (i, fill) for i, fill in sorted(known.items()) if i >= count or current[i - low] != fill
         ]
@@ -906,7 +924,7 @@ def _fills_of(ms: MarketState, op_id: bytes) -> list[tuple[int, Fill]]:
     high, step = replica.fill_count, 64
     while high > 0:
         low = max(0, high - step)
-        chunk = replica.fills(low)[: high - low]
+        chunk = ms.fill_list(low, high)
         for offset in range(len(chunk) - 1, -1, -1):
             fill = chunk[offset]
             if fill.taker == op_id or fill.maker == op_id:
@@ -939,7 +957,7 @@ def _taken(ms: MarketState, op_id: bytes, before: int) -> list[tuple[int, Fill]]
     """(index, fill) of the fills the order ``op_id``, just placed, took as taker (``before``:
     the fill count just before it)."""
     start = min(before, ms.replica.fill_count)
-    return [(start + i, f) for i, f in enumerate(ms.replica.fills(start)) if f.taker == op_id]
+    return [(start + i, f) for i, f in enumerate(ms.fill_list(start)) if f.taker == op_id]
 
 
 def _ticks(ms: MarketState, text: str) -> int:

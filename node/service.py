@@ -15,27 +15,45 @@ persisted before the owner gets an answer.
 Gossip is best effort: the node batches its own ops into gossip messages, paced by the number of
 topic peers under load; the sync protocol (node.sync) is what guarantees every op reaches every
 peer.
+
+Compaction (issue #10, witnessed markets only): once ``compact_after`` final ops sit in a
+replica's memory, the market's finality task compacts it (``Replica.compact``), and the store
+marks the ops that left memory, keeps the final fills and finished orders that did, and the
+replica's snapshot, in one transaction. The store stays the replica's archive (a late op naming
+a compacted op, a late duplicate). A restart loads the snapshot plus the live ops, or the whole
+log if the snapshot does not restore. ``fills``/``order`` read compacted history from the store
+(``NodeService.fills`` and ``NodeService.order``). Markets without witnesses never compact:
+nothing there is ever final.
 """
 
 from __future__ import annotations
 
 import gc
+import inspect
 import logging
 import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Final
+from itertools import islice
+from typing import Final, NamedTuple
 
 import trio
 
-from crdtbook import Identity, InvalidOp, Market, Op, Replica, op_id
+from crdtbook import Fill, Identity, InvalidOp, Market, Op, OrderState, Replica, op_id
 from crdtbook._ops import decode_with_id  # the shell hashes received bytes once (prepare)
 
 from .finality import HEARTBEAT_INTERVAL, FinalityTracker
 from .limits import GOSSIP_ENVELOPE_BYTES, GOSSIP_OP_OVERHEAD, MAX_GOSSIP_BYTES, MAX_WATCH_IDS
-from .store import OpStore, StoreError, StoreWriteError
+from .store import (
+    CompactedFill,
+    CompactedOrder,
+    OpStore,
+    Snapshot,
+    StoreError,
+    StoreWriteError,
+)
 from .wire import MAX_BATCH_OPS, WireError, decode_batch, encode_batch
 
 __all__ = ["IngestResult", "MarketState", "NodeService"]
@@ -82,6 +100,18 @@ CHECKPOINT_TAIL_MAX: Final = 10_000
 #: While the store refuses writes (disk full, read-only), it is tried again at most this often;
 #: in between, new ops (own, gossip, sync) are refused at once with the last error.
 STORE_RETRY_INTERVAL: Final = 0.5
+#: A witnessed market's replica is compacted once this many final ops sit in its memory. It
+#: bounds memory (~0.8 KB an op: ~40 MB) above the live state, and each compaction costs an
+#: O(ops in memory) pass in the core plus one store transaction marking this many ops (some
+#: hundreds of ms, off the event loop, see bench/bench_memory.py), so not much less either. A
+#: restart after a kill -9 replays at most about this many ops on top of the snapshot.
+COMPACT_AFTER: Final = 50_000
+#: Compacted fills read from the store per query when a reader walks back through history.
+HISTORY_CHUNK: Final = 4096
+
+
+#: TRANSITIONAL (see ``NodeService._restore``).
+_RESTORE_TAKES_ARCHIVE: Final = "archive" in inspect.signature(Replica.restore).parameters
 
 
 def checkpoint_tail(ops: int) -> int:
@@ -115,12 +145,104 @@ class MarketState:
     #: When this node first applied (or authored) each op: op id -> Unix ms. Ops loaded from
     #: the store at start have none. Bounded by the log (one entry per applied op).
     received_ms: dict[bytes, int] = field(default_factory=dict)
+    #: The store as the replica's archive (witnessed markets: those that compact), which also
+    #: holds a compaction whose store write is under way.
+    archive: StoreArchive | None = None
+    compactions: int = 0
     finality: FinalityTracker = field(init=False)
     _digest: tuple[int, bytes] | None = None
 
     def __post_init__(self) -> None:
         self.finality = FinalityTracker(self.market.name)
         self.finality.prime(self.replica)
+
+    def fills(self, start: int, stop: int | None = None) -> list[CompactedFill]:
+        """Fills ``start`` to ``stop`` (global indexes; None: to the newest), each with the times
+        the node knows for it: compacted ones from the store (or from a compaction being saved),
+        the others from the replica."""
+        replica = self.replica
+        count = replica.fill_count
+        stop = count if stop is None else min(stop, count)
+        start = max(0, start)
+        held = replica.compacted_fills
+        out: list[CompactedFill] = []
+        if start < held and self.archive is not None:
+            saving = self.archive.saving
+            upto = min(stop, held)
+            in_store = upto if saving is None else min(upto, saving.fills_start)
+            if start < in_store:
+                out += self.archive.store.compacted_fills(self.market.id, start, in_store)
+            if saving is not None and upto > saving.fills_start:
+                low = max(start, saving.fills_start) - saving.fills_start
+                out += saving.fills[low : upto - saving.fills_start]
+            start = held
+        if start < stop:
+            final = replica.final_fill_count()
+            received = self.received_ms
+            for i, fill in enumerate(replica.fills(start)[: stop - start], start):
+                out.append(
+                    CompactedFill(
+                        i,
+                        fill,
+                        received.get(fill.taker),
+                        replica.witnessed_time(fill.taker) if i < final else None,
+                    )
+                )
+        return out
+
+    def fill_list(self, start: int, stop: int | None = None) -> list[Fill]:
+        """The fills alone (see :meth:`fills`)."""
+        replica = self.replica
+        if start >= replica.compacted_fills:  # the usual case: no store, no times
+            fills = replica.fills(start)
+            return list(fills if stop is None else fills[: max(0, stop - start)])
+        return [c.fill for c in self.fills(start, stop)]
+
+    def order_with_times(self, order_id: bytes) -> CompactedOrder | None:
+        """An order by id with the times the node knows for it: from the replica, else (a
+        compacted order) from a compaction being saved or the store."""
+        order = self.replica.order(order_id)
+        if order is not None:
+            return CompactedOrder(order, self.received_ms.get(order_id), None)
+        return self._compacted_order(order_id)
+
+    def _compacted_order(self, order_id: bytes) -> CompactedOrder | None:
+        if self.archive is None:
+            return None
+        saving = self.archive.saving
+        if saving is not None and order_id in saving.orders:
+            return saving.orders[order_id]
+        return self.archive.store.compacted_order(self.market.id, order_id)
+
+    def order_by_client_id(self, author: bytes, tag: str) -> OrderState | None:
+        """``author``'s order with client id ``tag``, compacted or not."""
+        order = self.replica.order_by_client_id(author, tag)
+        if order is not None or self.archive is None:
+            return order
+        saving = self.archive.saving
+        if saving is not None:
+            for held in saving.orders.values():
+                if held.order.author == author and held.order.tag == tag:
+                    return held.order
+        found = self.archive.store.compacted_order_by_tag(self.market.id, author, tag)
+        return None if found is None else found.order
+
+    def orders_with_prefix(self, prefix: str, limit: int) -> list[OrderState]:
+        """Compacted orders whose hex id starts with ``prefix`` (at most ``limit``)."""
+        if self.archive is None or not self.replica.compacted_ops:
+            return []
+        found = {
+            c.order.id: c.order
+            for c in self.archive.store.compacted_orders_with_prefix(self.market.id, prefix, limit)
+        }
+        saving = self.archive.saving
+        if saving is not None:
+            found.update(
+                (ident, c.order)
+                for ident, c in saving.orders.items()
+                if ident.hex().startswith(prefix)
+            )
+        return list(found.values())[:limit]
 
     def digest(self) -> bytes:
         """The replica's digest, cached per state version (it hashes the whole state)."""
@@ -142,6 +264,35 @@ class Watcher:
         ids, dropped = self.ids, self.dropped
         self.ids, self.dropped = [], 0
         return ids, dropped
+
+
+class _Compaction(NamedTuple):
+    """One compaction on its way to the store."""
+
+    ops: list[bytes]
+    ops_set: frozenset[bytes]
+    fills_start: int
+    fills: list[CompactedFill]
+    orders: dict[bytes, CompactedOrder]
+    snapshot: Snapshot
+
+
+class StoreArchive:
+    """A compacted replica's archive (``crdtbook.Replica``'s ``archive``): the node's store,
+    which keeps every op. It answers only for ops a compaction took out of memory, as the core
+    requires: those the store marked compacted, and those of a compaction whose store write is
+    under way (``MarketState.saving``)."""
+
+    def __init__(self, store: OpStore, market: bytes) -> None:
+        self.store = store
+        self.market = market
+        self.saving: _Compaction | None = None
+
+    def get(self, ident: bytes) -> bytes | None:
+        saving = self.saving
+        if saving is not None and ident in saving.ops_set:
+            return self.store.get_raw(self.market, ident)
+        return self.store.get_raw(self.market, ident, compacted=True)
 
 
 def _batch_length(outbox: list[bytes], most: int) -> int:
@@ -309,16 +460,16 @@ class NodeService:
         publish_interval: float = PUBLISH_INTERVAL,
         fsync: bool = False,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
+        compact_after: int = COMPACT_AFTER,
     ) -> None:
         self.identity = identity
+        self.compact_after = compact_after
         self.heartbeat_interval = heartbeat_interval
         self.publish_interval = publish_interval
         self.gossip_batch = max(1, min(gossip_batch, MAX_BATCH_OPS))
         self.flush_delay = flush_delay
         self.store = store
-        self.markets: dict[bytes, MarketState] = {
-            m.id: MarketState(m, Replica(m), topic_for(m)) for m in markets
-        }
+        self.markets: dict[bytes, MarketState] = {m.id: self._market_state(m) for m in markets}
         self.by_name: dict[str, MarketState] = {ms.market.name: ms for ms in self.markets.values()}
         self._writer = _StoreWriter(store, fsync, self._write_failed)
         #: Set while the store refuses writes (see ``_store_ready``); None when it takes them.
@@ -328,6 +479,14 @@ class NodeService:
         self.closing = False
         self.started = time.time()
         self._applied_since_freeze = 0
+
+    def _market_state(self, market: Market) -> MarketState:
+        if not market.witnessed:  # never compacts: needs no archive
+            return MarketState(market, Replica(market), topic_for(market))
+        archive = StoreArchive(self.store, market.id)
+        return MarketState(
+            market, Replica(market, archive=archive), topic_for(market), archive=archive
+        )
 
     def note_applied(self, count: int) -> None:
         """GC policy. A replica's state (ops, orders, journals) lives as long as the node and
@@ -355,19 +514,56 @@ class NodeService:
         return loaded
 
     def _restore(self, ms: MarketState, use_checkpoints: bool = True) -> int:
-        """Replace ``ms``'s replica with one rebuilt from the store; returns its op count."""
+        """Replace ``ms``'s replica with one rebuilt from the store; returns its op count
+        (compacted ones included). A compacted market starts from its snapshot and
+        the live ops; if that fails, from the whole log."""
         market = ms.market
         started = time.monotonic()
-        checkpoint = self.store.get_checkpoint(market.id) if use_checkpoints else None
+        archive = ms.archive
+        snapshot = self.store.get_snapshot(market.id) if archive is not None else None
         # The cyclic GC off while loading: everything loaded lives on and holds no cycles,
         # yet collections would walk the growing log again and again. Afterwards the lot
         # goes straight to the permanent generation (a collection first would walk it all
         # once more, for the few cycles loading leaves: not worth it).
         gc.disable()
         try:
-            replica = Replica.restore(
-                market, self.store.load_market(market.id), checkpoint, verify=False
-            )
+            replica = None
+            if archive is not None and snapshot is not None:
+                archive.saving = None
+                try:
+                    replica = Replica.from_snapshot(
+                        market,
+                        snapshot.data,
+                        self.store.load_market(market.id, live_only=True),
+                        archive=archive,
+                        verify=False,
+                    )
+                except ValueError as exc:  # the core's word for a blob it cannot use
+                    logger.warning(
+                        "%s: the snapshot does not restore (%s); replaying the whole log",
+                        market.name,
+                        exc,
+                    )
+            if replica is None:
+                # The checkpoint is older than a snapshot whenever both exist: not used then.
+                use = use_checkpoints and snapshot is None
+                checkpoint = self.store.get_checkpoint(market.id) if use else None
+                # TRANSITIONAL until the core's Replica.restore takes ``archive`` (#10): a
+                # replica restored without it must not compact (it could not find its
+                # compacted ops again), so its market stops compacting.
+                if _RESTORE_TAKES_ARCHIVE:
+                    replica = Replica.restore(
+                        market,
+                        self.store.load_market(market.id),
+                        checkpoint,
+                        verify=False,
+                        archive=archive,  # type: ignore[call-arg,unused-ignore]
+                    )
+                else:
+                    replica = Replica.restore(
+                        market, self.store.load_market(market.id), checkpoint, verify=False
+                    )
+                    ms.archive = None
         finally:
             gc.freeze()
             gc.enable()
@@ -377,14 +573,17 @@ class NodeService:
         ms._digest = None  # cached for the replica it replaces
         ms.finality.prime(replica)
         self._forget_evicted(ms)  # a store that held more orphans than the buffer does
-        for _, exc in replica.restore_skipped[:10]:
-            logger.warning("skipping a stored op that does not apply: %s", exc)
+        for _, why in replica.restore_skipped[:10]:
+            logger.warning("skipping a stored op that does not apply: %s", why)
         if len(replica.restore_skipped) > 10:
             logger.warning("... and %d more", len(replica.restore_skipped) - 10)
         covered = replica.restored_from_checkpoint
-        if covered:
+        compacted = replica.compacted_ops
+        if compacted:
+            how = f"snapshot of {compacted} compacted ops + {len(replica) - compacted} live ops"
+        elif covered:
             how = f"checkpoint of {covered} ops + replay of {len(replica) - covered}"
-        elif checkpoint is None:
+        elif replica.checkpoint_unused is None:
             how = "full replay (no checkpoint)"
         else:
             how = f"full replay (checkpoint not used: {replica.checkpoint_unused})"
@@ -396,13 +595,20 @@ class NodeService:
         task changes the replicas any more): the next start matches only what it lacks.
 
         Ops that gossip queued are applied first (they are stored already), so that the
-        checkpoint covers them. The newest ops are left out (``checkpoint_tail``)."""
+        checkpoint covers them. The newest ops are left out (``checkpoint_tail``). A market that
+        compacts (it has compacted, or has a snapshot in the store) is compacted instead: its
+        next start reads the snapshot and the few live ops, and never the checkpoint."""
         for ms in self.markets.values():
             replica = ms.replica
             if ms.apply_queue:
                 batch, ms.apply_queue = ms.apply_queue, []
                 ms.queued.clear()
                 replica.apply_many(batch)
+            if ms.archive is not None and (
+                replica.compacted_ops or self.store.get_snapshot(ms.market.id) is not None
+            ):
+                self._save_compaction(ms, self._take_compaction(ms))
+                continue
             if not len(replica):
                 continue
             started = time.monotonic()
@@ -418,6 +624,101 @@ class NodeService:
                 len(blob),
                 time.monotonic() - started,
             )
+
+    # -- compaction (witnessed markets) ---------------------------------------------------------
+
+    def compaction_due(self, ms: MarketState) -> bool:
+        """Whether ``compact_after`` final ops sit in the replica's memory (witnessed markets;
+        not while a compaction is being saved, nor while the store refuses writes)."""
+        archive = ms.archive
+        if archive is None or archive.saving is not None or self.store_fault is not None:
+            return False
+        replica = ms.replica
+        return replica.final_count - replica.compacted_ops >= self.compact_after
+
+    async def compact(self, ms: MarketState) -> bool:
+        """Compact the market's replica and record it in the store (in a worker thread: one
+        transaction, which marks some ``compact_after`` ops). Returns whether it was saved. If
+        the write fails, the replica is rebuilt from the store as it still is (compacted as of
+        the previous snapshot), so memory and the store never disagree."""
+        record = self._take_compaction(ms)
+        try:
+            # Not abandon_on_cancel: the store lock must be released by the write itself.
+            await trio.to_thread.run_sync(self._save_compaction, ms, record)
+        except StoreError as exc:
+            logger.warning("%s: compaction not saved (%s); reloading", ms.market.name, exc)
+            if isinstance(exc, StoreWriteError) and self.store_fault is None:
+                self.store_fault = exc
+                self._store_tried = time.monotonic()
+            self._restore(ms)
+            return False
+        return True
+
+    def _take_compaction(self, ms: MarketState) -> _Compaction:
+        """Compact the replica (synchronously, no task runs meanwhile) and return what left its
+        memory with the snapshot, keeping it readable (``ms.archive.saving``) until saved."""
+        replica, archive = ms.replica, ms.archive
+        assert archive is not None, "only witnessed markets compact"
+        started = time.monotonic()
+        # Witnessed times are read off placements, which the replica forgets for compacted ops:
+        # read them first, for the orders among the final ops (fills name their takers).
+        first = replica.compacted_ops
+        witnessed = {
+            op.id: replica.witnessed_time(op.id)
+            for op in islice(replica.iter_ops(first), max(0, replica.final_count - first))
+            if op.kind == "order"
+        }
+        report = replica.compact()
+        blob = replica.snapshot()
+        received = ms.received_ms
+        fills = [
+            CompactedFill(
+                report.fills_start + i,
+                fill,
+                received.get(fill.taker),
+                witnessed.get(fill.taker),
+            )
+            for i, fill in enumerate(report.fills)
+        ]
+        orders = {
+            o.id: CompactedOrder(o, received.get(o.id), witnessed.get(o.id)) for o in report.orders
+        }
+        for ident in report.ops:
+            received.pop(ident, None)
+        record = _Compaction(
+            report.ops,
+            frozenset(report.ops),
+            report.fills_start,
+            fills,
+            orders,
+            Snapshot(replica.compacted_ops, replica.compacted_fills, blob),
+        )
+        archive.saving = record
+        ms._digest = None
+        logger.info(
+            "%s: compacted %d ops, %d fills, %d orders out of memory in %.2f s "
+            "(%d ops compacted in all; %d in memory; snapshot %d bytes)",
+            ms.market.name,
+            len(report.ops),
+            len(fills),
+            len(orders),
+            time.monotonic() - started,
+            replica.compacted_ops,
+            len(replica) - replica.compacted_ops,
+            len(blob),
+        )
+        return record
+
+    def _save_compaction(self, ms: MarketState, record: _Compaction) -> None:
+        """Write one compaction to the store (one transaction), then let go of it."""
+        started = time.monotonic()
+        self.store.compact(
+            ms.market.id, record.ops, record.fills, record.orders.values(), record.snapshot
+        )
+        if ms.archive is not None and ms.archive.saving is record:
+            ms.archive.saving = None
+        ms.compactions += 1
+        logger.info("%s: compaction saved in %.2f s", ms.market.name, time.monotonic() - started)
 
     # -- store faults ------------------------------------------------------------------------
 
@@ -771,6 +1072,9 @@ class NodeService:
             now = trio.current_time()
             view = ms.finality.evaluate(ms.replica, me, now)
             deadline = float("inf") if view.next_stall is None else view.next_stall + 0.01
+            if self.compaction_due(ms):  # here: off the ingest path, and witnessed markets only
+                await self.compact(ms)
+                continue
             with trio.move_on_at(deadline):
                 await changed.wait()
             await trio.sleep(FINALITY_CHECK_INTERVAL)  # coalesce a burst of changes

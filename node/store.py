@@ -428,15 +428,15 @@ class OpStore:
                 return
             last = (rows[-1][0], rows[-1][1])
 
-    def get_raw(self, market: bytes, op_id: bytes) -> bytes | None:
-        """The stored bytes of op ``op_id`` of ``market``, or None (what a compacted replica
-        asks its archive for: an op it let go of, named again by a late op or duplicate)."""
+    def get_raw(self, market: bytes, op_id: bytes, *, compacted: bool = False) -> bytes | None:
+        """The stored bytes of op ``op_id`` of ``market`` (with ``compacted``: only if marked
+        compacted), or None. What a compacted replica asks its archive for: an op it let go of,
+        named again by a late op or duplicate."""
+        query = "SELECT raw FROM ops WHERE id = ? AND market = ?"
+        if compacted:
+            query += " AND compacted = 1"
         with self._lock:
-            row = (
-                self._db()
-                .execute("SELECT raw FROM ops WHERE id = ? AND market = ?", (op_id, market))
-                .fetchone()
-            )
+            row = self._db().execute(query, (op_id, market)).fetchone()
         return None if row is None else bytes(row[0])
 
     def count(self, market: bytes) -> int:

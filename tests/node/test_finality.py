@@ -562,6 +562,10 @@ class _FakeState:
     def __init__(self, replica: _Fakes) -> None:
         self.replica = replica
 
+    def fill_list(self, start: int, stop: int | None = None) -> list[Any]:
+        """MarketState.fill_list without compacted history."""
+        return list(self.replica.fills(start))[: None if stop is None else stop - start]
+
 
 def test_watched_fills_revokes_reordered_provisional_fills() -> None:
     replica = _Fakes(["f0", "f1", "f2"], final=1)

@@ -396,6 +396,9 @@ def test_compact_marks_keeps_history_and_snapshot(store: OpStore) -> None:
     # The archive's lookup: any stored op of the market, compacted or not.
     assert store.get_raw(M1, items[0][0]) == items[0][3]
     assert store.get_raw(M2, items[0][0]) is None
+    assert store.get_raw(M1, items[0][0], compacted=True) == items[0][3]
+    assert store.get_raw(M1, items[15][0]) == items[15][3]
+    assert store.get_raw(M1, items[15][0], compacted=True) is None
     # A second compaction replaces the snapshot; rewriting earlier rows is harmless.
     store.compact(M1, [*gone, items[12][0]], fills[:1], [], Snapshot(13, 5, b"snap-2"))
     assert store.get_snapshot(M1) == Snapshot(13, 5, b"snap-2")
