@@ -135,7 +135,10 @@ def _symbol_name(symbol: str | None) -> str | None:
     return None if symbol is None else symbol.strip().replace("/", "-")
 
 
-def _int_param(request: Request, name: str, default: int | None, high: int) -> int | None:
+def _int_param(
+    request: Request, name: str, default: int | None, high: int | None = None
+) -> int | None:
+    """An integer query parameter; with ``high``, one in 1..high."""
     text = request.query_params.get(name)
     if text is None or text == "":
         return default
@@ -143,7 +146,7 @@ def _int_param(request: Request, name: str, default: int | None, high: int) -> i
         value = int(text)
     except ValueError:
         raise HttpError(BAD_REQUEST, f"{name} must be an integer, not {text!r:.40}") from None
-    if not 1 <= value <= high and name != "since":
+    if high is not None and not 1 <= value <= high:
         raise HttpError(BAD_REQUEST, f"{name} must be in 1..{high}, not {value}")
     return value
 
@@ -218,7 +221,7 @@ class HttpApi:
     async def trades(self, request: Request) -> Any:
         ms = self.market(request.query_params.get("symbol"))
         limit = _int_param(request, "limit", 100, MAX_LIST_LIMIT)
-        since = _int_param(request, "since", None, 0)
+        since = _int_param(request, "since", None)
         result = await self.adapter.call("fills", {"market": ms.market.name, "limit": limit})
         trades = [trade_shape(f) for f in result["fills"]]
         if since is not None:
