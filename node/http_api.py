@@ -300,6 +300,11 @@ class HttpApi:
             )
         if body.get("selfTradePrevention") is not None:
             params["stp"] = _require_str(body, "selfTradePrevention")
+        wait_final = body.get("waitFinal", False)
+        if not isinstance(wait_final, bool):
+            raise HttpError(BAD_REQUEST, "waitFinal must be true or false")
+        if wait_final:  # answer once the order is final (witnessed markets; 504 after 30 s)
+            params["wait_final"] = True
         result = await self.adapter.call("submit", params)
         me = self.me.hex()
         shaped = order_shape(result["order"], kind)

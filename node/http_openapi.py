@@ -155,6 +155,11 @@ _SCHEMAS: Final[dict[str, Any]] = {
             "postOnly": {"type": "boolean"},
             "selfTradePrevention": {"enum": ["expire_maker", "expire_taker", "expire_both"]},
             "band": {"type": "string", "description": "market orders: protection, e.g. 1%"},
+            "waitFinal": {
+                "type": "boolean",
+                "description": "answer once the order is final (witnessed markets; 504 timeout "
+                "after 30 s, the order standing)",
+            },
         },
         required=["symbol", "side", "amount"],
     ),

@@ -281,6 +281,10 @@ async def test_live_responses_match_the_openapi_document(tmp_path: Path) -> None
                 "/api/v1/orders", order("buy", "10", "1", selfTradePrevention="expire_taker")
             )
             created2 = await api.post("/api/v1/orders", order("buy", "9", "1", postOnly=True))
+            settled = await api.post(
+                "/api/v1/orders", order("buy", "8", "1", timeInForce="IOC", waitFinal=True)
+            )
+            assert settled["final"] is True and settled["status"] == "expired"
             assert created2["timeInForce"] == "PO" and created2["postOnly"] is True
             calls: list[tuple[str, str, Any]] = [
                 ("/api/v1/markets", "get", await api.get("/api/v1/markets")),
