@@ -201,6 +201,10 @@ def child_ingest(
                         "final": replica.final_count,
                         "compacted_ops": replica.compacted_ops,
                         "compactions": ms.compactions,
+                        # The longest compaction so far: the core's part stalls the event loop
+                        # (compact and snapshot); the store's runs in a worker thread.
+                        "compact_s_max": ms.compact_s_max,
+                        "save_s_max": ms.save_s_max,
                         "rss_mb": rss_mb(),
                         "ingest_s": ingest_s,
                         "ingest_cpu_s": ingest_cpu,

@@ -148,7 +148,11 @@ class MarketState:
     #: The store as the replica's archive (witnessed markets: those that compact), which also
     #: holds a compaction whose store write is under way.
     archive: StoreArchive | None = None
+    #: Compactions saved, and the longest one took in the core (compact and snapshot, on the
+    #: event loop) and in the store (a worker thread).
     compactions: int = 0
+    compact_s_max: float = 0.0
+    save_s_max: float = 0.0
     finality: FinalityTracker = field(init=False)
     _digest: tuple[int, bytes] | None = None
 
@@ -392,9 +396,13 @@ class _StoreWriter:
         store: OpStore,
         fsync: bool,
         on_failure: Callable[[StoreWriteError, list[bytes]], None],
+        busy: Callable[[], bool] = lambda: False,
     ) -> None:
         self._store = store
         self._fsync = fsync
+        #: True while a long transaction (a compaction's) holds the store: a write then waits
+        #: for it in a worker thread, so the event loop runs on meanwhile.
+        self._busy = busy
         self._queue: list[_Write] = []
         self._lock = trio.Lock()
         #: Called, before any other task runs, with the error and the ids of every op whose
@@ -405,7 +413,10 @@ class _StoreWriter:
         """Return once ``items`` are committed; raise ``StoreWriteError`` if they are not."""
         if not self._fsync:
             try:
-                self._store.add_ops(items)
+                if self._busy():
+                    await trio.to_thread.run_sync(self._store.add_ops, items)
+                else:
+                    self._store.add_ops(items)
             except StoreWriteError as exc:
                 self._on_failure(exc, [item[0] for item in items])
                 raise
@@ -471,7 +482,9 @@ class NodeService:
         self.store = store
         self.markets: dict[bytes, MarketState] = {m.id: self._market_state(m) for m in markets}
         self.by_name: dict[str, MarketState] = {ms.market.name: ms for ms in self.markets.values()}
-        self._writer = _StoreWriter(store, fsync, self._write_failed)
+        #: Compactions being written to the store (see _StoreWriter's ``busy``).
+        self._saving = 0
+        self._writer = _StoreWriter(store, fsync, self._write_failed, lambda: self._saving > 0)
         #: Set while the store refuses writes (see ``_store_ready``); None when it takes them.
         self.store_fault: StoreWriteError | None = None
         self._store_tried = -float("inf")
@@ -607,7 +620,8 @@ class NodeService:
             if ms.archive is not None and (
                 replica.compacted_ops or self.store.get_snapshot(ms.market.id) is not None
             ):
-                self._save_compaction(ms, self._take_compaction(ms))
+                record = self._take_compaction(ms)
+                self._saved(ms, record, self._save_compaction(ms, record))
                 continue
             if not len(replica):
                 continue
@@ -642,9 +656,10 @@ class NodeService:
         the write fails, the replica is rebuilt from the store as it still is (compacted as of
         the previous snapshot), so memory and the store never disagree."""
         record = self._take_compaction(ms)
+        self._saving += 1  # meanwhile, op writes wait for the store in threads, not the loop
         try:
             # Not abandon_on_cancel: the store lock must be released by the write itself.
-            await trio.to_thread.run_sync(self._save_compaction, ms, record)
+            seconds = await trio.to_thread.run_sync(self._save_compaction, ms, record)
         except StoreError as exc:
             logger.warning("%s: compaction not saved (%s); reloading", ms.market.name, exc)
             if isinstance(exc, StoreWriteError) and self.store_fault is None:
@@ -652,6 +667,9 @@ class NodeService:
                 self._store_tried = time.monotonic()
             self._restore(ms)
             return False
+        finally:
+            self._saving -= 1
+        self._saved(ms, record, seconds)
         return True
 
     def _take_compaction(self, ms: MarketState) -> _Compaction:
@@ -659,7 +677,7 @@ class NodeService:
         memory with the snapshot, keeping it readable (``ms.archive.saving``) until saved."""
         replica, archive = ms.replica, ms.archive
         assert archive is not None, "only witnessed markets compact"
-        started = time.monotonic()
+        started = time.perf_counter()
         # Witnessed times are read off placements, which the replica forgets for compacted ops:
         # read them first, for the orders among the final ops (fills name their takers).
         first = replica.compacted_ops
@@ -695,30 +713,37 @@ class NodeService:
         )
         archive.saving = record
         ms._digest = None
+        seconds = time.perf_counter() - started
+        ms.compact_s_max = max(ms.compact_s_max, seconds)
         logger.info(
             "%s: compacted %d ops, %d fills, %d orders out of memory in %.2f s "
-            "(%d ops compacted in all; %d in memory; snapshot %d bytes)",
+            "(%d ops compacted in all, %d after that point; snapshot %d bytes)",
             ms.market.name,
             len(report.ops),
             len(fills),
             len(orders),
-            time.monotonic() - started,
+            seconds,
             replica.compacted_ops,
             len(replica) - replica.compacted_ops,
             len(blob),
         )
         return record
 
-    def _save_compaction(self, ms: MarketState, record: _Compaction) -> None:
-        """Write one compaction to the store (one transaction), then let go of it."""
-        started = time.monotonic()
+    def _save_compaction(self, ms: MarketState, record: _Compaction) -> float:
+        """Write one compaction to the store (one transaction; any thread); its seconds."""
+        started = time.perf_counter()
         self.store.compact(
             ms.market.id, record.ops, record.fills, record.orders.values(), record.snapshot
         )
+        return time.perf_counter() - started
+
+    def _saved(self, ms: MarketState, record: _Compaction, seconds: float) -> None:
+        """A compaction is in the store: let go of it (on the event loop)."""
         if ms.archive is not None and ms.archive.saving is record:
             ms.archive.saving = None
         ms.compactions += 1
-        logger.info("%s: compaction saved in %.2f s", ms.market.name, time.monotonic() - started)
+        ms.save_s_max = max(ms.save_s_max, seconds)
+        logger.info("%s: compaction saved in %.2f s", ms.market.name, seconds)
 
     # -- store faults ------------------------------------------------------------------------
 
