@@ -58,7 +58,7 @@ from ._ops import (
     encode,
     op_id,
 )
-from ._replica import ApplyReport, Replica
+from ._replica import ApplyReport, Archive, CompactReport, Replica
 from ._state import Book, Level, OrderState, RestingOrder
 from ._sync import BloomFilter, ops_missing_for
 
@@ -76,6 +76,7 @@ __all__ = [
     "TIFS",
     "WITNESSED_VERSION",
     "ApplyReport",
+    "Archive",
     "BadCancel",
     "BadLamport",
     "BadParents",
@@ -85,6 +86,7 @@ __all__ = [
     "BloomFilter",
     "Book",
     "CancelBody",
+    "CompactReport",
     "Fill",
     "HeartbeatBody",
     "Identity",

@@ -65,6 +65,7 @@ from ._ops import (
 
 __all__ = [
     "CANCELLED",
+    "COMPACTED",
     "EXPIRED",
     "FILLED",
     "OPEN",
@@ -93,6 +94,8 @@ REASONS: Final = (
 R_NONE, R_CANCELLED, R_IOC, R_FOK, R_POST_ONLY, R_SELF_TRADE, R_DUPLICATE = range(7)
 
 _BID, _ASK = 0, 1
+#: A client order id held by an order that compaction took out of memory (``Engine.compacted``).
+COMPACTED: Final = -1
 
 # States (status | reason << 3) of orders closed with a reason.
 _IOC_EXPIRED: Final = EXPIRED | R_IOC << 3
@@ -357,10 +360,12 @@ class Engine:
         return left
 
     def _cancel(self, op: Op, body: CancelBody) -> None:
-        order = self.orders[body.order_id]  # validity guarantees it exists and precedes the cancel
-        effective = self.states[order] <= PARTIALLY_FILLED
+        # Validity guarantees the order exists and precedes the cancel; one not here was
+        # compacted out of memory (``compacted``), which only ever happens to finished orders.
+        order = self.orders.get(body.order_id)
+        effective = order is not None and self.states[order] <= PARTIALLY_FILLED
         self.cancels[op.id] = effective
-        if not effective:
+        if order is None or not effective:
             return
         self.remaining[order] = 0  # the rest is closed
         self.states[order] = _CANCELLED
@@ -511,6 +516,41 @@ class Engine:
             level.appendleft(maker)
             level.live += 1
         del tape[start:]
+
+    # -- compaction (witnessed markets) ------------------------------------------------------
+
+    def compacted(self) -> Engine:
+        """A new engine with the same book and nothing else: the live (resting) orders only,
+        renumbered in their order (so two engines with the same state compact to the same
+        numbers), no fills, no cancel records, no undo tape. Client order ids stay held for
+        ever (version 2 never lets an author reuse one): a finished order's id maps to
+        ``COMPACTED``. Costs O(orders) once; what stays is O(resting orders)."""
+        new = Engine(client_ids=self.client_ids is not None)
+        states, remaining, filled = self.states, self.remaining, self.filled
+        renumber: dict[int, int] = {}
+        for number in range(len(self.ids)):
+            if states[number] <= PARTIALLY_FILLED and remaining[number] > 0:
+                renumber[number] = len(new.ids)
+                new.orders[self.ids[number]] = len(new.ids)
+                new.ids.append(self.ids[number])
+                new.ops.append(self.ops[number])
+                new.authors.append(self.authors[number])
+                new.remaining.append(remaining[number])
+                new.filled.append(filled[number])
+                new.states.append(states[number])
+        for side in (_BID, _ASK):
+            for price, level in self.levels[side].items():
+                kept = _Level(side, price)
+                kept.extend(renumber[o] for o in level if o in renumber)
+                kept.live = len(kept)
+                if kept.live:
+                    new.levels[side][price] = kept
+                    new._add_price(side, price)
+        if self.client_ids is not None and new.client_ids is not None:
+            new.client_ids.update(
+                (held, renumber.get(number, COMPACTED)) for held, number in self.client_ids.items()
+            )
+        return new
 
     # -- views -------------------------------------------------------------------------------
 

@@ -117,6 +117,10 @@ class Witnessing:
         #: added witness -> lowest seq of its ops known to have its adding reconfig in the past.
         self._proven_from: dict[bytes, int] = {}
         self._forks_seen: dict[bytes, int] = {}
+        #: The frontier when the replica last compacted (0: never). Everything placed at or below
+        #: it left memory but for a few kept ops; placements there are never recomputed, and the
+        #: frontier never reads lower (a compacted replica cannot take back what was final).
+        self.frozen = 0
 
     # -- keys ------------------------------------------------------------------------------
 
@@ -132,7 +136,8 @@ class Witnessing:
             lamport = max(0 if latest is None else latest.lamport, self.added_at.get(witness, 0))
             if lamport < lowest:
                 lowest = lamport
-        return 0 if lowest == UNPLACED else lowest
+        lowest = 0 if lowest == UNPLACED else lowest
+        return lowest if lowest > self.frozen else self.frozen
 
     def final_count(self, order: list[Op]) -> int:
         """How many ops at the start of ``order`` (the total order) are final."""
@@ -191,7 +196,10 @@ class Witnessing:
             if ident in seen:
                 continue
             seen.add(ident)
-            parent = applied[ident]
+            try:
+                parent = applied[ident]  # a compacted op comes back from the archive
+            except KeyError:  # compacted, and not kept anywhere: below any live target
+                continue
             if parent.lamport > floor:
                 stack.extend(parent.parents)
         return False
@@ -278,8 +286,16 @@ class Witnessing:
         if recompute:
             return True, []
         if kind is HeartbeatBody and self.counts(op):
+            if op.lamport <= self.frozen:  # only a late copy of a compacted witness's past
+                self._note_latest(op)
+                return False, []
             return False, self._place_from(op)
         return False, []
+
+    def _note_latest(self, heartbeat: Op) -> None:
+        latest = self.latest.get(heartbeat.author)
+        if latest is None or heartbeat.seq > latest.seq:
+            self.latest[heartbeat.author] = heartbeat
 
     def _winning_chain(self) -> list[Op]:
         """The longest chain of reconfigurations, each in the next one's past; at an epoch with
@@ -313,19 +329,29 @@ class Witnessing:
         """The highest sequence number of ``author``'s ops in ``op``'s past (0: none): a walk
         newest first that stops at the first op by ``author``."""
         applied = self.applied
-        heap: list[tuple[int, bytes]] = [(-applied[p].lamport, p) for p in op.parents]
+
+        def lamport_of(ident: bytes) -> int:
+            try:
+                return applied[ident].lamport
+            except KeyError:  # compacted and not in the archive: walk past it
+                return 0
+
+        heap: list[tuple[int, bytes]] = [(-lamport_of(p), p) for p in op.parents]
         seen: set[bytes] = set()
         while heap:
             _, ident = heappop(heap)
             if ident in seen:
                 continue
             seen.add(ident)
-            ancestor = applied[ident]
+            try:
+                ancestor = applied[ident]
+            except KeyError:
+                continue
             if ancestor.author == author:
                 return ancestor.seq
             for parent in ancestor.parents:
                 if parent not in seen:
-                    heappush(heap, (-applied[parent].lamport, parent))
+                    heappush(heap, (-lamport_of(parent), parent))
         return 0
 
     def _place_from(self, heartbeat: Op) -> list[Op]:
@@ -341,7 +367,12 @@ class Witnessing:
             if ident in seen or placement.get(ident, UNPLACED) <= lamport:
                 continue  # placed at or below: so is its whole past
             seen.add(ident)
-            op = applied[ident]
+            try:
+                op = applied[ident]  # a compacted op comes back placed (at the frozen frontier)
+            except KeyError:  # compacted (final) and not in the archive: placed long ago
+                continue
+            if placement.get(ident, UNPLACED) <= lamport:
+                continue
             moved.append(op)
             stack.extend(op.parents)
         return moved
@@ -365,9 +396,7 @@ class Witnessing:
             placement[op.id] = lamport
             batches.setdefault(lamport, set()).add(op.id)
         self.heartbeats_at.setdefault(lamport, []).append(heartbeat.id)
-        latest = self.latest.get(heartbeat.author)
-        if latest is None or heartbeat.seq > latest.seq:
-            self.latest[heartbeat.author] = heartbeat
+        self._note_latest(heartbeat)
         members: list[Op] = []
         for point in touched:
             members += self._rank_batch(point)
@@ -393,15 +422,41 @@ class Witnessing:
 
     def recompute(self) -> None:
         """Place and rank everything from the counted heartbeats (after a reconfiguration or a
-        witness's fork changed what counts)."""
-        self.placement.clear()
-        self.rank.clear()
-        self.batches.clear()
-        self.heartbeats_at.clear()
+        witness's fork changed what counts). After a compaction, what is placed at or below the
+        frozen frontier stays where it is: it is final, and mostly no longer in memory."""
+        frozen = self.frozen
+        if frozen:
+            kept = {i: p for i, p in self.placement.items() if p <= frozen}
+            self.placement.clear()
+            self.placement.update(kept)
+            self.rank = {i: r for i, r in self.rank.items() if i in kept}
+            self.batches = {p: b for p, b in self.batches.items() if p <= frozen}
+            self.heartbeats_at = {p: h for p, h in self.heartbeats_at.items() if p <= frozen}
+        else:
+            self.placement.clear()
+            self.rank.clear()
+            self.batches.clear()
+            self.heartbeats_at.clear()
         self.latest.clear()
         for heartbeat in sorted(self.heartbeats, key=lambda o: (o.lamport, o.id)):
             if self.counts(heartbeat):
-                self.commit_placement(heartbeat, self._place_from(heartbeat))
+                if heartbeat.lamport <= frozen:
+                    self._note_latest(heartbeat)
+                else:
+                    self.commit_placement(heartbeat, self._place_from(heartbeat))
+
+    def forget(self, ids: set[bytes], frontier: int) -> None:
+        """Compaction: drop what is kept about ``ids`` (final ops leaving memory) and about the
+        batches at or below ``frontier``, which becomes the frozen frontier."""
+        self.frozen = max(self.frozen, frontier)
+        placement, rank = self.placement, self.rank
+        for ident in ids:
+            placement.pop(ident, None)
+            rank.pop(ident, None)
+        frozen = self.frozen
+        self.batches = {p: b for p, b in self.batches.items() if p > frozen}
+        self.heartbeats_at = {p: h for p, h in self.heartbeats_at.items() if p > frozen}
+        self.heartbeats = [h for h in self.heartbeats if h.id not in ids]
 
     # -- views -----------------------------------------------------------------------------
 
@@ -413,7 +468,7 @@ class Witnessing:
         times = [
             t
             for h in self.heartbeats_at.get(point, ())
-            if (t := applied[h].body.time_ms)  # type: ignore[union-attr]
+            if h in applied and (t := applied[h].body.time_ms)  # type: ignore[union-attr]
         ]
         return min(times) if times else None
 

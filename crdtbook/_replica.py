@@ -20,13 +20,14 @@ applied the same ops one by one would.
 
 from __future__ import annotations
 
+import hashlib
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Final, NamedTuple
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Final, NamedTuple, Protocol
 
 from ._checkpoint import Checkpoint, encode_checkpoint, install, read_checkpoint
-from ._engine import Engine, Fill
+from ._engine import PARTIALLY_FILLED, Engine, Fill
 from ._errors import BadCancel, BadWitness, InvalidOp, InvalidParent, WrongMarket
 from ._finality import UNPLACED, WitnessInfo, Witnessing, check_approval
 from ._identity import Identity
@@ -51,10 +52,10 @@ from ._ops import (
     reconfig_message,
     sign_op,
 )
-from ._state import Book, OrderState, book_view, order_state, state_digest
+from ._state import Book, OrderState, book_view, order_state, state_digest, witnessed_digest
 from ._validity import check_in_context, on_own_chain
 
-__all__ = ["ApplyReport", "Replica"]
+__all__ = ["ApplyReport", "Archive", "CompactReport", "Replica"]
 
 #: Ops waiting for parents. Enough for a gap of several seconds at thousands of ops/s; past it
 #: the sync protocol offers the ops again once their parents are in.
@@ -70,6 +71,53 @@ MAX_EVICTED_REMEMBERED: Final = 10_000
 #: Invalid op ids remembered so that a re-sent invalid op is refused without a signature check,
 #: and its descendants are refused at once. Oldest forgotten first.
 MAX_INVALID_REMEMBERED: Final = 10_000
+
+
+#: Compaction keeps this many of the newest final ops in memory (besides what it must keep): an
+#: op in flight names recent ops as parents, and finding them here costs no archive lookup.
+KEEP_RECENT_FINAL: Final = 2048
+#: Domain of the running hash of the final ops, in total order (specs/finality.md, "Digest"):
+#: chain(k) = SHA-256(FINAL_CHAIN_DOMAIN || chain(k - 1) || id of final op k), chain(0) = 32 zeros.
+FINAL_CHAIN_DOMAIN: Final = b"crdtbook/final-chain/v2\x00"
+
+
+class Archive(Protocol):
+    """Where a compacted replica finds an op it took out of memory (a node's store).
+
+    ``get`` returns the op, or its encoded bytes (trusted: decoded without a signature check),
+    for an op this replica compacted, and None for any other id. It must never answer for an op
+    that was not compacted (say one still waiting for parents): the replica takes whatever it
+    returns as final."""
+
+    def get(self, ident: bytes) -> Op | bytes | None: ...
+
+
+class _Applied(dict[bytes, Op]):
+    """The applied ops by id. A miss (``applied[id]``; not ``in`` or ``get``) asks the archive,
+    so the validity rules and the walks over the past read a compacted op as if it had never
+    left; it stays until the next compaction."""
+
+    __slots__ = ("hydrate",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hydrate: Callable[[bytes], Op | None] | None = None
+
+    def __missing__(self, ident: bytes) -> Op:
+        hydrate = self.hydrate
+        op = None if hydrate is None else hydrate(ident)
+        if op is None:
+            raise KeyError(ident)
+        return op
+
+
+class CompactReport(NamedTuple):
+    """What one ``Replica.compact`` took out of memory (for a node to keep in its store)."""
+
+    ops: list[bytes]  # ids of the ops that left memory (all final)
+    fills_start: int  # global index of the first of ``fills``
+    fills: list[Fill]  # the final fills that left memory, in order
+    orders: list[OrderState]  # the final, finished orders that left memory
 
 
 def _order_key(op: Op) -> tuple[int, bytes]:
@@ -92,11 +140,31 @@ class Replica:
     same ``digest()``.
     """
 
-    def __init__(self, market: Market, *, max_pending: int = DEFAULT_MAX_PENDING) -> None:
+    def __init__(
+        self,
+        market: Market,
+        *,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        archive: Archive | None = None,
+    ) -> None:
         self.market = market
         self._market_id = market.id
         self.max_pending = max_pending
-        self._applied: dict[bytes, Op] = {}
+        self._applied = _Applied()
+        #: Compaction (witnessed markets): where compacted ops are found again, how many ops,
+        #: fills and orders left memory, and what the final state was at that point.
+        self._archive = archive
+        self.compacted_ops = 0
+        self.compacted_fills = 0
+        self.compacted_orders = 0
+        #: The largest Lamport time of a compacted op: only an op at or below it can be a late
+        #: copy of one (``_accept`` asks the archive about those only).
+        self._compacted_lamport = 0
+        #: The matched state at the compaction point (resting orders only): what an engine
+        #: starts from when it must start over.
+        self._compact_base: Engine | None = None
+        self._chain_base = bytes(32)
+        self._final_chain = bytes(32)
         self._order: list[Op] = []  # applied ops in total order
         self._matched = 0  # how many of _order the engine has processed
         #: Where each matched op's undo records begin on the engine's tape (8 bytes per op, and
@@ -150,6 +218,34 @@ class Replica:
         self._final_fed = 0  # how many ops of _order the final engine has processed
         self._placed_since_trim = False  # a counted heartbeat moved the frontier, maybe
         self._final_version = -1  # self.version when _final_fed was last brought up to date
+        if self._fin is not None and archive is not None:
+            self._applied.hydrate = self._hydrate
+
+    def _hydrate(self, ident: bytes) -> Op | None:
+        """A compacted op back from the archive (final: placed at the frozen frontier)."""
+        archive, fin = self._archive, self._fin
+        if archive is None or fin is None or not self.compacted_ops:
+            return None
+        found = archive.get(ident)
+        if found is None:
+            return None
+        op = found if isinstance(found, Op) else decode(bytes(found), verify=False)
+        if op.id != ident or op.market_id != self._market_id:
+            return None
+        self._applied[ident] = op
+        fin.placement.setdefault(ident, fin.frozen)
+        return op
+
+    def _present(self, ident: bytes) -> bool:
+        """Applied (in memory, or compacted and found in the archive)."""
+        if ident in self._applied:
+            return True
+        return self.compacted_ops > 0 and self._hydrate(ident) is not None
+
+    def _fresh_engine(self) -> Engine:
+        """An engine at the start of ``_order``: empty, or the state at the compaction point."""
+        base = self._compact_base
+        return Engine(client_ids=self.market.witnessed) if base is None else base.compacted()
 
     # -- input -------------------------------------------------------------------------------
 
@@ -237,6 +333,13 @@ class Replica:
                 raise
         if ident in self._applied or ident in self._pending:
             return None
+        if (
+            self.compacted_ops
+            and op.lamport <= self._compacted_lamport
+            and self._archive is not None
+            and self._archive.get(ident) is not None
+        ):
+            return None  # a late copy of a compacted op
         if self._invalid:
             known_bad = self._invalid.get(ident)
             if known_bad is not None:
@@ -269,8 +372,7 @@ class Replica:
     def _park(self, op: Op) -> None:
         """``op`` has parents that are not applied: refuse it if one is known invalid, else keep
         it pending until they arrive."""
-        applied = self._applied
-        missing = [p for p in op.parents if p not in applied]
+        missing = [p for p in op.parents if not self._present(p)]
         if any(p in self._invalid for p in missing):
             bad_parent = InvalidParent("a parent of this op is invalid")
             self._reject_pending_descendants(op.id, bad_parent)
@@ -325,7 +427,7 @@ class Replica:
         while ready:
             for child_id in self._waiting.pop(ready.pop(), ()):
                 child = self._pending.get(child_id)
-                if child is None or any(p not in self._applied for p in child.parents):
+                if child is None or not all(map(self._present, child.parents)):
                     continue
                 del self._pending[child_id]
                 try:
@@ -400,7 +502,8 @@ class Replica:
         recompute, moved = fin.admitted(op)
         if recompute:  # a reconfiguration or a witness's fork changed what counts
             self._rewind_to(-1)
-            self._final_engine = Engine(client_ids=True)  # rebuilt on the next final view
+            self._final_engine = self._fresh_engine()  # rebuilt on the next final view
+            self._final_chain = self._chain_base
             self._final_fed = 0
             self._final_version = -1
             fin.recompute()
@@ -502,7 +605,7 @@ class Replica:
         """Undo the matched ops at ``position`` and after, last first. Below the undo floor there
         is nothing to undo with: start over from an empty engine (``_rematch`` redoes it all)."""
         if position < self._floor:
-            self._engine = Engine(client_ids=self.market.witnessed)
+            self._engine = self._fresh_engine()
             self._marks = array("q")
             self._matched = self._floor = 0
             return
@@ -622,12 +725,113 @@ class Replica:
                     if isinstance(final, Engine):
                         replica._final_engine = final
                         replica._final_fed = read.ops
+                        chain, sha256 = replica._final_chain, hashlib.sha256
+                        for op in replica._order[: read.ops]:
+                            chain = sha256(FINAL_CHAIN_DOMAIN + chain + op.id).digest()
+                        replica._final_chain = chain
             else:
                 replica.checkpoint_unused = engine  # why not
         else:
             replica.checkpoint_unused = read
         replica._rematch()
         return replica
+
+    # -- compaction (witnessed markets; specs/finality.md, "Compaction") ---------------------
+
+    def compact(self) -> CompactReport:
+        """Take the final prefix out of memory, but for what is still needed: the resting
+        orders, the ops that live ops name as parents, every author's latest op, the heads, the
+        witnesses' latest heartbeats, the reconfigurations, and the newest
+        ``KEEP_RECENT_FINAL`` final ops. Every view, verdict and digest stays as it was; a
+        compacted op comes back from the archive when a late op names it. Returns what left
+        memory, for a node to keep (its store answers ``fills`` and ``order`` for it).
+
+        A market without witnesses never compacts (nothing is final there): an empty report.
+        Costs O(ops in memory) once; a node calls it every some tens of thousands of final ops.
+        """
+        fin, final_engine = self._fin, self._final_engine
+        empty = CompactReport([], self.compacted_fills, [], [])
+        if fin is None or final_engine is None or self._deferred:
+            return empty
+        count = self._advance_final()
+        if count == 0:
+            return empty
+        if self._matched != len(self._order):
+            self._rematch()
+        order = self._order
+        tail = order[count:]
+        fills_start = self.compacted_fills
+        fills = list(final_engine.fill_views(0))
+        states = final_engine.states
+        finished = [
+            order_state(final_engine.row(n), True)
+            for n in range(len(final_engine.ids))
+            if states[n] > PARTIALLY_FILLED
+        ]
+        base = final_engine.compacted()
+        applied = self._applied
+        keep = set(self._heads)
+        keep.update(op.id for op in self._author_tip.values())
+        keep.update(op.id for op in self._author_latest.values())
+        keep.update(op.id for op in fin.latest.values())
+        for reconfigs in fin.by_epoch.values():
+            keep.update(op.id for op in reconfigs)
+        keep.update(base.ids)  # resting orders: what cancels name
+        for op in tail:
+            keep.update(op.parents)
+        keep.update(op.id for op in order[max(0, count - KEEP_RECENT_FINAL) : count])
+        live = {op.id for op in tail}
+        gone = [ident for ident in applied if ident not in live and ident not in keep]
+        lamport = self._compacted_lamport
+        for ident in gone:
+            op = applied.pop(ident)
+            if op.lamport > lamport:
+                lamport = op.lamport
+        self._compacted_lamport = lamport
+        fin.forget(set(gone), fin.frontier())
+        self.compacted_ops += count
+        self.compacted_fills += len(final_engine.fills)
+        self.compacted_orders += len(final_engine.ids) - len(base.ids)
+        self._compact_base = base
+        self._engine = base.compacted()
+        self._final_engine = base.compacted()
+        self._chain_base = self._final_chain
+        self._order = tail
+        self._marks = array("q")
+        self._matched = self._floor = self._final_fed = 0
+        self._final_version = -1
+        if self._archive is not None:
+            self._applied.hydrate = self._hydrate
+        self._rematch()
+        return CompactReport(gone, fills_start, fills, finished)
+
+    def snapshot(self) -> bytes:
+        """The compacted state as a blob (``crdtbook._snapshot``), for ``from_snapshot``: with
+        the ops still in memory and the archive, it restores this replica without replaying
+        what was compacted. Take it right after ``compact``."""
+        from ._snapshot import encode_snapshot
+
+        return encode_snapshot(self)
+
+    @classmethod
+    def from_snapshot(
+        cls,
+        market: Market,
+        blob: bytes,
+        ops: Iterable[Op | bytes],
+        *,
+        archive: Archive,
+        verify: bool = False,
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> Replica:
+        """A replica restored from ``snapshot()``'s blob, the ops that were not compacted when
+        it was taken (and any newer ones), and the archive of the compacted ones. Raises
+        ``ValueError`` for a blob that is not a usable snapshot of this market (the caller then
+        restores from the whole log)."""
+        from ._snapshot import restore_snapshot
+
+        return restore_snapshot(cls(market, max_pending=max_pending, archive=archive), blob,
+                                ops, verify)
 
     # -- authoring ---------------------------------------------------------------------------
 
@@ -687,7 +891,7 @@ class Replica:
         """The order that holds ``client_id`` for ``author`` (witnessed markets), or None."""
         client_ids = self._engine.client_ids
         number = None if client_ids is None else client_ids.get((author, client_id))
-        if number is None:
+        if number is None or number < 0:  # < 0: held by an order compacted out of memory
             return None
         return order_state(self._engine.row(number), self._order_final(number))
 
@@ -803,17 +1007,24 @@ class Replica:
         return book_view(self._engine, depth)
 
     def fills(self, start: int = 0) -> Sequence[Fill]:
-        """Fills in execution order (``start``: skip the first ones)."""
-        return self._engine.fill_views(start)
+        """Fills in execution order (``start``: skip the first ones). Numbering is global: after
+        a compaction the first ``compacted_fills`` are no longer here, and asking for them
+        raises ``IndexError`` (a node answers those from its store)."""
+        if start < self.compacted_fills:
+            raise IndexError(
+                f"fills before {self.compacted_fills} were compacted out of memory (asked from "
+                f"{start})"
+            )
+        return self._engine.fill_views(start - self.compacted_fills)
 
     @property
     def order_count(self) -> int:
         """How many orders are applied (O(1), unlike ``len(orders())``)."""
-        return len(self._engine.orders)
+        return self.compacted_orders + len(self._engine.orders)
 
     @property
     def fill_count(self) -> int:
-        return len(self._engine.fills)
+        return self.compacted_fills + len(self._engine.fills)
 
     def order(self, order_id: bytes) -> OrderState | None:
         """The order's derived state, or None if no such order is applied."""
@@ -823,7 +1034,8 @@ class Replica:
         return order_state(self._engine.row(number), self._order_final(number))
 
     def orders(self, author: bytes | None = None) -> list[OrderState]:
-        """Every order (or one author's), in the total order."""
+        """Every order (or one author's) in memory, in the total order: after a compaction, the
+        orders still resting at its point and all later ones."""
         engine = self._engine
         final = self._order_final
         # Order numbers follow the total order: they are given as orders are matched.
@@ -847,20 +1059,29 @@ class Replica:
 
     @property
     def final_count(self) -> int:
-        """How many ops at the start of ``ops()`` are final."""
-        return self._advance_final()
+        """How many ops of the total order are final (the first ones; global numbering, so
+        compacted ops count)."""
+        return self.compacted_ops + self._advance_final()
 
     def is_final(self, op_id: bytes) -> bool:
         """Whether the op is applied and final: its place in the total order, and everything
         matching derived from the ops up to it, never change."""
-        return self._fin is not None and op_id in self._applied and self._fin.is_final(op_id)
+        if self._fin is None:
+            return False
+        if op_id in self._applied:
+            return self._fin.is_final(op_id)
+        return (
+            self.compacted_ops > 0
+            and self._archive is not None
+            and self._archive.get(op_id) is not None
+        )
 
     def final_fill_count(self) -> int:
         """The first this many of ``fills()`` are final; the others are provisional."""
         if self._final_engine is None:
             return 0
         self._advance_final()
-        return len(self._final_engine.fills)
+        return self.compacted_fills + len(self._final_engine.fills)
 
     def placement(self, op_id: bytes) -> int | None:
         """The Lamport time of the heartbeat batch the op is placed in (None: not placed yet,
@@ -918,11 +1139,16 @@ class Replica:
         order = self._order
         count = fin.final_count(order)
         if count < self._final_fed:  # only a lying witness can take back what was final
-            engine = self._final_engine = Engine(client_ids=True)
+            engine = self._final_engine = self._fresh_engine()
+            self._final_chain = self._chain_base
             self._final_fed = 0
         process = engine.process
+        chain, sha256 = self._final_chain, hashlib.sha256
         for index in range(self._final_fed, count):
-            process(order[index])
+            op = order[index]
+            process(op)
+            chain = sha256(FINAL_CHAIN_DOMAIN + chain + op.id).digest()
+        self._final_chain = chain
         engine.tape.clear()  # nothing here is ever undone
         self._final_fed = count
         self._final_version = self.version
@@ -955,22 +1181,34 @@ class Replica:
         return self._engine.cancel_alls.get(cancel_all_id)
 
     def digest(self) -> bytes:
-        """SHA-256 of the canonical encoding of book, fills and order states."""
-        if self._fin is None:
+        """SHA-256 of the canonical encoding of book, fills and order states. A witnessed
+        market's digest covers the final prefix by its running hash and the rest as state, so a
+        compacted replica has the same digest as one that kept everything."""
+        if self._fin is None or self._final_engine is None:
             return state_digest(self.market.id, self._engine)
-        return state_digest(self.market.id, self._engine, self._fin.frontier())
+        final = self._advance_final()
+        return witnessed_digest(
+            self.market.id,
+            self._engine,
+            self._final_engine,
+            self._fin.frontier(),
+            self.compacted_ops + final,
+            self._final_chain,
+        )
 
     def heads(self) -> list[bytes]:
         """Ids of applied ops that no applied op names as a parent, sorted."""
         return sorted(self._heads)
 
     def ops(self) -> list[Op]:
-        """Every applied op, in the total order (parents always before children)."""
+        """Every applied op in memory, in the total order (parents always before children):
+        after a compaction, those after its point (``compacted_ops`` of them are not here)."""
         return list(self._order)
 
     def iter_ops(self, start: int = 0) -> Iterator[Op]:
+        """The ops from global position ``start`` on (compacted ones skipped)."""
         order = self._order
-        for index in range(start, len(order)):
+        for index in range(max(0, start - self.compacted_ops), len(order)):
             yield order[index]
 
     def missing(self) -> list[bytes]:
@@ -1026,7 +1264,8 @@ class Replica:
         return self._applied
 
     def __len__(self) -> int:
-        return len(self._order)
+        """How many ops are applied, compacted ones included."""
+        return self.compacted_ops + len(self._order)
 
     def __contains__(self, ident: object) -> bool:
         return ident in self._applied

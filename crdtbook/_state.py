@@ -20,6 +20,7 @@ __all__ = [
     "book_view",
     "order_state",
     "state_digest",
+    "witnessed_digest",
 ]
 
 _STATE_DOMAIN: Final = "crdtbook/state/v1"
@@ -129,5 +130,48 @@ def state_digest(market_id: bytes, engine: Engine, frontier: int | None = None) 
     if frontier is not None:
         state[0] = _WITNESSED_STATE_DOMAIN
         state.append(frontier)
+    return hashlib.sha256(cbor2.dumps(state, canonical=True)).digest()
+
+
+def witnessed_digest(
+    market_id: bytes,
+    engine: Engine,
+    final_engine: Engine,
+    frontier: int,
+    final_ops: int,
+    final_chain: bytes,
+) -> bytes:
+    """A witnessed market's digest (specs/finality.md, "Digest"): the final prefix by its count
+    and running hash (``final_chain``), the rest as state: the book, the fills after the final
+    ones, and every order except those finished within the final prefix. It needs nothing that
+    compaction drops, so a compacted replica and one that kept everything agree on it.
+
+    ``engine`` and ``final_engine`` number orders alike (the final one processed a prefix of
+    what the main one did, from the same starting state)."""
+
+    def side(levels: Iterable[Level]) -> list[object]:
+        return [[lv.price, [[o.order_id, o.remaining] for o in lv.orders]] for lv in levels]
+
+    book = book_view(engine)
+    final_states = final_engine.states
+    settled = len(final_states)
+    orders = []
+    for order_id, number in sorted(engine.orders.items()):
+        if number < settled and final_states[number] > 1:  # finished in the final prefix
+            continue
+        row = engine.row(number)
+        orders.append([order_id, row.status, row.remaining, row.filled, row.closed, row.reason])
+    fills = [list(fill) for fill in engine.fills[len(final_engine.fills) :]]
+    state: list[object] = [
+        _WITNESSED_STATE_DOMAIN,
+        market_id,
+        side(book.bids),
+        side(book.asks),
+        fills,
+        orders,
+        frontier,
+        final_ops,
+        final_chain,
+    ]
     return hashlib.sha256(cbor2.dumps(state, canonical=True)).digest()
 

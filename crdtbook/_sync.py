@@ -142,10 +142,14 @@ def ops_missing_for(
         for parent in op.parents:
             seen = mark.get(parent)
             if seen is None:
+                try:
+                    lamport = applied[parent].lamport  # a compacted one: from the archive
+                except KeyError:  # compacted and not archived: nothing of it to send
+                    continue
                 mark[parent] = flag
                 if flag == _OURS:
                     ours_queued += 1
-                heapq.heappush(heap, (-applied[parent].lamport, parent))
+                heapq.heappush(heap, (-lamport, parent))
             elif seen == _OURS and flag == _THEIRS:
                 mark[parent] = _THEIRS
                 ours_queued -= 1

@@ -94,7 +94,10 @@ def _check_cancel(
     order. For an author that never equivocated this is exactly "the order is in the cancel's
     causal past"; for one that did, it is the stricter, still deterministic, reading.
     """
-    target = applied.get(body.order_id)
+    try:
+        target: Op | None = applied[body.order_id]  # indexing: a compacted order comes back
+    except KeyError:
+        target = None
     if target is None:
         raise BadCancel(
             f"cancel names order {body.order_id.hex()[:16]}, which is not in its causal past"

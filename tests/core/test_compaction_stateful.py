@@ -1,0 +1,134 @@
+"""Compaction at random points changes nothing a replica shows (issue #10).
+
+The finality machine (test_finality_stateful.WitnessedNetwork: traders, witnesses with
+reconfigurations, an adversary signing with any parents, partial deliveries, restarts) runs as
+it is; beside every replica of its world runs a *twin* that compacts at random points, is
+restarted from its snapshot, and is given the same ops (all of them again each time, so every
+compacted op also comes back as a late duplicate). After every step each twin shows exactly what
+its replica shows: digest, book, final book, counts, frontier, the fills still in memory, and
+the orders still in memory. The adversary's ops name old parents, which a twin finds again in
+its archive.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hypothesis.strategies as st
+from hypothesis import HealthCheck, event, settings
+from hypothesis.stateful import invariant, rule
+from test_finality_stateful import WitnessedNetwork
+from witnessed import WMARKET
+
+from crdtbook import Op, Replica
+
+
+class _Archive:
+    """What a node's store is to a compacted replica: the ops it compacted, by id."""
+
+    def __init__(self) -> None:
+        self.ops: dict[bytes, Op] = {}
+
+    def get(self, ident: bytes) -> Op | None:
+        return self.ops.get(ident)
+
+
+class CompactingNetwork(WitnessedNetwork):
+    def _twins(self) -> list[tuple[Replica, _Archive]]:
+        twins: list[tuple[Replica, _Archive]] | None = getattr(self, "twins", None)
+        if twins is None or len(twins) != len(self.world):
+            twins = []
+            for _ in self.world:
+                archive = _Archive()
+                twins.append((Replica(WMARKET, archive=archive), archive))
+            self.twins = twins
+        return twins
+
+    def _feed(self, at: int) -> None:
+        """Give twin ``at`` everything its replica holds (applied or waiting)."""
+        replica = self.world[at]
+        twin, _ = self._twins()[at]
+        held = replica.ops() + [replica._pending[i] for i in replica.pending_ids()]
+        report = twin.apply_many(op.raw for op in held)
+        assert not report.invalid, report.invalid
+
+    @rule(at=st.integers(0, 7))
+    def compact(self, at: int) -> None:
+        at %= len(self.world)
+        self._feed(at)
+        twin, archive = self._twins()[at]
+        before = dict(twin.applied_index)
+        fills_before = twin.fill_count
+        report = twin.compact()
+        if report.ops:
+            event("a twin compacted ops out of memory")
+        for ident in report.ops:
+            archive.ops[ident] = before[ident]
+        assert report.fills_start + len(report.fills) <= fills_before
+        assert all(state.final for state in report.orders)
+
+    @rule(at=st.integers(0, 7), seed=st.integers(0, 2**16))
+    def settle_and_compact(self, at: int, seed: int) -> None:
+        """Exchange and heartbeat until much is final, then compact (finality needs every
+        witness in force to acknowledge, which random steps rarely reach)."""
+        for _ in range(2):
+            self.full_exchange()
+            self.witness_round(seed)
+        self.full_exchange()
+        self.compact(at)
+
+    @rule(at=st.integers(0, 7))
+    def restart_twin(self, at: int) -> None:
+        """The twin restarts from its last snapshot, its ops in memory and its archive."""
+        at %= len(self.world)
+        twin, archive = self._twins()[at]
+        if not twin.compacted_ops:
+            return
+        blob = twin.snapshot()  # right after a compaction, as a node takes it
+        live = list(twin.applied_index.values()) + [
+            twin._pending[i] for i in twin.pending_ids()
+        ]
+        restored = Replica.from_snapshot(WMARKET, blob, [op.raw for op in live], archive=archive)
+        assert restored.digest() == twin.digest()
+        event("a twin restarted from its snapshot")
+        self.twins[at] = (restored, archive)
+
+    @invariant()
+    def twins_show_the_same(self) -> None:
+        if not hasattr(self, "world"):
+            return
+        for at, (twin, _) in enumerate(self._twins()):
+            self._feed(at)
+            replica = self.world[at]
+            _same(replica, twin)
+
+
+def _same(replica: Replica, twin: Replica) -> None:
+    assert twin.digest() == replica.digest()
+    assert twin.book() == replica.book()
+    assert twin.final_book() == replica.final_book()
+    assert twin.frontier == replica.frontier
+    assert twin.final_count == replica.final_count
+    assert twin.final_fill_count() == replica.final_fill_count()
+    assert len(twin) == len(replica)
+    assert twin.fill_count == replica.fill_count
+    assert twin.order_count == replica.order_count
+    start = twin.compacted_fills
+    assert list(twin.fills(start)) == list(replica.fills(start))
+    mine: dict[bytes, Any] = {o.id: o for o in twin.orders()}
+    for order in replica.orders():
+        if order.id in mine:
+            assert mine[order.id] == order
+        else:  # compacted: finished in the final prefix
+            assert order.final
+    for op in replica.ops()[-20:]:
+        assert twin.is_final(op.id) == replica.is_final(op.id)
+
+
+TestCompactingNetwork = CompactingNetwork.TestCase
+TestCompactingNetwork.settings = settings(
+    max_examples=60,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
