@@ -667,6 +667,7 @@ class Replica:
         *,
         verify: bool = True,
         max_pending: int = DEFAULT_MAX_PENDING,
+        archive: Archive | None = None,
     ) -> Replica:
         """A replica holding ``ops`` (any order, repeats, ops still waiting for parents, ops
         newer than the checkpoint), equal to one that applied them one by one; matched from
@@ -679,9 +680,10 @@ class Replica:
         ``checkpoint_unused`` why it was not used.
 
         ``verify=False`` skips the signature check of ops given as bytes: only for bytes the
-        caller verified before (its own store).
+        caller verified before (its own store). ``archive``: where the replica will find what
+        it compacts later (see ``compact``).
         """
-        replica = cls(market, max_pending=max_pending)
+        replica = cls(market, max_pending=max_pending, archive=archive)
         skipped: list[tuple[bytes | None, InvalidOp]] = []
 
         def decoded() -> Iterator[Op | bytes]:
