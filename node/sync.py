@@ -172,7 +172,8 @@ async def pull(
     Each frame read or written is bounded by ``frame_timeout``; the caller bounds the whole
     session. Returns the number of ops received and the responder's heads that we still do not know
     (ops withheld by a wrong hint, or newer than its walk): name them in the next request.
-    Raises ``MarketNotFollowed``, ``WireError`` or the stream's errors.
+    Raises ``MarketNotFollowed``, ``WireError``, the stream's errors or ``commit``'s (each as
+    itself, not in an ExceptionGroup).
     """
     request = build_request(replica, wanted)
     await stream.write_frame(encode_request(request), timeout=frame_timeout)
@@ -205,7 +206,12 @@ async def pull(
         async with receive:
             async for count, prepared in receive:
                 received += count
-                await commit(prepared)
+                try:
+                    await commit(prepared)
+                except Exception as exc:  # e.g. the store refusing writes: as the reader's
+                    failure.append(exc)
+                    nursery.cancel_scope.cancel()
+                    break
     if failure:
         raise failure[0]
     return received, [h for h in their_heads if not replica.knows(h)]

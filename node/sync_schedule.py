@@ -31,6 +31,7 @@ from crdtbook import Replica
 
 from .network import FrameStreamLike, Network
 from .service import IngestResult, MarketState, NodeService, Prepared
+from .store import StoreWriteError
 from .sync import FRAME_TIMEOUT, MarketNotFollowed, pull, respond
 from .wire import SYNC_PROTOCOL, WireError
 
@@ -231,6 +232,8 @@ class SyncScheduler:
                     ms.market.name,
                     self.session_timeout,
                 )
+        except StoreWriteError as exc:  # the disk filled up mid-session (the service says so)
+            logger.debug("sync: %s's ops for %s not stored now: %s", peer, ms.market.name, exc)
         except MarketNotFollowed:
             self._not_following[key] = trio.current_time() + NOT_FOLLOWING_BACKOFF
         except WireError as exc:  # malformed frames

@@ -9,6 +9,7 @@ trio's autojump clock, so "4 s later" takes no real time; waits are on the servi
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,6 +26,7 @@ from crdtbook.node.discovery import Discovery, rendezvous_key
 from crdtbook.node.gossip import Gossip
 from crdtbook.node.network import Network
 from crdtbook.node.service import BAN_SECONDS, BAN_THRESHOLD, MarketState
+from crdtbook.node.store import StoreWriteError
 from crdtbook.node.summary import summary_line
 from crdtbook.node.sync_schedule import NOT_FOLLOWING_BACKOFF, SyncScheduler
 from crdtbook.node.wire import SYNC_PROTOCOL, SyncResponse, encode_batch, encode_response
@@ -249,6 +251,26 @@ async def test_invalid_ops_in_a_sync_frame_count_against_the_peer(
         assert a.ms(V1).replica.is_invalid(op_id(bytes(forged)))
         assert not scheduler.syncing
         nursery.cancel_scope.cancel()
+
+
+async def test_a_store_that_fills_up_mid_session_is_no_bug(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store refusing writes during a session (the disk filled up after it began) ends the
+    session quietly: the service has said so once; an ERROR with a traceback per session would
+    bury that line (test_disk.py's disk-full test saw it under load)."""
+    caplog.set_level("DEBUG", logger="crdtbook.node")
+    async with two_nodes(tmp_path) as (a, b, net_a, _):
+        await b.sync(V1, [op.raw for op in chain(BOB, 3)])
+
+        async def full(*args: Any) -> Any:
+            raise StoreWriteError("the op store is full", "full")
+
+        a.service.commit = full  # type: ignore[method-assign]
+        scheduler = SyncScheduler(a.service, net_a)
+        await scheduler.sync_one("B", a.ms(V1))
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert "not stored now" in caplog.text and not net_a.rejects
 
 
 async def test_no_sync_while_the_store_refuses_writes(tmp_path: Path) -> None:
