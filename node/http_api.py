@@ -660,11 +660,10 @@ def _fills_message(
     sent = [trade_shape(fill_json(ms, i, f, i < final), me) for i, f in fills]
     ids = {t["id"] for t in sent}
     gone = [tid for _, f in revoked if (tid := trade_id(fill_json(ms, 0, f))) not in ids]
-    replica = ms.replica
     finals: list[str] = []
     if became_final:
         start = became_final[0]
-        chunk = replica.fills(start)
+        chunk = ms.fill_list(start)  # compacted meanwhile: from the store
         finals = [trade_id(fill_json(ms, i, chunk[i - start])) for i in became_final]
     return _trades_message(channel, ms, "update", sent, gone, finals)
 

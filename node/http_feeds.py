@@ -212,7 +212,8 @@ class PrivateWatch:
                 if order is not None and self._note(order):
                     changed.append(order)
         self._frontier = replica.frontier
-        final_fills = replica.fills(became_final[0]) if became_final else ()
+        # (through the market state: a compaction may have taken them out of memory meanwhile)
+        final_fills = self.ms.fill_list(became_final[0]) if became_final else []
         start = became_final[0] if became_final else 0
         mine_final = [i for i in became_final if self._mine(final_fills[i - start])]
         return (

@@ -541,6 +541,9 @@ class _FakeMarketState:
         self.replica = _FakeReplica(fills)
         self.received_ms: dict[bytes, int] = {}
 
+    def fill_list(self, start: int) -> list[Fill]:
+        return self.replica.fills(start)
+
 
 def _fill(taker: int, maker: int, qty: int = 1) -> Fill:
     return Fill(bytes([taker]) * 32, bytes([maker]) * 32, 100, qty, "buy", b"t" * 32, b"m" * 32)
@@ -883,3 +886,87 @@ async def test_hostile_websocket_messages_get_errors_and_the_connection_lives(
                 await ws.send_message(json.dumps({"op": "subscribe", "channel": "status"}))
             assert len(errors) > 100
             assert [e for e in errors if e["error"]["code"] == "internal"] == []
+
+
+async def test_streams_and_reads_go_on_across_compactions(tmp_path: Path) -> None:
+    """A witnessed market compacting under the streams (issue #10): the trades stream ends with
+    exactly the trades GET /trades reads (partly from the store), the book stream with GET
+    /orderbook's book, and nothing fails."""
+    from .test_compaction import MARKET, Node, author
+
+    node = Node(tmp_path)
+    try:
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(serve_http, node.adapter, tmp_path, "127.0.0.1", 0)
+            base = f"http://{host}:{port}"
+            trades: dict[str, dict[str, Any]] = {}
+            bids: dict[str, str] = {}
+            asks: dict[str, str] = {}
+            errors: list[Any] = []
+            last_u = 0
+            async with open_websocket_url(base.replace("http", "ws") + "/ws") as ws:
+
+                async def read() -> None:
+                    nonlocal last_u
+                    while True:
+                        message = json.loads(await ws.get_message())
+                        if "error" in message:
+                            errors.append(message)
+                        elif "op" in message:  # subscribed
+                            continue
+                        elif message.get("channel") == "trades":
+                            for t in message["trades"]:
+                                trades[t["id"]] = t
+                            for tid in message["revoked"]:
+                                trades.pop(tid, None)
+                            for tid in message["became_final"]:
+                                trades[tid]["final"] = True
+                        elif message.get("channel") == "book":
+                            if message["type"] == "snapshot":
+                                bids.clear(), asks.clear()
+                            else:
+                                assert message["pu"] == last_u
+                            apply_levels(bids, message["bids"])
+                            apply_levels(asks, message["asks"])
+                            last_u = message["u"]
+
+                for channel in ("trades", "book"):
+                    sub = {"op": "subscribe", "channel": channel, "symbol": MARKET.name}
+                    await ws.send_message(json.dumps(sub))
+                async with (
+                    httpx.AsyncClient(base_url=base, timeout=10) as client,
+                    trio.open_nursery() as reading,
+                ):
+                    reading.start_soon(read)
+                    ops = author(700, seed=4)
+                    service, ms = node.service, node.ms
+                    for start in range(0, len(ops), 100):
+                        # ops arrive and are pushed provisional; then a heartbeat makes them
+                        # final and a compaction takes them out of memory before the next push
+                        raws = [op.raw for op in ops[start : start + 100]]
+                        await service.commit(ms, await service.prepare(ms, raws), "test")
+                        await trio.sleep(0.15)
+                        await service.heartbeat(ms)
+                        if service.compaction_due(ms):
+                            assert await service.compact(ms)
+                        await trio.sleep(0.15)
+                    assert node.ms.compactions >= 2 and node.ms.replica.compacted_fills > 0
+                    fills = node.ms.replica.fill_count
+                    assert fills <= 1000
+                    with trio.fail_after(10):
+                        while len(trades) < fills or not all(t["final"] for t in trades.values()):
+                            await trio.sleep(0.05)
+                    r = await client.get("/api/v1/trades", params={"limit": 1000})
+                    assert r.status_code == 200
+                    assert {t["id"] for t in r.json()} == set(trades)
+                    book = (await client.get("/api/v1/orderbook", params={"limit": 500})).json()
+                    with trio.fail_after(10):
+                        while last_u != book["nonce"]:
+                            await trio.sleep(0.05)
+                    assert bids == dict(map(tuple, book["bids"]))
+                    assert asks == dict(map(tuple, book["asks"]))
+                    assert errors == []
+                    reading.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+    finally:
+        node.close()
