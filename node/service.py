@@ -29,7 +29,6 @@ nothing there is ever final.
 from __future__ import annotations
 
 import gc
-import inspect
 import logging
 import os
 import time
@@ -108,10 +107,6 @@ STORE_RETRY_INTERVAL: Final = 0.5
 COMPACT_AFTER: Final = 50_000
 #: Compacted fills read from the store per query when a reader walks back through history.
 HISTORY_CHUNK: Final = 4096
-
-
-#: TRANSITIONAL (see ``NodeService._restore``).
-_RESTORE_TAKES_ARCHIVE: Final = "archive" in inspect.signature(Replica.restore).parameters
 
 
 def checkpoint_tail(ops: int) -> int:
@@ -561,22 +556,13 @@ class NodeService:
                 # The checkpoint is older than a snapshot whenever both exist: not used then.
                 use = use_checkpoints and snapshot is None
                 checkpoint = self.store.get_checkpoint(market.id) if use else None
-                # TRANSITIONAL until the core's Replica.restore takes ``archive`` (#10): a
-                # replica restored without it must not compact (it could not find its
-                # compacted ops again), so its market stops compacting.
-                if _RESTORE_TAKES_ARCHIVE:
-                    replica = Replica.restore(
-                        market,
-                        self.store.load_market(market.id),
-                        checkpoint,
-                        verify=False,
-                        archive=archive,  # type: ignore[call-arg,unused-ignore]
-                    )
-                else:
-                    replica = Replica.restore(
-                        market, self.store.load_market(market.id), checkpoint, verify=False
-                    )
-                    ms.archive = None
+                replica = Replica.restore(
+                    market,
+                    self.store.load_market(market.id),
+                    checkpoint,
+                    verify=False,
+                    archive=archive,
+                )
         finally:
             gc.freeze()
             gc.enable()

@@ -20,17 +20,10 @@ from typing import Any
 import pytest
 
 from crdtbook import BadCancel, Identity, Market, Op, Replica
-from crdtbook.node import service as service_module
 from crdtbook.node.handler import ControlAdapter
 from crdtbook.node.procs import NodeProcess, make_identity, wait_until
 from crdtbook.node.service import MarketState, NodeService
 from crdtbook.node.store import STORE_FILENAME, OpStore, StoreWriteError
-
-# TRANSITIONAL: until the core's Replica.restore takes an archive, a node never compacts.
-pytestmark = pytest.mark.skipif(
-    not service_module._RESTORE_TAKES_ARCHIVE,
-    reason="the core's Replica.restore takes no archive yet (issue #10, core side)",
-)
 
 WITNESS = Identity.from_seed(b"W" * 32)
 TRADERS = [Identity.from_seed(bytes([i + 1]) * 32) for i in range(4)]
