@@ -10,8 +10,11 @@ without witnesses. With a real node process: a kill -9 while it compacts loses n
 
 from __future__ import annotations
 
+import json
 import random
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -319,3 +322,31 @@ def test_kill9_during_compaction_loses_nothing(tmp_path: Path) -> None:
             assert replayed.digest().hex() == digest, f"seed {seed}, round {round_}"
     finally:
         node.kill()
+
+
+# -- the bench keeps running ------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_memory_bench_runs_and_reports_every_figure() -> None:
+    """bench/bench_memory.py at tiny sizes (its targets are the bench's verdicts, not tests')."""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(root / "bench" / "bench_memory.py"),
+            *("--ops", "4000", "8000", "--compact-after", "1000", "--join", "4000", "--json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        cwd=root,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.loads(out.stdout)["results"]
+    for key in ("rss_mb", "restart_s", "baseline_rss_mb", "baseline_restart_s"):
+        assert set(results[key]) == {"4000", "8000"}, key
+    assert set(results["join_s"]) == {"4000"}
+    assert results["snapshot_join"] == "not built"
+    assert results["compaction"][-1]["compacted_ops"] > 0
+    assert results["baseline"][-1]["compacted_ops"] == 0
