@@ -49,10 +49,12 @@ verbose = int(os.environ.get("CRDTBOOK_BENCH_VERBOSE", "0"))
 extra = {}
 if os.environ.get("CRDTBOOK_BENCH_SYNC_INTERVAL"):  # experiments: isolate gossip from sync
     extra["sync_interval"] = float(os.environ["CRDTBOOK_BENCH_SYNC_INTERVAL"])
-for key in ("gossip_degree", "publish_interval"):
-    if os.environ.get("CRDTBOOK_BENCH_" + key.upper()):
-        extra[key] = type(NodeConfig.__dataclass_fields__[key].default)(
-            os.environ["CRDTBOOK_BENCH_" + key.upper()])
+if os.environ.get("CRDTBOOK_BENCH_PUBLISH_INTERVAL"):
+    extra["publish_interval"] = float(os.environ["CRDTBOOK_BENCH_PUBLISH_INTERVAL"])
+if os.environ.get("CRDTBOOK_BENCH_GOSSIP_DEGREE"):  # experiments: GossipSub D (D_lo, D_hi follow)
+    from crdtbook.node.p2p import NetworkConfig
+    d = int(os.environ["CRDTBOOK_BENCH_GOSSIP_DEGREE"])
+    extra["network"] = NetworkConfig(degree=d, degree_low=max(1, d * 2 // 3), degree_high=d * 2)
 # batch 1 = the baseline: one gossip message per op, sent at once.
 if int(batch) == 1:
     extra["publish_interval"] = 0.0
@@ -79,7 +81,10 @@ class Node:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"node {home} exited {self.proc.returncode}")
+                self.log.close()
+                log = (home.parent / f"{home.name}.log").read_bytes()
+                tail = log[-2000:].decode(errors="replace")
+                raise RuntimeError(f"node {home} exited {self.proc.returncode}:\n{tail}")
             if (home / "node.json").exists():
                 try:
                     self.call("status")
@@ -166,14 +171,20 @@ class Seen:
 
 
 def start_network(tmp: Path, n: int, batch: int, delay: float) -> list[Node]:
-    first = Node(tmp / "n1", [], batch, delay)
-    nodes = [first] + [Node(tmp / f"n{i + 1}", [first.addr], batch, delay) for i in range(1, n)]
-    deadline = time.monotonic() + 40
-    while time.monotonic() < deadline:
-        if all(len(nd.call("status")["peers"]) >= n - 1 for nd in nodes):
-            break
-        time.sleep(0.2)
-    time.sleep(2.0)  # let gossipsub meshes form (a few heartbeats)
+    nodes = [Node(tmp / "n1", [], batch, delay)]
+    try:
+        for i in range(1, n):
+            nodes.append(Node(tmp / f"n{i + 1}", [nodes[0].addr], batch, delay))
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            if all(len(nd.call("status")["peers"]) >= n - 1 for nd in nodes):
+                break
+            time.sleep(0.2)
+        time.sleep(2.0)  # let gossipsub meshes form (a few heartbeats)
+    except BaseException:
+        for nd in nodes:  # never leave node processes behind
+            nd.stop()
+        raise
     return nodes
 
 
