@@ -247,8 +247,9 @@ class ControlAdapter:
                 if found is not None:
                     matches.append((ms, found.order))
                 continue
-            matches.extend((ms, o) for o in ms.replica.orders() if o.id.hex().startswith(text))
-            matches.extend((ms, o) for o in ms.orders_with_prefix(text, 2))
+            by_id = {o.id: o for o in ms.orders_with_prefix(text, 2)}  # compacted ones
+            by_id.update((o.id, o) for o in ms.replica.orders() if o.id.hex().startswith(text))
+            matches.extend((ms, o) for o in by_id.values())
         if not matches:
             raise ControlError(NOT_FOUND, f"no order with id {text}")
         if len(matches) > 1:

@@ -528,7 +528,12 @@ class NodeService:
         market = ms.market
         started = time.monotonic()
         archive = ms.archive
-        snapshot = self.store.get_snapshot(market.id) if archive is not None else None
+        snapshot = None
+        if archive is not None:
+            # The new replica is the store's (a compaction still being saved is not in it,
+            # or is and the snapshot says so): nothing to answer for from memory any more.
+            archive.saving = None
+            snapshot = self.store.get_snapshot(market.id)
         # The cyclic GC off while loading: everything loaded lives on and holds no cycles,
         # yet collections would walk the growing log again and again. Afterwards the lot
         # goes straight to the permanent generation (a collection first would walk it all
@@ -537,7 +542,6 @@ class NodeService:
         try:
             replica = None
             if archive is not None and snapshot is not None:
-                archive.saving = None
                 try:
                     replica = Replica.from_snapshot(
                         market,
@@ -646,8 +650,11 @@ class NodeService:
         try:
             # Not abandon_on_cancel: the store lock must be released by the write itself.
             seconds = await trio.to_thread.run_sync(self._save_compaction, ms, record)
-        except StoreError as exc:
-            logger.warning("%s: compaction not saved (%s); reloading", ms.market.name, exc)
+        except Exception as exc:  # never fatal: the node goes on with what the store has
+            if isinstance(exc, StoreError):
+                logger.warning("%s: compaction not saved (%s); reloading", ms.market.name, exc)
+            else:
+                logger.exception("%s: compaction not saved; reloading", ms.market.name)
             if isinstance(exc, StoreWriteError) and self.store_fault is None:
                 self.store_fault = exc
                 self._store_tried = time.monotonic()

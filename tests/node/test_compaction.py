@@ -227,6 +227,34 @@ async def test_a_compaction_the_store_refuses_leaves_memory_as_the_store_is(
     node.close()
 
 
+async def test_a_first_compaction_the_store_refuses_is_done_again_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = Node(tmp_path)
+    node.service.compact_after = 10**9
+    await node.feed(author(300, seed=9))
+    digest = node.ms.replica.digest()
+    for failure in (_refuse, _fail):  # the disk is full; anything else goes wrong
+        monkeypatch.setattr(node.store, "compact", failure)
+        assert not await node.service.compact(node.ms)
+        assert node.ms.replica.compacted_ops == 0 and node.ms.replica.digest() == digest
+    monkeypatch.undo()
+    node.service.store_fault = None  # the disk has room again
+    node.service.compact_after = COMPACT_AFTER
+    assert node.service.compaction_due(node.ms)
+    assert await node.service.compact(node.ms)
+    assert node.ms.replica.compacted_ops and node.store.get_snapshot(MARKET.id) is not None
+    node.close()
+
+
+def _refuse(*args: object) -> None:
+    raise StoreWriteError("the op store is full", "full")
+
+
+def _fail(*args: object) -> None:
+    raise OSError("something else")
+
+
 async def test_an_orderly_stop_compacts_a_compacting_market(tmp_path: Path) -> None:
     node = Node(tmp_path)
     await node.feed(author(400, seed=5))
