@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from crdtbook import BadCancel, Identity, Market, Op, Replica
 from crdtbook.node.handler import ControlAdapter
@@ -224,6 +225,45 @@ async def test_a_compaction_the_store_refuses_leaves_memory_as_the_store_is(
     assert node.service.store_fault is not None
     fills = (await node.call("fills", limit=10_000))["fills"]
     assert [f["index"] for f in fills] == list(range(replica.fill_count))
+    node.close()
+
+
+async def test_history_reads_while_a_compaction_is_being_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the store writes a compaction (a worker thread), what left memory is answered
+    from the compaction itself, and op writes go on."""
+    node = Node(tmp_path)
+    node.service.compact_after = 10**9
+    await node.feed(author(300, seed=10))
+    assert await node.service.compact(node.ms)
+    await node.feed(author(300, seed=11))
+    before = (await node.call("fills", limit=10_000))["fills"]
+    orders = [op for op in node.ms.replica.ops() if op.kind == "order"]
+    expected = {op.id: node.ms.replica.order(op.id) for op in orders}
+    started, release = threading.Event(), threading.Event()
+    write = node.store.compact
+
+    def slow(*args: Any) -> None:
+        started.set()
+        release.wait(10)
+        write(*args)
+
+    monkeypatch.setattr(node.store, "compact", slow)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(node.service.compact, node.ms)
+        await trio.to_thread.run_sync(started.wait, 10)
+        assert node.ms.archive is not None and node.ms.archive.saving is not None
+        assert (await node.call("fills", limit=10_000))["fills"] == before
+        for op in orders:
+            if node.ms.replica.order(op.id) is None:  # just compacted: from the compaction
+                answer = await node.call("order", order_id=op.id.hex())
+                state = expected[op.id]
+                assert state is not None and answer["status"] == state.status
+        await node.service.submit(node.ms, "buy", 90, 1, "gtc", None)  # writes go on
+        release.set()
+    assert node.ms.archive.saving is None and node.ms.compactions == 2
+    assert (await node.call("fills", limit=10_000))["fills"] == before
     node.close()
 
 
