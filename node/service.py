@@ -33,14 +33,24 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Final, NamedTuple
+from typing import Final
 
 import trio
 
-from crdtbook import Fill, Identity, InvalidOp, Market, Op, OrderState, Replica, op_id
+from crdtbook import (
+    CompactReport,
+    Fill,
+    Identity,
+    InvalidOp,
+    Market,
+    Op,
+    OrderState,
+    Replica,
+    op_id,
+)
 from crdtbook._ops import decode_with_id  # the shell hashes received bytes once (prepare)
 
 from .finality import HEARTBEAT_INTERVAL, FinalityTracker
@@ -173,7 +183,7 @@ class MarketState:
                 out += self.archive.store.compacted_fills(self.market.id, start, in_store)
             if saving is not None and upto > saving.fills_start:
                 low = max(start, saving.fills_start) - saving.fills_start
-                out += saving.fills[low : upto - saving.fills_start]
+                out += saving.fill_rows(low, upto - saving.fills_start)
             start = held
         if start < stop:
             final = replica.final_fill_count()
@@ -209,8 +219,9 @@ class MarketState:
         if self.archive is None:
             return None
         saving = self.archive.saving
-        if saving is not None and order_id in saving.orders:
-            return saving.orders[order_id]
+        found = None if saving is None else saving.order(order_id)
+        if found is not None:
+            return found
         return self.archive.store.compacted_order(self.market.id, order_id)
 
     def order_by_client_id(self, author: bytes, tag: str) -> OrderState | None:
@@ -220,9 +231,9 @@ class MarketState:
             return order
         saving = self.archive.saving
         if saving is not None:
-            for held in saving.orders.values():
-                if held.order.author == author and held.order.tag == tag:
-                    return held.order
+            for held in saving.orders:
+                if held.author == author and held.tag == tag:
+                    return held
         found = self.archive.store.compacted_order_by_tag(self.market.id, author, tag)
         return None if found is None else found.order
 
@@ -236,11 +247,7 @@ class MarketState:
         }
         saving = self.archive.saving
         if saving is not None:
-            found.update(
-                (ident, c.order)
-                for ident, c in saving.orders.items()
-                if ident.hex().startswith(prefix)
-            )
+            found.update((o.id, o) for o in saving.orders if o.id.hex().startswith(prefix))
         return list(found.values())[:limit]
 
     def digest(self) -> bytes:
@@ -265,15 +272,61 @@ class Watcher:
         return ids, dropped
 
 
-class _Compaction(NamedTuple):
-    """One compaction on its way to the store."""
+class _Compaction:
+    """One compaction on its way to the store: what left memory, readable until saved. Its
+    rows are built as they are read (most in the store's worker thread, not on the event loop:
+    ~70k of them per 50k ops)."""
 
-    ops: list[bytes]
-    ops_set: frozenset[bytes]
-    fills_start: int
-    fills: list[CompactedFill]
-    orders: dict[bytes, CompactedOrder]
-    snapshot: Snapshot
+    def __init__(
+        self,
+        report: CompactReport,
+        received: _Fallback,
+        witnessed: dict[bytes, int | None],
+        snapshot: Snapshot,
+    ) -> None:
+        self.ops = report.ops
+        self.ops_set = frozenset(report.ops)
+        self.fills_start = report.fills_start
+        self.fills = report.fills
+        self.orders = report.orders
+        #: The node-local times of what left memory (received: popped from the market's map).
+        self._received = received
+        self._witnessed = witnessed
+        self.snapshot = snapshot
+        self._by_id: dict[bytes, OrderState] | None = None
+
+    def fill_rows(self, low: int = 0, high: int | None = None) -> Iterator[CompactedFill]:
+        """Its fills ``low`` to ``high`` (positions in this compaction) as stored."""
+        received, witnessed, start = self._received, self._witnessed, self.fills_start
+        for i, fill in enumerate(self.fills[low:high], low):
+            taker = fill.taker
+            yield CompactedFill(start + i, fill, received.get(taker), witnessed.get(taker))
+
+    def order_rows(self) -> Iterator[CompactedOrder]:
+        received, witnessed = self._received, self._witnessed
+        for order in self.orders:
+            ident = order.id
+            yield CompactedOrder(order, received.get(ident), witnessed.get(ident))
+
+    def order(self, order_id: bytes) -> CompactedOrder | None:
+        if self._by_id is None:
+            self._by_id = {order.id: order for order in self.orders}
+        order = self._by_id.get(order_id)
+        if order is None:
+            return None
+        return CompactedOrder(order, self._received.get(order_id), self._witnessed.get(order_id))
+
+
+class _Fallback:
+    """Reads one map, then another where the first has no entry (``get`` only)."""
+
+    def __init__(self, first: dict[bytes, int], then: dict[bytes, int]) -> None:
+        self._first = first
+        self._then = then
+
+    def get(self, key: bytes) -> int | None:
+        found = self._first.get(key)
+        return self._then.get(key) if found is None else found
 
 
 class StoreArchive:
@@ -672,36 +725,27 @@ class NodeService:
         assert archive is not None, "only witnessed markets compact"
         started = time.perf_counter()
         # Witnessed times are read off placements, which the replica forgets for compacted ops:
-        # read them first, for the orders among the final ops (fills name their takers).
+        # read them first, for the orders among the final ops (fills name their takers), once
+        # per placement (a heartbeat batch shares one time).
         first = replica.compacted_ops
-        witnessed = {
-            op.id: replica.witnessed_time(op.id)
-            for op in islice(replica.iter_ops(first), max(0, replica.final_count - first))
-            if op.kind == "order"
-        }
+        witnessed: dict[bytes, int | None] = {}
+        by_place: dict[int | None, int | None] = {}
+        for op in islice(replica.iter_ops(first), max(0, replica.final_count - first)):
+            if op.kind == "order":
+                place = replica.placement(op.id)
+                if place not in by_place:
+                    by_place[place] = replica.witnessed_time(op.id)
+                witnessed[op.id] = by_place[place]
         report = replica.compact()
         blob = replica.snapshot()
         received = ms.received_ms
-        fills = [
-            CompactedFill(
-                report.fills_start + i,
-                fill,
-                received.get(fill.taker),
-                witnessed.get(fill.taker),
-            )
-            for i, fill in enumerate(report.fills)
-        ]
-        orders = {
-            o.id: CompactedOrder(o, received.get(o.id), witnessed.get(o.id)) for o in report.orders
-        }
-        for ident in report.ops:
-            received.pop(ident, None)
+        # The times of what left memory leave the market's map (fills' takers and orders still
+        # in memory keep theirs there: read through it while saving).
+        gone = {i: t for i in report.ops if (t := received.pop(i, None)) is not None}
         record = _Compaction(
-            report.ops,
-            frozenset(report.ops),
-            report.fills_start,
-            fills,
-            orders,
+            report,
+            _Fallback(gone, received),
+            witnessed,
             Snapshot(replica.compacted_ops, replica.compacted_fills, blob),
         )
         archive.saving = record
@@ -713,8 +757,8 @@ class NodeService:
             "(%d ops compacted in all, %d after that point; snapshot %d bytes)",
             ms.market.name,
             len(report.ops),
-            len(fills),
-            len(orders),
+            len(report.fills),
+            len(report.orders),
             seconds,
             replica.compacted_ops,
             len(replica) - replica.compacted_ops,
@@ -726,7 +770,7 @@ class NodeService:
         """Write one compaction to the store (one transaction; any thread); its seconds."""
         started = time.perf_counter()
         self.store.compact(
-            ms.market.id, record.ops, record.fills, record.orders.values(), record.snapshot
+            ms.market.id, record.ops, record.fill_rows(), record.order_rows(), record.snapshot
         )
         return time.perf_counter() - started
 
