@@ -333,7 +333,7 @@ class StoreArchive:
     """A compacted replica's archive (``crdtbook.Replica``'s ``archive``): the node's store,
     which keeps every op. It answers only for ops a compaction took out of memory, as the core
     requires: those the store marked compacted, and those of a compaction whose store write is
-    under way (``MarketState.saving``)."""
+    under way (``saving``, also what the market's history reads consult meanwhile)."""
 
     def __init__(self, store: OpStore, market: bytes) -> None:
         self.store = store
