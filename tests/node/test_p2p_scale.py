@@ -1,0 +1,79 @@
+"""The bounds that keep a node's cost flat as the network grows (issue #12), in process: a sync
+round pulls from a few peers, not all, and a node with enough peers searches the DHT seldom."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import trio
+import trio.testing
+
+from crdtbook.node import discovery as discovery_module
+from crdtbook.node.discovery import ENOUGH_PEERS, SETTLED_SEARCH_INTERVAL, Discovery
+from crdtbook.node.sync_schedule import SYNC_INTERVAL, SYNC_PEERS_PER_ROUND, SyncScheduler
+
+PEERS = [f"peer-{i:02d}" for i in range(19)]  # a 20-node network, seen from one node
+
+
+class Peers:
+    """A network whose only state is who is connected (what the schedulers read)."""
+
+    peer_id = "me"
+
+    def __init__(self, peers: list[str]) -> None:
+        self.peers = peers
+
+    def connected_peers(self) -> list[str]:
+        return list(self.peers)
+
+
+async def test_a_sync_round_pulls_from_a_few_peers_plus_the_urgent_ones(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    market = SimpleNamespace(market=SimpleNamespace(id=b"m" * 32, name="M"))
+    service = SimpleNamespace(markets={b"m" * 32: market}, store_writable=lambda: True)
+    scheduler = SyncScheduler(service, Peers(PEERS))  # type: ignore[arg-type]
+    rounds: list[list[str]] = [[]]
+
+    async def sync_one(peer: str, ms: object) -> None:
+        rounds[-1].append(peer)
+        scheduler.syncing.discard((peer, b"m" * 32))
+
+    scheduler.sync_one = sync_one  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(scheduler._loop)
+        scheduler.ask_soon("peer-07")  # e.g. it just connected
+        await trio.testing.wait_all_tasks_blocked()
+        rounds.append([])
+        with trio.move_on_after(SYNC_INTERVAL * 1.3):  # one scheduled round (jittered)
+            while not rounds[-1]:
+                await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    first, second = rounds
+    assert "peer-07" in first and len(first) == SYNC_PEERS_PER_ROUND + 1
+    assert len(set(first)) == len(first) and len(second) == SYNC_PEERS_PER_ROUND
+
+
+async def test_a_settled_node_searches_the_dht_seldom(autojump_clock: trio.abc.Clock) -> None:
+    searches: list[float] = []
+    net = Peers(PEERS[: ENOUGH_PEERS - 1])
+    found = Discovery(net, [b"m" * 32], [])  # type: ignore[arg-type]
+
+    async def dial_providers() -> None:
+        searches.append(trio.current_time())
+
+    async def announce() -> bool:
+        return True
+
+    found._dial_providers = dial_providers  # type: ignore[method-assign]
+    found._announce = announce  # type: ignore[method-assign]
+    with trio.move_on_after(60):
+        await found.run()  # few peers: a search every round (every DISCOVERY_INTERVAL, settled)
+    unsettled = len(searches)
+    net.peers = PEERS  # now connected to enough peers
+    searches.clear()
+    with trio.move_on_after(SETTLED_SEARCH_INTERVAL * 3):
+        await found.run()
+    assert unsettled >= 60 / discovery_module.DISCOVERY_INTERVAL
+    assert len(searches) <= 4  # the run's first round, then one per SETTLED_SEARCH_INTERVAL
