@@ -1004,6 +1004,29 @@ class Replica:
 
     # -- views -------------------------------------------------------------------------------
 
+    def resting_reached(self, side: str, price: int, author: bytes | None = None) -> list[bytes]:
+        """The ids of the resting orders (``author``'s only, if given) that a ``side`` order
+        at ``price`` (ticks) would reach, in priority order: the only ones its self-trade
+        prevention can expire. Reads the opposite side only as deep as the price reaches, and
+        builds no book view (a node asks this on every submit)."""
+        engine = self._engine
+        ask = side == BUY  # a buy reaches the asks
+        opposite = 1 if ask else 0
+        levels, states, authors, ids = (
+            engine.levels[opposite], engine.states, engine.authors, engine.ids,
+        )
+        prices = engine.prices[opposite]
+        reached: list[bytes] = []
+        for level_price in prices if ask else reversed(prices):
+            if (level_price > price) if ask else (level_price < price):
+                break
+            reached.extend(
+                ids[o]
+                for o in levels[level_price]
+                if states[o] <= PARTIALLY_FILLED and (author is None or authors[o] == author)
+            )
+        return reached
+
     def book(self, depth: int | None = None) -> Book:
         """Resting orders by level, best first; ``depth`` limits the levels per side."""
         return book_view(self._engine, depth)

@@ -412,7 +412,7 @@ class ControlAdapter:
         else:
             price = _ticks(ms, str(require_param(params, "price", str)))
         before = ms.replica.fill_count
-        crossed = _crossed(ms, side, price)
+        crossed = _crossed(ms, side, price, self.service.identity.public_key)
         try:
             op = await self.service.submit(ms, side, price, quantity, tif, tag, stp)
         except (InvalidOp, ValueError) as exc:
@@ -577,7 +577,7 @@ class ControlAdapter:
         price = old.price if price_text is None else _ticks(ms, price_text)
         quantity = old.remaining if qty_text is None else _lots(ms, qty_text)
         before = ms.replica.fill_count
-        crossed = _crossed(ms, old.side, price)
+        crossed = _crossed(ms, old.side, price, self.service.identity.public_key)
         try:
             cancel, new = await self.service.amend(ms, old.id, price, quantity, tag, stp)
         except (BadCancel, InvalidOp) as exc:
@@ -938,20 +938,10 @@ def _fills_of(ms: MarketState, op_id: bytes) -> list[tuple[int, Fill]]:
     return found[::-1]
 
 
-def _crossed(ms: MarketState, side: str, price: int) -> list[bytes]:
-    """The ids of the resting orders a ``side`` order at ``price`` (ticks) can reach, in
-    priority order: the only ones its self-trade prevention can expire. Reads the opposite side
-    of the book only as deep as the price reaches."""
-    depth = 8
-    while True:
-        book = ms.replica.book(depth)
-        levels = book.asks if side == "buy" else book.bids
-        reached = [
-            lv for lv in levels if (lv.price <= price if side == "buy" else lv.price >= price)
-        ]
-        if len(reached) < len(levels) or len(levels) < depth:
-            return [ro.order_id for lv in reached for ro in lv.orders]
-        depth *= 4
+def _crossed(ms: MarketState, side: str, price: int, me: bytes) -> list[bytes]:
+    """The ids of this node's resting orders a ``side`` order at ``price`` (ticks) can reach,
+    in priority order: the only ones its self-trade prevention can expire."""
+    return ms.replica.resting_reached(side, price, me)
 
 
 def _taken(ms: MarketState, op_id: bytes, before: int) -> list[tuple[int, Fill]]:

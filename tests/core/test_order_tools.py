@@ -216,3 +216,23 @@ def test_engine_equals_reference_on_witnessed_logs(seed: int) -> None:
     restored = Replica.restore(MARKET, raws, live.checkpoint(), verify=False)
     assert restored.digest() == live.digest()
     assert state_of(restored) == state_of(live)
+
+
+def test_resting_reached_names_the_orders_a_price_reaches_in_priority() -> None:
+    """What a node asks on every submit, instead of building the book: the resting orders an
+    order would reach (one author's, if asked), best price first, then time priority."""
+    from crdtbook import Identity, Market, Replica
+
+    alice, bob = Identity.from_seed(b"A" * 32), Identity.from_seed(b"B" * 32)
+    r = Replica(Market("RR", "1", "1"))
+    a1 = r.submit(alice, "sell", 101, 1)
+    b1 = r.submit(bob, "sell", 100, 1)
+    a2 = r.submit(alice, "sell", 100, 2)
+    r.submit(alice, "sell", 103, 1)
+    bid = r.submit(bob, "buy", 90, 1)
+    assert r.resting_reached("buy", 101) == [b1.id, a2.id, a1.id]
+    assert r.resting_reached("buy", 101, alice.public_key) == [a2.id, a1.id]
+    assert r.resting_reached("buy", 99) == []
+    assert r.resting_reached("sell", 90) == [bid.id]
+    r.cancel(alice, a2.id)
+    assert r.resting_reached("buy", 100) == [b1.id]
