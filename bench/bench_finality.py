@@ -123,7 +123,7 @@ def run(tmp: Path, n: int, rate: float, seconds: float, heartbeat: float,
         wait_converged(nodes, 120)
         final_deadline = time.monotonic() + 30
         while witnessed and time.monotonic() < final_deadline:
-            ms = [nd.market(digest=False) for nd in nodes]
+            ms = [nd.market_status(digest=False) for nd in nodes]
             if all(m.get("final_ops") == m["ops"] or m.get("finality") == "final" for m in ms):
                 break
             time.sleep(0.05)
@@ -140,7 +140,7 @@ def run(tmp: Path, n: int, rate: float, seconds: float, heartbeat: float,
             else:
                 final.append((f - t0) * 1000)
         seen.close()
-        statuses = [nd.market(digest=False) for nd in nodes]
+        statuses = [nd.market_status(digest=False) for nd in nodes]
         return {
             "nodes": n,
             "rate": rate,

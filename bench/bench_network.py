@@ -24,10 +24,8 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from crdtbook import Identity, Market, Replica
-from crdtbook.node.client import ControlClient, NodeNotRunning
+from crdtbook.node.client import ControlClient
+from crdtbook.node.procs import NodeProcess
 from crdtbook.node.store import OpStore
 
 MARKET = "DEMO:1:1"
@@ -64,66 +63,18 @@ sys.exit(run_node(NodeConfig(home=Path(home), listen=["/ip4/127.0.0.1/tcp/0"], b
 """
 
 
-class Node:
-    """A node process, ready (answering on its control socket) once constructed. ``command``
-    replaces the default launcher (another bench's NodeConfig); it gets the home as is."""
+class Node(NodeProcess):
+    """A node process (the shared harness, crdtbook.node.procs), started and answering once
+    constructed. ``command`` replaces the default launcher (another bench's NodeConfig); it gets
+    the home as is."""
 
     def __init__(self, home: Path, bootstrap: list[str], batch: int = 2000,
                  delay: float = 0.002, command: list[str] | None = None) -> None:
-        self.home = home
-        home.mkdir(parents=True, exist_ok=True)
-        (home / "node.json").unlink(missing_ok=True)
-        self.log = open(home.parent / f"{home.name}.log", "ab")  # noqa: SIM115
         if command is None:
             command = [sys.executable, "-c", LAUNCHER, str(home), str(batch), str(delay),
                        *bootstrap]
-        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.log.close()
-                log = (home.parent / f"{home.name}.log").read_bytes()
-                tail = log[-2000:].decode(errors="replace")
-                raise RuntimeError(f"node {home} exited {self.proc.returncode}:\n{tail}")
-            if (home / "node.json").exists():
-                try:
-                    self.call("status")
-                    break
-                except NodeNotRunning:
-                    pass
-            time.sleep(0.05)
-        else:
-            raise TimeoutError(f"node {home} did not start")
-        info = json.loads((home / "node.json").read_text())
-        self.addr = info["addrs"][0]
-
-    def call(self, method: str, **params: Any) -> Any:
-        with ControlClient(self.home, timeout=30) as c:
-            return c.call(method, **params)
-
-    def market(self, digest: bool = True) -> dict[str, Any]:
-        return dict(self.call("status", digest=digest)["markets"][0])
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def cpu_s(self) -> float:
-        """CPU seconds (user + system) the node process has used so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
+        super().__init__(home, bootstrap, command=command, verbose=0)
+        self.start()
 
 
 class Seen:
@@ -251,10 +202,10 @@ def wait_converged(nodes: list[Node], timeout: float) -> float:
     while time.monotonic() < deadline:
         # Cheap polling: a replica's op set is the causal past of its heads, so equal heads
         # mean equal op sets; the digests (which hash the whole state) are compared once.
-        ms = [nd.market(digest=False) for nd in nodes]
+        ms = [nd.market_status(digest=False) for nd in nodes]
         if len({tuple(m["heads"]) for m in ms}) == 1 and all(m["pending"] == 0 for m in ms):
             done = time.monotonic()
-            digests = {nd.market()["digest"] for nd in nodes}
+            digests = {nd.market_status()["digest"] for nd in nodes}
             if len(digests) != 1:
                 raise AssertionError(f"same heads but different digests: {digests}")
             return done
@@ -361,12 +312,12 @@ def catchup_phase(tmp: Path, count: int) -> dict[str, Any]:
         joiner = Node(tmp / "joiner", [full.addr], 2000, 0.002)
         t_started = time.monotonic()
         try:
-            while joiner.market(digest=False)["ops"] < count:
+            while joiner.market_status(digest=False)["ops"] < count:
                 time.sleep(0.05)
                 if time.monotonic() - t1 > 300:
                     raise TimeoutError("catch-up took more than 300 s")
             t_done = time.monotonic()
-            same = joiner.market()["digest"] == full.market()["digest"]
+            same = joiner.market_status()["digest"] == full.market_status()["digest"]
             return {
                 "ops": count,
                 "generate_s": gen_s,
