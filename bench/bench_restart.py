@@ -56,7 +56,7 @@ def timed_load(store: OpStore, use_checkpoints: bool) -> tuple[float, int, bytes
     service.load_from_store(use_checkpoints=use_checkpoints)
     seconds = time.process_time() - started
     replica = service.by_name[MARKET.name].replica
-    result = (seconds, replica.restored_from_checkpoint, replica.digest())
+    result = (seconds, replica.restore_report.from_checkpoint, replica.digest())
     del service, replica
     settle()
     return result
@@ -108,7 +108,7 @@ def bench_size(directory: Path, ops: list[Any], size: int, reps: int) -> dict[st
             if rep:  # the first core full restore made the checkpoint
                 lanes["core_full"].append(timed_core(decoded, None)[0])
             seconds, replica = timed_core(decoded, blob)
-            assert replica.restored_from_checkpoint == covered
+            assert replica.restore_report.from_checkpoint == covered
             lanes["core_checkpoint"].append(seconds)
             del replica
             log(

@@ -58,7 +58,7 @@ from ._ops import (
     encode,
     op_id,
 )
-from ._replica import ApplyReport, Archive, CompactReport, Replica
+from ._replica import ApplyReport, Archive, CompactReport, Replica, RestoreReport
 from ._state import Book, Level, OrderState, RestingOrder
 from ._sync import BloomFilter, ops_missing_for
 
@@ -106,6 +106,7 @@ __all__ = [
     "ReconfigBody",
     "Replica",
     "RestingOrder",
+    "RestoreReport",
     "UnknownKind",
     "WitnessInfo",
     "WrongMarket",

@@ -55,7 +55,7 @@ from ._ops import (
 from ._state import Book, OrderState, book_view, order_state, state_digest, witnessed_digest
 from ._validity import check_in_context, on_own_chain
 
-__all__ = ["ApplyReport", "Archive", "CompactReport", "Replica"]
+__all__ = ["ApplyReport", "Archive", "CompactReport", "Replica", "RestoreReport"]
 
 #: Ops waiting for parents. Enough for a gap of several seconds at thousands of ops/s; past it
 #: the sync protocol offers the ops again once their parents are in.
@@ -109,6 +109,18 @@ class _Applied(dict[bytes, Op]):
         if op is None:
             raise KeyError(ident)
         return op
+
+
+class RestoreReport(NamedTuple):
+    """What ``Replica.restore`` (or ``from_snapshot``) did, read off ``replica.restore_report``."""
+
+    #: How many leading ops' matched state came from the checkpoint (0: none; everything was
+    #: matched here).
+    from_checkpoint: int
+    #: Why a checkpoint given was not used (None: used, or none given).
+    checkpoint_unused: str | None
+    #: Ops refused, as ``(op id if known, why)``.
+    skipped: tuple[tuple[bytes | None, InvalidOp], ...]
 
 
 class CompactReport(NamedTuple):
@@ -176,13 +188,8 @@ class Replica:
         self._floor = 0
         #: While restoring: admit ops without matching them (``restore`` matches at the end).
         self._deferred = False
-        #: How many leading ops the matched state was taken over for from a checkpoint by
-        #: ``restore`` (0: none, everything was matched here).
-        self.restored_from_checkpoint = 0
-        #: Why ``restore`` matched from scratch despite a checkpoint (None: used, or none given).
-        self.checkpoint_unused: str | None = None
-        #: Ops ``restore`` refused, as ``(op id if known, why)``.
-        self.restore_skipped: list[tuple[bytes | None, InvalidOp]] = []
+        #: What ``restore`` or ``from_snapshot`` did (all empty: this replica was not restored).
+        self.restore_report = RestoreReport(0, None, ())
         self._heads: set[bytes] = set()
         self._pending: dict[bytes, Op] = {}
         self._waiting: dict[bytes, list[bytes]] = {}  # absent parent id -> pending child ids
@@ -673,11 +680,11 @@ class Replica:
         newer than the checkpoint), equal to one that applied them one by one; matched from
         ``checkpoint`` where it covers the start of the log, else from scratch.
 
-        Every op is judged as ``apply_many`` judges it; a refused one is skipped and listed in
-        ``restore_skipped``. ``checkpoint`` may be None or any bytes: one that does not apply
-        (another market or version, damaged, or a late op now sorts inside what it covers) is
-        ignored. ``restored_from_checkpoint`` tells how many ops it covered (0: not used), and
-        ``checkpoint_unused`` why it was not used.
+        Every op is judged as ``apply_many`` judges it; a refused one is skipped. ``checkpoint``
+        may be None or any bytes: one that does not apply (another market or version, damaged,
+        or a late op now sorts inside what it covers) is ignored. The replica's
+        ``restore_report`` (a ``RestoreReport``) says how many ops the checkpoint covered, why
+        it was not used, and which ops were skipped.
 
         ``verify=False`` skips the signature check of ops given as bytes: only for bytes the
         caller verified before (its own store). ``archive``: where the replica will find what
@@ -712,14 +719,14 @@ class Replica:
         finally:
             replica._deferred = False
         skipped.extend(report.invalid)
-        replica.restore_skipped = skipped
+        from_checkpoint, unused = 0, None
         if isinstance(read, Checkpoint):
             engine = install(read, replica._order, market.witnessed)
             if isinstance(engine, Engine):
                 replica._engine = engine
                 replica._matched = replica._floor = read.ops
                 replica._marks = array("q", bytes(8 * read.ops))  # never read: below the floor
-                replica.restored_from_checkpoint = read.ops
+                from_checkpoint = read.ops
                 # A witnessed market's checkpoint covers final ops only: the final engine
                 # starts from the same state (a second copy of it, as it will diverge).
                 if replica._fin is not None and read.ops <= replica._advance_final_count():
@@ -732,10 +739,11 @@ class Replica:
                             chain = sha256(FINAL_CHAIN_DOMAIN + chain + op.id).digest()
                         replica._final_chain = chain
             else:
-                replica.checkpoint_unused = engine  # why not
+                unused = engine  # why not
         else:
-            replica.checkpoint_unused = read
+            unused = read
         replica._rematch()
+        replica.restore_report = RestoreReport(from_checkpoint, unused, tuple(skipped))
         return replica
 
     # -- compaction (witnessed markets; specs/finality.md, "Compaction") ---------------------

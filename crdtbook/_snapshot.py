@@ -205,8 +205,10 @@ def _restore(replica: Replica, blob: bytes, ops: Iterable[Op | bytes], verify: b
         report = replica.apply_many(rest)
     finally:
         replica._deferred = False
-    replica.restore_skipped = skipped + report.invalid
     replica._rematch()
+    from ._replica import RestoreReport  # here: _replica imports this module lazily
+
+    replica.restore_report = RestoreReport(0, None, tuple(skipped + report.invalid))
     return replica
 
 

@@ -274,7 +274,7 @@ class _Node:
             for addr in addrs:
                 _say(f"  listening on {addr}")
             for ms in service.markets.values():
-                covered = ms.replica.restored_from_checkpoint
+                covered = ms.replica.restore_report.from_checkpoint
                 _say(
                     f"  following {ms.market.spec} with {loaded.get(ms.market.name, 0)} ops "
                     f"from the store ({load_seconds:.2f} s"

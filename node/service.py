@@ -629,20 +629,21 @@ class NodeService:
         ms._digest = None  # cached for the replica it replaces
         ms.finality.prime(replica)
         self._forget_evicted(ms)  # a store that held more orphans than the buffer does
-        for _, why in replica.restore_skipped[:10]:
+        report = replica.restore_report
+        for _, why in report.skipped[:10]:
             logger.warning("skipping a stored op that does not apply: %s", why)
-        if len(replica.restore_skipped) > 10:
-            logger.warning("... and %d more", len(replica.restore_skipped) - 10)
-        covered = replica.restored_from_checkpoint
+        if len(report.skipped) > 10:
+            logger.warning("... and %d more", len(report.skipped) - 10)
+        covered = report.from_checkpoint
         compacted = replica.compacted_ops
         if compacted:
             how = f"snapshot of {compacted} compacted ops + {len(replica) - compacted} live ops"
         elif covered:
             how = f"checkpoint of {covered} ops + replay of {len(replica) - covered}"
-        elif replica.checkpoint_unused is None:
+        elif report.checkpoint_unused is None:
             how = "full replay (no checkpoint)"
         else:
-            how = f"full replay (checkpoint not used: {replica.checkpoint_unused})"
+            how = f"full replay (checkpoint not used: {report.checkpoint_unused})"
         logger.info("loaded %s: %d ops in %.2f s, %s", market.name, len(replica), seconds, how)
         return len(replica)
 

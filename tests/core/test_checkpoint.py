@@ -121,21 +121,21 @@ def test_restore_from_own_checkpoint_equals_original(plan, tail, form, rng):
         assert_scratch_equal(replica)
         restored = Replica.restore(MARKET, shuffled(held_ops(replica), rng, form), blob)
         covered = max(0, len(replica) - tail)
-        assert restored.restored_from_checkpoint == covered
+        assert restored.restore_report.from_checkpoint == covered
         assert restored.undo_floor == covered
-        assert restored.restore_skipped == []
+        assert restored.restore_report.skipped == ()
         assert observable(restored) == before
         assert_matches_reference(restored)
         assert_invariants(restored)
         # The restored replica checkpoints again (from its undo floor on, without a rebuild).
         again = Replica.restore(MARKET, held_ops(restored), restored.checkpoint(tail))
-        assert again.restored_from_checkpoint == covered
+        assert again.restore_report.from_checkpoint == covered
         assert observable(again) == before
         # A tail longer than the floor allows: the checkpoint covers the floor.
         floor_only = restored.checkpoint(len(restored) + 1)
         assert observable(restored) == before
         again = Replica.restore(MARKET, held_ops(restored), floor_only)
-        assert again.restored_from_checkpoint == covered
+        assert again.restore_report.from_checkpoint == covered
 
 
 def test_checkpoint_of_an_empty_replica():
@@ -143,7 +143,7 @@ def test_checkpoint_of_an_empty_replica():
     blob = empty.checkpoint()
     assert cbor2.loads(blob)["ops"] == 0
     restored = Replica.restore(MARKET, [], blob)
-    assert restored.restored_from_checkpoint == 0
+    assert restored.restore_report.from_checkpoint == 0
     assert observable(restored) == observable(empty)
     # An empty log's checkpoint covers nothing of a log that has ops: a full match.
     world = run_plan(
@@ -153,10 +153,10 @@ def test_checkpoint_of_an_empty_replica():
     restored = Replica.restore(MARKET, ops, blob)
     expected = Replica(MARKET)
     expected.apply_many(ops)
-    assert restored.restored_from_checkpoint == 0
+    assert restored.restore_report.from_checkpoint == 0
     assert observable(restored) == observable(expected)
     # ... and a checkpoint is of no use to an empty log.
-    assert Replica.restore(MARKET, [], expected.checkpoint()).restored_from_checkpoint == 0
+    assert Replica.restore(MARKET, [], expected.checkpoint()).restore_report.from_checkpoint == 0
 
 
 def test_restore_without_checkpoint_and_verify_false():
@@ -167,10 +167,10 @@ def test_restore_without_checkpoint_and_verify_false():
     raws = [op.raw for op in replica.ops()]
     for checkpoint in (None, b""):
         restored = Replica.restore(MARKET, raws, checkpoint, verify=False)
-        assert restored.restored_from_checkpoint == 0
+        assert restored.restore_report.from_checkpoint == 0
         assert observable(restored) == observable(replica)
     restored = Replica.restore(MARKET, raws, replica.checkpoint(), verify=False)
-    assert restored.restored_from_checkpoint == len(replica)
+    assert restored.restore_report.from_checkpoint == len(replica)
     assert observable(restored) == observable(replica)
 
 
@@ -184,8 +184,8 @@ def test_invalid_ops_are_skipped_and_reported():
         restored = Replica.restore(
             MARKET, [garbage, *raws, foreign], replica.checkpoint(), verify=verify
         )
-        assert len(restored.restore_skipped) == 2
-        assert restored.restored_from_checkpoint == len(replica)
+        assert len(restored.restore_report.skipped) == 2
+        assert restored.restore_report.from_checkpoint == len(replica)
         assert observable(restored) == observable(replica)
 
 
@@ -219,8 +219,8 @@ def test_restore_with_ops_sorting_after_and_inside_the_checkpoint(plan, tail, rn
         unchanged = [op.id for op in everything[:covered]] == [
             op.id for op in replica.ops()[:covered]
         ]
-        assert restored.restored_from_checkpoint == (covered if unchanged else 0)
-        event("checkpoint used" if restored.restored_from_checkpoint else "full match")
+        assert restored.restore_report.from_checkpoint == (covered if unchanged else 0)
+        event("checkpoint used" if restored.restore_report.from_checkpoint else "full match")
         assert_scratch_equal(restored)
 
 
@@ -264,7 +264,7 @@ def _checkpointed(plan: list[tuple[Any, ...]]) -> tuple[Replica, bytes]:
 
 def _assert_ignored(replica: Replica, blob: object, rng: random.Random) -> None:
     restored = Replica.restore(MARKET, shuffled(replica.ops(), rng, "ops"), blob)  # type: ignore[arg-type]
-    assert restored.restored_from_checkpoint == 0
+    assert restored.restore_report.from_checkpoint == 0
     assert observable(restored) == observable(replica)
 
 
@@ -425,7 +425,7 @@ def test_forged_blobs_never_make_restore_or_later_work_raise(plan, key, rng):
         if data:
             data[rng.randrange(len(data))] = rng.randrange(256)
     restored = Replica.restore(MARKET, replica.ops(), resign(blob, **{f"state_{key}": bytes(data)}))
-    if restored.restored_from_checkpoint == 0:
+    if restored.restore_report.from_checkpoint == 0:
         assert observable(restored) == observable(replica)
         return
     same = restored.digest() == replica.digest()  # mostly: the change changed nothing

@@ -250,7 +250,7 @@ class Network(RuleBasedStateMachine):
         random.Random(seed).shuffle(held)
         restored = Replica.restore(MARKET, held, blob)
         covered = max(replica.undo_floor, len(replica) - tail)
-        assert restored.restored_from_checkpoint == covered
+        assert restored.restore_report.from_checkpoint == covered
         assert restored.digest() == replica.digest()
         assert restored.ops() == replica.ops()
         assert restored.heads() == replica.heads()
@@ -306,7 +306,7 @@ class Network(RuleBasedStateMachine):
     def derived_state_is_sound(self) -> None:
         for index in sorted(self.dirty):
             replica = self.world[index]
-            if replica.restored_from_checkpoint and not replica.undo_floor:
+            if replica.restore_report.from_checkpoint and not replica.undo_floor:
                 event("a late op sorted below a restored replica's undo floor")
             assert replica.pending_count == 0 or replica.missing()
             assert_invariants(replica)
