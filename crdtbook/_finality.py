@@ -367,12 +367,9 @@ class Witnessing:
             if ident in seen or placement.get(ident, UNPLACED) <= lamport:
                 continue  # placed at or below: so is its whole past
             seen.add(ident)
-            try:
-                op = applied[ident]  # a compacted op comes back placed (at the frozen frontier)
-            except KeyError:  # compacted (final) and not in the archive: placed long ago
+            if ident not in applied:  # compacted (final): placed long ago, and so its past
                 continue
-            if placement.get(ident, UNPLACED) <= lamport:
-                continue
+            op = applied[ident]
             moved.append(op)
             stack.extend(op.parents)
         return moved

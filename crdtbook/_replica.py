@@ -95,7 +95,7 @@ class Archive(Protocol):
 class _Applied(dict[bytes, Op]):
     """The applied ops by id. A miss (``applied[id]``; not ``in`` or ``get``) asks the archive,
     so the validity rules and the walks over the past read a compacted op as if it had never
-    left; it stays until the next compaction."""
+    left. What the archive returns is not kept here (``id in applied`` stays false for it)."""
 
     __slots__ = ("hydrate",)
 
@@ -229,7 +229,7 @@ class Replica:
             self._applied.hydrate = self._hydrate
 
     def _hydrate(self, ident: bytes) -> Op | None:
-        """A compacted op back from the archive (final: placed at the frozen frontier)."""
+        """A compacted op read back from the archive (final; not kept in memory)."""
         archive, fin = self._archive, self._fin
         if archive is None or fin is None or not self.compacted_ops:
             return None
@@ -239,8 +239,9 @@ class Replica:
         op = found if isinstance(found, Op) else decode(bytes(found), verify=False)
         if op.id != ident or op.market_id != self._market_id:
             return None
-        self._applied[ident] = op
-        fin.placement.setdefault(ident, fin.frozen)
+        # Not kept: an op read back is needed for one verdict or one walk (a sync peer's walk
+        # may read the whole history), so memory stays what compaction left. A walk knows such
+        # an op by its absence from the applied ops after reading it: compacted, so placed.
         return op
 
     def _present(self, ident: bytes) -> bool:

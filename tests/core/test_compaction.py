@@ -1,0 +1,71 @@
+"""Compaction's promises one at a time (the stateful machine in test_compaction_stateful.py
+checks them together): memory holds what compaction kept, a whole-log sync served from a
+compacted replica sends every op without keeping what it read back, late copies are known, and
+a market without witnesses never compacts."""
+
+from __future__ import annotations
+
+import random
+
+from witnessed import GENESIS, PLAIN, TRADERS, WMARKET
+
+from crdtbook import Op, Replica, ops_missing_for
+
+
+class _Archive:
+    def __init__(self) -> None:
+        self.ops: dict[bytes, Op] = {}
+
+    def get(self, ident: bytes) -> Op | None:
+        return self.ops.get(ident)
+
+
+def _trade(full: Replica, twin: Replica, archive: _Archive, steps: int, seed: int) -> None:
+    rng = random.Random(seed)
+    for step in range(steps):
+        if step % 10 < 8:
+            op = full.submit(rng.choice(TRADERS), rng.choice(("buy", "sell")),
+                             rng.randint(97, 103), rng.randint(1, 4))
+        else:
+            op = full.heartbeat(GENESIS[step % 3])
+        twin.apply(op.raw)
+        if step % 97 == 96:
+            before = dict(twin.applied_index)
+            for ident in twin.compact().ops:
+                archive.ops[ident] = before[ident]
+
+
+def test_compacted_replica_serves_a_whole_log_sync_without_growing() -> None:
+    archive = _Archive()
+    full, twin = Replica(WMARKET), Replica(WMARKET, archive=archive)
+    _trade(full, twin, archive, 1500, seed=1)
+    before = dict(twin.applied_index)
+    for ident in twin.compact().ops:
+        archive.ops[ident] = before[ident]
+    held = len(twin.applied_index)
+    assert twin.compacted_ops > 1000 and held < 300
+    sent = ops_missing_for(twin.applied_index, twin.heads(), [])
+    assert len(twin.applied_index) == held  # read back from the archive, not kept
+    joiner = Replica(WMARKET)
+    report = joiner.apply_many(op.raw for op in sent)
+    assert not report.invalid and joiner.pending_count == 0
+    assert joiner.digest() == full.digest() == twin.digest()
+
+
+def test_late_copies_of_compacted_ops_are_known_and_change_nothing() -> None:
+    archive = _Archive()
+    full, twin = Replica(WMARKET), Replica(WMARKET, archive=archive)
+    _trade(full, twin, archive, 600, seed=2)
+    digest = twin.digest()
+    report = twin.apply_many(op.raw for op in full.ops())
+    assert report.duplicates == len(full.ops()) and not report.applied
+    assert twin.digest() == digest == full.digest()
+    assert all(twin.is_final(op.id) for op in full.ops()[: full.final_count])
+
+
+def test_a_market_without_witnesses_never_compacts() -> None:
+    replica = Replica(PLAIN, archive=_Archive())
+    for i in range(20):
+        replica.submit(TRADERS[i % 2], ("buy", "sell")[i % 2], 100, 1)
+    report = replica.compact()
+    assert report.ops == [] and replica.compacted_ops == 0 and len(replica.ops()) == 20
