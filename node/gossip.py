@@ -16,7 +16,6 @@ import logging
 from typing import TYPE_CHECKING, Final
 
 import trio
-from trio.abc import ReceiveChannel
 
 if TYPE_CHECKING:
     # trio-typing (a dependency of libp2p) installs trio-stubs, which shadow trio's own
@@ -49,8 +48,8 @@ class Gossip:
         async with trio.open_nursery() as nursery:
             for ms in self.service.markets.values():
                 self.net.set_validator(ms.topic, self.validator(ms))
-                messages = await self.net.subscribe(ms.topic)
-                nursery.start_soon(self._drain, messages)
+                # The validator ingests every message: the topic is joined without a channel.
+                await self.net.join(ms.topic)
                 nursery.start_soon(
                     self.service.flush_loop,
                     ms,
@@ -72,13 +71,6 @@ class Gossip:
             return await self.service.validate_gossip(ms, data, from_peer)
 
         return validate
-
-    async def _drain(self, messages: ReceiveChannel[object]) -> None:
-        # The validator ingested every accepted message already; the subscription's channel
-        # only has to keep moving (a full channel would make the network drop messages).
-        async with messages:
-            async for _ in messages:
-                pass
 
     def on_reject(self, peer_id: str, reason: str) -> None:
         """The network refused data from ``peer_id``: ban it once it did so too often."""

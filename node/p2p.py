@@ -432,6 +432,14 @@ class Network:
         """Join ``topic``; returns a new channel of validated messages from other peers
         (our own publishes are not echoed).  Several subscribers per topic are fine."""
         send, receive = trio.open_memory_channel[GossipMessage](self._config.subscription_buffer)
+        await self.join(topic)
+        self._subscribers.setdefault(topic, []).append(send)
+        return receive
+
+    async def join(self, topic: str) -> None:
+        """Join ``topic``'s mesh without a channel: its messages reach only the topic's
+        validator (``set_validator``), which is all a node that ingests there needs. A message
+        no subscriber takes is not copied anywhere."""
         if self._closing:
             raise P2PError("network is shutting down")
         if topic not in self._pubsub.topic_ids:
@@ -442,8 +450,6 @@ class Network:
                 raise P2PTimeout(f"subscribe {topic} timed out") from exc
             except Exception as exc:
                 raise P2PError(f"subscribe {topic} failed: {exc!r}") from exc
-        self._subscribers.setdefault(topic, []).append(send)
-        return receive
 
     async def unsubscribe(self, topic: str) -> None:
         """Leave ``topic``; its subscriber channels end."""

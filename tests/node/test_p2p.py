@@ -205,6 +205,29 @@ async def test_validator_reject_stops_message_and_is_counted() -> None:
                 await a.publish(TOPIC, b"x" * (FAST.max_message_size + 1))
 
 
+async def test_join_delivers_to_the_validator_and_forwards_without_a_channel() -> None:
+    """A node that ingests in its validator joins the topic without a subscriber channel (no
+    copy of each message to drain): it still validates, and forwards what it accepts."""
+    with trio.fail_after(15):
+        async with networks("a", "b", "c") as [a, b, c]:
+            await b.connect(a.addrs()[0])
+            await c.connect(b.addrs()[0])  # a - b - c: b forwards
+            seen: list[bytes] = []
+
+            async def ingest(data: bytes, from_peer: str) -> bool:
+                seen.append(data)
+                return True
+
+            b.set_validator(TOPIC, ingest)
+            await b.join(TOPIC)
+            await a.join(TOPIC)
+            sub = await c.subscribe(TOPIC)
+            await wait_gossip_ready([a, b, c], TOPIC)
+            await a.publish(TOPIC, b"op-batch")
+            assert (await sub.receive()).data == b"op-batch"
+            assert seen == [b"op-batch"]
+
+
 async def test_stream_frames_round_trip_and_errors() -> None:
     proto = "/crdtbook/test-sync/1"
     with trio.fail_after(20):

@@ -101,6 +101,9 @@ class FakeNet:
         self.subscribed.append(topic)
         return trio.open_memory_channel[Any](1)[1]
 
+    async def join(self, topic: str) -> None:
+        self.subscribed.append(topic)
+
     async def publish(self, topic: str, data: bytes) -> None:
         self.published.append((topic, data))
 
