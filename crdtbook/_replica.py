@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Final, NamedTuple, Protocol
 
@@ -73,6 +74,8 @@ MAX_EVICTED_REMEMBERED: Final = 10_000
 MAX_INVALID_REMEMBERED: Final = 10_000
 
 
+#: Rewinds remembered for ``fill_changes_since`` (a watcher further behind compares everything).
+MAX_FILL_REWINDS_REMEMBERED: Final = 1024
 #: Compaction keeps this many of the newest final ops in memory (besides what it must keep): an
 #: op in flight names recent ops as parents, and finding them here costs no archive lookup.
 KEEP_RECENT_FINAL: Final = 2048
@@ -175,6 +178,9 @@ class Replica:
         #: The matched state at the compaction point (resting orders only): what an engine
         #: starts from when it must start over.
         self._compact_base: Engine | None = None
+        #: Rewinds that took fills back: how many so far, and the lowest fill index each left.
+        self._fill_rewinds = 0
+        self._fill_lows: deque[int] = deque(maxlen=MAX_FILL_REWINDS_REMEMBERED)
         self._chain_base = bytes(32)
         self._final_chain = bytes(32)
         self._order: list[Op] = []  # applied ops in total order
@@ -616,14 +622,38 @@ class Replica:
             self._engine = self._fresh_engine()
             self._marks = array("q")
             self._matched = self._floor = 0
+            self._note_fills_from(self.compacted_fills)
             return
         order, marks = self._order, self._marks
+        fills = self._engine.fills
+        before = len(fills)
         undo = self._engine.undo
         for index in range(self._matched - 1, position - 1, -1):
             undo(order[index], marks[index])
         if position < self._matched:
             del marks[position:]
             self._matched = position
+        if len(fills) < before:
+            self._note_fills_from(self.compacted_fills + len(fills))
+
+    def _note_fills_from(self, low: int) -> None:
+        """Fills from index ``low`` on were taken back (a rewind): remembered for
+        ``fill_changes_since``, the newest ``MAX_FILL_REWINDS_REMEMBERED`` rewinds."""
+        self._fill_rewinds += 1
+        self._fill_lows.append(low)
+
+    def fill_changes_since(self, token: int | None) -> tuple[int | None, int]:
+        """(the lowest fill index a rewind took back since ``token``, or None if no fill was
+        taken back; a token for the next call). Fills below that index are as they were: a
+        watcher compares only from there. ``token`` None, or one too old to answer: 0 (compare
+        everything)."""
+        now = self._fill_rewinds
+        if token is None or now - token > len(self._fill_lows):
+            return 0, now
+        if token == now:
+            return None, now
+        lows = self._fill_lows
+        return min(lows[i] for i in range(len(lows) - (now - token), len(lows))), now
 
     def _rematch(self) -> None:
         if self._deferred:

@@ -854,6 +854,10 @@ class WatchedFills:
     def __init__(self, ms: MarketState) -> None:
         self.ms = ms
         replica = ms.replica
+        #: Which replica the token below is for (a reload replaces it), and the core's token
+        #: that says from which index fills may have changed since the last update.
+        self.replica = replica
+        _, self.token = replica.fill_changes_since(None)
         self.seen = replica.fill_count
         self.final = replica.final_fill_count()
         low = max(self.final, self.seen - WATCH_PROVISIONAL_MAX)
@@ -867,10 +871,17 @@ class WatchedFills:
         count = replica.fill_count
         final = min(count, max(self.final, replica.final_fill_count()))
         known = self.provisional
-        low = min(self.seen, count, min(known, default=count))
+        token = self.token if replica is self.replica else None
+        changed, self.token = replica.fill_changes_since(token)
+        self.replica = replica
+        # Fills below the lowest index a rewind took back are as they were: compare from there.
+        first_changed = count if changed is None else changed
+        low = min(self.seen, count, max(min(known, default=count), first_changed))
         current = self.ms.fill_list(low)  # compacted meanwhile: from the store
         revoked = [
-            (i, fill) for i, fill in sorted(known.items()) if i >= count or current[i - low] != fill
+            (i, fill)
+            for i, fill in sorted(known.items())
+            if i >= low and (i >= count or current[i - low] != fill)
         ]
         start = min(self.seen, count)
         if revoked:

@@ -236,3 +236,28 @@ def test_resting_reached_names_the_orders_a_price_reaches_in_priority() -> None:
     assert r.resting_reached("sell", 90) == [bid.id]
     r.cancel(alice, a2.id)
     assert r.resting_reached("buy", 100) == [b1.id]
+
+
+def test_fill_changes_since_names_the_lowest_fill_a_rewind_took_back() -> None:
+    """A watcher compares only the fills from the lowest index a rewind took back."""
+    from crdtbook import Identity, Market, Replica
+    from crdtbook._ops import OrderBody, sign_op
+
+    alice, bob, carol = (Identity.from_seed(bytes([c]) * 32) for c in b"abc")
+    market = Market("FC", "1", "1")
+    r = Replica(market)
+    _, token = r.fill_changes_since(None)
+    r.submit(alice, "sell", 100, 5)
+    r.submit(bob, "buy", 100, 1)
+    r.submit(bob, "buy", 100, 1)
+    assert r.fill_count == 2
+    changed, token = r.fill_changes_since(token)
+    assert changed is None  # only appended
+    # A late op (Lamport 1, sorting before both takers) takes the fills back and redoes them.
+    body = OrderBody("buy", 100, 1, "gtc", None, "expire_maker")
+    late = sign_op(carol, market.id, 1, 1, (), body, market.version)
+    r.apply(late)
+    changed, token = r.fill_changes_since(token)
+    assert changed == 0 and r.fill_count == 3
+    assert r.fill_changes_since(token) == (None, token)
+    assert r.fill_changes_since(None)[0] == 0

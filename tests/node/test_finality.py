@@ -557,6 +557,9 @@ class _Fakes:
     def fills(self, start: int = 0) -> tuple[Any, ...]:
         return tuple(self.list[start:])
 
+    def fill_changes_since(self, token: int | None) -> tuple[int | None, int]:
+        return 0, 0  # the list is edited by hand here: every fill may have changed
+
 
 class _FakeState:
     def __init__(self, replica: _Fakes) -> None:
