@@ -69,3 +69,37 @@ def test_a_market_without_witnesses_never_compacts() -> None:
         replica.submit(TRADERS[i % 2], ("buy", "sell")[i % 2], 100, 1)
     report = replica.compact()
     assert report.ops == [] and replica.compacted_ops == 0 and len(replica.ops()) == 20
+
+
+def test_a_local_snapshot_of_another_market_or_damaged_or_without_its_ops_is_refused() -> None:
+    """from_snapshot raises ValueError (the node then restores from the whole log) for a blob
+    of another market, a damaged one, one whose kept ops are not given, and junk; a good one
+    restores the same replica."""
+    import pytest
+    from witnessed import witnessed_market
+
+    archive = _Archive()
+    full, twin = Replica(WMARKET), Replica(WMARKET, archive=archive)
+    _trade(full, twin, archive, 400, seed=3)
+    before = dict(twin.applied_index)
+    for ident in twin.compact().ops:
+        archive.ops[ident] = before[ident]
+    blob = twin.snapshot()
+    live = [op.raw for op in twin.applied_index.values()]
+    restored = Replica.from_snapshot(WMARKET, blob, live, archive=archive)
+    assert restored.digest() == twin.digest() == full.digest()
+
+    other = witnessed_market(*GENESIS, name="OTHER")
+    with pytest.raises(ValueError, match="another market"):
+        Replica.from_snapshot(other, blob, live, archive=archive)
+    damaged = bytearray(blob)
+    damaged[len(damaged) // 2] ^= 0x01
+    with pytest.raises(ValueError):
+        Replica.from_snapshot(WMARKET, bytes(damaged), live, archive=archive)
+    with pytest.raises(ValueError, match="not given"):
+        Replica.from_snapshot(WMARKET, blob, live[: len(live) // 2], archive=archive)
+    for junk in (b"", b"\xff" * 40, b"\xa0"):
+        with pytest.raises(ValueError):
+            Replica.from_snapshot(WMARKET, junk, live, archive=archive)
+    with pytest.raises(ValueError):
+        Replica.from_snapshot(PLAIN, blob, live, archive=archive)
