@@ -931,7 +931,8 @@ def _fills_of(ms: MarketState, op_id: bytes) -> list[tuple[int, Fill]]:
     until the fills of earlier batches."""
     replica = ms.replica
     place = replica.placement(op_id)
-    assert place is not None, "only for a placed op"
+    if place is None:  # compacted since it turned final: it is placed at or below the frontier
+        place = replica.frontier
     found: list[tuple[int, Fill]] = []
     high, step = replica.fill_count, 64
     while high > 0:
