@@ -1017,27 +1017,18 @@ def spec_ranks(replica: Replica) -> dict[bytes, int]:
 
 
 def _witnessed_preimage(market: Market, replica: Replica) -> bytes:
-    """The digest preimage of specs/finality.md section 6: the book, the provisional fills, the
-    orders not finished within the final prefix, the frontier, the final op count and the
-    running hash of the final op ids (what a compacted replica still has)."""
-    book = replica.book()
-
-    def side(levels: Any) -> list[Any]:
-        return [[lv.price, [[o.order_id, o.remaining] for o in lv.orders]] for lv in levels]
-
-    orders = [
-        [o.id, STATUSES.index(o.status), o.remaining, o.filled, o.closed, REASONS.index(o.reason)]
-        for o in sorted(replica.orders(), key=lambda o: o.id)
-        if not o.final
-    ]
+    """The digest preimage of specs/finality.md section 6: protocol.md's book, the fills after
+    the final ones, the orders not finished within the final prefix, then the frontier, the
+    final op count and the running hash of the final op ids (what a compacted replica still
+    has)."""
+    _, _, bids, asks, fills, orders = _state_items("crdtbook/state/v2", market, replica)
+    settled = {o.id for o in replica.orders() if o.final}
     final_count = replica.final_count
-    fills = [[f.taker, f.maker, f.price, f.quantity]
-             for f in replica.fills()[replica.final_fill_count():]]
     chain = bytes(32)
     for op in replica.ops()[:final_count]:
         chain = hashlib.sha256(b"crdtbook/final-chain/v2\x00" + chain + op.id).digest()
-    state = ["crdtbook/state/v2", market.id, side(book.bids), side(book.asks), fills, orders,
-             replica.frontier, final_count, chain]
+    state = ["crdtbook/state/v2", market.id, bids, asks, fills[replica.final_fill_count():],
+             [o for o in orders if o[0] not in settled], replica.frontier, final_count, chain]
     return cbor2.dumps(state, canonical=True)
 
 

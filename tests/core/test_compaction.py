@@ -20,6 +20,13 @@ class _Archive:
         return self.ops.get(ident)
 
 
+def _compact(twin: Replica, archive: _Archive) -> None:
+    """Compact ``twin`` and keep what left memory in its archive, as a node's store does."""
+    before = dict(twin.applied_index)
+    for ident in twin.compact().ops:
+        archive.ops[ident] = before[ident]
+
+
 def _trade(full: Replica, twin: Replica, archive: _Archive, steps: int, seed: int) -> None:
     rng = random.Random(seed)
     for step in range(steps):
@@ -30,18 +37,14 @@ def _trade(full: Replica, twin: Replica, archive: _Archive, steps: int, seed: in
             op = full.heartbeat(GENESIS[step % 3])
         twin.apply(op.raw)
         if step % 97 == 96:
-            before = dict(twin.applied_index)
-            for ident in twin.compact().ops:
-                archive.ops[ident] = before[ident]
+            _compact(twin, archive)
 
 
 def test_compacted_replica_serves_a_whole_log_sync_without_growing() -> None:
     archive = _Archive()
     full, twin = Replica(WMARKET), Replica(WMARKET, archive=archive)
     _trade(full, twin, archive, 1500, seed=1)
-    before = dict(twin.applied_index)
-    for ident in twin.compact().ops:
-        archive.ops[ident] = before[ident]
+    _compact(twin, archive)
     held = len(twin.applied_index)
     assert twin.compacted_ops > 1000 and held < 300
     sent = ops_missing_for(twin.applied_index, twin.heads(), [])
@@ -81,9 +84,7 @@ def test_a_local_snapshot_of_another_market_or_damaged_or_without_its_ops_is_ref
     archive = _Archive()
     full, twin = Replica(WMARKET), Replica(WMARKET, archive=archive)
     _trade(full, twin, archive, 400, seed=3)
-    before = dict(twin.applied_index)
-    for ident in twin.compact().ops:
-        archive.ops[ident] = before[ident]
+    _compact(twin, archive)
     blob = twin.snapshot()
     live = [op.raw for op in twin.applied_index.values()]
     restored = Replica.from_snapshot(WMARKET, blob, live, archive=archive)
