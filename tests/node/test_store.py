@@ -316,33 +316,43 @@ def _blob(k: int) -> bytes:
     return (k.to_bytes(8, "big") + hashlib.sha256(b"%d" % k).digest()) * 20_000
 
 
+
+def _kill_child_after_some_acks(
+    child: str, path: Path, start: int, rng: random.Random, seed: int
+) -> list[int]:
+    """Run ``child`` (a script that writes to the store at ``path`` and prints one number per
+    durable write), SIGKILL it at a random moment after 1-5 acknowledged writes, and return
+    the numbers it acknowledged."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child, str(path), str(start)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    lines: list[bytes] = []
+    reader = threading.Thread(target=lines.extend, args=(stdout,), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 20
+    want = rng.randrange(1, 6)
+    while sum(1 for ln in lines if ln.strip().isdigit()) < want:
+        assert proc.poll() is None and time.monotonic() < deadline, f"seed={seed}"
+        time.sleep(0.002)
+    time.sleep(rng.uniform(0.0, 0.02))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    reader.join(timeout=10)
+    stdout.close()
+    return [int(ln) for ln in lines if ln.strip().isdigit()]
+
+
 def test_sigkill_during_checkpoint_writes_leaves_the_old_or_the_new(tmp_path: Path) -> None:
     seed = int.from_bytes(os.urandom(4), "big")
     rng = random.Random(seed)
     path = tmp_path / STORE_FILENAME
     start = 0
     for _ in range(4):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", CHECKPOINT_CHILD, str(path), str(start)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
-        assert proc.stdout is not None
-        stdout = proc.stdout
-        lines: list[bytes] = []
-        reader = threading.Thread(target=lines.extend, args=(stdout,), daemon=True)
-        reader.start()
-        deadline = time.monotonic() + 20
-        want = rng.randrange(1, 6)
-        while sum(1 for ln in lines if ln.strip().isdigit()) < want:
-            assert proc.poll() is None and time.monotonic() < deadline, f"seed={seed}"
-            time.sleep(0.002)
-        time.sleep(rng.uniform(0.0, 0.02))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-        reader.join(timeout=10)
-        stdout.close()
-        acked = [int(ln) for ln in lines if ln.strip().isdigit()]
+        acked = _kill_child_after_some_acks(CHECKPOINT_CHILD, path, start, rng, seed)
         with OpStore.open(path) as s:
             assert s.integrity_check() == "ok", f"seed={seed}"
             stored = s.get_checkpoint(b"M" * 32)
@@ -459,27 +469,7 @@ def test_sigkill_during_compaction_leaves_the_old_or_the_new(tmp_path: Path) -> 
     market = b"M" * 32
     start = 0
     for _ in range(4):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", COMPACT_CHILD, str(path), str(start)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
-        assert proc.stdout is not None
-        stdout = proc.stdout
-        lines: list[bytes] = []
-        reader = threading.Thread(target=lines.extend, args=(stdout,), daemon=True)
-        reader.start()
-        deadline = time.monotonic() + 20
-        want = rng.randrange(1, 6)
-        while sum(1 for ln in lines if ln.strip().isdigit()) < want:
-            assert proc.poll() is None and time.monotonic() < deadline, f"seed={seed}"
-            time.sleep(0.002)
-        time.sleep(rng.uniform(0.0, 0.02))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-        reader.join(timeout=10)
-        stdout.close()
-        acked = [int(ln) for ln in lines if ln.strip().isdigit()]
+        acked = _kill_child_after_some_acks(COMPACT_CHILD, path, start, rng, seed)
         with OpStore.open(path) as s:
             assert s.integrity_check() == "ok", f"seed={seed}"
             snap = s.get_snapshot(market)
