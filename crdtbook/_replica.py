@@ -438,10 +438,16 @@ class Replica:
     def _release(self, op: Op, applied: list[Op]) -> None:
         """Admit every pending op that ``op`` (just admitted) unblocks, and theirs in turn."""
         ready = [op.id]
+        held = self._applied
         while ready:
             for child_id in self._waiting.pop(ready.pop(), ()):
                 child = self._pending.get(child_id)
-                if child is None or not all(map(self._present, child.parents)):
+                if child is None:
+                    continue
+                parents = child.parents
+                # The common case (all in memory) without a method call per parent; the archive
+                # is asked only when one is not.
+                if any(p not in held for p in parents) and not all(map(self._present, parents)):
                     continue
                 del self._pending[child_id]
                 try:
