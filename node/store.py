@@ -36,6 +36,15 @@ Why this shape:
   its marks: a restart loads the snapshot plus every op not marked (:meth:`OpStore.load_market`
   with ``live_only``) and never misses an op nor replays one the snapshot holds. A partial index
   over the live ops keeps that load proportional to the live ops, not to history.
+* **History and points** (schema 3, issue #10's joins): a compaction also records each prefix
+  op's index in the market's final total order (``ops.final_idx``) and keeps the point blob
+  (``points``: the latest two, so a joiner that was offered the previous one can still fetch
+  it), so the node serves the prefix in order (:meth:`OpStore.history`) and snapshots of its
+  points. A node that joined from a snapshot records the join (``joins``) and stores history it
+  fetches later as *staged* (``compacted = 2``: neither live nor in the archive) until the whole
+  prefix checks against the attested chain (:meth:`OpStore.finish_history`); a prefix that does
+  not check is dropped (:meth:`OpStore.drop_history`), so unverified bytes never answer for a
+  compacted op.
 * **Versioned schema** with ``PRAGMA user_version`` and an ordered migration list, so later
   versions can upgrade old stores in place (and an older binary refuses a newer store).
 """
@@ -70,7 +79,7 @@ __all__ = [
 STORE_FILENAME = "store.sqlite3"
 
 # Version written to PRAGMA user_version once all migrations ran; bump it with each migration.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Rows fetched per lock acquisition by load_market: bounds memory (~1 MiB of 200-byte ops) and
 # the time a streaming reader keeps writers waiting, while keeping per-query overhead small.
@@ -167,6 +176,41 @@ CREATE TABLE snapshots (
 """
 
 
+# Version 3 (issue #10, joins from a snapshot): the final order of the compacted prefix, the
+# point blobs served to joiners, and this node's own join. ADD COLUMN with no default rewrites
+# no row; the index is partial, so a store that never compacted pays nothing for it.
+_SCHEMA_V3 = """
+-- The op's index in its market's final total order (from 0), once a compaction placed it in
+-- the compacted prefix or a history fetch brought it, NULL otherwise.
+ALTER TABLE ops ADD COLUMN final_idx INTEGER;
+-- What serving history reads: the prefix in order.
+CREATE INDEX ops_final ON ops (market, final_idx) WHERE final_idx IS NOT NULL;
+-- Point blobs (Replica.snapshot at point n) served to joiners: the latest two per market.
+CREATE TABLE points (
+    market BLOB NOT NULL,
+    n      INTEGER NOT NULL,
+    data   BLOB NOT NULL,
+    PRIMARY KEY (market, n)
+) WITHOUT ROWID;
+-- A market this node joined from a snapshot: the point (n and its blob) and how many ops of
+-- the prefix before it the store holds, checked, in order (n once the history is complete).
+CREATE TABLE joins (
+    market  BLOB PRIMARY KEY,
+    n       INTEGER NOT NULL,
+    data    BLOB NOT NULL,
+    history INTEGER NOT NULL
+);
+"""
+
+#: ``ops.compacted`` values: 0 live (in the replica's memory), 1 compacted (the archive holds
+#: it), 2 staged (history fetched from a peer, not checked yet: neither).
+LIVE, COMPACTED, STAGED = 0, 1, 2
+
+#: Point blobs kept per market: the latest (also the restart snapshot) and the one before, for a
+#: joiner that was offered it just before this node compacted again.
+POINTS_KEPT = 2
+
+
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
     """Run ``;``-separated statements inside the caller's transaction (``executescript`` would
     commit it first)."""
@@ -185,8 +229,17 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
     _run_script(conn, _SCHEMA_V2)
 
 
+def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
+    """Add joins: the prefix's final order, the point blobs, this node's join."""
+    _run_script(conn, _SCHEMA_V3)
+
+
 # _MIGRATIONS[v] upgrades a store from user_version v to v + 1.  Append, never edit.
-_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_0_to_1, _migrate_1_to_2)
+_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _migrate_0_to_1,
+    _migrate_1_to_2,
+    _migrate_2_to_3,
+)
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
 
@@ -357,8 +410,12 @@ class OpStore:
             before = conn.total_changes
             conn.execute("BEGIN IMMEDIATE")
             try:
+                # A staged history op (fetched, not checked yet) that the replica now holds
+                # becomes live: it no longer depends on the history fetch succeeding.
                 conn.executemany(
-                    "INSERT OR IGNORE INTO ops (id, market, lamport, raw) VALUES (?, ?, ?, ?)",
+                    "INSERT INTO ops (id, market, lamport, raw) VALUES (?, ?, ?, ?)"
+                    f" ON CONFLICT (id) DO UPDATE SET compacted = {LIVE}"
+                    f" WHERE compacted = {STAGED}",
                     rows,
                 )
                 conn.execute("COMMIT")
@@ -489,15 +546,24 @@ class OpStore:
         fills: Iterable[CompactedFill],
         orders: Iterable[CompactedOrder],
         snapshot: Snapshot,
+        *,
+        point: int = 0,
+        order_start: int = 0,
+        order: Sequence[bytes] = (),
     ) -> None:
         """Record one compaction of ``market``'s replica in ONE transaction: mark ``op_ids``
         compacted (they stay stored), keep the dropped final ``fills`` and finished ``orders``,
-        and replace the market's snapshot. A crash at any moment leaves all of it or none (see
-        the module docstring). Rewriting rows a previous compaction wrote is harmless (a retry
-        after a failed write, or a compaction after a fallback to the full log)."""
+        and replace the market's snapshot. With ``point`` (the point compacted at; 0: none), the
+        snapshot is that point's blob: it joins the served points (the latest POINTS_KEPT), and
+        ``order`` (the prefix ops this compaction added, in total order, the first at global
+        index ``order_start``) gets its final indexes, from which :meth:`history` serves. A
+        crash at any moment leaves all of it or none (see the module docstring). Rewriting rows
+        a previous compaction wrote is harmless (a retry after a failed write, or a compaction
+        after a fallback to the full log)."""
         _need_bytes("market", market)
         _need_bytes("snapshot", snapshot.data)
         marks = [(_need_bytes("op id", ident),) for ident in op_ids]
+        indexes = [(index, ident) for index, ident in enumerate(order, order_start)]
         fill_rows = [(market, c.number, *c.fill, c.received_ms, c.witnessed_ms) for c in fills]
         order_rows = [(market, *c.order[:13], c.received_ms, c.witnessed_ms) for c in orders]
         with self._lock, self._writing():
@@ -520,6 +586,9 @@ class OpStore:
                     " VALUES (?, ?, ?, ?)",
                     (market, snapshot.ops, snapshot.fills, snapshot.data),
                 )
+                conn.executemany("UPDATE ops SET final_idx = ? WHERE id = ?", indexes)
+                if point:
+                    _keep_point(conn, market, point, snapshot.data)
                 conn.execute("COMMIT")
             except BaseException:
                 _rollback(conn)
@@ -610,6 +679,166 @@ class OpStore:
                         break
             cursor.close()
         return found
+
+    # -- history and points (joins) ---------------------------------------------------------
+
+    def points(self, market: bytes) -> list[tuple[int, bytes]]:
+        """``market``'s stored point blobs, ``(n, blob)``, the newest first."""
+        with self._lock:
+            rows = (
+                self._db()
+                .execute("SELECT n, data FROM points WHERE market = ? ORDER BY n DESC", (market,))
+                .fetchall()
+            )
+        return [(int(n), bytes(data)) for n, data in rows]
+
+    def get_raws(self, market: bytes, op_ids: Iterable[bytes]) -> list[bytes]:
+        """The stored bytes of the ops of ``market`` among ``op_ids`` (live, compacted or
+        staged; the ones not stored are left out), in the order asked."""
+        out: list[bytes] = []
+        with self._lock:
+            conn = self._db()
+            for ident in op_ids:
+                row = conn.execute(
+                    "SELECT raw FROM ops WHERE id = ? AND market = ?", (ident, market)
+                ).fetchone()
+                if row is not None:
+                    out.append(bytes(row[0]))
+        return out
+
+    def history(
+        self, market: bytes, start: int, limit: int, *, staged: bool = False
+    ) -> list[bytes]:
+        """The ops of ``market``'s compacted prefix from final index ``start`` on, in total
+        order, at most ``limit``: stops early at a gap (an index the store does not hold, e.g.
+        history a joined node has not fetched). Staged ops count only with ``staged``."""
+        where = "" if staged else f" AND compacted != {STAGED}"
+        with self._lock:
+            rows = (
+                self._db()
+                .execute(
+                    "SELECT final_idx, raw FROM ops INDEXED BY ops_final"
+                    " WHERE market = ? AND final_idx IS NOT NULL AND final_idx >= ?"
+                    f"{where} ORDER BY final_idx LIMIT ?",
+                    (market, start, limit),
+                )
+                .fetchall()
+            )
+        out: list[bytes] = []
+        for expected, (index, raw) in enumerate(rows, start):
+            if index != expected:
+                break
+            out.append(bytes(raw))
+        return out
+
+    def save_join(
+        self, market: bytes, items: Iterable[OpItem], snapshot: Snapshot, point: int
+    ) -> None:
+        """Record that this node joined ``market`` from the snapshot of ``point`` in ONE
+        transaction: the kept ops ``items`` (live: what a restart hands the snapshot back),
+        the snapshot (as a compaction stores it), the point blob (served to others) and the
+        join itself, with no history held yet."""
+        _need_bytes("market", market)
+        _need_bytes("snapshot", snapshot.data)
+        rows = [_check_item(item) for item in items]
+        with self._lock, self._writing():
+            conn = self._db()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(
+                    "INSERT INTO ops (id, market, lamport, raw) VALUES (?, ?, ?, ?)"
+                    f" ON CONFLICT (id) DO UPDATE SET compacted = {LIVE}",
+                    rows,
+                )
+                conn.execute(
+                    "INSERT OR REPLACE INTO snapshots (market, ops, fills, data)"
+                    " VALUES (?, ?, ?, ?)",
+                    (market, snapshot.ops, snapshot.fills, snapshot.data),
+                )
+                _keep_point(conn, market, point, snapshot.data)
+                conn.execute(
+                    "INSERT OR REPLACE INTO joins (market, n, data, history) VALUES (?, ?, ?, 0)",
+                    (market, point, snapshot.data),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+
+    def join_state(self, market: bytes) -> tuple[int, bytes, int] | None:
+        """``(point, its blob, history ops held)`` if this node joined ``market`` from a
+        snapshot (history == point: the whole prefix is held), else None."""
+        with self._lock:
+            row = (
+                self._db()
+                .execute("SELECT n, data, history FROM joins WHERE market = ?", (market,))
+                .fetchone()
+            )
+        return None if row is None else (int(row[0]), bytes(row[1]), int(row[2]))
+
+    def add_history(self, market: bytes, start: int, items: Sequence[OpItem]) -> None:
+        """Stage history ops of ``market`` fetched from a peer, the first at final index
+        ``start``, in one transaction: a new op is stored staged (neither live nor in the
+        archive until :meth:`finish_history`), one already stored only gets its index."""
+        rows = [(*_check_item(item), index) for index, item in enumerate(items, start)]
+        if not rows:
+            return
+        with self._lock, self._writing():
+            conn = self._db()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(
+                    "INSERT INTO ops (id, market, lamport, raw, compacted, final_idx)"
+                    f" VALUES (?, ?, ?, ?, {STAGED}, ?)"
+                    " ON CONFLICT (id) DO UPDATE SET final_idx = excluded.final_idx",
+                    rows,
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+
+    def finish_history(self, market: bytes) -> int:
+        """The staged history of ``market`` checked against its point: it becomes the
+        archive (compacted), and the join holds the whole prefix. One transaction; returns how
+        many staged ops were archived."""
+        with self._lock, self._writing():
+            conn = self._db()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                cur = conn.execute(
+                    f"UPDATE ops SET compacted = {COMPACTED}"
+                    f" WHERE market = ? AND compacted = {STAGED}",
+                    (market,),
+                )
+                conn.execute("UPDATE joins SET history = n WHERE market = ?", (market,))
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+            return int(cur.rowcount)
+
+    def drop_history(self, market: bytes, point: int) -> int:
+        """Forget history of ``market`` fetched but not checked (it did not check, or a start
+        finds it left over): staged ops leave the store, and stored ops lose indexes below
+        ``point`` that only the fetch gave them. One transaction; returns the ops dropped."""
+        with self._lock, self._writing():
+            conn = self._db()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                cur = conn.execute(
+                    f"DELETE FROM ops WHERE market = ? AND compacted = {STAGED}", (market,)
+                )
+                conn.execute(
+                    "UPDATE ops SET final_idx = NULL WHERE market = ? AND final_idx IS NOT NULL"
+                    " AND final_idx < ?",
+                    (market, point),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+            return int(cur.rowcount)
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -714,6 +943,19 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+
+
+def _keep_point(conn: sqlite3.Connection, market: bytes, point: int, data: bytes) -> None:
+    """Store ``market``'s point blob of ``point`` and forget all but the latest POINTS_KEPT
+    (inside the caller's transaction)."""
+    conn.execute(
+        "INSERT OR REPLACE INTO points (market, n, data) VALUES (?, ?, ?)", (market, point, data)
+    )
+    conn.execute(
+        "DELETE FROM points WHERE market = ? AND n NOT IN"
+        " (SELECT n FROM points WHERE market = ? ORDER BY n DESC LIMIT ?)",
+        (market, market, POINTS_KEPT),
+    )
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

@@ -316,7 +316,6 @@ def _blob(k: int) -> bytes:
     return (k.to_bytes(8, "big") + hashlib.sha256(b"%d" % k).digest()) * 20_000
 
 
-
 def _kill_child_after_some_acks(
     child: str, path: Path, start: int, rng: random.Random, seed: int
 ) -> list[int]:
@@ -437,9 +436,100 @@ def test_migrates_a_version_1_store(tmp_path: Path) -> None:
     conn.executemany("INSERT INTO ops (id, market, lamport, raw) VALUES (?, ?, ?, ?)", items)
     conn.close()
     with OpStore.open(path) as s:
-        assert s.schema_version() == SCHEMA_VERSION == 2
+        assert s.schema_version() == SCHEMA_VERSION == 3
         assert list(s.load_market(M1, live_only=True)) == [item[3] for item in items]
         assert s.compacted_count(M1) == 0 and s.get_snapshot(M1) is None
+
+
+def test_migrates_a_version_2_store(tmp_path: Path) -> None:
+    """Version 3 adds the prefix's final order, points and joins; version 2's rows stay as
+    they were (compacted marks, snapshots) and have no final index."""
+    path = tmp_path / STORE_FILENAME
+    conn = sqlite3.connect(path, isolation_level=None)
+    store_module._migrate_0_to_1(conn)
+    store_module._migrate_1_to_2(conn)
+    conn.execute("PRAGMA user_version = 2")
+    items = [op(n) for n in range(1, 6)]
+    conn.executemany("INSERT INTO ops (id, market, lamport, raw) VALUES (?, ?, ?, ?)", items)
+    conn.execute("UPDATE ops SET compacted = 1 WHERE lamport <= 2")
+    conn.close()
+    with OpStore.open(path) as s:
+        assert s.schema_version() == SCHEMA_VERSION == 3
+        assert list(s.load_market(M1, live_only=True)) == [item[3] for item in items[2:]]
+        assert s.compacted_count(M1) == 2
+        assert s.history(M1, 0, 10) == [] and s.points(M1) == [] and s.join_state(M1) is None
+
+
+def test_compaction_records_the_prefix_order_and_points(store: OpStore) -> None:
+    """Each compaction at a point gives its prefix ops their final indexes (served in order by
+    ``history``, in bounded chunks, stopping at a gap) and keeps the latest two point blobs."""
+    items = [op(n) for n in range(1, 31)]
+    store.add_ops(items)
+    ids = [item[0] for item in items]
+    # Total order differs from storage order: the prefix is what the replica says.
+    order = ids[:10][::-1]
+    store.compact(M1, order[:5], [], [], Snapshot(5, 0, b"p10"), point=10, order=order)
+    assert store.history(M1, 0, 100) == [items[9 - i][3] for i in range(10)]
+    assert store.history(M1, 3, 4) == [items[9 - i][3] for i in range(3, 7)]
+    assert store.history(M1, 10, 100) == []
+    assert store.points(M1) == [(10, b"p10")]
+    store.compact(
+        M1,
+        ids[10:15],
+        [],
+        [],
+        Snapshot(15, 0, b"p20"),
+        point=20,
+        order_start=10,
+        order=ids[10:20],
+    )
+    store.compact(
+        M1,
+        ids[20:25],
+        [],
+        [],
+        Snapshot(25, 0, b"p30"),
+        point=30,
+        order_start=20,
+        order=ids[20:30],
+    )
+    assert store.points(M1) == [(30, b"p30"), (20, b"p20")]  # the latest two
+    assert store.history(M1, 8, 4) == [items[1][3], items[0][3], items[10][3], items[11][3]]
+    assert len(store.history(M1, 0, 1000)) == 30
+    assert store.get_raws(M1, [ids[3], b"x" * 32, ids[0]]) == [items[3][3], items[0][3]]
+    assert store.history(M2, 0, 10) == []
+
+
+def test_joined_history_is_staged_until_checked(store: OpStore) -> None:
+    """A joined node's kept ops are live; fetched history is staged (not live, not in the
+    archive, not served) until it checks, then archived; dropped if it does not check."""
+    items = [op(n) for n in range(1, 21)]
+    kept = items[15:20]
+    store.save_join(M1, kept, Snapshot(15, 3, b"blob-15"), 15)
+    assert store.join_state(M1) == (15, b"blob-15", 0)
+    assert store.get_snapshot(M1) == Snapshot(15, 3, b"blob-15")
+    assert store.points(M1) == [(15, b"blob-15")]
+    assert list(store.load_market(M1, live_only=True)) == [item[3] for item in kept]
+    prefix = items[:15]  # the kept op 16 lies outside the prefix: not part of history here
+    # A fetch that does not check: dropped, nothing of it stays.
+    store.add_history(M1, 0, prefix[:8])
+    assert store.get_raw(M1, prefix[0][0], compacted=True) is None
+    assert list(store.load_market(M1, live_only=True)) == [item[3] for item in kept]
+    assert store.history(M1, 0, 100) == []  # staged: not served
+    assert store.history(M1, 0, 100, staged=True) == [item[3] for item in prefix[:8]]
+    assert store.drop_history(M1, 15) == 8
+    assert store.count(M1) == 5 and store.history(M1, 0, 100, staged=True) == []
+    # One that checks: archived and served; a staged op sync brought meanwhile stays live.
+    store.add_history(M1, 0, prefix[:8])
+    store.add_ops([prefix[3]])  # the replica holds it now: live
+    store.add_history(M1, 8, prefix[8:])
+    assert store.finish_history(M1) == 14
+    assert store.join_state(M1) == (15, b"blob-15", 15)
+    assert store.get_raw(M1, prefix[0][0], compacted=True) == prefix[0][3]
+    assert store.get_raw(M1, prefix[3][0], compacted=True) is None
+    assert store.history(M1, 0, 100) == [item[3] for item in prefix]
+    live = [item[3] for item in sorted([prefix[3], *kept], key=lambda i: i[2])]
+    assert list(store.load_market(M1, live_only=True)) == live
 
 
 COMPACT_CHILD = """
