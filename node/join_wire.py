@@ -4,8 +4,8 @@ A node that joins a witnessed market from a snapshot asks its peers three things
 session of its own (one stream: one request frame, then one or more response frames):
 
     {"v": 1, "k": "offer", "m": market}
-        -> {"v": 1, "n": point, "h": sha256 of its blob, "hb": [heartbeat op bytes],
-            "rc": [reconfiguration op bytes]}                 (n = 0, h = b"": no point)
+        -> {"v": 1, "p": [[point, sha256 of its blob], ...], "hb": [heartbeat op bytes],
+            "rc": [reconfiguration op bytes]}           (the newest point first; []: none)
     {"v": 1, "k": "snapshot", "m": market, "n": point, "h": hash}
         -> {"v": 1, "b": blob bytes, "ops": [kept op bytes], "more": bool}   (repeated)
     {"v": 1, "k": "history", "m": market, "n": point, "i": start}
@@ -36,6 +36,7 @@ __all__ = [
     "MAX_HISTORY_SESSION_OPS",
     "MAX_KEPT_OPS",
     "MAX_OFFER_HEARTBEATS",
+    "MAX_OFFER_POINTS",
     "MAX_OFFER_RECONFIGS",
     "MAX_SNAPSHOT_BYTES",
     "SNAPSHOT_CHUNK_BYTES",
@@ -60,6 +61,8 @@ JOIN_PROTOCOL: Final = "/crdtbook/join/1.0.0"
 #: Heartbeats an offer carries: one per witness in force at the point, and the witnesses of
 #: every epoch a reconfiguration chain passed through may have attested it; a few epochs' worth.
 MAX_OFFER_HEARTBEATS: Final = 8 * MAX_WITNESSES
+#: Points an offer names (a node keeps two; room for a later version to keep a few more).
+MAX_OFFER_POINTS: Final = 4
 #: Reconfigurations an offer carries: the whole chain from the market's genesis (one per epoch).
 #: Witness sets change rarely (hours to years); a chain longer than this is refused, which
 #: leaves such a market to the full-log join.
@@ -92,8 +95,7 @@ class JoinRequest:
 
 @dataclass
 class Offer:
-    point: int  # 0: the peer has no point
-    hash: bytes
+    points: list[tuple[int, bytes]]  # (n, sha256 of the blob), the newest first; []: none
     heartbeats: list[bytes] = field(default_factory=list)
     reconfigs: list[bytes] = field(default_factory=list)
 
@@ -147,8 +149,8 @@ def _uint(value: Any, what: str) -> int:
     return value
 
 
-def _hash(value: Any, what: str, *, empty: bool = False) -> bytes:
-    if type(value) is not bytes or not (len(value) == 32 or (empty and not value)):
+def _hash(value: Any, what: str) -> bytes:
+    if type(value) is not bytes or len(value) != 32:
         raise WireError(f"join frame: {what} must be 32 bytes")
     return value
 
@@ -202,18 +204,25 @@ def encode_refusal(code: str, message: str) -> bytes:
 
 
 def encode_offer(offer: Offer) -> bytes:
-    return cbor2.dumps(
-        {"v": 1, "n": offer.point, "h": offer.hash, "hb": offer.heartbeats, "rc": offer.reconfigs}
-    )
+    points = [[n, digest] for n, digest in offer.points]
+    return cbor2.dumps({"v": 1, "p": points, "hb": offer.heartbeats, "rc": offer.reconfigs})
 
 
 def decode_offer(data: bytes) -> Offer:
     frame = _load_answer(data)
-    point = _uint(frame.get("n"), "n")
-    digest = _hash(frame.get("h"), "hash", empty=not point)
+    items = frame.get("p")
+    if type(items) is not list or len(items) > MAX_OFFER_POINTS:
+        raise WireError(f"join frame: an offer names at most {MAX_OFFER_POINTS} points")
+    points: list[tuple[int, bytes]] = []
+    for item in items:
+        if type(item) is not list or len(item) != 2:
+            raise WireError("join frame: an offered point is [n, hash]")
+        point = _uint(item[0], "n")
+        if not point:
+            raise WireError("join frame: an offered point is past at least one op")
+        points.append((point, _hash(item[1], "hash")))
     return Offer(
-        point,
-        digest,
+        points,
         _ops(frame.get("hb"), MAX_OFFER_HEARTBEATS, "heartbeats"),
         _ops(frame.get("rc"), MAX_OFFER_RECONFIGS, "reconfigurations"),
     )

@@ -613,6 +613,15 @@ class OpStore:
             )
             return int(row.fetchone()[0])
 
+    def staged_count(self, market: bytes) -> int:
+        """How many of ``market``'s stored ops are staged history (fetched, not checked yet; a
+        scan: for tests and tools)."""
+        with self._lock:
+            row = self._db().execute(
+                f"SELECT count(*) FROM ops WHERE market = ? AND compacted = {STAGED}", (market,)
+            )
+            return int(row.fetchone()[0])
+
     def compacted_fills(self, market: bytes, start: int, stop: int) -> list[CompactedFill]:
         """``market``'s compacted fills with global indexes in ``[start, stop)``, in order."""
         with self._lock:
@@ -798,19 +807,23 @@ class OpStore:
                 _rollback(conn)
                 raise
 
-    def finish_history(self, market: bytes) -> int:
-        """The staged history of ``market`` checked against its point: it becomes the
-        archive (compacted), and the join holds the whole prefix. One transaction; returns how
-        many staged ops were archived."""
+    def finish_history(self, market: bytes, point: int, kept: Iterable[bytes]) -> int:
+        """The staged history of ``market`` checked against its ``point``: the prefix becomes
+        the archive (compacted), but for the ``kept`` ops (live: a restart hands them to the
+        snapshot), and the join holds the whole prefix. Prefix ops stored live before (sync
+        brought copies of them while the history was absent) are archived too. One
+        transaction; returns how many ops were archived."""
+        keep = [(_need_bytes("op id", ident),) for ident in kept]
         with self._lock, self._writing():
             conn = self._db()
             conn.execute("BEGIN IMMEDIATE")
             try:
                 cur = conn.execute(
-                    f"UPDATE ops SET compacted = {COMPACTED}"
-                    f" WHERE market = ? AND compacted = {STAGED}",
-                    (market,),
+                    f"UPDATE ops SET compacted = {COMPACTED} WHERE market = ?"
+                    f" AND final_idx IS NOT NULL AND final_idx < ? AND compacted != {COMPACTED}",
+                    (market, point),
                 )
+                conn.executemany(f"UPDATE ops SET compacted = {LIVE} WHERE id = ?", keep)
                 conn.execute("UPDATE joins SET history = n WHERE market = ?", (market,))
                 conn.execute("COMMIT")
             except BaseException:

@@ -104,7 +104,16 @@ def ops_for(replica: Replica, request: SyncRequest) -> list[Op]:
         forked=replica.forked_authors(),
         held=request.held,
     )
-    needed = [ident for ident in request.need if ident in replica.applied_index]
+    applied = replica.applied_index
+    # A needed op may be compacted: read back from the archive (``applied[...]`` does), so a
+    # node that joined from a snapshot gets a prefix op that a late op names (it then waits
+    # for the history there). An id held nowhere costs one store lookup on a compacted node.
+    needed = []
+    for ident in request.need:
+        try:
+            needed.append(applied[ident].id)
+        except KeyError:
+            continue
     if needed:
         # A needed op and the past of it the peer lacks. The walk above stops at a Bloom false
         # positive, and on a chain (one author's ops) everything below it is hidden; the same
@@ -121,7 +130,7 @@ def ops_for(replica: Replica, request: SyncRequest) -> list[Op]:
         )
         union = {op.id: op for op in ops}
         size = len(union)
-        for op in [*past, *map(replica.applied_index.__getitem__, needed)]:
+        for op in [*past, *map(applied.__getitem__, needed)]:
             union.setdefault(op.id, op)
         if len(union) > size:
             ops = sorted(union.values(), key=lambda o: o.key)

@@ -519,16 +519,18 @@ def test_joined_history_is_staged_until_checked(store: OpStore) -> None:
     assert store.history(M1, 0, 100, staged=True) == [item[3] for item in prefix[:8]]
     assert store.drop_history(M1, 15) == 8
     assert store.count(M1) == 5 and store.history(M1, 0, 100, staged=True) == []
-    # One that checks: archived and served; a staged op sync brought meanwhile stays live.
+    # One that checks: archived (prefix ops sync brought meanwhile too) and served; a kept op
+    # of the prefix stays live.
     store.add_history(M1, 0, prefix[:8])
     store.add_ops([prefix[3]])  # the replica holds it now: live
     store.add_history(M1, 8, prefix[8:])
-    assert store.finish_history(M1) == 14
+    assert store.finish_history(M1, 15, [prefix[5][0]]) == 15  # a kept op of the prefix: live
     assert store.join_state(M1) == (15, b"blob-15", 15)
     assert store.get_raw(M1, prefix[0][0], compacted=True) == prefix[0][3]
-    assert store.get_raw(M1, prefix[3][0], compacted=True) is None
+    assert store.get_raw(M1, prefix[3][0], compacted=True) == prefix[3][3]  # a prefix op
+    assert store.get_raw(M1, prefix[5][0], compacted=True) is None
     assert store.history(M1, 0, 100) == [item[3] for item in prefix]
-    live = [item[3] for item in sorted([prefix[3], *kept], key=lambda i: i[2])]
+    live = [item[3] for item in sorted([prefix[5], *kept], key=lambda i: i[2])]
     assert list(store.load_market(M1, live_only=True)) == live
 
 
