@@ -58,7 +58,15 @@ from ._ops import (
     encode,
     op_id,
 )
+from ._points import (
+    DEFAULT_POINT_INTERVAL,
+    HistoryCheck,
+    PointInfo,
+    SnapshotRefused,
+    check_attested,
+)
 from ._replica import ApplyReport, Archive, CompactReport, Replica, RestoreReport
+from ._snapshot import read_point
 from ._state import Book, Level, OrderState, RestingOrder
 from ._sync import BloomFilter, ops_missing_for
 
@@ -66,6 +74,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MARKETS",
+    "DEFAULT_POINT_INTERVAL",
     "MAX_CLIENT_TAG_BYTES",
     "MAX_OP_BYTES",
     "MAX_PARENTS",
@@ -89,6 +98,7 @@ __all__ = [
     "CompactReport",
     "Fill",
     "HeartbeatBody",
+    "HistoryCheck",
     "Identity",
     "InvalidOp",
     "InvalidParent",
@@ -103,15 +113,19 @@ __all__ = [
     "OrderBody",
     "OrderState",
     "PendingFull",
+    "PointInfo",
     "ReconfigBody",
     "Replica",
     "RestingOrder",
     "RestoreReport",
+    "SnapshotRefused",
     "UnknownKind",
     "WitnessInfo",
     "WrongMarket",
+    "check_attested",
     "decode",
     "encode",
     "op_id",
     "ops_missing_for",
+    "read_point",
 ]

@@ -184,9 +184,16 @@ class HeartbeatBody(NamedTuple):
 
     ``time_ms``: the witness's clock when it signed (Unix milliseconds; 0: none given). The core
     never reads a clock: it only reports the earliest such time of a batch as the batch's
-    witnessed time (``Replica.witnessed_time``); no order or match depends on it."""
+    witnessed time (``Replica.witnessed_time``); no order or match depends on it.
+
+    ``point`` and ``point_hash`` (both or neither; 0 and ``b""``: none): the witness's
+    attestation of a point of the final prefix, the SHA-256 of the point state after the first
+    ``point`` ops of the total order (specs/finality.md section 13). Like the time, it changes
+    no order; a joining node counts attestations to trust a snapshot."""
 
     time_ms: int = 0
+    point: int = 0
+    point_hash: bytes = b""
 
     @property
     def kind(self) -> str:
@@ -442,7 +449,7 @@ def _encode_chunks(
             chunks.append(_STP_BYTE[stp])
     elif isinstance(body, CancelBody):
         chunks += (_CANCEL_START, body.order_id)
-    elif isinstance(body, HeartbeatBody):
+    elif isinstance(body, HeartbeatBody) and not body.point:
         chunks += (_HEARTBEAT_START, _uint(body.time_ms))
     else:  # a reconfiguration or cancel-all: rare, so cbor2's canonical encoder writes them
         chunks.append(cbor2.dumps(_body_to_wire(body, WITNESSED_VERSION), canonical=True))
@@ -485,8 +492,12 @@ def _encodable(
     if type(body) is CancelBody:
         return _is_id(body.order_id)
     if type(body) is HeartbeatBody:
-        time_ms = body.time_ms
-        return version == WITNESSED_VERSION and type(time_ms) is int and 0 <= time_ms <= MAX_INT
+        time_ms, point, point_hash = body
+        if not (version == WITNESSED_VERSION and type(time_ms) is int and 0 <= time_ms <= MAX_INT):
+            return False
+        if point == 0 and point_hash == b"":
+            return True
+        return _is_uint(point) and _is_id(point_hash)
     if type(body) is not OrderBody:
         return False
     side, price, quantity, tif, tag, stp = body
@@ -534,6 +545,8 @@ def _body_to_wire(body: Body, version: int) -> list[Any]:
     if isinstance(body, CancelAllBody):
         return [_KIND_CANCEL_ALL, body.prefix]
     if isinstance(body, HeartbeatBody):
+        if body.point:
+            return [_KIND_HEARTBEAT, body.time_ms, body.point, body.point_hash]
         return [_KIND_HEARTBEAT, body.time_ms]
     return [
         _KIND_RECONFIG,
@@ -823,7 +836,7 @@ def _decode_fast(
                     time_ms, at = _long_uint(data, at + 2)
                     if not time_ms:
                         return None
-                body = _new_tuple(HeartbeatBody, (time_ms,))
+                body = _new_tuple(HeartbeatBody, (time_ms, 0, b""))
             else:
                 return None
         else:
@@ -909,12 +922,19 @@ def _decode_body(wire: object, version: int = PROTOCOL_VERSION) -> Body:
             raise MalformedOp("a cancel body is [1, order_id] with a 32-byte order id")
         return CancelBody(wire[1])
     if version == WITNESSED_VERSION and kind == _KIND_HEARTBEAT:
-        if len(wire) != 2:
-            raise MalformedOp("a heartbeat body is [2, time_ms]")
+        if len(wire) not in (2, 4):
+            raise MalformedOp("a heartbeat body is [2, time_ms] or [2, time_ms, point, hash]")
         time_ms = wire[1]
         if type(time_ms) is not int or not 0 <= time_ms <= MAX_INT:
             raise LimitExceeded(f"a heartbeat's time must be an integer in 0..{MAX_INT} (ms)")
-        return HeartbeatBody(time_ms)
+        if len(wire) == 2:
+            return HeartbeatBody(time_ms)
+        point, point_hash = wire[2], wire[3]
+        if not _is_uint(point):
+            raise LimitExceeded(f"a heartbeat's point must be an integer in 1..{MAX_INT}")
+        if not _is_id(point_hash):
+            raise MalformedOp("a heartbeat's point hash must be a 32-byte byte string")
+        return HeartbeatBody(time_ms, point, point_hash)
     if version == WITNESSED_VERSION and kind == _KIND_RECONFIG:
         return _decode_reconfig(wire)
     if version == WITNESSED_VERSION and kind == _KIND_CANCEL_ALL:

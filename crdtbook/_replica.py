@@ -53,6 +53,7 @@ from ._ops import (
     reconfig_message,
     sign_op,
 )
+from ._points import DEFAULT_POINT_INTERVAL, FINAL_CHAIN_DOMAIN, PointInfo, PrefixState
 from ._state import Book, OrderState, book_view, order_state, state_digest, witnessed_digest
 from ._validity import check_in_context, on_own_chain
 
@@ -76,12 +77,14 @@ MAX_INVALID_REMEMBERED: Final = 10_000
 
 #: Rewinds remembered for ``fill_changes_since`` (a watcher further behind compares everything).
 MAX_FILL_REWINDS_REMEMBERED: Final = 1024
-#: Compaction keeps this many of the newest final ops in memory (besides what it must keep): an
-#: op in flight names recent ops as parents, and finding them here costs no archive lookup.
+#: Compaction keeps this many of the newest ops of the prefix in memory (besides what it must
+#: keep), or the point interval if smaller: an op in flight names recent ops as parents, and
+#: finding them here costs no archive lookup (and a joiner, no wait for the history). Part of
+#: the point state, so every replica of a market keeps the same.
 KEEP_RECENT_FINAL: Final = 2048
-#: Domain of the running hash of the final ops, in total order (specs/finality.md, "Digest"):
-#: chain(k) = SHA-256(FINAL_CHAIN_DOMAIN || chain(k - 1) || id of final op k), chain(0) = 32 zeros.
-FINAL_CHAIN_DOMAIN: Final = b"crdtbook/final-chain/v2\x00"
+#: Attested points remembered for ``attesting`` (a node offers its latest; the others are for
+#: one that is a little behind or ahead). Oldest forgotten first.
+MAX_POINTS_REMEMBERED: Final = 8
 
 
 class Archive(Protocol):
@@ -133,6 +136,24 @@ class CompactReport(NamedTuple):
     fills_start: int  # global index of the first of ``fills``
     fills: list[Fill]  # the final fills that left memory, in order
     orders: list[OrderState]  # the final, finished orders that left memory
+    #: The point compacted at (final ops before it; 0: none, nothing was done).
+    point: int = 0
+    #: The ids of the prefix ops this compaction added to it (from the previous point to this
+    #: one) in total order; ``order[0]`` is final op number ``order_start`` (from 0). A node
+    #: keeps these positions to serve the history in order.
+    order_start: int = 0
+    order: tuple[bytes, ...] = ()
+
+
+class _Capture(NamedTuple):
+    """The final state at a point, taken as the final engine passed it (``_advance_final``)."""
+
+    local: int  # ops of ``_order`` before the point
+    chain: bytes  # the running hash there
+    engine: Engine  # the matched state there: resting orders only (``Engine.compacted``)
+    fills: int  # the final engine's fills and order rows there
+    rows: int
+    placement: int  # of the point's batch
 
 
 def _order_key(op: Op) -> tuple[int, bytes]:
@@ -161,7 +182,10 @@ class Replica:
         *,
         max_pending: int = DEFAULT_MAX_PENDING,
         archive: Archive | None = None,
+        point_interval: int = DEFAULT_POINT_INTERVAL,
     ) -> None:
+        if type(point_interval) is not int or point_interval < 1:
+            raise ValueError(f"point_interval must be a positive integer, not {point_interval!r}")
         self.market = market
         self._market_id = market.id
         self.max_pending = max_pending
@@ -183,6 +207,24 @@ class Replica:
         self._fill_lows: deque[int] = deque(maxlen=MAX_FILL_REWINDS_REMEMBERED)
         self._chain_base = bytes(32)
         self._final_chain = bytes(32)
+        #: Points (crdtbook._points): the interval, the count the next one must reach, the
+        #: latest one the final engine passed and this replica has not compacted at yet, the
+        #: latest one it compacted at with its point state, and what it carries of the prefix.
+        self.point_interval = point_interval
+        self._point_target = point_interval
+        self._capture: _Capture | None = None
+        self.point: PointInfo | None = None
+        self._point_blob: bytes | None = None
+        self._prefix = PrefixState()
+        #: (n, hash) -> witness -> its heartbeat attesting that point (bounded).
+        self._attestations: dict[tuple[int, bytes], dict[bytes, Op]] = {}
+        #: False for a replica that joined from a point state and has not got the prefix's ops
+        #: (its archive lacks them): ops whose verdict needs them wait in ``_history_wait``
+        #: (``history_wanted``) until ``history_complete``. ``_point_seq``: each author's
+        #: highest sequence number in the prefix (an op at or below it may be a copy of one).
+        self._history = True
+        self._point_seq: dict[bytes, int] = {}
+        self._history_wait: dict[bytes, Op] = {}
         self._order: list[Op] = []  # applied ops in total order
         self._matched = 0  # how many of _order the engine has processed
         #: Where each matched op's undo records begin on the engine's tape (8 bytes per op, and
@@ -279,6 +321,9 @@ class Replica:
         op = self._accept(item)
         if op is None:
             return []
+        if not self._history and self._needs_history(op):
+            self._hold_for_history(op)
+            return []
         applied: list[Op] = []
         try:
             if not self._admit(op):
@@ -307,6 +352,9 @@ class Replica:
                     op = self._accept(item)
                     if op is None:
                         duplicates += 1
+                    elif not self._history and self._needs_history(op):
+                        self._hold_for_history(op)
+                        pending += 1
                     elif self._admit(op):
                         applied.append(op)
                         if self._waiting:
@@ -345,7 +393,7 @@ class Replica:
                 # every op waiting on them with it.
                 self._reject_pending_descendants(ident, exc)
                 raise
-        if ident in self._applied or ident in self._pending:
+        if ident in self._applied or ident in self._pending or ident in self._history_wait:
             return None
         if (
             self.compacted_ops
@@ -437,7 +485,10 @@ class Replica:
 
     def _release(self, op: Op, applied: list[Op]) -> None:
         """Admit every pending op that ``op`` (just admitted) unblocks, and theirs in turn."""
-        ready = [op.id]
+        self._release_id(op.id, applied)
+
+    def _release_id(self, ident: bytes, applied: list[Op]) -> None:
+        ready = [ident]
         held = self._applied
         while ready:
             for child_id in self._waiting.pop(ready.pop(), ()):
@@ -450,6 +501,9 @@ class Replica:
                 if any(p not in held for p in parents) and not all(map(self._present, parents)):
                     continue
                 del self._pending[child_id]
+                if not self._history and self._needs_history(child):
+                    self._hold_for_history(child)
+                    continue
                 try:
                     self._admit(child)
                 except InvalidOp as exc:
@@ -489,6 +543,8 @@ class Replica:
         else:
             self._track_author(op)
         if self._fin is not None:
+            if type(op.body) is HeartbeatBody and op.body.point:
+                self._note_attestation(op)
             self._place_witnessed(op)
             return True
         order = self._order
@@ -771,6 +827,8 @@ class Replica:
                     if isinstance(final, Engine):
                         replica._final_engine = final
                         replica._final_fed = read.ops
+                        # Points it covers are passed unseen: the first one is after it.
+                        replica._point_target = replica._next_point_target(read.ops)
                         chain, sha256 = replica._final_chain, hashlib.sha256
                         for op in replica._order[: read.ops]:
                             chain = sha256(FINAL_CHAIN_DOMAIN + chain + op.id).digest()
@@ -786,79 +844,92 @@ class Replica:
     # -- compaction (witnessed markets; specs/finality.md, "Compaction") ---------------------
 
     def compact(self) -> CompactReport:
-        """Take the final prefix out of memory, but for what is still needed: the resting
-        orders, the ops that live ops name as parents, every author's latest op, the heads, the
-        witnesses' latest heartbeats, the reconfigurations, and the newest
-        ``KEEP_RECENT_FINAL`` final ops. Every view, verdict and digest stays as it was; a
-        compacted op comes back from the archive when a late op names it. Returns what left
-        memory, for a node to keep (its store answers ``fills`` and ``order`` for it).
+        """Take the final prefix up to the latest point (``crdtbook._points``) out of memory,
+        but for the kept set: the prefix's heads, every author's tip, the witnesses' latest
+        counted heartbeats, the reconfigurations, the resting orders and the newest
+        ``KEEP_RECENT_FINAL`` ops of the prefix. Every view, verdict and digest stays as it
+        was; a compacted op comes back from the archive when a late op names it. Then
+        ``snapshot()`` is the point state, the same bytes on every replica at this point, and a
+        witness attests its hash in its next heartbeats. Returns what left memory, for a node
+        to keep (its store answers ``fills`` and ``order`` for it).
 
-        A market without witnesses never compacts (nothing is final there): an empty report.
-        Costs O(ops in memory) once; a node calls it every some tens of thousands of final ops.
+        A market without witnesses never compacts (nothing is final there), nor does a replica
+        before its first point: an empty report. Costs O(ops in memory) once per point.
         """
         fin, final_engine = self._fin, self._final_engine
         empty = CompactReport([], self.compacted_fills, [], [])
         if fin is None or final_engine is None or self._deferred:
             return empty
-        count = self._advance_final()
-        if count == 0:
+        self._advance_final()
+        capture = self._capture
+        if capture is None:
             return empty
         if self._matched != len(self._order):
             self._rematch()
         order = self._order
-        tail = order[count:]
+        local = capture.local
+        prefix_ops, tail = order[:local], order[local:]
         fills_start = self.compacted_fills
-        fills = list(final_engine.fill_views(0))
+        fills = list(final_engine.fill_views(0))[: capture.fills]
+        base = capture.engine
         states = final_engine.states
         finished = [
             order_state(final_engine.row(n), True)
-            for n in range(len(final_engine.ids))
-            if states[n] > PARTIALLY_FILLED
+            for n in range(capture.rows)
+            if states[n] > PARTIALLY_FILLED and final_engine.ids[n] not in base.orders
         ]
-        base = final_engine.compacted()
+        counted = [i for p, ids in fin.heartbeats_at.items() if p <= capture.placement
+                   for i in ids]
+        prefix = self._prefix
+        prefix.extend(prefix_ops, counted, min(KEEP_RECENT_FINAL, self.point_interval))
+        keep = prefix.kept(base.ids)
         applied = self._applied
-        keep = set(self._heads)
-        keep.update(op.id for op in self._author_tip.values())
-        keep.update(op.id for op in self._author_latest.values())
-        keep.update(op.id for op in fin.latest.values())
-        for reconfigs in fin.by_epoch.values():
-            keep.update(op.id for op in reconfigs)
-        keep.update(base.ids)  # resting orders: what cancels name
-        for op in tail:
-            keep.update(op.parents)
-        keep.update(op.id for op in order[max(0, count - KEEP_RECENT_FINAL) : count])
         live = {op.id for op in tail}
         gone = [ident for ident in applied if ident not in live and ident not in keep]
-        lamport = self._compacted_lamport
         for ident in gone:
-            op = applied.pop(ident)
-            if op.lamport > lamport:
-                lamport = op.lamport
-        self._compacted_lamport = lamport
-        fin.forget(set(gone), fin.frontier())
-        self.compacted_ops += count
-        self.compacted_fills += len(final_engine.fills)
-        self.compacted_orders += len(final_engine.ids) - len(base.ids)
+            del applied[ident]
+        self._compacted_lamport = prefix.lamport
+        fin.forget(set(gone), capture.placement)
+        start = self.compacted_ops
+        self.compacted_ops += local
+        self.compacted_fills += capture.fills
+        self.compacted_orders += capture.rows - len(base.ids)
         self._compact_base = base
         self._engine = base.compacted()
         self._final_engine = base.compacted()
-        self._chain_base = self._final_chain
+        self._chain_base = self._final_chain = capture.chain
         self._order = tail
         self._marks = array("q")
         self._matched = self._floor = self._final_fed = 0
         self._final_version = -1
+        self._capture = None
+        self._point_target = self._next_point_target(self.compacted_ops)
         if self._archive is not None:
             self._applied.hydrate = self._hydrate
+        from ._snapshot import encode_point
+
+        kept = {ident: fin.placement[ident] for ident in keep}
+        counts = (self.compacted_ops, self.compacted_fills, self.compacted_orders,
+                  prefix.lamport, capture.placement)
+        blob = encode_point(self, prefix, counts, capture.chain, kept, base)
+        self._point_blob = blob
+        self.point = PointInfo(
+            self.compacted_ops, hashlib.sha256(blob).digest(), capture.chain,
+            tuple(sorted(kept)),
+        )
         self._rematch()
-        return CompactReport(gone, fills_start, fills, finished)
+        return CompactReport(
+            gone, fills_start, fills, finished, self.compacted_ops, start,
+            tuple(op.id for op in prefix_ops),
+        )
 
     def snapshot(self) -> bytes:
-        """The compacted state as a blob (``crdtbook._snapshot``), for ``from_snapshot``: with
-        the ops still in memory and the archive, it restores this replica without replaying
-        what was compacted. Take it right after ``compact``."""
-        from ._snapshot import encode_snapshot
-
-        return encode_snapshot(self)
+        """The point state of the latest point this replica compacted at (``ValueError`` if
+        none): with the ops it did not compact and the archive, ``from_snapshot`` restores this
+        replica without replaying what was compacted; a joining node starts from it."""
+        if self._point_blob is None:
+            raise ValueError("only a witnessed replica that has compacted has a snapshot")
+        return self._point_blob
 
     @classmethod
     def from_snapshot(
@@ -867,18 +938,105 @@ class Replica:
         blob: bytes,
         ops: Iterable[Op | bytes],
         *,
-        archive: Archive,
+        archive: Archive | None,
         verify: bool = False,
         max_pending: int = DEFAULT_MAX_PENDING,
+        point_interval: int = DEFAULT_POINT_INTERVAL,
+        history: bool = True,
     ) -> Replica:
-        """A replica restored from ``snapshot()``'s blob, the ops that were not compacted when
-        it was taken (and any newer ones), and the archive of the compacted ones. Raises
-        ``ValueError`` for a blob that is not a usable snapshot of this market (the caller then
-        restores from the whole log)."""
+        """A replica restored from a point state (``snapshot()``), the kept ops it names, and
+        any ops after the point (the ones not compacted when it was taken, and newer ones).
+
+        ``history``: whether ``archive`` holds the prefix (a restart: the node's own store).
+        A joining node passes False until it has fetched the prefix (``history_complete``);
+        meanwhile an op whose verdict needs the prefix waits (``history_wanted``). Raises
+        ``ValueError`` (``SnapshotRefused``) for a blob that is not a usable point state of
+        this market (a restart then restores from the whole log)."""
         from ._snapshot import restore_snapshot
 
-        return restore_snapshot(cls(market, max_pending=max_pending, archive=archive), blob,
-                                ops, verify)
+        replica = cls(market, max_pending=max_pending, archive=archive,
+                      point_interval=point_interval)
+        return restore_snapshot(replica, blob, ops, verify, history)
+
+    # -- joins: attestations and the missing history -------------------------------------------
+
+    def _note_attestation(self, op: Op) -> None:
+        body = op.body
+        if type(body) is not HeartbeatBody or not body.point:
+            return
+        key = (body.point, body.point_hash)
+        held = self._attestations.get(key)
+        if held is None:
+            if len(self._attestations) >= MAX_POINTS_REMEMBERED:
+                del self._attestations[min(self._attestations)]
+            held = self._attestations[key] = {}
+        mine = held.get(op.author)
+        if mine is None or op.seq > mine.seq:
+            held[op.author] = op
+
+    def attesting(self, n: int, point_hash: bytes) -> list[Op]:
+        """The heartbeats held that attest the point ``(n, point_hash)``: the latest of each
+        author (witness or not: ``check_attested`` counts those in force)."""
+        return sorted(self._attestations.get((n, point_hash), {}).values(), key=lambda o: o.id)
+
+    @property
+    def history_wanted(self) -> int:
+        """Ops waiting because their verdict needs the compacted history, which this replica
+        (joined from a point state) has not got: ``history_complete`` once its archive has."""
+        return len(self._history_wait)
+
+    @property
+    def has_history(self) -> bool:
+        """Whether the archive holds the whole compacted prefix (False: joined from a point
+        state and not completed since)."""
+        return self._history
+
+    def _needs_history(self, op: Op) -> bool:
+        """Whether judging ``op`` (not applied, not in the archive) needs the prefix this
+        replica lacks: it may be a copy of a prefix op (its author has ops up to at least its
+        sequence number there: a copy, or a fork); it is a reconfiguration or a heartbeat of
+        an added witness not yet proven (their rules walk the past, into the prefix); or a
+        cancel whose target is not in memory."""
+        if op.seq <= self._point_seq.get(op.author, 0):
+            return True
+        body = op.body
+        if type(body) is ReconfigBody:
+            return True
+        if type(body) is CancelBody and all(p in self._applied for p in op.parents):
+            # Its target may be a prefix order that was not kept (it had finished there), and
+            # an equivocating author's chain is walked: both read the prefix. (With a parent
+            # missing it waits for it first, and is asked again when released.)
+            return body.order_id not in self._applied or op.author in self._fork_at
+        fin = self._fin
+        if type(body) is HeartbeatBody and fin is not None and op.author in fin.added_at:
+            proven = fin._proven_from.get(op.author)
+            return proven is None or op.seq < proven
+        return False
+
+    def _hold_for_history(self, op: Op) -> None:
+        wait = self._history_wait
+        if op.id not in wait and len(wait) >= max(1, self.max_pending):
+            del wait[next(iter(wait))]  # oldest first, as the pending buffer; sync brings it again
+            self.evicted += 1
+        wait[op.id] = op
+
+    def history_complete(self) -> ApplyReport:
+        """The archive now holds the whole prefix (a joining node fetched it and checked it
+        with ``HistoryCheck``): judge the ops that waited for it, and those waiting on them."""
+        self._history = True
+        self._point_seq = {}
+        waiting, self._history_wait = list(self._history_wait.values()), {}
+        report = self.apply_many(waiting)
+        # Ops pending on a parent that was in the prefix: that parent is in the archive now.
+        released: list[Op] = []
+        for parent in [p for p in self._waiting if self._present(p)]:
+            if parent in self._waiting:
+                self._release_id(parent, released)
+        if released:
+            self._rematch()
+            self.version += 1
+        return ApplyReport(report.applied + released, report.pending, report.duplicates,
+                           report.invalid)
 
     # -- authoring ---------------------------------------------------------------------------
 
@@ -970,7 +1128,11 @@ class Replica:
             raise BadWitness("this key is not a witness of the market (in the epoch in force)")
         if type(time_ms) is not int or time_ms < 0:
             raise ValueError(f"time_ms must be a non-negative integer, not {time_ms!r}")
-        return self._author(identity, HeartbeatBody(time_ms))
+        point = self.point
+        if point is None:
+            return self._author(identity, HeartbeatBody(time_ms))
+        # It attests the latest point this replica compacted at (specs/finality.md 13).
+        return self._author(identity, HeartbeatBody(time_ms, point.n, point.hash))
 
     def approve_reconfig(self, identity: Identity, witnesses: Iterable[bytes]) -> bytes:
         """A witness's approval (a signature) of ``witnesses`` as the next epoch's set, to hand
@@ -1212,17 +1374,36 @@ class Replica:
             engine = self._final_engine = self._fresh_engine()
             self._final_chain = self._chain_base
             self._final_fed = 0
+            self._capture = None
+            self._point_target = self._next_point_target(self.compacted_ops)
         process = engine.process
         chain, sha256 = self._final_chain, hashlib.sha256
+        # A point: the end of the first batch at which the count reaches the target. The final
+        # prefix ends at a batch's end, so the last final op always ends its batch.
+        first = self._point_target - self.compacted_ops - 1
+        placement = fin.placement
         for index in range(self._final_fed, count):
             op = order[index]
             process(op)
             chain = sha256(FINAL_CHAIN_DOMAIN + chain + op.id).digest()
+            if index >= first:
+                point = placement[op.id]
+                if index + 1 == count or placement[order[index + 1].id] != point:
+                    self._capture = _Capture(
+                        index + 1, chain, engine.compacted(), len(engine.fills),
+                        len(engine.ids), point
+                    )
+                    self._point_target = self._next_point_target(self.compacted_ops + index + 1)
+                    first = self._point_target - self.compacted_ops - 1
         self._final_chain = chain
         engine.tape.clear()  # nothing here is ever undone
         self._final_fed = count
         self._final_version = self.version
         return count
+
+    def _next_point_target(self, count: int) -> int:
+        """The count the first point after ``count`` final ops must reach."""
+        return (count // self.point_interval + 1) * self.point_interval
 
     def _advance_final_count(self) -> int:
         """The final op count, without feeding the final engine (for ``restore``)."""

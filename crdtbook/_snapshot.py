@@ -1,19 +1,25 @@
-"""Local snapshots of a compacted replica, so a restart need not read the compacted history.
+"""The point state: a compacted replica's state at a point, as canonical bytes.
 
-``Replica.compact`` (witnessed markets) leaves in memory the matched state at the compaction
-point (resting orders only), the final ops it still needs (the *kept* ops) and everything after
-the point. A snapshot records exactly that state, by reference to op ids: the node keeps the ops
-themselves in its store, marks the compacted ones, and at restart hands ``from_snapshot`` the
-blob, every op not marked compacted, and the store as the archive. Nothing compacted is read
-unless a late op names it.
+``Replica.compact`` (witnessed markets) compacts at points only (``crdtbook._points``) and keeps
+in memory the matched state at the point (resting orders only), the *kept* ops and everything
+after the point. The point state records exactly that, by reference to op ids, and nothing that
+depends on what else a replica holds: every replica that compacted at a point has the same
+bytes, and witnesses attest their SHA-256. It serves twice:
+
+- a **restart**: the node hands ``from_snapshot`` the blob, every op it did not mark compacted
+  (the kept ones and all after the point) and its store as the archive;
+- a **join**: a new node checks the blob against the witnesses' attestations
+  (``check_attested``), gets the kept ops and the ops after the point from peers, and starts
+  from there without the history (``from_snapshot(..., history=False)``).
 
 Format (canonical CBOR map; ``sha256`` over the map without it)::
 
-    {"format": "crdtbook/snapshot", "version": 1, "market": bytes(32),
-     "counts": [ops, fills, orders, top compacted Lamport, frozen frontier],
-     "chain": bytes(32) (the running hash of the final ops at the point),
-     "kept": [[id, placement], ...], "nonheads": [id, ...] (kept ops that have children),
-     "forks": [[author, seq], ...],
+    {"format": "crdtbook/snapshot", "version": 2, "market": bytes(32),
+     "counts": [ops, fills, orders, largest Lamport time, placement of the point's batch],
+     "chain": bytes(32) (the running hash of the prefix's op ids),
+     "kept": [[id, placement], ...] (sorted), "heads": [id, ...] (the prefix's heads),
+     "tips": [[author, id], ...], "forks": [[author, seq], ...],
+     "recent": [id, ...] (the newest kept prefix ops, in total order),
      "witnessing": {"chain": [reconfig ids], "current": [keys], "added": [[key, lamport]],
                     "cut": [[key, seq]], "proven": [[key, seq]], "forks_seen": [[key, seq]],
                     "latest": [[key, heartbeat id]]},
@@ -21,9 +27,9 @@ Format (canonical CBOR map; ``sha256`` over the map without it)::
                 "levels": [[side, price, [numbers]], ...], "client_ids": [[author, tag, n]]},
      "sha256": bytes(32)}
 
-Trust: as a checkpoint's (``crdtbook._checkpoint``), that of the store it sits in. The checksum
-catches a damaged file, and every reference is checked, so a bad blob raises ``ValueError`` (the
-node then restores from the whole log) and never leaves a half-built replica in use.
+Trust: a restart trusts its own store (the checksum catches a damaged file); a join trusts the
+witnesses' attestations of the blob's hash. Every reference is checked either way, so a bad
+blob raises ``ValueError`` and never leaves a half-built replica in use.
 """
 
 from __future__ import annotations
@@ -36,29 +42,57 @@ import cbor2
 
 from ._engine import PARTIALLY_FILLED, Engine, _Level
 from ._errors import InvalidOp
+from ._finality import UNPLACED
+from ._market import Market
 from ._ops import HeartbeatBody, Op, OrderBody, ReconfigBody, decode
+from ._points import PointInfo, PrefixState, SnapshotRefused
 
 if TYPE_CHECKING:
     from ._replica import Replica
 
-__all__ = ["FORMAT", "VERSION", "encode_snapshot", "restore_snapshot"]
+__all__ = ["FORMAT", "VERSION", "encode_point", "read_point", "restore_snapshot"]
 
 FORMAT: Final = "crdtbook/snapshot"
-VERSION: Final = 1
+VERSION: Final = 2
 
 
 def _checksum(fields: dict[str, Any]) -> bytes:
     return hashlib.sha256(cbor2.dumps(fields, canonical=True)).digest()
 
 
-def encode_snapshot(replica: Replica) -> bytes:
-    """The blob for a replica that has compacted (``ValueError`` if it never did)."""
-    fin, base = replica._fin, replica._compact_base
-    if fin is None or base is None:
-        raise ValueError("only a witnessed replica that has compacted has a snapshot")
-    live = {op.id for op in replica._order}
-    kept = [[i, fin.placement.get(i, fin.frozen)] for i in replica._applied if i not in live]
-    heads = replica._heads
+def _pairs(mapping: dict[bytes, int]) -> list[list[Any]]:
+    return sorted([k, v] for k, v in mapping.items())
+
+
+def encode_point(
+    replica: Replica,
+    prefix: PrefixState,
+    counts: tuple[int, int, int, int, int],
+    chain: bytes,
+    kept: dict[bytes, int],
+    base: Engine,
+) -> bytes:
+    """The point state of ``replica`` compacting at a point: ``counts`` (ops, fills, orders,
+    largest Lamport time, placement of the point's batch), the prefix's ``chain``, the kept ops
+    with their placements and the matched state there. Only the prefix enters (never what the
+    replica holds after it), so every replica at this point writes the same bytes."""
+    fin = replica._fin
+    assert fin is not None
+    frozen = counts[4]
+    # The witness state as of the prefix: the reconfigurations of the chain in force placed in
+    # it (a prefix of the chain: each one has the one before in its past), and what they did.
+    chain_ops = [r for r in fin.reconfigs if fin.placement.get(r.id, UNPLACED) <= frozen]
+    witnesses = fin.genesis
+    added: dict[bytes, int] = {}
+    cut: dict[bytes, int] = {}
+    for reconfig in chain_ops:
+        body: ReconfigBody = reconfig.body  # type: ignore[assignment]
+        for key in set(witnesses) - set(body.witnesses):
+            cut[key] = fin.cut[key]
+        for key in set(body.witnesses) - set(witnesses):
+            added[key] = reconfig.lamport
+        witnesses = body.witnesses
+    latest = prefix.heartbeats
     engine: dict[str, Any] = {
         "orders": [
             [base.ids[n], base.remaining[n], base.filled[n], base.states[n]]
@@ -74,29 +108,27 @@ def encode_snapshot(replica: Replica) -> bytes:
         ),
     }
     witnessing = {
-        "chain": [op.id for op in fin.reconfigs],
-        "current": sorted(fin.current),
-        "added": sorted([k, v] for k, v in fin.added_at.items()),
-        "cut": sorted([k, v] for k, v in fin.cut.items()),
-        "proven": sorted([k, v] for k, v in fin._proven_from.items()),
-        "forks_seen": sorted([k, v] for k, v in fin._forks_seen.items()),
-        "latest": sorted([k, op.id] for k, op in fin.latest.items()),
+        "chain": [op.id for op in chain_ops],
+        "current": sorted(witnesses),
+        "added": _pairs(added),
+        "cut": _pairs(cut),
+        "proven": _pairs({k: latest[k].seq for k in added if k in latest}),
+        "forks_seen": _pairs(
+            {k: s for k, s in prefix.forks.items() if k in fin.genesis or k in added}
+        ),
+        "latest": sorted([k, op.id] for k, op in latest.items()),
     }
     fields: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
         "market": replica.market.id,
-        "counts": [
-            replica.compacted_ops,
-            replica.compacted_fills,
-            replica.compacted_orders,
-            replica._compacted_lamport,
-            fin.frozen,
-        ],
-        "chain": replica._chain_base,
-        "kept": sorted(kept),
-        "nonheads": sorted(i for i, _ in kept if i not in heads),
-        "forks": sorted([k, v] for k, v in replica._fork_at.items()),
+        "counts": list(counts),
+        "chain": chain,
+        "kept": sorted([i, p] for i, p in kept.items()),
+        "heads": sorted(prefix.heads),
+        "tips": sorted([a, op.id] for a, op in prefix.tips.items()),
+        "forks": _pairs(prefix.forks),
+        "recent": list(prefix.recent),
         "witnessing": witnessing,
         "engine": engine,
     }
@@ -104,37 +136,64 @@ def encode_snapshot(replica: Replica) -> bytes:
     return bytes(cbor2.dumps(fields, canonical=True))
 
 
-def restore_snapshot(
-    replica: Replica, blob: bytes, ops: Iterable[Op | bytes], verify: bool
-) -> Replica:
-    """Fill the new, empty ``replica`` from ``blob`` and ``ops`` (see ``Replica.from_snapshot``).
-    Raises ``ValueError`` when the blob is not a usable snapshot of the replica's market."""
-    try:
-        return _restore(replica, blob, ops, verify)
-    except ValueError:
-        raise
-    except (KeyError, IndexError, TypeError, AttributeError, OverflowError) as exc:
-        raise ValueError(f"snapshot does not fit the stored ops: {exc!r}") from exc
-
-
 def _read(blob: bytes, market_id: bytes) -> dict[str, Any]:
     try:
         fields = cbor2.loads(blob)
-    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError) as exc:
-        raise ValueError(f"snapshot is not CBOR: {exc}") from exc
+    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise SnapshotRefused("damaged", f"not CBOR: {exc}") from exc
     if not isinstance(fields, dict) or fields.get("format") != FORMAT:
-        raise ValueError("not a crdtbook snapshot")
+        raise SnapshotRefused("damaged", "not a crdtbook point state")
     if fields.get("version") != VERSION:
-        raise ValueError(f"snapshot version {fields.get('version')!r} is not {VERSION}")
+        raise SnapshotRefused("damaged", f"version {fields.get('version')!r} is not {VERSION}")
     if fields.get("market") != market_id:
-        raise ValueError("snapshot is of another market")
+        raise SnapshotRefused("foreign", "a point state of another market")
     checksum = fields.pop("sha256", None)
     if checksum != _checksum(fields):
-        raise ValueError("snapshot checksum does not match (damaged)")
+        raise SnapshotRefused("damaged", "its checksum does not match")
     return fields
 
 
-def _restore(replica: Replica, blob: bytes, ops: Iterable[Op | bytes], verify: bool) -> Replica:
+def read_point_fields(
+    market: Market, blob: bytes
+) -> tuple[PointInfo, list[bytes], frozenset[bytes]]:
+    """The point, its reconfiguration chain and its witnesses in force (``SnapshotRefused``
+    for a blob that is not a point state of ``market``)."""
+    fields = _read(blob, market.id)
+    try:
+        n = int(fields["counts"][0])
+        chain = bytes(fields["chain"])
+        kept = tuple(sorted(bytes(i) for i, _ in fields["kept"]))
+        w = fields["witnessing"]
+        chain_ids = [bytes(i) for i in w["chain"]]
+        current = frozenset(bytes(k) for k in w["current"])
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise SnapshotRefused(
+            "damaged", f"a field is missing or of the wrong type: {exc!r}"
+        ) from exc
+    return PointInfo(n, hashlib.sha256(blob).digest(), chain, kept), chain_ids, current
+
+
+def read_point(market: Market, blob: bytes) -> PointInfo:
+    """The point a point state is of (``SnapshotRefused`` if it is none of ``market``'s)."""
+    return read_point_fields(market, blob)[0]
+
+
+def restore_snapshot(
+    replica: Replica, blob: bytes, ops: Iterable[Op | bytes], verify: bool, history: bool
+) -> Replica:
+    """Fill the new, empty ``replica`` from ``blob`` and ``ops`` (see ``Replica.from_snapshot``).
+    Raises ``ValueError`` when the blob is not a usable point state of the replica's market."""
+    try:
+        return _restore(replica, blob, ops, verify, history)
+    except ValueError:
+        raise
+    except (KeyError, IndexError, TypeError, AttributeError, OverflowError) as exc:
+        raise SnapshotRefused("damaged", f"does not fit the ops given: {exc!r}") from exc
+
+
+def _restore(
+    replica: Replica, blob: bytes, ops: Iterable[Op | bytes], verify: bool, history: bool
+) -> Replica:
     fin = replica._fin
     if fin is None:
         raise ValueError("a market without witnesses has no snapshots")
@@ -149,19 +208,21 @@ def _restore(replica: Replica, blob: bytes, ops: Iterable[Op | bytes], verify: b
             continue
         by_id.setdefault(op.id, op)
 
-    # The kept final ops: in memory again as they were, placed, not in the total order.
+    # The kept ops: in memory again as they were, placed, not in the total order.
     applied = replica._applied
-    tips, latest = replica._author_tip, replica._author_latest
+    latest = replica._author_latest
+    prefix = PrefixState()
     for ident, placement in fields["kept"]:
         if ident not in by_id:
-            raise ValueError(f"snapshot keeps op {bytes(ident).hex()[:16]}, which is not given")
+            raise SnapshotRefused(
+                "damaged", f"it keeps op {bytes(ident).hex()[:16]}, which is not given"
+            )
         op = by_id.pop(ident)
+        if op.market_id != replica.market.id:
+            raise SnapshotRefused("foreign", "a kept op is of another market")
         applied[op.id] = op
         fin.placement[op.id] = int(placement)
         author = op.author
-        tip = tips.get(author)
-        if tip is None or op.seq > tip.seq:
-            tips[author] = op
         last = latest.get(author)
         if last is None or (placement, op.lamport, op.id) > (
             fin.placement[last.id],
@@ -172,23 +233,30 @@ def _restore(replica: Replica, blob: bytes, ops: Iterable[Op | bytes], verify: b
         body = op.body
         if type(body) is HeartbeatBody:
             fin.heartbeats.append(op)
+            replica._note_attestation(op)
         elif type(body) is ReconfigBody:
             fin.by_epoch.setdefault(body.epoch, []).append(op)
-    replica._heads = set(applied) - set(fields["nonheads"])
-    replica._fork_at.update((k, int(v)) for k, v in fields["forks"])
+            prefix.reconfigs.append(op)
+    prefix.heads = {bytes(i) for i in fields["heads"]}
+    prefix.tips = {bytes(a): applied[i] for a, i in fields["tips"]}
+    prefix.forks = {bytes(k): int(v) for k, v in fields["forks"]}
+    prefix.recent = [bytes(i) for i in fields["recent"]]
+    replica._heads = set(prefix.heads)
+    replica._author_tip.update(prefix.tips)
+    replica._fork_at.update(prefix.forks)
 
     w = fields["witnessing"]
     ops_, fills, orders, lamport, frozen = (int(v) for v in fields["counts"])
     fin.frozen = frozen
-    # A reconfiguration or heartbeat still live at the point comes back with the live ops
-    # (admitting it installs the chain and notes the heartbeat again).
-    fin.reconfigs = [applied[i] for i in w["chain"] if i in applied]
+    fin.reconfigs = [applied[i] for i in w["chain"]]
     fin.current = frozenset(w["current"])
     fin.added_at = {k: int(v) for k, v in w["added"]}
     fin.cut = {k: int(v) for k, v in w["cut"]}
     fin._proven_from = {k: int(v) for k, v in w["proven"]}
     fin._forks_seen = {k: int(v) for k, v in w["forks_seen"]}
-    fin.latest = {k: applied[i] for k, i in w["latest"] if i in applied}
+    fin.latest = {k: applied[i] for k, i in w["latest"]}
+    prefix.heartbeats = dict(fin.latest)
+    prefix.lamport = lamport
 
     base = _engine(fields["engine"], applied)
     replica._compact_base = base
@@ -197,6 +265,15 @@ def _restore(replica: Replica, blob: bytes, ops: Iterable[Op | bytes], verify: b
     replica.compacted_ops, replica.compacted_fills, replica.compacted_orders = ops_, fills, orders
     replica._compacted_lamport = lamport
     replica._chain_base = replica._final_chain = bytes(fields["chain"])
+    replica._prefix = prefix
+    replica._point_blob = bytes(blob)
+    replica.point = PointInfo(
+        ops_, hashlib.sha256(blob).digest(), replica._chain_base, tuple(sorted(fin.placement))
+    )
+    replica._point_target = replica._next_point_target(ops_)
+    if not history:
+        replica._history = False
+        replica._point_seq = {a: op.seq for a, op in prefix.tips.items()}
 
     # Everything after the point, judged and placed as ``restore`` does: admit all, then match.
     replica._deferred = True
@@ -213,12 +290,12 @@ def _restore(replica: Replica, blob: bytes, ops: Iterable[Op | bytes], verify: b
 
 
 def _engine(state: dict[str, Any], applied: dict[bytes, Op]) -> Engine:
-    """The matched state at the compaction point: resting orders, levels, held client ids."""
+    """The matched state at the point: resting orders, levels, held client ids."""
     engine = Engine(client_ids=True)
     for ident, remaining, filled, status in state["orders"]:
         op = applied[ident]
         if type(op.body) is not OrderBody or not 0 <= status <= PARTIALLY_FILLED:
-            raise ValueError("snapshot rests something that is not a live order")
+            raise SnapshotRefused("damaged", "it rests something that is not a live order")
         engine.orders[op.id] = len(engine.ids)
         engine.ids.append(op.id)
         engine.ops.append(op)
@@ -229,7 +306,7 @@ def _engine(state: dict[str, Any], applied: dict[bytes, Op]) -> Engine:
     count = len(engine.ids)
     for side, price, numbers in state["levels"]:
         if side not in (0, 1) or not numbers or not all(0 <= n < count for n in numbers):
-            raise ValueError("snapshot has a price level that names no resting order")
+            raise SnapshotRefused("damaged", "it has a price level that names no resting order")
         level = _Level(side, int(price))
         level.extend(int(n) for n in numbers)
         level.live = len(level)
@@ -239,6 +316,6 @@ def _engine(state: dict[str, Any], applied: dict[bytes, Op]) -> Engine:
     assert held is not None
     for author, tag, number in state["client_ids"]:
         if not -1 <= number < count:
-            raise ValueError("snapshot holds a client id for an order it does not have")
+            raise SnapshotRefused("damaged", "it holds a client id for an order it does not have")
         held[(bytes(author), str(tag))] = int(number)
     return engine

@@ -42,7 +42,7 @@ def _trade(full: Replica, twin: Replica, archive: _Archive, steps: int, seed: in
 
 def test_compacted_replica_serves_a_whole_log_sync_without_growing() -> None:
     archive = _Archive()
-    full, twin = Replica(WMARKET), Replica(WMARKET, archive=archive)
+    full, twin = Replica(WMARKET), Replica(WMARKET, archive=archive, point_interval=40)
     _trade(full, twin, archive, 1500, seed=1)
     _compact(twin, archive)
     held = len(twin.applied_index)
@@ -57,7 +57,7 @@ def test_compacted_replica_serves_a_whole_log_sync_without_growing() -> None:
 
 def test_late_copies_of_compacted_ops_are_known_and_change_nothing() -> None:
     archive = _Archive()
-    full, twin = Replica(WMARKET), Replica(WMARKET, archive=archive)
+    full, twin = Replica(WMARKET), Replica(WMARKET, archive=archive, point_interval=40)
     _trade(full, twin, archive, 600, seed=2)
     digest = twin.digest()
     report = twin.apply_many(op.raw for op in full.ops())
@@ -82,12 +82,12 @@ def test_a_local_snapshot_of_another_market_or_damaged_or_without_its_ops_is_ref
     from witnessed import witnessed_market
 
     archive = _Archive()
-    full, twin = Replica(WMARKET), Replica(WMARKET, archive=archive)
+    full, twin = Replica(WMARKET), Replica(WMARKET, archive=archive, point_interval=40)
     _trade(full, twin, archive, 400, seed=3)
     _compact(twin, archive)
     blob = twin.snapshot()
     live = [op.raw for op in twin.applied_index.values()]
-    restored = Replica.from_snapshot(WMARKET, blob, live, archive=archive)
+    restored = Replica.from_snapshot(WMARKET, blob, live, archive=archive, point_interval=40)
     assert restored.digest() == twin.digest() == full.digest()
 
     other = witnessed_market(*GENESIS, name="OTHER")

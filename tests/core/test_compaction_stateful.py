@@ -20,7 +20,10 @@ from hypothesis.stateful import invariant, rule
 from test_finality_stateful import WitnessedNetwork
 from witnessed import WMARKET
 
-from crdtbook import Op, Replica
+from crdtbook import Op, Replica, read_point
+
+#: Small, so that the machine's short runs pass several points.
+POINT_INTERVAL = 4
 
 
 class _Archive:
@@ -40,7 +43,7 @@ class CompactingNetwork(WitnessedNetwork):
             twins = []
             for _ in self.world:
                 archive = _Archive()
-                twins.append((Replica(WMARKET, archive=archive), archive))
+                twins.append((Replica(WMARKET, archive=archive, point_interval=POINT_INTERVAL), archive))
             self.twins = twins
         return twins
 
@@ -88,17 +91,57 @@ class CompactingNetwork(WitnessedNetwork):
         live = list(twin.applied_index.values()) + [
             twin._pending[i] for i in twin.pending_ids()
         ]
-        restored = Replica.from_snapshot(WMARKET, blob, [op.raw for op in live], archive=archive)
+        restored = Replica.from_snapshot(WMARKET, blob, [op.raw for op in live], archive=archive,
+                                         point_interval=POINT_INTERVAL)
         assert restored.digest() == twin.digest()
         event("a twin restarted from its snapshot")
         self.twins[at] = (restored, archive)
+
+    @rule(at=st.integers(0, 7), seed=st.integers(0, 2**16))
+    def settle_compact_and_join(self, at: int, seed: int) -> None:
+        self.settle_and_compact(at, seed)
+        self.join_twin(at)
+
+    @rule(at=st.integers(0, 7))
+    def join_twin(self, at: int) -> None:
+        """The twin is replaced by a node that joins from its point state: the kept ops and
+        the ops after the point, with no history (its archive is empty). It gets the prefix
+        later, when an op needs it (the invariant completes it, as a node fetches it)."""
+        at %= len(self.world)
+        twin, archive = self._twins()[at]
+        if not twin.compacted_ops:
+            return
+        blob = twin.snapshot()
+        info = read_point(WMARKET, blob)
+        held = twin.applied_index
+        given = [held[i].raw for i in info.kept] + [op.raw for op in twin.ops()]
+        joined_archive = _Archive()
+        joiner = Replica.from_snapshot(WMARKET, blob, given, archive=joined_archive,
+                                       point_interval=POINT_INTERVAL, history=False)
+        assert not joiner.has_history
+        # Unless an op waits: for the history (a fork of a prefix author's chain, a cancel of
+        # an order finished there) or for a parent in the prefix that is not kept.
+        if not joiner.history_wanted and not joiner.pending_count:
+            assert joiner.digest() == twin.digest()
+        # The history the joiner may fetch later: the prefix, as the twin compacted it.
+        self.histories = getattr(self, "histories", {})
+        self.histories[at] = dict(archive.ops)
+        self.twins[at] = (joiner, joined_archive)
+        event("a twin joined from its point state")
 
     @invariant()
     def twins_show_the_same(self) -> None:
         if not hasattr(self, "world"):
             return
-        for at, (twin, _) in enumerate(self._twins()):
+        for at, (twin, archive) in enumerate(self._twins()):
             self._feed(at)
+            if twin.history_wanted:
+                # Ops wait for the history (copies of prefix ops, or ops whose verdict reads
+                # it): fetch it, as a node does, and judge them.
+                event("a joined twin waited for its history")
+                archive.ops.update(getattr(self, "histories", {}).get(at, {}))
+                twin.history_complete()
+                assert twin.history_wanted == 0
             replica = self.world[at]
             _same(replica, twin)
 
@@ -127,7 +170,7 @@ def _same(replica: Replica, twin: Replica) -> None:
 
 TestCompactingNetwork = CompactingNetwork.TestCase
 TestCompactingNetwork.settings = settings(
-    max_examples=60,
+    max_examples=150,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
