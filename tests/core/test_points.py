@@ -1,0 +1,221 @@
+"""Points, attestations and joins from a point state (specs/finality.md section 13).
+
+The twin machine in test_compaction_stateful.py checks that compacting, restarting and joining
+change nothing a replica shows; these tests check the trust around a join: every replica at a
+point writes the same bytes, witnesses attest them, and a joiner refuses a foreign, damaged,
+forged, stale or unattested point state and history that does not chain to the point.
+"""
+
+from __future__ import annotations
+
+import random
+
+import cbor2
+import pytest
+from witnessed import ADVERSARIES, GENESIS, TRADERS, WMARKET, witnessed_market
+
+from crdtbook import (
+    WITNESSED_VERSION,
+    HistoryCheck,
+    Op,
+    OrderBody,
+    Replica,
+    SnapshotRefused,
+    check_attested,
+    read_point,
+)
+from crdtbook._ops import sign_op
+
+INTERVAL = 50
+
+
+class _Archive:
+    def __init__(self) -> None:
+        self.ops: dict[bytes, Op] = {}
+
+    def get(self, ident: bytes) -> Op | None:
+        return self.ops.get(ident)
+
+
+class _Node:
+    """A replica with its store: the archive of what it compacted, and the prefix in order."""
+
+    def __init__(self) -> None:
+        self.archive = _Archive()
+        self.replica = Replica(WMARKET, archive=self.archive, point_interval=INTERVAL)
+        self.prefix: list[bytes] = []  # op ids of the compacted prefix, in total order
+        self.bodies: dict[bytes, Op] = {}
+
+    def compact(self) -> None:
+        held = dict(self.replica.applied_index)
+        self.bodies.update(held)
+        report = self.replica.compact()
+        assert report.order_start == len(self.prefix)
+        self.prefix += report.order
+        for ident in report.ops:
+            self.archive.ops[ident] = held[ident]
+
+
+def _world(steps: int, seed: int) -> tuple[list[_Node], list[Op]]:
+    """Three witness nodes given the same ops in different orders, heartbeating often."""
+    rng = random.Random(seed)
+    author = Replica(WMARKET)
+    ops: list[Op] = []
+    for step in range(steps):
+        if step % 7 == 6:
+            ops.append(author.heartbeat(GENESIS[step % 3]))
+        else:
+            ops.append(author.submit(rng.choice(TRADERS), rng.choice(("buy", "sell")),
+                                     rng.randint(97, 103), rng.randint(1, 4)))
+    for witness in GENESIS:  # so that everything is final
+        ops.append(author.heartbeat(witness))
+    for witness in GENESIS:
+        ops.append(author.heartbeat(witness))
+    nodes = []
+    for i in range(3):
+        node = _Node()
+        shuffled = list(ops)
+        # Any causally valid order: apply_many keeps what waits for parents.
+        random.Random(seed * 10 + i).shuffle(shuffled)
+        node.replica.apply_many(op.raw for op in shuffled)
+        assert node.replica.pending_count == 0
+        node.compact()
+        nodes.append(node)
+    return nodes, ops
+
+
+def test_every_replica_at_a_point_writes_the_same_point_state() -> None:
+    nodes, _ = _world(400, seed=1)
+    blobs = {node.replica.snapshot() for node in nodes}
+    assert len(blobs) == 1
+    info = read_point(WMARKET, blobs.pop())
+    assert info.n >= 300 and info == nodes[0].replica.point
+    assert len(info.kept) < 200  # not the history
+
+
+def _attest(nodes: list[_Node], witnesses: int) -> list[Op]:
+    """``witnesses`` of the three sign a heartbeat at their own node after compacting."""
+    return [nodes[i].replica.heartbeat(GENESIS[i]) for i in range(witnesses)]
+
+
+def test_witnesses_attest_their_point_and_a_majority_is_needed() -> None:
+    nodes, _ = _world(300, seed=2)
+    blob = nodes[0].replica.snapshot()
+    info = read_point(WMARKET, blob)
+    beats = _attest(nodes, 3)
+    assert all((b.body.point, b.body.point_hash) == (info.n, info.hash) for b in beats)
+    for beat in beats:
+        nodes[0].replica.apply(beat.raw)
+    assert {b.author for b in nodes[0].replica.attesting(info.n, info.hash)} == {
+        w.public_key for w in GENESIS
+    }
+    assert check_attested(WMARKET, blob, [b.raw for b in beats[:2]], []) == info
+    with pytest.raises(SnapshotRefused) as refused:
+        check_attested(WMARKET, blob, [beats[0].raw], [])
+    assert refused.value.reason == "unattested"
+    # One witness's heartbeat twice is still one witness; a trader's "attestation" counts nil.
+    with pytest.raises(SnapshotRefused):
+        check_attested(WMARKET, blob, [beats[0].raw, beats[0].raw], [])
+
+
+def _refit(blob: bytes, change: str) -> bytes:
+    """``blob`` with one field changed and its checksum recomputed (a forger's blob)."""
+    fields = cbor2.loads(blob)
+    del fields["sha256"]
+    if change == "book":
+        fields["engine"]["orders"][0][1] += 1  # one more lot resting
+    else:
+        fields["counts"][1] += 1
+    from crdtbook._snapshot import _checksum
+
+    fields["sha256"] = _checksum(fields)
+    return bytes(cbor2.dumps(fields, canonical=True))
+
+
+def test_a_forged_damaged_foreign_or_stale_point_state_is_refused() -> None:
+    nodes, _ = _world(300, seed=3)
+    blob = nodes[0].replica.snapshot()
+    info = read_point(WMARKET, blob)
+    beats = [b.raw for b in _attest(nodes, 3)]
+    for change in ("book", "counts"):
+        forged = _refit(blob, change)
+        read_point(WMARKET, forged)  # well formed: only the attestations tell
+        with pytest.raises(SnapshotRefused) as refused:
+            check_attested(WMARKET, forged, beats, [])
+        assert refused.value.reason == "unattested"
+    damaged = bytearray(blob)
+    damaged[len(blob) // 2] ^= 1
+    with pytest.raises(SnapshotRefused) as refused:
+        check_attested(WMARKET, bytes(damaged), beats, [])
+    assert refused.value.reason == "damaged"
+    other = witnessed_market(*GENESIS, name="OTHER")
+    with pytest.raises(SnapshotRefused) as refused:
+        check_attested(other, blob, beats, [])
+    assert refused.value.reason == "foreign"
+    with pytest.raises(SnapshotRefused) as refused:
+        check_attested(WMARKET, blob, beats, [], want=(info.n + 50, info.hash))
+    assert refused.value.reason == "stale"
+    for junk in (b"", b"\xa0", b"\xff" * 40):
+        with pytest.raises(SnapshotRefused):
+            read_point(WMARKET, junk)
+
+
+def test_history_is_checked_against_the_points_chain() -> None:
+    nodes, _ = _world(300, seed=4)
+    node = nodes[0]
+    info = read_point(WMARKET, node.replica.snapshot())
+    history = [node.bodies[i].raw for i in node.prefix]
+    check = HistoryCheck(info)
+    for raw in history:
+        check.feed(raw)
+    check.done()
+    for bad in (history[:-1], history[1:], history[:10] + history[11:10:-1] + history[11:],
+                [history[0][:-1] + bytes([history[0][-1] ^ 1]), *history[1:]]):
+        check = HistoryCheck(info)
+        with pytest.raises(SnapshotRefused) as refused:
+            for raw in bad:
+                check.feed(raw)
+            check.done()
+        assert refused.value.reason == "forged"
+
+
+def test_a_joiner_from_an_attested_point_equals_a_full_replica() -> None:
+    """A node joins from node 0's point state and live ops, then takes everything after: the
+    same digest as the nodes that hold all. An adversary's op naming an old compacted parent
+    waits for the history, which the joiner fetches and checks, then applies it."""
+    nodes, ops = _world(400, seed=5)
+    source = nodes[0]
+    blob = source.replica.snapshot()
+    beats = _attest(nodes, 2)
+    info = check_attested(WMARKET, blob, [b.raw for b in beats], [])
+    kept = [source.replica.applied_index[i].raw for i in info.kept]
+    live = [op.raw for op in source.replica.ops()]
+    archive = _Archive()
+    joiner = Replica.from_snapshot(WMARKET, blob, kept + live, archive=archive,
+                                   point_interval=INTERVAL, history=False)
+    full = Replica(WMARKET)
+    full.apply_many(op.raw for op in ops)
+    for beat in beats:
+        full.apply(beat.raw)
+        joiner.apply(beat.raw)
+    assert joiner.digest() == full.digest() and joiner.pending_count == 0
+    assert joiner.history_wanted == 0 and not joiner.has_history
+
+    # An adversary's order naming the first op of the history as its parent (valid: any op).
+    old = ops[0]
+    body = OrderBody("sell", 99, 2, "gtc", None, "expire_maker")
+    bad = sign_op(ADVERSARIES[0], WMARKET.id, 1, old.lamport + 1, (old.id,), body,
+                  version=WITNESSED_VERSION)
+    full.apply(bad.raw)
+    joiner.apply(bad.raw)
+    assert joiner.pending_count == 1 and joiner.missing() == [old.id]
+    joiner.apply(old.raw)  # sync brings the parent: a prefix op, so it waits for the history
+    assert joiner.history_wanted == 1
+    check = HistoryCheck(info)
+    for ident in source.prefix:
+        check.feed(source.bodies[ident].raw)
+    check.done()
+    archive.ops.update((i, source.bodies[i]) for i in source.prefix)
+    joiner.history_complete()
+    assert joiner.history_wanted == 0 and joiner.pending_count == 0 and joiner.has_history
+    assert joiner.digest() == full.digest()
