@@ -363,6 +363,25 @@ def node(
             show_default=False,
         ),
     ] = None,
+    join: Annotated[
+        str,
+        typer.Option(
+            "--join",
+            metavar="snapshot|full",
+            help="How to start a witnessed market this node holds nothing of: from a snapshot "
+            "that a majority of its witnesses attest, fetching history only if needed "
+            "(snapshot), or from the whole log (full).",
+        ),
+    ] = "snapshot",
+    point_interval: Annotated[
+        int | None,
+        typer.Option(
+            "--point-interval",
+            min=1,
+            hidden=True,  # every node of a market must use the same: tests and benches only
+            help="Final ops between two compaction points of a witnessed market.",
+        ),
+    ] = None,
     http: Annotated[
         str | None,
         typer.Option(
@@ -397,6 +416,10 @@ def node(
     extra: dict[str, Any] = {}  # (typed: NodeConfig's fields are not all floats)
     if heartbeat_interval is not None:
         extra["heartbeat_interval"] = heartbeat_interval
+    if join not in ("snapshot", "full"):
+        fail(f"--join must be snapshot or full, not {join!r}", 2)
+    if point_interval is not None:
+        extra["point_interval"] = point_interval
     if http is not None:
         from crdtbook.node.http_auth import parse_bind
 
@@ -411,6 +434,7 @@ def node(
         markets=specs,
         verbose=verbose,
         fsync=fsync,
+        join=join,
         **extra,
     )
     try:

@@ -33,8 +33,9 @@ from .finality import HEARTBEAT_INTERVAL
 from .gossip import Gossip
 from .handler import ControlAdapter
 from .home import IDENTITY_FILE, load_or_create_identity
+from .join import JOIN_PEER_WAIT, Joiner
 from .network import Network
-from .service import COMPACT_AFTER, FLUSH_DELAY, PUBLISH_INTERVAL, NodeService
+from .service import FLUSH_DELAY, POINT_INTERVAL, PUBLISH_INTERVAL, NodeService
 from .store import OpStore, StoreError
 from .summary import summary_loop
 from .sync import FRAME_TIMEOUT
@@ -80,8 +81,14 @@ class NodeConfig:
     #: Wait for the disk on every commit (power-loss durability) instead of for the OS
     #: (process-crash durability, ~100x faster commits).
     fsync: bool = False
-    #: A witnessed market compacts once this many final ops sit in memory (node.service).
-    compact_after: int = COMPACT_AFTER
+    #: A witnessed market compacts at points, every this many final ops (node.service); every
+    #: node of a market must use the same (tests and benches only).
+    point_interval: int = POINT_INTERVAL
+    #: How a node whose store holds nothing of a witnessed market starts it: "snapshot" (from
+    #: a witnessed snapshot, node.join) or "full" (the whole log, as sync brings it).
+    join: str = "snapshot"
+    #: How long a joining node waits for a peer that offers a snapshot (node.join).
+    join_peer_wait: float = JOIN_PEER_WAIT
     #: The libp2p layer's tunables (GossipSub heartbeat and degree, timeouts, message cap);
     #: None: ``node.p2p.NetworkConfig()``'s defaults, which are the production values.
     network: NetworkConfig | None = None
@@ -193,7 +200,7 @@ async def _main(config: NodeConfig) -> int:
         publish_interval=config.publish_interval,
         fsync=config.fsync,
         heartbeat_interval=config.heartbeat_interval,
-        compact_after=config.compact_after,
+        point_interval=config.point_interval,
     )
     started = time.monotonic()
     loaded = service.load_from_store()
@@ -232,6 +239,14 @@ class _Node:
             frame_timeout=config.sync_frame_timeout,
             session_timeout=config.sync_session_timeout,
         )
+        self.joiner = Joiner(
+            service,
+            net,
+            mode=config.join,
+            frame_timeout=config.sync_frame_timeout,
+            peer_wait=config.join_peer_wait,
+            on_joined=lambda ms: self.sync.ask_all(),
+        )
         self.discovery = Discovery(
             net,
             list(service.markets),
@@ -250,6 +265,7 @@ class _Node:
         """Run until ``stop()`` returns (default: SIGINT or SIGTERM), then stop in order."""
         service, net = self.service, self.net
         self.sync.install()
+        self.joiner.install()  # before sync runs: it marks the markets to join first
         async with trio.open_nursery() as nursery:
             await nursery.start(self.gossip.run)
             for ms in service.markets.values():
@@ -265,6 +281,7 @@ class _Node:
 
                 http = await nursery.start(serve_http, adapter, home, *self.config.http)
             nursery.start_soon(self.sync.run)
+            nursery.start_soon(self.joiner.run)
             nursery.start_soon(self.discovery.run)
             nursery.start_soon(summary_loop, service, net, _say)
 
@@ -284,6 +301,8 @@ class _Node:
                     keys = ms.replica.witnesses()
                     role = "this node is one" if identity_key in keys else "this node is not one"
                     _say(f"  {ms.market.name}: {len(keys)} witness(es) in force; {role}")
+                if ms.joining:
+                    _say(f"  {ms.market.name}: joining from a witnessed snapshot (node.join)")
             _say(f"  control socket {control}")
             for line in http_banner(http, home) if http else ():
                 _say(line)

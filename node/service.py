@@ -16,19 +16,27 @@ Gossip is best effort: the node batches its own ops into gossip messages, paced 
 topic peers under load; the sync protocol (node.sync) is what guarantees every op reaches every
 peer.
 
-Compaction (issue #10, witnessed markets only): once ``compact_after`` final ops sit in a
-replica's memory, the market's finality task compacts it (``Replica.compact``), and the store
-marks the ops that left memory, keeps the final fills and finished orders that did, and the
-replica's snapshot, in one transaction. The store stays the replica's archive (a late op naming
-a compacted op, a late duplicate). A restart loads the snapshot plus the live ops, or the whole
-log if the snapshot does not restore. ``fills``/``order`` read compacted history from the store
-(``NodeService.fills`` and ``NodeService.order``). Markets without witnesses never compact:
+Compaction (issue #10, witnessed markets only): at each *point* (the end of the first batch at
+which the final count reaches a multiple of ``point_interval``, the same on every replica of
+the market), the market's finality task compacts the replica (``Replica.compact``), and the
+store marks the ops that left memory, keeps the final fills and finished orders that did, the
+prefix ops' final indexes (served to joiners as history) and the point blob (the replica's
+snapshot, also served to joiners: node.join), in one transaction. The store stays the
+replica's archive (a late op naming a compacted op, a late duplicate). A restart loads the
+snapshot plus the live ops, or the whole log if the snapshot does not restore.
+``fills``/``order`` read compacted history from the store (``NodeService.fills`` and
+``NodeService.order``). Markets without witnesses never compact:
 nothing there is ever final.
+
+Joins (node.join): a node whose store holds nothing of a witnessed market may start it from a
+peer's snapshot (``adopt_snapshot``: ``Replica.from_snapshot`` without history), and fetch the
+history later if an op needs it (``history_fetched`` once it is stored and checked).
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import os
 import time
@@ -36,11 +44,12 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Final
+from typing import Any, Final
 
 import trio
 
 from crdtbook import (
+    DEFAULT_POINT_INTERVAL,
     CompactReport,
     Fill,
     Identity,
@@ -48,8 +57,12 @@ from crdtbook import (
     Market,
     Op,
     OrderState,
+    PointInfo,
     Replica,
+    SnapshotRefused,
+    decode,
     op_id,
+    read_point,
 )
 from crdtbook._ops import decode_with_id  # the shell hashes received bytes once (prepare)
 
@@ -109,14 +122,31 @@ CHECKPOINT_TAIL_MAX: Final = 10_000
 #: While the store refuses writes (disk full, read-only), it is tried again at most this often;
 #: in between, new ops (own, gossip, sync) are refused at once with the last error.
 STORE_RETRY_INTERVAL: Final = 0.5
-#: A witnessed market's replica is compacted once this many final ops sit in its memory. It
-#: bounds memory (~0.8 KB an op: ~40 MB) above the live state, and each compaction costs an
-#: O(ops in memory) pass in the core plus one store transaction marking this many ops (some
-#: hundreds of ms, off the event loop, see bench/bench_memory.py), so not much less either. A
-#: restart after a kill -9 replays at most about this many ops on top of the snapshot.
-COMPACT_AFTER: Final = 50_000
+#: A witnessed market's replica is compacted at each point: every this many final ops (the
+#: core's DEFAULT_POINT_INTERVAL; every node of a market must use the same, so only tests and
+#: benches change it). It bounds memory (~0.8 KB an op: ~40 MB) above the live state, and each
+#: compaction costs an O(ops in memory) pass in the core plus one store transaction marking
+#: this many ops (some hundreds of ms, off the event loop, see bench/bench_memory.py), so not
+#: much less either. A restart after a kill -9 replays at most about this many ops on top of
+#: the snapshot.
+POINT_INTERVAL: Final = DEFAULT_POINT_INTERVAL
 #: Compacted fills read from the store per query when a reader walks back through history.
 HISTORY_CHUNK: Final = 4096
+
+
+def _replica_type(point_interval: int) -> type[Replica]:
+    """``Replica`` at ``point_interval``, for ``Replica.restore``, which builds its replica with
+    the default interval (the core's constructor and ``from_snapshot`` take one, ``restore``
+    not yet): the default is ``Replica`` itself, another a subclass that only sets it."""
+    if point_interval == DEFAULT_POINT_INTERVAL:
+        return Replica
+
+    class AtInterval(Replica):
+        def __init__(self, market: Market, **options: Any) -> None:
+            options.setdefault("point_interval", point_interval)
+            super().__init__(market, **options)
+
+    return AtInterval
 
 
 def checkpoint_tail(ops: int) -> int:
@@ -158,12 +188,49 @@ class MarketState:
     compactions: int = 0
     compact_s_max: float = 0.0
     save_s_max: float = 0.0
+    #: The replica's version when a compaction found no point to compact at (not tried again
+    #: before something changes).
+    compact_idle_version: int | None = None
+    #: Joins (node.join). ``joining``: joining from a snapshot now (sync leaves the market
+    #: alone); ``join_state``: None (never joined: started from its own store or empty
+    #: without trying), "joining", "snapshot" (joined from one) or "full" (fell back to the full
+    #: log); ``join_info``: the point joined from, whose prefix a history fetch completes.
+    joining: bool = False
+    join_state: str | None = None
+    join_info: PointInfo | None = None
+    history_fetching: bool = False
     finality: FinalityTracker = field(init=False)
     _digest: tuple[int, bytes] | None = None
+    _point_hashes: tuple[int, list[tuple[int, bytes]]] | None = None
 
     def __post_init__(self) -> None:
         self.finality = FinalityTracker(self.market.name)
         self.finality.prime(self.replica)
+
+    @property
+    def joined_from(self) -> int | None:
+        """The point this node joined the market from (None: it did not join from one)."""
+        return None if self.join_info is None else self.join_info.n
+
+    def history_held(self) -> bool:
+        """Whether the store holds the whole compacted prefix (False: joined from a snapshot
+        and the history is not fetched yet)."""
+        return self.join_info is None or self.replica.has_history
+
+    def join_status(self) -> dict[str, Any]:
+        """The market's join fields of ``status``: joined_from_point (None: not joined from a
+        snapshot), history ("complete", "fetching" or "absent") and join (how it started)."""
+        if self.history_held():
+            history = "complete"
+        else:
+            history = "fetching" if self.history_fetching else "absent"
+        join = "joining" if self.joining else self.join_state
+        return {
+            "join": join,
+            "joined_from_point": self.joined_from,
+            "history": history,
+            "history_wanted": self.replica.history_wanted,
+        }
 
     def fills(self, start: int, stop: int | None = None) -> list[CompactedFill]:
         """Fills ``start`` to ``stop`` (global indexes; None: to the newest), each with the times
@@ -289,6 +356,11 @@ class _Compaction:
         self.fills_start = report.fills_start
         self.fills = report.fills
         self.orders = report.orders
+        #: The point compacted at and the prefix ops it added, in total order (``order_start``
+        #: is the first one's final index): the store serves history from these.
+        self.point = report.point
+        self.order_start = report.order_start
+        self.prefix_order = report.order
         #: The node-local times of what left memory (received: popped from the market's map).
         self._received = received
         self._witnessed = witnessed
@@ -519,10 +591,10 @@ class NodeService:
         publish_interval: float = PUBLISH_INTERVAL,
         fsync: bool = False,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
-        compact_after: int = COMPACT_AFTER,
+        point_interval: int = POINT_INTERVAL,
     ) -> None:
         self.identity = identity
-        self.compact_after = compact_after
+        self.point_interval = point_interval
         self.heartbeat_interval = heartbeat_interval
         self.publish_interval = publish_interval
         self.gossip_batch = max(1, min(gossip_batch, MAX_BATCH_OPS))
@@ -545,9 +617,8 @@ class NodeService:
         if not market.witnessed:  # never compacts: needs no archive
             return MarketState(market, Replica(market), topic_for(market))
         archive = StoreArchive(self.store, market.id)
-        return MarketState(
-            market, Replica(market, archive=archive), topic_for(market), archive=archive
-        )
+        replica = Replica(market, archive=archive, point_interval=self.point_interval)
+        return MarketState(market, replica, topic_for(market), archive=archive)
 
     def note_applied(self, count: int) -> None:
         """GC policy. A replica's state (ops, orders, journals) lives as long as the node and
@@ -582,11 +653,23 @@ class NodeService:
         started = time.monotonic()
         archive = ms.archive
         snapshot = None
+        joined = None
         if archive is not None:
             # The new replica is the store's (a compaction still being saved is not in it,
             # or is and the snapshot says so): nothing to answer for from memory any more.
             archive.saving = None
             snapshot = self.store.get_snapshot(market.id)
+            joined = self.store.join_state(market.id)
+        # Joined from a snapshot: the store holds the prefix only once its history was fetched.
+        history = joined is None or joined[2] >= joined[0]
+        if joined is not None:
+            ms.join_state = ms.join_state or "snapshot"
+            try:
+                ms.join_info = read_point(market, joined[1])
+            except SnapshotRefused as exc:  # the store's own bytes: damaged on disk
+                logger.warning("%s: the joined point does not read (%s)", market.name, exc)
+            if not history:  # a fetch the node did not finish: fetched again when needed
+                self.store.drop_history(market.id, joined[0])
         # The cyclic GC off while loading: everything loaded lives on and holds no cycles,
         # yet collections would walk the growing log again and again. Afterwards the lot
         # goes straight to the permanent generation (a collection first would walk it all
@@ -602,6 +685,8 @@ class NodeService:
                         self.store.load_market(market.id, live_only=True),
                         archive=archive,
                         verify=False,
+                        point_interval=self.point_interval,
+                        history=history,
                     )
                 except ValueError as exc:  # the core's word for a blob it cannot use
                     logger.warning(
@@ -613,7 +698,13 @@ class NodeService:
                 # The checkpoint is older than a snapshot whenever both exist: not used then.
                 use = use_checkpoints and snapshot is None
                 checkpoint = self.store.get_checkpoint(market.id) if use else None
-                replica = Replica.restore(
+                if not history:
+                    logger.warning(
+                        "%s: joined from a snapshot and its history is not here: the whole "
+                        "log replayed lacks the prefix (ops naming it wait for sync)",
+                        market.name,
+                    )
+                replica = _replica_type(self.point_interval).restore(
                     market,
                     self.store.load_market(market.id),
                     checkpoint,
@@ -665,7 +756,8 @@ class NodeService:
                 replica.compacted_ops or self.store.get_snapshot(ms.market.id) is not None
             ):
                 record = self._take_compaction(ms)
-                self._saved(ms, record, self._save_compaction(ms, record))
+                if record is not None:  # else the stored snapshot is the latest point's
+                    self._saved(ms, record, self._save_compaction(ms, record))
                 continue
             if not len(replica):
                 continue
@@ -686,13 +778,17 @@ class NodeService:
     # -- compaction (witnessed markets) ---------------------------------------------------------
 
     def compaction_due(self, ms: MarketState) -> bool:
-        """Whether ``compact_after`` final ops sit in the replica's memory (witnessed markets;
-        not while a compaction is being saved, nor while the store refuses writes)."""
+        """Whether the replica's final ops reached its next point (witnessed markets; not
+        while a compaction is being saved, nor while the store refuses writes, nor again
+        before anything changed after one that found no point)."""
         archive = ms.archive
         if archive is None or archive.saving is not None or self.store_fault is not None:
             return False
         replica = ms.replica
-        return replica.final_count - replica.compacted_ops >= self.compact_after
+        if ms.compact_idle_version == replica.version:
+            return False
+        interval = replica.point_interval
+        return replica.final_count >= (replica.compacted_ops // interval + 1) * interval
 
     async def compact(self, ms: MarketState) -> bool:
         """Compact the market's replica and record it in the store (in a worker thread: one
@@ -700,6 +796,11 @@ class NodeService:
         the write fails, the replica is rebuilt from the store as it still is (compacted as of
         the previous snapshot), so memory and the store never disagree."""
         record = self._take_compaction(ms)
+        if record is None:
+            return False
+        # A new point: the heartbeat task attests it (``_heartbeat_due``).
+        ms.changed.set()
+        ms.changed = trio.Event()
         self._saving += 1  # meanwhile, op writes wait for the store in threads, not the loop
         try:
             # Not abandon_on_cancel: the store lock must be released by the write itself.
@@ -719,9 +820,10 @@ class NodeService:
         self._saved(ms, record, seconds)
         return True
 
-    def _take_compaction(self, ms: MarketState) -> _Compaction:
+    def _take_compaction(self, ms: MarketState) -> _Compaction | None:
         """Compact the replica (synchronously, no task runs meanwhile) and return what left its
-        memory with the snapshot, keeping it readable (``ms.archive.saving``) until saved."""
+        memory with the snapshot, keeping it readable (``ms.archive.saving``) until saved; None
+        when there was no new point to compact at."""
         replica, archive = ms.replica, ms.archive
         assert archive is not None, "only witnessed markets compact"
         started = time.perf_counter()
@@ -738,6 +840,9 @@ class NodeService:
                     by_place[place] = replica.witnessed_time(op.id)
                 witnessed[op.id] = by_place[place]
         report = replica.compact()
+        if not report.point:
+            ms.compact_idle_version = replica.version
+            return None
         blob = replica.snapshot()
         received = ms.received_ms
         # The times of what left memory leave the market's map (fills' takers and orders still
@@ -771,7 +876,14 @@ class NodeService:
         """Write one compaction to the store (one transaction; any thread); its seconds."""
         started = time.perf_counter()
         self.store.compact(
-            ms.market.id, record.ops, record.fill_rows(), record.order_rows(), record.snapshot
+            ms.market.id,
+            record.ops,
+            record.fill_rows(),
+            record.order_rows(),
+            record.snapshot,
+            point=record.point,
+            order_start=record.order_start,
+            order=record.prefix_order,
         )
         return time.perf_counter() - started
 
@@ -782,6 +894,120 @@ class NodeService:
         ms.compactions += 1
         ms.save_s_max = max(ms.save_s_max, seconds)
         logger.info("%s: compaction saved in %.2f s", ms.market.name, seconds)
+
+    # -- joins (node.join) -------------------------------------------------------------------
+
+    def needs_join(self, ms: MarketState) -> bool:
+        """Whether ``ms`` is a witnessed market of which this node holds nothing (no op, no
+        snapshot): one it may join from a peer's snapshot."""
+        replica = ms.replica
+        return (
+            ms.archive is not None
+            and not len(replica)
+            and not replica.pending_count
+            and self.store.get_snapshot(ms.market.id) is None
+        )
+
+    def point_hashes(self, ms: MarketState) -> list[tuple[int, bytes]]:
+        """The points whose blobs the store holds for ``ms`` (served to joiners), ``(n,
+        sha256)``, the newest first; cached until the replica's next point is saved."""
+        latest = ms.replica.point
+        key = 0 if latest is None else latest.n
+        cached = ms._point_hashes
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        hashes = [(n, hashlib.sha256(b).digest()) for n, b in self.store.points(ms.market.id)]
+        if ms.archive is None or ms.archive.saving is None:  # else the newest is not in yet
+            ms._point_hashes = (key, hashes)
+        return hashes
+
+    async def adopt_snapshot(
+        self, ms: MarketState, blob: bytes, info: PointInfo, kept: list[bytes]
+    ) -> None:
+        """Start ``ms`` from a checked snapshot (its point blob and kept ops' bytes) without
+        its history, plus the ops the store took meanwhile (gossip, while joining). The join is
+        stored first (one transaction), then the replica replaces the empty one, in one step
+        of the event loop. Raises ``SnapshotRefused`` if the core cannot use the blob."""
+        market = ms.market
+        self._store_ready()
+        live = self._after_point(ms, kept)
+        try:
+            replica = Replica.from_snapshot(
+                market,
+                blob,
+                [*kept, *live],
+                archive=ms.archive,
+                verify=False,  # kept ops: authenticated by the ids the attested blob lists
+                point_interval=self.point_interval,
+                history=False,
+            )
+        except SnapshotRefused:
+            raise
+        except ValueError as exc:
+            raise SnapshotRefused("damaged", str(exc)) from None
+        items = []
+        for raw in kept:
+            op = decode(raw, verify=False)
+            items.append((op.id, market.id, op.lamport, raw))
+        snapshot = Snapshot(replica.compacted_ops, replica.compacted_fills, blob)
+        self.store.save_join(market.id, items, snapshot, info.n)
+        ms.replica = replica
+        ms.apply_queue, ms.queued = [], set()  # all stored, so in ``live`` or dropped
+        ms._digest = None
+        ms._point_hashes = None
+        ms.join_info = info
+        ms.join_state = "snapshot"
+        ms.finality.prime(replica)
+        self._forget_evicted(ms)
+        self.notify(ms, [])
+
+    def _after_point(self, ms: MarketState, kept: list[bytes]) -> list[bytes]:
+        """The ops the store took while ``ms`` was joining (gossip: a new subscriber is sent
+        the recent messages too), but for copies of ops before the point that the kept set
+        lacks: an author's op at a sequence number at most its tip's in the kept set (every
+        author's tip is kept). Those would wait for the history and make the node fetch it
+        for nothing; they leave the store (a fork among them: sync brings it again)."""
+        tips: dict[bytes, int] = {}
+        kept_ids = set()
+        for raw in kept:
+            op = decode(raw, verify=False)
+            kept_ids.add(op.id)
+            tips[op.author] = max(tips.get(op.author, 0), op.seq)
+        live: list[bytes] = []
+        before: list[bytes] = []
+        for raw in self.store.load_market(ms.market.id, live_only=True):
+            op = decode(raw, verify=False)  # verified when stored
+            if op.id not in kept_ids and op.seq <= tips.get(op.author, 0):
+                before.append(op.id)
+            else:
+                live.append(raw)
+        if before:
+            self.store.delete_ops(before)
+            logger.info(
+                "%s: %d ops gossip brought while joining are from before the point; dropped",
+                ms.market.name,
+                len(before),
+            )
+        return live
+
+    async def history_fetched(self, ms: MarketState) -> int:
+        """The joined point's history is staged in the store and checked: archive it, and
+        judge the ops that waited for it. Returns how many ops that applied."""
+        info = ms.join_info
+        assert info is not None, "only a joined market fetches history"
+        await trio.to_thread.run_sync(self.store.finish_history, ms.market.id, info.n, info.kept)
+        report = ms.replica.history_complete()
+        applied = report.applied
+        if applied:
+            # An op that waited for the history may not be stored yet (the store keeps what
+            # the replica holds): store them all (a repeat is ignored).
+            await self._writer.write([(op.id, op.market_id, op.lamport, op.raw) for op in applied])
+        self._forget_evicted(ms)
+        if report.invalid:
+            ms.refused += len(report.invalid)
+        self.notify(ms, applied)
+        self.note_applied(len(applied))
+        return len(applied)
 
     # -- store faults ------------------------------------------------------------------------
 
@@ -1110,12 +1336,12 @@ class NodeService:
                         ms.replica.epoch,
                     )
                 witness = now_witness
-            if not (now_witness and ms.replica.needs_heartbeat(me)):
+            if not (now_witness and self._heartbeat_due(ms, me)):
                 await changed.wait()
                 continue
             await trio.sleep(self.heartbeat_interval)
             replica = ms.replica
-            if self.closing or me not in replica.witnesses() or not replica.needs_heartbeat(me):
+            if self.closing or me not in replica.witnesses() or not self._heartbeat_due(ms, me):
                 continue
             try:
                 await self.heartbeat(ms)
@@ -1125,6 +1351,19 @@ class NodeService:
             except Exception:  # never fatal: finality waits, trading goes on
                 logger.exception("%s: heartbeat failed; retrying", ms.market.name)
                 await trio.sleep(self.heartbeat_interval)
+
+    @staticmethod
+    def _heartbeat_due(ms: MarketState, me: bytes) -> bool:
+        """Something to acknowledge, or a point this witness has not attested yet (right after
+        a compaction: a joiner trusts the point only once a majority attest it, and an idle
+        market would otherwise leave it unattested until its next op)."""
+        replica = ms.replica
+        if replica.needs_heartbeat(me):
+            return True
+        point = replica.point
+        if point is None:
+            return False
+        return all(op.author != me for op in replica.attesting(point.n, point.hash))
 
     async def finality_loop(self, ms: MarketState) -> None:
         """Re-evaluate a witnessed market's finality after changes and when a stall is due, so

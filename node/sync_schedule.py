@@ -10,6 +10,9 @@ when a session runs and what its outcome means; ``node.sync`` runs one session o
   (peer, market) at a time; a peer that said it does not follow a market is not asked about it
   for ``NOT_FOLLOWING_BACKOFF``.
 - Serving: each inbound sync stream is answered by ``node.sync.respond``.
+- Joins: a market joining from a snapshot (``MarketState.joining``, node.join) is not pulled
+  until the join is done (else the whole log would stream in meanwhile); then every connected
+  peer is asked at once (``ask_all``).
 - Accountability: malformed frames and invalid ops count against the peer that sent them, as an
   invalid gossip message does (``Network.report_reject``).
 
@@ -109,6 +112,11 @@ class SyncScheduler:
             nursery.start_soon(self._peer_events)
             nursery.start_soon(self._loop)
 
+    def ask_all(self) -> None:
+        """Pull from every connected peer in the next round, and run it now (a join ended)."""
+        self._urgent.update(self.net.connected_peers())
+        self.sync_now.set()
+
     def ask_soon(self, peer: str) -> None:
         """Pull from ``peer`` in the next round, and run that round now."""
         self._urgent.add(peer)
@@ -179,7 +187,7 @@ class SyncScheduler:
                 for peer in [p for p in connected if p in urgent] + drawn:
                     for ms in self.service.markets.values():
                         key = (peer, ms.market.id)
-                        if key in self.syncing:
+                        if key in self.syncing or ms.joining:  # a join (node.join) first
                             continue
                         if self._not_following.get(key, 0) > now and peer not in urgent:
                             continue

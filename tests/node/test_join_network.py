@@ -1,0 +1,74 @@
+"""Joins from a snapshot across real node processes on loopback (issue #10).
+
+A witness node trades a witnessed market past several points (a small point interval). Then one
+node joins it from a snapshot (``--join snapshot``, the default) and another from the full log
+(``join: full``); both end with the witness's digest, the snapshot joiner having stored only
+the point's kept ops and what followed, not the history.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from crdtbook import Market
+from crdtbook.node.procs import NodeProcess, make_identity, stop_all, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+#: Final ops between points: a few hundred orders make several.
+INTERVAL = 40
+
+
+def test_one_node_joins_from_a_snapshot_and_another_from_the_full_log(tmp_path: Path) -> None:
+    key = make_identity(tmp_path / "w")
+    spec = f"JN:1:1:{key.hex()}"
+    config = {"point_interval": INTERVAL, "heartbeat_interval": 0.02, "join_peer_wait": 20.0}
+    nodes: list[NodeProcess] = []
+    try:
+        w = NodeProcess(tmp_path / "w", market=spec, config=config).start()
+        nodes.append(w)
+        for i in range(2600):  # past the kept set (the newest 2,048 final ops and more)
+            side = "buy" if i % 2 else "sell"
+            price = str(100 + (i * 7) % 5 - 2)
+            w.call("submit", market="JN", side=side, price=price, quantity="1")
+        wait_until(
+            lambda: w.market_status(digest=False)["compacted_ops"] >= 4 * INTERVAL,
+            30,
+            "the witness to compact at several points",
+        )
+        snap = NodeProcess(tmp_path / "s", [w.addr], market=spec, config=config).start()
+        nodes.append(snap)
+        full = NodeProcess(
+            tmp_path / "f", [w.addr], market=spec, config={**config, "join": "full"}
+        ).start()
+        nodes.append(full)
+
+        def same() -> bool:
+            digests = {n.market_status()["digest"] for n in nodes}
+            return len(digests) == 1
+
+        wait_until(same, 60, "both joiners to reach the witness's digest")
+        status = snap.market_status(digest=False)
+        assert status["join"] == "snapshot", snap.log()
+        assert status["joined_from_point"] >= 4 * INTERVAL
+        assert status["history"] == "absent"
+        total = w.market_status(digest=False)["ops"]
+        status = full.market_status(digest=False)
+        assert (status["join"], status["joined_from_point"], status["history"]) == (
+            None,
+            None,
+            "complete",
+        )
+        # The snapshot joiner stored the kept ops and what followed the point, not the history.
+        snap.stop()
+        from crdtbook.node.store import OpStore
+
+        with OpStore.open(tmp_path / "s") as store:
+            market = Market.parse(spec).id
+            stored = store.count(market) - store.staged_count(market)
+        assert stored < total, (stored, total)
+        assert "joined from the point at" in snap.log()
+    finally:
+        stop_all(nodes)
