@@ -338,6 +338,8 @@ class ControlAdapter:
             "compacted_ops": r.compacted_ops,
             "compacted_fills": r.compacted_fills,
             "refused": ms.refused,
+            # Joins (node.join): joined_from_point, history ("complete" | "fetching" | "absent").
+            **ms.join_status(),
             **self._finality_status(ms),
         }
 
