@@ -39,6 +39,7 @@ from crdtbook import (
     decode,
     ops_missing_for,
 )
+from crdtbook import check_attested as crdtbook_check_attested
 from crdtbook._engine import REASONS, STATUSES
 from crdtbook._limits import MAX_INT
 from crdtbook._ops import (
@@ -983,6 +984,8 @@ def describe_v2(op: Op) -> str:
         what = "cancel-all" + (f" prefix={b.prefix!r}" if b.prefix is not None else "")
     elif isinstance(b, HeartbeatBody):
         what = f"heartbeat t={b.time_ms}"
+        if b.point:
+            what += f" attesting the point at {b.point} ({b.point_hash.hex()[:8]})"
     else:
         assert isinstance(b, ReconfigBody)
         names = ",".join(V2_LABEL.get(k, k.hex()[:8]) for k in b.witnesses)
@@ -1311,6 +1314,62 @@ def make_finality() -> Json:
     }
 
 
+# -- points.json (version 2: compaction points, point states, attestations) ---------------------
+
+
+def make_points() -> Json:
+    """One witnessed market traded past two points of a small interval; every replica that
+    compacts there writes the same point state, and the witnesses attest it."""
+    interval = 12
+    m = Market("PTS", "1", "1", witnesses=[w.public_key for w in (W1, W2, W3)])
+    author = Replica(m)
+    ops: list[Op] = []
+    traders = (ALICE, BOB, CAROL)
+    for step in range(30):
+        if step % 5 == 4:
+            ops.append(author.heartbeat((W1, W2, W3)[step % 3], time_ms=1_700_000_000_000 + step))
+        else:
+            side = ("buy", "sell")[step % 2]
+            ops.append(author.submit(traders[step % 3], side, 100 + step % 3, 1 + step % 4))
+    for _ in range(2):
+        for w in (W1, W2, W3):
+            ops.append(author.heartbeat(w))
+    blobs = set()
+    for order in (ops, list(reversed(ops)), _shuffled(ops)):
+        replica = Replica(m, point_interval=interval)
+        assert not replica.apply_many(op.raw for op in order).invalid
+        report = replica.compact()
+        assert report.point and replica.point is not None
+        blobs.add(replica.snapshot())
+    assert len(blobs) == 1
+    point = replica.point
+    assert point is not None
+    attesting = [replica.heartbeat(w, time_ms=1_700_000_100_000) for w in (W1, W2)]
+    assert crdtbook_check_attested(m, blobs.pop(), [b.raw for b in attesting], []) == point
+    return {
+        "description": "Points (specs/finality.md section 13). A witnessed market's ops; a "
+        "replica given them in any order, with the point interval below, compacts at the point "
+        "(the end of the first batch at which the final count reaches a multiple of the "
+        "interval: the last one reached is given) and writes the point state below, byte for "
+        "byte; its SHA-256 is what witnesses attest. Then two of the three witnesses sign "
+        "heartbeats [2, time_ms, n, hash] attesting it: a strict majority, so a joining node "
+        "accepts the point state.",
+        "identities": finality_identities_json(),
+        "market": witnessed_market_json(m),
+        "point_interval": interval,
+        "ops": [{"label": describe_v2(op), "id": op.id.hex(), "encoding": op.raw.hex()}
+                for op in _shuffled(ops)],
+        "expected": {
+            "n": point.n,
+            "chain": point.chain.hex(),
+            "kept": [i.hex() for i in point.kept],
+            "point_state": replica.snapshot().hex(),
+            "hash": point.hash.hex(),
+        },
+        "attestations": [{"label": describe_v2(b), "encoding": b.raw.hex()} for b in attesting],
+    }
+
+
 # -- driver -----------------------------------------------------------------------------------
 
 
@@ -1325,6 +1384,7 @@ def render() -> dict[str, str]:
         "invalid.json": make_invalid(main_ops, named),
         "sync.json": make_sync(main_ops),
         "finality.json": make_finality(),
+        "points.json": make_points(),
     }
     return {
         name: json.dumps(obj, indent=2, ensure_ascii=False) + "\n" for name, obj in files.items()

@@ -449,3 +449,35 @@ def test_generator_reproduces_committed_vectors() -> None:
     assert sorted(rendered) == sorted(p.name for p in VECTORS.glob("*.json"))
     for name, text in rendered.items():
         assert (VECTORS / name).read_text(encoding="utf-8") == text, name
+
+
+# -- points (protocol version 2, specs/finality.md section 13) -----------------------------------
+
+POINTS = load("points.json")
+
+
+def test_points_every_delivery_order_writes_the_listed_point_state() -> None:
+    """A replica given the ops (listed, reversed) compacts at the listed point and writes the
+    listed point state byte for byte; the listed heartbeats attest it, a majority."""
+    market = witnessed_market_of(POINTS["market"])
+    expected = POINTS["expected"]
+    raws = [h(entry["encoding"]) for entry in POINTS["ops"]]
+    for order in (raws, raws[::-1]):
+        replica = Replica(market, point_interval=POINTS["point_interval"])
+        assert not replica.apply_many(order).invalid
+        replica.compact()
+        blob = replica.snapshot()
+        assert blob.hex() == expected["point_state"]
+        assert hashlib.sha256(blob).hexdigest() == expected["hash"]
+        point = replica.point
+        assert point is not None
+        assert (point.n, point.chain.hex()) == (expected["n"], expected["chain"])
+        assert [i.hex() for i in point.kept] == expected["kept"]
+    beats = [h(entry["encoding"]) for entry in POINTS["attestations"]]
+    for raw in beats:
+        body = decode(raw).body
+        assert (body.point, body.point_hash.hex()) == (expected["n"], expected["hash"])
+    info = crdtbook.check_attested(market, h(expected["point_state"]), beats, [])
+    assert info.hash.hex() == expected["hash"]
+    with pytest.raises(crdtbook.SnapshotRefused):
+        crdtbook.check_attested(market, h(expected["point_state"]), beats[:1], [])
