@@ -562,15 +562,22 @@ class OpStore:
         after a fallback to the full log)."""
         _need_bytes("market", market)
         _need_bytes("snapshot", snapshot.data)
-        marks = [(_need_bytes("op id", ident),) for ident in op_ids]
-        indexes = [(index, ident) for index, ident in enumerate(order, order_start)]
+        # One UPDATE per op: an op that leaves memory and joins the prefix at once (most do)
+        # gets its mark and its index together (a B-tree walk each, ~10 us: ~50k per point).
+        index_of = {ident: index for index, ident in enumerate(order, order_start)}
+        marks = [(index_of.pop(_need_bytes("op id", i), None), i) for i in op_ids]
+        indexes = [(index, ident) for ident, index in index_of.items()]
         fill_rows = [(market, c.number, *c.fill, c.received_ms, c.witnessed_ms) for c in fills]
         order_rows = [(market, *c.order[:13], c.received_ms, c.witnessed_ms) for c in orders]
         with self._lock, self._writing():
             conn = self._db()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany("UPDATE ops SET compacted = 1 WHERE id = ?", marks)
+                conn.executemany(
+                    f"UPDATE ops SET compacted = {COMPACTED},"
+                    " final_idx = coalesce(?, final_idx) WHERE id = ?",
+                    marks,
+                )
                 conn.executemany(
                     f"INSERT OR REPLACE INTO compacted_fills (market, {_FILL_COLUMNS})"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
