@@ -4,7 +4,7 @@ with compaction and without it (the baseline), in the same run.
     python bench/bench_memory.py            # 100k, 500k and 1M ops (several minutes)
     python bench/bench_memory.py --quick    # 10k, 30k and 60k ops, compacting every 5k: < 60 s
     python bench/bench_memory.py --json     # the same, machine-readable (progress on stderr)
-    python bench/bench_memory.py --ops 100000 200000 --compact-after 20000
+    python bench/bench_memory.py --ops 100000 200000 --point-interval 20000
 
 What runs:
 
@@ -17,20 +17,29 @@ What runs:
    is the market's only witness, takes the ops through its real ingest path (``prepare``:
    hash, decode, verify; ``commit``: apply, store, notify) in batches of ``BATCH`` ops, while its
    own ``heartbeat_loop`` heartbeats (every ``HEARTBEAT_S``) and its ``finality_loop`` evaluates
-   finality and compacts (``compact_after``; the baseline never compacts). At each milestone it
+   finality and compacts at points (every ``point_interval`` final ops; the baseline never
+   compacts). At each milestone it
    waits until everything is final and no compaction is due or being saved, collects garbage
    and reads its RSS (``VmRSS``).
 3. **Restart** at each milestone: a fresh child process opens the same store (the ingest child
    waits meanwhile) and runs ``NodeService.load_from_store``, as after a kill -9 (no stop-time
    checkpoint or snapshot): the compacting node reads its snapshot and the live ops, the
    baseline replays the whole log. Wall and CPU seconds.
-4. **Join** (full log; joining from a snapshot is not built yet): a fresh child process with an
-   empty store ingests the first N ops of the compacting node's whole log (heartbeats included)
-   through ``prepare``/``commit`` as a sync session would hand them over, verifying every
-   signature. No network: a lower bound on a real join.
+4. **Full-log join** (the baseline): a fresh child process with an empty store ingests the
+   first N ops of the compacting node's whole log (heartbeats included) through
+   ``prepare``/``commit`` as a sync session would hand them over, verifying every signature.
+   No network: a lower bound on a real join.
+5. **Snapshot join** at N ops of history, while the compacting node waits at that milestone: a
+   fresh child process restores the compacting node's store as a serving peer (not timed), and
+   a joiner with an empty store joins from it through node/join.py's real protocol code
+   (offer, snapshot fetch and checks, ``adopt_snapshot``) and then one sync session of
+   node/sync.py for the ops after the point, over in-memory streams (no network, both ends in
+   one process). Timed from the first offer to the end of that sync; its digest must equal the
+   peer's.
 
 Targets: RSS at the largest size <= RSS at the smallest + 50 MB (compaction); restart at the
-largest size < 2 s (compaction). The baseline's figures are the comparison, not targets.
+largest size < 2 s (compaction); a snapshot join under 5 s at every history size. The
+baseline's figures are the comparison, not targets.
 """
 
 from __future__ import annotations
@@ -66,8 +75,9 @@ RSS_GROWTH_MB: Final = 50.0
 RESTART_S: Final = 2.0
 FULL_OPS: Final = (100_000, 500_000, 1_000_000)
 QUICK_OPS: Final = (10_000, 30_000, 60_000)
-QUICK_COMPACT_AFTER: Final = 5_000
-#: The baseline's compact_after: never.
+QUICK_POINT_INTERVAL: Final = 5_000
+JOIN_S: Final = 5.0
+#: The baseline's point interval: never.
 NEVER: Final = 1 << 62
 MID: Final = 10_000
 #: Each trader keeps at most this many orders resting (it cancels its oldest beyond), so the book
@@ -158,7 +168,7 @@ def batches(raws: Iterator[bytes], size: int) -> Iterator[list[bytes]]:
 
 
 def child_ingest(
-    store_dir: Path, ops_path: Path, milestones: list[int], compact_after: int
+    store_dir: Path, ops_path: Path, milestones: list[int], point_interval: int
 ) -> None:
     """Ingest the ops file; at each milestone print one JSON line and wait for a line on stdin."""
     import trio
@@ -173,7 +183,7 @@ def child_ingest(
             store,
             [MARKET],
             heartbeat_interval=HEARTBEAT_S,
-            compact_after=compact_after,
+            point_interval=point_interval,
         )
         service.load_from_store()
         ms = service.by_name[MARKET.name]
@@ -221,25 +231,29 @@ def child_ingest(
 
 
 async def settle(service: Any, ms: Any) -> None:
-    """Until every applied op is final, no compaction is due and none is being saved."""
+    """Until every applied op is final, no compaction is due and none is being saved, and the
+    witness attested the latest point (a joiner then takes that one)."""
     import trio
 
     while True:
         replica = ms.replica
         saving = ms.archive is not None and ms.archive.saving is not None
-        if replica.final_count == len(replica) and not saving and not service.compaction_due(ms):
+        point = replica.point
+        attested = point is None or replica.attesting(point.n, point.hash)
+        done = replica.final_count == len(replica) and not service.compaction_due(ms)
+        if done and not saving and attested:
             return
         await trio.sleep(0.02)
 
 
-def child_restart(store_dir: Path) -> None:
+def child_restart(store_dir: Path, point_interval: int) -> None:
     """Load the store as a node starts (after a kill -9: no stop-time snapshot); print JSON."""
     from crdtbook.node.service import NodeService
     from crdtbook.node.store import OpStore
 
     logging.basicConfig(level=logging.WARNING)
     store = OpStore.open(store_dir, synchronous="NORMAL")
-    service = NodeService(WITNESS, store, [MARKET])
+    service = NodeService(WITNESS, store, [MARKET], point_interval=point_interval)
     wall, cpu = time.perf_counter(), time.process_time()
     service.load_from_store()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -299,6 +313,137 @@ def child_join(source_dir: Path, count: int, target_dir: Path) -> None:
     print(json.dumps(trio.run(main)), flush=True)
 
 
+class _MemoryFrames:
+    """node/p2p.py's FrameStream interface over an in-memory trio stream (4-byte length, then
+    the frame), for the snapshot join's two ends in one process."""
+
+    def __init__(self, stream: Any, peer_id: str) -> None:
+        self._stream = stream
+        self._buf = bytearray()
+        self.peer_id = peer_id
+
+    async def write_frame(self, data: bytes, *, timeout: float | None = None) -> None:
+        await self._stream.send_all(len(data).to_bytes(4, "big") + data)
+
+    async def read_frame(self, max_size: int, *, timeout: float | None = None) -> bytes:
+        from crdtbook.node.p2p_errors import P2PError
+
+        while len(self._buf) < 4 or len(self._buf) < 4 + int.from_bytes(self._buf[:4], "big"):
+            chunk = await self._stream.receive_some()
+            if not chunk:
+                raise P2PError("stream closed")
+            self._buf += chunk
+        size = int.from_bytes(self._buf[:4], "big")
+        if size > max_size:
+            raise P2PError("frame too large")
+        frame = bytes(self._buf[4 : 4 + size])
+        del self._buf[: 4 + size]
+        return frame
+
+    async def close(self) -> None:
+        await self._stream.aclose()
+
+    async def reset(self) -> None:
+        import trio
+
+        await trio.aclose_forcefully(self._stream)
+
+
+def child_snapjoin(source_dir: Path, point_interval: int, target_dir: Path) -> None:
+    """Join from the source store's latest attested point through node/join.py, then sync what
+    followed through node/sync.py, both over in-memory streams; print JSON."""
+    import trio
+    import trio.testing
+
+    from crdtbook.node.join import Joiner
+    from crdtbook.node.service import NodeService
+    from crdtbook.node.store import OpStore
+    from crdtbook.node.sync import pull, respond
+
+    logging.basicConfig(level=logging.WARNING)
+    source_store = OpStore.open(source_dir, synchronous="NORMAL")
+    source = NodeService(
+        Identity.from_seed(b"s" * 32), source_store, [MARKET], point_interval=point_interval
+    )
+    source.load_from_store()
+    source_ms = source.by_name[MARKET.name]
+
+    class Net:
+        """The joiner's network: one peer, the source, served in the nursery."""
+
+        peer_id = "joiner"
+
+        def __init__(self, nursery: trio.Nursery, server: Joiner | None) -> None:
+            self.nursery = nursery
+            self.server = server
+            self.rejects: list[tuple[str, str]] = []
+
+        def connected_peers(self) -> list[str]:
+            return ["source"] if self.server is not None else []
+
+        def set_stream_handler(self, protocol_id: str, handler: Any) -> None:
+            pass
+
+        def report_reject(self, peer_id: str, reason: str) -> None:
+            self.rejects.append((peer_id, reason))
+
+        async def open_stream(self, peer_id: str, protocol_id: str) -> _MemoryFrames:
+            assert self.server is not None
+            left, right = trio.testing.memory_stream_pair()
+            self.nursery.start_soon(self.server.serve, _MemoryFrames(right, "joiner"))
+            return _MemoryFrames(left, peer_id)
+
+    async def main() -> dict[str, Any]:
+        store = OpStore.open(target_dir, synchronous="NORMAL")
+        service = NodeService(
+            Identity.from_seed(b"j" * 32), store, [MARKET], point_interval=point_interval
+        )
+        service.load_from_store()
+        ms = service.by_name[MARKET.name]
+        async with trio.open_nursery() as nursery:
+            server = Joiner(source, Net(nursery, None))  # type: ignore[arg-type]
+            net = Net(nursery, server)
+            joiner = Joiner(service, net, peer_wait=5.0)  # type: ignore[arg-type]
+            joiner.install()
+            assert ms.joining
+            wall, cpu = time.perf_counter(), time.process_time()
+            await joiner.join(ms)
+            joined_s = time.perf_counter() - wall
+            left, right = trio.testing.memory_stream_pair()
+
+            async def serve() -> None:
+                await respond(_MemoryFrames(right, "joiner"), lambda m: source_ms.replica)
+                await right.aclose()
+
+            nursery.start_soon(serve)
+            synced, _ = await pull(
+                _MemoryFrames(left, "source"),
+                ms.replica,
+                lambda raws: service.prepare(ms, raws),
+                lambda prepared: service.commit(ms, prepared, "source"),
+            )
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            nursery.cancel_scope.cancel()
+        replica = ms.replica
+        row = {
+            "history": len(source_ms.replica),
+            "join_s": wall,
+            "join_cpu_s": cpu,
+            "snapshot_s": joined_s,
+            "joined_from_point": ms.joined_from,
+            "synced_ops": synced,
+            "ops": len(replica),
+            "same_digest": replica.digest() == source_ms.replica.digest(),
+            "rejects": len(net.rejects),
+            "stored_ops": store.count(MARKET.id),
+        }
+        store.close()
+        return row
+
+    print(json.dumps(trio.run(main)), flush=True)
+    source_store.close()
+
+
 # -- the run ---------------------------------------------------------------------------------
 
 
@@ -321,17 +466,22 @@ def run_json(*args: str) -> dict[str, Any]:
 
 
 def run_mode(
-    tmp: Path, ops_path: Path, sizes: list[int], compact_after: int, name: str
+    tmp: Path,
+    ops_path: Path,
+    sizes: list[int],
+    point_interval: int,
+    name: str,
+    snapshot_joins: list[int] = (),  # type: ignore[assignment]
 ) -> list[dict[str, Any]]:
     store_dir = tmp / name
     store_dir.mkdir()
     # Each size is measured twice: one batch before it, when a compaction is about due (the
     # most final ops in memory: RSS at its peak, the longest restart after a kill -9), and at
-    # it, just after that compaction (sizes are multiples of compact_after here).
+    # it, just after that compaction (sizes are multiples of point_interval here).
     points = [point for size in sizes for point in (size - BATCH, size)]
     milestones = ",".join(map(str, points))
     proc = spawn(
-        "ingest", str(store_dir), str(ops_path), milestones, str(compact_after), stdin=True
+        "ingest", str(store_dir), str(ops_path), milestones, str(point_interval), stdin=True
     )
     assert proc.stdout is not None and proc.stdin is not None
     rows = []
@@ -340,7 +490,7 @@ def run_mode(
         if not line:
             raise RuntimeError(f"the {name} ingest child ended early ({proc.wait()})")
         row = json.loads(line)
-        restart = run_json("restart", str(store_dir))
+        restart = run_json("restart", str(store_dir), str(point_interval))
         assert restart["digest"] == row["digest"], f"{name}: the restart has another state"
         row.update(
             restart_s=restart["restart_s"],
@@ -351,10 +501,30 @@ def run_mode(
             f"  {name} {point:,}: RSS {row['rss_mb']:.0f} MB, {row['compacted_ops']:,} ops "
             f"compacted, restart {row['restart_s']:.2f} s (ingest {row['ingest_s']:.1f} s)"
         )
+        if point in snapshot_joins:
+            target = tmp / f"snapjoin-{point}"
+            target.mkdir()
+            joined = run_json("snapjoin", str(store_dir), str(point_interval), str(target))
+            assert joined["same_digest"], f"the snapshot join at {point} has another state"
+            row["snapshot_join"] = joined
+            log(
+                f"  snapshot join at {joined['history']:,} ops of history: "
+                f"{joined['join_s']:.2f} s (point {joined['joined_from_point']:,}, "
+                f"{joined['synced_ops']:,} ops synced after it)"
+            )
         proc.stdin.write("\n")
         proc.stdin.flush()
         if point in sizes:
             before = rows.pop()
+            if "snapshot_join" in before:
+                joins_here = [before.pop("snapshot_join"), row.get("snapshot_join")]
+                row["snapshot_join"] = {
+                    "history": point,
+                    # The worst of the two: a joiner arrives at any moment.
+                    "join_s": max(j["join_s"] for j in joins_here if j),
+                    "after_point": joins_here[1],
+                    "before_next_point": joins_here[0],
+                }
             row.update(
                 size=point,
                 before=before,
@@ -375,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--ops", type=int, nargs="+")
-    parser.add_argument("--compact-after", type=int)
+    parser.add_argument("--point-interval", type=int)
     parser.add_argument(
         "--join", type=int, nargs="+", help="history sizes to join (default: smallest and largest)"
     )
@@ -389,14 +559,16 @@ def main(argv: list[str] | None = None) -> int:
                 Path(rest[0]), Path(rest[1]), [int(x) for x in rest[2].split(",")], int(rest[3])
             )
         elif kind == "restart":
-            child_restart(Path(rest[0]))
+            child_restart(Path(rest[0]), int(rest[1]))
+        elif kind == "snapjoin":
+            child_snapjoin(Path(rest[0]), int(rest[1]), Path(rest[2]))
         elif kind == "join":
             child_join(Path(rest[0]), int(rest[1]), Path(rest[2]))
         return 0
-    from crdtbook.node.service import COMPACT_AFTER
+    from crdtbook.node.service import POINT_INTERVAL
 
     sizes = sorted(args.ops or (QUICK_OPS if args.quick else FULL_OPS))
-    compact_after = args.compact_after or (QUICK_COMPACT_AFTER if args.quick else COMPACT_AFTER)
+    point_interval = args.point_interval or (QUICK_POINT_INTERVAL if args.quick else POINT_INTERVAL)
     joins = sorted(args.join or {sizes[0], sizes[-1]})
     if any(b - a <= BATCH for a, b in zip([0, *sizes], sizes, strict=False)):
         parser.error(f"sizes must be more than {BATCH} ops apart (and from 0)")
@@ -412,9 +584,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{workload['resting_at_end']} orders resting at the end"
         )
         modes = {}
-        for mode, after in (("compaction", compact_after), ("baseline", NEVER)):
+        for mode, after in (("compaction", point_interval), ("baseline", NEVER)):
             log(f"{mode}: ingest, RSS and restart")
-            modes[mode] = run_mode(tmp, ops_path, sizes, after, mode)
+            # Just after a point (little to sync after it) and one batch before the next one
+            # (a whole interval of ops to sync and verify after it): the best and worst case.
+            snapshot_joins = (
+                [p for j in joins for p in (j - BATCH, j)] if mode == "compaction" else []
+            )
+            modes[mode] = run_mode(tmp, ops_path, sizes, after, mode, snapshot_joins)
         joined = []
         for size in joins:
             target = tmp / f"join-{size}"
@@ -427,7 +604,9 @@ def main(argv: list[str] | None = None) -> int:
     comp, base = modes["compaction"], modes["baseline"]
     growth = comp[-1]["rss_mb"] - comp[0]["rss_mb"]
     peak_growth = comp[-1]["rss_peak_mb"] - comp[0]["rss_peak_mb"]
+    snap = [r["snapshot_join"] for r in comp if "snapshot_join" in r]
     checks = {
+        "snapshot_join_ok": bool(snap) and all(r["join_s"] < JOIN_S for r in snap),
         "rss_growth_mb": growth,
         "rss_peak_growth_mb": peak_growth,
         "rss_growth_ok": max(growth, peak_growth) <= RSS_GROWTH_MB,
@@ -437,13 +616,16 @@ def main(argv: list[str] | None = None) -> int:
         "rss_mb": {str(r["size"]): r["rss_mb"] for r in comp},
         "rss_peak_mb": {str(r["size"]): r["rss_peak_mb"] for r in comp},
         "restart_s": {str(r["size"]): r["restart_s"] for r in comp},
-        "join_s": {str(r["history"]): r["join_s"] for r in joined},
+        # join_s: joins from a snapshot (the target; the worse of just after a point and one
+        # batch before the next); baseline_join_s: from the full log.
+        "join_s": {str(r["history"]): r["join_s"] for r in snap},
+        "baseline_join_s": {str(r["history"]): r["join_s"] for r in joined},
         "baseline_rss_mb": {str(r["size"]): r["rss_mb"] for r in base},
         "compact_s_max": comp[-1]["compact_s_max"],
         "save_s_max": comp[-1]["save_s_max"],
         "baseline_restart_s": {str(r["size"]): r["restart_s"] for r in base},
-        "snapshot_join": "not built",
-        "compact_after": compact_after,
+        "snapshot_join": snap,
+        "point_interval": point_interval,
         "checks": checks,
         "compaction": comp,
         "baseline": base,
@@ -455,7 +637,9 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps({"results": results, "elapsed_s": elapsed, "load_average": load}, indent=2)
         )
         return 0
-    print(f"witnessed market, one node, compact_after={compact_after:,} (load average {load:.2f})")
+    print(
+        f"witnessed market, one node, point_interval={point_interval:,} (load average {load:.2f})"
+    )
     print("RSS: just after a compaction / its peak, one batch before it; restart: the longer")
     print(f"{'ops':>10} {'RSS / peak':>15} {'base RSS':>9} {'restart':>9} {'base restart':>13}")
     for c, b in zip(comp, base, strict=True):
@@ -482,7 +666,16 @@ def main(argv: list[str] | None = None) -> int:
             f"full-log join of {row['history']:,} ops (baseline; in process, verifying): "
             f"{row['join_s']:.2f} s"
         )
-    print("snapshot join: not built")
+    verdict = "PASS" if checks["snapshot_join_ok"] else "FAIL"
+    for row in snap:
+        for when in ("after_point", "before_next_point"):
+            j = row[when]
+            print(
+                f"snapshot join at {j['history']:,} ops of history, {when.replace('_', ' ')} "
+                f"(in process): {j['join_s']:.2f} s (point {j['joined_from_point']:,}, then "
+                f"{j['synced_ops']:,} ops synced; {j['stored_ops']:,} ops stored)"
+            )
+    print(f"snapshot join target < {JOIN_S:.0f} s at every size: {verdict}")
     print(f"elapsed {elapsed:.0f} s")
     return 0
 

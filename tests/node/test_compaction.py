@@ -419,7 +419,8 @@ def test_memory_bench_runs_and_reports_every_figure() -> None:
     assert set(results["baseline_join_s"]) == {"4000"}
     # The snapshot join at 4,000 ops: from a point, the same state (the bench checks it).
     assert len(results["join_s"]) == 1 and len(results["snapshot_join"]) == 1
-    joined = results["snapshot_join"][0]
-    assert joined["same_digest"] and joined["joined_from_point"] and joined["rejects"] == 0
+    row = results["snapshot_join"][0]
+    for joined in (row["after_point"], row["before_next_point"]):
+        assert joined["same_digest"] and joined["joined_from_point"] and joined["rejects"] == 0
     assert results["compaction"][-1]["compacted_ops"] > 0
     assert results["baseline"][-1]["compacted_ops"] == 0
