@@ -116,8 +116,10 @@ HISTORY_SESSION_TIMEOUT: Final = 120.0
 #: points costs the joiner this many fetches at most before it falls back to the full log.
 MAX_CANDIDATES: Final = 4
 MAX_SNAPSHOT_TRIES: Final = 6
-#: After a history fetch failed with every peer, try again after this long (or on a change).
+#: After a history fetch failed with every peer, try again after this long, doubling up to
+#: HISTORY_RETRY_MAX while it keeps failing (no connected peer holds the prefix yet).
 HISTORY_RETRY: Final = 5.0
+HISTORY_RETRY_MAX: Final = 120.0
 #: Points offered: the latest two (a witness attests the newest only after it compacted there,
 #: so just after a point the previous one is the attested one).
 POINTS_OFFERED: Final = 2
@@ -464,17 +466,16 @@ class Joiner:
 
     async def history_loop(self, ms: MarketState) -> None:
         """Whenever the joined replica has ops waiting for the prefix, fetch it (for ever)."""
+        delay = HISTORY_RETRY
         while True:
             changed = ms.changed
-            if (
-                ms.join_info is not None
-                and not ms.replica.has_history
-                and (ms.replica.history_wanted > 0)
-            ):
-                ok = await self.fetch_history(ms)
-                if not ok:
-                    with trio.move_on_after(HISTORY_RETRY):
-                        await changed.wait()
+            replica = ms.replica
+            if ms.join_info is not None and not replica.has_history and replica.history_wanted:
+                if await self.fetch_history(ms):
+                    delay = HISTORY_RETRY
+                else:
+                    await trio.sleep(delay)
+                    delay = min(HISTORY_RETRY_MAX, delay * 2)
                 continue
             await changed.wait()
 

@@ -446,6 +446,11 @@ async def test_history_on_demand_releases_an_op_naming_a_compacted_parent(
         # The history is served on from the joiner now, and its archive answers.
         assert j.store.history(MARKET.id, 0, 10) == [op.raw for op in log[:10]]
         assert j.store.get_raw(MARKET.id, old.id, compacted=True) == old.raw
+        # A restart starts from the store's snapshot with the history held.
+        digest = j.ms.replica.digest()
+        j.service.load_from_store()
+        assert j.ms.replica.has_history and j.ms.replica.digest() == digest
+        assert j.ms.join_status()["history"] == "complete" and j.ms.joined_from == point.n
 
 
 # -- hostile frames --------------------------------------------------------------------------
