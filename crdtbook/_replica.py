@@ -225,6 +225,7 @@ class Replica:
         self._history = True
         self._point_seq: dict[bytes, int] = {}
         self._history_wait: dict[bytes, Op] = {}
+        self._history_copies: set[bytes] = set()
         self._order: list[Op] = []  # applied ops in total order
         self._matched = 0  # how many of _order the engine has processed
         #: Where each matched op's undo records begin on the engine's tape (8 bytes per op, and
@@ -981,8 +982,20 @@ class Replica:
 
     @property
     def history_wanted(self) -> int:
-        """Ops waiting because their verdict needs the compacted history, which this replica
-        (joined from a point state) has not got: ``history_complete`` once its archive has."""
+        """Ops that wait for the compacted history, which this replica (joined from a point
+        state) has not got, and matter: a node fetches the history when this is not 0, then
+        calls ``history_complete``. Those are the ops held for what their rules read (a
+        reconfiguration, a cancel, an added witness's heartbeat), and the possible copies of
+        prefix ops that another op waits for. A possible copy nothing waits for is only held
+        (``history_held``): a real copy changes nothing, and a fork of a prefix author's chain
+        matters once a witness acknowledges it, when its heartbeat waits for it."""
+        waiting = self._waiting
+        return sum(1 for ident in self._history_wait
+                   if ident in waiting or ident not in self._history_copies)
+
+    @property
+    def history_held(self) -> int:
+        """Every op held for the history (``history_wanted`` counts those that matter)."""
         return len(self._history_wait)
 
     @property
@@ -1016,9 +1029,13 @@ class Replica:
     def _hold_for_history(self, op: Op) -> None:
         wait = self._history_wait
         if op.id not in wait and len(wait) >= max(1, self.max_pending):
-            del wait[next(iter(wait))]  # oldest first, as the pending buffer; sync brings it again
+            oldest = next(iter(wait))  # oldest first, as the pending buffer; sync brings it again
+            del wait[oldest]
+            self._history_copies.discard(oldest)
             self.evicted += 1
         wait[op.id] = op
+        if op.seq <= self._point_seq.get(op.author, 0):
+            self._history_copies.add(op.id)  # held only as a possible copy (see history_wanted)
 
     def history_complete(self) -> ApplyReport:
         """The archive now holds the whole prefix (a joining node fetched it and checked it
@@ -1026,6 +1043,7 @@ class Replica:
         self._history = True
         self._point_seq = {}
         waiting, self._history_wait = list(self._history_wait.values()), {}
+        self._history_copies = set()
         report = self.apply_many(waiting)
         # Ops pending on a parent that was in the prefix: that parent is in the archive now.
         released: list[Op] = []

@@ -43,7 +43,8 @@ class CompactingNetwork(WitnessedNetwork):
             twins = []
             for _ in self.world:
                 archive = _Archive()
-                twins.append((Replica(WMARKET, archive=archive, point_interval=POINT_INTERVAL), archive))
+                replica = Replica(WMARKET, archive=archive, point_interval=POINT_INTERVAL)
+                twins.append((replica, archive))
             self.twins = twins
         return twins
 
@@ -121,7 +122,7 @@ class CompactingNetwork(WitnessedNetwork):
         assert not joiner.has_history
         # Unless an op waits: for the history (a fork of a prefix author's chain, a cancel of
         # an order finished there) or for a parent in the prefix that is not kept.
-        if not joiner.history_wanted and not joiner.pending_count:
+        if not joiner.history_held and not joiner.pending_count:
             assert joiner.digest() == twin.digest()
         # The history the joiner may fetch later: the prefix, as the twin compacted it.
         self.histories = getattr(self, "histories", {})
@@ -135,13 +136,14 @@ class CompactingNetwork(WitnessedNetwork):
             return
         for at, (twin, archive) in enumerate(self._twins()):
             self._feed(at)
-            if twin.history_wanted:
+            if twin.history_held:
                 # Ops wait for the history (copies of prefix ops, or ops whose verdict reads
-                # it): fetch it, as a node does, and judge them.
+                # it): fetch it, as a node does, and judge them. (A node fetches at once for
+                # history_wanted; for ops only held, after a while: a fork nobody references.)
                 event("a joined twin waited for its history")
                 archive.ops.update(getattr(self, "histories", {}).get(at, {}))
                 twin.history_complete()
-                assert twin.history_wanted == 0
+                assert twin.history_held == twin.history_wanted == 0
             replica = self.world[at]
             _same(replica, twin)
 

@@ -210,7 +210,10 @@ def test_a_joiner_from_an_attested_point_equals_a_full_replica() -> None:
     joiner.apply(bad.raw)
     assert joiner.pending_count == 1 and joiner.missing() == [old.id]
     joiner.apply(old.raw)  # sync brings the parent: a prefix op, so it waits for the history
-    assert joiner.history_wanted == 1
+    assert joiner.history_wanted == 1 and joiner.history_held == 1
+    # A copy of a prefix op nothing waits for is held, and asks for no history.
+    joiner.apply(ops[1].raw)
+    assert joiner.history_held == 2 and joiner.history_wanted == 1
     check = HistoryCheck(info)
     for ident in source.prefix:
         check.feed(source.bodies[ident].raw)
