@@ -1037,6 +1037,14 @@ class Replica:
         if op.seq <= self._point_seq.get(op.author, 0):
             self._history_copies.add(op.id)  # held only as a possible copy (see history_wanted)
 
+    def forget_history(self) -> None:
+        """The archive no longer holds the whole prefix (a node pruned its store): from now on
+        the ops whose verdict needs what is gone wait for it, as at a node that joined from a
+        point state, until ``history_complete``. (What the archive still holds is used.)"""
+        if self.compacted_ops:
+            self._history = False
+            self._point_seq = {a: op.seq for a, op in self._prefix.tips.items()}
+
     def history_complete(self) -> ApplyReport:
         """The archive now holds the whole prefix (a joining node fetched it and checked it
         with ``HistoryCheck``): judge the ops that waited for it, and those waiting on them."""

@@ -222,3 +222,33 @@ def test_a_joiner_from_an_attested_point_equals_a_full_replica() -> None:
     joiner.history_complete()
     assert joiner.history_wanted == 0 and joiner.pending_count == 0 and joiner.has_history
     assert joiner.digest() == full.digest()
+
+
+def test_a_replica_that_forgets_its_history_holds_what_needs_it_until_it_is_back() -> None:
+    """A node that prunes its store (drops old compacted ops): what its archive still holds is
+    used, an op naming a pruned op waits for the history, and all is as before once it is
+    back."""
+    nodes, ops = _world(300, seed=6)
+    node = nodes[0]
+    replica, archive = node.replica, node.archive
+    pruned = {i: archive.ops.pop(i) for i in node.prefix[:100] if i in archive.ops}
+    assert pruned
+    replica.forget_history()
+    assert not replica.has_history
+    old = next(op for op in ops if op.id in pruned and op.body.kind == "order")
+    body = OrderBody("buy", 98, 1, "gtc", None, "expire_maker")
+    late = sign_op(ADVERSARIES[1], WMARKET.id, 1, old.lamport + 1, (old.id,), body,
+                   version=WITNESSED_VERSION)
+    full = Replica(WMARKET)
+    full.apply_many(op.raw for op in ops)
+    full.apply(late.raw)
+    replica.apply(late.raw)
+    assert replica.missing() == [old.id]
+    replica.apply(old.raw)  # a peer sends the pruned parent: it waits for the history
+    assert replica.history_wanted == 1
+    kept_copy = ops[-1]  # a copy of an op the archive still holds is known at once
+    assert replica.apply(kept_copy.raw) == [] and replica.history_held == 1
+    archive.ops.update(pruned)
+    replica.history_complete()
+    assert replica.has_history and replica.pending_count == 0
+    assert replica.digest() == full.digest()
