@@ -769,6 +769,7 @@ class Replica:
         verify: bool = True,
         max_pending: int = DEFAULT_MAX_PENDING,
         archive: Archive | None = None,
+        point_interval: int = DEFAULT_POINT_INTERVAL,
     ) -> Replica:
         """A replica holding ``ops`` (any order, repeats, ops still waiting for parents, ops
         newer than the checkpoint), equal to one that applied them one by one; matched from
@@ -782,9 +783,10 @@ class Replica:
 
         ``verify=False`` skips the signature check of ops given as bytes: only for bytes the
         caller verified before (its own store). ``archive``: where the replica will find what
-        it compacts later (see ``compact``).
+        it compacts later (see ``compact``); ``point_interval``: where it compacts.
         """
-        replica = cls(market, max_pending=max_pending, archive=archive)
+        replica = cls(market, max_pending=max_pending, archive=archive,
+                      point_interval=point_interval)
         skipped: list[tuple[bytes | None, InvalidOp]] = []
 
         def decoded() -> Iterator[Op | bytes]:
