@@ -45,6 +45,11 @@ Why this shape:
   prefix checks against the attested chain (:meth:`OpStore.finish_history`); a prefix that does
   not check is dropped (:meth:`OpStore.drop_history`), so unverified bytes never answer for a
   compacted op.
+* **Retention** (``crdtbook node --retention OPS``, node.retention): after a compaction at
+  point ``n``, a node may delete the archived ops whose final index is below ``n - OPS``
+  (:meth:`OpStore.prune_history`, short chunked transactions); live and staged ops, the kept
+  ops of the points served, the compacted fills and orders and the snapshots stay. SQLite
+  reuses the freed pages (the file stops growing; it shrinks only with ``VACUUM``).
 * **Versioned schema** with ``PRAGMA user_version`` and an ordered migration list, so later
   versions can upgrade old stores in place (and an older binary refuses a newer store).
 """
@@ -56,7 +61,7 @@ import errno
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Self
 
@@ -746,6 +751,50 @@ class OpStore:
                 break
             out.append(bytes(raw))
         return out
+
+    def prune_history(
+        self,
+        market: bytes,
+        start: int,
+        below: int,
+        keep: Container[bytes],
+        limit: int,
+        meta: tuple[str, bytes] | None = None,
+    ) -> tuple[int, int]:
+        """Delete the archived (compacted) ops of ``market`` whose final index is in ``[start,
+        below)``, but for those in ``keep`` (kept ops of the points served), looking at most
+        ``limit`` rows: one short transaction (node.retention runs it chunk after chunk), which
+        also stores the meta row ``meta`` if given. Live and staged ops are never deleted.
+        Returns ``(ops deleted, the final index to go on from)``: ``below`` once done."""
+        _need_bytes("market", market)
+        with self._lock, self._writing():
+            conn = self._db()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                rows = conn.execute(
+                    "SELECT final_idx, id, compacted FROM ops INDEXED BY ops_final"
+                    " WHERE market = ? AND final_idx IS NOT NULL AND final_idx >= ?"
+                    " AND final_idx < ? ORDER BY final_idx LIMIT ?",
+                    (market, start, below, limit),
+                ).fetchall()
+                gone = [
+                    (bytes(ident),)
+                    for _, ident, mark in rows
+                    if mark == COMPACTED and bytes(ident) not in keep
+                ]
+                conn.executemany("DELETE FROM ops WHERE id = ?", gone)
+                if meta is not None:
+                    conn.execute(
+                        "INSERT INTO meta (key, value) VALUES (?, ?)"
+                        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        (meta[0], _need_bytes("value", meta[1])),
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+        following = below if len(rows) < limit else int(rows[-1][0]) + 1
+        return len(gone), following
 
     def save_join(
         self, market: bytes, items: Iterable[OpItem], snapshot: Snapshot, point: int
