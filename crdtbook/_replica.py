@@ -965,8 +965,11 @@ class Replica:
 
     def _note_attestation(self, op: Op) -> None:
         body = op.body
-        if type(body) is not HeartbeatBody or not body.point:
+        fin = self._fin
+        if type(body) is not HeartbeatBody or not body.point or fin is None:
             return
+        if op.author not in fin.genesis and op.author not in fin.added_at:
+            return  # only witnesses' count: anyone else's would only push theirs out
         key = (body.point, body.point_hash)
         held = self._attestations.get(key)
         if held is None:
@@ -979,7 +982,7 @@ class Replica:
 
     def attesting(self, n: int, point_hash: bytes) -> list[Op]:
         """The heartbeats held that attest the point ``(n, point_hash)``: the latest of each
-        author (witness or not: ``check_attested`` counts those in force)."""
+        witness (of any epoch: ``check_attested`` counts those in force at the point)."""
         return sorted(self._attestations.get((n, point_hash), {}).values(), key=lambda o: o.id)
 
     @property
@@ -991,9 +994,12 @@ class Replica:
         prefix ops that another op waits for. A possible copy nothing waits for is only held
         (``history_held``): a real copy changes nothing, and a fork of a prefix author's chain
         matters once a witness acknowledges it, when its heartbeat waits for it."""
-        waiting = self._waiting
-        return sum(1 for ident in self._history_wait
-                   if ident in waiting or ident not in self._history_copies)
+        copies, waiting = self._history_copies, self._waiting
+        if len(waiting) < len(copies):  # O(the smaller): a flood of copies costs nothing here
+            waited = sum(1 for ident in waiting if ident in copies)
+        else:
+            waited = sum(1 for ident in copies if ident in waiting)
+        return len(self._history_wait) - len(copies) + waited
 
     @property
     def history_held(self) -> int:

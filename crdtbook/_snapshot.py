@@ -233,7 +233,6 @@ def _restore(
         body = op.body
         if type(body) is HeartbeatBody:
             fin.heartbeats.append(op)
-            replica._note_attestation(op)
         elif type(body) is ReconfigBody:
             fin.by_epoch.setdefault(body.epoch, []).append(op)
             prefix.reconfigs.append(op)
@@ -256,6 +255,8 @@ def _restore(
     fin._forks_seen = {k: int(v) for k, v in w["forks_seen"]}
     fin.latest = {k: applied[i] for k, i in w["latest"]}
     prefix.heartbeats = dict(fin.latest)
+    for heartbeat in fin.heartbeats:  # now that the witnesses are known
+        replica._note_attestation(heartbeat)
     prefix.lamport = lamport
 
     base = _engine(fields["engine"], applied)
