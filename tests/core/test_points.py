@@ -16,6 +16,7 @@ from witnessed import ADVERSARIES, GENESIS, TRADERS, WMARKET, witnessed_market
 
 from crdtbook import (
     WITNESSED_VERSION,
+    HeartbeatBody,
     HistoryCheck,
     Op,
     OrderBody,
@@ -110,6 +111,13 @@ def test_witnesses_attest_their_point_and_a_majority_is_needed() -> None:
         w.public_key for w in GENESIS
     }
     assert check_attested(WMARKET, blob, [b.raw for b in beats[:2]], []) == info
+    # A trader's heartbeat "attesting" the point is applied (as any heartbeat) and counts nil.
+    fake = sign_op(TRADERS[0], WMARKET.id, 1, 1, (), HeartbeatBody(0, info.n, info.hash),
+                   version=WITNESSED_VERSION)
+    nodes[0].replica.apply(fake.raw)
+    assert fake.author not in {b.author for b in nodes[0].replica.attesting(info.n, info.hash)}
+    with pytest.raises(SnapshotRefused):
+        check_attested(WMARKET, blob, [beats[0].raw, fake.raw], [])
     with pytest.raises(SnapshotRefused) as refused:
         check_attested(WMARKET, blob, [beats[0].raw], [])
     assert refused.value.reason == "unattested"
