@@ -66,6 +66,7 @@ from crdtbook import (
 )
 from crdtbook._ops import decode_with_id  # the shell hashes received bytes once (prepare)
 
+from . import retention as retention_
 from .finality import HEARTBEAT_INTERVAL, FinalityTracker
 from .limits import GOSSIP_ENVELOPE_BYTES, GOSSIP_OP_OVERHEAD, MAX_GOSSIP_BYTES, MAX_WATCH_IDS
 from .store import (
@@ -134,21 +135,6 @@ POINT_INTERVAL: Final = DEFAULT_POINT_INTERVAL
 HISTORY_CHUNK: Final = 4096
 
 
-def _replica_type(point_interval: int) -> type[Replica]:
-    """``Replica`` at ``point_interval``, for ``Replica.restore``, which builds its replica with
-    the default interval (the core's constructor and ``from_snapshot`` take one, ``restore``
-    not yet): the default is ``Replica`` itself, another a subclass that only sets it."""
-    if point_interval == DEFAULT_POINT_INTERVAL:
-        return Replica
-
-    class AtInterval(Replica):
-        def __init__(self, market: Market, **options: Any) -> None:
-            options.setdefault("point_interval", point_interval)
-            super().__init__(market, **options)
-
-    return AtInterval
-
-
 def checkpoint_tail(ops: int) -> int:
     """How many of the newest ``ops`` a checkpoint leaves out (see CHECKPOINT_TAIL_MAX)."""
     return min(CHECKPOINT_TAIL_MAX, ops // 10)
@@ -199,6 +185,10 @@ class MarketState:
     join_state: str | None = None
     join_info: PointInfo | None = None
     history_fetching: bool = False
+    #: Retention (node.retention): the node's ``--retention`` (None: keep the whole archive)
+    #: and what it pruned of this market's archive (as recorded in the store).
+    retention: int | None = None
+    prune: retention_.PruneState = field(default_factory=retention_.PruneState)
     finality: FinalityTracker = field(init=False)
     _digest: tuple[int, bytes] | None = None
     _point_hashes: tuple[int, list[tuple[int, bytes]]] | None = None
@@ -214,8 +204,8 @@ class MarketState:
 
     def history_held(self) -> bool:
         """Whether the store holds the whole compacted prefix (False: joined from a snapshot
-        and the history is not fetched yet)."""
-        return self.join_info is None or self.replica.has_history
+        and the history is not fetched yet, or retention pruned it)."""
+        return self.replica.has_history
 
     def join_status(self) -> dict[str, Any]:
         """The market's join fields of ``status``: joined_from_point (None: not joined from a
@@ -230,6 +220,9 @@ class MarketState:
             "joined_from_point": self.joined_from,
             "history": history,
             "history_wanted": self.replica.history_wanted,
+            # Retention (node.retention): --retention (None: keep all) and ops it pruned.
+            "retention": self.retention,
+            "pruned_ops": self.prune.pruned,
         }
 
     def fills(self, start: int, stop: int | None = None) -> list[CompactedFill]:
@@ -592,9 +585,12 @@ class NodeService:
         fsync: bool = False,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         point_interval: int = POINT_INTERVAL,
+        retention: int | None = None,
     ) -> None:
         self.identity = identity
         self.point_interval = point_interval
+        #: Archived ops kept below each new point (node.retention); None: all of them.
+        self.retention = retention_.check_retention(retention)
         self.heartbeat_interval = heartbeat_interval
         self.publish_interval = publish_interval
         self.gossip_batch = max(1, min(gossip_batch, MAX_BATCH_OPS))
@@ -618,7 +614,9 @@ class NodeService:
             return MarketState(market, Replica(market), topic_for(market))
         archive = StoreArchive(self.store, market.id)
         replica = Replica(market, archive=archive, point_interval=self.point_interval)
-        return MarketState(market, replica, topic_for(market), archive=archive)
+        ms = MarketState(market, replica, topic_for(market), archive=archive)
+        ms.retention = self.retention
+        return ms
 
     def note_applied(self, count: int) -> None:
         """GC policy. A replica's state (ops, orders, journals) lives as long as the node and
@@ -660,8 +658,10 @@ class NodeService:
             archive.saving = None
             snapshot = self.store.get_snapshot(market.id)
             joined = self.store.join_state(market.id)
-        # Joined from a snapshot: the store holds the prefix only once its history was fetched.
-        history = joined is None or joined[2] >= joined[0]
+            ms.prune = retention_.read_state(self.store, market.id)
+        # Joined from a snapshot: the store holds the prefix only once its history was fetched;
+        # and not once retention pruned it.
+        history = (joined is None or joined[2] >= joined[0]) and not ms.prune.below
         if joined is not None:
             ms.join_state = ms.join_state or "snapshot"
             try:
@@ -704,12 +704,13 @@ class NodeService:
                         "log replayed lacks the prefix (ops naming it wait for sync)",
                         market.name,
                     )
-                replica = _replica_type(self.point_interval).restore(
+                replica = Replica.restore(
                     market,
                     self.store.load_market(market.id),
                     checkpoint,
                     verify=False,
                     archive=archive,
+                    point_interval=self.point_interval,
                 )
         finally:
             gc.freeze()
@@ -818,7 +819,30 @@ class NodeService:
         finally:
             self._saving -= 1
         self._saved(ms, record, seconds)
+        if self.retention is not None:
+            await self._prune(ms, self.retention)
         return True
+
+    async def _prune(self, ms: MarketState, keep: int) -> None:
+        """Retention after a compaction (node.retention): delete the archived ops more than
+        ``keep`` final ops below the point. A failed write is logged; the next point retries."""
+        self._saving += 1  # chunked deletes: op writes wait for the store in threads meanwhile
+        started = time.perf_counter()
+        try:
+            deleted = await retention_.prune(self.store, ms, keep)
+        except StoreError as exc:
+            logger.warning("%s: pruning the archive failed (%s)", ms.market.name, exc)
+            return
+        finally:
+            self._saving -= 1
+        if deleted:
+            logger.info(
+                "%s: retention pruned %d archived ops below final op %d in %.2f s",
+                ms.market.name,
+                deleted,
+                ms.prune.below,
+                time.perf_counter() - started,
+            )
 
     def _take_compaction(self, ms: MarketState) -> _Compaction | None:
         """Compact the replica (synchronously, no task runs meanwhile) and return what left its
@@ -990,12 +1014,14 @@ class NodeService:
             )
         return live
 
-    async def history_fetched(self, ms: MarketState) -> int:
-        """The joined point's history is staged in the store and checked: archive it, and
-        judge the ops that waited for it. Returns how many ops that applied."""
-        info = ms.join_info
-        assert info is not None, "only a joined market fetches history"
+    async def history_fetched(self, ms: MarketState, info: PointInfo | None = None) -> int:
+        """The history of ``info`` (default: the joined point) is staged in the store and
+        checked: archive it, and judge the ops that waited for it. Returns how many ops that
+        applied. (A pruned node fetches the prefix of its latest point: node.retention.)"""
+        info = info or ms.join_info
+        assert info is not None, "only a joined or pruned market fetches history"
         await trio.to_thread.run_sync(self.store.finish_history, ms.market.id, info.n, info.kept)
+        retention_.restored(self.store, ms)
         report = ms.replica.history_complete()
         applied = report.applied
         if applied:

@@ -241,6 +241,8 @@ async def test_joins_from_the_attested_snapshot_and_syncs_only_what_followed(
             "joined_from_point": point.n,
             "history": "absent",
             "history_wanted": 0,
+            "retention": None,
+            "pruned_ops": 0,
         }
         assert not ms.joining and j.net.rejects == []
         # Sync brings what followed the point, not the history before it.
@@ -262,6 +264,8 @@ async def test_joins_from_the_attested_snapshot_and_syncs_only_what_followed(
             "joined_from_point": None,
             "history": "complete",
             "history_wanted": 0,
+            "retention": None,
+            "pruned_ops": 0,
         }
 
 
