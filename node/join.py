@@ -28,7 +28,9 @@ sessions of at most ``MAX_HISTORY_SESSION_OPS``, checks it against the point's c
 (``crdtbook.HistoryCheck``: the chain is attested, so no signature needs checking), stores it
 staged, and on success archives it and releases the waiting ops
 (``Replica.history_complete``). A peer whose history fails the check is counted and the fetch
-starts over with another.
+starts over with another. A node whose retention pruned its archive (node.retention) fetches
+the prefix of its latest point the same way; so does a node whose ops have only been held as
+possible copies of prefix ops for ``HELD_HISTORY_FETCH_AFTER`` (see ``Joiner.history_loop``).
 
 **Serving**: offers from the replica's points, snapshots from the store's point blobs (the
 latest two), history from the store's record of the prefix's final order.
@@ -82,11 +84,13 @@ from .join_wire import (
 from .limits import MAX_BATCH_OPS, MAX_FRAME_BYTES
 from .network import FrameStreamLike, Network
 from .p2p_errors import P2PError
+from .retention import history_point
 from .service import MarketState, NodeService
 from .sync import FRAME_TIMEOUT
 from .wire import WireError
 
 __all__ = [
+    "HELD_HISTORY_FETCH_AFTER",
     "HISTORY_RETRY",
     "JOIN_MODES",
     "JOIN_PEER_WAIT",
@@ -120,6 +124,12 @@ MAX_SNAPSHOT_TRIES: Final = 6
 #: HISTORY_RETRY_MAX while it keeps failing (no connected peer holds the prefix yet).
 HISTORY_RETRY: Final = 5.0
 HISTORY_RETRY_MAX: Final = 120.0
+#: Ops held only as possible copies of prefix ops (``Replica.history_held`` > 0 while
+#: ``history_wanted`` is 0) for this long make the node fetch the history too (see
+#: ``Joiner.history_loop``). Long enough that the copies sync and gossip bring now and then
+#: (most are judged duplicates once the history is here) do not each cost a fetch of the whole
+#: prefix; short enough that a fork nobody names yet is judged within a few heartbeats' time.
+HELD_HISTORY_FETCH_AFTER: Final = 30.0
 #: Points offered: the latest two (a witness attests the newest only after it compacted there,
 #: so just after a point the previous one is the attested one).
 POINTS_OFFERED: Final = 2
@@ -465,24 +475,50 @@ class Joiner:
     # -- history on demand -------------------------------------------------------------------
 
     async def history_loop(self, ms: MarketState) -> None:
-        """Whenever the joined replica has ops waiting for the prefix, fetch it (for ever)."""
+        """Whenever the replica lacks the prefix (joined from a snapshot, or pruned by
+        retention: node.retention) and ops wait for it, fetch it (for ever)."""
         delay = HISTORY_RETRY
+        held_since: float | None = None  # since when ops have been held for the history
         while True:
             changed = ms.changed
             replica = ms.replica
-            if ms.join_info is not None and not replica.has_history and replica.history_wanted:
+            if replica.has_history or history_point(ms) is None:
+                held_since = None
+                await changed.wait()
+                continue
+            now = trio.current_time()
+            if not replica.history_held:
+                held_since = None
+            elif held_since is None:
+                held_since = now
+            # history_wanted: ops that matter wait (their rules read the prefix, or another op
+            # waits for them). Ops only held as possible copies of prefix ops ask for nothing
+            # at first (a real copy changes nothing, and fetching the prefix for each copy
+            # would undo what a join or retention saves), but one of them may be a fork of a
+            # prefix author's chain that nobody references yet: a replica with the history
+            # applies it (evidence of equivocation, in the digest) and this one would hold it
+            # for ever. So ops held for HELD_HISTORY_FETCH_AFTER make the node fetch too.
+            due = replica.history_wanted > 0 or (
+                held_since is not None and now - held_since >= HELD_HISTORY_FETCH_AFTER
+            )
+            if due:
                 if await self.fetch_history(ms):
                     delay = HISTORY_RETRY
+                    held_since = None
                 else:
                     await trio.sleep(delay)
                     delay = min(HISTORY_RETRY_MAX, delay * 2)
                 continue
-            await changed.wait()
+            with trio.move_on_at(
+                float("inf") if held_since is None else held_since + HELD_HISTORY_FETCH_AFTER
+            ):
+                await changed.wait()
 
     async def fetch_history(self, ms: MarketState) -> bool:
-        """Fetch, check and store the prefix of the joined point; release what waited. Tries
-        the connected peers in random order; True once complete."""
-        info = ms.join_info
+        """Fetch, check and store the prefix of the joined point (a pruned node: of its latest
+        point); release what waited. Tries the connected peers in random order; True once
+        complete."""
+        info = history_point(ms)
         assert info is not None
         name = ms.market.name
         ms.history_fetching = True
@@ -526,7 +562,7 @@ class Joiner:
                     )
                     check = HistoryCheck(info)
                     continue
-                released = await self.service.history_fetched(ms)
+                released = await self.service.history_fetched(ms, info)
                 logger.info(
                     "%s: fetched the %d ops of history before the point in %.1f s; %d ops that "
                     "waited for it applied",
