@@ -373,6 +373,20 @@ def node(
             "(snapshot), or from the whole log (full).",
         ),
     ] = "snapshot",
+    retention: Annotated[
+        int | None,
+        typer.Option(
+            "--retention",
+            metavar="OPS",
+            min=0,
+            help="In witnessed markets, keep in the store only the OPS newest compacted ops "
+            "before the latest compaction point and delete older ones (0: keep none) [default: "
+            "keep everything]. fills and order still answer for all history (compacted fills "
+            "and orders are kept); the node then serves no history to joiners, and fetches it "
+            "back from a peer when a late op needs it.",
+            show_default=False,
+        ),
+    ] = None,
     point_interval: Annotated[
         int | None,
         typer.Option(
@@ -420,6 +434,8 @@ def node(
         fail(f"--join must be snapshot or full, not {join!r}", 2)
     if point_interval is not None:
         extra["point_interval"] = point_interval
+    if retention is not None:
+        extra["retention"] = retention
     if http is not None:
         from crdtbook.node.http_auth import parse_bind
 

@@ -89,6 +89,8 @@ class NodeConfig:
     join: str = "snapshot"
     #: How long a joining node waits for a peer that offers a snapshot (node.join).
     join_peer_wait: float = JOIN_PEER_WAIT
+    #: Archived ops a witnessed market keeps below each new point (node.retention); None: all.
+    retention: int | None = None
     #: The libp2p layer's tunables (GossipSub heartbeat and degree, timeouts, message cap);
     #: None: ``node.p2p.NetworkConfig()``'s defaults, which are the production values.
     network: NetworkConfig | None = None
@@ -201,6 +203,7 @@ async def _main(config: NodeConfig) -> int:
         fsync=config.fsync,
         heartbeat_interval=config.heartbeat_interval,
         point_interval=config.point_interval,
+        retention=config.retention,
     )
     started = time.monotonic()
     loaded = service.load_from_store()
