@@ -128,9 +128,11 @@ async def prune(store: OpStore, ms: MarketState, retention: int) -> int:
         return 0
     below = point.n - retention
     state = ms.prune
-    start = state.below
-    if below <= start:
+    if below <= state.below:
         return 0
+    # From 0, not from the previous ``below``: the kept ops of a point no longer served were
+    # left then and go now. Deleted rows leave the index, so the walk costs what is left.
+    start = 0
     market = ms.market
     keep = await trio.to_thread.run_sync(kept_of_points, store, market)
     # First the replica: from here on an op needing what goes waits for the history instead of

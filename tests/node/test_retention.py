@@ -1,0 +1,210 @@
+"""Retention (``--retention OPS``, issue #10; node/retention.py), in process: the harness of
+test_join.py (services over real stores, join and sync sessions on in-memory streams).
+
+A node ``P`` with a small point interval and a retention takes a witness's log and compacts at
+its points like any node; after each compaction it deletes the archived ops more than the
+retention below the point. Its rows drop, its digest stays the witness's, a restart restores
+without history, ``fills``/``order`` answer for pruned history, it serves no history (and a
+full-log sync from it ends, with what it has), and an op naming a pruned op waits until the
+history is fetched back from a peer that keeps it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from crdtbook import Identity, Op, Replica, read_point
+from crdtbook._ops import OrderBody, sign_op
+from crdtbook.node import join as join_module
+from crdtbook.node import retention
+from crdtbook.node.retention import PruneState
+from crdtbook.node.store import OpStore
+
+from .test_join import INTERVAL, MARKET, Node, connect, h_first, log_of, network
+
+__all__ = ["h_first"]  # a fixture, used by name
+
+pytestmark = pytest.mark.timeout(60)
+
+#: Archived ops kept below each point: 1.5 intervals, so some points' prefixes go whole and
+#: one goes in part.
+KEEP = 150
+
+
+def with_retention(node: Node, keep: int) -> Node:
+    """``node`` run with ``--retention keep`` (as NodeService(retention=keep) would be)."""
+    node.service.retention = keep
+    for ms in node.service.markets.values():
+        ms.retention = keep
+    return node
+
+
+async def take_log(node: Node, log: list[bytes]) -> None:
+    """``node`` takes ``log`` in point-sized batches, compacting (and pruning) at each point."""
+    for start in range(0, len(log), INTERVAL):
+        await node.ingest(log[start : start + INTERVAL])
+        await node.settle()
+
+
+def ops_of(node: Node) -> list[Op]:
+    """The whole log of ``node`` (one that keeps everything) in total order."""
+    return list(Replica.restore(MARKET, log_of(node), None, verify=False).ops())
+
+
+def kept_ids(store: OpStore) -> set[bytes]:
+    return retention.kept_of_points(store, MARKET)
+
+
+async def test_a_pruned_node_drops_rows_restarts_and_still_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small chunks: the keyset walk goes on past chunks made only of kept rows.
+    monkeypatch.setattr(retention, "PRUNE_CHUNK_ROWS", 7)
+    async with network(tmp_path) as (w, _h, new):
+        log = log_of(w)
+        p = with_retention(new("P", join="full"), KEEP)
+        await take_log(p, log)
+        point = p.ms.replica.point
+        assert point is not None and point == w.ms.replica.point
+        assert p.ms.replica.digest() == w.ms.replica.digest()
+        # Rows dropped: every archived op below n - KEEP but the kept ones of served points.
+        below = point.n - KEEP
+        pruned = p.ms.prune.pruned
+        assert p.ms.prune == PruneState(below, pruned) == retention.read_state(p.store, MARKET.id)
+        assert pruned > 0 and p.store.count(MARKET.id) == len(log) - pruned
+        order = ops_of(w)
+        keep = kept_ids(p.store)
+        for index, op in enumerate(order[: point.n]):
+            stored = p.store.has(op.id)
+            assert stored == (index >= below or op.id in keep), index
+        # ... so the store's history read stops at the gap, and the kept ops are served.
+        assert p.store.history(MARKET.id, 0, 10) == []
+        assert p.store.history(MARKET.id, below, 10) == [op.raw for op in order[below:][:10]]
+        for _n, blob in p.store.points(MARKET.id):
+            kept = read_point(MARKET, blob).kept
+            assert len(p.store.get_raws(MARKET.id, kept)) == len(kept)
+        status = p.ms.join_status()
+        assert status["retention"] == KEEP and status["pruned_ops"] == pruned
+        assert status["history"] == "absent" and not p.ms.replica.has_history
+        assert w.ms.join_status()["retention"] is None and w.ms.join_status()["pruned_ops"] == 0
+
+        # fills and order answer for pruned history (compacted fills and orders stay).
+        assert w.ms.replica.compacted_fills > 20
+        assert [(f.number, f.fill) for f in p.ms.fills(0, 20)] == [
+            (f.number, f.fill) for f in w.ms.fills(0, 20)
+        ]
+        early = [op.id for op in order[:below] if op.kind == "order" and op.id not in keep]
+        answered = 0
+        for ident in early:
+            theirs, ours = w.ms.order_with_times(ident), p.ms.order_with_times(ident)
+            assert (theirs and theirs.order) == (ours and ours.order)
+            answered += ours is not None
+        assert answered > 0
+
+        # A restart restores from the snapshot without history, with the same digest.
+        p.service.load_from_store()
+        assert not p.ms.replica.has_history and p.ms.prune == PruneState(below, pruned)
+        assert p.ms.replica.digest() == w.ms.replica.digest()
+
+        # It serves snapshots but no history: a joiner that reaches only P joins, and its
+        # history fetch fails without counting against P.
+        j = new("J")
+        connect(j, p)
+        await j.joiner.join(j.ms)
+        assert j.ms.join_state == "snapshot"
+        assert not await j.joiner.fetch_history(j.ms)
+        assert j.net.rejects == []
+
+        # A full-log sync from P ends (it sends what it has; the pruned part stays missing),
+        # and another peer completes it.
+        f = new("F", join="full")
+        for _ in range(3):
+            with trio.fail_after(10):
+                await f.pull_from(p)
+        assert len(f.ms.replica) < len(w.ms.replica)
+        for _ in range(3):
+            await f.pull_from(w)
+        assert f.ms.replica.digest() == w.ms.replica.digest()
+
+
+async def test_an_op_naming_a_pruned_op_applies_once_the_history_is_back(
+    tmp_path: Path, h_first: None
+) -> None:
+    async with network(tmp_path) as (w, h, new):
+        log = log_of(w)
+        p = with_retention(new("P", join="full"), KEEP)
+        await take_log(p, log)
+        point = p.ms.replica.point
+        assert point is not None
+        order = ops_of(w)
+        gone = [op for op in order[: point.n - KEEP] if not p.store.has(op.id)]
+        old = gone[len(gone) // 2]
+        # An op signed by hand whose parent is the pruned op.
+        author = Identity.from_seed(b"L" * 32)
+        body = OrderBody("buy", 90, 1)
+        late = sign_op(author, MARKET.id, 1, old.lamport + 1, (old.id,), body, MARKET.version)
+        await w.ingest([late.raw])
+        assert late.id in w.ms.replica
+        await p.ingest([late.raw])
+        assert late.id not in p.ms.replica
+        # Sync brings the pruned parent back from W: it waits for the history there.
+        for _ in range(3):
+            await p.pull_from(w)
+        assert late.id not in p.ms.replica and p.ms.replica.history_wanted > 0
+        # The history loop fetches the prefix from a peer that keeps it (H, then W).
+        connect(p, h, w)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.joiner.history_loop, p.ms)
+            with trio.fail_after(20):
+                while not p.ms.replica.has_history:
+                    await p.ms.changed.wait()
+            nursery.cancel_scope.cancel()
+        assert late.id in p.ms.replica
+        assert p.store.get_raw(MARKET.id, old.id, compacted=True) == old.raw  # archived again
+        assert p.ms.replica.digest() == w.ms.replica.digest()
+        assert p.net.rejects == []
+        # The store holds the whole prefix again and says so; a restart keeps the history.
+        assert p.ms.prune.below == 0 and retention.read_state(p.store, MARKET.id).below == 0
+        assert p.ms.join_status()["history"] == "complete"
+        assert p.store.history(MARKET.id, 0, 10) == [op.raw for op in order[:10]]
+        digest = p.ms.replica.digest()
+        p.service.load_from_store()
+        assert p.ms.replica.has_history and p.ms.replica.digest() == digest
+
+
+async def test_ops_held_as_copies_of_pruned_ops_fetch_the_history_after_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(join_module, "HELD_HISTORY_FETCH_AFTER", 0.3)
+    async with network(tmp_path) as (w, _h, new):
+        log = log_of(w)
+        p = with_retention(new("P", join="full"), 0)  # 0: keep none of the archive
+        await take_log(p, log)
+        point = p.ms.replica.point
+        assert point is not None
+        order = ops_of(w)
+        gone = [op for op in order[: point.n] if not p.store.has(op.id)]
+        assert len(gone) == point.n - len(kept_ids(p.store) & {op.id for op in order[: point.n]})
+        # A copy of a pruned op: held as a possible copy, which asks for nothing at first.
+        await p.ingest([gone[3].raw])
+        assert p.ms.replica.history_held == 1 and p.ms.replica.history_wanted == 0
+        connect(p, w)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.joiner.history_loop, p.ms)
+            with trio.fail_after(20):
+                while not p.ms.replica.has_history:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        assert p.ms.replica.history_held == 0
+        assert p.ms.replica.digest() == w.ms.replica.digest()
+
+
+def test_retention_values() -> None:
+    assert retention.check_retention(None) is None
+    assert retention.check_retention(0) == 0
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError):
+            retention.check_retention(bad)  # type: ignore[arg-type]
