@@ -518,6 +518,10 @@ class Joiner:
         """Fetch, check and store the prefix of the joined point (a pruned node: of its latest
         point); release what waited. Tries the connected peers in random order; True once
         complete."""
+        async with ms.archive_lock:  # no pruning meanwhile (node.retention)
+            return await self._fetch_history(ms)
+
+    async def _fetch_history(self, ms: MarketState) -> bool:
         info = history_point(ms)
         assert info is not None
         name = ms.market.name

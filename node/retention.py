@@ -130,11 +130,19 @@ async def prune(store: OpStore, ms: MarketState, retention: int) -> int:
     state = ms.prune
     if below <= state.below:
         return 0
+    if ms.archive_lock.locked():  # a history fetch: it completes the archive; prune next time
+        return 0
+    async with ms.archive_lock:
+        return await _prune(store, ms, below)
+
+
+async def _prune(store: OpStore, ms: MarketState, below: int) -> int:
+    state = ms.prune
+    market = ms.market
+    keep = await trio.to_thread.run_sync(kept_of_points, store, market)
     # From 0, not from the previous ``below``: the kept ops of a point no longer served were
     # left then and go now. Deleted rows leave the index, so the walk costs what is left.
     start = 0
-    market = ms.market
-    keep = await trio.to_thread.run_sync(kept_of_points, store, market)
     # First the replica: from here on an op needing what goes waits for the history instead of
     # being judged against an archive that lacks it (a pruned op's copy would look new). The
     # prefix's author tips are recomputed at each pruning (a later point moved them).

@@ -189,6 +189,9 @@ class MarketState:
     #: and what it pruned of this market's archive (as recorded in the store).
     retention: int | None = None
     prune: retention_.PruneState = field(default_factory=retention_.PruneState)
+    #: Held by a pruning and by a whole history fetch: they must not interleave (a fetch
+    #: indexes stored ops as prefix ops that a pruning would delete under it).
+    archive_lock: trio.Lock = field(default_factory=trio.Lock)
     finality: FinalityTracker = field(init=False)
     _digest: tuple[int, bytes] | None = None
     _point_hashes: tuple[int, list[tuple[int, bytes]]] | None = None

@@ -208,3 +208,19 @@ def test_retention_values() -> None:
     for bad in (-1, True, 1.5):
         with pytest.raises(ValueError):
             retention.check_retention(bad)  # type: ignore[arg-type]
+
+
+async def test_no_pruning_during_a_history_fetch(tmp_path: Path) -> None:
+    """A fetch indexes stored ops as prefix ops; a pruning under it would delete some and the
+    archive would lack them once the fetch completes. The fetch holds ``archive_lock``, and a
+    pruning that finds it held waits for the next point."""
+    async with network(tmp_path) as (w, _h, new):
+        log = log_of(w)
+        p = with_retention(new("P", join="full"), KEEP)
+        async with p.ms.archive_lock:
+            await take_log(p, log)
+            assert p.ms.prune == PruneState() and p.store.count(MARKET.id) == len(log)
+            assert p.ms.replica.has_history
+        assert await retention.prune(p.store, p.ms, KEEP) > 0
+        assert not p.ms.replica.has_history
+        assert p.ms.replica.digest() == w.ms.replica.digest()
