@@ -130,6 +130,13 @@ HISTORY_RETRY_MAX: Final = 120.0
 #: (most are judged duplicates once the history is here) do not each cost a fetch of the whole
 #: prefix; short enough that a fork nobody names yet is judged within a few heartbeats' time.
 HELD_HISTORY_FETCH_AFTER: Final = 30.0
+#: Join sessions served at once, in all and per peer (a snapshot or history session reads MBs
+#: from the store): past them a request's stream is reset and the joiner tries another peer.
+MAX_SERVING: Final = 8
+MAX_SERVING_PER_PEER: Final = 2
+#: A whole served session (a history session's MAX_HISTORY_SESSION_OPS ops at bulk speed take
+#: seconds; a joiner that reads slower than this is dropped).
+SERVE_SESSION_TIMEOUT: Final = HISTORY_SESSION_TIMEOUT
 #: Points offered: the latest two (a witness attests the newest only after it compacted there,
 #: so just after a point the previous one is the attested one).
 POINTS_OFFERED: Final = 2
@@ -173,8 +180,9 @@ class Joiner:
         self.peer_wait = peer_wait
         #: Called once a joining market is handed back to sync (joined or fallen back).
         self.on_joined = on_joined
-        #: Join sessions being served now.
+        #: Join sessions being served now, in all and per peer.
         self.serving = 0
+        self._serving_peer: dict[str, int] = {}
 
     def install(self) -> None:
         """Serve the peers' join sessions, and mark the markets to join from a snapshot (before
@@ -198,33 +206,46 @@ class Joiner:
     # -- serving -----------------------------------------------------------------------------
 
     async def serve(self, stream: FrameStreamLike) -> None:
-        """Answer one peer's join session (the network's handler for ``JOIN_PROTOCOL``)."""
+        """Answer one peer's join session (the network's handler for ``JOIN_PROTOCOL``), within
+        SERVE_SESSION_TIMEOUT and the bounds on sessions served at once."""
+        peer = stream.peer_id
+        if self.serving >= MAX_SERVING or self._serving_peer.get(peer, 0) >= MAX_SERVING_PER_PEER:
+            await self._reset_quietly(stream)  # busy: the joiner tries another peer or later
+            return
         self.serving += 1
+        self._serving_peer[peer] = self._serving_peer.get(peer, 0) + 1
         try:
-            request = decode_request(
-                await stream.read_frame(MAX_FRAME_BYTES, timeout=self.frame_timeout)
-            )
-            ms = self.service.markets.get(request.market)
-            if ms is None:
-                await self._refuse(stream, "unknown_market", "not followed here")
-            elif request.kind == "offer":
-                await self._write(stream, encode_offer(self.offer(ms)))
-            elif request.kind == "snapshot":
-                await self._serve_snapshot(stream, ms, request)
-            else:
-                await self._serve_history(stream, ms, request)
+            with trio.fail_after(SERVE_SESSION_TIMEOUT):
+                await self._serve(stream)
         except WireError as exc:
-            logger.info("join: malformed request from %s: %s", stream.peer_id, exc)
-            self.net.report_reject(stream.peer_id, "join-malformed")
+            logger.info("join: malformed request from %s: %s", peer, exc)
+            self.net.report_reject(peer, "join-malformed")
             await self._reset_quietly(stream)
-        except (P2PError, trio.TooSlowError) as exc:  # gone, reset or stalled
-            logger.debug("join: serving %s failed: %r", stream.peer_id, exc)
+        except (P2PError, trio.TooSlowError) as exc:  # gone, reset, stalled or too slow
+            logger.debug("join: serving %s failed: %r", peer, exc)
             await self._reset_quietly(stream)
         except Exception:  # a bug or our store, not the peer: report it, keep serving others
-            logger.exception("join: serving %s failed", stream.peer_id)
+            logger.exception("join: serving %s failed", peer)
             await self._reset_quietly(stream)
         finally:
             self.serving -= 1
+            left = self._serving_peer.pop(peer) - 1
+            if left:
+                self._serving_peer[peer] = left
+
+    async def _serve(self, stream: FrameStreamLike) -> None:
+        request = decode_request(
+            await stream.read_frame(MAX_FRAME_BYTES, timeout=self.frame_timeout)
+        )
+        ms = self.service.markets.get(request.market)
+        if ms is None:
+            await self._refuse(stream, "unknown_market", "not followed here")
+        elif request.kind == "offer":
+            await self._write(stream, encode_offer(self.offer(ms)))
+        elif request.kind == "snapshot":
+            await self._serve_snapshot(stream, ms, request)
+        else:
+            await self._serve_history(stream, ms, request)
 
     def offer(self, ms: MarketState) -> Offer:
         """What this node offers a joiner: its latest points with the heartbeats it holds that

@@ -566,3 +566,29 @@ def test_the_largest_join_frames_fit_a_frame() -> None:
     for batch in batches:
         assert len(encode_history(Frame(1 << 40, batch, True))) <= MAX_FRAME_BYTES
         assert len(encode_snapshot(SnapshotFrame(b"", batch, True))) <= MAX_FRAME_BYTES
+
+
+async def test_sessions_served_at_once_are_bounded_per_peer(tmp_path: Path) -> None:
+    from crdtbook.node.join import MAX_SERVING_PER_PEER
+
+    async with trio.open_nursery() as nursery:
+        node = Node(tmp_path / "n", nursery, WITNESS, "N", "snapshot")
+        clients = []
+        for _ in range(MAX_SERVING_PER_PEER):  # sessions that never send their request
+            left, right = trio.testing.memory_stream_pair()
+            clients.append(left)
+            nursery.start_soon(node.joiner.serve, Streams(right, "X"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert node.joiner.serving == MAX_SERVING_PER_PEER
+        left, right = trio.testing.memory_stream_pair()
+        with trio.fail_after(5):
+            await node.joiner.serve(Streams(right, "X"))  # one more: reset at once
+        with pytest.raises(P2PError):
+            await Streams(left, "N").read_frame(1 << 20, timeout=5)
+        # Another peer is still served.
+        left, right = trio.testing.memory_stream_pair()
+        nursery.start_soon(node.joiner.serve, Streams(right, "Y"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert node.joiner.serving == MAX_SERVING_PER_PEER + 1
+        node.close()
+        nursery.cancel_scope.cancel()
