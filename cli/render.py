@@ -822,6 +822,12 @@ def finality_lines(m: Json) -> list[Text]:
         f"{m.get('final_fills', '?')} of {m.get('fills', '?')} fills final",
         style="dim",
     )
+    if m.get("retention") is not None:  # --retention: the store no longer keeps every op
+        head.append(
+            f"\n  retention {m['retention']} ops: {m.get('pruned_ops', 0)} compacted ops pruned "
+            f"from the store, history {m.get('history', '?')} (fills and orders are kept)",
+            style="dim",
+        )
     lines = [head]
     witnesses: list[Json] = list(m.get("witnesses") or [])
     stalled_on = set(m.get("stalled_on") or [])
