@@ -824,8 +824,9 @@ def finality_lines(m: Json) -> list[Text]:
     )
     if m.get("retention") is not None:  # --retention: the store no longer keeps every op
         head.append(
-            f"\n  retention {m['retention']} ops: {m.get('pruned_ops', 0)} compacted ops pruned "
-            f"from the store, history {m.get('history', '?')} (fills and orders are kept)",
+            f"\n  retention {printable(m['retention'])} ops: {printable(m.get('pruned_ops', 0))} "
+            f"compacted ops pruned from the store, history {printable(m.get('history', '?'))} "
+            "(fills and orders are kept)",
             style="dim",
         )
     lines = [head]
