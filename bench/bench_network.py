@@ -12,6 +12,9 @@ Phases:
   4. catch-up: a node joins a market whose log holds N ops (prepared in another node's store);
      ops/s until it holds all of them.
   5. RSS of each node process.
+  6. transport (only with --only transport): NODES node/p2p Networks in one process, gossip
+     messages one at a time, trio task steps and CPU per message with py-libp2p's locks and
+     peer scorer (stock) and without (patched: node/p2p_install.py, p2p_pubsub.py), alternating.
 
 Targets (issue #3, 2-core machine): >=1,000 ops/s sustained across 5 nodes (stretch 5,000);
 p99 <= 250 ms at 500 ops/s; catch-up >= 10k ops/s (100k ops in under 10 s).
@@ -26,6 +29,7 @@ import random
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -50,10 +54,19 @@ if os.environ.get("CRDTBOOK_BENCH_SYNC_INTERVAL"):  # experiments: isolate gossi
     extra["sync_interval"] = float(os.environ["CRDTBOOK_BENCH_SYNC_INTERVAL"])
 if os.environ.get("CRDTBOOK_BENCH_PUBLISH_INTERVAL"):
     extra["publish_interval"] = float(os.environ["CRDTBOOK_BENCH_PUBLISH_INTERVAL"])
+net = {}
 if os.environ.get("CRDTBOOK_BENCH_GOSSIP_DEGREE"):  # experiments: GossipSub D (D_lo, D_hi follow)
-    from crdtbook.node.p2p import NetworkConfig
     d = int(os.environ["CRDTBOOK_BENCH_GOSSIP_DEGREE"])
-    extra["network"] = NetworkConfig(degree=d, degree_low=max(1, d * 2 // 3), degree_high=d * 2)
+    net.update(degree=d, degree_low=max(1, d * 2 // 3), degree_high=d * 2)
+if os.environ.get("CRDTBOOK_BENCH_SKIP_HOLDERS"):  # A/B: "0" forwards as stock py-libp2p does
+    net["skip_holders"] = os.environ["CRDTBOOK_BENCH_SKIP_HOLDERS"] != "0"
+if net:
+    from crdtbook.node.p2p import NetworkConfig
+    extra["network"] = NetworkConfig(**net)
+if os.environ.get("CRDTBOOK_BENCH_STOCK_TRANSPORT") == "1":  # A/B: libp2p's locks and scorer
+    from crdtbook.node import p2p_install, p2p_pubsub
+    p2p_install.EAGER_LOCK_MODULES = ()
+    p2p_pubsub.KEEP_DEFAULT_SCORER = True
 # batch 1 = the baseline: one gossip message per op, sent at once.
 if int(batch) == 1:
     extra["publish_interval"] = 0.0
@@ -61,6 +74,86 @@ sys.exit(run_node(NodeConfig(home=Path(home), listen=["/ip4/127.0.0.1/tcp/0"], b
                              markets=["DEMO:1:1"], gossip_batch=int(batch),
                              flush_delay=float(delay), verbose=verbose, **extra)))
 """
+
+
+# The transport micro-bench (phase "transport"): NODES node/p2p Networks in one process, a full
+# mesh on one topic, the first publishing MESSAGES messages of SIZE bytes one at a time (the next
+# once every other node's validator has the last). Prints task steps (trio scheduler) and CPU per
+# message. "stock" keeps py-libp2p's trio locks and peer scorer (node/p2p_install.py,
+# node/p2p_pubsub.py).
+TRANSPORT_CHILD = r"""
+import json, os, sys, time
+from contextlib import AsyncExitStack
+import trio
+from crdtbook.node import p2p_install
+from crdtbook.node.p2p import NetworkConfig, open_network
+n, count, size, arm = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+if arm == "stock":
+    from crdtbook.node import p2p_pubsub
+    p2p_install.EAGER_LOCK_MODULES = ()
+    p2p_pubsub.KEEP_DEFAULT_SCORER = True
+steps = [0]
+class Steps(trio.abc.Instrument):
+    def before_task_step(self, task):
+        steps[0] += 1
+async def main():
+    got = [0] * n
+    arrived = [trio.Event()]
+    async with AsyncExitStack() as stack:
+        nets = [await stack.enter_async_context(open_network(bytes([i + 1]) * 32,
+                ["/ip4/127.0.0.1/tcp/0"], config=NetworkConfig(heartbeat_interval=0.5)))
+                for i in range(n)]
+        for i, net in enumerate(nets):
+            def validator(i):
+                async def validate(data, peer):
+                    got[i] += 1
+                    if min(got[1:]) >= got[i]:
+                        arrived[0].set()
+                    return True
+                return validate
+            net.set_validator("t", validator(i))
+            await net.join("t")
+        for i in range(1, n):
+            for j in range(i):
+                await nets[i].connect(nets[j].addrs()[0])
+        await trio.sleep(3)  # meshes form
+        steps[0] = 0
+        cpu, wall = time.process_time(), time.monotonic()
+        for k in range(count):
+            arrived[0] = trio.Event()
+            await nets[0].publish("t", k.to_bytes(8, "big") + os.urandom(size - 8))
+            await arrived[0].wait()
+        cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+        copies = sum(net.stats()["gossip_copies_in"] for net in nets)
+        print(json.dumps({"arm": arm, "task_steps_per_msg": round(steps[0] / count, 1),
+                          "cpu_ms_per_msg": round(cpu / count * 1000, 3),
+                          "wall_ms_per_msg": round(wall / count * 1000, 3),
+                          "copies_per_msg": round(copies / count, 2)}))
+trio.run(main, instruments=[Steps()])
+"""
+
+
+def transport_phase(n: int, count: int, size: int, reps: int) -> dict[str, Any]:
+    """The transport micro-bench, stock and patched arms alternating, ``reps`` each."""
+    runs: list[dict[str, Any]] = []
+    for _ in range(reps):
+        for arm in ("stock", "patched"):
+            out = subprocess.run(
+                [sys.executable, "-c", TRANSPORT_CHILD, str(n), str(count), str(size), arm],
+                capture_output=True, text=True, timeout=300, check=True)
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"  transport {arm}: {runs[-1]}", file=sys.stderr)
+
+    def best(arm: str, key: str) -> float:
+        return min(r[key] for r in runs if r["arm"] == arm)
+
+    return {
+        "nodes": n, "messages": count, "size": size, "runs": runs,
+        "task_steps_per_msg": {arm: best(arm, "task_steps_per_msg")
+                               for arm in ("stock", "patched")},
+        "best_cpu_ms_per_msg": {arm: best(arm, "cpu_ms_per_msg") for arm in ("stock", "patched")},
+        "load_average": os.getloadavg(),
+    }
 
 
 class Node(NodeProcess):
@@ -345,7 +438,8 @@ def main() -> int:
     ap.add_argument("--rates", default="250,500,750,1000,1250,1500",
                     help="submit rates the throughput phase steps through (ops/s, comma-separated)")
     ap.add_argument("--only", default="", help="run only these phases, comma-separated, of: "
-                    "latency, baseline, throughput, catchup (experiments; the table shows them)")
+                    "latency, baseline, throughput, catchup, transport (experiments; the "
+                    "table shows the first four)")
     args = ap.parse_args()
     if args.quick:
         args.nodes, args.seconds, args.catchup, args.rate = 3, 3.0, 10_000, 200
@@ -365,6 +459,8 @@ def main() -> int:
             results["throughput"] = throughput_phase(tmp / "c", args.nodes, args.seconds, rates)
         if "catchup" in phases:
             results["catchup"] = catchup_phase(tmp / "d", args.catchup)
+        if "transport" in phases:
+            results["transport"] = transport_phase(args.nodes, 600, 2000, 3)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json or phases != {"latency", "baseline", "throughput", "catchup"}:

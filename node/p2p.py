@@ -141,6 +141,10 @@ class NetworkConfig:
     """Per-listener queue of :class:`PeerEvent`; when full, events are dropped."""
     seen_ttl: int = 120
     """Seconds a gossip message id is remembered for duplicate suppression."""
+    skip_holders: bool = True
+    """Do not forward a gossip message to a peer that sent this node a copy while it was being
+    validated (it holds it; node/p2p_pubsub.py's module doc). False is py-libp2p's behaviour,
+    kept for A/B runs (bench/bench_network.py, ``CRDTBOOK_BENCH_SKIP_HOLDERS=0``)."""
     announce: tuple[str, ...] = ()
     """Multiaddrs (without ``/p2p``) to advertise instead of the listen addresses,
     e.g. a public address behind NAT.  Empty: advertise the listen addresses, with
@@ -346,6 +350,7 @@ class Network:
             deliver=self._deliver,
             msg_id_constructor=content_message_id,
             unsigned=True,
+            skip_holders=config.skip_holders,
             seen_ttl=config.seen_ttl,
             # Our wrapper enforces config.validation_timeout itself (and counts it).
             validation_timeout=config.validation_timeout + 1.0,
@@ -658,7 +663,10 @@ class Network:
     def stats(self) -> dict[str, int]:
         """Counters for logs and status: ``peers``, ``routing_table``, ``banned``,
         ``rejected`` (total), ``gossip_dropped`` (slow subscribers), ``gossip_send_dropped``
-        (outbound RPCs libp2p dropped on full peer queues, process-wide)."""
+        (outbound RPCs libp2p dropped on full peer queues, process-wide), ``gossip_holders_skipped``
+        (copies not forwarded to a peer that had sent one while it was in validation),
+        ``gossip_copies_in`` and ``gossip_firsts_in`` (gossip messages read from peers: every
+        copy, and those not seen or in validation before)."""
         now = time.monotonic()
         return {
             "peers": len(self._host.get_network().connections),
@@ -669,6 +677,9 @@ class Network:
             "gossip_send_dropped": p2p_install.send_drops(),
             "mesh_peers": sum(len(peers) for peers in self._router.mesh.values()),
             "fanout_peers": sum(len(peers) for peers in self._router.fanout.values()),
+            "gossip_holders_skipped": self._pubsub.holders_skipped,
+            "gossip_copies_in": self._pubsub.copies_in,
+            "gossip_firsts_in": self._pubsub.firsts_in,
         }
 
     # ---------------------------------------------------------------- internals

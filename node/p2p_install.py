@@ -8,6 +8,8 @@ change is process-wide (libp2p looks these names up in its own modules) and idem
 
 * Yamux: window updates in batches, and its ``PY_YAMUX_*`` settings read once, not per frame
   (the environment itself is not changed);
+* the transport's locks (Yamux, its read-write lock, the TCP stream, net streams) take a free
+  lock without a trip through trio's scheduler (:class:`EagerLock`);
 * logging: libp2p's logs reach the application's handlers; multiaddr's DEBUG chatter is cut;
 * libp2p: signed peer records checked once per peer (``node/p2p_records.py``); bounds on what a
   peer can make it read before authentication (``node/p2p_limits.py``); dropped outbound gossip
@@ -19,10 +21,12 @@ patched in: it lives in the ``Pubsub`` and ``GossipSub`` subclasses of ``node/p2
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import types
 from contextlib import suppress
-from typing import Final
+from typing import Any, Final
 
 import trio
 from libp2p.peer.id import ID
@@ -61,6 +65,101 @@ def _install_yamux_tuning() -> None:
 
     tuned_env._crdtbook_tuned = True  # type: ignore[attr-defined]
     yamux_module._py_yamux_env = tuned_env
+
+
+class _EagerSync:
+    """A trio lock or semaphore whose ``acquire`` takes it at once when it is free.
+
+    trio's ``acquire`` is a checkpoint: even a free lock costs the task a trip through the
+    scheduler (``cancel_shielded_checkpoint``: reschedule, run loop, resume). py-libp2p takes
+    several locks per frame it reads or writes (Yamux's stream read-write lock and window lock,
+    its connection write lock, the TCP stream's read and write locks, net streams' state lock),
+    almost always free: five node/p2p Networks in one process ran ~380 trio task steps per
+    gossip message (16 copies) with trio's locks, ~145 with these (``bench/bench_network.py
+    --only transport``; figures in bench/README.md). Exclusion is unchanged, and so is fairness:
+    a lock with waiters is not free (``acquire_nowait`` refuses it), so a newcomer queues behind
+    them. What is lost is only the checkpoint of an uncontended acquire; every path that takes
+    these locks goes on to socket I/O, which checkpoints."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    async def acquire(self) -> None:
+        try:
+            self._inner.acquire_nowait()
+        except trio.WouldBlock:
+            await self._inner.acquire()
+
+    def acquire_nowait(self) -> None:
+        self._inner.acquire_nowait()
+
+    def release(self) -> None:
+        self._inner.release()
+
+    def statistics(self) -> Any:
+        return self._inner.statistics()
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+class EagerLock(_EagerSync):
+    """``trio.Lock`` taken without a checkpoint when free (see :class:`_EagerSync`)."""
+
+    def __init__(self) -> None:
+        super().__init__(trio.Lock())
+
+    def locked(self) -> bool:
+        return bool(self._inner.locked())
+
+
+class EagerSemaphore(_EagerSync):
+    """``trio.Semaphore`` taken without a checkpoint when free (see :class:`_EagerSync`)."""
+
+    def __init__(self, initial_value: int, *, max_value: int | None = None) -> None:
+        super().__init__(trio.Semaphore(initial_value, max_value=max_value))
+
+    @property
+    def value(self) -> int:
+        return int(self._inner.value)
+
+    @property
+    def max_value(self) -> int | None:
+        return self._inner.max_value  # type: ignore[no-any-return]
+
+
+class _EagerTrio(types.ModuleType):
+    """What the modules of :data:`EAGER_LOCK_MODULES` see as ``trio``: trio itself, except that
+    the locks and semaphores they create are eager."""
+
+    Lock = EagerLock
+    Semaphore = EagerSemaphore
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(trio, name)
+
+
+#: The libp2p modules whose locks are made eager: those a gossip message's bytes pass through.
+#: Set to ``()`` before the first network opens to keep trio's (bench A/B runs do).
+EAGER_LOCK_MODULES: tuple[str, ...] = (
+    "libp2p.stream_muxer.yamux.yamux",
+    "libp2p.stream_muxer.rw_lock",
+    "libp2p.io.trio",
+    "libp2p.network.stream.net_stream",
+)
+
+
+def _install_eager_locks() -> None:
+    """Locks created from now on in :data:`EAGER_LOCK_MODULES` are eager (the modules look
+    ``trio`` up in their globals when they create one)."""
+    shim = _EagerTrio("trio")
+    for name in EAGER_LOCK_MODULES:
+        namespace = vars(importlib.import_module(name))
+        if not isinstance(namespace["trio"], _EagerTrio):
+            namespace["trio"] = shim
 
 
 def _configure_library_logging() -> None:
@@ -143,6 +242,7 @@ def install() -> None:
     _installed[0] = True
     _configure_library_logging()
     _install_yamux_tuning()
+    _install_eager_locks()
     p2p_records.install()
     p2p_limits.install()  # caps multistream-select reads (see node/p2p_limits.py)
     _install_drop_counter()

@@ -58,13 +58,33 @@ converges them); every node of this repository speaks the unsigned one.
 * the equivocation check keys messages by ``from + seqno`` too; with unsigned messages both
   are empty and every message after the first would look like an equivocation (and, signed or
   not, a content id cannot equivocate: a different content is a different id).
+
+**No peer scoring without score parameters** (:class:`ContentGossipSub`). With the default
+``ScoreParams`` (every weight 0, every threshold -inf) each score is 0 and every gate it guards
+(publish, gossip, graylist, PX) passes, yet the router computes up to three scores per mesh
+peer per message it forwards (~5% of the CPU of a gossip message in the transport micro-bench,
+``bench_network.py --only transport``). Without score parameters this router has no scorer:
+the gates pass as before, without the arithmetic, and the heartbeat prunes a mesh over D_hi at
+random (gossipsub v1.0's rule) instead of by scores that are all 0.
+
+**No copy back to a peer that sent one (``skip_holders``).** A node forwards a message to its
+mesh peers once its validator accepted it, excluding only the peer it came from first. Every
+mesh peer received the message at about the same time and forwards it too, so while this node
+validates, copies may arrive from other peers that plainly hold it already; stock py-libp2p
+then sends each of them a copy anyway (the router skips a peer only after an IDONTWANT from it,
+gossipsub v1.2, which this network does not speak: a control message per mesh peer per message
+costs more than the copies it saves on small messages). Here the peers a copy came from while
+the message was in validation are remembered with it (:meth:`HardenedPubsub.holders`) and
+:class:`ContentGossipSub` skips them when it forwards, at no cost on the wire. Copies that cross
+(two peers forwarding to each other at once) are not avoided: only 5-10% of the duplicates a
+5-node network carries under load arrive while their message is in validation.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final
 
 import libp2p.pubsub.pubsub as pubsub_module
@@ -97,6 +117,9 @@ DeliverHook = Callable[[rpc_pb2.Message, ID], None]
 READ_CHUNK: Final = 64 * 1024
 #: Longest unsigned varint (a 64-bit length).
 MAX_VARINT_BYTES: Final = 10
+#: True keeps py-libp2p's scorer with default parameters in routers made from now on (bench A/B
+#: runs; see the module doc).
+KEEP_DEFAULT_SCORER = False
 #: The envelope fields an unsigned message must not carry (StrictNoSign).
 ENVELOPE_FIELDS = ("from_id", "seqno", "signature", "key")
 
@@ -160,14 +183,26 @@ class HardenedPubsub(Pubsub):
         on_reject: RejectHook,
         deliver: DeliverHook,
         unsigned: bool = False,
+        skip_holders: bool = True,
         **kwargs: Any,
     ) -> None:
         """``unsigned``: publish messages without the envelope and refuse those that carry one
-        (see the module doc; it implies ``strict_signing=False``)."""
+        (see the module doc; it implies ``strict_signing=False``). ``skip_holders``: do not
+        forward a message to a peer that sent us a copy while it was in validation (the module
+        doc; False is stock behaviour)."""
         if unsigned:
             kwargs["strict_signing"] = False
         super().__init__(*args, **kwargs)
         self.unsigned = unsigned
+        self.skip_holders = skip_holders
+        #: Copies not forwarded because the peer had sent one while the message was in
+        #: validation (``skip_holders``).
+        self.holders_skipped = 0
+        #: Message id in validation -> the peers other than its forwarder that sent a copy.
+        self._holders: dict[bytes, set[ID]] = {}
+        #: Gossip messages read from peers (every copy) and those of them not seen before.
+        self.copies_in = 0
+        self.firsts_in = 0
         self._on_reject = on_reject
         self._deliver = deliver
         #: Message id -> the peer it came from, while its validation runs (a second copy
@@ -196,8 +231,11 @@ class HardenedPubsub(Pubsub):
             if self.is_peer_blacklisted(msg_forwarder):
                 return
             msg_id = self._msg_id_constructor(msg)
-            if msg_id in self._inflight or self.seen_messages.has(msg_id):
-                return  # duplicate: being validated right now, or already seen
+            if msg_id in self._inflight:
+                self._holds(msg_forwarder, msg_id)
+                return  # duplicate: being validated right now
+            if self.seen_messages.has(msg_id):
+                return  # duplicate: already seen
             if self.unsigned:
                 if has_envelope(msg):
                     self._reject(msg_forwarder, "signed")
@@ -211,12 +249,23 @@ class HardenedPubsub(Pubsub):
                 await super().push_msg(msg_forwarder, msg)
             finally:
                 self._inflight.pop(msg_id, None)
+                self._holders.pop(msg_id, None)
         except Exception as exc:
             if not self.manager.is_running or _is_closed_nursery(exc):
                 logger.debug("message from %s dropped by shutdown: %r", msg_forwarder, exc)
                 return
             logger.warning("dropped message from %s: %r", msg_forwarder, exc)
             self._reject(msg_forwarder, "error")
+
+    def _holds(self, peer_id: ID, msg_id: bytes) -> None:
+        """``peer_id`` sent a copy of ``msg_id``, which is in validation (module doc)."""
+        if self.skip_holders:
+            self._holders.setdefault(msg_id, set()).add(peer_id)
+
+    def holders(self, msg_id: bytes) -> set[ID] | None:
+        """The peers known to hold ``msg_id`` (they sent a copy while it was in validation),
+        or None: the router forwards it to none of them."""
+        return self._holders.get(msg_id)
 
     async def continuously_read_stream(self, stream: INetStream) -> None:
         """The library's read loop (0.8.1), reading RPCs in chunks and dropping duplicates
@@ -244,7 +293,12 @@ class HardenedPubsub(Pubsub):
     async def _handle_rpc(
         self, rpc: rpc_pb2.RPC, peer_id: ID, stream: INetStream, size: int
     ) -> None:
-        """One RPC from ``peer_id``: the body of the library's read loop."""
+        """One RPC from ``peer_id``: the body of the library's read loop. Nothing from a
+        blacklisted peer is handled: its read loop lives until its stream is reset, and a GRAFT
+        or subscription read meanwhile would put the peer back into the tables its teardown
+        just cleared (the library handles control messages without a blacklist check)."""
+        if self.is_peer_blacklisted(peer_id):
+            return
         # Looked up in the library's module: node/p2p_records.py replaces it there.
         if not _LIBRARY_NAMES["maybe_consume_signed_record"](rpc, self.host, peer_id):
             logger.debug("invalid signed record from %s: RPC ignored", peer_id)
@@ -252,9 +306,14 @@ class HardenedPubsub(Pubsub):
         for msg in rpc.publish:
             if not self._is_subscribed_to_msg(msg):
                 continue
+            self.copies_in += 1
             msg_id = self._msg_id_constructor(msg)
-            if msg_id in self._inflight or self.seen_messages.has(msg_id):
+            if msg_id in self._inflight:
+                self._holds(peer_id, msg_id)
                 continue  # a duplicate: no task, no validation
+            if self.seen_messages.has(msg_id):
+                continue
+            self.firsts_in += 1
             if self.manager.is_running:
                 self.manager.run_task(self.push_msg, peer_id, msg)
         if rpc.subscriptions:
@@ -355,9 +414,33 @@ class ContentGossipSub(GossipSub):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.mcache = ContentMessageCache(msg_id, self.mcache.window_size, self.mcache.history_size)
+        if kwargs.get("score_params") is None and not KEEP_DEFAULT_SCORER:
+            self.scorer = None  # all-zero scores behind gates that always pass (module doc)
 
     def _check_equivocation(self, msg: rpc_pb2.Message) -> bool:
         return True  # a content id names one content: there is nothing to equivocate about
+
+    def _get_peers_to_send(
+        self,
+        topic_ids: Iterable[str],
+        msg_forwarder: ID,
+        origin: ID,
+        msg_id: bytes | None = None,
+    ) -> Iterator[ID]:
+        """The library's choice less the peers that hold the message already (module doc)."""
+        peers = super()._get_peers_to_send(topic_ids, msg_forwarder, origin, msg_id)
+        pubsub = self.pubsub
+        holders = (
+            pubsub.holders(msg_id)
+            if msg_id is not None and isinstance(pubsub, HardenedPubsub)
+            else None
+        )
+        for peer_id in peers:
+            if holders is not None and peer_id in holders:
+                assert isinstance(pubsub, HardenedPubsub)
+                pubsub.holders_skipped += 1
+                continue
+            yield peer_id
 
 
 def _is_closed_nursery(exc: BaseException) -> bool:

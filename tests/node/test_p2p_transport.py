@@ -1,0 +1,202 @@
+"""What node/p2p_install.py and node/p2p_pubsub.py change in py-libp2p 0.8.1's gossip transport
+for issue #12, each next to the stock behaviour it replaces: locks taken without a scheduler trip
+when free (``EagerLock``), no peer scoring without score parameters, and no
+copy forwarded to a peer that sent one while it was in validation (``skip_holders``)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
+
+import libp2p.io.trio as libp2p_io_trio
+import libp2p.stream_muxer.rw_lock as libp2p_rw_lock
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+
+from crdtbook.node import p2p_install
+from crdtbook.node.p2p import NetworkConfig
+from crdtbook.node.p2p_pubsub import ContentGossipSub, HardenedPubsub, content_message_id
+
+from .test_p2p import FAST, TOPIC, networks, wait_gossip_ready, wait_until
+
+
+async def _is_checkpoint(acquire: Callable[[], Awaitable[None]]) -> bool:
+    """Whether ``acquire()`` of a free lock is a checkpoint: run in a cancelled scope, a
+    checkpoint raises Cancelled (and so takes nothing); trio's scheduler trip comes with it."""
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await acquire()
+    return scope.cancelled_caught
+
+
+async def test_free_trio_lock_is_a_checkpoint_an_eager_one_is_not() -> None:
+    stock = trio.Lock()
+    assert await _is_checkpoint(stock.acquire)
+    assert not stock.locked()
+    eager = p2p_install.EagerLock()
+    assert not await _is_checkpoint(eager.acquire)
+    assert eager.locked()
+    eager.release()
+    assert not eager.locked()
+    semaphore = p2p_install.EagerSemaphore(1)
+    assert not await _is_checkpoint(semaphore.acquire)
+    assert semaphore.value == 0
+    semaphore.release()
+    assert semaphore.value == 1
+    assert await _is_checkpoint(trio.Semaphore(1).acquire)
+
+
+async def test_eager_lock_keeps_exclusion_and_waiters_first() -> None:
+    """A held lock blocks; at release the longest waiter gets it, not a task that asks later
+    (a free-looking lock with waiters is not free)."""
+    lock = p2p_install.EagerLock()
+    order: list[str] = []
+    inside = 0
+
+    async def user(name: str, hold: float) -> None:
+        nonlocal inside
+        async with lock:
+            inside += 1
+            assert inside == 1, "two tasks inside the lock"
+            order.append(name)
+            await trio.sleep(hold)
+            inside -= 1
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(user, "first", 0.05)
+            await trio.sleep(0.01)  # first holds it
+            nursery.start_soon(user, "waiter", 0.0)
+            await trio.sleep(0.01)  # waiter is parked
+            await trio.sleep(0.05)  # first releases: ownership passes to waiter
+            nursery.start_soon(user, "late", 0.0)
+    assert order == ["first", "waiter", "late"]
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery, lock:
+            nursery.start_soon(user, "blocked", 0.0)
+            await trio.sleep(0.02)
+            assert order[-1] == "late"  # still waiting while we hold it
+    assert order[-1] == "blocked"
+
+
+async def test_install_makes_the_transport_locks_eager() -> None:
+    """After install (open_network does it), the locks libp2p's transport objects create are
+    eager; nothing else in libp2p changes."""
+    p2p_install.install()
+    stream = libp2p_io_trio.TrioTCPStream(None)  # type: ignore[arg-type]
+    assert isinstance(stream.read_lock, p2p_install.EagerLock)
+    assert isinstance(stream.write_lock, p2p_install.EagerLock)
+    rw = libp2p_rw_lock.ReadWriteLock()
+    async with rw.write_lock():
+        pass
+    async with rw.read_lock():
+        pass
+    assert libp2p_io_trio.trio.Event is trio.Event  # the rest of trio is trio's
+
+
+async def _copies_back_to_the_holder(skip_holders: bool) -> int:
+    """a - b - c, all in one mesh. a publishes; c accepts at once and forwards to b while b's
+    validator is still running; then b accepts. Returns how many copies c read (stock: one from
+    a and one from b, which forwards to c although c had sent it a copy)."""
+    config = NetworkConfig(
+        heartbeat_interval=FAST.heartbeat_interval,
+        call_timeout=FAST.call_timeout,
+        dial_timeout=FAST.dial_timeout,
+        io_timeout=FAST.io_timeout,
+        skip_holders=skip_holders,
+    )
+    async with networks("hold-a", "hold-b", "hold-c", config=config) as [a, b, c]:
+        await b.connect(a.addrs()[0])
+        await c.connect(a.addrs()[0])
+        await c.connect(b.addrs()[0])
+        release_b = trio.Event()
+        c_accepted = trio.Event()
+
+        async def slow(data: bytes, from_peer: str) -> bool:
+            await release_b.wait()
+            return True
+
+        async def fast(data: bytes, from_peer: str) -> bool:
+            c_accepted.set()
+            return True
+
+        b.set_validator(TOPIC, slow)
+        c.set_validator(TOPIC, fast)
+        for net in (a, b, c):
+            await net.join(TOPIC)
+        await wait_gossip_ready([a, b, c], TOPIC)
+        await wait_until(
+            lambda: all(len(n._router.mesh.get(TOPIC, ())) == 2 for n in (a, b, c)), "full mesh"
+        )
+        await a.publish(TOPIC, b"an op batch")
+        await c_accepted.wait()
+        # c forwarded to b (its mesh, less a): wait until b has read that copy
+        await wait_until(lambda: b.stats()["gossip_copies_in"] == 2, "c's copy at b")
+        release_b.set()
+        await wait_until(lambda: b.stats()["gossip_firsts_in"] == 1, "b's validation")
+        # b forwards now (or not); a quiet period to let a copy arrive if one was sent
+        await trio.sleep(0.3)
+        assert b.stats()["gossip_holders_skipped"] == (1 if skip_holders else 0)
+        return int(c.stats()["gossip_copies_in"])
+
+
+async def test_no_copy_back_to_a_peer_that_sent_one_during_validation() -> None:
+    with trio.fail_after(30):
+        assert await _copies_back_to_the_holder(skip_holders=False) == 2  # stock py-libp2p
+        assert await _copies_back_to_the_holder(skip_holders=True) == 1
+
+
+async def test_nothing_from_a_blacklisted_peer_is_handled() -> None:
+    """A banned peer's read loop lives until its stream is reset; a GRAFT or a subscription read
+    in that window must not put it back into the mesh or the topic tables its teardown cleared
+    (the library handles control messages without a blacklist check)."""
+    host = new_host(key_pair=create_new_key_pair())
+    router = GossipSub(protocols=[PROTOCOL_ID_V11], degree=4, degree_low=3, degree_high=6)
+    pubsub = HardenedPubsub(
+        host,
+        router,
+        on_reject=lambda peer, why: None,
+        deliver=lambda msg, forwarder: None,
+        msg_id_constructor=content_message_id,
+    )
+    router.pubsub = pubsub
+    try:
+        banned = ID(b"\x00\x24" + b"b" * 36)
+        router.mesh[TOPIC] = set()
+        router.peer_protocol[banned] = PROTOCOL_ID_V11
+        pubsub.blacklisted_peers.add(banned)  # add_to_blacklist, less its teardown task
+        rpc = rpc_pb2.RPC(
+            subscriptions=[rpc_pb2.RPC.SubOpts(subscribe=True, topicid=TOPIC)],
+            control=rpc_pb2.ControlMessage(graft=[rpc_pb2.ControlGraft(topicID=TOPIC)]),
+        )
+        stream = SimpleNamespace(metric_send_channel=None)
+        await pubsub._handle_rpc(rpc, banned, stream, rpc.ByteSize())  # type: ignore[arg-type]
+        assert banned not in router.mesh[TOPIC]
+        assert banned not in pubsub.peer_topics.get(TOPIC, set())
+    finally:
+        pubsub.seen_messages.stop()
+
+
+def test_default_peer_scores_gate_nothing_so_the_router_keeps_none() -> None:
+    """Stock: a scorer with default parameters, whose gates pass every peer (score 0 against
+    thresholds of -inf). Ours: no scorer (the router's own code skips every gate then)."""
+    stock = GossipSub(protocols=[PROTOCOL_ID_V11], degree=4, degree_low=3, degree_high=6)
+    assert stock.scorer is not None
+    peer = ID(b"\x00\x24" + b"s" * 36)
+    stock.scorer.penalize_behavior(peer, 10.0)  # weight 0: no effect
+    assert stock.scorer.score(peer, [TOPIC]) == 0
+    assert stock.scorer.allow_publish(peer, [TOPIC])
+    assert stock.scorer.allow_gossip(peer, [TOPIC])
+    assert not stock.scorer.is_graylisted(peer, [TOPIC])
+    ours = ContentGossipSub(
+        msg_id=content_message_id,
+        protocols=[PROTOCOL_ID_V11],
+        degree=4,
+        degree_low=3,
+        degree_high=6,
+    )
+    assert ours.scorer is None
