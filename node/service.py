@@ -703,8 +703,9 @@ class NodeService:
                 checkpoint = self.store.get_checkpoint(market.id) if use else None
                 if not history:
                     logger.warning(
-                        "%s: joined from a snapshot and its history is not here: the whole "
-                        "log replayed lacks the prefix (ops naming it wait for sync)",
+                        "%s: the store lacks history before the point (joined from a snapshot,"
+                        " or pruned by --retention): the whole log replayed lacks it (ops naming"
+                        " it wait for sync)",
                         market.name,
                     )
                 replica = Replica.restore(
