@@ -21,7 +21,7 @@ from crdtbook._ops import OrderBody, sign_op
 from crdtbook.node import join as join_module
 from crdtbook.node import retention
 from crdtbook.node.retention import PruneState
-from crdtbook.node.store import OpStore
+from crdtbook.node.store import OpStore, Snapshot
 
 from .test_join import INTERVAL, MARKET, Node, connect, h_first, log_of, network
 
@@ -224,3 +224,25 @@ async def test_no_pruning_during_a_history_fetch(tmp_path: Path) -> None:
         assert await retention.prune(p.store, p.ms, KEEP) > 0
         assert not p.ms.replica.has_history
         assert p.ms.replica.digest() == w.ms.replica.digest()
+
+
+def test_prune_history_deletes_only_archived_ops_in_range(tmp_path: Path) -> None:
+    """Live and staged ops, ops outside ``[start, below)`` and kept ones stay; the meta row
+    commits with the chunk; the index to go on from is ``below`` once the range is done."""
+    market = MARKET.id
+    with OpStore.open(tmp_path / "s.sqlite3") as store:
+        items = [(bytes([i]) * 32, market, i + 1, bytes([i]) * 40) for i in range(10)]
+        store.add_ops(items[:8])
+        # 0..5 compacted with final indexes 0..5, 6 and 7 stay live with indexes 6 and 7.
+        store.compact(
+            market, [i[0] for i in items[:6]], [], [], Snapshot(6, 0, b"blob"),
+            point=8, order=[i[0] for i in items[:8]],
+        )  # fmt: skip
+        store.add_history(market, 8, items[8:])  # staged, indexes 8 and 9
+        keep = {items[2][0]}
+        deleted, following = store.prune_history(market, 1, 10, keep, 3, ("k", b"v"))
+        assert (deleted, following) == (2, 4)  # rows 1, 2, 3 looked at; 2 kept
+        assert store.get_meta("k") == b"v"
+        deleted, following = store.prune_history(market, following, 10, keep, 100)
+        assert (deleted, following) == (2, 10)
+        assert [store.has(i[0]) for i in items] == [True, False, True] + [False] * 3 + [True] * 4
