@@ -437,6 +437,7 @@ class Joiner:
         """Fetch and check ``candidate`` from ``peer``; adopt it if it checks. False when the
         peer could not serve it (gone, refused, slow); ``SnapshotRefused`` when it is bad."""
         market = ms.market
+        started = time.monotonic()
         try:
             with trio.fail_after(SNAPSHOT_TIMEOUT):
                 fetched = await self._fetch_snapshot(market, peer, candidate)
@@ -448,6 +449,15 @@ class Joiner:
         except (P2PError, trio.TooSlowError) as exc:
             logger.info("%s: snapshot from %s failed: %r", market.name, peer, exc)
             return False
+        logger.info(
+            "%s: fetched the snapshot at %d ops from %s: %d bytes and %d ops in %.2f s",
+            market.name,
+            candidate.point,
+            peer,
+            len(fetched.blob),
+            len(fetched.ops),
+            time.monotonic() - started,
+        )
         if hashlib.sha256(fetched.blob).digest() != candidate.hash:
             # A blob other than the one offered: refuse it before decoding anything in it.
             raise SnapshotRefused("forged", "its SHA-256 is not the hash offered")
