@@ -44,9 +44,11 @@ __all__ = [
 
 #: Final ops between two points. Every node of a market must use the same interval for the
 #: witnesses' attestations to agree (so it is a protocol constant in practice; tests and benches
-#: pass a smaller one). 50,000 ops is ~40 MB of memory per point at ~0.8 KB an op, and a
-#: compaction's pause (~0.2 s) every 50,000 ops.
-DEFAULT_POINT_INTERVAL: Final = 50_000
+#: pass a smaller one). It bounds what a node holds beyond its live state (~0.8 KB an op: 16 MB)
+#: and what a joiner must sync, verify and apply after the point it joins from (~85 us an op:
+#: 1.7 s at worst; bench_memory measured 6.2-7.4 s at 50,000, 2.6 s at 20,000, against the 5 s
+#: a join may take), at the cost of a compaction (~0.2 s on a node's event loop) every 20,000.
+DEFAULT_POINT_INTERVAL: Final = 20_000
 #: Domain of the running hash of the final ops (specs/finality.md section 6).
 FINAL_CHAIN_DOMAIN: Final = b"crdtbook/final-chain/v2\x00"
 
