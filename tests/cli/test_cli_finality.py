@@ -483,6 +483,22 @@ def test_status_pending_and_final(fake_node: Any) -> None:
     assert "2 of 2 fills final" in out
 
 
+def test_status_says_how_the_market_was_joined(fake_node: Any) -> None:
+    m = fake_node.answers["status"]["markets"][0]
+    m.update(join="snapshot", joined_from_point=40000, history="absent", history_wanted=0)
+    out = " ".join(run("status").stdout.split())
+    assert "joined from the snapshot at final op 40000, history before it absent" in out
+    assert "(fetched only if an op needs it)" in out
+    m.update(history="fetching", history_wanted=3)
+    out = " ".join(run("status").stdout.split())
+    assert "history before it fetching (fetched only if an op needs it: 3 ops wait for it)" in out
+    m.update(history="complete")
+    out = " ".join(run("status").stdout.split())
+    assert "history before it complete" in out and "fetched only" not in out
+    m.update(join="joining", joined_from_point=None)
+    assert "joining: taking a snapshot from a peer" in run("status").stdout
+
+
 def test_status_never_final_said_once(fake_node: Any, samples: Any) -> None:
     unwitnessed(samples, fake_node)
     out = run("status").stdout
