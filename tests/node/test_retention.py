@@ -107,6 +107,7 @@ async def test_a_pruned_node_drops_rows_restarts_and_still_answers(
         # A restart restores from the snapshot without history, with the same digest.
         p.service.load_from_store()
         assert not p.ms.replica.has_history and p.ms.prune == PruneState(below, pruned)
+        assert p.ms.replica.point == point
         assert p.ms.replica.digest() == w.ms.replica.digest()
 
         # It serves snapshots but no history: a joiner that reaches only P joins, and its
@@ -137,8 +138,9 @@ async def test_an_op_naming_a_pruned_op_applies_once_the_history_is_back(
         log = log_of(w)
         p = with_retention(new("P", join="full"), KEEP)
         await take_log(p, log)
+        p.service.load_from_store()  # what follows works after a restart too
         point = p.ms.replica.point
-        assert point is not None
+        assert point is not None and not p.ms.replica.has_history
         order = ops_of(w)
         gone = [op for op in order[: point.n - KEEP] if not p.store.has(op.id)]
         old = gone[len(gone) // 2]
