@@ -824,15 +824,15 @@ def finality_lines(m: Json) -> list[Text]:
     )
     if m.get("joined_from_point") is not None:  # joined from a witnessed snapshot (#10)
         history = str(m.get("history", "?"))
-        line = (
+        joined = (
             f"\n  joined from the snapshot at final op {printable(m['joined_from_point'])}, "
             f"history before it {printable(history)}"
         )
         if history != "complete":
-            line += " (fetched only if an op needs it"
+            joined += " (fetched only if an op needs it"
             wanted = m.get("history_wanted") or 0
-            line += f": {printable(wanted)} ops wait for it)" if wanted else ")"
-        head.append(line, style="dim")
+            joined += f": {printable(wanted)} ops wait for it)" if wanted else ")"
+        head.append(joined, style="dim")
     elif m.get("join") == "joining":
         head.append("\n  joining: taking a snapshot from a peer", style="dim")
     if m.get("retention") is not None:  # --retention: the store no longer keeps every op
