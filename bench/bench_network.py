@@ -13,8 +13,8 @@ Phases:
      ops/s until it holds all of them.
   5. RSS of each node process.
   6. transport (only with --only transport): NODES node/p2p Networks in one process, gossip
-     messages one at a time, trio task steps and CPU per message with py-libp2p's locks and
-     peer scorer (stock) and without (patched: node/p2p_install.py, p2p_pubsub.py), alternating.
+     messages one at a time, trio task steps and CPU per message with py-libp2p's locks, frame
+     writes and peer scorer (stock) and ours (node/p2p_install.py, p2p_pubsub.py), alternating.
 
 Targets (issue #3, 2-core machine): >=1,000 ops/s sustained across 5 nodes (stretch 5,000);
 p99 <= 250 ms at 500 ops/s; catch-up >= 10k ops/s (100k ops in under 10 s).
@@ -63,9 +63,10 @@ if os.environ.get("CRDTBOOK_BENCH_SKIP_HOLDERS"):  # A/B: "0" forwards as stock 
 if net:
     from crdtbook.node.p2p import NetworkConfig
     extra["network"] = NetworkConfig(**net)
-if os.environ.get("CRDTBOOK_BENCH_STOCK_TRANSPORT") == "1":  # A/B: libp2p's locks and scorer
+if os.environ.get("CRDTBOOK_BENCH_STOCK_TRANSPORT") == "1":  # A/B: libp2p's locks, frames, scorer
     from crdtbook.node import p2p_install, p2p_pubsub
     p2p_install.EAGER_LOCK_MODULES = ()
+    p2p_install.LEAN_YAMUX_FRAMES = False
     p2p_pubsub.KEEP_DEFAULT_SCORER = True
 # batch 1 = the baseline: one gossip message per op, sent at once.
 if int(batch) == 1:
@@ -79,8 +80,8 @@ sys.exit(run_node(NodeConfig(home=Path(home), listen=["/ip4/127.0.0.1/tcp/0"], b
 # The transport micro-bench (phase "transport"): NODES node/p2p Networks in one process, a full
 # mesh on one topic, the first publishing MESSAGES messages of SIZE bytes one at a time (the next
 # once every other node's validator has the last). Prints task steps (trio scheduler) and CPU per
-# message. "stock" keeps py-libp2p's trio locks and peer scorer (node/p2p_install.py,
-# node/p2p_pubsub.py).
+# message. "stock" keeps py-libp2p's trio locks, Yamux frame writes and peer scorer
+# (node/p2p_install.py, node/p2p_pubsub.py).
 TRANSPORT_CHILD = r"""
 import json, os, sys, time
 from contextlib import AsyncExitStack
@@ -91,6 +92,7 @@ n, count, size, arm = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.
 if arm == "stock":
     from crdtbook.node import p2p_pubsub
     p2p_install.EAGER_LOCK_MODULES = ()
+    p2p_install.LEAN_YAMUX_FRAMES = False
     p2p_pubsub.KEEP_DEFAULT_SCORER = True
 steps = [0]
 class Steps(trio.abc.Instrument):

@@ -9,7 +9,8 @@ change is process-wide (libp2p looks these names up in its own modules) and idem
 * Yamux: window updates in batches, and its ``PY_YAMUX_*`` settings read once, not per frame
   (the environment itself is not changed);
 * the transport's locks (Yamux, its read-write lock, the TCP stream, net streams) take a free
-  lock without a trip through trio's scheduler (:class:`EagerLock`);
+  lock without a trip through trio's scheduler (:class:`EagerLock`), and Yamux writes a frame
+  without formatting a debug line for it or a second scheduler trip after it;
 * logging: libp2p's logs reach the application's handlers; multiaddr's DEBUG chatter is cut;
 * libp2p: signed peer records checked once per peer (``node/p2p_records.py``); bounds on what a
   peer can make it read before authentication (``node/p2p_limits.py``); dropped outbound gossip
@@ -162,6 +163,31 @@ def _install_eager_locks() -> None:
             namespace["trio"] = shim
 
 
+#: False keeps Yamux's own ``_write_frame`` (bench A/B runs; see :func:`_install_lean_frames`).
+LEAN_YAMUX_FRAMES = True
+
+
+def _install_lean_frames() -> None:
+    """Yamux's ``_write_frame``, as the library has it less two costs per frame: it unpacks the
+    header and formats a DEBUG line (flag names, f-string) whether or not DEBUG is on, and after
+    the write it awaits ``trio.lowlevel.checkpoint()``, a second trip through the scheduler (the
+    socket send that the write ends in has checkpointed already). The write itself is the same:
+    the connection's whole frame, under its write lock."""
+    import libp2p.stream_muxer.yamux.yamux as yamux_module
+
+    muxer = yamux_module.Yamux
+    original = muxer._write_frame
+    if not LEAN_YAMUX_FRAMES or getattr(original, "_crdtbook_original", None) is not None:
+        return
+
+    async def write_frame(self: Any, data: bytes) -> None:
+        async with self._write_lock:
+            await self.secured_conn.write(data)
+
+    write_frame._crdtbook_original = original  # type: ignore[attr-defined]
+    muxer._write_frame = write_frame  # type: ignore[method-assign]
+
+
 def _configure_library_logging() -> None:
     """Route libp2p's logs to the application's handlers and quieten multiaddr.
 
@@ -243,6 +269,7 @@ def install() -> None:
     _configure_library_logging()
     _install_yamux_tuning()
     _install_eager_locks()
+    _install_lean_frames()
     p2p_records.install()
     p2p_limits.install()  # caps multistream-select reads (see node/p2p_limits.py)
     _install_drop_counter()

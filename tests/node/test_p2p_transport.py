@@ -1,7 +1,8 @@
 """What node/p2p_install.py and node/p2p_pubsub.py change in py-libp2p 0.8.1's gossip transport
 for issue #12, each next to the stock behaviour it replaces: locks taken without a scheduler trip
-when free (``EagerLock``), no peer scoring without score parameters, and no
-copy forwarded to a peer that sent one while it was in validation (``skip_holders``)."""
+when free (``EagerLock``), Yamux frames written without a second trip, no peer scoring without
+score parameters, and no copy forwarded to a peer that sent one while it was in validation
+(``skip_holders``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
+from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from crdtbook.node import p2p_install
 from crdtbook.node.p2p import NetworkConfig
@@ -200,3 +202,27 @@ def test_default_peer_scores_gate_nothing_so_the_router_keeps_none() -> None:
         degree_high=6,
     )
     assert ours.scorer is None
+
+
+async def test_yamux_frame_write_is_one_locked_write_without_a_second_trip() -> None:
+    """Stock ``_write_frame`` writes, then checkpoints again (the socket send has already);
+    ours only writes, the same bytes under the same lock."""
+    p2p_install.install()
+    written: list[bytes] = []
+
+    class Conn:
+        async def write(self, data: bytes) -> None:
+            written.append(data)  # a send that happens not to checkpoint
+
+    muxer = SimpleNamespace(
+        _write_lock=p2p_install.EagerLock(),  # as Yamux creates it once installed
+        secured_conn=Conn(),
+        is_initiator_value=True,
+    )
+    frame = bytes(12) + b"payload"
+    lean = Yamux._write_frame
+    stock = lean._crdtbook_original  # type: ignore[attr-defined]
+    assert await _is_checkpoint(lambda: stock(muxer, frame))  # the extra trip
+    assert not await _is_checkpoint(lambda: lean(muxer, frame))
+    assert written == [frame, frame]
+    assert not muxer._write_lock.locked()
