@@ -319,6 +319,7 @@ def latency_phase(tmp: Path, n: int, rate: float, seconds: float, batch: int,
         wait_converged(nodes, 120)
         cpu_used = sum(nd.cpu_s() for nd in nodes) - cpu_before
         time.sleep(0.3)
+        gossip = [nd.call("status", digest=False)["network"] for nd in nodes]
         lat = []
         missing = 0
         for ident, t0 in sent:
@@ -340,10 +341,43 @@ def latency_phase(tmp: Path, n: int, rate: float, seconds: float, batch: int,
             "node_cpu_ms_per_op": round(cpu_used / max(1, len(sent)) * 1000, 3),
             "unobserved": missing,
             "rss_mb": [round(nd.rss_mb(), 1) for nd in nodes],
+            # Gossip copies read per message first received, over all nodes (duplicates + 1).
+            "gossip_copies_per_message": round(
+                sum(g.get("gossip_copies_in", 0) for g in gossip)
+                / max(1, sum(g.get("gossip_firsts_in", 0) for g in gossip)), 2),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
         }
     finally:
         for nd in nodes:
             nd.stop()
+
+
+def latency_ab(tmp: Path, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
+    """The latency phase ``args.reps`` times in each arm, alternating: "baseline" with ``env``
+    set for the node processes (they inherit the bench's environment), "current" without."""
+    arms: dict[str, list[dict[str, Any]]] = {"baseline": [], "current": []}
+    for rep in range(args.reps):
+        for arm in ("baseline", "current"):
+            saved = {key: os.environ.get(key) for key in env}
+            if arm == "baseline":
+                os.environ.update(env)
+            try:
+                result = latency_phase(tmp / f"{arm}{rep}", args.nodes, args.rate, args.seconds,
+                                       2000, 0.002)
+            finally:
+                for key, value in saved.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
+            arms[arm].append(result)
+            print(f"  {arm}: cpu/op {result['node_cpu_ms_per_op']} ms, p50/p99 "
+                  f"{result['p50_ms']:.0f}/{result['p99_ms']:.0f} ms, load "
+                  f"{result['load_average'][0]}", file=sys.stderr)
+    return {"env": env, **arms,
+            "median_node_cpu_ms_per_op": {
+                arm: statistics.median(r["node_cpu_ms_per_op"] for r in runs)
+                for arm, runs in arms.items()}}
 
 
 #: A rate is sustained when every node holds every op this soon after the last submit.
@@ -439,6 +473,10 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--rates", default="250,500,750,1000,1250,1500",
                     help="submit rates the throughput phase steps through (ops/s, comma-separated)")
+    ap.add_argument("--ab", default="", metavar="VAR=VALUE ...",
+                    help="A/B the latency phase: alternate runs with these environment settings "
+                    "(the baseline arm, e.g. 'CRDTBOOK_BENCH_STOCK_TRANSPORT=1') and without")
+    ap.add_argument("--reps", type=int, default=3, help="pairs of runs for --ab")
     ap.add_argument("--only", default="", help="run only these phases, comma-separated, of: "
                     "latency, baseline, throughput, catchup, transport (experiments; the "
                     "table shows the first four)")
@@ -451,7 +489,11 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="crdtbook-bench-"))
     results: dict[str, Any] = {"nodes": args.nodes, "rate": args.rate, "seconds": args.seconds}
     try:
-        if "latency" in phases:
+        if "latency" in phases and args.ab:
+            results["latency_ab"] = latency_ab(tmp / "ab", args, dict(
+                item.split("=", 1) for item in args.ab.split()))
+            results["latency_batched"] = results["latency_ab"]["current"][-1]
+        elif "latency" in phases:
             results["latency_batched"] = latency_phase(tmp / "a", args.nodes, args.rate,
                                                        args.seconds, 2000, 0.002)
         if "baseline" in phases:
