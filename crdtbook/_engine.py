@@ -602,6 +602,15 @@ class Engine:
             for price in picked
         ]
 
+    def fill_view(self, index: int) -> Fill:
+        """Fill number ``index`` as a ``Fill`` (what ``fill_views`` builds for each)."""
+        taker_id, maker_id, price, quantity = self.fills[index]
+        orders, authors = self.orders, self.authors
+        taker = orders[taker_id]
+        side = self.ops[taker].body.side  # type: ignore[union-attr]
+        return Fill(taker_id, maker_id, price, quantity, side, authors[taker],
+                    authors[orders[maker_id]])
+
     def fill_views(self, start: int = 0) -> tuple[Fill, ...]:
         """The fills from ``start`` on, as ``Fill``s (side and authors read off the orders)."""
         orders, authors = self.orders, self.authors

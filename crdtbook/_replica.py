@@ -25,7 +25,7 @@ from array import array
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Final, NamedTuple, Protocol
+from typing import Final, NamedTuple, Protocol, TypeVar, overload
 
 from ._checkpoint import Checkpoint, encode_checkpoint, install, read_checkpoint
 from ._engine import PARTIALLY_FILLED, Engine, Fill
@@ -57,7 +57,9 @@ from ._points import DEFAULT_POINT_INTERVAL, FINAL_CHAIN_DOMAIN, PointInfo, Pref
 from ._state import Book, OrderState, book_view, order_state, state_digest, witnessed_digest
 from ._validity import check_in_context, on_own_chain
 
-__all__ = ["ApplyReport", "Archive", "CompactReport", "Replica", "RestoreReport"]
+__all__ = ["ApplyReport", "Archive", "CompactReport", "Replica", "RestoreReport", "Rows"]
+
+_T = TypeVar("_T")
 
 #: Ops waiting for parents. Enough for a gap of several seconds at thousands of ops/s; past it
 #: the sync protocol offers the ops again once their parents are in.
@@ -129,13 +131,42 @@ class RestoreReport(NamedTuple):
     skipped: tuple[tuple[bytes | None, InvalidOp], ...]
 
 
+class Rows(Sequence[_T]):
+    """A read-only sequence whose items are built as they are read: a compaction's fills and
+    finished orders (~20k of each per point) are read in a node's store thread, so building
+    them there keeps the compaction's pause on the event loop short (measured: 0.12 -> 0.05 s a
+    point). What they are built from (the final engine at the point) is never changed again."""
+
+    __slots__ = ("_count", "_make")
+
+    def __init__(self, count: int, make: Callable[[int], _T]) -> None:
+        self._count = count
+        self._make = make
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> _T: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[_T]: ...
+    def __getitem__(self, index: int | slice) -> _T | list[_T]:
+        if isinstance(index, slice):
+            return [self._make(i) for i in range(*index.indices(self._count))]
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count:
+            raise IndexError(index)
+        return self._make(index)
+
+
 class CompactReport(NamedTuple):
     """What one ``Replica.compact`` took out of memory (for a node to keep in its store)."""
 
     ops: list[bytes]  # ids of the ops that left memory (all final)
     fills_start: int  # global index of the first of ``fills``
-    fills: list[Fill]  # the final fills that left memory, in order
-    orders: list[OrderState]  # the final, finished orders that left memory
+    fills: Sequence[Fill]  # the final fills that left memory, in order (built as read)
+    orders: Sequence[OrderState]  # the final, finished orders that left memory (same)
     #: The point compacted at (final ops before it; 0: none, nothing was done).
     point: int = 0
     #: The ids of the prefix ops this compaction added to it (from the previous point to this
@@ -873,14 +904,13 @@ class Replica:
         local = capture.local
         prefix_ops, tail = order[:local], order[local:]
         fills_start = self.compacted_fills
-        fills = list(final_engine.fill_views(0))[: capture.fills]
+        fills = Rows(capture.fills, final_engine.fill_view)
         base = capture.engine
-        states = final_engine.states
-        finished = [
-            order_state(final_engine.row(n), True)
-            for n in range(capture.rows)
-            if states[n] > PARTIALLY_FILLED and final_engine.ids[n] not in base.orders
-        ]
+        states, ids, resting = final_engine.states, final_engine.ids, base.orders
+        numbers = [n for n in range(capture.rows)
+                   if states[n] > PARTIALLY_FILLED and ids[n] not in resting]
+        row = final_engine.row
+        finished = Rows(len(numbers), lambda i: order_state(row(numbers[i]), True))
         counted = [i for p, ids in fin.heartbeats_at.items() if p <= capture.placement
                    for i in ids]
         prefix = self._prefix

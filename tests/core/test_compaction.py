@@ -104,3 +104,31 @@ def test_a_local_snapshot_of_another_market_or_damaged_or_without_its_ops_is_ref
             Replica.from_snapshot(WMARKET, junk, live, archive=archive)
     with pytest.raises(ValueError):
         Replica.from_snapshot(PLAIN, blob, live, archive=archive)
+
+
+def test_a_compactions_fills_and_orders_are_built_as_read_and_stay_as_they_were() -> None:
+    """CompactReport.fills/orders are lazy sequences (a node reads them in its store thread):
+    the same items however read (index, negative index, slice, iteration), and unchanged by
+    the replica's later ops."""
+    import pytest
+
+    archive = _Archive()
+    full, source = Replica(WMARKET), Replica(WMARKET)
+    _trade(full, source, _Archive(), 300, seed=5)
+    twin = Replica(WMARKET, archive=archive, point_interval=200)
+    twin.apply_many(op.raw for op in full.ops())
+    report = twin.compact()
+    assert report.point >= 200 and len(report.fills) > 20 and len(report.orders) > 20
+    for rows in (report.fills, report.orders):
+        items = list(rows)
+        assert len(items) == len(rows) and rows[:] == items and rows[1:3] == items[1:3]
+        if items:
+            assert rows[-1] == items[-1] and rows[0] == items[0]
+        with pytest.raises(IndexError):
+            rows[len(items)]
+    assert all(o.final and o.status in ("filled", "cancelled", "expired", "rejected")
+               for o in report.orders)
+    before = (list(report.fills), list(report.orders))
+    _trade(full, twin, archive, 300, seed=6)  # more ops, more compactions
+    assert twin.compacted_ops > report.point
+    assert (list(report.fills), list(report.orders)) == before
