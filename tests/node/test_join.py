@@ -23,7 +23,7 @@ import pytest
 import trio
 import trio.testing
 
-from crdtbook import BadCancel, Identity, Market, Op, Replica
+from crdtbook import Identity, Market, Op, Replica
 from crdtbook.node.join import Joiner
 from crdtbook.node.join_wire import Offer
 from crdtbook.node.p2p_errors import P2PError
@@ -31,6 +31,7 @@ from crdtbook.node.service import MarketState, NodeService
 from crdtbook.node.store import STORE_FILENAME, OpStore
 from crdtbook.node.sync import pull, respond
 
+from .test_compaction import author as trading
 from .test_sync_inprocess import Frames
 
 pytestmark = pytest.mark.timeout(60)
@@ -44,26 +45,8 @@ INTERVAL = 100
 
 
 def author(count: int, seed: int, market: Market = MARKET) -> list[Op]:
-    """``count`` trader ops around a fixed price; traders cancel their oldest orders."""
-    rng = random.Random(seed)
-    replica = Replica(market)
-    resting: list[list[bytes]] = [[] for _ in TRADERS]
-    out: list[Op] = []
-    for _ in range(count):
-        who = rng.randrange(len(TRADERS))
-        mine = resting[who]
-        op = None
-        if len(mine) > 5:
-            try:
-                op = replica.cancel(TRADERS[who], mine.pop(0))
-            except BadCancel:
-                op = None
-        if op is None:
-            side = rng.choice(("buy", "sell"))
-            op = replica.submit(TRADERS[who], side, 100 + rng.randint(-2, 2), rng.randint(1, 5))
-            mine.append(op.id)
-        out.append(op)
-    return out
+    """``count`` trader ops around a fixed price (test_compaction's, in this market)."""
+    return trading(count, seed, market)
 
 
 class Streams(Frames):
