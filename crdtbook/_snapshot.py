@@ -35,7 +35,7 @@ blob raises ``ValueError`` and never leaves a half-built replica in use.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 import cbor2
@@ -150,7 +150,65 @@ def _read(blob: bytes, market_id: bytes) -> dict[str, Any]:
     checksum = fields.pop("sha256", None)
     if checksum != _checksum(fields):
         raise SnapshotRefused("damaged", "its checksum does not match")
+    wrong = _shape_error(fields)
+    if wrong:
+        raise SnapshotRefused("damaged", f"{wrong} is missing or of the wrong type")
     return fields
+
+
+def _is_id(value: object) -> bool:
+    return type(value) is bytes and len(value) == 32
+
+
+def _is_uint(value: object) -> bool:
+    return type(value) is int and 0 <= value < 2**64
+
+
+def _all(value: object, *item: Callable[[object], bool]) -> bool:
+    """``value`` is a list of items, each a single value (one check) or a list of as many
+    values as checks, each passing its own."""
+    if type(value) is not list:
+        return False
+    if len(item) == 1:
+        return all(item[0](v) for v in value)
+    return all(
+        type(v) is list and len(v) == len(item) and all(c(x) for c, x in zip(item, v, strict=True))
+        for v in value
+    )
+
+
+def _shape_error(fields: dict[str, Any]) -> str | None:
+    """The first field that is not as the format says (None: all are). Strict types, so that
+    no value is ever converted (``bytes(10**10)`` would allocate ten gigabytes)."""
+    counts = fields.get("counts")
+    w, e = fields.get("witnessing"), fields.get("engine")
+    checks: list[tuple[str, bool]] = [
+        ("counts", _all(counts, _is_uint) and len(counts) == 5),  # type: ignore[arg-type]
+        ("chain", _is_id(fields.get("chain"))),
+        ("kept", _all(fields.get("kept"), _is_id, _is_uint)),
+        ("heads", _all(fields.get("heads"), _is_id)),
+        ("tips", _all(fields.get("tips"), _is_id, _is_id)),
+        ("forks", _all(fields.get("forks"), _is_id, _is_uint)),
+        ("recent", _all(fields.get("recent"), _is_id)),
+        ("witnessing", type(w) is dict),
+        ("engine", type(e) is dict),
+    ]
+    if type(w) is dict:
+        checks += [
+            ("witnessing.chain", _all(w.get("chain"), _is_id)),
+            ("witnessing.current", _all(w.get("current"), _is_id)),
+            ("witnessing.latest", _all(w.get("latest"), _is_id, _is_id)),
+        ] + [(f"witnessing.{k}", _all(w.get(k), _is_id, _is_uint))
+             for k in ("added", "cut", "proven", "forks_seen")]
+    if type(e) is dict:
+        checks += [
+            ("engine.orders", _all(e.get("orders"), _is_id, _is_uint, _is_uint, _is_uint)),
+            ("engine.levels", _all(e.get("levels"), _is_uint, _is_uint,
+                                   lambda v: _all(v, _is_uint))),
+            ("engine.client_ids", _all(e.get("client_ids"), _is_id, lambda v: type(v) is str,
+                                       lambda v: type(v) is int and -1 <= v < 2**63)),
+        ]
+    return next((name for name, ok in checks if not ok), None)
 
 
 def read_point_fields(

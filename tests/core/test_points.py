@@ -9,9 +9,13 @@ forged, stale or unattested point state and history that does not chain to the p
 from __future__ import annotations
 
 import random
+from contextlib import suppress
+from typing import Any
 
 import cbor2
+import hypothesis.strategies as st
 import pytest
+from hypothesis import given, settings
 from witnessed import ADVERSARIES, GENESIS, TRADERS, WMARKET, witnessed_market
 
 from crdtbook import (
@@ -260,3 +264,63 @@ def test_a_replica_that_forgets_its_history_holds_what_needs_it_until_it_is_back
     replica.history_complete()
     assert replica.has_history and replica.pending_count == 0
     assert replica.digest() == full.digest()
+
+
+def _mutate(value: Any, path: list[int], new: Any) -> Any:
+    """``value`` (decoded CBOR) with the leaf reached by ``path`` (indexes taken modulo each
+    container's size) replaced by ``new``."""
+    if not path or not isinstance(value, (list, dict)) or not value:
+        return new
+    if isinstance(value, dict):
+        keys = sorted(value, key=repr)
+        key = keys[path[0] % len(keys)]
+        return {**value, key: _mutate(value[key], path[1:], new)}
+    index = path[0] % len(value)
+    return [*value[:index], _mutate(value[index], path[1:], new), *value[index + 1:]]
+
+
+_BLOB_CACHE: dict[str, tuple[bytes, list[bytes], list[bytes]]] = {}
+
+
+def _valid_point() -> tuple[bytes, list[bytes], list[bytes]]:
+    if "point" not in _BLOB_CACHE:
+        nodes, _ = _world(150, seed=8)
+        replica = nodes[0].replica
+        blob = replica.snapshot()
+        kept = [replica.applied_index[i].raw for i in read_point(WMARKET, blob).kept]
+        beats = [b.raw for b in _attest(nodes, 3)]
+        _BLOB_CACHE["point"] = (blob, kept, beats)
+    return _BLOB_CACHE["point"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    path=st.lists(st.integers(0, 50), min_size=1, max_size=5),
+    new=st.one_of(st.none(), st.integers(-(2**70), 2**70), st.binary(max_size=40),
+                  st.text(max_size=5), st.lists(st.integers(), max_size=3),
+                  st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)),
+)
+def test_a_point_state_changed_anywhere_is_refused_with_a_value_error(path: list[int],
+                                                                      new: Any) -> None:
+    """A well-formed blob (checksum recomputed) with any field changed: reading, checking
+    attestations and restoring from it raise ValueError (SnapshotRefused) or work; nothing
+    else escapes."""
+    blob, kept, beats = _valid_point()
+    fields = cbor2.loads(blob)
+    del fields["sha256"]
+    fields = _mutate(fields, path, new)
+    if not isinstance(fields, dict):
+        fields = {"junk": fields}
+    from crdtbook._snapshot import _checksum
+
+    fields["sha256"] = _checksum(fields)
+    changed = bytes(cbor2.dumps(fields, canonical=True))
+    if changed == blob:
+        return  # the value was already that
+    with suppress(ValueError):
+        read_point(WMARKET, changed)
+    with pytest.raises(SnapshotRefused):  # the witnesses attested the other bytes
+        check_attested(WMARKET, changed, beats, [])
+    with suppress(ValueError):
+        Replica.from_snapshot(WMARKET, changed, kept, archive=None, point_interval=INTERVAL,
+                              history=False)
