@@ -571,6 +571,9 @@ class Joiner:
             for peer in peers:
                 try:
                     await self._history_from(ms, peer, check)
+                    if check.count < info.n:
+                        continue  # a session ends after a bounded number of ops: another peer
+                    check.done()  # SnapshotRefused("forged") unless it chains to the point
                 except JoinRefusal as exc:
                     logger.info("%s: %s serves no history: %s", name, peer, exc)
                     continue
@@ -584,18 +587,6 @@ class Joiner:
                     continue
                 except (P2PError, trio.TooSlowError) as exc:
                     logger.info("%s: history from %s failed: %r", name, peer, exc)
-                    continue
-                if check.count < info.n:
-                    continue  # a session ends after a bounded number of ops: go on (another peer)
-                try:
-                    check.done()
-                except SnapshotRefused as exc:
-                    logger.info("%s: refused history from %s: %s", name, peer, exc)
-                    self.net.report_reject(peer, "join-history")
-                    await trio.to_thread.run_sync(
-                        self.service.store.drop_history, ms.market.id, info.n
-                    )
-                    check = HistoryCheck(info)
                     continue
                 released = await self.service.history_fetched(ms, info)
                 logger.info(
