@@ -313,32 +313,18 @@ def child_join(source_dir: Path, count: int, target_dir: Path) -> None:
     print(json.dumps(trio.run(main)), flush=True)
 
 
-class _MemoryFrames:
-    """node/p2p.py's FrameStream interface over an in-memory trio stream (4-byte length, then
-    the frame), for the snapshot join's two ends in one process."""
+class _TrioBytes:
+    """A trio in-memory stream as the byte stream node/frames.py's FrameStream runs on, so the
+    snapshot join's two ends in one process frame their messages exactly as nodes do."""
 
-    def __init__(self, stream: Any, peer_id: str) -> None:
+    def __init__(self, stream: Any) -> None:
         self._stream = stream
-        self._buf = bytearray()
-        self.peer_id = peer_id
 
-    async def write_frame(self, data: bytes, *, timeout: float | None = None) -> None:
-        await self._stream.send_all(len(data).to_bytes(4, "big") + data)
+    async def read(self, n: int | None = None) -> bytes:
+        return bytes(await self._stream.receive_some(n))
 
-    async def read_frame(self, max_size: int, *, timeout: float | None = None) -> bytes:
-        from crdtbook.node.p2p_errors import P2PError
-
-        while len(self._buf) < 4 or len(self._buf) < 4 + int.from_bytes(self._buf[:4], "big"):
-            chunk = await self._stream.receive_some()
-            if not chunk:
-                raise P2PError("stream closed")
-            self._buf += chunk
-        size = int.from_bytes(self._buf[:4], "big")
-        if size > max_size:
-            raise P2PError("frame too large")
-        frame = bytes(self._buf[4 : 4 + size])
-        del self._buf[: 4 + size]
-        return frame
+    async def write(self, data: bytes) -> None:
+        await self._stream.send_all(data)
 
     async def close(self) -> None:
         await self._stream.aclose()
@@ -347,6 +333,12 @@ class _MemoryFrames:
         import trio
 
         await trio.aclose_forcefully(self._stream)
+
+
+def _frames(stream: Any, peer_id: str) -> Any:
+    from crdtbook.node.frames import FrameStream
+
+    return FrameStream(_TrioBytes(stream), peer_id, "/crdtbook/bench", 30.0)
 
 
 def child_snapjoin(source_dir: Path, point_interval: int, target_dir: Path) -> None:
@@ -387,11 +379,11 @@ def child_snapjoin(source_dir: Path, point_interval: int, target_dir: Path) -> N
         def report_reject(self, peer_id: str, reason: str) -> None:
             self.rejects.append((peer_id, reason))
 
-        async def open_stream(self, peer_id: str, protocol_id: str) -> _MemoryFrames:
+        async def open_stream(self, peer_id: str, protocol_id: str) -> Any:
             assert self.server is not None
             left, right = trio.testing.memory_stream_pair()
-            self.nursery.start_soon(self.server.serve, _MemoryFrames(right, "joiner"))
-            return _MemoryFrames(left, peer_id)
+            self.nursery.start_soon(self.server.serve, _frames(right, "joiner"))
+            return _frames(left, peer_id)
 
     async def main() -> dict[str, Any]:
         store = OpStore.open(target_dir, synchronous="NORMAL")
@@ -412,12 +404,12 @@ def child_snapjoin(source_dir: Path, point_interval: int, target_dir: Path) -> N
             left, right = trio.testing.memory_stream_pair()
 
             async def serve() -> None:
-                await respond(_MemoryFrames(right, "joiner"), lambda m: source_ms.replica)
+                await respond(_frames(right, "joiner"), lambda m: source_ms.replica)
                 await right.aclose()
 
             nursery.start_soon(serve)
             synced, _ = await pull(
-                _MemoryFrames(left, "source"),
+                _frames(left, "source"),
                 ms.replica,
                 lambda raws: service.prepare(ms, raws),
                 lambda prepared: service.commit(ms, prepared, "source"),
