@@ -42,7 +42,8 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -404,15 +405,12 @@ class Joiner:
         async def ask(peer: str) -> None:
             try:
                 with trio.fail_after(OFFER_TIMEOUT):
-                    stream = await self.net.open_stream(peer, JOIN_PROTOCOL)
-                    try:
+                    async with self._session(peer) as stream:
                         await self._write(
                             stream, encode_request(JoinRequest("offer", ms.market.id))
                         )
                         frame = await stream.read_frame(MAX_FRAME_BYTES, timeout=self.frame_timeout)
                         offers[peer] = decode_offer(frame)
-                    finally:
-                        await self._reset_quietly(stream)
             except WireError as exc:
                 logger.info("join: malformed offer from %s: %s", peer, exc)
                 self.net.report_reject(peer, "join-malformed")
@@ -478,9 +476,7 @@ class Joiner:
         return True
 
     async def _fetch_snapshot(self, market: Market, peer: str, candidate: _Candidate) -> _Fetched:
-        stream = await self.net.open_stream(peer, JOIN_PROTOCOL)
-        ok = False
-        try:
+        async with self._session(peer) as stream:
             request = JoinRequest("snapshot", market.id, candidate.point, candidate.hash)
             await self._write(stream, encode_request(request))
             blob = bytearray()
@@ -494,14 +490,20 @@ class Joiner:
                 if len(blob) > MAX_SNAPSHOT_BYTES or len(ops) > MAX_KEPT_OPS:
                     raise WireError("the snapshot exceeds the joiner's bounds")
                 if not frame.more:
-                    ok = True
                     return _Fetched(bytes(blob), ops)
-        finally:
-            if ok:
-                with trio.CancelScope(shield=True, deadline=trio.current_time() + 1):
-                    await stream.close()
-            else:
-                await self._reset_quietly(stream)
+
+    @asynccontextmanager
+    async def _session(self, peer: str) -> AsyncIterator[FrameStreamLike]:
+        """A join stream to ``peer``: closed when the session ends well, reset when it fails
+        (so a half-read answer is never taken for the end of one)."""
+        stream = await self.net.open_stream(peer, JOIN_PROTOCOL)
+        try:
+            yield stream
+        except BaseException:
+            await self._reset_quietly(stream)
+            raise
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + 1):
+            await stream.close()
 
     # -- history on demand -------------------------------------------------------------------
 
@@ -610,12 +612,11 @@ class Joiner:
         while check.count < info.n:
             before = check.count
             with trio.fail_after(HISTORY_SESSION_TIMEOUT):
-                stream = await self.net.open_stream(peer, JOIN_PROTOCOL)
-                ok = False
-                try:
+                async with self._session(peer) as stream:
                     request = JoinRequest("history", market.id, info.n, start=check.count)
                     await self._write(stream, encode_request(request))
-                    while True:
+                    more = True
+                    while more:
                         frame = decode_history(
                             await stream.read_frame(MAX_FRAME_BYTES, timeout=self.frame_timeout)
                         )
@@ -633,15 +634,7 @@ class Joiner:
                                 ) from None
                             items.append((ident, market.id, lamport, raw))
                         await trio.to_thread.run_sync(store.add_history, market.id, start, items)
-                        if not frame.more:
-                            ok = True
-                            break
-                finally:
-                    if ok:
-                        with trio.CancelScope(shield=True, deadline=trio.current_time() + 1):
-                            await stream.close()
-                    else:
-                        await self._reset_quietly(stream)
+                        more = frame.more
             if check.count == before:
                 return  # the peer has nothing more for us
 
