@@ -40,6 +40,7 @@ from multiaddr import Multiaddr
 from crdtbook import BloomFilter, Identity, Market, Replica
 from crdtbook.node.client import ControlError
 from crdtbook.node.p2p import FrameStream
+from crdtbook.node.p2p_errors import P2PError
 from crdtbook.node.store import OpStore
 from crdtbook.node.sync import build_request, ops_for
 from crdtbook.node.wire import (
@@ -325,7 +326,10 @@ def _answering(
 
     async def handler(stream: INetStream) -> None:
         frames = FrameStream(stream, "target", SYNC_PROTOCOL, 30.0)
-        request = decode_request(await frames.read_frame(MAX_FRAME_BYTES))
+        try:
+            request = decode_request(await frames.read_frame(MAX_FRAME_BYTES))
+        except P2PError:  # the target let go of a session before asking: not the one timed
+            return
         answers.started.append(trio.current_time())
         try:
             with trio.move_on_after(SESSION_TIMEOUT * 3):
