@@ -67,13 +67,27 @@ if os.environ.get("CRDTBOOK_BENCH_STOCK_TRANSPORT") == "1":  # A/B: libp2p's loc
     from crdtbook.node import p2p_install, p2p_pubsub
     p2p_install.EAGER_LOCK_MODULES = ()
     p2p_install.LEAN_YAMUX_FRAMES = False
+    p2p_install.BATCHED_WINDOW_UPDATES = False
     p2p_pubsub.KEEP_DEFAULT_SCORER = True
+if os.environ.get("CRDTBOOK_BENCH_STOCK_WINDOW") == "1":  # A/B: Yamux's update after each read
+    from crdtbook.node import p2p_install
+    p2p_install.BATCHED_WINDOW_UPDATES = False
 # batch 1 = the baseline: one gossip message per op, sent at once.
 if int(batch) == 1:
     extra["publish_interval"] = 0.0
-sys.exit(run_node(NodeConfig(home=Path(home), listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=boot,
-                             markets=["DEMO:1:1"], gossip_batch=int(batch),
-                             flush_delay=float(delay), verbose=verbose, **extra)))
+config = NodeConfig(home=Path(home), listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=boot,
+                    markets=["DEMO:1:1"], gossip_batch=int(batch), flush_delay=float(delay),
+                    verbose=verbose, **extra)
+profile_dir = os.environ.get("CRDTBOOK_BENCH_PROFILE")  # experiments: CPU profile of node n2
+if profile_dir and Path(home).name == "n2":
+    import cProfile, time
+    profiler = cProfile.Profile(time.thread_time)  # CPU time: waiting for a core is not cost
+    try:
+        code = profiler.runcall(run_node, config)
+    finally:
+        profiler.dump_stats(str(Path(profile_dir) / "n2.prof"))
+    sys.exit(code)
+sys.exit(run_node(config))
 """
 
 
@@ -93,6 +107,7 @@ if arm == "stock":
     from crdtbook.node import p2p_pubsub
     p2p_install.EAGER_LOCK_MODULES = ()
     p2p_install.LEAN_YAMUX_FRAMES = False
+    p2p_install.BATCHED_WINDOW_UPDATES = False
     p2p_pubsub.KEEP_DEFAULT_SCORER = True
 steps = [0]
 class Steps(trio.abc.Instrument):

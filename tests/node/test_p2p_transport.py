@@ -1,8 +1,8 @@
 """What node/p2p_install.py and node/p2p_pubsub.py change in py-libp2p 0.8.1's gossip transport
 for issue #12, each next to the stock behaviour it replaces: locks taken without a scheduler trip
-when free (``EagerLock``), Yamux frames written without a second trip, no peer scoring without
-score parameters, and no copy forwarded to a peer that sent one while it was in validation
-(``skip_holders``)."""
+when free (``EagerLock``), Yamux frames written without a second trip, window updates in half
+windows, no peer scoring without score parameters, and no copy forwarded to a peer that sent one
+while it was in validation (``skip_holders``)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
-from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
 from crdtbook.node import p2p_install
 from crdtbook.node.p2p import NetworkConfig
@@ -226,3 +226,43 @@ async def test_yamux_frame_write_is_one_locked_write_without_a_second_trip() -> 
     assert not await _is_checkpoint(lambda: lean(muxer, frame))
     assert written == [frame, frame]
     assert not muxer._write_lock.locked()
+
+
+async def _window_updates(update: Callable[..., Awaitable[None]], messages: int) -> list[int]:
+    """The WINDOW_UPDATE increments a Yamux stream sends while its reader consumes ``messages``
+    gossip messages of 2 KB one at a time, as ``YamuxStream.read`` does: the frame's bytes leave
+    the receive window when they arrive and the buffer when they are read."""
+    sent: list[int] = []
+    conn = SimpleNamespace(stream_buffers={1: bytearray()}, rtt=lambda: 0.001)
+    stream = YamuxStream(1, conn, is_initiator=False)  # type: ignore[arg-type]
+
+    async def send_window_update(increment: int, skip_lock: bool = False) -> None:
+        sent.append(increment)
+
+    stream.send_window_update = send_window_update  # type: ignore[method-assign]
+    for _ in range(messages):
+        stream.recv_window -= 2048  # the data frame arrives
+        conn.stream_buffers[1].extend(bytes(2048))
+        del conn.stream_buffers[1][:]  # the reader takes it
+        await update(stream, bytes_read=2048)
+        # The sender may never have more in flight than the window it was granted.
+        assert stream.recv_window >= 0
+    return sent
+
+
+async def test_yamux_returns_credit_in_half_windows_not_after_every_read() -> None:
+    """Stock py-libp2p sends a WINDOW_UPDATE after every read of a small message (its "partial
+    slack" branch): one extra Noise frame back per gossip message. Ours, as go-yamux, waits
+    until half the window has been read: the same credit, in few frames."""
+    p2p_install.install()
+    ours = YamuxStream._auto_tune_and_send_window_update
+    stock = ours._crdtbook_original  # type: ignore[attr-defined]
+    messages = 200  # 400 KB: more than the 256 KiB window, so credit must come back
+    stock_updates = await _window_updates(stock, messages)
+    our_updates = await _window_updates(ours, messages)
+    assert len(stock_updates) >= messages // 2  # (its window auto-tuning skips a few)
+    assert 1 <= len(our_updates) <= 4
+    # Each of ours returns at least half the initial window (the sender is never starved:
+    # it gets credit back while it still holds half a window).
+    assert all(increment >= 128 * 1024 for increment in our_updates)
+    assert sum(our_updates) >= messages * 2048 - 128 * 1024
