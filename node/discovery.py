@@ -34,6 +34,13 @@ DISCOVERY_FIRST_DELAY: Final = 0.5
 #: #12). A node with this many peers is in the gossip mesh already; newcomers find it themselves.
 ENOUGH_PEERS: Final = 8
 SETTLED_SEARCH_INTERVAL: Final = 60.0
+#: With fewer peers, a search that finds no provider we are not connected to doubles the wait
+#: before the next one (from DISCOVERY_INTERVAL up to SETTLED_SEARCH_INTERVAL); one that finds a
+#: new provider starts over. A small market's nodes all know each other within a few rounds, and
+#: a newcomer finds them itself (its own searches dial them): searching every 10 s for ever made
+#: each node of a 5-node network serve ~5 DHT requests a second (issue #12). Losing a peer also
+#: starts over.
+QUIET_SEARCH_BACKOFF: Final = 2.0
 #: Re-announce our markets in the DHT this often once settled (records expire; see
 #: ``node.p2p_records``).
 ANNOUNCE_INTERVAL: Final = 60.0
@@ -69,15 +76,33 @@ class Discovery:
         """Discovery rounds until cancelled."""
         delay = DISCOVERY_FIRST_DELAY
         last_announce = last_search = -1e9
+        announced_to = -1  # peers connected at the last announcement
+        search_interval = DISCOVERY_INTERVAL  # while not settled
+        peers = 0
         while True:
             await self.bootstrap()
             now = trio.current_time()
-            due = now - last_announce >= self.announce_interval or delay < DISCOVERY_INTERVAL
+            before, peers = peers, len(self.net.connected_peers())
+            if peers < before:  # lost peers: look for others at the normal pace again
+                search_interval = DISCOVERY_INTERVAL
+            # While the network forms, announce again whenever we have more peers (the record
+            # then reaches more of the DHT); after that, once per announce_interval.
+            due = now - last_announce >= self.announce_interval or (
+                delay < DISCOVERY_INTERVAL and peers > announced_to
+            )
             if due and await self._announce():
                 last_announce = now
-            settled = len(self.net.connected_peers()) >= ENOUGH_PEERS
-            if not settled or now - last_search >= SETTLED_SEARCH_INTERVAL:
-                await self._dial_providers()
+                announced_to = peers
+            settled = peers >= ENOUGH_PEERS
+            wait = SETTLED_SEARCH_INTERVAL if settled else search_interval
+            forming = not settled and delay < DISCOVERY_INTERVAL  # a search every round
+            if forming or now - last_search >= wait:
+                if await self._dial_providers():
+                    search_interval = DISCOVERY_INTERVAL
+                elif delay >= DISCOVERY_INTERVAL:
+                    search_interval = min(
+                        SETTLED_SEARCH_INTERVAL, search_interval * QUIET_SEARCH_BACKOFF
+                    )
                 last_search = now
             await trio.sleep(delay)
             delay = min(DISCOVERY_INTERVAL, delay * 2)
@@ -97,9 +122,12 @@ class Discovery:
                 logger.exception("DHT provide failed")
         return announced
 
-    async def _dial_providers(self) -> None:
+    async def _dial_providers(self) -> int:
+        """Search the DHT for our markets' providers and dial those we are not connected to;
+        how many of them we connected to (a stale record of a node gone is no news)."""
         from .p2p import P2PError
 
+        new = 0
         connected = set(self.net.connected_peers())
         for key in self.keys:
             try:
@@ -118,6 +146,7 @@ class Discovery:
                     try:
                         await self.net.connect(full)
                         connected.add(peer_id)
+                        new += 1
                         logger.info("discovered and connected to %s", peer_id)
                         break
                     except P2PError as exc:  # includes a malformed address from the DHT

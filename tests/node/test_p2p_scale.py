@@ -1,15 +1,22 @@
 """The bounds that keep a node's cost flat as the network grows (issue #12), in process: a sync
-round pulls from a few peers, not all, and a node with enough peers searches the DHT seldom."""
+round pulls from a few peers, not all, and a node with enough peers, or whose searches find
+nobody new, searches the DHT seldom."""
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import trio
 import trio.testing
 
 from crdtbook.node import discovery as discovery_module
-from crdtbook.node.discovery import ENOUGH_PEERS, SETTLED_SEARCH_INTERVAL, Discovery
+from crdtbook.node.discovery import (
+    DISCOVERY_INTERVAL,
+    ENOUGH_PEERS,
+    SETTLED_SEARCH_INTERVAL,
+    Discovery,
+)
 from crdtbook.node.sync_schedule import SYNC_INTERVAL, SYNC_PEERS_PER_ROUND, SyncScheduler
 
 PEERS = [f"peer-{i:02d}" for i in range(19)]  # a 20-node network, seen from one node
@@ -60,8 +67,9 @@ async def test_a_settled_node_searches_the_dht_seldom(autojump_clock: trio.abc.C
     net = Peers(PEERS[: ENOUGH_PEERS - 1])
     found = Discovery(net, [b"m" * 32], [])  # type: ignore[arg-type]
 
-    async def dial_providers() -> None:
+    async def dial_providers() -> int:
         searches.append(trio.current_time())
+        return 1  # a new provider each time: the small network is still growing
 
     async def announce() -> bool:
         return True
@@ -77,3 +85,40 @@ async def test_a_settled_node_searches_the_dht_seldom(autojump_clock: trio.abc.C
         await found.run()
     assert unsettled >= 60 / discovery_module.DISCOVERY_INTERVAL
     assert len(searches) <= 4  # the run's first round, then one per SETTLED_SEARCH_INTERVAL
+
+
+async def test_a_small_network_node_searches_less_while_it_finds_nobody_new(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Fewer than ENOUGH_PEERS, every search finding no one new: a search every round while the
+    network forms, then the wait doubles up to SETTLED_SEARCH_INTERVAL. A search that connects
+    to a newcomer brings back the normal pace."""
+    searches: list[float] = []
+    net = Peers(PEERS[:4])  # a 5-node market
+    found = Discovery(net, [b"m" * 32], [])  # type: ignore[arg-type]
+    newcomer_at = 10  # the 10th search connects to a newcomer
+
+    async def dial_providers() -> int:
+        searches.append(trio.current_time())
+        return 1 if len(searches) == newcomer_at else 0
+
+    async def announce() -> bool:
+        return True
+
+    found._dial_providers = dial_providers  # type: ignore[method-assign]
+    found._announce = announce  # type: ignore[method-assign]
+    with trio.move_on_after(900):
+        await found.run()
+    gaps = [b - a for a, b in itertools.pairwise(searches)]
+    # The forming rounds (0.5 s, doubling), then 10, 20, 40, 60, 60... s apart (rounds are
+    # DISCOVERY_INTERVAL apart, so each wait ends at a round).
+    assert gaps[:4] == [0.5, 1.0, 2.0, 4.0]
+    quiet = gaps[4 : newcomer_at - 1]
+    assert quiet == sorted(quiet) and quiet[-1] == SETTLED_SEARCH_INTERVAL
+    # After the newcomer: the normal pace, then backing off again.
+    assert gaps[newcomer_at - 1 : newcomer_at + 2] == [
+        DISCOVERY_INTERVAL,
+        DISCOVERY_INTERVAL * 2,
+        DISCOVERY_INTERVAL * 4,
+    ]
+    assert len(searches) < 5 + 900 / DISCOVERY_INTERVAL / 3  # 10 s a search was the old pace
