@@ -434,9 +434,14 @@ def _parse(line: bytes) -> _Request | dict[str, Any] | None:
     return _Request(request_id, method, params)
 
 
+#: What ``json.dumps(message, separators=(",", ":"), allow_nan=False)`` builds on every call,
+#: built once: every reply and watch event goes through it.
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def _encode(message: Mapping[str, Any]) -> bytes:
     """One JSON line; strict JSON (no NaN), ASCII-only so any string the handler returns fits."""
-    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode("ascii") + b"\n"
+    return _ENCODER.encode(message).encode("ascii") + b"\n"
 
 
 def _encode_reply(request_id: int | None, what: str, message: Mapping[str, Any]) -> bytes:
@@ -468,11 +473,15 @@ class _Connection:
         self._handler = handler
         self._reader = _LineReader(stream, MAX_REQUEST_LINE_BYTES)
         # Watch mode writes events and refusals from two tasks; trio streams forbid
-        # concurrent send_all.
-        self._send_lock = trio.Lock()
+        # concurrent send_all. Until then one task sends, one reply after the other: no lock.
+        self._send_lock: trio.Lock | None = None
 
     async def _send(self, data: bytes) -> None:
-        async with self._send_lock:
+        lock = self._send_lock
+        if lock is None:
+            await self._stream.send_all(data)
+            return
+        async with lock:
             await self._stream.send_all(data)
 
     async def _next_request(self) -> _Request | None:
@@ -549,6 +558,7 @@ class _Connection:
             await self._send(
                 _encode_reply(request.id, "result", {"id": request.id, "result": first})
             )
+            self._send_lock = trio.Lock()  # two tasks send from here on
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._refuse_while_watching, nursery.cancel_scope)
                 await self._pump(request.id, events)

@@ -23,6 +23,7 @@ from crdtbook import (
     Fill,
     InvalidOp,
     Level,
+    Market,
     OffLot,
     OffTick,
     OrderState,
@@ -74,6 +75,41 @@ WATCH_PROVISIONAL_MAX: Final = 1000
 NEVER_FINAL: Final = "never final: no witnesses"
 
 
+#: Prices and sizes as text, per market id (the id hashes tick and lot too): replies and watch
+#: events print the same few prices and sizes over and over, and the core prints each through
+#: Decimal (~1 us; an order shows 5, a fill 4). At most this many of each are kept per market,
+#: then that cache starts over.
+TEXT_CACHE_MAX: Final = 4096
+_price_texts: dict[bytes, dict[int, str]] = {}
+_size_texts: dict[bytes, dict[int, str]] = {}
+
+
+def _price(m: Market, ticks: int) -> str:
+    """``m.ticks_to_price(ticks)``, remembered."""
+    cache = _price_texts.get(m.id)
+    if cache is None:
+        cache = _price_texts[m.id] = {}
+    text = cache.get(ticks)
+    if text is None:
+        if len(cache) >= TEXT_CACHE_MAX:
+            cache.clear()
+        text = cache[ticks] = m.ticks_to_price(ticks)
+    return text
+
+
+def _size(m: Market, lots: int) -> str:
+    """``m.lots_to_qty(lots)``, remembered."""
+    cache = _size_texts.get(m.id)
+    if cache is None:
+        cache = _size_texts[m.id] = {}
+    text = cache.get(lots)
+    if text is None:
+        if len(cache) >= TEXT_CACHE_MAX:
+            cache.clear()
+        text = cache[lots] = m.lots_to_qty(lots)
+    return text
+
+
 #: Node-local times of a compacted fill or order, as the store kept them: (received_ms,
 #: witnessed_ms). The replica no longer knows them.
 Times = tuple[int | None, int | None]
@@ -88,13 +124,13 @@ def order_json(
         "market": m.name,
         "author": order.author.hex(),
         "side": order.side,
-        "price": m.ticks_to_price(order.price),
+        "price": _price(m, order.price),
         "price_ticks": order.price,
-        "quantity": m.lots_to_qty(order.quantity),
+        "quantity": _size(m, order.quantity),
         "quantity_lots": order.quantity,
-        "remaining": m.lots_to_qty(order.remaining),
+        "remaining": _size(m, order.remaining),
         "remaining_lots": order.remaining,
-        "filled": m.lots_to_qty(order.filled),
+        "filled": _size(m, order.filled),
         "filled_lots": order.filled,
         "tif": order.tif,
         "status": order.status,
@@ -132,9 +168,9 @@ def fill_json(
         "taker": fill.taker.hex(),
         "maker": fill.maker.hex(),
         "taker_side": fill.taker_side,
-        "price": m.ticks_to_price(fill.price),
+        "price": _price(m, fill.price),
         "price_ticks": fill.price,
-        "quantity": m.lots_to_qty(fill.quantity),
+        "quantity": _size(m, fill.quantity),
         "quantity_lots": fill.quantity,
         "taker_author": fill.taker_author.hex(),
         "maker_author": fill.maker_author.hex(),
