@@ -1,7 +1,8 @@
 """Arrival-order bench (issue #12): what applying gossip that arrives out of total order costs.
 
     python bench/bench_arrival.py [--seconds S] [--reps R] [--seed N] [--json] [--profile]
-                                  [--base DIR]
+                                  [--base DIR] [--publish-ms MS] [--latency-ms LOW,HIGH]
+                                  [--witnessed]
 
 A node of a 5-node network at 500 ops/s receives each peer's ops as one gossip batch every
 ~160 ms, interleaved with its own ops, which it applies one at a time as it authors them. A batch
@@ -20,6 +21,10 @@ on a fresh replica:
 - ``in order``: the same ops in the total order, through ``apply_many`` in batches of the same
   sizes, alternating with ``arrival`` chunk by chunk in the same run (a ratio that holds on a
   busy machine).
+
+``--witnessed``: the market has one witness, trader 0, which heartbeats every ``HEARTBEAT_MS``
+when it has something to acknowledge (its heartbeats are own ops of the node; the ``in order``
+arm is then Lamport order, which the heartbeats still re-sort).
 
 ``--base DIR``: DIR holds another ``crdtbook`` package (``git archive <commit> crdtbook | tar -x
 -C DIR``), loaded beside this one as ``crdtbook_base``: its ``arrival`` and ``in order`` arms run
@@ -62,6 +67,9 @@ LATENCY_MS = (5, 40)
 #: Orders near a mid of 100 (bench_network's ``order_params``); a cancel in CANCEL_SHARE.
 CANCEL_SHARE = 0.15
 MARKET = Market("ARRIVAL", "1", "1")
+#: ``--witnessed``: trader 0 is the market's one witness and heartbeats this often when it has
+#: something to acknowledge (a counted heartbeat places its past and re-sorts the tail).
+HEARTBEAT_MS = 100
 CHUNK_EVENTS = 100  # trace events per timed chunk (arms alternate chunk by chunk)
 SUBMITS = 500  # submits timed at the end
 
@@ -88,21 +96,24 @@ def identities() -> list[Identity]:
 
 def simulate(
     seconds: float, seed: int, publish_ms: float = PUBLISH_MS,
-    latency_ms: tuple[float, float] = LATENCY_MS,
+    latency_ms: tuple[float, float] = LATENCY_MS, market: Market = MARKET,
 ) -> Trace:
     """Run the network in logical time; the trace of trader 0."""
     rng = random.Random(seed)
     traders = identities()
-    replicas = [Replica(MARKET) for _ in traders]
+    replicas = [Replica(market) for _ in traders]
     resting: list[list[bytes]] = [[] for _ in traders]
     outbox: list[list[Op]] = [[] for _ in traders]
-    # (time ms, tie-break, kind, trader, payload): kind 0 author, 1 publish, 2 deliver.
+    # (time ms, tie-break, kind, trader, payload): kind 0 author, 1 publish, 2 deliver, 3
+    # heartbeat.
     queue: list[tuple[float, int, int, int, Any]] = []
     tie = 0
     interval = 1000 / RATE
     for who in range(AUTHORS):
         queue.append((rng.uniform(0, interval), tie := tie + 1, 0, who, None))
         queue.append((publish_ms * (who + 1) / AUTHORS, tie := tie + 1, 1, who, None))
+    if market.witnessed:  # kind 3: trader 0 heartbeats
+        queue.append((HEARTBEAT_MS, tie := tie + 1, 3, 0, None))
     heapq.heapify(queue)
     events: list[Event] = []
     end = seconds * 1000
@@ -134,6 +145,13 @@ def simulate(
                 events.append(Event(True, [op]))
             jitter = rng.uniform(-0.3, 0.3) * interval
             heapq.heappush(queue, (now + interval + jitter, tie := tie + 1, 0, who, None))
+        elif kind == 3:  # the witness acknowledges what it holds
+            if now < end:
+                if replica.needs_heartbeat(traders[0].public_key):
+                    op = replica.heartbeat(traders[0])
+                    outbox[who].append(op)
+                    events.append(Event(True, [op]))
+                heapq.heappush(queue, (now + HEARTBEAT_MS, tie := tie + 1, 3, who, None))
         elif kind == 1:  # publish
             batch, outbox[who] = outbox[who], []
             if batch:
@@ -160,7 +178,8 @@ def simulate(
 
 
 def in_order_events(trace: Trace) -> list[Event]:
-    """The same ops in the total order, cut into batches of the trace's event sizes."""
+    """The same ops in Lamport order (the total order of a market without witnesses), cut into
+    batches of the trace's event sizes."""
     ordered = sorted((op for e in trace.events for op in e.ops), key=lambda o: (o.lamport, o.id))
     out: list[Event] = []
     at = 0
@@ -234,10 +253,10 @@ def run_arms(
     return spent, replicas
 
 
-def rewind_stats(trace: Trace) -> dict[str, float]:
+def rewind_stats(trace: Trace, market: Market) -> dict[str, float]:
     """Ops undone and matched per applied op, replaying the trace once with counters on the
     engine (private: the bench's only look inside the replica)."""
-    replica = Replica(MARKET)
+    replica = Replica(market)
     counts = {"undo": 0, "process": 0}
 
     def counted(engine: Any) -> None:
@@ -268,7 +287,7 @@ def rewind_stats(trace: Trace) -> dict[str, float]:
     }
 
 
-def time_submits(replica: Replica, seed: int) -> dict[str, float]:
+def time_submits(replica: Replica, seed: int, market: Market) -> dict[str, float]:
     """µs per ``submit`` by trader 0 on ``replica`` (parents, sign, the decode check of its own
     op, apply), against ``sign_op`` alone for the same body and parents (encode, sign, decode
     check) and ed25519 alone on a message of the same size; alternating per op."""
@@ -282,7 +301,7 @@ def time_submits(replica: Replica, seed: int) -> dict[str, float]:
         body = OrderBody(side, price, quantity, "gtc", None, "expire_maker")
         parents = tuple(replica.heads())
         began = time.process_time()
-        op = sign_op(me, MARKET.id, 10**6 + i, 10**6 + i, parents, body, MARKET.version)
+        op = sign_op(me, market.id, 10**6 + i, 10**6 + i, parents, body, market.version)
         sign_op_s += time.process_time() - began
         message = op.raw[: -len(op.signature)]
         began = time.process_time()
@@ -312,20 +331,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="cProfile the arrival replay once (top 25 by own time)")
     parser.add_argument("--base", metavar="DIR",
                         help="A/B against the crdtbook package in DIR (see the docstring)")
+    parser.add_argument("--witnessed", action="store_true",
+                        help="trader 0 is the market's witness and heartbeats")
     args = parser.parse_args(argv)
+    market = (
+        Market(MARKET.name, "1", "1", witnesses=[identities()[0].public_key])
+        if args.witnessed else MARKET
+    )
     load = os.getloadavg()
     began = time.perf_counter()
     low, high = (float(x) for x in args.latency_ms.split(","))
-    trace = simulate(args.seconds, args.seed, args.publish_ms, (low, high))
+    trace = simulate(args.seconds, args.seed, args.publish_ms, (low, high), market)
     sim_s = time.perf_counter() - began
     batches = [len(e.ops) for e in trace.events if not e.own]
     if args.profile:
-        replica = Replica(MARKET)
+        replica = Replica(market)
         began = time.process_time()
         for event in trace.events:
             arrival_step(replica, event)
         plain_s = time.process_time() - began
-        replica = Replica(MARKET)
+        replica = Replica(market)
         profiler = cProfile.Profile(time.process_time)
         began = time.process_time()
         profiler.enable()
@@ -341,12 +366,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     ordered = in_order_events(trace)
     arms: dict[str, tuple[list[Event], Step, Callable[[], Replica]]] = {
-        "arrival": (trace.events, arrival_step, lambda: Replica(MARKET)),
-        "in_order": (ordered, batch_step, lambda: Replica(MARKET)),
+        "arrival": (trace.events, arrival_step, lambda: Replica(market)),
+        "in_order": (ordered, batch_step, lambda: Replica(market)),
     }
     if args.base:
         base = load_base(args.base)
-        base_market = base.Market(MARKET.name, "1", "1")
+        base_market = base.Market(market.name, "1", "1", witnesses=market.witnesses)
         arms["arrival_base"] = (redecoded(trace.events, base), arrival_step,
                                 lambda: base.Replica(base_market))
         arms["in_order_base"] = (redecoded(ordered, base), batch_step,
@@ -354,8 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     spent, replicas = run_arms(arms, args.reps)
     for name, replica in replicas.items():
         assert replica.digest() == trace.digest, f"{name}: another digest"
-    stats = rewind_stats(trace)
-    submits = time_submits(replicas["arrival"], args.seed)
+    stats = rewind_stats(trace, market)
+    submits = time_submits(replicas["arrival"], args.seed, market)
     us = {name: min(times) / trace.ops * 1e6 for name, times in spent.items()}
     result = {
         "ops": trace.ops,
@@ -375,7 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{trace.ops:,} ops ({AUTHORS} traders x {RATE} ops/s x {args.seconds:g} s, publish "
+    print(f"{trace.ops:,} ops{' (witnessed market)' if args.witnessed else ''} ({AUTHORS} traders "
+          f"x {RATE} ops/s x {args.seconds:g} s, publish "
           f"every {args.publish_ms:g} ms, latency {low:g}-{high:g} ms),\n{len(batches)} peer "
           f"batches of {result['batch_ops_mean']:.1f} ops on average; "
           f"simulated in {sim_s:.1f} s")
