@@ -663,10 +663,15 @@ class Replica:
             order.insert(position, op)
             return
         # A counted heartbeat: everything it moves (all above it now) and its batch sort again.
-        low = bisect_left(order, (op.lamport, -1, 0, b""), key=key)
+        # Where the lowest of them sorts: one bisect for the smallest key (positions grow with
+        # keys), not one per moved op (a heartbeat moves every op since the last one).
+        lowest = (op.lamport, -1, 0, b"")
         for other in moved:
             if other is not op:
-                low = min(low, bisect_left(order, key(other), key=key))
+                other_key = key(other)
+                if other_key < lowest:
+                    lowest = other_key
+        low = bisect_left(order, lowest, key=key)
         self._rewind_to(low)
         self._placed_since_trim = True
         fin.commit_placement(op, moved)
