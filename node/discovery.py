@@ -34,12 +34,13 @@ DISCOVERY_FIRST_DELAY: Final = 0.5
 #: #12). A node with this many peers is in the gossip mesh already; newcomers find it themselves.
 ENOUGH_PEERS: Final = 8
 SETTLED_SEARCH_INTERVAL: Final = 60.0
-#: With fewer peers, a search that finds no provider we are not connected to doubles the wait
-#: before the next one (from DISCOVERY_INTERVAL up to SETTLED_SEARCH_INTERVAL); one that finds a
-#: new provider starts over. A small market's nodes all know each other within a few rounds, and
-#: a newcomer finds them itself (its own searches dial them): searching every 10 s for ever made
-#: each node of a 5-node network serve ~5 DHT requests a second (issue #12). Losing a peer also
-#: starts over.
+#: With fewer peers: while the network forms, a node searches every round as long as its
+#: searches find providers it was not connected to. A search that finds none doubles the wait
+#: before the next (DISCOVERY_INTERVAL up to SETTLED_SEARCH_INTERVAL); one that finds a new one,
+#: or losing a peer, starts over. A market's nodes find each other within a few rounds, and a
+#: newcomer finds them itself (its own searches dial them). Searching every 10 s for ever made
+#: each node of a 5-node network serve ~5 DHT requests a second, and in a 20-node network
+#: forming, each node's search every round made the DHT ~10% of a node's CPU (issue #12).
 QUIET_SEARCH_BACKOFF: Final = 2.0
 #: Re-announce our markets in the DHT this often once settled (records expire; see
 #: ``node.p2p_records``).
@@ -76,32 +77,33 @@ class Discovery:
         """Discovery rounds until cancelled."""
         delay = DISCOVERY_FIRST_DELAY
         last_announce = last_search = -1e9
-        announced_to = -1  # peers connected at the last announcement
-        search_interval = DISCOVERY_INTERVAL  # while not settled
+        announced_to = 0  # peers connected at the last announcement
+        search_wait = 0.0  # before the next search (settled nodes: SETTLED_SEARCH_INTERVAL)
         peers = 0
         while True:
             await self.bootstrap()
             now = trio.current_time()
             before, peers = peers, len(self.net.connected_peers())
             if peers < before:  # lost peers: look for others at the normal pace again
-                search_interval = DISCOVERY_INTERVAL
-            # While the network forms, announce again whenever we have more peers (the record
-            # then reaches more of the DHT); after that, once per announce_interval.
+                search_wait = min(search_wait, DISCOVERY_INTERVAL)
+            forming = delay < DISCOVERY_INTERVAL
+            # While the network forms, announce again each time our peers have doubled (the
+            # record then reaches more of the DHT); after that, once per announce_interval.
             due = now - last_announce >= self.announce_interval or (
-                delay < DISCOVERY_INTERVAL and peers > announced_to
+                forming and peers >= max(1, 2 * announced_to)
             )
             if due and await self._announce():
                 last_announce = now
                 announced_to = peers
             settled = peers >= ENOUGH_PEERS
-            wait = SETTLED_SEARCH_INTERVAL if settled else search_interval
-            forming = not settled and delay < DISCOVERY_INTERVAL  # a search every round
-            if forming or now - last_search >= wait:
-                if await self._dial_providers():
-                    search_interval = DISCOVERY_INTERVAL
-                elif delay >= DISCOVERY_INTERVAL:
-                    search_interval = min(
-                        SETTLED_SEARCH_INTERVAL, search_interval * QUIET_SEARCH_BACKOFF
+            if now - last_search >= (SETTLED_SEARCH_INTERVAL if settled else search_wait):
+                # Found newcomers (there may be more), or had no peer to ask: try again soon.
+                if await self._dial_providers() or peers == 0:
+                    search_wait = 0.0 if forming else DISCOVERY_INTERVAL
+                else:
+                    search_wait = min(
+                        SETTLED_SEARCH_INTERVAL,
+                        max(DISCOVERY_INTERVAL, search_wait * QUIET_SEARCH_BACKOFF),
                     )
                 last_search = now
             await trio.sleep(delay)

@@ -90,17 +90,17 @@ async def test_a_settled_node_searches_the_dht_seldom(autojump_clock: trio.abc.C
 async def test_a_small_network_node_searches_less_while_it_finds_nobody_new(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    """Fewer than ENOUGH_PEERS, every search finding no one new: a search every round while the
-    network forms, then the wait doubles up to SETTLED_SEARCH_INTERVAL. A search that connects
-    to a newcomer brings back the normal pace."""
+    """Fewer than ENOUGH_PEERS: a search every round while the network forms and searches find
+    newcomers; after a search that finds none, the wait doubles from DISCOVERY_INTERVAL up to
+    SETTLED_SEARCH_INTERVAL. A search that finds a newcomer brings back the normal pace."""
     searches: list[float] = []
     net = Peers(PEERS[:4])  # a 5-node market
     found = Discovery(net, [b"m" * 32], [])  # type: ignore[arg-type]
-    newcomer_at = 10  # the 10th search connects to a newcomer
+    finds = {1, 2, 3, 10}  # these searches (1-based) connect to a newcomer
 
     async def dial_providers() -> int:
         searches.append(trio.current_time())
-        return 1 if len(searches) == newcomer_at else 0
+        return 1 if len(searches) in finds else 0
 
     async def announce() -> bool:
         return True
@@ -110,15 +110,12 @@ async def test_a_small_network_node_searches_less_while_it_finds_nobody_new(
     with trio.move_on_after(900):
         await found.run()
     gaps = [b - a for a, b in itertools.pairwise(searches)]
-    # The forming rounds (0.5 s, doubling), then 10, 20, 40, 60, 60... s apart (rounds are
-    # DISCOVERY_INTERVAL apart, so each wait ends at a round).
-    assert gaps[:4] == [0.5, 1.0, 2.0, 4.0]
-    quiet = gaps[4 : newcomer_at - 1]
-    assert quiet == sorted(quiet) and quiet[-1] == SETTLED_SEARCH_INTERVAL
-    # After the newcomer: the normal pace, then backing off again.
-    assert gaps[newcomer_at - 1 : newcomer_at + 2] == [
-        DISCOVERY_INTERVAL,
-        DISCOVERY_INTERVAL * 2,
-        DISCOVERY_INTERVAL * 4,
-    ]
-    assert len(searches) < 5 + 900 / DISCOVERY_INTERVAL / 3  # 10 s a search was the old pace
+    # Forming rounds 0.5 s apart, doubling, while searches find newcomers.
+    assert gaps[:3] == [0.5, 1.0, 2.0]
+    # Then quiet: the next search a round >= 10 s later, then >= 20, 40, 60, 60 s...
+    quiet = gaps[3:8]
+    assert quiet == sorted(quiet) and quiet[0] >= DISCOVERY_INTERVAL
+    assert quiet[-1] == SETTLED_SEARCH_INTERVAL
+    # After the 10th search found a newcomer: the normal pace, then backing off again.
+    assert gaps[9:12] == [DISCOVERY_INTERVAL, DISCOVERY_INTERVAL * 2, DISCOVERY_INTERVAL * 4]
+    assert len(searches) < 900 / DISCOVERY_INTERVAL / 4  # 10 s a search was the old pace
