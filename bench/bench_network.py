@@ -521,7 +521,10 @@ def main() -> int:
         if "transport" in phases:
             results["transport"] = transport_phase(args.nodes, 600, 2000, 3)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.environ.get("CRDTBOOK_BENCH_KEEP"):  # experiments: keep homes and logs
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"kept {tmp}", file=sys.stderr)
     if args.json or phases != {"latency", "baseline", "throughput", "catchup"}:
         print(json.dumps(results, indent=2))
         return 0
