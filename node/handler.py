@@ -9,7 +9,7 @@ from bisect import bisect_left
 from collections.abc import AsyncIterator, Callable
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation
 from itertools import islice
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import trio
 
@@ -75,39 +75,45 @@ WATCH_PROVISIONAL_MAX: Final = 1000
 NEVER_FINAL: Final = "never final: no witnesses"
 
 
-#: Prices and sizes as text, per market id (the id hashes tick and lot too): replies and watch
-#: events print the same few prices and sizes over and over, and the core prints each through
-#: Decimal (~1 us; an order shows 5, a fill 4). At most this many of each are kept per market,
-#: then that cache starts over.
+#: Prices and sizes as text, and the ticks and lots of the texts requests give, per market id
+#: (the id hashes tick and lot too): requests, replies and watch events carry the same few
+#: prices and sizes over and over, and the core converts each through Decimal (~1 us warm,
+#: several times that on a node that wakes for each request; an order shows 5, a fill 4). At
+#: most this many of each are kept per market, then that cache starts over.
 TEXT_CACHE_MAX: Final = 4096
 _price_texts: dict[bytes, dict[int, str]] = {}
 _size_texts: dict[bytes, dict[int, str]] = {}
+_tick_counts: dict[bytes, dict[str, int]] = {}
+_lot_counts: dict[bytes, dict[str, int]] = {}
+_K = TypeVar("_K", int, str)
+_V = TypeVar("_V", int, str)
+
+
+def _remembered(
+    caches: dict[bytes, dict[_K, _V]], m: Market, key: _K, convert: Callable[[_K], _V]
+) -> _V:
+    """``convert(key)`` for market ``m``, from its cache when it was asked before (only
+    results are kept: a conversion that raises is tried again next time)."""
+    cache = caches.get(m.id)
+    if cache is None:
+        cache = caches[m.id] = {}
+    value = cache.get(key)
+    if value is None:
+        value = convert(key)
+        if len(cache) >= TEXT_CACHE_MAX:
+            cache.clear()
+        cache[key] = value
+    return value
 
 
 def _price(m: Market, ticks: int) -> str:
     """``m.ticks_to_price(ticks)``, remembered."""
-    cache = _price_texts.get(m.id)
-    if cache is None:
-        cache = _price_texts[m.id] = {}
-    text = cache.get(ticks)
-    if text is None:
-        if len(cache) >= TEXT_CACHE_MAX:
-            cache.clear()
-        text = cache[ticks] = m.ticks_to_price(ticks)
-    return text
+    return _remembered(_price_texts, m, ticks, m.ticks_to_price)
 
 
 def _size(m: Market, lots: int) -> str:
     """``m.lots_to_qty(lots)``, remembered."""
-    cache = _size_texts.get(m.id)
-    if cache is None:
-        cache = _size_texts[m.id] = {}
-    text = cache.get(lots)
-    if text is None:
-        if len(cache) >= TEXT_CACHE_MAX:
-            cache.clear()
-        text = cache[lots] = m.lots_to_qty(lots)
-    return text
+    return _remembered(_size_texts, m, lots, m.lots_to_qty)
 
 
 #: Node-local times of a compacted fill or order, as the store kept them: (received_ms,
@@ -1021,15 +1027,17 @@ def _taken(ms: MarketState, op_id: bytes, before: int) -> list[tuple[int, Fill]]
 
 
 def _ticks(ms: MarketState, text: str) -> int:
+    m = ms.market
     try:
-        return ms.market.price_to_ticks(text)
+        return _remembered(_tick_counts, m, text, m.price_to_ticks)
     except OffTick as exc:
         raise ControlError(OFF_TICK, str(exc)) from None
 
 
 def _lots(ms: MarketState, text: str) -> int:
+    m = ms.market
     try:
-        return ms.market.qty_to_lots(text)
+        return _remembered(_lot_counts, m, text, m.qty_to_lots)
     except OffLot as exc:
         raise ControlError(OFF_LOT, str(exc)) from None
 
