@@ -258,10 +258,11 @@ class Replica:
         self._history_wait: dict[bytes, Op] = {}
         self._history_copies: set[bytes] = set()
         self._order: list[Op] = []  # applied ops in total order
-        #: During ``apply_many`` (a market without witnesses): the batch's ops that sort before
-        #: the end of ``_order``, and every op admitted after the first of them. They are put
-        #: in place in one merge at the end of the batch (``_place_late``), after one rewind,
-        #: instead of a bisect, a rewind and a list insert each. None outside ``apply_many``.
+        #: During ``apply_many``: the batch's ops that sort before the end of ``_order``, and
+        #: every op admitted after the first of them. They are put in place in one merge at the
+        #: end of the batch (``_place_late``), after one rewind, instead of a bisect, a rewind
+        #: and a list insert each (and before a counted heartbeat or a recomputation re-sorts
+        #: the order). None outside ``apply_many``.
         self._late: list[Op] | None = None
         self._matched = 0  # how many of _order the engine has processed
         #: Where each matched op's undo records begin on the engine's tape (8 bytes per op, and
@@ -383,7 +384,8 @@ class Replica:
         applied: list[Op] = []
         pending = duplicates = 0
         invalid: list[tuple[bytes | None, InvalidOp]] = []
-        self._late = []
+        late: list[Op] = []
+        self._late = late
         try:
             for item in items:
                 try:
@@ -404,7 +406,8 @@ class Replica:
                     ident = item.id if isinstance(item, Op) else op_id(bytes(item))
                     invalid.append((ident, exc))
         finally:
-            self._place_late()
+            self._late = None
+            self._place_late(late)
             self._rematch()
             if self._placed_since_trim:
                 self._trim_final_undo()
@@ -613,21 +616,22 @@ class Replica:
         order.insert(position, op)
         return True
 
-    def _place_late(self) -> None:
-        """End of ``apply_many``: put the batch's late ops (``_late``) into the total order.
-        One rewind, to where the first of them sorts, and one merge of two sorted runs (the
-        tail from there, and the late ops) by Timsort; ``_rematch`` matches the tail after."""
-        late, self._late = self._late, None
+    def _place_late(self, late: list[Op]) -> None:
+        """Put the late ops of ``apply_many`` (``_late``) into the total order, and empty the
+        list: one rewind, to where the first of them sorts, and one merge of two sorted runs
+        (the tail from there, and the late ops) by Timsort; ``_rematch`` matches the tail."""
         if not late:
             return
-        late.sort(key=_order_key)
+        key = _order_key if self._fin is None else self._fin.key
+        late.sort(key=key)
         order = self._order
-        position = bisect_left(order, _order_key(late[0]), key=_order_key)
+        position = bisect_left(order, key(late[0]), key=key)
         self._rewind_to(position)
         tail = order[position:]
         tail += late
-        tail.sort(key=_order_key)
+        tail.sort(key=key)
         order[position:] = tail
+        late.clear()
 
     def _place_witnessed(self, op: Op) -> None:
         """Put a just-admitted op of a witnessed market into the total order: at its key (the
@@ -638,6 +642,11 @@ class Replica:
         key = fin.key
         order = self._order
         recompute, moved = fin.admitted(op)
+        late = self._late
+        if late and (recompute or moved):
+            # Keys change: the batch's late ops go in place first, so that the order holds
+            # every admitted op whenever it is re-sorted.
+            self._place_late(late)
         if recompute:  # a reconfiguration or a witness's fork changed what counts
             self._rewind_to(-1)
             self._final_engine = self._fresh_engine()  # rebuilt on the next final view
@@ -649,6 +658,9 @@ class Replica:
             order.sort(key=key)
             return
         if not moved:
+            if late:  # apply_many has late ops to put in place at its end: this one goes too
+                late.append(op)
+                return
             op_key = key(op)
             if not order or op_key > key(order[-1]):
                 order.append(op)
@@ -657,6 +669,9 @@ class Replica:
                     self._marks.append(len(engine.tape))
                     engine.process(op)
                     self._matched += 1
+                return
+            if late is not None:  # in apply_many: placed at its end (``_place_late``)
+                late.append(op)
                 return
             position = bisect_left(order, op_key, key=key)
             self._rewind_to(position)

@@ -26,7 +26,7 @@ from strategies import (
     union_ops,
 )
 
-from crdtbook import Replica
+from crdtbook import Op, Replica
 
 
 def first_difference(before: list[tuple[object, ...]], after: list[tuple[object, ...]]) -> int:
@@ -93,3 +93,52 @@ def test_late_ops_then_ops_after_the_end_in_one_batch(plan, rng: random.Random) 
     assert not report.invalid and replica.pending_count == 0
     assert replica.ops() == ops
     assert_scratch_equal(replica)
+
+
+@settings(max_examples=examples(0.3))
+@given(seed=st.integers(0, 2**32 - 1), steps=st.integers(5, 60))
+def test_witnessed_batches_equal_one_by_one(seed: int, steps: int) -> None:
+    """A witnessed market: batches holding late ops and counted heartbeats (which re-sort the
+    tail, so the batch's late ops are put in place first) end where applying the same ops one
+    at a time, in a causal order, ends."""
+    from witnessed import GENESIS, TRADERS, WMARKET, deliver_some
+
+    rng = random.Random(seed)
+    homes = [Replica(WMARKET) for _ in range(3)]
+    for _ in range(steps):
+        roll = rng.random()
+        at = rng.randrange(3)
+        if roll < 0.6:
+            side = rng.choice(("buy", "sell"))
+            homes[at].submit(TRADERS[at], side, rng.randint(97, 103), rng.randint(1, 5))
+        elif roll < 0.8:
+            witness = GENESIS[at]
+            if homes[at].needs_heartbeat(witness.public_key):
+                homes[at].heartbeat(witness)
+        else:
+            deliver_some(homes[rng.randrange(3)], homes[at], rng, rng.choice((30, 70, 100)))
+    seen: dict[bytes, Op] = {}
+    for home in homes:
+        for op in home.ops():
+            seen.setdefault(op.id, op)
+    ops = sorted(seen.values(), key=lambda o: (o.lamport, o.id))  # a causal order
+    one_by_one = Replica(WMARKET)
+    for op in ops:
+        assert one_by_one.apply(op.raw) == [op]
+    stream = [op.raw for op in ops]
+    rng.shuffle(stream)
+    batched = Replica(WMARKET)
+    i = 0
+    while i < len(stream):
+        n = rng.randint(1, 12)
+        report = batched.apply_many(stream[i : i + n])
+        assert not report.invalid
+        i += n
+    assert batched.pending_count == 0
+    assert batched.ops() == one_by_one.ops()
+    assert batched.digest() == one_by_one.digest()
+    assert list(batched.fills()) == list(one_by_one.fills())
+    assert batched.orders() == one_by_one.orders()
+    assert (batched.frontier, batched.final_count, batched.final_fill_count()) == (
+        one_by_one.frontier, one_by_one.final_count, one_by_one.final_fill_count()
+    )
