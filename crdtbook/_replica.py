@@ -8,7 +8,8 @@ Costs (n applied ops):
 - an op that sorts after everything applied: one dict insert, one list append, one match;
 - an op that sorts k places from the end: k undos, a list insert (a memmove of n pointers,
   ~20 us at n = 200k), k + 1 matches;
-- a batch (``apply_many``) rewinds once, to the earliest place any of its ops sorts;
+- a batch (``apply_many``) rewinds once, to the earliest place any of its ops sorts, and puts
+  the ops that sort before the end in place in one merge (not a bisect and an insert each);
 - an op whose parents are missing: kept in a bounded pending buffer until they arrive.
 
 Checkpoints (``checkpoint``, ``restore``): a restart applies the stored ops without matching them,
