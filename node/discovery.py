@@ -155,6 +155,7 @@ class Discovery:
                         logger.debug("could not reach provider %s: %r", full, exc)
                     except Exception:
                         logger.exception("dialing provider %s failed", full)
+        return new
 
     async def bootstrap(self) -> None:
         """Dial every bootstrap peer not connected yet (one attempt each)."""

@@ -349,6 +349,26 @@ async def test_discovery_announces_and_dials_new_providers_only(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_search_counts_the_providers_it_connected_to(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """What paces the searches (node/discovery.py): new providers reached, not ourselves nor
+    peers connected already."""
+    async with trio.open_nursery() as nursery:
+        net = FakeNet("A", nursery)
+        link(net, FakeNet("C", nursery))
+        net.providers = [
+            ("A", ["/ip4/10.0.0.1/tcp/1"]),  # ourselves
+            ("C", ["/ip4/10.0.0.3/tcp/1"]),  # connected already
+            ("P", ["/ip4/10.0.0.2/tcp/1"]),
+        ]
+        discovery = Discovery(net, [V1.id], [])
+        assert await discovery._dial_providers() == 1
+        net.providers = net.providers[:2]
+        assert await discovery._dial_providers() == 0
+        nursery.cancel_scope.cancel()
+
+
 # -- summary line and status ---------------------------------------------------------------------
 
 
