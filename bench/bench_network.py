@@ -54,6 +54,9 @@ if os.environ.get("CRDTBOOK_BENCH_SYNC_INTERVAL"):  # experiments: isolate gossi
     extra["sync_interval"] = float(os.environ["CRDTBOOK_BENCH_SYNC_INTERVAL"])
 if os.environ.get("CRDTBOOK_BENCH_PUBLISH_INTERVAL"):
     extra["publish_interval"] = float(os.environ["CRDTBOOK_BENCH_PUBLISH_INTERVAL"])
+if os.environ.get("CRDTBOOK_BENCH_PUBLISH_PER_PEER"):  # experiments: the interval's per-peer step
+    from crdtbook.node import service
+    service.PUBLISH_INTERVAL_PER_PEER = float(os.environ["CRDTBOOK_BENCH_PUBLISH_PER_PEER"])
 net = {}
 if os.environ.get("CRDTBOOK_BENCH_GOSSIP_DEGREE"):  # experiments: GossipSub D (D_lo, D_hi follow)
     d = int(os.environ["CRDTBOOK_BENCH_GOSSIP_DEGREE"])
