@@ -112,15 +112,18 @@ class NetworkConfig:
 
     heartbeat_interval: float = 1.0
     """GossipSub heartbeat in seconds (tests may use less)."""
-    degree: int = 4
+    degree: int = 3
     """GossipSub D: mesh peers per topic (D_lo and D_hi below). Every mesh peer forwards each
     message to its own mesh, so a node receives each message about once per mesh peer: D costs
-    duplicate deliveries, which py-libp2p makes dear (~0.1-0.2 ms of CPU per copy sent or
-    received). Measured (bench/bench_scale.py, 10 nodes at 50 ops/s, A/B in one run): D/D_lo/D_hi
-    6/4/12 (meshes of all 9 peers) 2.59 and 2.60 ms of CPU per op per node, 4/3/6 1.75 and 1.54.
-    A 5-node network is unchanged (its 4 peers fit either mesh); a larger one takes a hop more:
-    log4 rather than log6 of its size."""
-    degree_low: int = 3
+    duplicate deliveries, which py-libp2p makes dear (~0.1-0.3 ms of CPU per copy read).
+    Measured (bench/bench_scale.py, 10 nodes at 50 ops/s, A/B in one run): D/D_lo/D_hi 6/4/12
+    (meshes of all 9 peers) 2.59 and 2.60 ms of CPU per op per node, 4/3/6 1.75 and 1.54. Then
+    (bench_network.py --only latency, issue #12) 3/2/6 against 4/3/6: 20 nodes at 100 ops/s,
+    copies read per message 1.6-1.7 against 1.7-2.0, node CPU per op 18.0 and 16.4 ms against
+    18.9 and 18.1, p99 860 / 816 against 862 / 965 ms; 5 nodes at 500 ops/s ~2.0 copies against
+    2.1-2.7. A larger network takes a hop more (log3 rather than log4 of its size); heartbeat
+    gossip (IHAVE) and sync cover a thin mesh's gaps."""
+    degree_low: int = 2
     degree_high: int = 6
     """GossipSub D_lo and D_hi: the heartbeat grafts peers into a topic's mesh below D_lo and
     prunes it back to D above D_hi (peers that graft us count too)."""

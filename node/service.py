@@ -91,12 +91,15 @@ FLUSH_DELAY: Final = 0.002
 #: Under load a node publishes at most one gossip message per market per interval (idle, an op
 #: goes out at once; busy, batches grow instead of the message rate). The interval is this much
 #: per peer on the topic, so the whole network's message rate stays near a fixed budget
-#: (~1 / PUBLISH_INTERVAL_PER_PEER, here ~25 msg/s) as it grows. py-libp2p spends milliseconds
-#: of CPU per message per node, each message reaching each node ~D times. Measured with 5 nodes
-#: (bench/bench_network.py phases, 2 cores): 120 / 160 / 240 ms intervals gave p99 326 / 274 /
-#: 661 ms at 500 ops/s and converged 2.5 / 2.2 / 8.8 s after 10 s at 1,000 ops/s; 100 ms with
-#: the earlier, slower validator lost ops to gossip for seconds.
-PUBLISH_INTERVAL_PER_PEER: Final = 0.04
+#: (~1 / PUBLISH_INTERVAL_PER_PEER, here ~40 msg/s) as it grows: each message costs each node
+#: a few tenths of a millisecond of py-libp2p's CPU per copy it reads. An op waits up to one
+#: interval before it leaves, so the interval is most of the latency: 100 ms with 5 nodes, 475
+#: ms with 20. Measured (bench/bench_network.py --only latency, 2 cores, issue #12, with D = 3):
+#: 5 nodes at 500 ops/s, 40 / 25 / 15 ms per peer gave p99 ~220 / 129-142 / 88-174 ms at about
+#: the same node CPU per op for the first two, +20% for the third; 20 nodes at 100 ops/s, 40 /
+#: 25 ms gave p99 880-1,273 / 787-847 ms at the same CPU. (Before the transport was cheaper,
+#: 120 / 160 / 240 ms intervals gave p99 326 / 274 / 661 ms with 5 nodes.)
+PUBLISH_INTERVAL_PER_PEER: Final = 0.025
 PUBLISH_INTERVAL_MIN: Final = 0.05
 PUBLISH_INTERVAL_MAX: Final = 1.0
 #: Default: adapt to the topic's peers (a number > 0 fixes the interval).
