@@ -81,6 +81,30 @@ if int(batch) == 1:
 config = NodeConfig(home=Path(home), listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=boot,
                     markets=["DEMO:1:1"], gossip_batch=int(batch), flush_delay=float(delay),
                     verbose=verbose, **extra)
+if os.environ.get("CRDTBOOK_BENCH_STALLS"):  # experiments: event-loop steps >= 5 ms, and GC
+    import gc, json, time, trio
+    stalls, gcs, began = [], [], {}
+    class Stalls(trio.abc.Instrument):
+        def before_task_step(self, task):
+            began[0] = time.perf_counter()
+        def after_task_step(self, task):
+            took = time.perf_counter() - began.get(0, time.perf_counter())
+            if took >= 0.005:
+                stalls.append((round(time.time(), 3), round(took * 1000, 1), task.name))
+    def gc_timer(phase, info, t=[0.0]):
+        if phase == "start":
+            t[0] = time.perf_counter()
+        elif time.perf_counter() - t[0] >= 0.002:
+            gcs.append((round(time.time(), 3), round((time.perf_counter() - t[0]) * 1000, 1),
+                        info["generation"]))
+    gc.callbacks.append(gc_timer)
+    trio_run = trio.run
+    def run_instrumented(*a, **k):
+        try:
+            return trio_run(*a, instruments=[Stalls()], **k)
+        finally:
+            (Path(home) / "stalls.json").write_text(json.dumps({"steps": stalls, "gc": gcs}))
+    trio.run = run_instrumented
 profile_dir = os.environ.get("CRDTBOOK_BENCH_PROFILE")  # experiments: CPU profile of node n2
 if profile_dir and Path(home).name == "n2":
     import cProfile, time
