@@ -140,9 +140,19 @@ class SyncScheduler:
             return None if ms is None else ms.replica
 
         try:
-            sent, _ = await respond(stream, replica_for, frame_timeout=self.frame_timeout)
-            if sent:
-                logger.debug("sync: sent %d ops", sent)
+            # Bounded as a pulling session is: a peer that reads just fast enough to beat the
+            # frame timeout would otherwise hold this session as long as it likes.
+            with trio.move_on_after(self.session_timeout) as session:
+                sent, _ = await respond(stream, replica_for, frame_timeout=self.frame_timeout)
+                if sent:
+                    logger.debug("sync: sent %d ops", sent)
+            if session.cancelled_caught:
+                logger.info(
+                    "sync: serving %s took over %.0f s: session reset",
+                    stream.peer_id,
+                    self.session_timeout,
+                )
+                await self._reset_quietly(stream)
         except WireError as exc:
             logger.info("sync: malformed request from %s: %s", stream.peer_id, exc)
             self.net.report_reject(stream.peer_id, "sync-malformed")  # as gossip counts it
