@@ -54,6 +54,9 @@ if os.environ.get("CRDTBOOK_BENCH_SYNC_INTERVAL"):  # experiments: isolate gossi
     extra["sync_interval"] = float(os.environ["CRDTBOOK_BENCH_SYNC_INTERVAL"])
 if os.environ.get("CRDTBOOK_BENCH_PUBLISH_INTERVAL"):
     extra["publish_interval"] = float(os.environ["CRDTBOOK_BENCH_PUBLISH_INTERVAL"])
+if os.environ.get("CRDTBOOK_BENCH_LATE_INFLIGHT") == "1":  # A/B: a task per copy read early
+    from crdtbook.node import p2p_pubsub
+    p2p_pubsub.INFLIGHT_FROM_READ = False
 if os.environ.get("CRDTBOOK_BENCH_PUBLISH_PER_PEER"):  # experiments: the interval's per-peer step
     from crdtbook.node import service
     service.PUBLISH_INTERVAL_PER_PEER = float(os.environ["CRDTBOOK_BENCH_PUBLISH_PER_PEER"])
