@@ -57,6 +57,9 @@ if os.environ.get("CRDTBOOK_BENCH_PUBLISH_INTERVAL"):
 if os.environ.get("CRDTBOOK_BENCH_LATE_INFLIGHT") == "1":  # A/B: a task per copy read early
     from crdtbook.node import p2p_pubsub
     p2p_pubsub.INFLIGHT_FROM_READ = False
+if os.environ.get("CRDTBOOK_BENCH_NURSERY_VALIDATION") == "1":  # A/B: libp2p's task per message
+    from crdtbook.node import p2p_pubsub
+    p2p_pubsub.DIRECT_VALIDATION = False
 if os.environ.get("CRDTBOOK_BENCH_PUBLISH_PER_PEER"):  # experiments: the interval's per-peer step
     from crdtbook.node import service
     service.PUBLISH_INTERVAL_PER_PEER = float(os.environ["CRDTBOOK_BENCH_PUBLISH_PER_PEER"])

@@ -32,7 +32,10 @@ message before anything looks at it, duplicates included, and builds a metrics e
 encoding of the peer id) for every RPC. :meth:`HardenedPubsub.continuously_read_stream` drops a
 copy whose id is seen or in validation right in the loop, and builds the event only when a
 metrics channel listens. It also reads the stream in chunks (:data:`READ_CHUNK`) instead of
-a byte at a time for each length prefix; otherwise it is the library's loop.
+a byte at a time for each length prefix; otherwise it is the library's loop. A message counts as
+in validation from the moment its first copy is read (:data:`INFLIGHT_FROM_READ`), not from when
+its task first runs, and :meth:`HardenedPubsub.validate_msg` awaits the topic's validator in
+that task rather than in a nursery and a task of its own (:data:`DIRECT_VALIDATION`).
 
 **Unsigned gossip (gossipsub's StrictNoSign policy).** Stock py-libp2p signs every message it
 publishes (an ed25519 envelope signature over the message) and checks it on every first receipt,
@@ -84,12 +87,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import libp2p.pubsub.pubsub as pubsub_module
+import trio
 from libp2p.abc import INetStream
-from libp2p.exceptions import ParseError
+from libp2p.custom_types import AsyncValidatorFn, SyncValidatorFn
+from libp2p.exceptions import ParseError, ValidationError
 from libp2p.io.exceptions import IOException, MessageTooLarge
 from libp2p.network.connection.exceptions import RawConnError
 from libp2p.network.stream.exceptions import StreamEOF, StreamError
@@ -97,7 +103,7 @@ from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.mcache import CacheEntry, MessageCache
 from libp2p.pubsub.pb import rpc_pb2
-from libp2p.pubsub.pubsub import GossipsubEvent, Pubsub
+from libp2p.pubsub.pubsub import GossipsubEvent, Pubsub, ValidationResult
 from libp2p.pubsub.validators import signature_validator
 
 logger = logging.getLogger(__name__)
@@ -125,6 +131,9 @@ KEEP_DEFAULT_SCORER = False
 #: task per such copy, which finds it in flight or seen; ``CRDTBOOK_BENCH_LATE_INFLIGHT=1``).
 #: In one 20-node profile, 4,902 copies read for 426 messages validated had started ~2,400 tasks.
 INFLIGHT_FROM_READ = True
+#: Validators run in the task of the message they judge (``HardenedPubsub.validate_msg``); False
+#: keeps the library's nursery and task per message (bench A/B).
+DIRECT_VALIDATION = True
 #: The envelope fields an unsigned message must not carry (StrictNoSign).
 ENVELOPE_FIELDS = ("from_id", "seqno", "signature", "key")
 
@@ -266,6 +275,54 @@ class HardenedPubsub(Pubsub):
                 return
             logger.warning("dropped message from %s: %r", msg_forwarder, exc)
             self._reject(msg_forwarder, "error")
+
+    async def validate_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
+        """The library's ``validate_msg`` (0.8.1) without its nursery and task per message: the
+        async validators run in the caller's task, one after another (a node has one per topic;
+        the library runs them side by side and wants every one true, which is the same verdict),
+        under the same timeout and semaphore, with the same result cache and errors. A task
+        spawn, its nursery and the wake-up of the waiting task, per message validated by every
+        node (``DIRECT_VALIDATION``; the bench A/B: ``CRDTBOOK_BENCH_NURSERY_VALIDATION=1``)."""
+        if not DIRECT_VALIDATION:
+            await super().validate_msg(msg_forwarder, msg)
+            return
+        msg_id = self._msg_id_constructor(msg)
+        cached = self.validation_cache.get(msg_id)
+        if cached is not None:
+            if not cached.is_valid:
+                raise ValidationError(f"cached: {cached.error_message or 'unknown error'}")
+            return
+        failure: str | None = None
+        try:
+            validators = self.get_msg_validators(msg)
+            for topic_validator in validators:
+                if not topic_validator.is_async:
+                    check = cast(SyncValidatorFn, topic_validator.validator)
+                    if not check(msg_forwarder, msg):
+                        failure = "Synchronous validation failed"
+                        break
+            if failure is None:
+                with trio.move_on_after(self.validation_timeout) as scope:
+                    for topic_validator in validators:
+                        if topic_validator.is_async:
+                            judge = cast(AsyncValidatorFn, topic_validator.validator)
+                            async with self._validator_semaphore:
+                                valid = await judge(msg_forwarder, msg)
+                            if not valid:
+                                failure = "Asynchronous validation failed"
+                                break
+                if scope.cancelled_caught:
+                    failure = "Validation timeout"
+        except Exception as exc:  # as the library: a validator's error is a refusal
+            failure = f"Validation error: {exc!r}"
+        self.validation_cache.put(
+            msg_id,
+            ValidationResult(
+                is_valid=failure is None, timestamp=time.time(), error_message=failure
+            ),
+        )
+        if failure is not None:
+            raise ValidationError(f"{failure} (message from {msg_forwarder})")
 
     def _holds(self, peer_id: ID, msg_id: bytes) -> None:
         """``peer_id`` sent a copy of ``msg_id``, which is in validation (module doc)."""

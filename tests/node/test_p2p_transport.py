@@ -1,22 +1,27 @@
 """What node/p2p_install.py and node/p2p_pubsub.py change in py-libp2p 0.8.1's gossip transport
 for issue #12, each next to the stock behaviour it replaces: locks taken without a scheduler trip
 when free (``EagerLock``), Yamux frames written without a second trip, window updates in half
-windows, no peer scoring without score parameters, and no copy forwarded to a peer that sent one
-while it was in validation (``skip_holders``)."""
+windows, no peer scoring without score parameters, no copy forwarded to a peer that sent one
+while it was in validation (``skip_holders``), and validators awaited in the message's own task."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 
 import libp2p.io.trio as libp2p_io_trio
 import libp2p.stream_muxer.rw_lock as libp2p_rw_lock
+import pytest
 import trio
+import trio.testing
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.exceptions import ValidationError
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
 from crdtbook.node import p2p_install
@@ -266,3 +271,78 @@ async def test_yamux_returns_credit_in_half_windows_not_after_every_read() -> No
     # it gets credit back while it still holds half a window).
     assert all(increment >= 128 * 1024 for increment in our_updates)
     assert sum(our_updates) >= messages * 2048 - 128 * 1024
+
+
+class _Spawns(trio.abc.Instrument):
+    """Counts tasks spawned while installed."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.count += 1
+
+
+async def test_validation_runs_in_the_message_task_with_the_library_verdicts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Stock ``validate_msg`` opens a nursery and spawns a task per message for its async
+    validators; ours awaits them in the caller's task. The verdicts, the result cache, a
+    validator that raises and one that outlives the timeout are the library's."""
+    host = new_host(key_pair=create_new_key_pair())
+    router = GossipSub(protocols=[PROTOCOL_ID_V11], degree=3, degree_low=2, degree_high=6)
+    pubsub = HardenedPubsub(
+        host,
+        router,
+        on_reject=lambda peer, why: None,
+        deliver=lambda msg, forwarder: None,
+        msg_id_constructor=content_message_id,
+        validation_timeout=1.0,
+    )
+    verdicts = {b"good": True, b"bad": False}
+
+    async def validator(forwarder: ID, msg: rpc_pb2.Message) -> bool:
+        if msg.data == b"slow":
+            await trio.sleep(10)
+        if msg.data == b"boom":
+            raise RuntimeError("a validator's bug")
+        return verdicts[msg.data]
+
+    pubsub.set_topic_validator(TOPIC, validator, is_async_validator=True)
+    peer = ID(b"\x00\x24" + b"p" * 36)
+    spawns = _Spawns()
+
+    async def verdict(validate: Callable[..., Awaitable[None]], data: bytes) -> str:
+        msg = rpc_pb2.Message(data=data, topicIDs=[TOPIC])
+        pubsub.validation_cache.cache.clear()
+        try:
+            await validate(peer, msg)
+        except ValidationError as exc:
+            return "refused: " + str(exc).split(" ")[0]
+        return "valid"
+
+    try:
+        stock = functools.partial(Pubsub.validate_msg, pubsub)
+        ours = pubsub.validate_msg
+        trio.lowlevel.add_instrument(spawns)
+        try:
+            results = {}
+            for name, validate in (("stock", stock), ("ours", ours)):
+                before = spawns.count
+                results[name] = [await verdict(validate, d) for d in (b"good", b"bad")]
+                results[name + " spawns"] = [spawns.count - before]
+                results[name] += [await verdict(validate, d) for d in (b"boom", b"slow")]
+        finally:
+            trio.lowlevel.remove_instrument(spawns)
+        assert results["stock"][0] == results["ours"][0] == "valid"
+        assert all(r.startswith("refused") for r in results["stock"][1:] + results["ours"][1:])
+        assert results["stock spawns"] == [2] and results["ours spawns"] == [0]
+        # A refusal is cached: the same message again is refused without asking the validator.
+        msg = rpc_pb2.Message(data=b"bad", topicIDs=[TOPIC])
+        with pytest.raises(ValidationError):
+            await ours(peer, msg)
+        verdicts[b"bad"] = True
+        with pytest.raises(ValidationError, match="cached"):
+            await ours(peer, msg)
+    finally:
+        pubsub.seen_messages.stop()
