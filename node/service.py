@@ -91,15 +91,17 @@ FLUSH_DELAY: Final = 0.002
 #: Under load a node publishes at most one gossip message per market per interval (idle, an op
 #: goes out at once; busy, batches grow instead of the message rate). The interval is this much
 #: per peer on the topic, so the whole network's message rate stays near a fixed budget
-#: (~1 / PUBLISH_INTERVAL_PER_PEER, here ~40 msg/s) as it grows: each message costs each node
-#: a few tenths of a millisecond of py-libp2p's CPU per copy it reads. An op waits up to one
-#: interval before it leaves, so the interval is most of the latency: 100 ms with 5 nodes, 475
-#: ms with 20. Measured (bench/bench_network.py --only latency, 2 cores, issue #12, with D = 3):
-#: 5 nodes at 500 ops/s, 40 / 25 / 15 ms per peer gave p99 ~220 / 129-142 / 88-174 ms at about
-#: the same node CPU per op for the first two, +20% for the third; 20 nodes at 100 ops/s, 40 /
-#: 25 ms gave p99 880-1,273 / 787-847 ms at the same CPU. (Before the transport was cheaper,
-#: 120 / 160 / 240 ms intervals gave p99 326 / 274 / 661 ms with 5 nodes.)
-PUBLISH_INTERVAL_PER_PEER: Final = 0.025
+#: (~1 / PUBLISH_INTERVAL_PER_PEER, here ~25 msg/s) as it grows: each message costs each node
+#: ~1-3 ms of CPU (most of it waking up ~10 tasks; bench/README.md #12). An op waits up to one
+#: interval before it leaves, so the interval is most of the latency: 160 ms with 5 nodes, 760
+#: ms with 20. Measured with D = 3 (bench_scale.py --nodes 5,20 --rates 100, arms alternating,
+#: two pairs each, issue #12): 40 / 30 / 25 ms per peer gave 5 nodes p99 177-182 / 137-138 /
+#: 121-123 ms at 1.01-1.19 / 1.08-1.50 / 1.50-1.54 ms of CPU per op per node, and 20 nodes
+#: p99 1,047-1,359 ms / 1.2 and 3.0 s / 4.2 and 4.5 s: 20 nodes on 2 cores need ~1.8 cores at
+#: 40 ms, and the shorter intervals tip them over (0.79-0.93 against 1.01-1.29 ms per op per
+#: node). (bench_network's 20-node runs, 4 clients a node, were saturated in every arm, which
+#: made 25 ms look free there.)
+PUBLISH_INTERVAL_PER_PEER: Final = 0.04
 PUBLISH_INTERVAL_MIN: Final = 0.05
 PUBLISH_INTERVAL_MAX: Final = 1.0
 #: Default: adapt to the topic's peers (a number > 0 fixes the interval).
