@@ -8,6 +8,7 @@ the point's kept ops and what followed, not the history.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,12 @@ pytestmark = pytest.mark.timeout(180)
 
 #: Final ops between points: a few hundred orders make several.
 INTERVAL = 40
+#: Gossipsub keeps a node's recent messages for 5 heartbeats of 1 s (py-libp2p's gossip_history)
+#: and offers them (IHAVE) to peers outside its mesh: a joiner that subscribes sooner than that
+#: after the orders were gossiped asks for them (IWANT) and stores them as it validates them,
+#: which is the whole history here (it holds them as possible copies of prefix ops; they are
+#: marked compacted at its next point). The joiners start after that window.
+GOSSIP_HISTORY_S = 6.0
 
 
 def test_one_node_joins_from_a_snapshot_and_another_from_the_full_log(tmp_path: Path) -> None:
@@ -38,6 +45,7 @@ def test_one_node_joins_from_a_snapshot_and_another_from_the_full_log(tmp_path: 
             30,
             "the witness to compact at several points",
         )
+        time.sleep(GOSSIP_HISTORY_S)  # see GOSSIP_HISTORY_S
         snap = NodeProcess(tmp_path / "s", [w.addr], market=spec, config=config).start()
         nodes.append(snap)
         full = NodeProcess(
