@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
+from typing import Any
 
 import libp2p.io.trio as libp2p_io_trio
 import libp2p.stream_muxer.rw_lock as libp2p_rw_lock
@@ -157,19 +158,24 @@ async def test_no_copy_back_to_a_peer_that_sent_one_during_validation() -> None:
         assert await _copies_back_to_the_holder(skip_holders=True) == 1
 
 
-async def test_nothing_from_a_blacklisted_peer_is_handled() -> None:
-    """A banned peer's read loop lives until its stream is reset; a GRAFT or a subscription read
-    in that window must not put it back into the mesh or the topic tables its teardown cleared
-    (the library handles control messages without a blacklist check)."""
-    host = new_host(key_pair=create_new_key_pair())
-    router = GossipSub(protocols=[PROTOCOL_ID_V11], degree=4, degree_low=3, degree_high=6)
-    pubsub = HardenedPubsub(
-        host,
+def _unstarted_pubsub(router: GossipSub, **kwargs: Any) -> HardenedPubsub:
+    """A HardenedPubsub on a new host, not started (the caller stops its seen-cache thread)."""
+    return HardenedPubsub(
+        new_host(key_pair=create_new_key_pair()),
         router,
         on_reject=lambda peer, why: None,
         deliver=lambda msg, forwarder: None,
         msg_id_constructor=content_message_id,
+        **kwargs,
     )
+
+
+async def test_nothing_from_a_blacklisted_peer_is_handled() -> None:
+    """A banned peer's read loop lives until its stream is reset; a GRAFT or a subscription read
+    in that window must not put it back into the mesh or the topic tables its teardown cleared
+    (the library handles control messages without a blacklist check)."""
+    router = GossipSub(protocols=[PROTOCOL_ID_V11], degree=4, degree_low=3, degree_high=6)
+    pubsub = _unstarted_pubsub(router)
     router.pubsub = pubsub
     try:
         banned = ID(b"\x00\x24" + b"b" * 36)
@@ -289,16 +295,8 @@ async def test_validation_runs_in_the_message_task_with_the_library_verdicts(
     """Stock ``validate_msg`` opens a nursery and spawns a task per message for its async
     validators; ours awaits them in the caller's task. The verdicts, the result cache, a
     validator that raises and one that outlives the timeout are the library's."""
-    host = new_host(key_pair=create_new_key_pair())
     router = GossipSub(protocols=[PROTOCOL_ID_V11], degree=3, degree_low=2, degree_high=6)
-    pubsub = HardenedPubsub(
-        host,
-        router,
-        on_reject=lambda peer, why: None,
-        deliver=lambda msg, forwarder: None,
-        msg_id_constructor=content_message_id,
-        validation_timeout=1.0,
-    )
+    pubsub = _unstarted_pubsub(router, validation_timeout=1.0)
     verdicts = {b"good": True, b"bad": False}
 
     async def validator(forwarder: ID, msg: rpc_pb2.Message) -> bool:

@@ -326,17 +326,23 @@ async def test_flush_all_sends_what_the_outboxes_hold(tmp_path: Path) -> None:
 # -- discovery -----------------------------------------------------------------------------------
 
 
+def _net_with_providers(nursery: trio.Nursery) -> FakeNet:
+    """Node A, connected to C, whose DHT lists A itself, C and a new provider P (two addresses)."""
+    net = FakeNet("A", nursery)
+    link(net, FakeNet("C", nursery))
+    net.providers = [
+        ("A", ["/ip4/10.0.0.1/tcp/1"]),  # ourselves
+        ("C", ["/ip4/10.0.0.3/tcp/1"]),  # connected already
+        ("P", ["/ip4/10.0.0.2/tcp/1", "/ip4/10.0.0.2/tcp/2"]),
+    ]
+    return net
+
+
 async def test_discovery_announces_and_dials_new_providers_only(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with trio.open_nursery() as nursery:
-        net = FakeNet("A", nursery)
-        link(net, FakeNet("C", nursery))
-        net.providers = [
-            ("A", ["/ip4/10.0.0.1/tcp/1"]),  # ourselves
-            ("C", ["/ip4/10.0.0.3/tcp/1"]),  # connected already
-            ("P", ["/ip4/10.0.0.2/tcp/1", "/ip4/10.0.0.2/tcp/2"]),
-        ]
+        net = _net_with_providers(nursery)
         discovery = Discovery(net, [V1.id], ["/ip4/10.0.0.9/tcp/1/p2p/B"], announce_interval=60)
         nursery.start_soon(discovery.run)
         await trio.testing.wait_all_tasks_blocked()
@@ -355,13 +361,7 @@ async def test_a_search_counts_the_providers_it_connected_to(
     """What paces the searches (node/discovery.py): new providers reached, not ourselves nor
     peers connected already."""
     async with trio.open_nursery() as nursery:
-        net = FakeNet("A", nursery)
-        link(net, FakeNet("C", nursery))
-        net.providers = [
-            ("A", ["/ip4/10.0.0.1/tcp/1"]),  # ourselves
-            ("C", ["/ip4/10.0.0.3/tcp/1"]),  # connected already
-            ("P", ["/ip4/10.0.0.2/tcp/1"]),
-        ]
+        net = _net_with_providers(nursery)
         discovery = Discovery(net, [V1.id], [])
         assert await discovery._dial_providers() == 1
         net.providers = net.providers[:2]
