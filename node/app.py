@@ -283,6 +283,7 @@ class _Node:
                 from .http_api import http_banner, serve_http
 
                 http = await nursery.start(serve_http, adapter, home, *self.config.http)
+            nursery.start_soon(service.wal_checkpoint_loop)
             nursery.start_soon(self.sync.run)
             nursery.start_soon(self.joiner.run)
             nursery.start_soon(self.discovery.run)

@@ -574,3 +574,47 @@ def test_sigkill_during_compaction_leaves_the_old_or_the_new(tmp_path: Path) -> 
             assert live in (0, 200), f"seed={seed}"  # at most the next round's ops, unmarked
             assert len(list(s.load_market(market, live_only=True))) == live
         start = k + 1
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["stock", "background"])
+def test_wal_checkpoints_leave_the_commits_in_background_mode(
+    tmp_path: Path, background: bool
+) -> None:
+    """Stock SQLite copies the WAL back into the database in the commit that takes it past
+    1,000 pages (with an fsync: milliseconds on the node's event loop). With
+    ``checkpoints_in_background`` no commit does: the WAL holds every commit until
+    ``checkpoint_wal`` (run from a worker thread) copies it all, from a connection of its own
+    while commits go on; nothing is lost, across a reopen too."""
+    s = OpStore.open(tmp_path, synchronous="NORMAL")
+    if background:
+        s.checkpoints_in_background()
+    for i in range(1500):  # single-op commits: several WAL pages each
+        s.add_ops([op(i)])
+    frames, copied = s.checkpoint_wal()
+    if background:
+        assert frames > 1000 and copied == frames  # no commit checkpointed; this call did it all
+    else:
+        assert frames < 1000  # the commits checkpointed as they went
+
+    done = threading.Event()
+
+    def checkpoints() -> None:
+        while not done.is_set():
+            s.checkpoint_wal()
+
+    worker = threading.Thread(target=checkpoints)
+    worker.start()
+    try:
+        for i in range(1500, 2000):  # commits while another connection checkpoints
+            s.add_ops([op(i)])
+    finally:
+        done.set()
+        worker.join()
+    s.close()
+    with pytest.raises(StoreError, match="closed"):
+        s.checkpoint_wal()
+    reopened = OpStore.open(tmp_path, synchronous="NORMAL")
+    try:
+        assert reopened.count(M1) == 2000
+    finally:
+        reopened.close()
