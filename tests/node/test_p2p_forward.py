@@ -311,3 +311,22 @@ def test_drops_of_gossip_rpcs_are_counted() -> None:
     p2p_install.install()
     assert gossipsub_module.drop_rpc.__name__ == "counting_drop_rpc"  # type: ignore[attr-defined]
     assert pubsub_module.drop_rpc.__name__ == "counting_drop_rpc"  # type: ignore[attr-defined]
+
+
+async def test_idontwant_and_observers_reach_nobody_on_v11() -> None:
+    """Why the lean path skips the library's IDONTWANT and topic-observer steps when the router
+    speaks v1.1/v1.0 only: run as the library runs them, with v1.1 mesh peers, they queue
+    nothing, and an OBSERVE from a v1.1 peer registers no observer (the library acts on it only
+    from a v1.3 peer)."""
+    host = new_host(key_pair=create_new_key_pair(b"i" * 32))
+    with _switches(False), _forwarding_node(host) as (router, pubsub):
+        assert not router.speaks_v12_plus
+        before = {peer: len(queue) for peer, queue in pubsub.peer_queues.items()}
+        observe = rpc_pb2.RPC(
+            control=rpc_pb2.ControlMessage(observe=[rpc_pb2.ControlObserve(topicID=TOPIC)])
+        )
+        await router.handle_rpc(observe, MESH[0])
+        assert router.topic_observation.get_observers(TOPIC) == set()
+        await router._emit_idontwant_for_message(b"an id", [TOPIC])
+        await router._notify_observers([TOPIC], b"an id")
+        assert {peer: len(queue) for peer, queue in pubsub.peer_queues.items()} == before
