@@ -77,10 +77,14 @@ if os.environ.get("CRDTBOOK_BENCH_STOCK_TRANSPORT") == "1":  # A/B: libp2p's loc
     p2p_install.EAGER_LOCK_MODULES = ()
     p2p_install.LEAN_YAMUX_FRAMES = False
     p2p_install.BATCHED_WINDOW_UPDATES = False
+    p2p_install.TCP_READ_AHEAD = False
     p2p_pubsub.KEEP_DEFAULT_SCORER = True
 if os.environ.get("CRDTBOOK_BENCH_STOCK_WINDOW") == "1":  # A/B: Yamux's update after each read
     from crdtbook.node import p2p_install
     p2p_install.BATCHED_WINDOW_UPDATES = False
+if os.environ.get("CRDTBOOK_BENCH_EXACT_READS") == "1":  # A/B: TCP reads of just what is asked
+    from crdtbook.node import p2p_install
+    p2p_install.TCP_READ_AHEAD = False
 # batch 1 = the baseline: one gossip message per op, sent at once.
 if int(batch) == 1:
     extra["publish_interval"] = 0.0
@@ -145,7 +149,13 @@ if arm == "stock":
     p2p_install.EAGER_LOCK_MODULES = ()
     p2p_install.LEAN_YAMUX_FRAMES = False
     p2p_install.BATCHED_WINDOW_UPDATES = False
+    p2p_install.TCP_READ_AHEAD = False
     p2p_pubsub.KEEP_DEFAULT_SCORER = True
+for knob in os.environ.get("CRDTBOOK_BENCH_TRANSPORT_OFF", "").split(","):  # A/B: one change off
+    if knob:
+        from crdtbook.node import p2p_install, p2p_pubsub
+        module = p2p_install if hasattr(p2p_install, knob) else p2p_pubsub
+        setattr(module, knob, False)
 steps = [0]
 class Steps(trio.abc.Instrument):
     def before_task_step(self, task):

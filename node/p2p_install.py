@@ -8,6 +8,8 @@ change is process-wide (libp2p looks these names up in its own modules) and idem
 
 * Yamux: window updates in batches of half a window (as go-yamux), and its ``PY_YAMUX_*``
   settings read once, not per frame (the environment itself is not changed);
+* TCP: each socket receive reads ahead (:data:`READ_AHEAD_BYTES`), so a Noise frame is not two
+  receives and a burst of frames is one;
 * the transport's locks (Yamux, its read-write lock, the TCP stream, net streams) take a free
   lock without a trip through trio's scheduler (:class:`EagerLock`), and Yamux writes a frame
   without formatting a debug line for it or a second scheduler trip after it;
@@ -225,6 +227,61 @@ def _install_window_rule() -> None:
     stream._auto_tune_and_send_window_update = window_update  # type: ignore[method-assign]
 
 
+#: False keeps the TCP stream's read of exactly what is asked (bench A/B runs; see
+#: :func:`_install_read_ahead`).
+TCP_READ_AHEAD = True
+#: Bytes asked of the kernel per ``recv`` once a read must go to the socket: a burst of frames
+#: (several gossip RPCs, each a Noise frame of a few KB) is then one system call, and the buffer
+#: a connection may hold beyond what was asked is bounded by this (Noise's largest frame is
+#: 64 KiB + 2, so a frame is at most two reads).
+READ_AHEAD_BYTES: Final = 64 * 1024
+
+
+def _install_read_ahead() -> None:
+    """The TCP stream reads ahead: each ``recv`` asks for :data:`READ_AHEAD_BYTES` and what the
+    caller did not ask for is kept for its next read.
+
+    py-libp2p 0.8.1 reads a Noise frame as two exact reads, its 2-byte length and then its body
+    (``read_exactly``), each a ``recv`` of just that many bytes: two system calls and two trips
+    through trio's scheduler (a successful socket call checkpoints) per frame, and the same again
+    for every frame already waiting in the kernel. Here a read served from the buffer costs
+    neither; one that finds it empty makes the library's own call (same lock, same errors), for
+    more bytes. The bytes and their order are unchanged: each connection's reads go through its
+    one stream object, and the buffer is filled and taken from with no await in between."""
+    import libp2p.io.trio as trio_io
+
+    tcp = trio_io.TrioTCPStream
+    original = tcp.read
+    if not TCP_READ_AHEAD or getattr(original, "_crdtbook_original", None) is not None:
+        return
+
+    async def read(self: Any, n: int | None = None) -> bytes:
+        if n == 0:
+            return b""
+        ahead: bytearray | None = getattr(self, "_crdtbook_ahead", None)
+        if not ahead:
+            data = await original(self, READ_AHEAD_BYTES if n is None else max(n, READ_AHEAD_BYTES))
+            # Looked up again: a reader that waited on the lock before us may have left bytes,
+            # which come first (the lock serializes the socket reads).
+            ahead = getattr(self, "_crdtbook_ahead", None)
+            if not ahead:
+                if n is None or len(data) <= n:
+                    return data  # the common case: nothing buffered, nothing left over
+                self._crdtbook_ahead = bytearray(data[n:])
+                return data[:n]
+            ahead += data
+        if n is None or n >= len(ahead):
+            taken = bytes(ahead)
+            ahead.clear()
+        else:
+            taken = bytes(ahead[:n])
+            del ahead[:n]
+        return taken
+
+    read._crdtbook_original = original  # type: ignore[attr-defined]
+    tcp.read = read  # type: ignore[method-assign]
+
+
 def _configure_library_logging() -> None:
     """Route libp2p's logs to the application's handlers and quieten multiaddr.
 
@@ -315,6 +372,7 @@ def install() -> None:
     _install_eager_locks()
     _install_lean_frames()
     _install_window_rule()
+    _install_read_ahead()
     p2p_records.install()
     p2p_limits.install()  # caps multistream-select reads (see node/p2p_limits.py)
     _install_drop_counter()

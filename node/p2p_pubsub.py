@@ -35,7 +35,12 @@ metrics channel listens. It also reads the stream in chunks (:data:`READ_CHUNK`)
 a byte at a time for each length prefix; otherwise it is the library's loop. A message counts as
 in validation from the moment its first copy is read (:data:`INFLIGHT_FROM_READ`), not from when
 its task first runs, and :meth:`HardenedPubsub.validate_msg` awaits the topic's validator in
-that task rather than in a nursery and a task of its own (:data:`DIRECT_VALIDATION`).
+that task rather than in a nursery and a task of its own (:data:`DIRECT_VALIDATION`). That task
+is the read loop itself (:data:`INLINE_VALIDATION`): the library's service task per message
+searches the service's whole task tree for its parent each time it starts one. A peer's next
+RPC is read once its last message is judged (one peer's messages were judged one at a time
+anyway; the node's validator does not wait on the network), and verdicts are cached in
+O(1) (:class:`LruValidationCache`).
 
 **Unsigned gossip (gossipsub's StrictNoSign policy).** Stock py-libp2p signs every message it
 publishes (an ed25519 envelope signature over the message) and checks it on every first receipt,
@@ -112,6 +117,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, cast
 
@@ -129,7 +135,7 @@ from libp2p.pubsub.floodsub import PROTOCOL_ID as FLOODSUB_PROTOCOL_ID
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.mcache import CacheEntry, MessageCache
 from libp2p.pubsub.pb import rpc_pb2
-from libp2p.pubsub.pubsub import GossipsubEvent, Pubsub, ValidationResult
+from libp2p.pubsub.pubsub import GossipsubEvent, Pubsub, ValidationCache, ValidationResult
 from libp2p.pubsub.rpc_queue import RpcQueue
 from libp2p.pubsub.validators import signature_validator
 from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH
@@ -164,6 +170,14 @@ INFLIGHT_FROM_READ = True
 #: Validators run in the task of the message they judge (``HardenedPubsub.validate_msg``); False
 #: keeps the library's nursery and task per message (bench A/B).
 DIRECT_VALIDATION = True
+#: A message first read from a peer is validated and forwarded by that peer's read loop itself,
+#: before it reads on, instead of in a service task of its own (``manager.run_task``: a
+#: ``FunctionTask``, a search of the service's whole task tree for its parent, a trio task and
+#: the wake-ups around it, per message per node). Needs ``INFLIGHT_FROM_READ``. False keeps a
+#: task per message (bench A/B).
+INLINE_VALIDATION = True
+#: Verdicts cached in :class:`LruValidationCache`; False keeps the library's cache (bench A/B).
+LRU_VALIDATION_CACHE = True
 #: The envelope fields an unsigned message must not carry (StrictNoSign).
 ENVELOPE_FIELDS = ("from_id", "seqno", "signature", "key")
 
@@ -252,6 +266,10 @@ class HardenedPubsub(Pubsub):
         #: Message id -> the peer it came from, while its validation runs (a second copy
         #: meanwhile is a duplicate; delivery names the forwarder).
         self._inflight: dict[bytes, ID] = {}
+        if LRU_VALIDATION_CACHE:
+            self.validation_cache = LruValidationCache(
+                self.validation_cache.ttl, self.validation_cache.max_size
+            )
         #: Encoded frames of the RPCs pushed, shared, to peer queues (``SHARED_SEND``).
         self.frames = FrameCache()
 
@@ -419,7 +437,10 @@ class HardenedPubsub(Pubsub):
                 # In flight from now, not from when its task first runs: copies read before
                 # then (the rest of this RPC, the next RPCs from other peers) are duplicates.
                 self._inflight[msg_id] = peer_id
-                self.manager.run_task(self._push_inflight, peer_id, msg, msg_id)
+                if INLINE_VALIDATION:
+                    await self._push_inflight(peer_id, msg, msg_id)
+                else:
+                    self.manager.run_task(self._push_inflight, peer_id, msg, msg_id)
             else:
                 self.manager.run_task(self.push_msg, peer_id, msg)
         if rpc.subscriptions:
@@ -546,6 +567,44 @@ class HardenedPubsub(Pubsub):
             self._deliver(publish_message, forwarder)
         except Exception:
             logger.exception("gossip delivery hook failed")
+
+
+class LruValidationCache(ValidationCache):
+    """The library's ``ValidationCache`` with its rules (a verdict lives ``ttl`` seconds, at most
+    ``max_size`` are kept, the least recently used goes first) at O(1) a call. The library keeps
+    its use order in a list, so each ``put`` and ``get`` scans it (``in``, ``remove``,
+    ``pop(0)``: up to 1,000 ids for every message a node validates, ~3% of the CPU of a gossip
+    message in the transport micro-bench) and the cleanup each minute is quadratic. Here the
+    order is the dict's own (``OrderedDict.move_to_end``)."""
+
+    def __init__(self, ttl: int, max_size: int) -> None:
+        super().__init__(ttl, max_size)
+        self.cache: OrderedDict[bytes, ValidationResult] = OrderedDict()
+
+    def get(self, msg_id: bytes) -> ValidationResult | None:
+        result = self.cache.get(msg_id)
+        if result is None:
+            return None
+        if time.time() - result.timestamp > self.ttl:
+            del self.cache[msg_id]
+            return None
+        self.cache.move_to_end(msg_id)
+        return result
+
+    def put(self, msg_id: bytes, result: ValidationResult) -> None:
+        cache = self.cache
+        while len(cache) >= self.max_size and cache:
+            cache.popitem(last=False)
+        cache[msg_id] = result
+        cache.move_to_end(msg_id)
+
+    def _remove(self, msg_id: bytes) -> None:
+        self.cache.pop(msg_id, None)
+
+    def clear_expired(self) -> None:
+        now = time.time()
+        for msg_id in [m for m, r in self.cache.items() if now - r.timestamp > self.ttl]:
+            del self.cache[msg_id]
 
 
 class ContentMessageCache(MessageCache):
