@@ -132,7 +132,10 @@ sys.exit(run_node(config))
 # mesh on one topic, the first publishing MESSAGES messages of SIZE bytes one at a time (the next
 # once every other node's validator has the last). Prints task steps (trio scheduler) and CPU per
 # message. "stock" keeps py-libp2p's trio locks, Yamux frame writes and peer scorer
-# (node/p2p_install.py, node/p2p_pubsub.py).
+# (node/p2p_install.py, node/p2p_pubsub.py). Experiments: CRDTBOOK_BENCH_TRANSPORT_ARMS picks the
+# arms that alternate (default "stock,patched"; "nofwd" is patched less the forward/send path,
+# p2p_pubsub.LEAN_FORWARD, SHARED_SEND, COALESCED_WRITES); CRDTBOOK_BENCH_TRANSPORT_BURST=k
+# publishes k messages at once before waiting (so peer queues hold several RPCs).
 TRANSPORT_CHILD = r"""
 import json, os, sys, time
 from contextlib import AsyncExitStack
