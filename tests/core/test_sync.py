@@ -1,4 +1,4 @@
-"""The sync helpers: ``ops_missing_for`` and ``BloomFilter``, over random DAGs.
+"""The sync helpers: ``ops_missing_for``, ``BloomFilter`` and ``SlidingBloom``, over random DAGs.
 
 - Without a filter the walk returns exactly our ops that are not in the causal past of the
   peer's heads we know (an independent graph search), in total order; so it never withholds an
@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import MARKET, examples, plans, run_plan, union_ops
 
-from crdtbook import BloomFilter, Op, Replica, ops_missing_for
+from crdtbook import BloomFilter, Op, Replica, SlidingBloom, ops_missing_for
 
 
 def closure(replica: Replica, heads: list[bytes]) -> set[bytes]:
@@ -302,3 +302,31 @@ def test_bloom_membership_of_odd_values():
     assert b"\x00" * 8 in bloom
     for value in (b"", b"\x00" * 7, "x" * 32, None, 5):
         assert value not in bloom
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    sets=st.lists(
+        st.lists(st.integers(0, 300), max_size=60, unique=True), min_size=1, max_size=12
+    ),
+)
+def test_sliding_bloom_has_the_bits_for_ids_builds(sets: list[list[int]]) -> None:
+    """A SlidingBloom given a sequence of id sets (ids entering and leaving, the set growing past
+    a size step or shrinking back) answers each with exactly ``BloomFilter.for_ids``'s bits."""
+    ids = [hashlib.sha256(i.to_bytes(2, "big")).digest() for i in range(301)]
+    sliding = SlidingBloom()
+    for chosen in sets:
+        members = [ids[i] for i in chosen]
+        got, want = sliding.filter_of(members), BloomFilter.for_ids(members)
+        assert (got.size, got.hashes, bytes(got.bits)) == (want.size, want.hashes, bytes(want.bits))
+
+
+def test_sliding_bloom_window_over_a_replica_log() -> None:
+    """The use in node/sync.py: the newest ``window`` ids of a growing log, a few more each time
+    (and one jump back to an older window: the bits still match)."""
+    ids = [hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(5000)]
+    sliding = SlidingBloom()
+    window = 2048
+    for end in [*range(1, 4000, 97), 2500, 5000]:
+        recent = ids[max(0, end - window) : end]
+        assert sliding.filter_of(recent).bits == BloomFilter.for_ids(recent).bits
