@@ -6,6 +6,7 @@ queued for peers not ready yet, what is dropped and counted, are the library's."
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -31,6 +32,8 @@ from crdtbook.node.p2p_pubsub import (
     content_message_id,
     take_frames,
 )
+
+from .test_p2p import networks, wait_gossip_ready, wait_until
 
 TOPIC = "fwd-topic"
 OTHER_TOPIC = "fwd-other"
@@ -330,3 +333,40 @@ async def test_idontwant_and_observers_reach_nobody_on_v11() -> None:
         await router._emit_idontwant_for_message(b"an id", [TOPIC])
         await router._notify_observers([TOPIC], b"an id")
         assert {peer: len(queue) for peer, queue in pubsub.peer_queues.items()} == before
+
+
+async def test_a_burst_reaches_every_node_and_leaves_no_frame_cached() -> None:
+    """Four real networks (a line a - b - c - d, so b and c forward), 24 messages published at
+    once: each node's validator sees every message once, and when gossip is done no frame is
+    left in any node's cache (every queue that took a shared RPC sent it)."""
+    count = 24
+    with trio.fail_after(30):
+        async with networks("burst-a", "burst-b", "burst-c", "burst-d") as nets:
+            seen: list[list[bytes]] = [[] for _ in nets]
+            for i, net in enumerate(nets):
+
+                async def validate(data: bytes, peer: str, i: int = i) -> bool:
+                    seen[i].append(data)
+                    return True
+
+                net.set_validator(TOPIC, validate)
+                await net.join(TOPIC)
+            for left, right in itertools.pairwise(nets):
+                await right.connect(left.addrs()[0])
+            await wait_gossip_ready(nets, TOPIC)
+            await wait_until(
+                lambda: (
+                    all(len(n._router.mesh.get(TOPIC, ())) >= 1 for n in nets)
+                    and len(nets[1]._router.mesh.get(TOPIC, ())) == 2
+                    and len(nets[2]._router.mesh.get(TOPIC, ())) == 2
+                ),
+                "the line's mesh",
+            )
+            sent = [i.to_bytes(2, "big") + b"x" * 600 for i in range(count)]
+            for data in sent:
+                await nets[0].publish(TOPIC, data)
+            await wait_until(lambda: all(len(s) == count for s in seen[1:]), "every message")
+            await trio.sleep(0.2)  # any extra copy would arrive by now
+            assert all(sorted(s) == sent for s in seen[1:])
+            assert [len(n._pubsub.frames) for n in nets] == [0] * len(nets)
+            assert sum(n._pubsub.frames.reused for n in nets) >= count * 2  # b and c forwarded
