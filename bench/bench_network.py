@@ -60,6 +60,9 @@ if os.environ.get("CRDTBOOK_BENCH_LATE_INFLIGHT") == "1":  # A/B: a task per cop
 if os.environ.get("CRDTBOOK_BENCH_NURSERY_VALIDATION") == "1":  # A/B: libp2p's task per message
     from crdtbook.node import p2p_pubsub
     p2p_pubsub.DIRECT_VALIDATION = False
+if os.environ.get("CRDTBOOK_BENCH_STOCK_FORWARD") == "1":  # A/B: libp2p's forward/send path
+    from crdtbook.node import p2p_pubsub
+    p2p_pubsub.LEAN_FORWARD = p2p_pubsub.SHARED_SEND = p2p_pubsub.COALESCED_WRITES = False
 if os.environ.get("CRDTBOOK_BENCH_PUBLISH_PER_PEER"):  # experiments: the interval's per-peer step
     from crdtbook.node import service
     service.PUBLISH_INTERVAL_PER_PEER = float(os.environ["CRDTBOOK_BENCH_PUBLISH_PER_PEER"])
@@ -132,7 +135,10 @@ sys.exit(run_node(config))
 # mesh on one topic, the first publishing MESSAGES messages of SIZE bytes one at a time (the next
 # once every other node's validator has the last). Prints task steps (trio scheduler) and CPU per
 # message. "stock" keeps py-libp2p's trio locks, Yamux frame writes and peer scorer
-# (node/p2p_install.py, node/p2p_pubsub.py).
+# (node/p2p_install.py, node/p2p_pubsub.py). Experiments: CRDTBOOK_BENCH_TRANSPORT_ARMS picks the
+# arms that alternate (default "stock,patched"; "nofwd" is patched less the forward/send path,
+# p2p_pubsub.LEAN_FORWARD, SHARED_SEND, COALESCED_WRITES); CRDTBOOK_BENCH_TRANSPORT_BURST=k
+# publishes k messages at once before waiting (so peer queues hold several RPCs).
 TRANSPORT_CHILD = r"""
 import json, os, sys, time
 from contextlib import AsyncExitStack
@@ -140,6 +146,10 @@ import trio
 from crdtbook.node import p2p_install
 from crdtbook.node.p2p import NetworkConfig, open_network
 n, count, size, arm = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+if arm == "nofwd":  # patched less the forward/send path (p2p_pubsub.LEAN_FORWARD etc.)
+    from crdtbook.node import p2p_pubsub
+    p2p_pubsub.LEAN_FORWARD = p2p_pubsub.SHARED_SEND = p2p_pubsub.COALESCED_WRITES = False
+burst = int(os.environ.get("CRDTBOOK_BENCH_TRANSPORT_BURST", "1"))  # messages sent at once
 if arm == "stock":
     from crdtbook.node import p2p_pubsub
     p2p_install.EAGER_LOCK_MODULES = ()
@@ -158,6 +168,7 @@ class Steps(trio.abc.Instrument):
         steps[0] += 1
 async def main():
     got = [0] * n
+    goal = [0]
     arrived = [trio.Event()]
     async with AsyncExitStack() as stack:
         nets = [await stack.enter_async_context(open_network(bytes([i + 1]) * 32,
@@ -167,7 +178,7 @@ async def main():
             def validator(i):
                 async def validate(data, peer):
                     got[i] += 1
-                    if min(got[1:]) >= got[i]:
+                    if min(got[1:]) >= goal[0]:
                         arrived[0].set()
                     return True
                 return validate
@@ -179,9 +190,11 @@ async def main():
         await trio.sleep(3)  # meshes form
         steps[0] = 0
         cpu, wall = time.process_time(), time.monotonic()
-        for k in range(count):
+        for k in range(0, count, burst):
             arrived[0] = trio.Event()
-            await nets[0].publish("t", k.to_bytes(8, "big") + os.urandom(size - 8))
+            goal[0] += burst
+            for m in range(k, k + burst):
+                await nets[0].publish("t", m.to_bytes(8, "big") + os.urandom(size - 8))
             await arrived[0].wait()
         cpu, wall = time.process_time() - cpu, time.monotonic() - wall
         copies = sum(net.stats()["gossip_copies_in"] for net in nets)
@@ -197,7 +210,7 @@ def transport_phase(n: int, count: int, size: int, reps: int) -> dict[str, Any]:
     """The transport micro-bench, stock and patched arms alternating, ``reps`` each."""
     runs: list[dict[str, Any]] = []
     for _ in range(reps):
-        for arm in ("stock", "patched"):
+        for arm in os.environ.get("CRDTBOOK_BENCH_TRANSPORT_ARMS", "stock,patched").split(","):
             out = subprocess.run(
                 [sys.executable, "-c", TRANSPORT_CHILD, str(n), str(count), str(size), arm],
                 capture_output=True, text=True, timeout=300, check=True)
@@ -207,11 +220,12 @@ def transport_phase(n: int, count: int, size: int, reps: int) -> dict[str, Any]:
     def best(arm: str, key: str) -> float:
         return min(r[key] for r in runs if r["arm"] == arm)
 
+    arms = sorted({r["arm"] for r in runs})
+
     return {
         "nodes": n, "messages": count, "size": size, "runs": runs,
-        "task_steps_per_msg": {arm: best(arm, "task_steps_per_msg")
-                               for arm in ("stock", "patched")},
-        "best_cpu_ms_per_msg": {arm: best(arm, "cpu_ms_per_msg") for arm in ("stock", "patched")},
+        "task_steps_per_msg": {arm: best(arm, "task_steps_per_msg") for arm in arms},
+        "best_cpu_ms_per_msg": {arm: best(arm, "cpu_ms_per_msg") for arm in arms},
         "load_average": os.getloadavg(),
     }
 

@@ -28,6 +28,7 @@ import importlib
 import logging
 import os
 import types
+from collections.abc import Callable
 from contextlib import suppress
 from typing import Any, Final
 
@@ -308,20 +309,27 @@ def send_drops() -> int:
 
 
 def _install_drop_counter() -> None:
+    import libp2p.pubsub.gossipsub as gossipsub_module
     import libp2p.pubsub.pubsub as pubsub_module
 
-    # The name pubsub's own calls look up (it imports it from .rpc_queue, not re-exported).
-    namespace = vars(pubsub_module)
-    original = namespace["drop_rpc"]
-    if getattr(original, "_crdtbook_counting", False):
-        return
+    # The name each module's own calls look up (both import it from .rpc_queue, neither
+    # re-exports it): pubsub drops subscription announcements there, and the router every
+    # gossip RPC (``GossipSub.send_rpc``: a full queue, an oversized part). Counting only
+    # pubsub's missed every dropped gossip message.
+    for module in (pubsub_module, gossipsub_module):
+        namespace = vars(module)
+        original = namespace["drop_rpc"]
+        if not getattr(original, "_crdtbook_counting", False):
+            namespace["drop_rpc"] = _counting(original)
 
+
+def _counting(original: Callable[[ID, rpc_pb2.RPC], None]) -> Callable[[ID, rpc_pb2.RPC], None]:
     def counting_drop_rpc(peer_id: ID, rpc: rpc_pb2.RPC) -> None:
         _SEND_DROPS[0] += 1
         original(peer_id, rpc)
 
     counting_drop_rpc._crdtbook_counting = True  # type: ignore[attr-defined]
-    namespace["drop_rpc"] = counting_drop_rpc
+    return counting_drop_rpc
 
 
 # libp2p 0.8.1 opens every TCP listen socket with SO_REUSEPORT (for DCUtR hole punching, which

@@ -86,6 +86,30 @@ the message was in validation are remembered with it (:meth:`HardenedPubsub.hold
 :class:`ContentGossipSub` skips them when it forwards, at no cost on the wire. Copies that cross
 (two peers forwarding to each other at once) are not avoided: only 5-10% of the duplicates a
 5-node network carries under load arrive while their message is in validation.
+
+**The forward and send path** (issue #12), three changes, each behind a switch for bench A/B
+(``bench_network.py --only transport`` with ``CRDTBOOK_BENCH_TRANSPORT_ARMS=nofwd,patched``):
+
+* :data:`LEAN_FORWARD`: ``ContentGossipSub.publish`` does what the library's does for this
+  node's router (spam protection off; equivocation cannot happen with content ids; IDONTWANT and
+  topic observers only exist with v1.2+/v1.3 peers, and this network speaks v1.1/v1.0), with
+  the message id computed once, the RPC built once, the peers found without a set per kind of
+  peer, and the library's queue for peers not ready yet (identify or subscription pending)
+  computed with set operations instead of two loops that build ``ID(msg.from_id)`` per peer.
+  One piece of bookkeeping is left out: the library appends each forward's time to a
+  per-topic list that only adaptive gossip reads and trims; with adaptive gossip off (as here)
+  nothing trims it, so it grew by one float per message for the node's lifetime.
+* :data:`SHARED_SEND`: the library's ``send_rpc`` copies the RPC for each peer, splits it to the
+  queue's size limit (new RPC objects, ``ByteSize`` calls) and sizes each part, and each peer's
+  sending task serializes its copy again. An RPC of one published message (and the sender's
+  record) with no deferred GRAFT/PRUNE to attach for the peer is one part equal to itself, so
+  the same object goes to every peer's queue, serialized once (:class:`FrameCache`). Anything
+  else (control to piggyback, several messages, an RPC over the size limit) takes the
+  library's path, which also drops and counts what does not fit.
+* :data:`COALESCED_WRITES`: a peer's sending task writes every RPC already queued in one stream
+  write (each in its own length-prefixed frame: the receiver sees the same bytes) of at most
+  :data:`MAX_COALESCED_WRITE` bytes, instead of a Yamux frame, a Noise message, a socket send
+  and a task wake-up per RPC. Errors end it as they end the library's loop.
 """
 
 from __future__ import annotations
@@ -97,6 +121,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, cast
 
+import libp2p.pubsub.gossipsub as gossipsub_module
 import libp2p.pubsub.pubsub as pubsub_module
 import trio
 from libp2p.abc import INetStream
@@ -104,13 +129,18 @@ from libp2p.custom_types import AsyncValidatorFn, SyncValidatorFn
 from libp2p.exceptions import ParseError, ValidationError
 from libp2p.io.exceptions import IOException, MessageTooLarge
 from libp2p.network.connection.exceptions import RawConnError
-from libp2p.network.stream.exceptions import StreamEOF, StreamError
+from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamError, StreamReset
 from libp2p.peer.id import ID
+from libp2p.pubsub.floodsub import PROTOCOL_ID as FLOODSUB_PROTOCOL_ID
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.mcache import CacheEntry, MessageCache
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import GossipsubEvent, Pubsub, ValidationCache, ValidationResult
+from libp2p.pubsub.rpc_queue import RpcQueue
 from libp2p.pubsub.validators import signature_validator
+from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH
+from libp2p.stream_muxer.yamux.yamux import HEADER_SIZE as YAMUX_HEADER_SIZE
+from libp2p.utils.varint import encode_uvarint
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +270,8 @@ class HardenedPubsub(Pubsub):
             self.validation_cache = LruValidationCache(
                 self.validation_cache.ttl, self.validation_cache.max_size
             )
+        #: Encoded frames of the RPCs pushed, shared, to peer queues (``SHARED_SEND``).
+        self.frames = FrameCache()
 
     async def publish(self, topic_id: str | list[str], data: bytes) -> None:
         if not self.unsigned:
@@ -474,6 +506,59 @@ class HardenedPubsub(Pubsub):
         if stream is not None:
             await _quiet_reset(stream)
 
+    async def handle_sending_messages(
+        self, peer_id: ID, stream: INetStream, queue: RpcQueue
+    ) -> None:
+        """The library's per-peer sending loop (0.8.1), writing every RPC already queued in one
+        stream write, each in its own length-prefixed frame, up to :data:`MAX_COALESCED_WRITE`
+        bytes a write (``COALESCED_WRITES``; module doc). Its ends are the library's: a closed
+        queue ends it, a closed or reset stream makes the peer dead and ends it, any other error
+        makes the peer dead. Frames come from :attr:`frames` (``SHARED_SEND``), which this loop
+        releases; with ``COALESCED_WRITES`` off and ``SHARED_SEND`` on, each RPC is written on
+        its own, as the library does (bench A/B of one change at a time)."""
+        if not COALESCED_WRITES and not SHARED_SEND:
+            await super().handle_sending_messages(peer_id, stream, queue)
+            return
+        frames = self.frames
+        limit = MAX_COALESCED_WRITE if COALESCED_WRITES else 0
+        try:
+            while True:
+                rpc = await queue.pop()
+                if rpc is None:
+                    return  # the queue was closed
+                batch = [frames.take(rpc)]
+                size = len(batch[0])
+                while len(queue):
+                    # No wait: pop returns a queued RPC at once (priority ones first, as the
+                    # library takes them).
+                    more = await queue.pop()
+                    if more is None:
+                        break
+                    frame = frames.take(more)
+                    if size + len(frame) > limit:
+                        if not await self._write_frames(stream, batch):
+                            return
+                        batch, size = [], 0
+                    batch.append(frame)
+                    size += len(frame)
+                if not await self._write_frames(stream, batch):
+                    return
+        except Exception:
+            logger.debug("sending loop for %s terminated with error", peer_id)
+            self._handle_dead_peer(peer_id)
+
+    async def _write_frames(self, stream: INetStream, frames: list[bytes]) -> bool:
+        """``write_msg`` for frames already encoded: one stream write; False (and the peer
+        dead) if the stream is closed or reset, as the library's."""
+        try:
+            await stream.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        except (StreamClosed, StreamReset):
+            peer_id = stream.muxed_conn.peer_id
+            logger.debug("Fail to write message to %s: stream closed or reset", peer_id)
+            self._handle_dead_peer(peer_id)
+            return False
+        return True
+
     def notify_subscriptions(self, publish_message: rpc_pb2.Message) -> None:
         forwarder = self._inflight.get(self._msg_id_constructor(publish_message))
         if forwarder is None:
@@ -531,8 +616,15 @@ class ContentMessageCache(MessageCache):
         super().__init__(window_size, history_size)
         self._msg_id = msg_id
 
-    def put(self, msg: rpc_pb2.Message) -> None:
-        mid = self._msg_id(msg)
+    @property
+    def msg_id(self) -> Callable[[rpc_pb2.Message], bytes]:
+        """The id function the cache keys by."""
+        return self._msg_id
+
+    def put(self, msg: rpc_pb2.Message, mid: bytes | None = None) -> None:
+        """Cache ``msg`` under its id; ``mid``: that id, computed already by the caller."""
+        if mid is None:
+            mid = self._msg_id(msg)
         if mid in self.msgs:
             return
         self.msgs[mid] = msg
@@ -549,9 +641,146 @@ class ContentGossipSub(GossipSub):
         self.mcache = ContentMessageCache(msg_id, self.mcache.window_size, self.mcache.history_size)
         if kwargs.get("score_params") is None and not KEEP_DEFAULT_SCORER:
             self.scorer = None  # all-zero scores behind gates that always pass (module doc)
+        #: Whether a peer may negotiate gossipsub v1.2 or later (a peer speaks one of the
+        #: protocols this router offers): only then can IDONTWANT or topic observers exist.
+        self.speaks_v12_plus = not V12_PLUS.isdisjoint(self.protocols)
 
     def _check_equivocation(self, msg: rpc_pb2.Message) -> bool:
         return True  # a content id names one content: there is nothing to equivocate about
+
+    async def publish(self, msg_forwarder: ID, pubsub_msg: rpc_pb2.Message) -> None:
+        """Forward a validated message (or send our own): the library's ``publish`` (0.8.1) for
+        this router's configuration, at less cost (``LEAN_FORWARD``; module doc). Anything else
+        (spam protection on, no pubsub attached) takes the library's path."""
+        pubsub = self.pubsub
+        if not LEAN_FORWARD or self.spam_protection_enabled or not isinstance(pubsub, Pubsub):
+            await super().publish(msg_forwarder, pubsub_msg)
+            return
+        # No equivocation check: ours passes every message (a content id names one content).
+        msg_id = pubsub.get_message_id(pubsub_msg)
+        mcache = self.mcache
+        if isinstance(mcache, ContentMessageCache):
+            same_id = mcache.msg_id is pubsub._msg_id_constructor
+            mcache.put(pubsub_msg, msg_id if same_id else None)
+        else:
+            mcache.put(pubsub_msg)
+        topics = list(pubsub_msg.topicIDs)
+        origin = ID(pubsub_msg.from_id)
+        rpc_msg = rpc_pb2.RPC(publish=[pubsub_msg])
+        # Looked up in the library's module: node/p2p_records.py replaces it there.
+        envelope_bytes, _ = _GOSSIP_NAMES["env_to_send_in_RPC"](pubsub.host)
+        rpc_msg.senderRecord = envelope_bytes
+        if self.speaks_v12_plus:
+            # With v1.0/v1.1 peers only, both find nobody to tell: no peer negotiated
+            # IDONTWANT (v1.2), and observers register only over v1.3.
+            await self._emit_idontwant_for_message(msg_id, topics)
+            await self._notify_observers(topics, msg_id)
+        peer_streams = pubsub.peers
+        scorer = self.scorer
+        for peer_id in self._lean_peers_to_send(topics, msg_forwarder, origin, msg_id):
+            if peer_id not in peer_streams:
+                continue
+            if scorer is not None and not scorer.allow_publish(peer_id, topics):
+                continue
+            self.send_rpc(peer_id, rpc_msg)
+        now = time.time()
+        self._queue_for_unready_peers(pubsub, topics, rpc_msg, {msg_forwarder, origin}, now)
+        for topic in topics:
+            self.time_since_last_publish[topic] = int(now)
+            if self.adaptive_gossip_enabled:
+                # Read only by the adaptive-gossip health check; the library appends whether
+                # or not it is on, and nothing else ever trims the list (module doc).
+                self.recent_message_deliveries[topic].append(now)
+
+    def _queue_for_unready_peers(
+        self,
+        pubsub: Pubsub,
+        topics: list[str],
+        rpc_msg: rpc_pb2.RPC,
+        excluded: set[ID],
+        now: float,
+    ) -> None:
+        """The library's queueing (end of ``publish``) of a message for the peers it may not
+        have reached: those in a topic of it whose protocol is not known yet (identify pending)
+        and those connected but not (yet) in the topic; direct peers, the forwarder and the
+        origin never; each peer once. The same peers as the library's two loops over peers,
+        found with set operations (the library builds ``ID(msg.from_id)`` per peer per topic)."""
+        queued: set[ID] = set()
+        peer_topics = pubsub.peer_topics
+        for topic in topics:
+            topic_peers = peer_topics.get(topic)
+            if topic_peers is not None:
+                unidentified = topic_peers.difference(self.peer_protocol, self.direct_peers)
+                unidentified -= excluded
+                unidentified -= queued
+            else:
+                unidentified = set()
+            unsubscribed = pubsub.peers.keys() - (topic_peers or ())
+            unsubscribed.difference_update(excluded, self.direct_peers, queued)
+            for peer_id in (*unidentified, *unsubscribed):
+                self._prune_pending_messages(peer_id)
+                self._pending_messages[peer_id].append((now, rpc_msg))
+                queued.add(peer_id)
+                logger.debug("queued message for peer %s (identify pending)", peer_id)
+
+    def _lean_peers_to_send(
+        self, topics: list[str], msg_forwarder: ID, origin: ID, msg_id: bytes
+    ) -> Iterable[ID]:
+        """``_get_peers_to_send`` (below) without building a set per kind of peer, where that
+        gives the same peers: every topic has a mesh, no scorer, no floodsub peer possible.
+        Otherwise the library's choice."""
+        pubsub = self.pubsub
+        mesh = self.mesh
+        if (
+            self.scorer is not None
+            or FLOODSUB_PROTOCOL in self.protocols
+            or not isinstance(pubsub, HardenedPubsub)
+            or not all(topic in mesh for topic in topics)
+        ):
+            return self._get_peers_to_send(topics, msg_forwarder, origin, msg_id)
+        send_to: set[ID] = set()
+        for topic in topics:
+            if topic in pubsub.peer_topics:
+                send_to.update(self.direct_peers)
+                send_to.update(mesh[topic])
+        send_to.discard(msg_forwarder)
+        send_to.discard(origin)
+        dont_send = self.dont_send_message_ids
+        holders = pubsub.holders(msg_id)
+        peers: list[ID] = []
+        for peer_id in send_to:
+            refused = dont_send.get(peer_id)
+            if refused and msg_id in refused:
+                continue
+            if holders is not None and peer_id in holders:
+                pubsub.holders_skipped += 1
+                continue
+            peers.append(peer_id)
+        return peers
+
+    def send_rpc(self, peer_id: ID, rpc: rpc_pb2.RPC, priority: bool = False) -> None:
+        """The library's ``send_rpc`` (0.8.1): copy the RPC, attach the peer's deferred GRAFT and
+        PRUNE, split it to the queue's size limit, drop an oversized part, push. An RPC of one
+        published message and nothing to attach (the forward path's) is one part, equal to the
+        RPC: the same object is pushed to every peer, encoded once (``SHARED_SEND``; module
+        doc). A drop (queue full or closed) is handled as the library handles it."""
+        pubsub = self.pubsub
+        if not SHARED_SEND or not isinstance(pubsub, HardenedPubsub):
+            super().send_rpc(peer_id, rpc, priority)
+            return
+        queue = pubsub.peer_queues.get(peer_id)
+        if queue is None or peer_id in self._pending_control:
+            super().send_rpc(peer_id, rpc, priority)  # (no queue: it logs and returns)
+            return
+        body_size = pubsub.frames.shared_size(rpc)
+        if body_size is None or body_size > queue.max_message_size:
+            pubsub.frames.release_unheld(rpc)
+            super().send_rpc(peer_id, rpc, priority)  # (oversized: it drops it, as it counts)
+            return
+        if queue.push(rpc, priority=priority):
+            pubsub.frames.hold(rpc)
+        else:
+            self._handle_dropped_rpc(peer_id, rpc, "queue_full")
 
     def _get_peers_to_send(
         self,
@@ -574,6 +803,119 @@ class ContentGossipSub(GossipSub):
                 pubsub.holders_skipped += 1
                 continue
             yield peer_id
+
+
+#: The gossipsub module's globals: names it imported that node/p2p_records.py replaces there.
+_GOSSIP_NAMES: dict[str, Any] = vars(gossipsub_module)
+#: Protocols with which a peer may send IDONTWANT (v1.2) or observe topics (v1.3).
+V12_PLUS: Final = frozenset(
+    {
+        gossipsub_module.PROTOCOL_ID_V12,
+        gossipsub_module.PROTOCOL_ID_V13,
+        gossipsub_module.PROTOCOL_ID_V14,
+        gossipsub_module.PROTOCOL_ID_V20,
+    }
+)
+FLOODSUB_PROTOCOL: Final = FLOODSUB_PROTOCOL_ID
+#: ``ContentGossipSub.publish`` forwards by the lean path (module doc); False: the library's
+#: (bench A/B).
+LEAN_FORWARD = True
+#: ``ContentGossipSub.send_rpc`` pushes one shared RPC, encoded once, to every peer (module doc);
+#: False: the library's copy, split and size check per peer, and an encoding per peer (bench A/B).
+SHARED_SEND = True
+#: A peer's sending task writes every RPC already queued in one stream write (module doc);
+#: False: a write per RPC (bench A/B).
+COALESCED_WRITES = True
+#: Largest coalesced write: one Yamux data frame (12-byte header) that fits one Noise transport
+#: message (65,519 bytes of plaintext), so a write of many small RPCs costs one encryption and
+#: one socket send. Larger writes would be cut into frames of that size anyway, and would hold
+#: the stream's send window longer. A single RPC larger than this is written whole, as before.
+MAX_COALESCED_WRITE: Final = MAX_PLAINTEXT_LENGTH - YAMUX_HEADER_SIZE
+#: Bytes of encoded frames a :class:`FrameCache` keeps at most. An entry is normally gone when
+#: the last queue that held its RPC has sent it; entries of RPCs left in a closed queue (a peer
+#: gone) are only dropped by this bound, oldest first. 4 MiB is every queue of 8 peers full
+#: (32 RPCs each) of 16 KB messages; past it a frame is encoded again, which is only slower.
+FRAME_CACHE_BYTES: Final = 4 * 1024 * 1024
+#: The fields of an RPC that ``send_rpc`` may share as is: one published message and the
+#: sender's record (the library's split makes one part equal to it, nothing else).
+_SHAREABLE_FIELDS: Final = frozenset({"publish", "senderRecord"})
+
+
+class FrameCache:
+    """Encoded frames (length prefix and serialized RPC) of RPCs pushed to peer queues, so an
+    RPC sent to many peers is serialized once, not once per peer (module doc).
+
+    Keyed by the RPC object's ``id``, which is only unique while the object lives: an entry
+    holds its RPC, so no other object can have that id while the entry exists, and a lookup
+    checks it is the same object. An entry is removed when every queue that took its RPC has
+    sent it (:meth:`take`), or, for RPCs never sent, by the :data:`FRAME_CACHE_BYTES` bound.
+    A cached RPC must not change (none is: the library copies an RPC before it adds to it)."""
+
+    def __init__(self, max_bytes: int = FRAME_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        #: id(rpc) -> [rpc, frame, body size, queues holding it]
+        self._entries: dict[int, list[Any]] = {}
+        self._bytes = 0
+        #: RPCs serialized for a queue write (cache misses included) and frames written from
+        #: the cache (for tests and benches).
+        self.encoded = 0
+        self.reused = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _entry(self, rpc: rpc_pb2.RPC) -> list[Any] | None:
+        entry = self._entries.get(id(rpc))
+        return entry if entry is not None and entry[0] is rpc else None
+
+    def shared_size(self, rpc: rpc_pb2.RPC) -> int | None:
+        """The serialized size of ``rpc`` if it can be shared as is (one published message,
+        maybe the sender's record, nothing else), encoding and caching it the first time;
+        None otherwise."""
+        entry = self._entry(rpc)
+        if entry is not None:
+            return int(entry[2])
+        if len(rpc.publish) != 1 or not _SHAREABLE_FIELDS.issuperset(
+            field.name for field, _ in rpc.ListFields()
+        ):
+            return None
+        body = rpc.SerializeToString()
+        self.encoded += 1
+        frame = encode_uvarint(len(body)) + body
+        self._entries[id(rpc)] = [rpc, frame, len(body), 0]
+        self._bytes += len(frame)
+        while self._bytes > self.max_bytes and len(self._entries) > 1:
+            oldest = next(iter(self._entries))
+            self._bytes -= len(self._entries.pop(oldest)[1])
+        return len(body)
+
+    def hold(self, rpc: rpc_pb2.RPC) -> None:
+        """One more queue holds ``rpc`` (cached by :meth:`shared_size`)."""
+        entry = self._entry(rpc)
+        if entry is not None:
+            entry[3] += 1
+
+    def release_unheld(self, rpc: rpc_pb2.RPC) -> None:
+        """Forget ``rpc``'s frame if no queue holds it (one not to be pushed after all)."""
+        entry = self._entry(rpc)
+        if entry is not None and entry[3] <= 0:
+            del self._entries[id(rpc)]
+            self._bytes -= len(entry[1])
+
+    def take(self, rpc: rpc_pb2.RPC) -> bytes:
+        """The frame of ``rpc``, popped from a queue to be written: the cached one (and one
+        holder less), or a new encoding."""
+        entry = self._entry(rpc)
+        if entry is None:
+            self.encoded += 1
+            body = rpc.SerializeToString()
+            return encode_uvarint(len(body)) + body
+        self.reused += 1
+        entry[3] -= 1
+        if entry[3] <= 0:
+            del self._entries[id(rpc)]
+            self._bytes -= len(entry[1])
+        return cast(bytes, entry[1])
 
 
 def _is_closed_nursery(exc: BaseException) -> bool:
