@@ -34,6 +34,7 @@ from crdtbook.node.p2p_pubsub import (
 )
 
 from .test_p2p import networks, wait_gossip_ready, wait_until
+from .test_p2p_transport import _unstarted_pubsub
 
 TOPIC = "fwd-topic"
 OTHER_TOPIC = "fwd-other"
@@ -80,14 +81,7 @@ def _forwarding_node(host: IHost) -> Iterator[tuple[ContentGossipSub, HardenedPu
         spam_protection_enabled=False,
         adaptive_gossip_enabled=False,
     )
-    pubsub = HardenedPubsub(
-        host,
-        router,
-        on_reject=lambda peer, why: None,
-        deliver=lambda msg, forwarder: None,
-        msg_id_constructor=content_message_id,
-        unsigned=True,
-    )
+    pubsub = _unstarted_pubsub(router, host, unsigned=True)
     try:
         connected = [*MESH, FORWARDER, HOLDER, UNSUBSCRIBED, OTHER_TOPIC_ONLY]
         for peer_id in connected:

@@ -158,10 +158,11 @@ async def test_no_copy_back_to_a_peer_that_sent_one_during_validation() -> None:
         assert await _copies_back_to_the_holder(skip_holders=True) == 1
 
 
-def _unstarted_pubsub(router: GossipSub, **kwargs: Any) -> HardenedPubsub:
-    """A HardenedPubsub on a new host, not started (the caller stops its seen-cache thread)."""
+def _unstarted_pubsub(router: GossipSub, host: Any = None, **kwargs: Any) -> HardenedPubsub:
+    """A HardenedPubsub on ``host`` (default: a new one), not started (the caller stops its
+    seen-cache thread)."""
     return HardenedPubsub(
-        new_host(key_pair=create_new_key_pair()),
+        host if host is not None else new_host(key_pair=create_new_key_pair()),
         router,
         on_reject=lambda peer, why: None,
         deliver=lambda msg, forwarder: None,
