@@ -1232,7 +1232,11 @@ class NodeService:
         ``checkpoints_in_background``). A failure is logged and tried again next time: the
         WAL only grows meanwhile, and every commit still reaches it."""
         store = self.store
-        store.checkpoints_in_background()
+        try:
+            store.checkpoints_in_background()
+        except StoreError as exc:  # commits then checkpoint as SQLite does by default
+            logger.warning("%s", exc)
+            return
         while True:
             await trio.sleep(WAL_CHECKPOINT_INTERVAL)
             try:

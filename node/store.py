@@ -409,7 +409,10 @@ class OpStore:
         inline. Durability is unchanged: a commit is in the WAL, which survives a kill -9 as
         before; what is fsynced at a checkpoint still is."""
         with self._lock:
-            self._db().execute("PRAGMA wal_autocheckpoint = 0")
+            try:
+                self._db().execute("PRAGMA wal_autocheckpoint = 0")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot configure the op store {self.path}: {exc}") from exc
             self.background_checkpoints = True
 
     def checkpoint_wal(self) -> tuple[int, int]:

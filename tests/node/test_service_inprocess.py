@@ -10,6 +10,7 @@ Ops and the store check come from test_hostile_inputs.py.
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,7 +23,7 @@ import trio.testing
 import crdtbook.node.service as service_module
 from crdtbook import BadLamport, InvalidOp, Op, op_id
 from crdtbook.node.service import MarketState, NodeService, Watcher
-from crdtbook.node.store import OpStore
+from crdtbook.node.store import OpStore, StoreError
 from crdtbook.node.wire import decode_batch, encode_batch
 
 from .test_hostile_inputs import ALICE, BOB, MALLORY, V1, Node, order
@@ -460,3 +461,35 @@ async def test_flush_survives_a_failing_publish(
             raw = await _submit(n, ms, 101)
             assert (await published.next())[1] == [raw]
             nursery.cancel_scope.cancel()
+
+
+async def test_wal_checkpoints_run_in_a_worker_thread_every_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node turns SQLite's auto-checkpoint off and copies the WAL from a worker thread once
+    per ``WAL_CHECKPOINT_INTERVAL``; a failed copy is logged and tried again. (Real clock, a short
+    interval: a MockClock jumps while a worker thread runs.)"""
+    monkeypatch.setattr(service_module, "WAL_CHECKPOINT_INTERVAL", 0.02)
+    async with bare(tmp_path) as n:
+        store = n.service.store
+        threads: list[int] = []
+        third = trio.Event()
+        real = store.checkpoint_wal
+        token = trio.lowlevel.current_trio_token()
+
+        def checkpoint() -> tuple[int, int]:
+            threads.append(threading.get_ident())
+            if len(threads) == 2:
+                raise StoreError("disk trouble")
+            if len(threads) == 3:
+                trio.from_thread.run_sync(third.set, trio_token=token)
+            return real()
+
+        monkeypatch.setattr(store, "checkpoint_wal", checkpoint)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(n.service.wal_checkpoint_loop)
+                await third.wait()
+                nursery.cancel_scope.cancel()
+        assert store.background_checkpoints
+        assert len(threads) >= 3 and threading.get_ident() not in threads
