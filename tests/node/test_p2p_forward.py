@@ -227,11 +227,9 @@ async def _send_loop(ours: bool, rpcs: list[rpc_pb2.RPC], stream: _Stream, **but
         queue = RpcQueue()
         for rpc in rpcs:
             assert queue.push(rpc)
+        queue.close()  # a closed queue still hands out what it holds, then ends the loop
         with trio.fail_after(5):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(pubsub.handle_sending_messages, MESH[0], stream, queue)
-                await trio.sleep(0.01)
-                queue.close()
+            await pubsub.handle_sending_messages(MESH[0], stream, queue)  # type: ignore[arg-type]
         return dead
 
 
@@ -306,8 +304,11 @@ def test_drops_of_gossip_rpcs_are_counted() -> None:
     import libp2p.pubsub.pubsub as pubsub_module
 
     p2p_install.install()
-    assert gossipsub_module.drop_rpc.__name__ == "counting_drop_rpc"  # type: ignore[attr-defined]
-    assert pubsub_module.drop_rpc.__name__ == "counting_drop_rpc"  # type: ignore[attr-defined]
+    before = p2p_install.send_drops()
+    rpc = rpc_pb2.RPC(publish=[rpc_pb2.Message(data=b"dropped", topicIDs=[TOPIC])])
+    gossipsub_module.drop_rpc(MESH[0], rpc)  # type: ignore[attr-defined]
+    pubsub_module.drop_rpc(MESH[0], rpc)  # type: ignore[attr-defined]
+    assert p2p_install.send_drops() == before + 2
 
 
 async def test_idontwant_and_observers_reach_nobody_on_v11() -> None:
