@@ -337,7 +337,13 @@ class _Node:
                 for p in sorted(self.net.connected_peers())
             ],
             "network": self.net.stats(),
-            "sync_sessions": {"serving": self.sync.serving, "pulling": len(self.sync.syncing)},
+            "sync_sessions": {
+                "serving": self.sync.serving,
+                "pulling": len(self.sync.syncing),
+                "served": self.sync.served_total,
+                "pulled": self.sync.pulled_total,
+                "ops_pulled": self.sync.ops_pulled_total,
+            },
         }
 
     def block(self, peer: str | None, seconds: float) -> list[str]:

@@ -94,6 +94,11 @@ class SyncScheduler:
         self.syncing: set[tuple[str, bytes]] = set()
         #: Sync sessions being served now.
         self.serving = 0
+        #: Totals since the start (status ``sync_sessions``): sessions this node pulled and
+        #: served, and the ops its pulls brought (ops gossip had not delivered first).
+        self.pulled_total = 0
+        self.served_total = 0
+        self.ops_pulled_total = 0
         self._not_following: dict[tuple[str, bytes], float] = {}
         #: Set to run the next round at once; replaced after each round.
         self.sync_now = trio.Event()
@@ -127,6 +132,7 @@ class SyncScheduler:
     async def serve(self, stream: FrameStreamLike) -> None:
         """Answer one peer's session (the network's handler for ``SYNC_PROTOCOL``)."""
         self.serving += 1
+        self.served_total += 1
         try:
             await self._serve(stream)
         finally:
@@ -236,6 +242,8 @@ class SyncScheduler:
                     with trio.CancelScope(deadline=trio.current_time() + bound, shield=True):
                         await (stream.close() if pulled else stream.reset())
                 ms.last_sync = time.time()
+                self.pulled_total += 1
+                self.ops_pulled_total += received
                 if received:
                     logger.info("sync: %d ops from %s for %s", received, peer, ms.market.name)
                 if unknown_heads:

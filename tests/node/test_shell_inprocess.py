@@ -188,6 +188,10 @@ async def test_a_connected_peer_is_synced_at_once_not_at_the_next_interval(
             assert a.ms(V1).last_sync is not None
             assert 3 <= len(net_a.opened) <= 5
             assert not scheduler.syncing and scheduler.serving == 0
+            # The totals status reports: every session counted once, the ops only the first
+            # brought.
+            assert scheduler.pulled_total == len(net_a.opened)
+            assert scheduler.ops_pulled_total == 5 and scheduler.served_total == 0
             nursery.cancel_scope.cancel()
 
 
@@ -388,7 +392,9 @@ async def test_status_reports_peers_and_sync_sessions(tmp_path: Path) -> None:
         status = node.status()
         assert status["peer_id"] == "A"
         assert [p["peer_id"] for p in status["peers"]] == ["B"]
-        assert status["sync_sessions"] == {"serving": 0, "pulling": 0}
+        assert status["sync_sessions"] == {
+            "serving": 0, "pulling": 0, "served": 0, "pulled": 0, "ops_pulled": 0
+        }
         assert node.block(None, 5) == ["B"] and net_a.bans == [("B", 5)]
 
 
