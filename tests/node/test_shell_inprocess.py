@@ -393,7 +393,11 @@ async def test_status_reports_peers_and_sync_sessions(tmp_path: Path) -> None:
         assert status["peer_id"] == "A"
         assert [p["peer_id"] for p in status["peers"]] == ["B"]
         assert status["sync_sessions"] == {
-            "serving": 0, "pulling": 0, "served": 0, "pulled": 0, "ops_pulled": 0
+            "serving": 0,
+            "pulling": 0,
+            "served": 0,
+            "pulled": 0,
+            "ops_pulled": 0,
         }
         assert node.block(None, 5) == ["B"] and net_a.bans == [("B", 5)]
 
