@@ -205,6 +205,8 @@ async def _main(config: NodeConfig) -> int:
         point_interval=config.point_interval,
         retention=config.retention,
     )
+    # The loop's busy time, for the gate on early publishing (node/headroom.py).
+    trio.lowlevel.add_instrument(service.headroom)
     started = time.monotonic()
     loaded = service.load_from_store()
     load_seconds = time.monotonic() - started
@@ -343,6 +345,12 @@ class _Node:
                 "served": self.sync.served_total,
                 "pulled": self.sync.pulled_total,
                 "ops_pulled": self.sync.ops_pulled_total,
+            },
+            # The event loop's busy fraction over its last window, and whether that leaves room
+            # for early publishing (node/headroom.py).
+            "loop": {
+                "busy": self.service.headroom.last_busy,
+                "early_publish": self.service.headroom.spare,
             },
         }
 

@@ -410,6 +410,49 @@ async def test_flush_loop_paces_batches_by_the_publish_interval(
             nursery.cancel_scope.cancel()
 
 
+async def test_flush_loop_publishes_a_full_batch_before_the_interval_while_the_loop_is_spare(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """PUBLISH_BATCH_OPS ops in the outbox go out at once (at least PUBLISH_INTERVAL_MIN after
+    the last message), not at the end of the interval; fewer wait for it; and a node without
+    time to spare (node/headroom.py) waits for the interval whatever its outbox holds."""
+    interval, delay = 1.0, 0.002
+    full = service_module.PUBLISH_BATCH_OPS
+    assert full > 1 and interval > service_module.PUBLISH_INTERVAL_MIN
+    async with bare(tmp_path, publish_interval=interval, flush_delay=delay) as n:
+        ms = n.ms(V1)
+        headroom = n.service.headroom  # never registered here: spare until the test says not
+        assert headroom.spare
+        published = Published()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(n.service.flush_loop, ms, published, lambda _t: 3)
+            await _submit(n, ms, 100)
+            await published.next()
+            # A full batch, submitted over 0.2 s: out when its last op arrives.
+            batch = []
+            for i in range(full):
+                await trio.sleep(0.2 / full)
+                batch.append(await _submit(n, ms, 101 + i))
+            filled = trio.current_time()
+            at2, got = await published.next()
+            assert got == batch and at2 == pytest.approx(filled)
+            # All at once, right after a message: out PUBLISH_INTERVAL_MIN after it.
+            burst = [await _submit(n, ms, 120 + i) for i in range(full)]
+            at3, got = await published.next()
+            assert got == burst
+            assert at3 == pytest.approx(at2 + service_module.PUBLISH_INTERVAL_MIN)
+            # Less than a batch: the interval.
+            few = [await _submit(n, ms, 140 + i) for i in range(full - 1)]
+            at4, got = await published.next()
+            assert got == few and at4 == pytest.approx(at3 + interval)
+            # No CPU to spare: a full batch waits for the interval too.
+            headroom.spare = False
+            busy = [await _submit(n, ms, 160 + i) for i in range(full)]
+            at5, got = await published.next()
+            assert got == busy and at5 == pytest.approx(at4 + interval)
+            nursery.cancel_scope.cancel()
+
+
 async def test_flush_loop_interval_follows_topic_peers_and_splits_big_outboxes(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

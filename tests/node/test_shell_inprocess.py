@@ -399,6 +399,8 @@ async def test_status_reports_peers_and_sync_sessions(tmp_path: Path) -> None:
             "pulled": 0,
             "ops_pulled": 0,
         }
+        # Its headroom is not registered as an instrument here: no window judged yet.
+        assert status["loop"] == {"busy": None, "early_publish": True}
         assert node.block(None, 5) == ["B"] and net_a.bans == [("B", 5)]
 
 
