@@ -4,9 +4,9 @@ Early publishing (``service.PUBLISH_BATCH_OPS``) sends a gossip message as soon 
 outbox holds a batch, instead of at the end of its publish interval. That halves the latency of
 a busy five-node market (p99 183-188 -> 79-88 ms at 500 ops/s, bench/README.md #12), but every
 message costs every node a few tenths of a millisecond to read, so near capacity it costs
-throughput (five nodes on two cores, ungated: ~1,750 -> ~1,300-1,500 ops/s). So it is on only while the event
-loop is mostly idle, and off once it is mostly busy, with a gap between the two bounds so that
-the switch itself does not make the load swing across one bound.
+throughput (five nodes on two cores, ungated: ~1,750 -> ~1,300-1,500 ops/s). So it is on only
+while the event loop is mostly idle, and off once it is busier, with a gap between the two
+bounds so that the switch itself does not make the load swing across one bound.
 
 What is measured is the loop's **busy time in wall-clock terms**: a window's length less the
 time the loop spent waiting for I/O (trio's ``before_io_wait`` / ``after_io_wait``, so
