@@ -286,6 +286,23 @@ class Seen:
         ts = [t.get(ident) for t in self.times]
         return None if any(x is None for x in ts) else max(ts)  # type: ignore[type-var]
 
+    def stages(self, sent: list[tuple[str, float]]) -> dict[str, list[float] | None]:
+        """Per stage (first node, first other, median node, last node): p50 and p99 in ms of
+        the time from submit to that node's report, over the ops every node reported."""
+        rows = []
+        for ident, t0 in sent:
+            ts = sorted(t[ident] for t in self.times if ident in t)
+            if len(ts) == len(self.times):
+                rows.append((ts[0] - t0, ts[min(1, len(ts) - 1)] - t0, ts[len(ts) // 2] - t0,
+                             ts[-1] - t0))
+        out: dict[str, list[float] | None] = {}
+        for i, name in enumerate(("first_node", "first_other", "median_node", "last_node")):
+            values = sorted(row[i] * 1000 for row in rows)
+            out[name] = ([round(statistics.median(values), 1),
+                          round(values[max(0, int(len(values) * 0.99) - 1)], 1)]
+                         if values else None)
+        return out
+
     def close(self) -> None:
         for s in self._socks:
             s.close()
@@ -403,10 +420,15 @@ def latency_phase(tmp: Path, n: int, rate: float, seconds: float, batch: int,
                 missing += 1
             else:
                 lat.append((t - t0) * 1000)
+        stages = seen.stages(sent)
         seen.close()
         lat.sort()
         return {
             "ops": len(sent),
+            # Where the time goes (p50 / p99 ms after the submit): the first node to report an
+            # op applied (its origin), the first other node (the publish wait and one hop), the
+            # median node and the last (= p50_ms / p99_ms).
+            "stages_ms": stages,
             "rate_achieved": len(sent) / seconds,
             "p50_ms": statistics.median(lat) if lat else None,
             "p99_ms": lat[int(len(lat) * 0.99) - 1] if lat else None,
