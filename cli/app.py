@@ -911,7 +911,10 @@ def markets_(ctx: typer.Context, home: HomeOpt = None, as_json: JsonOpt = False)
 def status(ctx: typer.Context, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Show the node: identity, peers, and per-market replication and finality state.
 
-    Prints the peer id, witness key, listen addresses, connected peers, and per market: ops, DAG
+    Prints the peer id, witness key, listen addresses, connected peers, the sync sessions this
+    node pulled and served (and the ops its pulls brought that gossip had not), how busy its event
+    loop is and whether it publishes batches early (it does while the loop has time to spare),
+    and per market: ops, DAG
     heads, pending (ops waiting for missing parents), orders, fills, last sync and the state
     digest; then finality: final (everything acknowledged), pending (heartbeats due) or stalled
     (a witness silent while something waits: which one, and for how long), the frontier, the

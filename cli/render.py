@@ -730,6 +730,20 @@ def status_view(status: Json, now: float | None = None) -> RenderableType:
         extra.append(f"version {printable(status['version'])}")
     if extra:
         field("node", "  ".join(extra))
+    sync = status.get("sync_sessions")
+    if isinstance(sync, dict) and "pulled" in sync:  # totals: nodes since session 8 of #12
+        field(
+            "sync",
+            f"pulled {sync.get('pulled')} sessions ({sync.get('ops_pulled')} ops gossip had not"
+            f" brought), served {sync.get('served')}; now {sync.get('pulling')} pulling,"
+            f" {sync.get('serving')} serving",
+        )
+    loop = status.get("loop")
+    if isinstance(loop, dict):
+        busy = loop.get("busy")
+        busy_s = f"{busy:.0%}" if isinstance(busy, int | float) else "-"
+        early = "on" if loop.get("early_publish") else "off"
+        field("loop", f"busy {busy_s}, early publishing {early}")
 
     columns: list[tuple[str, str]] = [
         ("market", "left"),

@@ -166,6 +166,8 @@ STATUS: Json = {
     "version": "0.1.0",
     "uptime": 65.0,
     "pid": 4242,
+    "sync_sessions": {"serving": 0, "pulling": 1, "served": 40, "pulled": 12, "ops_pulled": 3},
+    "loop": {"busy": 0.32, "early_publish": True},
 }
 
 

@@ -299,6 +299,8 @@ def test_status(fake_node: Any, samples: Any) -> None:
     assert "/ip4/127.0.0.1/tcp/40001" in out
     assert "never" in out  # last sync
     assert "d4d4d4d4d4d4" in out
+    assert "pulled 12 sessions (3 ops gossip had not brought), served 40" in out
+    assert "busy 32%, early publishing on" in out
     assert json.loads(run("status", "--json").stdout) == samples.STATUS
 
 
