@@ -445,7 +445,7 @@ async def test_flush_loop_publishes_a_full_batch_before_the_interval_while_the_l
             few = [await _submit(n, ms, 140 + i) for i in range(full - 1)]
             at4, got = await published.next()
             assert got == few and at4 == pytest.approx(at3 + interval)
-            # No CPU to spare: a full batch waits for the interval too.
+            # No time to spare: a full batch waits for the interval too.
             headroom.spare = False
             busy = [await _submit(n, ms, 160 + i) for i in range(full)]
             at5, got = await published.next()
