@@ -205,11 +205,12 @@ async def _main(config: NodeConfig) -> int:
         point_interval=config.point_interval,
         retention=config.retention,
     )
-    # The loop's busy time, for the gate on early publishing (node/headroom.py).
-    trio.lowlevel.add_instrument(service.headroom)
     started = time.monotonic()
     loaded = service.load_from_store()
     load_seconds = time.monotonic() - started
+    # The loop's busy time, for the gate on early publishing (node/headroom.py); from here, so
+    # that its first window is the running node's, not the load's (which waits for no I/O).
+    trio.lowlevel.add_instrument(service.headroom)
     try:
         net_config = config.network or NetworkConfig()
         async with open_network(identity.seed, config.listen, config=net_config) as net:

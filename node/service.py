@@ -108,10 +108,10 @@ PUBLISH_INTERVAL_MIN: Final = 0.05
 #: is over once its outbox holds this many ops (never sooner than PUBLISH_INTERVAL_MIN after its
 #: last message): ops submitted faster than the interval allows then wait for a batch rather than
 #: for the interval, and a message's cost (each copy read by each node) is still shared by at
-#: least this many ops. Measured, 5 nodes at 500 ops/s (bench_network.py --only latency, two
-#: pairs, bench/README.md #12 session 8): p99 187-188 -> 85-88 ms, p50 107-108 -> 51-52 ms, node
-#: CPU per op 1.5-1.7 -> 2.3 ms; 4 ops gave the same p99 at up to 3.1 ms. Without the gate it
-#: cost throughput (2,000 ops/s asked: ~1,750 -> 1,300-1,500 achieved); with it, none measured.
+#: least this many ops. Measured, 5 nodes at 500 ops/s (bench_network.py --only latency, four
+#: pairs, bench/README.md #12 session 8): p99 183-188 -> 79-88 ms, p50 103-108 -> 49-52 ms, node
+#: CPU per op 1.2-1.7 -> 1.9-2.3 ms; 4 ops gave the same p99 at up to 3.1 ms. Without the gate
+#: it cost throughput (2,000 ops/s asked: ~1,750 -> 1,300-1,500 achieved); with it, none measured.
 #: 0: the interval only.
 PUBLISH_BATCH_OPS = 6
 PUBLISH_INTERVAL_MAX: Final = 1.0
