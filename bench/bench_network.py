@@ -75,6 +75,11 @@ if os.environ.get("CRDTBOOK_BENCH_GOSSIP_DEGREE"):  # experiments: GossipSub D (
     net.update(degree=d, degree_low=max(1, d * 2 // 3), degree_high=d * 2)
 if os.environ.get("CRDTBOOK_BENCH_SKIP_HOLDERS"):  # A/B: "0" forwards as stock py-libp2p does
     net["skip_holders"] = os.environ["CRDTBOOK_BENCH_SKIP_HOLDERS"] != "0"
+if os.environ.get("CRDTBOOK_BENCH_REACHED") == "0":  # A/B: no reached lists, mesh publishing
+    net["reached_hints"] = False
+    net["flood_publish_max"] = 0
+if os.environ.get("CRDTBOOK_BENCH_FLOOD_MAX"):  # experiments: flood publishing's peer bound
+    net["flood_publish_max"] = int(os.environ["CRDTBOOK_BENCH_FLOOD_MAX"])
 if net:
     from crdtbook.node.p2p import NetworkConfig
     extra["network"] = NetworkConfig(**net)

@@ -148,6 +148,15 @@ class NetworkConfig:
     """Do not forward a gossip message to a peer that sent this node a copy while it was being
     validated (it holds it; node/p2p_pubsub.py's module doc). False is py-libp2p's behaviour,
     kept for A/B runs (bench/bench_network.py, ``CRDTBOOK_BENCH_SKIP_HOLDERS=0``)."""
+    flood_publish_max: int = 32
+    """This node's own gossip messages go to every peer of their topic while it has at most
+    this many (gossipsub v1.1's flood publishing), and to the mesh beyond; 0: the mesh always.
+    With ``reached_hints`` a flood reaches every peer in one hop and nobody forwards it
+    (node/p2p_pubsub.py's module doc). 32 bounds the copies one publish costs its origin."""
+    reached_hints: bool = True
+    """Write on each gossip message this node sends the peers known to have it (a reached list,
+    an RPC field other implementations skip), and forward a received message to none of the
+    peers its list names. False: neither (bench A/B, ``CRDTBOOK_BENCH_REACHED=0``)."""
     announce: tuple[str, ...] = ()
     """Multiaddrs (without ``/p2p``) to advertise instead of the listen addresses,
     e.g. a public address behind NAT.  Empty: advertise the listen addresses, with
@@ -354,6 +363,7 @@ class Network:
             msg_id_constructor=content_message_id,
             unsigned=True,
             skip_holders=config.skip_holders,
+            reached_hints=config.reached_hints,
             seen_ttl=config.seen_ttl,
             # Our wrapper enforces config.validation_timeout itself (and counts it).
             validation_timeout=config.validation_timeout + 1.0,
@@ -668,6 +678,7 @@ class Network:
         ``rejected`` (total), ``gossip_dropped`` (slow subscribers), ``gossip_send_dropped``
         (outbound RPCs libp2p dropped on full peer queues, process-wide), ``gossip_holders_skipped``
         (copies not forwarded to a peer that had sent one while it was in validation),
+        ``gossip_reached_skipped`` (copies not forwarded to a peer a reached list named),
         ``gossip_copies_in`` and ``gossip_firsts_in`` (gossip messages read from peers: every
         copy, and those not seen or in validation before)."""
         now = time.monotonic()
@@ -681,6 +692,7 @@ class Network:
             "mesh_peers": sum(len(peers) for peers in self._router.mesh.values()),
             "fanout_peers": sum(len(peers) for peers in self._router.fanout.values()),
             "gossip_holders_skipped": self._pubsub.holders_skipped,
+            "gossip_reached_skipped": self._pubsub.reached_skipped,
             "gossip_copies_in": self._pubsub.copies_in,
             "gossip_firsts_in": self._pubsub.firsts_in,
         }
@@ -840,6 +852,7 @@ async def open_network(
     )
     router = ContentGossipSub(
         msg_id=content_message_id,
+        flood_publish_max=cfg.flood_publish_max,
         protocols=[MESHSUB_V11, MESHSUB_V10],
         degree=cfg.degree,
         degree_low=cfg.degree_low,

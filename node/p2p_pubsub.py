@@ -87,6 +87,30 @@ the message was in validation are remembered with it (:meth:`HardenedPubsub.hold
 (two peers forwarding to each other at once) are not avoided: only 5-10% of the duplicates a
 5-node network carries under load arrive while their message is in validation.
 
+**Flood publishing and reached lists** (issue #12). Gossipsub forwards every message to each
+mesh peer but the one it came from, so in a 5-node network each node read ~2.5-2.9 copies of
+each message, and each copy costs the sender and the reader a frame, a decryption, a parse and
+several task steps. Two changes bring that to one copy per node while the network is small:
+
+* A node's own message goes to every peer of its topic while they are at most
+  ``flood_publish_max`` (gossipsub v1.1's flood publishing), not to its mesh only.
+* Each message this node sends carries a *reached list*: an RPC field (:data:`REACHED_FIELD`,
+  before the RPC's own fields) of 8-byte tags (:func:`peer_tag`) naming the peers known to have
+  it: this node, the peers it sends it to, its forwarder, the holders, and the lists its own
+  copies came with. A node forwards a message to none of the peers its copies' lists named
+  (``gossip_reached_skipped``). After a flood the list names every peer, and nobody forwards.
+  Another implementation skips the field, as protobuf requires of unknown fields, and so does a
+  node with ``reached_hints`` off; a malformed list is ignored, never refused.
+
+What this gives up is redundancy: a node reaches each peer by one path, so a copy lost on it
+(a full queue drops it silently) comes by heartbeat gossip (IHAVE/IWANT, from peers outside the
+mesh) or by sync instead, as a gap always did. A forwarder can claim in a list that peers have a
+message they lack; those peers then get it from the origin's flood, other paths, IHAVE or sync:
+the same as a neighbour that does not forward, which gossip never prevented. Measured in the
+node (5 nodes at 500 ops/s, bench/README.md #12 session 9): copies read per message 2.67-2.94
+-> 1.00, node CPU per op 2.12-2.39 -> 1.73 ms, p99 83-152 -> 77 ms; 20 nodes at 100 ops/s,
+CPU per op per node 0.61 -> 0.50-0.52 ms.
+
 **The forward and send path** (issue #12), three changes, each behind a switch for bench A/B
 (``bench_network.py --only transport`` with ``CRDTBOOK_BENCH_TRANSPORT_ARMS=nofwd,patched``):
 
@@ -180,6 +204,21 @@ INLINE_VALIDATION = True
 LRU_VALIDATION_CACHE = True
 #: The envelope fields an unsigned message must not carry (StrictNoSign).
 ENVELOPE_FIELDS = ("from_id", "seqno", "signature", "key")
+#: The RPC field of the reached list (module doc): above 0x200000, where gossipsub v1.3 puts
+#: experimental extensions (its test extension is 6492434), so no standard field takes it. A
+#: peer that does not know the field skips it, as protobuf requires of unknown fields.
+REACHED_FIELD: Final = 7_000_001
+#: The field's key (number, wire type 2: length-delimited), the first bytes of a frame that
+#: carries a reached list.
+REACHED_KEY: Final = bytes(encode_uvarint((REACHED_FIELD << 3) | 2))
+#: A peer's tag in a reached list: the last 8 bytes of its peer id (an ed25519 key's last bytes,
+#: or a hash's): no two peers of a network share one unless one was ground for it (~2^64 keys).
+REACHED_TAG_BYTES: Final = 8
+#: Tags a reached list holds at most (512 bytes): a flood of FLOOD_PUBLISH_MAX peers, the
+#: sender and the forwards before it. Tags left out cost only copies a forwarder sends anyway.
+MAX_REACHED_TAGS: Final = 64
+#: The reached list is written and honoured (module doc); False: neither (bench A/B).
+REACHED_HINTS = True
 
 
 def content_message_id(msg: rpc_pb2.Message) -> bytes:
@@ -219,6 +258,49 @@ def take_frames(buf: bytearray, max_size: int) -> list[bytes]:
     return frames
 
 
+def peer_tag(peer_id: ID) -> bytes:
+    """``peer_id``'s tag in a reached list (:data:`REACHED_TAG_BYTES`)."""
+    return peer_id.to_bytes()[-REACHED_TAG_BYTES:]
+
+
+def reached_prefix(tags: Iterable[bytes]) -> bytes:
+    """The reached-list field naming ``tags`` (distinct, at most :data:`MAX_REACHED_TAGS` of
+    them kept, in order), to go before an RPC's own fields; empty for no tags."""
+    body = b"".join(list(dict.fromkeys(tags))[:MAX_REACHED_TAGS])
+    if not body:
+        return b""
+    return REACHED_KEY + encode_uvarint(len(body)) + body
+
+
+def split_tags(joined: bytes) -> list[bytes]:
+    """The tags of reached lists joined together."""
+    return [joined[i : i + REACHED_TAG_BYTES] for i in range(0, len(joined), REACHED_TAG_BYTES)]
+
+
+def split_reached(frame: bytes) -> tuple[bytes, bytes]:
+    """An RPC frame's reached list (tags joined; empty if it has none, or one that is not a
+    whole number of tags or is longer than :data:`MAX_REACHED_TAGS`, which is ignored: it is
+    only a hint) and the frame without the field (the whole frame if the field does not start
+    it or does not fit in it, which protobuf's parser then judges)."""
+    if not frame.startswith(REACHED_KEY):
+        return b"", frame
+    start = len(REACHED_KEY)
+    length = shift = 0
+    for i in range(start, min(start + 2, len(frame))):
+        byte = frame[i]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            end = i + 1 + length
+            if end > len(frame):
+                return b"", frame
+            tags = frame[i + 1 : end]
+            if length % REACHED_TAG_BYTES or length > MAX_REACHED_TAGS * REACHED_TAG_BYTES:
+                tags = b""
+            return tags, frame[end:]
+    return b"", frame  # a length of more than 2 bytes: longer than any list we accept
+
+
 def has_envelope(msg: rpc_pb2.Message) -> bool:
     """Whether ``msg`` carries any of the signed envelope's fields."""
     return any(getattr(msg, name) for name in ENVELOPE_FIELDS)
@@ -242,12 +324,14 @@ class HardenedPubsub(Pubsub):
         deliver: DeliverHook,
         unsigned: bool = False,
         skip_holders: bool = True,
+        reached_hints: bool = True,
         **kwargs: Any,
     ) -> None:
         """``unsigned``: publish messages without the envelope and refuse those that carry one
         (see the module doc; it implies ``strict_signing=False``). ``skip_holders``: do not
         forward a message to a peer that sent us a copy while it was in validation (the module
-        doc; False is stock behaviour)."""
+        doc; False is stock behaviour). ``reached_hints``: write a reached list on the messages
+        this node sends and skip the peers a received one names when forwarding (module doc)."""
         if unsigned:
             kwargs["strict_signing"] = False
         super().__init__(*args, **kwargs)
@@ -258,6 +342,11 @@ class HardenedPubsub(Pubsub):
         self.holders_skipped = 0
         #: Message id in validation -> the peers other than its forwarder that sent a copy.
         self._holders: dict[bytes, set[ID]] = {}
+        self.reached_hints = reached_hints and REACHED_HINTS
+        #: Message id in validation -> the reached lists its copies carried (tags joined).
+        self._reached: dict[bytes, bytes] = {}
+        #: Copies not forwarded because a reached list named the peer.
+        self.reached_skipped = 0
         #: Gossip messages read from peers (every copy) and those of them not seen before.
         self.copies_in = 0
         self.firsts_in = 0
@@ -319,6 +408,7 @@ class HardenedPubsub(Pubsub):
             finally:
                 self._inflight.pop(msg_id, None)
                 self._holders.pop(msg_id, None)
+                self._reached.pop(msg_id, None)
         except Exception as exc:
             if not self.manager.is_running or _is_closed_nursery(exc):
                 logger.debug("message from %s dropped by shutdown: %r", msg_forwarder, exc)
@@ -384,6 +474,16 @@ class HardenedPubsub(Pubsub):
         or None: the router forwards it to none of them."""
         return self._holders.get(msg_id)
 
+    def _note_reached(self, msg_id: bytes, tags: bytes) -> None:
+        """A copy of ``msg_id`` (in validation) came with the reached list ``tags``."""
+        known = self._reached.get(msg_id)
+        self._reached[msg_id] = tags if known is None else known + tags
+
+    def reached(self, msg_id: bytes) -> bytes:
+        """The tags of the reached lists of ``msg_id``'s copies (joined; empty if none), while
+        it is in validation: the router forwards it to none of those peers (module doc)."""
+        return self._reached.get(msg_id, b"")
+
     async def continuously_read_stream(self, stream: INetStream) -> None:
         """The library's read loop (0.8.1), reading RPCs in chunks and dropping duplicates
         before a task is started for them (see the module doc). Errors end it as they end the
@@ -397,9 +497,10 @@ class HardenedPubsub(Pubsub):
                     return  # end of stream
                 buf += chunk
                 for frame in take_frames(buf, self.max_inbound_rpc_size):
+                    reached, body = split_reached(frame)
                     rpc = rpc_pb2.RPC()
-                    rpc.ParseFromString(frame)
-                    await self._handle_rpc(rpc, peer_id, stream, len(frame))
+                    rpc.ParseFromString(body)
+                    await self._handle_rpc(rpc, peer_id, stream, len(frame), reached)
         except MessageTooLarge as exc:
             logger.warning("pubsub RPC from %s exceeded the size limit: %s", peer_id, exc)
             await _quiet_reset(stream)
@@ -408,18 +509,21 @@ class HardenedPubsub(Pubsub):
             logger.debug("pubsub stream from %s ended: %r", peer_id, exc)
 
     async def _handle_rpc(
-        self, rpc: rpc_pb2.RPC, peer_id: ID, stream: INetStream, size: int
+        self, rpc: rpc_pb2.RPC, peer_id: ID, stream: INetStream, size: int, reached: bytes = b""
     ) -> None:
         """One RPC from ``peer_id``: the body of the library's read loop. Nothing from a
         blacklisted peer is handled: its read loop lives until its stream is reset, and a GRAFT
         or subscription read meanwhile would put the peer back into the tables its teardown
-        just cleared (the library handles control messages without a blacklist check)."""
+        just cleared (the library handles control messages without a blacklist check).
+        ``reached``: the RPC's reached list, kept for its message if it carries one only."""
         if self.is_peer_blacklisted(peer_id):
             return
         # Looked up in the library's module: node/p2p_records.py replaces it there.
         if not _LIBRARY_NAMES["maybe_consume_signed_record"](rpc, self.host, peer_id):
             logger.debug("invalid signed record from %s: RPC ignored", peer_id)
             return
+        if len(rpc.publish) != 1 or not self.reached_hints:
+            reached = b""
         for msg in rpc.publish:
             if not self._is_subscribed_to_msg(msg):
                 continue
@@ -427,6 +531,8 @@ class HardenedPubsub(Pubsub):
             msg_id = self._msg_id_constructor(msg)
             if msg_id in self._inflight:
                 self._holds(peer_id, msg_id)
+                if reached:
+                    self._note_reached(msg_id, reached)
                 continue  # a duplicate: no task, no validation
             if self.seen_messages.has(msg_id):
                 continue
@@ -437,6 +543,8 @@ class HardenedPubsub(Pubsub):
                 # In flight from now, not from when its task first runs: copies read before
                 # then (the rest of this RPC, the next RPCs from other peers) are duplicates.
                 self._inflight[msg_id] = peer_id
+                if reached:
+                    self._note_reached(msg_id, reached)
                 if INLINE_VALIDATION:
                     await self._push_inflight(peer_id, msg, msg_id)
                 else:
@@ -635,9 +743,16 @@ class ContentGossipSub(GossipSub):
     """``GossipSub`` for content-addressed message ids (see the module doc)."""
 
     def __init__(
-        self, *args: Any, msg_id: Callable[[rpc_pb2.Message], bytes], **kwargs: Any
+        self,
+        *args: Any,
+        msg_id: Callable[[rpc_pb2.Message], bytes],
+        flood_publish_max: int = 0,
+        **kwargs: Any,
     ) -> None:
+        """``flood_publish_max``: this node's own messages go to every peer of their topic while
+        it has at most this many, not to its mesh only (module doc); 0: never."""
         super().__init__(*args, **kwargs)
+        self.flood_publish_max = flood_publish_max
         self.mcache = ContentMessageCache(msg_id, self.mcache.window_size, self.mcache.history_size)
         if kwargs.get("score_params") is None and not KEEP_DEFAULT_SCORER:
             self.scorer = None  # all-zero scores behind gates that always pass (module doc)
@@ -677,11 +792,16 @@ class ContentGossipSub(GossipSub):
             await self._notify_observers(topics, msg_id)
         peer_streams = pubsub.peers
         scorer = self.scorer
+        sends: list[ID] = []
         for peer_id in self._lean_peers_to_send(topics, msg_forwarder, origin, msg_id):
             if peer_id not in peer_streams:
                 continue
             if scorer is not None and not scorer.allow_publish(peer_id, topics):
                 continue
+            sends.append(peer_id)
+        if sends and isinstance(pubsub, HardenedPubsub) and pubsub.reached_hints:
+            pubsub.frames.prefix(rpc_msg, self._reached_list(pubsub, msg_forwarder, msg_id, sends))
+        for peer_id in sends:
             self.send_rpc(peer_id, rpc_msg)
         now = time.time()
         self._queue_for_unready_peers(pubsub, topics, rpc_msg, {msg_forwarder, origin}, now)
@@ -723,12 +843,30 @@ class ContentGossipSub(GossipSub):
                 queued.add(peer_id)
                 logger.debug("queued message for peer %s (identify pending)", peer_id)
 
+    def _reached_list(
+        self, pubsub: HardenedPubsub, msg_forwarder: ID, msg_id: bytes, sends: list[ID]
+    ) -> bytes:
+        """The reached list of a message this node sends to ``sends`` (module doc): itself,
+        those peers, the peers it knows hold it (its forwarder, the holders) and the lists its
+        copies came with."""
+        tags = [peer_tag(pubsub.my_id)]
+        tags.extend(peer_tag(peer_id) for peer_id in sends)
+        if msg_forwarder != pubsub.my_id:
+            tags.append(peer_tag(msg_forwarder))
+        holders = pubsub.holders(msg_id)
+        if holders:
+            tags.extend(peer_tag(peer_id) for peer_id in holders)
+        tags.extend(split_tags(pubsub.reached(msg_id)))
+        return reached_prefix(tags)
+
     def _lean_peers_to_send(
         self, topics: list[str], msg_forwarder: ID, origin: ID, msg_id: bytes
     ) -> Iterable[ID]:
         """``_get_peers_to_send`` (below) without building a set per kind of peer, where that
         gives the same peers: every topic has a mesh, no scorer, no floodsub peer possible.
-        Otherwise the library's choice."""
+        Otherwise the library's choice. Then, by this router's own rules (module doc): this
+        node's own message goes to every peer of its topic while they are at most
+        ``flood_publish_max``, and a forward skips the peers a reached list names."""
         pubsub = self.pubsub
         mesh = self.mesh
         if (
@@ -738,15 +876,22 @@ class ContentGossipSub(GossipSub):
             or not all(topic in mesh for topic in topics)
         ):
             return self._get_peers_to_send(topics, msg_forwarder, origin, msg_id)
+        own = msg_forwarder == pubsub.my_id
         send_to: set[ID] = set()
         for topic in topics:
-            if topic in pubsub.peer_topics:
+            topic_peers = pubsub.peer_topics.get(topic)
+            if topic_peers is not None:
                 send_to.update(self.direct_peers)
-                send_to.update(mesh[topic])
+                if own and len(topic_peers) <= self.flood_publish_max:
+                    send_to.update(topic_peers)
+                else:
+                    send_to.update(mesh[topic])
         send_to.discard(msg_forwarder)
         send_to.discard(origin)
         dont_send = self.dont_send_message_ids
         holders = pubsub.holders(msg_id)
+        known = pubsub.reached(msg_id)
+        reached = set(split_tags(known)) if known else None
         peers: list[ID] = []
         for peer_id in send_to:
             refused = dont_send.get(peer_id)
@@ -754,6 +899,9 @@ class ContentGossipSub(GossipSub):
                 continue
             if holders is not None and peer_id in holders:
                 pubsub.holders_skipped += 1
+                continue
+            if reached is not None and peer_tag(peer_id) in reached:
+                pubsub.reached_skipped += 1
                 continue
             peers.append(peer_id)
         return peers
@@ -868,7 +1016,13 @@ class FrameCache:
         entry = self._entries.get(id(rpc))
         return entry if entry is not None and entry[0] is rpc else None
 
-    def shared_size(self, rpc: rpc_pb2.RPC) -> int | None:
+    def prefix(self, rpc: rpc_pb2.RPC, field: bytes) -> None:
+        """Encode and cache ``rpc`` with ``field`` (a reached list) before its own fields, if it
+        can be shared (:meth:`shared_size`): every queue it is pushed to then writes that."""
+        if field and self._entry(rpc) is None:
+            self.shared_size(rpc, field)
+
+    def shared_size(self, rpc: rpc_pb2.RPC, field: bytes = b"") -> int | None:
         """The serialized size of ``rpc`` if it can be shared as is (one published message,
         maybe the sender's record, nothing else), encoding and caching it the first time;
         None otherwise."""
@@ -879,7 +1033,7 @@ class FrameCache:
             field.name for field, _ in rpc.ListFields()
         ):
             return None
-        body = rpc.SerializeToString()
+        body = field + rpc.SerializeToString()
         self.encoded += 1
         frame = encode_uvarint(len(body)) + body
         self._entries[id(rpc)] = [rpc, frame, len(body), 0]

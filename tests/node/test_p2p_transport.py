@@ -109,13 +109,15 @@ async def test_install_makes_the_transport_locks_eager() -> None:
 async def _copies_back_to_the_holder(skip_holders: bool) -> int:
     """a - b - c, all in one mesh. a publishes; c accepts at once and forwards to b while b's
     validator is still running; then b accepts. Returns how many copies c read (stock: one from
-    a and one from b, which forwards to c although c had sent it a copy)."""
+    a and one from b, which forwards to c although c had sent it a copy). Without reached lists,
+    which would tell c that b has a copy on its way (test_p2p_reached.py)."""
     config = NetworkConfig(
         heartbeat_interval=FAST.heartbeat_interval,
         call_timeout=FAST.call_timeout,
         dial_timeout=FAST.dial_timeout,
         io_timeout=FAST.io_timeout,
         skip_holders=skip_holders,
+        reached_hints=False,
     )
     async with networks("hold-a", "hold-b", "hold-c", config=config) as [a, b, c]:
         await b.connect(a.addrs()[0])

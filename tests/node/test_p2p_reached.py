@@ -1,0 +1,215 @@
+"""Reached lists and flood publishing (node/p2p_pubsub.py, issue #12): what a sender writes, what
+a stock protobuf parser makes of it, what a forwarder skips, next to the stock behaviour (no
+list, the mesh only) each replaces; then four real nodes, where every node reads one copy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.rpc_queue import RpcQueue
+
+from crdtbook.node import p2p_install
+from crdtbook.node.p2p import NetworkConfig
+from crdtbook.node.p2p_pubsub import (
+    MAX_REACHED_TAGS,
+    REACHED_KEY,
+    REACHED_TAG_BYTES,
+    ContentGossipSub,
+    HardenedPubsub,
+    content_message_id,
+    peer_tag,
+    reached_prefix,
+    split_reached,
+    split_tags,
+)
+
+from .test_p2p import FAST, networks, wait_gossip_ready, wait_until
+from .test_p2p_transport import _unstarted_pubsub
+
+TOPIC = "reached-topic"
+
+
+def _peer(name: str) -> ID:
+    """A peer id whose last bytes (its tag) tell it apart."""
+    return ID(b"\x00\x24" + name.encode().rjust(36, b"."))
+
+
+PEERS = [_peer(f"peer-{i}") for i in range(5)]
+MESH = PEERS[:3]
+FORWARDER = _peer("forwarder")
+
+
+def _rpc(data: bytes = b"an op batch") -> rpc_pb2.RPC:
+    return rpc_pb2.RPC(publish=[rpc_pb2.Message(data=data, topicIDs=[TOPIC])])
+
+
+def test_a_reached_list_is_a_field_a_stock_parser_skips() -> None:
+    """The list goes before the RPC's own fields; protobuf (libp2p's generated class, as any
+    other implementation's) reads the frame as the RPC without it."""
+    body = _rpc().SerializeToString()
+    tags = [bytes([i]) * REACHED_TAG_BYTES for i in range(3)]
+    frame = reached_prefix(tags) + body
+    assert frame.startswith(REACHED_KEY)
+    assert rpc_pb2.RPC.FromString(frame).publish == _rpc().publish
+    assert split_reached(frame) == (b"".join(tags), body)
+    assert split_tags(b"".join(tags)) == tags
+    assert split_reached(body) == (b"", body)
+
+
+def test_a_list_that_cannot_be_used_is_ignored_and_the_rpc_kept() -> None:
+    """A list is only a hint: one that is not whole tags, or too long, is dropped and the RPC
+    read; a field that runs past the frame leaves the frame to protobuf, which refuses it."""
+    body = _rpc().SerializeToString()
+    odd = REACHED_KEY + bytes([5]) + b"12345" + body
+    assert split_reached(odd) == (b"", body)
+    too_long = REACHED_KEY + bytes([0x88, 0x04]) + b"x" * 520 + body  # length 520 (varint)
+    assert split_reached(too_long) == (b"", body)  # 520 bytes: 65 tags, over MAX_REACHED_TAGS
+    past_the_end = REACHED_KEY + bytes([100]) + b"x" * 10
+    assert split_reached(past_the_end) == (b"", past_the_end)
+    assert reached_prefix([]) == b""
+    many = [i.to_bytes(REACHED_TAG_BYTES, "big") for i in range(MAX_REACHED_TAGS + 10)]
+    kept, _ = split_reached(reached_prefix(many + many[:3]) + body)
+    assert split_tags(kept) == many[:MAX_REACHED_TAGS]  # distinct, in order, bounded
+
+
+@contextmanager
+def _node(
+    flood_publish_max: int, reached_hints: bool = True
+) -> Iterator[tuple[ContentGossipSub, HardenedPubsub]]:
+    """An unstarted router and pubsub with five peers in the topic, three of them (and the
+    forwarder) in the mesh."""
+    p2p_install.install()
+    router = ContentGossipSub(
+        msg_id=content_message_id,
+        flood_publish_max=flood_publish_max,
+        protocols=[PROTOCOL_ID_V11],
+        degree=3,
+        degree_low=2,
+        degree_high=6,
+        spam_protection_enabled=False,
+        adaptive_gossip_enabled=False,
+    )
+    host = new_host(key_pair=create_new_key_pair(b"r" * 32))
+    pubsub = _unstarted_pubsub(router, host, unsigned=True, reached_hints=reached_hints)
+    router.pubsub = pubsub
+    try:
+        for peer_id in [*PEERS, FORWARDER]:
+            pubsub.peers[peer_id] = SimpleNamespace()  # type: ignore[assignment]
+            pubsub.peer_queues[peer_id] = RpcQueue()
+            router.add_peer(peer_id, PROTOCOL_ID_V11)
+        pubsub.peer_topics[TOPIC] = {*PEERS, FORWARDER}
+        router.mesh[TOPIC] = {*MESH, FORWARDER}
+        yield router, pubsub
+    finally:
+        pubsub.seen_messages.stop()
+
+
+def _sent(pubsub: HardenedPubsub) -> dict[ID, bytes]:
+    """The frame each peer's queue got (the sending side's take), by peer."""
+    out = {}
+    for peer_id, queue in pubsub.peer_queues.items():
+        if len(queue):
+            rpc = queue._queue._non_priority[0]
+            out[peer_id] = pubsub.frames.take(rpc)
+    return out
+
+
+def _tags_of(frame: bytes) -> set[bytes]:
+    body = frame[1:] if frame[0] < 0x80 else frame[2:]  # the frame's length prefix
+    tags, _ = split_reached(body)
+    return set(split_tags(tags))
+
+
+async def test_own_messages_flood_the_topic_and_name_everyone_reached() -> None:
+    """Up to ``flood_publish_max`` topic peers, a node's own message goes to each of them (the
+    library: its mesh), with a list naming itself and them; beyond it, the mesh."""
+    with _node(flood_publish_max=32) as (_, pubsub):
+        await pubsub.publish(TOPIC, b"own batch")
+        sent = _sent(pubsub)
+        assert set(sent) == {*PEERS, FORWARDER}
+        assert len(set(sent.values())) == 1  # one frame, encoded once, for all
+        tags = _tags_of(next(iter(sent.values())))
+        assert tags == {peer_tag(p) for p in (*PEERS, FORWARDER, pubsub.my_id)}
+    with _node(flood_publish_max=5) as (_, pubsub):  # six topic peers: over the bound
+        await pubsub.publish(TOPIC, b"own batch")
+        assert set(_sent(pubsub)) == {*MESH, FORWARDER}
+    with _node(flood_publish_max=0, reached_hints=False) as (_, pubsub):  # stock
+        await pubsub.publish(TOPIC, b"own batch")
+        sent = _sent(pubsub)
+        assert set(sent) == {*MESH, FORWARDER}
+        assert not any(_tags_of(frame) for frame in sent.values())
+
+
+async def test_a_forward_skips_the_peers_a_list_names_and_adds_its_own() -> None:
+    """A message whose copies named two of the mesh peers goes to the third only (the library:
+    all three), and its list names this node, the third, the forwarder and the two."""
+    for hints in (True, False):
+        with _node(flood_publish_max=32, reached_hints=hints) as (router, pubsub):
+            msg = rpc_pb2.Message(data=b"a forwarded batch", topicIDs=[TOPIC])
+            msg_id = content_message_id(msg)
+            if hints:
+                pubsub._note_reached(msg_id, peer_tag(MESH[0]) + peer_tag(MESH[1]))
+            await router.publish(FORWARDER, msg)
+            sent = _sent(pubsub)
+            if not hints:
+                assert set(sent) == set(MESH)
+                assert pubsub.reached_skipped == 0
+                continue
+            assert set(sent) == {MESH[2]}
+            assert pubsub.reached_skipped == 2
+            assert _tags_of(sent[MESH[2]]) == {
+                peer_tag(p) for p in (pubsub.my_id, MESH[2], FORWARDER, MESH[0], MESH[1])
+            }
+
+
+async def test_four_nodes_read_one_copy_each() -> None:
+    """a - b - c - d, every pair connected. a's message reaches the three others from a itself
+    (a flood), each reads that one copy and forwards it to nobody: the list names them all.
+    Without lists nor flood (py-libp2p's behaviour), the mesh's forwards bring more copies."""
+    copies: dict[bool, list[int]] = {}
+    for hints in (True, False):
+        config = NetworkConfig(
+            heartbeat_interval=FAST.heartbeat_interval,
+            call_timeout=FAST.call_timeout,
+            dial_timeout=FAST.dial_timeout,
+            io_timeout=FAST.io_timeout,
+            reached_hints=hints,
+            flood_publish_max=32 if hints else 0,
+            degree=3,
+            degree_low=3,
+            degree_high=6,
+        )
+        with trio.fail_after(30):
+            names = [f"reach-{c}-{hints}" for c in "abcd"]
+            async with networks(*names, config=config) as nets:
+                for i, net in enumerate(nets):
+                    for other in nets[i + 1 :]:
+                        await net.connect(other.addrs()[0])
+                for net in nets:
+                    await net.join(TOPIC)
+                await wait_gossip_ready(nets, TOPIC)
+                await wait_until(
+                    lambda: all(len(n._router.mesh.get(TOPIC, ())) == 3 for n in nets),
+                    "full meshes",
+                )
+                await nets[0].publish(TOPIC, b"one batch")
+                await wait_until(
+                    lambda: all(n.stats()["gossip_firsts_in"] == 1 for n in nets[1:]),
+                    "the batch at every node",
+                )
+                # Forwards follow validation at once: a quiet spell for any copy on its way
+                # (no event marks an absence).
+                await trio.sleep(0.3)
+                copies[hints] = [n.stats()["gossip_copies_in"] for n in nets[1:]]
+                if hints:
+                    assert sum(n.stats()["gossip_reached_skipped"] for n in nets[1:]) == 6
+    assert copies[True] == [1, 1, 1]
+    assert sum(copies[False]) > 3
