@@ -92,17 +92,17 @@ FLUSH_DELAY: Final = 0.002
 #: Under load a node publishes at most one gossip message per market per interval (idle, an op
 #: goes out at once; busy, batches grow instead of the message rate). The interval is this much
 #: per peer on the topic, so the whole network's message rate stays near a fixed budget
-#: (~1 / PUBLISH_INTERVAL_PER_PEER, here ~25 msg/s) as it grows: each message costs each node
-#: ~1-3 ms of CPU (most of it waking up ~10 tasks; bench/README.md #12). An op waits up to one
-#: interval before it leaves, so the interval is most of the latency: 160 ms with 5 nodes, 760
-#: ms with 20. Measured with D = 3 (bench_scale.py --nodes 5,20 --rates 100, arms alternating,
-#: two pairs each, issue #12): 40 / 30 / 25 ms per peer gave 5 nodes p99 177-182 / 137-138 /
-#: 121-123 ms at 1.01-1.19 / 1.08-1.50 / 1.50-1.54 ms of CPU per op per node, and 20 nodes
-#: p99 1,047-1,359 ms / 1.2 and 3.0 s / 4.2 and 4.5 s: 20 nodes on 2 cores need ~1.8 cores at
-#: 40 ms, and the shorter intervals tip them over (0.79-0.93 against 1.01-1.29 ms per op per
-#: node). (bench_network's 20-node runs, 4 clients a node, were saturated in every arm, which
-#: made 25 ms look free there.)
-PUBLISH_INTERVAL_PER_PEER: Final = 0.04
+#: (~1 / PUBLISH_INTERVAL_PER_PEER, here ~50 msg/s) as it grows: each message costs each node
+#: a copy to read (one, with flood publishing and reached lists: node/p2p_pubsub.py). An op
+#: waits up to one interval before it leaves, so the interval is most of the latency: 80 ms with
+#: 5 nodes, 380 ms with 20. Measured with reached lists (bench_scale.py --nodes 20 --rates 100,
+#: arms alternating, bench/README.md #12 session 9): 40 / 30 / 20 ms per peer gave 20 nodes p99
+#: 912-915 / 654-718 / 461-526 ms at 0.62-0.64 / 0.56-0.68 / 0.74-0.89 ms of CPU per op per
+#: node; 5 nodes at 500 ops/s (early publishing governs there) p99 78-79 ms with 40 and 77-78
+#: with 20, at 1.83-1.89 and 1.73-1.74 ms per op across the nodes, and the same throughput.
+#: Before reached lists a copy cost each node 2.5-3x more and 20 ms did not pay: 40 / 30 / 25
+#: ms gave 20 nodes p99 1.0-1.4 / 1.2-3.0 / 4.2-4.5 s (two cores saturated).
+PUBLISH_INTERVAL_PER_PEER: Final = 0.02
 PUBLISH_INTERVAL_MIN: Final = 0.05
 #: While the node's loop has time to spare (node/headroom.py), it publishes before its interval
 #: is over once its outbox holds this many ops (never sooner than PUBLISH_INTERVAL_MIN after its
