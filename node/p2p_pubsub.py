@@ -883,7 +883,10 @@ class ContentGossipSub(GossipSub):
             if topic_peers is not None:
                 send_to.update(self.direct_peers)
                 if own and len(topic_peers) <= self.flood_publish_max:
-                    send_to.update(topic_peers)
+                    # Peers whose protocol is not known yet get it queued, as the library
+                    # queues it for them (_queue_for_unready_peers), not twice.
+                    protocols = self.peer_protocol
+                    send_to.update(peer for peer in topic_peers if peer in protocols)
                 else:
                     send_to.update(mesh[topic])
         send_to.discard(msg_forwarder)

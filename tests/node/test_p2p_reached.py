@@ -45,6 +45,7 @@ def _peer(name: str) -> ID:
 PEERS = [_peer(f"peer-{i}") for i in range(5)]
 MESH = PEERS[:3]
 FORWARDER = _peer("forwarder")
+UNIDENTIFIED = _peer("unidentified")  # in the topic, protocol not known yet
 
 
 def _rpc(data: bytes = b"an op batch") -> rpc_pb2.RPC:
@@ -85,7 +86,7 @@ def _node(
     flood_publish_max: int, reached_hints: bool = True
 ) -> Iterator[tuple[ContentGossipSub, HardenedPubsub]]:
     """An unstarted router and pubsub with five peers in the topic, three of them (and the
-    forwarder) in the mesh."""
+    forwarder) in the mesh, and a peer in the topic whose protocol is not known yet."""
     p2p_install.install()
     router = ContentGossipSub(
         msg_id=content_message_id,
@@ -105,7 +106,7 @@ def _node(
             pubsub.peers[peer_id] = SimpleNamespace()  # type: ignore[assignment]
             pubsub.peer_queues[peer_id] = RpcQueue()
             router.add_peer(peer_id, PROTOCOL_ID_V11)
-        pubsub.peer_topics[TOPIC] = {*PEERS, FORWARDER}
+        pubsub.peer_topics[TOPIC] = {*PEERS, FORWARDER, UNIDENTIFIED}
         router.mesh[TOPIC] = {*MESH, FORWARDER}
         yield router, pubsub
     finally:
@@ -130,15 +131,17 @@ def _tags_of(frame: bytes) -> set[bytes]:
 
 async def test_own_messages_flood_the_topic_and_name_everyone_reached() -> None:
     """Up to ``flood_publish_max`` topic peers, a node's own message goes to each of them (the
-    library: its mesh), with a list naming itself and them; beyond it, the mesh."""
-    with _node(flood_publish_max=32) as (_, pubsub):
+    library: its mesh), with a list naming itself and them; beyond it, the mesh. A peer whose
+    protocol is not known yet gets it queued for later, as from the library, not sent too."""
+    with _node(flood_publish_max=32) as (router, pubsub):
         await pubsub.publish(TOPIC, b"own batch")
         sent = _sent(pubsub)
         assert set(sent) == {*PEERS, FORWARDER}
+        assert set(router._pending_messages) == {UNIDENTIFIED}
         assert len(set(sent.values())) == 1  # one frame, encoded once, for all
         tags = _tags_of(next(iter(sent.values())))
         assert tags == {peer_tag(p) for p in (*PEERS, FORWARDER, pubsub.my_id)}
-    with _node(flood_publish_max=5) as (_, pubsub):  # six topic peers: over the bound
+    with _node(flood_publish_max=6) as (_, pubsub):  # seven topic peers: over the bound
         await pubsub.publish(TOPIC, b"own batch")
         assert set(_sent(pubsub)) == {*MESH, FORWARDER}
     with _node(flood_publish_max=0, reached_hints=False) as (_, pubsub):  # stock
