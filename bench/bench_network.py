@@ -397,10 +397,14 @@ def wait_converged(nodes: list[Node], timeout: float) -> float:
         ms = [nd.market_status(digest=False) for nd in nodes]
         if len({tuple(m["heads"]) for m in ms}) == 1 and all(m["pending"] == 0 for m in ms):
             done = time.monotonic()
-            digests = {nd.market_status()["digest"] for nd in nodes}
-            if len(digests) != 1:
-                raise AssertionError(f"same heads but different digests: {digests}")
-            return done
+            # Heads and digest from one status answer each: a witnessed market's heartbeats
+            # may still arrive after the poll above, so heads are compared again beside them.
+            full = [nd.market_status() for nd in nodes]
+            if len({tuple(m["heads"]) for m in full}) == 1:
+                digests = {m["digest"] for m in full}
+                if len(digests) != 1:
+                    raise AssertionError(f"same heads but different digests: {digests}")
+                return done
         time.sleep(0.1)
     raise TimeoutError("nodes did not converge")
 
