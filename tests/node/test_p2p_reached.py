@@ -216,3 +216,48 @@ async def test_four_nodes_read_one_copy_each() -> None:
                     assert sum(n.stats()["gossip_reached_skipped"] for n in nets[1:]) == 6
     assert copies[True] == [1, 1, 1]
     assert sum(copies[False]) > 3
+
+
+async def _down_the_line(lying: bool) -> tuple[int, int]:
+    """a - h - b - c in a line (h lying or not); a publishes. Returns c's first receipts and
+    b's forwards skipped for a list, once b has the message and a quiet spell has passed."""
+    config = NetworkConfig(
+        heartbeat_interval=FAST.heartbeat_interval,
+        call_timeout=FAST.call_timeout,
+        dial_timeout=FAST.dial_timeout,
+        io_timeout=FAST.io_timeout,
+        degree=1,
+        degree_low=1,
+        degree_high=2,
+    )
+    names = [f"lie-{c}-{lying}" for c in "ahbc"]
+    async with networks(*names, config=config) as nets:
+        a, h, b, c = nets
+        await h.connect(a.addrs()[0])
+        await b.connect(h.addrs()[0])
+        await c.connect(b.addrs()[0])
+        if lying:
+            everyone = [net._id for net in nets]
+
+            def lie(*_: object) -> bytes:
+                return reached_prefix(peer_tag(peer) for peer in everyone)
+
+            h._router._reached_list = lie  # type: ignore[method-assign]
+        for net in nets:
+            await net.join(TOPIC)
+        await wait_gossip_ready(nets, TOPIC)
+        await wait_until(lambda: all(n._router.mesh.get(TOPIC) for n in nets), "line meshes")
+        await a.publish(TOPIC, b"down the line")
+        await wait_until(lambda: b.stats()["gossip_firsts_in"] == 1, "the batch at b")
+        await trio.sleep(0.3)  # a quiet spell for b's forward, if any (no event marks none)
+        return c.stats()["gossip_firsts_in"], b.stats()["gossip_reached_skipped"]
+
+
+async def test_a_lying_list_stops_only_the_forwards_it_names() -> None:
+    """h, a hostile relay, writes lists naming every peer. b accepts and delivers a's message
+    as ever but forwards it to nobody, so c's only gossip path is cut: the harm a neighbour that
+    does not forward does anyway (a node's sync then brings it: the sync tests). With an honest
+    h, c gets it."""
+    with trio.fail_after(30):
+        assert await _down_the_line(lying=True) == (0, 1)
+        assert await _down_the_line(lying=False) == (1, 0)
