@@ -149,14 +149,16 @@ class NetworkConfig:
     validated (it holds it; node/p2p_pubsub.py's module doc). False is py-libp2p's behaviour,
     kept for A/B runs (bench/bench_network.py, ``CRDTBOOK_BENCH_SKIP_HOLDERS=0``)."""
     flood_publish_max: int = 32
-    """This node's own gossip messages go to every peer of their topic while it has at most
-    this many (gossipsub v1.1's flood publishing), and to the mesh beyond; 0: the mesh always.
-    With ``reached_hints`` a flood reaches every peer in one hop and nobody forwards it
-    (node/p2p_pubsub.py's module doc). 32 bounds the copies one publish costs its origin."""
+    """In a topic of at most this many peers, this node sends its own gossip messages to every
+    identified peer of the topic (gossipsub v1.1's flood publishing), not to its mesh only, and
+    writes and honours reached lists (``reached_hints``): each peer reads one copy, and nobody
+    forwards (node/p2p_pubsub.py's module doc). Beyond it, and at 0, gossipsub's mesh as before.
+    32 bounds the copies one publish costs its origin."""
     reached_hints: bool = True
-    """Write on each gossip message this node sends the peers known to have it (a reached list,
-    an RPC field other implementations skip), and forward a received message to none of the
-    peers its list names. False: neither (bench A/B, ``CRDTBOOK_BENCH_REACHED=0``)."""
+    """Write on the gossip messages this node publishes or forwards the peers known to have them
+    (a reached list, an RPC field other implementations skip), and forward a received message
+    to none of the peers its first copy's list names; only in topics of at most
+    ``flood_publish_max`` peers. False: neither (bench A/B, ``CRDTBOOK_BENCH_REACHED=0``)."""
     announce: tuple[str, ...] = ()
     """Multiaddrs (without ``/p2p``) to advertise instead of the listen addresses,
     e.g. a public address behind NAT.  Empty: advertise the listen addresses, with

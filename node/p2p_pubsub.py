@@ -90,26 +90,31 @@ the message was in validation are remembered with it (:meth:`HardenedPubsub.hold
 **Flood publishing and reached lists** (issue #12). Gossipsub forwards every message to each
 mesh peer but the one it came from, so in a 5-node network each node read ~2.5-2.9 copies of
 each message, and each copy costs the sender and the reader a frame, a decryption, a parse and
-several task steps. Two changes bring that to one copy per node while the network is small:
+several task steps. In a topic of at most ``flood_publish_max`` peers (32), two changes bring
+that to one copy per node:
 
-* A node's own message goes to every peer of its topic while they are at most
-  ``flood_publish_max`` (gossipsub v1.1's flood publishing), not to its mesh only.
-* Each message this node sends carries a *reached list*: an RPC field (:data:`REACHED_FIELD`,
-  before the RPC's own fields) of 8-byte tags (:func:`peer_tag`) naming the peers known to have
-  it: this node, the peers it sends it to, its forwarder, the holders, and the lists its own
-  copies came with. A node forwards a message to none of the peers its copies' lists named
-  (``gossip_reached_skipped``). After a flood the list names every peer, and nobody forwards.
-  Another implementation skips the field, as protobuf requires of unknown fields, and so does a
-  node with ``reached_hints`` off; a malformed list is ignored, never refused.
+* A node sends its own message to every identified peer of the topic (gossipsub v1.1's flood
+  publishing), not to its mesh only.
+* The copies it sends through the shared frame (:class:`FrameCache`: the publish and forward
+  path's, not IWANT answers or RPCs that carry control) start with a *reached list*: an RPC
+  field (:data:`REACHED_FIELD`) of 8-byte tags (:func:`peer_tag`) naming the peers known to have
+  the message: this node, the peers it sends it to whose queues have room, its forwarder and
+  the holders. A node forwards a message to none of the peers named by the list its first copy
+  came with (``gossip_reached_skipped``). After a flood the list names every identified peer,
+  so nobody forwards. Another implementation skips the field, as protobuf requires of unknown
+  fields, and so does a node with ``reached_hints`` off; a malformed list is ignored, never
+  refused. In a larger topic neither happens: gossipsub's mesh forwarding as before.
 
-What this gives up is redundancy: a node reaches each peer by one path, so a copy lost on it
-(a full queue drops it silently) comes by heartbeat gossip (IHAVE/IWANT, from peers outside the
-mesh) or by sync instead, as a gap always did. A forwarder can claim in a list that peers have a
-message they lack; those peers then get it from the origin's flood, other paths, IHAVE or sync:
-the same as a neighbour that does not forward, which gossip never prevented. Measured in the
-node (5 nodes at 500 ops/s, bench/README.md #12 session 9): copies read per message 2.67-2.94
--> 1.00, node CPU per op 2.12-2.39 -> 1.73 ms, p99 83-152 -> 77 ms; 20 nodes at 100 ops/s,
-CPU per op per node 0.61 -> 0.50-0.52 ms.
+What this gives up is redundancy, and some trust. A node reaches each peer by one path, so a
+copy lost on it comes by heartbeat gossip (IHAVE/IWANT, from peers outside the mesh: few or
+none in a small, fully meshed network) or by sync, as any gap did. A sender can write a false
+list: the node that takes the message first from it then forwards it to none of the peers
+named, which get it from the origin's flood (every identified peer of a small topic), another
+path, or sync. The list a node writes never repeats the one it received, so a false list
+reaches one hop, and only the first copy's list counts. Measured in the node (5 nodes at 500
+ops/s, bench/README.md #12 session 9): copies read per message 2.67-2.94 -> 1.00, node CPU per
+op 2.12-2.39 -> 1.73 ms, p99 83-152 -> 77 ms; 20 nodes at 100 ops/s, CPU per op per node 0.61
+-> 0.50-0.52 ms.
 
 **The forward and send path** (issue #12), three changes, each behind a switch for bench A/B
 (``bench_network.py --only transport`` with ``CRDTBOOK_BENCH_TRANSPORT_ARMS=nofwd,patched``):
@@ -343,7 +348,7 @@ class HardenedPubsub(Pubsub):
         #: Message id in validation -> the peers other than its forwarder that sent a copy.
         self._holders: dict[bytes, set[ID]] = {}
         self.reached_hints = reached_hints and REACHED_HINTS
-        #: Message id in validation -> the reached lists its copies carried (tags joined).
+        #: Message id in validation -> the reached list its first copy carried (tags joined).
         self._reached: dict[bytes, bytes] = {}
         #: Copies not forwarded because a reached list named the peer.
         self.reached_skipped = 0
@@ -474,14 +479,11 @@ class HardenedPubsub(Pubsub):
         or None: the router forwards it to none of them."""
         return self._holders.get(msg_id)
 
-    def _note_reached(self, msg_id: bytes, tags: bytes) -> None:
-        """A copy of ``msg_id`` (in validation) came with the reached list ``tags``."""
-        known = self._reached.get(msg_id)
-        self._reached[msg_id] = tags if known is None else known + tags
-
     def reached(self, msg_id: bytes) -> bytes:
-        """The tags of the reached lists of ``msg_id``'s copies (joined; empty if none), while
-        it is in validation: the router forwards it to none of those peers (module doc)."""
+        """The tags of the reached list ``msg_id``'s first copy came with (joined; empty if
+        none), while it is in validation: the router forwards it to none of those peers (module
+        doc). Later copies' lists are not kept: their senders are holders already, and a list
+        only a duplicate carried could otherwise cut forwards it did not start."""
         return self._reached.get(msg_id, b"")
 
     async def continuously_read_stream(self, stream: INetStream) -> None:
@@ -531,8 +533,6 @@ class HardenedPubsub(Pubsub):
             msg_id = self._msg_id_constructor(msg)
             if msg_id in self._inflight:
                 self._holds(peer_id, msg_id)
-                if reached:
-                    self._note_reached(msg_id, reached)
                 continue  # a duplicate: no task, no validation
             if self.seen_messages.has(msg_id):
                 continue
@@ -544,7 +544,7 @@ class HardenedPubsub(Pubsub):
                 # then (the rest of this RPC, the next RPCs from other peers) are duplicates.
                 self._inflight[msg_id] = peer_id
                 if reached:
-                    self._note_reached(msg_id, reached)
+                    self._reached[msg_id] = reached
                 if INLINE_VALIDATION:
                     await self._push_inflight(peer_id, msg, msg_id)
                 else:
@@ -799,10 +799,21 @@ class ContentGossipSub(GossipSub):
             if scorer is not None and not scorer.allow_publish(peer_id, topics):
                 continue
             sends.append(peer_id)
-        if sends and isinstance(pubsub, HardenedPubsub) and pubsub.reached_hints:
+        listed = (
+            sends
+            and SHARED_SEND
+            and isinstance(pubsub, HardenedPubsub)
+            and pubsub.reached_hints
+            and self._small(topics)
+        )
+        if listed:
+            assert isinstance(pubsub, HardenedPubsub)
             pubsub.frames.prefix(rpc_msg, self._reached_list(pubsub, msg_forwarder, msg_id, sends))
         for peer_id in sends:
             self.send_rpc(peer_id, rpc_msg)
+        if listed:
+            assert isinstance(pubsub, HardenedPubsub)
+            pubsub.frames.release_unheld(rpc_msg)  # no queue took the shared frame after all
         now = time.time()
         self._queue_for_unready_peers(pubsub, topics, rpc_msg, {msg_forwarder, origin}, now)
         for topic in topics:
@@ -843,30 +854,47 @@ class ContentGossipSub(GossipSub):
                 queued.add(peer_id)
                 logger.debug("queued message for peer %s (identify pending)", peer_id)
 
+    def _small(self, topics: Iterable[str]) -> bool:
+        """Whether every topic has at most ``flood_publish_max`` peers: where this router
+        floods its own messages, and writes and honours reached lists (module doc)."""
+        peer_topics = self.pubsub.peer_topics if self.pubsub is not None else {}
+        limit = self.flood_publish_max
+        return all(len(peer_topics.get(topic, ())) <= limit for topic in topics)
+
     def _reached_list(
         self, pubsub: HardenedPubsub, msg_forwarder: ID, msg_id: bytes, sends: list[ID]
     ) -> bytes:
         """The reached list of a message this node sends to ``sends`` (module doc): itself,
-        those peers, the peers it knows hold it (its forwarder, the holders) and the lists its
-        copies came with."""
+        the peers of ``sends`` whose queue has room for it (a full one drops it), and the peers
+        it knows hold it (its forwarder, the holders). Not the list it came with: a false one
+        reaches no further than the node that took the message first from its sender."""
         tags = [peer_tag(pubsub.my_id)]
-        tags.extend(peer_tag(peer_id) for peer_id in sends)
+        queues = pubsub.peer_queues
+        tags.extend(peer_tag(peer_id) for peer_id in sends if _has_room(queues.get(peer_id)))
         if msg_forwarder != pubsub.my_id:
             tags.append(peer_tag(msg_forwarder))
         holders = pubsub.holders(msg_id)
         if holders:
             tags.extend(peer_tag(peer_id) for peer_id in holders)
-        tags.extend(split_tags(pubsub.reached(msg_id)))
         return reached_prefix(tags)
+
+    def _listed(self, topics: Iterable[str], msg_id: bytes) -> set[bytes] | None:
+        """The tags of the reached list ``msg_id`` came with, if this router honours lists for
+        these topics (module doc); None otherwise."""
+        pubsub = self.pubsub
+        if not isinstance(pubsub, HardenedPubsub) or not pubsub.reached_hints:
+            return None
+        known = pubsub.reached(msg_id)
+        return set(split_tags(known)) if known and self._small(topics) else None
 
     def _lean_peers_to_send(
         self, topics: list[str], msg_forwarder: ID, origin: ID, msg_id: bytes
     ) -> Iterable[ID]:
         """``_get_peers_to_send`` (below) without building a set per kind of peer, where that
         gives the same peers: every topic has a mesh, no scorer, no floodsub peer possible.
-        Otherwise the library's choice. Then, by this router's own rules (module doc): this
-        node's own message goes to every peer of its topic while they are at most
-        ``flood_publish_max``, and a forward skips the peers a reached list names."""
+        Otherwise the library's choice. Two rules of this router's own (module doc) change the
+        peers: this node's own message goes to every identified peer of its topic while they
+        are at most ``flood_publish_max``, and a forward skips the peers a reached list names."""
         pubsub = self.pubsub
         mesh = self.mesh
         if (
@@ -893,8 +921,7 @@ class ContentGossipSub(GossipSub):
         send_to.discard(origin)
         dont_send = self.dont_send_message_ids
         holders = pubsub.holders(msg_id)
-        known = pubsub.reached(msg_id)
-        reached = set(split_tags(known)) if known else None
+        reached = self._listed(topics, msg_id)
         peers: list[ID] = []
         for peer_id in send_to:
             refused = dont_send.get(peer_id)
@@ -940,18 +967,22 @@ class ContentGossipSub(GossipSub):
         origin: ID,
         msg_id: bytes | None = None,
     ) -> Iterator[ID]:
-        """The library's choice less the peers that hold the message already (module doc)."""
+        """The library's choice less the peers that hold the message already and those a
+        reached list names (module doc)."""
+        topic_ids = list(topic_ids)
         peers = super()._get_peers_to_send(topic_ids, msg_forwarder, origin, msg_id)
         pubsub = self.pubsub
-        holders = (
-            pubsub.holders(msg_id)
-            if msg_id is not None and isinstance(pubsub, HardenedPubsub)
-            else None
-        )
+        if msg_id is None or not isinstance(pubsub, HardenedPubsub):
+            yield from peers
+            return
+        holders = pubsub.holders(msg_id)
+        reached = self._listed(topic_ids, msg_id)
         for peer_id in peers:
             if holders is not None and peer_id in holders:
-                assert isinstance(pubsub, HardenedPubsub)
                 pubsub.holders_skipped += 1
+                continue
+            if reached is not None and peer_tag(peer_id) in reached:
+                pubsub.reached_skipped += 1
                 continue
             yield peer_id
 
@@ -1073,6 +1104,11 @@ class FrameCache:
             del self._entries[id(rpc)]
             self._bytes -= len(entry[1])
         return cast(bytes, entry[1])
+
+
+def _has_room(queue: RpcQueue | None) -> bool:
+    """Whether ``queue`` takes one more RPC (RpcQueue keeps its bound on its inner queue)."""
+    return queue is not None and not queue.closed and len(queue) < queue._queue.max_size
 
 
 def _is_closed_nursery(exc: BaseException) -> bool:

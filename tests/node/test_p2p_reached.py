@@ -138,7 +138,7 @@ async def test_own_messages_flood_the_topic_and_name_everyone_reached() -> None:
         sent = _sent(pubsub)
         assert set(sent) == {*PEERS, FORWARDER}
         assert set(router._pending_messages) == {UNIDENTIFIED}
-        assert len(set(sent.values())) == 1  # one frame, encoded once, for all
+        assert len(set(sent.values())) == 1 and pubsub.frames.encoded == 1  # one for all
         tags = _tags_of(next(iter(sent.values())))
         assert tags == {peer_tag(p) for p in (*PEERS, FORWARDER, pubsub.my_id)}
     with _node(flood_publish_max=6) as (_, pubsub):  # seven topic peers: over the bound
@@ -151,26 +151,44 @@ async def test_own_messages_flood_the_topic_and_name_everyone_reached() -> None:
         assert not any(_tags_of(frame) for frame in sent.values())
 
 
-async def test_a_forward_skips_the_peers_a_list_names_and_adds_its_own() -> None:
-    """A message whose copies named two of the mesh peers goes to the third only (the library:
-    all three), and its list names this node, the third, the forwarder and the two."""
-    for hints in (True, False):
-        with _node(flood_publish_max=32, reached_hints=hints) as (router, pubsub):
-            msg = rpc_pb2.Message(data=b"a forwarded batch", topicIDs=[TOPIC])
-            msg_id = content_message_id(msg)
-            if hints:
-                pubsub._note_reached(msg_id, peer_tag(MESH[0]) + peer_tag(MESH[1]))
-            await router.publish(FORWARDER, msg)
-            sent = _sent(pubsub)
-            if not hints:
-                assert set(sent) == set(MESH)
-                assert pubsub.reached_skipped == 0
-                continue
-            assert set(sent) == {MESH[2]}
-            assert pubsub.reached_skipped == 2
-            assert _tags_of(sent[MESH[2]]) == {
-                peer_tag(p) for p in (pubsub.my_id, MESH[2], FORWARDER, MESH[0], MESH[1])
-            }
+async def _forward_listed(flood_publish_max: int, hints: bool) -> tuple[set[ID], set[bytes], int]:
+    """A message from the forwarder whose copy named two of the mesh peers, forwarded: the
+    peers sent a copy, the tags of the list it carries, the forwards skipped for the list."""
+    with _node(flood_publish_max=flood_publish_max, reached_hints=hints) as (router, pubsub):
+        msg = rpc_pb2.Message(data=b"a forwarded batch", topicIDs=[TOPIC])
+        pubsub._reached[content_message_id(msg)] = peer_tag(MESH[0]) + peer_tag(MESH[1])
+        await router.publish(FORWARDER, msg)
+        sent = _sent(pubsub)
+        tags = set().union(*(_tags_of(frame) for frame in sent.values()))
+        return set(sent), tags, pubsub.reached_skipped
+
+
+async def test_a_forward_skips_the_peers_a_list_names_and_names_its_own() -> None:
+    """Two of the three mesh peers named: the third gets it (the library: all three), with a
+    list naming this node, the third and the forwarder, not the two (a list reaches one hop)."""
+    peers, tags, skipped = await _forward_listed(flood_publish_max=32, hints=True)
+    assert peers == {MESH[2]} and skipped == 2
+    with _node(flood_publish_max=32) as (_, pubsub):
+        me = pubsub.my_id
+    assert tags == {peer_tag(p) for p in (me, MESH[2], FORWARDER)}
+    assert await _forward_listed(flood_publish_max=32, hints=False) == (set(MESH), set(), 0)
+
+
+async def test_a_topic_over_the_flood_bound_neither_honours_nor_writes_lists() -> None:
+    """Seven topic peers, a bound of 6: gossipsub's mesh forwarding as before."""
+    assert await _forward_listed(flood_publish_max=6, hints=True) == (set(MESH), set(), 0)
+
+
+async def test_a_peer_whose_queue_is_full_is_not_named() -> None:
+    """Its copy is dropped, so the list must not tell others it has the message."""
+    with _node(flood_publish_max=32) as (_, pubsub):
+        full = pubsub.peer_queues[PEERS[4]]
+        while full.push(rpc_pb2.RPC()):
+            pass
+        await pubsub.publish(TOPIC, b"own batch")
+        frame = pubsub.frames.take(pubsub.peer_queues[PEERS[0]]._queue._non_priority[0])
+        assert peer_tag(PEERS[4]) not in _tags_of(frame)
+        assert peer_tag(PEERS[3]) in _tags_of(frame)
 
 
 async def test_four_nodes_read_one_copy_each() -> None:
@@ -214,6 +232,7 @@ async def test_four_nodes_read_one_copy_each() -> None:
                 copies[hints] = [n.stats()["gossip_copies_in"] for n in nets[1:]]
                 if hints:
                     assert sum(n.stats()["gossip_reached_skipped"] for n in nets[1:]) == 6
+                assert not any(n._pubsub._reached for n in nets)  # kept only in validation
     assert copies[True] == [1, 1, 1]
     assert sum(copies[False]) > 3
 
@@ -246,7 +265,12 @@ async def _down_the_line(lying: bool) -> tuple[int, int]:
         for net in nets:
             await net.join(TOPIC)
         await wait_gossip_ready(nets, TOPIC)
-        await wait_until(lambda: all(n._router.mesh.get(TOPIC) for n in nets), "line meshes")
+        await wait_until(
+            lambda: (
+                b._id in h._router.mesh.get(TOPIC, ()) and c._id in b._router.mesh.get(TOPIC, ())
+            ),
+            "h - b - c in the meshes",
+        )
         await a.publish(TOPIC, b"down the line")
         await wait_until(lambda: b.stats()["gossip_firsts_in"] == 1, "the batch at b")
         await trio.sleep(0.3)  # a quiet spell for b's forward, if any (no event marks none)
