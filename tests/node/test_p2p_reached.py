@@ -35,6 +35,21 @@ from .test_p2p import FAST, networks, wait_gossip_ready, wait_until
 from .test_p2p_transport import _unstarted_pubsub
 
 TOPIC = "reached-topic"
+#: The counters of ``status``'s ``network`` object, as specs/control-api.md lists them.
+STATS_KEYS = {
+    "peers",
+    "routing_table",
+    "banned",
+    "rejected",
+    "gossip_dropped",
+    "gossip_send_dropped",
+    "mesh_peers",
+    "fanout_peers",
+    "gossip_holders_skipped",
+    "gossip_reached_skipped",
+    "gossip_copies_in",
+    "gossip_firsts_in",
+}
 
 
 def _peer(name: str) -> ID:
@@ -233,6 +248,7 @@ async def test_four_nodes_read_one_copy_each() -> None:
                 if hints:
                     assert sum(n.stats()["gossip_reached_skipped"] for n in nets[1:]) == 6
                 assert not any(n._pubsub._reached for n in nets)  # kept only in validation
+                assert set(nets[0].stats()) == STATS_KEYS
     assert copies[True] == [1, 1, 1]
     assert sum(copies[False]) > 3
 
