@@ -1,23 +1,31 @@
 """The bounds that keep a node's cost flat as the network grows (issue #12), in process: a sync
-round pulls from a few peers, not all, and a node with enough peers, or whose searches find
-nobody new, searches the DHT seldom."""
+round pulls from a few peers, not all; a round started early asks only the peers it is for,
+and heads a peer named are asked for again only if gossip has not brought them meanwhile; a
+node with enough peers, or whose searches find nobody new, searches the DHT seldom."""
 
 from __future__ import annotations
 
 import itertools
 from types import SimpleNamespace
 
+import pytest
 import trio
 import trio.testing
 
 from crdtbook.node import discovery as discovery_module
+from crdtbook.node import sync_schedule
 from crdtbook.node.discovery import (
     DISCOVERY_INTERVAL,
     ENOUGH_PEERS,
     SETTLED_SEARCH_INTERVAL,
     Discovery,
 )
-from crdtbook.node.sync_schedule import SYNC_INTERVAL, SYNC_PEERS_PER_ROUND, SyncScheduler
+from crdtbook.node.sync_schedule import (
+    SYNC_INTERVAL,
+    SYNC_PEERS_PER_ROUND,
+    UNKNOWN_HEADS_RECHECK,
+    SyncScheduler,
+)
 
 PEERS = [f"peer-{i:02d}" for i in range(19)]  # a 20-node network, seen from one node
 
@@ -34,7 +42,7 @@ class Peers:
         return list(self.peers)
 
 
-async def test_a_sync_round_pulls_from_a_few_peers_plus_the_urgent_ones(
+async def test_a_sync_round_pulls_from_a_few_peers_and_an_early_one_from_its_own(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     market = SimpleNamespace(market=SimpleNamespace(id=b"m" * 32, name="M"))
@@ -58,8 +66,81 @@ async def test_a_sync_round_pulls_from_a_few_peers_plus_the_urgent_ones(
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
     first, second = rounds
-    assert "peer-07" in first and len(first) == SYNC_PEERS_PER_ROUND + 1
-    assert len(set(first)) == len(first) and len(second) == SYNC_PEERS_PER_ROUND
+    # The early round (a peer connected) asks that peer; the scheduled one draws a few.
+    assert first == ["peer-07"]
+    assert len(set(second)) == len(second) == SYNC_PEERS_PER_ROUND
+
+
+async def test_early_rounds_do_not_put_the_scheduled_one_off(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A peer asked for every half interval (as unknown heads under load would) still leaves the
+    scheduled rounds their draws: before, each early round restarted the interval's timer."""
+    market = SimpleNamespace(market=SimpleNamespace(id=b"m" * 32, name="M"))
+    service = SimpleNamespace(markets={b"m" * 32: market}, store_writable=lambda: True)
+    scheduler = SyncScheduler(service, Peers(PEERS))  # type: ignore[arg-type]
+    asked: list[str] = []
+
+    async def sync_one(peer: str, ms: object) -> None:
+        asked.append(peer)
+        scheduler.syncing.discard((peer, b"m" * 32))
+
+    scheduler.sync_one = sync_one  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(scheduler._loop)
+        for _ in range(8):  # four intervals
+            await trio.sleep(SYNC_INTERVAL / 2)
+            scheduler.ask_soon("peer-07")
+        nursery.cancel_scope.cancel()
+    # Eight early rounds, and at least three scheduled ones (jittered) of a few peers each (a
+    # scheduled draw may take peer-07 too). Restarting the timer at each early round left none.
+    assert len(asked) >= 8 + 3 * SYNC_PEERS_PER_ROUND
+
+
+class _Closing:
+    async def close(self) -> None:
+        pass
+
+    async def reset(self) -> None:
+        pass
+
+
+async def _after_unknown_heads(arrives: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[bool, bool]:
+    """One session whose peer names a head we lack; ``arrives``: gossip brings it meanwhile.
+    Returns whether a round was asked for at once, and after UNKNOWN_HEADS_RECHECK."""
+    head = b"h" * 32
+    known: set[bytes] = set()
+    ms = SimpleNamespace(
+        market=SimpleNamespace(id=b"m" * 32, name="M"),
+        replica=SimpleNamespace(knows=known.__contains__, missing=list),
+        last_sync=0.0,
+    )
+    service = SimpleNamespace(markets={b"m" * 32: ms}, store_writable=lambda: True)
+
+    class Net(Peers):
+        async def open_stream(self, peer: str, protocol: str) -> _Closing:
+            return _Closing()
+
+    async def pull(*args: object, **kwargs: object) -> tuple[int, list[bytes]]:
+        return 0, [head]
+
+    monkeypatch.setattr(sync_schedule, "pull", pull)
+    scheduler = SyncScheduler(service, Net(["peer-01"]))  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(scheduler.sync_one, "peer-01", ms)
+        await trio.sleep(UNKNOWN_HEADS_RECHECK / 2)
+        at_once = scheduler.sync_now.is_set()
+        if arrives:
+            known.add(head)
+        await trio.sleep(UNKNOWN_HEADS_RECHECK)
+    return at_once, scheduler.sync_now.is_set()
+
+
+async def test_unknown_heads_are_asked_for_again_only_if_gossip_did_not_bring_them(
+    autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert await _after_unknown_heads(arrives=True, monkeypatch=monkeypatch) == (False, False)
+    assert await _after_unknown_heads(arrives=False, monkeypatch=monkeypatch) == (False, True)
 
 
 async def test_a_settled_node_searches_the_dht_seldom(autojump_clock: trio.abc.Clock) -> None:
