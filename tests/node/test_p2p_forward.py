@@ -66,13 +66,10 @@ def _switches(ours: bool, **but: bool) -> Iterator[None]:
             setattr(p2p_pubsub, name, value)
 
 
-@contextmanager
-def _forwarding_node(host: IHost) -> Iterator[tuple[ContentGossipSub, HardenedPubsub]]:
-    """An unstarted router and pubsub as node/p2p.py configures them, with peers in every state
-    the forward path tells apart: mesh peers (one of them with a full queue, one whose queue
-    takes only small RPCs), the forwarder, a holder, a peer not identified yet, a connected
-    peer not in the topic, and one in another topic."""
-    router = ContentGossipSub(
+def lean_router(**extra: Any) -> ContentGossipSub:
+    """A router as node/p2p.py configures one (v1.1, D 3/2/6, no spam protection, no adaptive
+    gossip), with ``extra`` arguments."""
+    return ContentGossipSub(
         msg_id=content_message_id,
         protocols=[PROTOCOL_ID_V11],
         degree=3,
@@ -80,7 +77,17 @@ def _forwarding_node(host: IHost) -> Iterator[tuple[ContentGossipSub, HardenedPu
         degree_high=6,
         spam_protection_enabled=False,
         adaptive_gossip_enabled=False,
+        **extra,
     )
+
+
+@contextmanager
+def _forwarding_node(host: IHost) -> Iterator[tuple[ContentGossipSub, HardenedPubsub]]:
+    """An unstarted router and pubsub as node/p2p.py configures them, with peers in every state
+    the forward path tells apart: mesh peers (one of them with a full queue, one whose queue
+    takes only small RPCs), the forwarder, a holder, a peer not identified yet, a connected
+    peer not in the topic, and one in another topic."""
+    router = lean_router()
     # Without reached lists, which the library does not write: test_p2p_reached.py has them.
     pubsub = _unstarted_pubsub(router, host, unsigned=True, reached_hints=False)
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from types import SimpleNamespace
 
 import trio
@@ -17,7 +18,6 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.rpc_queue import RpcQueue
 
 from crdtbook.node import p2p_install
-from crdtbook.node.p2p import NetworkConfig
 from crdtbook.node.p2p_pubsub import (
     MAX_REACHED_TAGS,
     REACHED_KEY,
@@ -32,6 +32,7 @@ from crdtbook.node.p2p_pubsub import (
 )
 
 from .test_p2p import FAST, networks, wait_gossip_ready, wait_until
+from .test_p2p_forward import lean_router
 from .test_p2p_transport import _unstarted_pubsub
 
 TOPIC = "reached-topic"
@@ -103,16 +104,7 @@ def _node(
     """An unstarted router and pubsub with five peers in the topic, three of them (and the
     forwarder) in the mesh, and a peer in the topic whose protocol is not known yet."""
     p2p_install.install()
-    router = ContentGossipSub(
-        msg_id=content_message_id,
-        flood_publish_max=flood_publish_max,
-        protocols=[PROTOCOL_ID_V11],
-        degree=3,
-        degree_low=2,
-        degree_high=6,
-        spam_protection_enabled=False,
-        adaptive_gossip_enabled=False,
-    )
+    router = lean_router(flood_publish_max=flood_publish_max)
     host = new_host(key_pair=create_new_key_pair(b"r" * 32))
     pubsub = _unstarted_pubsub(router, host, unsigned=True, reached_hints=reached_hints)
     router.pubsub = pubsub
@@ -212,11 +204,8 @@ async def test_four_nodes_read_one_copy_each() -> None:
     Without lists nor flood (py-libp2p's behaviour), the mesh's forwards bring more copies."""
     copies: dict[bool, list[int]] = {}
     for hints in (True, False):
-        config = NetworkConfig(
-            heartbeat_interval=FAST.heartbeat_interval,
-            call_timeout=FAST.call_timeout,
-            dial_timeout=FAST.dial_timeout,
-            io_timeout=FAST.io_timeout,
+        config = replace(
+            FAST,
             reached_hints=hints,
             flood_publish_max=32 if hints else 0,
             degree=3,
@@ -256,15 +245,7 @@ async def test_four_nodes_read_one_copy_each() -> None:
 async def _down_the_line(lying: bool) -> tuple[int, int]:
     """a - h - b - c in a line (h lying or not); a publishes. Returns c's first receipts and
     b's forwards skipped for a list, once b has the message and a quiet spell has passed."""
-    config = NetworkConfig(
-        heartbeat_interval=FAST.heartbeat_interval,
-        call_timeout=FAST.call_timeout,
-        dial_timeout=FAST.dial_timeout,
-        io_timeout=FAST.io_timeout,
-        degree=1,
-        degree_low=1,
-        degree_high=2,
-    )
+    config = replace(FAST, degree=1, degree_low=1, degree_high=2)
     names = [f"lie-{c}-{lying}" for c in "ahbc"]
     async with networks(*names, config=config) as nets:
         a, h, b, c = nets

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -26,7 +27,6 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
 from crdtbook.node import p2p_install
-from crdtbook.node.p2p import NetworkConfig
 from crdtbook.node.p2p_pubsub import ContentGossipSub, HardenedPubsub, content_message_id
 
 from .test_p2p import FAST, TOPIC, networks, wait_gossip_ready, wait_until
@@ -111,14 +111,7 @@ async def _copies_back_to_the_holder(skip_holders: bool) -> int:
     validator is still running; then b accepts. Returns how many copies c read (stock: one from
     a and one from b, which forwards to c although c had sent it a copy). Without reached lists,
     which would tell c that b has a copy on its way (test_p2p_reached.py)."""
-    config = NetworkConfig(
-        heartbeat_interval=FAST.heartbeat_interval,
-        call_timeout=FAST.call_timeout,
-        dial_timeout=FAST.dial_timeout,
-        io_timeout=FAST.io_timeout,
-        skip_holders=skip_holders,
-        reached_hints=False,
-    )
+    config = replace(FAST, skip_holders=skip_holders, reached_hints=False)
     async with networks("hold-a", "hold-b", "hold-c", config=config) as [a, b, c]:
         await b.connect(a.addrs()[0])
         await c.connect(a.addrs()[0])
