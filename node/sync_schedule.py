@@ -50,8 +50,9 @@ __all__ = [
 
 logger = logging.getLogger("crdtbook.node")
 
-#: Every this many seconds each connected peer is asked for what we lack (plus on connect, and
-#: at once after a sync that named unknown heads). Gossip delivers nearly everything; this bounds
+#: Every this many seconds a few connected peers are asked for what we lack (plus a peer on
+#: connect, and UNKNOWN_HEADS_RECHECK after a sync that named heads we still lack). Gossip
+#: delivers nearly everything; this bounds
 #: how long an op whose gossip was dropped takes. Measured, 5 nodes at 500 ops/s: going from 2 s
 #: to 5 s cut node CPU per op by 9% (3.07 -> 2.80 ms, two runs each) and p99 from 254 to 214 ms;
 #: 4 s keeps most of that saving with a shorter worst case for a dropped op.
@@ -59,8 +60,9 @@ SYNC_INTERVAL: Final = 4.0
 #: Each wait is the interval times a factor drawn from this range, so that nodes started
 #: together do not all sync at the same instant.
 SYNC_JITTER: Final = (0.8, 1.2)
-#: Each round pulls from this many connected peers, drawn at random, besides those asked for at
-#: once (a new peer, one that named heads we lack). Pulling from every peer made the sync's cost
+#: Each scheduled round pulls from this many connected peers, drawn at random, besides those
+#: asked for (a new peer, one that named heads we still lack); a round started early for those
+#: asks them only. Pulling from every peer made the sync's cost
 #: per node grow with the network: in a 20-node network, 19 sessions pulled and 19 served per
 #: round were a third of an idle node's CPU (py-spy, issue #12). Gossip delivers nearly every op;
 #: an op it dropped is held by every other peer soon after, so any few of them bring it.
@@ -78,7 +80,8 @@ NOT_FOLLOWING_BACKOFF: Final = 60.0
 
 
 class SyncScheduler:
-    """Pulls from every connected peer on a schedule and serves the peers' pulls.
+    """Pulls from a few connected peers on a schedule (and from peers asked for) and serves the
+    peers' pulls.
 
     Run :meth:`run` in the node's nursery (it starts the schedule and follows peer events) and
     register :meth:`serve` as the network's handler for ``SYNC_PROTOCOL`` (:meth:`install`).
@@ -228,7 +231,9 @@ class SyncScheduler:
 
     async def sync_one(self, peer: str, ms: MarketState) -> None:
         """Pull one market from one peer (one session). Never raises; the caller marked
-        ``(peer, market id)`` in ``syncing`` and this clears it."""
+        ``(peer, market id)`` in ``syncing`` and this clears it at the session's end. After a
+        session that named heads we lack, the task sleeps UNKNOWN_HEADS_RECHECK more (holding
+        nothing) before it asks the peer again, if they are still unknown."""
         from .p2p import P2PError
 
         key = (peer, ms.market.id)
@@ -291,7 +296,9 @@ class SyncScheduler:
             self.syncing.discard(key)
         if recheck:
             await trio.sleep(UNKNOWN_HEADS_RECHECK)
-            if any(not ms.replica.knows(head) for head in recheck):
+            # Stored and waiting for the apply task counts as known: gossip brought it.
+            queued = ms.queued
+            if any(not ms.replica.knows(head) and head not in queued for head in recheck):
                 self.ask_soon(peer)
 
     async def _commit_counted(self, ms: MarketState, prepared: Prepared, peer: str) -> IngestResult:

@@ -74,27 +74,33 @@ async def test_a_sync_round_pulls_from_a_few_peers_and_an_early_one_from_its_own
 async def test_early_rounds_do_not_put_the_scheduled_one_off(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    """A peer asked for every half interval (as unknown heads under load would) still leaves the
-    scheduled rounds their draws: before, each early round restarted the interval's timer."""
+    """A peer asked for every half interval (as unknown heads under load would): each early
+    round asks that peer only, and the scheduled rounds still come, each drawing a few. Before,
+    every round drew a few, and restarting the timer at each early round would have left no
+    scheduled round at all."""
     market = SimpleNamespace(market=SimpleNamespace(id=b"m" * 32, name="M"))
     service = SimpleNamespace(markets={b"m" * 32: market}, store_writable=lambda: True)
     scheduler = SyncScheduler(service, Peers(PEERS))  # type: ignore[arg-type]
-    asked: list[str] = []
+    rounds: dict[float, list[str]] = {}
 
     async def sync_one(peer: str, ms: object) -> None:
-        asked.append(peer)
+        rounds.setdefault(trio.current_time(), []).append(peer)
         scheduler.syncing.discard((peer, b"m" * 32))
 
     scheduler.sync_one = sync_one  # type: ignore[method-assign]
+    start = trio.current_time()
+    early = [start + SYNC_INTERVAL / 2 * (i + 1) for i in range(8)]  # four intervals
     async with trio.open_nursery() as nursery:
         nursery.start_soon(scheduler._loop)
-        for _ in range(8):  # four intervals
-            await trio.sleep(SYNC_INTERVAL / 2)
+        for at in early:
+            await trio.sleep_until(at)
             scheduler.ask_soon("peer-07")
+        await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
-    # Eight early rounds, and at least three scheduled ones (jittered) of a few peers each (a
-    # scheduled draw may take peer-07 too). Restarting the timer at each early round left none.
-    assert len(asked) >= 8 + 3 * SYNC_PEERS_PER_ROUND
+    for at in early:
+        assert rounds.pop(at) == ["peer-07"]
+    assert len(rounds) >= 3  # scheduled rounds, 3.2-4.8 s apart, in 16 s
+    assert all(len(peers) == SYNC_PEERS_PER_ROUND for peers in rounds.values())
 
 
 class _Closing:
@@ -113,6 +119,7 @@ async def _after_unknown_heads(arrives: bool, monkeypatch: pytest.MonkeyPatch) -
     ms = SimpleNamespace(
         market=SimpleNamespace(id=b"m" * 32, name="M"),
         replica=SimpleNamespace(knows=known.__contains__, missing=list),
+        queued=set(),
         last_sync=0.0,
     )
     service = SimpleNamespace(markets={b"m" * 32: ms}, store_writable=lambda: True)
@@ -130,6 +137,7 @@ async def _after_unknown_heads(arrives: bool, monkeypatch: pytest.MonkeyPatch) -
         nursery.start_soon(scheduler.sync_one, "peer-01", ms)
         await trio.sleep(UNKNOWN_HEADS_RECHECK / 2)
         at_once = scheduler.sync_now.is_set()
+        assert not scheduler.syncing  # the session's key is free while it waits
         if arrives:
             known.add(head)
         await trio.sleep(UNKNOWN_HEADS_RECHECK)
