@@ -115,6 +115,8 @@ class SyncScheduler:
         self.sync_now = trio.Event()
         #: Peers to ask next round even inside their not-following back-off.
         self._urgent: set[str] = set()
+        #: Peers to ask next round, back-off kept (a session with them asks for another).
+        self._again: set[str] = set()
         #: (peer, market) -> heads that peer named in its last answer and we did not get.
         self._wanted: dict[tuple[str, bytes], list[bytes]] = {}
 
@@ -136,6 +138,12 @@ class SyncScheduler:
     def ask_soon(self, peer: str) -> None:
         """Pull from ``peer`` in the next round, and run that round now."""
         self._urgent.add(peer)
+        self.sync_now.set()
+
+    def _ask_again(self, peer: str) -> None:
+        """As ``ask_soon``, but the markets ``peer`` said it does not follow stay in their
+        back-off: a session about one market must not re-ask it about the others each time."""
+        self._again.add(peer)
         self.sync_now.set()
 
     # -- serving -----------------------------------------------------------------------------
@@ -208,6 +216,7 @@ class SyncScheduler:
                     await self.sync_now.wait()
                 self.sync_now = trio.Event()
                 urgent, self._urgent = self._urgent, set()
+                again, self._again = self._again - urgent, set()
                 now = trio.current_time()
                 connected = self.net.connected_peers()
                 drawn: list[str] = []
@@ -215,9 +224,10 @@ class SyncScheduler:
                     # The scheduled round; one started early (ask_soon) asks its peers only,
                     # and does not put the next scheduled one off.
                     scheduled = now + self.interval * random.uniform(*SYNC_JITTER)
-                    others = [p for p in connected if p not in urgent]
+                    others = [p for p in connected if p not in urgent and p not in again]
                     drawn = random.sample(others, min(SYNC_PEERS_PER_ROUND, len(others)))
-                for peer in [p for p in connected if p in urgent] + drawn:
+                asked = [p for p in connected if p in urgent or p in again]
+                for peer in asked + drawn:
                     for ms in self.service.markets.values():
                         key = (peer, ms.market.id)
                         # A join (node.join) first. (getattr: stand-ins for a market's state,
@@ -273,7 +283,7 @@ class SyncScheduler:
                 # positive or a race), not for parents this peer lacks too: orphans whose
                 # parents never arrive would otherwise re-sync back to back for ever.
                 if received and ms.replica.missing():
-                    self.ask_soon(peer)
+                    self._ask_again(peer)
             if session.cancelled_caught:
                 logger.info(
                     "sync with %s for %s stopped: over %.0f s",
@@ -299,7 +309,7 @@ class SyncScheduler:
             # Stored and waiting for the apply task counts as known: gossip brought it.
             queued = ms.queued
             if any(not ms.replica.knows(head) and head not in queued for head in recheck):
-                self.ask_soon(peer)
+                self._ask_again(peer)
 
     async def _commit_counted(self, ms: MarketState, prepared: Prepared, peer: str) -> IngestResult:
         """Commit a sync frame's ops; invalid ones count against the peer that sent them, as

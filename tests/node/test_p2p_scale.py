@@ -208,3 +208,30 @@ async def test_a_small_network_node_searches_less_while_it_finds_nobody_new(
     # After the 10th search found a newcomer: the normal pace, then backing off again.
     assert gaps[9:12] == [DISCOVERY_INTERVAL, DISCOVERY_INTERVAL * 2, DISCOVERY_INTERVAL * 4]
     assert len(searches) < 900 / DISCOVERY_INTERVAL / 4  # 10 s a search was the old pace
+
+
+async def test_a_session_asking_again_keeps_the_back_off_a_reconnect_skips(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A peer that said it does not follow a market is not asked about it again because a
+    session about another market asked for more; a reconnect (ask_soon) still asks it."""
+    market = SimpleNamespace(market=SimpleNamespace(id=b"m" * 32, name="M"))
+    service = SimpleNamespace(markets={b"m" * 32: market}, store_writable=lambda: True)
+    scheduler = SyncScheduler(service, Peers(["peer-01"]))  # type: ignore[arg-type]
+    scheduler._not_following[("peer-01", b"m" * 32)] = trio.current_time() + 60
+    asked: list[str] = []
+
+    async def sync_one(peer: str, ms: object) -> None:
+        asked.append(peer)
+        scheduler.syncing.discard((peer, b"m" * 32))
+
+    scheduler.sync_one = sync_one  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(scheduler._loop)
+        scheduler._ask_again("peer-01")
+        await trio.testing.wait_all_tasks_blocked()
+        assert asked == []
+        scheduler.ask_soon("peer-01")
+        await trio.testing.wait_all_tasks_blocked()
+        assert asked == ["peer-01"]
+        nursery.cancel_scope.cancel()
