@@ -1050,13 +1050,14 @@ class FrameCache:
         entry = self._entries.get(id(rpc))
         return entry if entry is not None and entry[0] is rpc else None
 
-    def prefix(self, rpc: rpc_pb2.RPC, field: bytes) -> None:
-        """Encode and cache ``rpc`` with ``field`` (a reached list) before its own fields, if it
-        can be shared (:meth:`shared_size`): every queue it is pushed to then writes that."""
-        if field and self._entry(rpc) is None:
-            self.shared_size(rpc, field)
+    def prefix(self, rpc: rpc_pb2.RPC, lead: bytes) -> None:
+        """Encode and cache ``rpc`` with ``lead`` (a reached list's field) before its own
+        fields, if it can be shared (:meth:`shared_size`): every queue it is pushed to then
+        writes that."""
+        if lead and self._entry(rpc) is None:
+            self.shared_size(rpc, lead)
 
-    def shared_size(self, rpc: rpc_pb2.RPC, field: bytes = b"") -> int | None:
+    def shared_size(self, rpc: rpc_pb2.RPC, lead: bytes = b"") -> int | None:
         """The serialized size of ``rpc`` if it can be shared as is (one published message,
         maybe the sender's record, nothing else), encoding and caching it the first time;
         None otherwise."""
@@ -1067,7 +1068,7 @@ class FrameCache:
             field.name for field, _ in rpc.ListFields()
         ):
             return None
-        body = field + rpc.SerializeToString()
+        body = lead + rpc.SerializeToString()
         self.encoded += 1
         frame = encode_uvarint(len(body)) + body
         self._entries[id(rpc)] = [rpc, frame, len(body), 0]
