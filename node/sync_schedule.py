@@ -70,8 +70,9 @@ SYNC_PEERS_PER_ROUND: Final = 3
 #: After a session whose peer named heads we do not know, wait this long and ask that peer
 #: again only if some are still unknown. Under load those heads are ops gossip is still
 #: bringing (tens of ms away): asking at once pulled them twice and chained sessions back to
-#: back, each early round drawing SYNC_PEERS_PER_ROUND more peers (5 nodes at 2,000 ops/s:
-#: 1.5-1.8 sessions pulled per node per second against 0.75 scheduled, sync ~6% of node CPU).
+#: back, each early round drawing SYNC_PEERS_PER_ROUND more peers (5 nodes at 2,000-2,500
+#: ops/s: 1.7-2.8 sessions pulled per node per second against 0.75 scheduled, sync ~6% of node
+#: CPU; 0.9 with this, bench/README.md #12 session 9).
 UNKNOWN_HEADS_RECHECK: Final = 1.0
 #: A whole sync session (a large catch-up streams many frames; each frame has its own bound).
 SYNC_SESSION_TIMEOUT: Final = 120.0
@@ -221,7 +222,7 @@ class SyncScheduler:
                 connected = self.net.connected_peers()
                 drawn: list[str] = []
                 if now >= scheduled:
-                    # The scheduled round; one started early (ask_soon) asks its peers only,
+                    # The scheduled round; one started early (ask_soon, _ask_again) asks its peers only,
                     # and does not put the next scheduled one off.
                     scheduled = now + self.interval * random.uniform(*SYNC_JITTER)
                     others = [p for p in connected if p not in urgent and p not in again]
