@@ -222,8 +222,8 @@ class SyncScheduler:
                 connected = self.net.connected_peers()
                 drawn: list[str] = []
                 if now >= scheduled:
-                    # The scheduled round; one started early (ask_soon, _ask_again) asks its peers only,
-                    # and does not put the next scheduled one off.
+                    # The scheduled round; one started early (ask_soon, _ask_again) asks its
+                    # peers only, and does not put the next scheduled one off.
                     scheduled = now + self.interval * random.uniform(*SYNC_JITTER)
                     others = [p for p in connected if p not in urgent and p not in again]
                     drawn = random.sample(others, min(SYNC_PEERS_PER_ROUND, len(others)))
