@@ -120,6 +120,9 @@ class SyncScheduler:
         self._again: set[str] = set()
         #: (peer, market) -> heads that peer named in its last answer and we did not get.
         self._wanted: dict[tuple[str, bytes], list[bytes]] = {}
+        #: (peer, market) -> the unknown heads its last recheck was for: the same ones again
+        #: are left to the schedule (a head nobody can give us must not re-ask every second).
+        self._rechecked: dict[tuple[str, bytes], frozenset[bytes]] = {}
 
     def install(self) -> None:
         """Serve the peers' sync sessions (before the node says it is ready)."""
@@ -279,7 +282,12 @@ class SyncScheduler:
                     logger.info("sync: %d ops from %s for %s", received, peer, ms.market.name)
                 if unknown_heads:
                     self._wanted[key] = unknown_heads
-                    recheck = unknown_heads
+                    heads = frozenset(unknown_heads)
+                    if self._rechecked.get(key) != heads:
+                        self._rechecked[key] = heads
+                        recheck = unknown_heads
+                else:
+                    self._rechecked.pop(key, None)
                 # Ask again at once only when this session made progress (a Bloom false
                 # positive or a race), not for parents this peer lacks too: orphans whose
                 # parents never arrive would otherwise re-sync back to back for ever.

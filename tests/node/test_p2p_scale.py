@@ -210,6 +210,37 @@ async def test_a_small_network_node_searches_less_while_it_finds_nobody_new(
     assert len(searches) < 900 / DISCOVERY_INTERVAL / 4  # 10 s a search was the old pace
 
 
+async def test_the_same_unknown_heads_are_rechecked_once(
+    autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A head the peer names and nobody can give us (it never arrives): the first session asks
+    again after the recheck, the next one, naming the same head, leaves it to the schedule."""
+    head = b"h" * 32
+    ms = SimpleNamespace(
+        market=SimpleNamespace(id=b"m" * 32, name="M"),
+        replica=SimpleNamespace(knows=lambda ident: False, missing=list),
+        queued=set(),
+        last_sync=0.0,
+    )
+    service = SimpleNamespace(markets={b"m" * 32: ms}, store_writable=lambda: True)
+
+    class Net(Peers):
+        async def open_stream(self, peer: str, protocol: str) -> _Closing:
+            return _Closing()
+
+    async def pull(*args: object, **kwargs: object) -> tuple[int, list[bytes]]:
+        return 0, [head]
+
+    monkeypatch.setattr(sync_schedule, "pull", pull)
+    scheduler = SyncScheduler(service, Net(["peer-01"]))  # type: ignore[arg-type]
+    asked = []
+    for _ in range(2):
+        await scheduler.sync_one("peer-01", ms)  # type: ignore[arg-type]
+        asked.append(scheduler.sync_now.is_set())
+        scheduler.sync_now = trio.Event()
+    assert asked == [True, False]
+
+
 async def test_a_session_asking_again_keeps_the_back_off_a_reconnect_skips(
     autojump_clock: trio.abc.Clock,
 ) -> None:
