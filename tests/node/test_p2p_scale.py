@@ -111,11 +111,11 @@ class _Closing:
         pass
 
 
-async def _after_unknown_heads(arrives: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[bool, bool]:
-    """One session whose peer names a head we lack; ``arrives``: gossip brings it meanwhile.
-    Returns whether a round was asked for at once, and after UNKNOWN_HEADS_RECHECK."""
-    head = b"h" * 32
-    known: set[bytes] = set()
+def _scheduler_told_of(
+    head: bytes, known: set[bytes], monkeypatch: pytest.MonkeyPatch
+) -> tuple[SyncScheduler, SimpleNamespace]:
+    """A scheduler with one peer, whose every session names ``head`` as a head we lack, and
+    its market (``known``: the ids its replica knows)."""
     ms = SimpleNamespace(
         market=SimpleNamespace(id=b"m" * 32, name="M"),
         replica=SimpleNamespace(knows=known.__contains__, missing=list),
@@ -132,7 +132,15 @@ async def _after_unknown_heads(arrives: bool, monkeypatch: pytest.MonkeyPatch) -
         return 0, [head]
 
     monkeypatch.setattr(sync_schedule, "pull", pull)
-    scheduler = SyncScheduler(service, Net(["peer-01"]))  # type: ignore[arg-type]
+    return SyncScheduler(service, Net(["peer-01"])), ms  # type: ignore[arg-type]
+
+
+async def _after_unknown_heads(arrives: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[bool, bool]:
+    """One session whose peer names a head we lack; ``arrives``: gossip brings it meanwhile.
+    Returns whether a round was asked for at once, and after UNKNOWN_HEADS_RECHECK."""
+    head = b"h" * 32
+    known: set[bytes] = set()
+    scheduler, ms = _scheduler_told_of(head, known, monkeypatch)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(scheduler.sync_one, "peer-01", ms)
         await trio.sleep(UNKNOWN_HEADS_RECHECK / 2)
@@ -215,24 +223,7 @@ async def test_the_same_unknown_heads_are_rechecked_once(
 ) -> None:
     """A head the peer names and nobody can give us (it never arrives): the first session asks
     again after the recheck, the next one, naming the same head, leaves it to the schedule."""
-    head = b"h" * 32
-    ms = SimpleNamespace(
-        market=SimpleNamespace(id=b"m" * 32, name="M"),
-        replica=SimpleNamespace(knows=lambda ident: False, missing=list),
-        queued=set(),
-        last_sync=0.0,
-    )
-    service = SimpleNamespace(markets={b"m" * 32: ms}, store_writable=lambda: True)
-
-    class Net(Peers):
-        async def open_stream(self, peer: str, protocol: str) -> _Closing:
-            return _Closing()
-
-    async def pull(*args: object, **kwargs: object) -> tuple[int, list[bytes]]:
-        return 0, [head]
-
-    monkeypatch.setattr(sync_schedule, "pull", pull)
-    scheduler = SyncScheduler(service, Net(["peer-01"]))  # type: ignore[arg-type]
+    scheduler, ms = _scheduler_told_of(b"h" * 32, set(), monkeypatch)
     asked = []
     for _ in range(2):
         await scheduler.sync_one("peer-01", ms)  # type: ignore[arg-type]
