@@ -79,6 +79,9 @@ def test_a_reached_list_is_a_field_a_stock_parser_skips() -> None:
     assert split_reached(frame) == (b"".join(tags), body)
     assert split_tags(b"".join(tags)) == tags
     assert split_reached(body) == (b"", body)
+    # specs/protocol.md section 12's example, byte for byte.
+    example = reached_prefix([bytes(range(8)), bytes(range(8, 16))])
+    assert example.hex() == "8afcd91a10" + bytes(range(16)).hex()
 
 
 def test_a_list_that_cannot_be_used_is_ignored_and_the_rpc_kept() -> None:
