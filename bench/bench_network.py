@@ -126,6 +126,37 @@ if os.environ.get("CRDTBOOK_BENCH_STALLS"):  # experiments: event-loop steps >= 
         finally:
             (Path(home) / "stalls.json").write_text(json.dumps({"steps": stalls, "gc": gcs}))
     trio.run = run_instrumented
+steps_dir = os.environ.get("CRDTBOOK_BENCH_STEPS")  # experiments: task steps and CPU by task
+if steps_dir:
+    import collections, json, time, trio
+    counts, cpu, waits, began = collections.Counter(), collections.Counter(), [0], [0.0]
+    class Steps(trio.abc.Instrument):
+        def before_task_step(self, task):
+            began[0] = time.thread_time()
+        def after_task_step(self, task):
+            counts[task.name] += 1
+            cpu[task.name] += time.thread_time() - began[0]
+            if os.environ.get("CRDTBOOK_BENCH_STEPS_WHERE"):  # where each step parked
+                c, where = task.coro, []
+                while c is not None:
+                    f = next((getattr(c, a) for a in ("cr_frame", "gi_frame", "ag_frame")
+                              if getattr(c, a, None) is not None), None)
+                    if f is not None:
+                        where.append(f"{f.f_code.co_name}:{f.f_lineno}")
+                    c = next((getattr(c, a) for a in ("cr_await", "gi_yieldfrom", "ag_await")
+                              if getattr(c, a, None) is not None), None)
+                counts["@" + task.name.rsplit(".", 1)[-1] + " " + " < ".join(where[-4:])] += 1
+        def before_io_wait(self, timeout):
+            waits[0] += 1
+    trio_run_steps = trio.run
+    def run_counted(*a, **k):
+        try:
+            return trio_run_steps(*a, instruments=[Steps()], **k)
+        finally:
+            out = {"io_waits": waits[0], "cpu_total": time.thread_time(),
+                   "tasks": {n: [counts[n], round(cpu[n], 4)] for n in counts}}
+            (Path(steps_dir) / (Path(home).name + ".json")).write_text(json.dumps(out))
+    trio.run = run_counted
 profile_dir = os.environ.get("CRDTBOOK_BENCH_PROFILE")  # experiments: CPU profile of node n2
 if profile_dir and Path(home).name == "n2":
     import cProfile, time
