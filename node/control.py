@@ -352,6 +352,14 @@ class _LineReader:
         self._buf = bytearray()
         self._scanned = 0  # bytes of _buf already known to hold no newline
         self._discarding = False  # skipping the rest of an oversize line
+        #: Whether the last ``next_line`` received from the stream (``receive_some`` always
+        #: yields to trio's scheduler) rather than finding its line already buffered.
+        self.received = False
+
+    @property
+    def buffered(self) -> bool:
+        """Whether bytes after the last line wait here (the next line may need no receive)."""
+        return bool(self._buf)
 
     async def next_line(self) -> bytes | _Oversize | None:
         """The next line (without its newline), _OVERSIZE, or None at end of stream.
@@ -359,6 +367,7 @@ class _LineReader:
         A final line without a newline counts as a line.  An oversize line is reported once,
         as soon as it crosses the limit, and its remainder is then skipped.
         """
+        self.received = False
         while True:
             newline = self._buf.find(b"\n", self._scanned)
             if self._discarding:
@@ -384,6 +393,7 @@ class _LineReader:
             else:
                 self._scanned = len(self._buf)
             data = await self._stream.receive_some(RECEIVE_CHUNK_BYTES)
+            self.received = True
             if not data:
                 if self._buf and not self._discarding:
                     line = bytes(self._buf)
@@ -476,13 +486,47 @@ class _Connection:
         # concurrent send_all. Until then one task sends, one reply after the other: no lock.
         self._send_lock: trio.Lock | None = None
 
-    async def _send(self, data: bytes) -> None:
+    async def _send(self, data: bytes, *, yielded: bool = False) -> None:
+        """Send ``data`` whole. ``yielded``: the calling task went through trio's scheduler
+        since its last send (waiting for the request or event it answers), so this one may skip
+        the checkpoint of trio's ``send_all`` (see :meth:`_write`)."""
         lock = self._send_lock
         if lock is None:
-            await self._stream.send_all(data)
+            await self._write(data, yielded)
             return
-        async with lock:
-            await self._stream.send_all(data)
+        # Taken at once when free (trio's acquire is a checkpoint even then): exclusion and
+        # fairness are the lock's, since a lock with waiters refuses acquire_nowait.
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            await self._write(data, yielded)
+        finally:
+            lock.release()
+
+    async def _write(self, data: bytes, yielded: bool) -> None:
+        """``send_all``, less its checkpoint when the socket takes every byte at once.
+
+        trio's ``send_all`` yields to the scheduler after a send that succeeded, so that every
+        call is a checkpoint. A reply here follows a wait for its request (or a watch event a
+        wait for its change), which was one, and the local socket nearly always takes a reply
+        of a few hundred bytes at once: the extra trip through the scheduler was ~1.5 task
+        steps per op on five nodes at 500 ops/s (bench/README.md, session 10). A task that did
+        not yield since its last send (pipelined requests found already buffered) keeps
+        ``send_all`` and its checkpoint, so no client can keep this task from yielding."""
+        stream = self._stream
+        if not yielded or not isinstance(stream, trio.SocketStream):
+            await stream.send_all(data)
+            return
+        try:
+            sent = os.write(stream.socket.fileno(), data)  # non-blocking, as trio set it
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:  # the client went away (EPIPE, ECONNRESET), or closed: EBADF
+            raise trio.BrokenResourceError(f"control client gone: {exc}") from exc
+        if sent < len(data):
+            await stream.send_all(memoryview(data)[sent:])
 
     async def _next_request(self) -> _Request | None:
         """The next well-formed request; malformed and oversize lines are answered here with
@@ -511,7 +555,11 @@ class _Connection:
                 if await self._watch(request):
                     return
                 continue
-            await self._send(await self._call(request))
+            reply = await self._call(request)
+            # Without a checkpoint only when this request came with a receive and no other is
+            # buffered behind it: then the task yields between any two handler calls.
+            reader = self._reader
+            await self._send(reply, yielded=reader.received and not reader.buffered)
 
     async def _call(self, request: _Request) -> bytes:
         try:
@@ -571,7 +619,8 @@ class _Connection:
         """Send events until the iterator ends, fails, or the client goes away."""
         try:
             async for event in events:
-                await self._send(_encode_reply(request_id, "event", event))
+                # The iterator waited for this event (a checkpoint): see _write.
+                await self._send(_encode_reply(request_id, "event", event), yielded=True)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
         except ControlError as exc:

@@ -63,6 +63,8 @@ class FakeHandler:
             return {"x": b"not json"}
         if method == "nan":
             return float("nan")
+        if method == "repeat":
+            return "x" * require_param(params, "n", int)
         if method == "typed":
             side = require_param(params, "side", str, choices=("buy", "sell"))
             depth = optional_param(params, "depth", int, 10)
@@ -202,6 +204,53 @@ async def test_pipelined_requests_answered_in_order(handler: FakeHandler, home: 
         assert answers[0]["result"] == "slow"
         assert answers[2]["error"]["code"] == NOT_FOUND
         assert answers[3]["result"] == "fast"
+
+
+async def test_pipelined_requests_each_yield_to_other_tasks(
+    handler: FakeHandler, home: Path
+) -> None:
+    """A reply skips trio's send checkpoint only after a wait for its request: requests found
+    already buffered (pipelined) still go through the scheduler one by one, so a client that
+    pipelines cannot keep the node's other tasks from running."""
+    rounds = 0  # trio's scheduler rounds: each ends in an I/O wait (or poll)
+
+    class Rounds(trio.abc.Instrument):
+        def before_io_wait(self, timeout: float) -> None:
+            nonlocal rounds
+            rounds += 1
+
+    seen: list[int] = []
+    real_call = handler.call
+
+    async def counting_call(method: str, params: dict[str, Any]) -> Any:
+        seen.append(rounds)
+        return await real_call(method, params)
+
+    handler.call = counting_call  # type: ignore[method-assign]
+    instrument = Rounds()
+    trio.lowlevel.add_instrument(instrument)
+    try:
+        with trio.fail_after(TEST_DEADLINE):
+            peer = await Peer.connect(home)
+            lines = [{"id": i, "method": "echo", "params": {"n": i}} for i in range(50)]
+            await peer.send(b"".join(json.dumps(x).encode() + b"\n" for x in lines))
+            answers = [await peer.read() for _ in lines]
+    finally:
+        trio.lowlevel.remove_instrument(instrument)
+    assert [a["id"] for a in answers] == list(range(50))
+    # Between any two handler calls the connection's task went through the scheduler.
+    assert all(b > a for a, b in zip(seen, seen[1:], strict=False)), seen
+
+
+async def test_a_reply_bigger_than_the_socket_buffer_arrives_whole(
+    handler: FakeHandler, home: Path
+) -> None:
+    """The eager write takes what the socket buffer holds and leaves the rest to trio."""
+    with trio.fail_after(TEST_DEADLINE):
+        peer = await Peer.connect(home)
+        reply = await peer.request({"id": 1, "method": "repeat", "params": {"n": 4_000_000}})
+        assert reply == {"id": 1, "result": "x" * 4_000_000}
+        assert (await peer.request({"id": 2, "method": "echo"}))["id"] == 2
 
 
 async def test_connections_are_independent(handler: FakeHandler, home: Path) -> None:
