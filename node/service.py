@@ -1241,7 +1241,10 @@ class NodeService:
             if report.applied:
                 self.notify(ms, report.applied)
                 self.note_applied(len(report.applied))
-            await trio.lowlevel.checkpoint()
+            # No checkpoint here: the batch above never awaits, so nothing can have set the
+            # fresh event meanwhile, and the wait above parks (the next step is the next
+            # batch's wake-up; a checkpoint cost one more trip through trio's scheduler per
+            # batch, ~0.66 task steps per op on five nodes at 500 ops/s).
 
     async def wal_checkpoint_loop(self) -> None:
         """Copy the store's WAL into its database every ``WAL_CHECKPOINT_INTERVAL`` seconds in
@@ -1536,12 +1539,27 @@ class NodeService:
         (coalesced), until the caller stops."""
         watcher = Watcher()
         ms.watchers.append(watcher)
+        receive = watcher.receive
         try:
-            async with watcher.receive:
-                async for _ in watcher.receive:
+            async with receive:
+                napped = False
+                while True:
+                    try:
+                        # After the nap (a checkpoint) a change that came meanwhile is taken
+                        # without the second trip through the scheduler trio's receive makes.
+                        if napped:
+                            try:
+                                receive.receive_nowait()
+                            except trio.WouldBlock:
+                                await receive.receive()
+                        else:
+                            await receive.receive()
+                    except trio.EndOfChannel:
+                        return
                     yield watcher.take()
                     if min_interval:
                         await trio.sleep(min_interval)
+                        napped = True
         finally:
             if watcher in ms.watchers:
                 ms.watchers.remove(watcher)
