@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -239,7 +240,7 @@ async def test_pipelined_requests_each_yield_to_other_tasks(
         trio.lowlevel.remove_instrument(instrument)
     assert [a["id"] for a in answers] == list(range(50))
     # Between any two handler calls the connection's task went through the scheduler.
-    assert all(b > a for a, b in zip(seen, seen[1:], strict=False)), seen
+    assert all(b > a for a, b in itertools.pairwise(seen)), seen
 
 
 async def test_a_reply_bigger_than_the_socket_buffer_arrives_whole(
