@@ -89,7 +89,11 @@ if os.environ.get("CRDTBOOK_BENCH_STOCK_TRANSPORT") == "1":  # A/B: libp2p's loc
     p2p_install.LEAN_YAMUX_FRAMES = False
     p2p_install.BATCHED_WINDOW_UPDATES = False
     p2p_install.TCP_READ_AHEAD = False
+    p2p_install.EAGER_TCP_WRITES = False
     p2p_pubsub.KEEP_DEFAULT_SCORER = True
+if os.environ.get("CRDTBOOK_BENCH_STOCK_WRITES") == "1":  # A/B: a checkpoint after each TCP write
+    from crdtbook.node import p2p_install
+    p2p_install.EAGER_TCP_WRITES = False
 if os.environ.get("CRDTBOOK_BENCH_STOCK_WINDOW") == "1":  # A/B: Yamux's update after each read
     from crdtbook.node import p2p_install
     p2p_install.BATCHED_WINDOW_UPDATES = False
@@ -195,6 +199,7 @@ if arm == "stock":
     p2p_install.LEAN_YAMUX_FRAMES = False
     p2p_install.BATCHED_WINDOW_UPDATES = False
     p2p_install.TCP_READ_AHEAD = False
+    p2p_install.EAGER_TCP_WRITES = False
     p2p_pubsub.KEEP_DEFAULT_SCORER = True
 for knob in os.environ.get("CRDTBOOK_BENCH_TRANSPORT_OFF", "").split(","):  # A/B: one change off
     if knob:

@@ -9,7 +9,8 @@ change is process-wide (libp2p looks these names up in its own modules) and idem
 * Yamux: window updates in batches of half a window (as go-yamux), and its ``PY_YAMUX_*``
   settings read once, not per frame (the environment itself is not changed);
 * TCP: each socket receive reads ahead (:data:`READ_AHEAD_BYTES`), so a Noise frame is not two
-  receives and a burst of frames is one;
+  receives and a burst of frames is one; a write the socket takes at once costs no trip through
+  trio's scheduler (one in :data:`WRITES_PER_CHECKPOINT` still does);
 * the transport's locks (Yamux, its read-write lock, the TCP stream, net streams) take a free
   lock without a trip through trio's scheduler (:class:`EagerLock`), and Yamux writes a frame
   without formatting a debug line for it or a second scheduler trip after it;
@@ -282,6 +283,63 @@ def _install_read_ahead() -> None:
     tcp.read = read  # type: ignore[method-assign]
 
 
+#: False keeps the TCP stream's write as the library has it (bench A/B runs; see
+#: :func:`_install_eager_writes`).
+EAGER_TCP_WRITES = True
+#: One write in this many takes the library's path, checkpoint and all, whatever the socket
+#: would take: a task writing frame after frame without waiting in between (a sync session
+#: serving a long history) still goes through trio's scheduler every few frames.
+WRITES_PER_CHECKPOINT: Final = 8
+
+
+def _install_eager_writes() -> None:
+    """The TCP stream writes at once what the socket takes, without the trip through trio's
+    scheduler that ``send_all`` makes after a successful send.
+
+    Every gossip RPC a node sends (and every Yamux frame) ends in the TCP stream's ``write``:
+    the lock, then trio's ``send_all``, whose socket call is a checkpoint even when it succeeds
+    at once, as it nearly always does for a few KB to a local kernel buffer: ~1.1 scheduler
+    trips per op on five nodes at 500 ops/s (bench/README.md, session 10). Here, when the lock
+    is free, the bytes go to the socket directly (``os.write`` on its non-blocking descriptor,
+    under the lock); what it does not take, and any error, goes the library's way (so errors
+    are the library's: ``ConnectionClosedError`` for a reset, silence for a closed stream).
+    Order is kept: the lock is held for the direct write, is free of waiters when taken
+    (``acquire_nowait`` refuses a lock with waiters), and the library's write of the rest
+    takes it again with no await in between. Every :data:`WRITES_PER_CHECKPOINT`-th write
+    keeps the checkpoint."""
+    import libp2p.io.trio as trio_io
+
+    tcp = trio_io.TrioTCPStream
+    original = tcp.write
+    if not EAGER_TCP_WRITES or getattr(original, "_crdtbook_original", None) is not None:
+        return
+
+    async def write(self: Any, data: bytes) -> None:
+        count = getattr(self, "_crdtbook_writes", 0) + 1
+        self._crdtbook_writes = count
+        stream = self.stream
+        if count % WRITES_PER_CHECKPOINT and isinstance(stream, trio.SocketStream):
+            lock = self.write_lock
+            try:
+                lock.acquire_nowait()
+            except trio.WouldBlock:
+                pass  # another writer holds it or waits for it: queue behind, the library's way
+            else:
+                try:
+                    sent = os.write(stream.socket.fileno(), data)
+                except OSError:  # full (BlockingIOError), reset, closed: the library's way
+                    sent = 0
+                finally:
+                    lock.release()
+                if sent == len(data):
+                    return
+                data = data[sent:]
+        await original(self, data)
+
+    write._crdtbook_original = original  # type: ignore[attr-defined]
+    tcp.write = write  # type: ignore[method-assign]
+
+
 def _configure_library_logging() -> None:
     """Route libp2p's logs to the application's handlers and quieten multiaddr.
 
@@ -373,6 +431,7 @@ def install() -> None:
     _install_lean_frames()
     _install_window_rule()
     _install_read_ahead()
+    _install_eager_writes()
     p2p_records.install()
     p2p_limits.install()  # caps multistream-select reads (see node/p2p_limits.py)
     _install_drop_counter()
