@@ -152,12 +152,22 @@ if steps_dir:
                 counts["@" + task.name.rsplit(".", 1)[-1] + " " + " < ".join(where[-4:])] += 1
         def before_io_wait(self, timeout):
             waits[0] += 1
+    import gc
+    gc_time, gc_began = collections.Counter(), [0.0]
+    def gc_clock(phase, info):
+        if phase == "start":
+            gc_began[0] = time.thread_time()
+        else:
+            gc_time[info["generation"]] += time.thread_time() - gc_began[0]
+            counts["gc%d" % info["generation"]] += 1
+    gc.callbacks.append(gc_clock)
     trio_run_steps = trio.run
     def run_counted(*a, **k):
         try:
             return trio_run_steps(*a, instruments=[Steps()], **k)
         finally:
             out = {"io_waits": waits[0], "cpu_total": time.thread_time(),
+                   "gc_s": {str(g): round(t, 4) for g, t in gc_time.items()},
                    "tasks": {n: [counts[n], round(cpu[n], 4)] for n in counts}}
             (Path(steps_dir) / (Path(home).name + ".json")).write_text(json.dumps(out))
     trio.run = run_counted
