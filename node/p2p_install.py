@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 import types
 from collections.abc import Callable
@@ -318,7 +319,14 @@ def _install_eager_writes() -> None:
         count = getattr(self, "_crdtbook_writes", 0) + 1
         self._crdtbook_writes = count
         stream = self.stream
-        if count % WRITES_PER_CHECKPOINT and isinstance(stream, trio.SocketStream):
+        if (
+            count % WRITES_PER_CHECKPOINT
+            and isinstance(stream, trio.SocketStream)
+            # A task already cancelled writes nothing, as with the library (whose send checks
+            # first): a direct write could send part of a frame, and a frame cut short breaks
+            # the connection's Noise stream for every stream on it.
+            and trio.current_effective_deadline() != -math.inf
+        ):
             lock = self.write_lock
             try:
                 lock.acquire_nowait()
