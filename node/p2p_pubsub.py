@@ -186,6 +186,11 @@ DeliverHook = Callable[[rpc_pb2.Message, ID], None]
 #: a time and then its body (three to four stream reads per RPC, each through Yamux's locks and
 #: window accounting); a chunk holds every RPC already received.
 READ_CHUNK: Final = 64 * 1024
+#: A peer's read loop goes through trio's scheduler at least once per this many RPCs. Reading
+#: from Yamux's buffer, taking free locks and judging a duplicate, a malformed batch or one whose
+#: ops are all known can all run without an await, so a peer sending such RPCs back to back
+#: could otherwise hold the loop for a whole receive window of them.
+RPCS_PER_CHECKPOINT: Final = 16
 #: Longest unsigned varint (a 64-bit length).
 MAX_VARINT_BYTES: Final = 10
 #: True keeps py-libp2p's scorer with default parameters in routers made from now on (bench A/B
@@ -503,6 +508,7 @@ class HardenedPubsub(Pubsub):
         library's."""
         peer_id = stream.muxed_conn.peer_id
         buf = bytearray()
+        handled = 0
         try:
             while self.manager.is_running:
                 chunk = await stream.read(READ_CHUNK)
@@ -514,6 +520,9 @@ class HardenedPubsub(Pubsub):
                     rpc = rpc_pb2.RPC()
                     rpc.ParseFromString(body)
                     await self._handle_rpc(rpc, peer_id, stream, len(frame), reached)
+                    handled += 1
+                    if handled % RPCS_PER_CHECKPOINT == 0:
+                        await trio.lowlevel.checkpoint()
         except MessageTooLarge as exc:
             logger.warning("pubsub RPC from %s exceeded the size limit: %s", peer_id, exc)
             await _quiet_reset(stream)

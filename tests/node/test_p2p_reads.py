@@ -177,6 +177,51 @@ async def test_a_message_read_is_validated_by_its_read_loop_not_a_task_of_its_ow
         pubsub.seen_messages.stop()
 
 
+async def test_a_read_loop_yields_every_few_rpcs_that_need_no_await(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """RPCs judged without an await (here: handled at once, as a duplicate or a malformed batch
+    is) arriving in one chunk: the read loop still goes through trio's scheduler once per
+    RPCS_PER_CHECKPOINT of them, so a peer cannot hold it for a whole receive window."""
+    router = GossipSub(protocols=[PROTOCOL_ID_V11], degree=3, degree_low=2, degree_high=6)
+    pubsub = _unstarted_pubsub(router)
+    router.pubsub = pubsub
+    pubsub._manager = SimpleNamespace(is_running=True)  # type: ignore[assignment]
+    handled: list[int] = []
+    rounds = [0]
+
+    class Rounds(trio.abc.Instrument):
+        def before_io_wait(self, timeout: float) -> None:
+            rounds[0] += 1
+
+    async def handle(*args: Any) -> None:  # no await: as a duplicate is judged
+        handled.append(rounds[0])
+
+    monkeypatch.setattr(pubsub, "_handle_rpc", handle)
+    count = 4 * p2p_pubsub.RPCS_PER_CHECKPOINT
+    body = rpc_pb2.RPC(publish=[rpc_pb2.Message(data=b"x", topicIDs=[TOPIC])]).SerializeToString()
+    chunks = [bytes([len(body)]) + body] * count
+    peer = ID(b"\x00\x24" + b"p" * 36)
+
+    async def read(n: int) -> bytes:
+        if chunks:
+            data = b"".join(chunks)
+            chunks.clear()
+            return data  # every RPC in one chunk, returned without a checkpoint
+        return b""
+
+    stream = SimpleNamespace(muxed_conn=SimpleNamespace(peer_id=peer), read=read)
+    instrument = Rounds()
+    trio.lowlevel.add_instrument(instrument)
+    try:
+        await pubsub.continuously_read_stream(stream)  # type: ignore[arg-type]
+    finally:
+        trio.lowlevel.remove_instrument(instrument)
+        pubsub.seen_messages.stop()
+    assert len(handled) == count
+    assert handled[-1] - handled[0] >= count // p2p_pubsub.RPCS_PER_CHECKPOINT - 1
+
+
 def _result(t: float, ok: bool = True) -> ValidationResult:
     return ValidationResult(is_valid=ok, timestamp=t, error_message=None)
 
