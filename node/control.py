@@ -22,6 +22,7 @@ Why it looks like this:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -117,6 +118,9 @@ class ControlHandler(Protocol):
     inside a nursery or cancel scope; read from a memory channel fed by the node instead, and
     make that channel drop or coalesce updates so that a client that stops reading cannot
     stall the node (the server blocks in ``send`` when the client's socket buffer is full).
+    The iterator must await something that reaches trio's scheduler (a channel's ``receive``,
+    a sleep) before each event: the server sends an event without a checkpoint of its own when
+    the socket takes it at once (``_Connection._write``).
     """
 
     async def call(self, method: str, params: dict[str, Any]) -> Any:
@@ -523,7 +527,9 @@ class _Connection:
             sent = os.write(stream.socket.fileno(), data)  # non-blocking, as trio set it
         except BlockingIOError:
             sent = 0
-        except OSError as exc:  # the client went away (EPIPE, ECONNRESET), or closed: EBADF
+        except OSError as exc:
+            if exc.errno == errno.EBADF:  # closed here (fileno -1), as trio would say
+                raise trio.ClosedResourceError("control connection closed") from exc
             raise trio.BrokenResourceError(f"control client gone: {exc}") from exc
         if sent < len(data):
             await stream.send_all(memoryview(data)[sent:])
@@ -556,8 +562,9 @@ class _Connection:
                     return
                 continue
             reply = await self._call(request)
-            # Without a checkpoint only when this request came with a receive and no other is
-            # buffered behind it: then the task yields between any two handler calls.
+            # Without a checkpoint only when nothing is buffered behind this request (so the
+            # next needs a receive, which yields) and, to be safe, it came with a receive: the
+            # task yields between any two handler calls.
             reader = self._reader
             await self._send(reply, yielded=reader.received and not reader.buffered)
 
