@@ -106,6 +106,15 @@ if int(batch) == 1:
 config = NodeConfig(home=Path(home), listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=boot,
                     markets=["DEMO:1:1"], gossip_batch=int(batch), flush_delay=float(delay),
                     verbose=verbose, **extra)
+def run_under(instrument, dump):  # experiments: the node's trio.run with one more instrument
+    import trio
+    inner = trio.run
+    def run(*a, **k):
+        try:
+            return inner(*a, instruments=[*k.pop("instruments", ()), instrument], **k)
+        finally:
+            dump()
+    trio.run = run
 if os.environ.get("CRDTBOOK_BENCH_STALLS"):  # experiments: event-loop steps >= 5 ms, and GC
     import gc, json, time, trio
     stalls, gcs, began = [], [], {}
@@ -123,13 +132,8 @@ if os.environ.get("CRDTBOOK_BENCH_STALLS"):  # experiments: event-loop steps >= 
             gcs.append((round(time.time(), 3), round((time.perf_counter() - t[0]) * 1000, 1),
                         info["generation"]))
     gc.callbacks.append(gc_timer)
-    trio_run = trio.run
-    def run_instrumented(*a, **k):
-        try:
-            return trio_run(*a, instruments=[Stalls()], **k)
-        finally:
-            (Path(home) / "stalls.json").write_text(json.dumps({"steps": stalls, "gc": gcs}))
-    trio.run = run_instrumented
+    run_under(Stalls(), lambda: (Path(home) / "stalls.json").write_text(
+        json.dumps({"steps": stalls, "gc": gcs})))
 steps_dir = os.environ.get("CRDTBOOK_BENCH_STEPS")  # experiments: task steps and CPU by task
 if steps_dir:
     import collections, json, time, trio
@@ -161,16 +165,12 @@ if steps_dir:
             gc_time[info["generation"]] += time.thread_time() - gc_began[0]
             counts["gc%d" % info["generation"]] += 1
     gc.callbacks.append(gc_clock)
-    trio_run_steps = trio.run
-    def run_counted(*a, **k):
-        try:
-            return trio_run_steps(*a, instruments=[Steps()], **k)
-        finally:
-            out = {"io_waits": waits[0], "cpu_total": time.thread_time(),
-                   "gc_s": {str(g): round(t, 4) for g, t in gc_time.items()},
-                   "tasks": {n: [counts[n], round(cpu[n], 4)] for n in counts}}
-            (Path(steps_dir) / (Path(home).name + ".json")).write_text(json.dumps(out))
-    trio.run = run_counted
+    def dump_steps():
+        out = {"io_waits": waits[0], "cpu_total": time.thread_time(),
+               "gc_s": {str(g): round(t, 4) for g, t in gc_time.items()},
+               "tasks": {n: [counts[n], round(cpu[n], 4)] for n in counts}}
+        (Path(steps_dir) / (Path(home).name + ".json")).write_text(json.dumps(out))
+    run_under(Steps(), dump_steps)
 profile_dir = os.environ.get("CRDTBOOK_BENCH_PROFILE")  # experiments: CPU profile of node n2
 if profile_dir and Path(home).name == "n2":
     import cProfile, time
