@@ -322,6 +322,7 @@ def _install_eager_writes() -> None:
         if (
             count % WRITES_PER_CHECKPOINT
             and isinstance(stream, trio.SocketStream)
+            and type(data) is bytes  # what libp2p writes; len() then counts bytes
             # A task already cancelled writes nothing, as with the library (whose send checks
             # first): a direct write could send part of a frame, and a frame cut short breaks
             # the connection's Noise stream for every stream on it.
