@@ -139,13 +139,14 @@ steps_dir = os.environ.get("CRDTBOOK_BENCH_STEPS")  # experiments: task steps an
 if steps_dir:
     import collections, json, time, trio
     counts, cpu, waits, began = collections.Counter(), collections.Counter(), [0], [0.0]
+    where_too = bool(os.environ.get("CRDTBOOK_BENCH_STEPS_WHERE"))  # where each step parked
     class Steps(trio.abc.Instrument):
         def before_task_step(self, task):
             began[0] = time.thread_time()
         def after_task_step(self, task):
             counts[task.name] += 1
             cpu[task.name] += time.thread_time() - began[0]
-            if os.environ.get("CRDTBOOK_BENCH_STEPS_WHERE"):  # where each step parked
+            if where_too:
                 c, where = task.coro, []
                 while c is not None:
                     f = next((getattr(c, a) for a in ("cr_frame", "gi_frame", "ag_frame")
