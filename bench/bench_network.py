@@ -64,12 +64,17 @@ if os.environ.get("CRDTBOOK_BENCH_NURSERY_VALIDATION") == "1":  # A/B: libp2p's 
 if os.environ.get("CRDTBOOK_BENCH_STOCK_FORWARD") == "1":  # A/B: libp2p's forward/send path
     from crdtbook.node import p2p_pubsub
     p2p_pubsub.LEAN_FORWARD = p2p_pubsub.SHARED_SEND = p2p_pubsub.COALESCED_WRITES = False
-if os.environ.get("CRDTBOOK_BENCH_PUBLISH_BATCH_OPS"):  # experiments: publish on a full batch
-    from crdtbook.node import service
-    service.PUBLISH_BATCH_OPS = int(os.environ["CRDTBOOK_BENCH_PUBLISH_BATCH_OPS"])
+if os.environ.get("CRDTBOOK_BENCH_UNALIGNED") == "1":  # A/B: busy messages on each node's phase
+    from crdtbook.node import publish_schedule
+    publish_schedule.SHARED_GRID = False
 if os.environ.get("CRDTBOOK_BENCH_PUBLISH_PER_PEER"):  # experiments: the interval's per-peer step
-    from crdtbook.node import service
-    service.PUBLISH_INTERVAL_PER_PEER = float(os.environ["CRDTBOOK_BENCH_PUBLISH_PER_PEER"])
+    from crdtbook.node import publish_schedule
+    publish_schedule.PUBLISH_INTERVAL_PER_PEER = float(
+        os.environ["CRDTBOOK_BENCH_PUBLISH_PER_PEER"])
+if os.environ.get("CRDTBOOK_BENCH_SPARE_FRACTION"):  # experiments: the spare period's fraction
+    from crdtbook.node import publish_schedule
+    publish_schedule.PUBLISH_SPARE_FRACTION = float(
+        os.environ["CRDTBOOK_BENCH_SPARE_FRACTION"])
 net = {}
 if os.environ.get("CRDTBOOK_BENCH_GOSSIP_DEGREE"):  # experiments: GossipSub D (D_lo, D_hi follow)
     d = int(os.environ["CRDTBOOK_BENCH_GOSSIP_DEGREE"])

@@ -1,10 +1,10 @@
 """Whether this node's event loop has time to spare: the gate on work that buys latency with CPU.
 
-Early publishing (``service.PUBLISH_BATCH_OPS``) sends a gossip message as soon as a node's
-outbox holds a batch, instead of at the end of its publish interval. That halves the latency of
-a busy five-node market (p99 183-188 -> 79-88 ms at 500 ops/s, bench/README.md #12), but every
-message costs every node a few tenths of a millisecond to read, so near capacity it costs
-throughput (five nodes on two cores, ungated: ~1,750 -> ~1,300-1,500 ops/s). So it is on only
+Early publishing (``publish_schedule.PUBLISH_SPARE_FRACTION``) makes a busy node's publish
+period shorter than its interval. That cuts the latency of a busy five-node market (session 8's
+first form, a message per 6 ops: p99 183-188 -> 79-88 ms at 500 ops/s, bench/README.md #12),
+but every message costs every node a few tenths of a millisecond to read, so near capacity it
+costs throughput (five nodes on two cores, ungated: ~1,750 -> ~1,300-1,500 ops/s). So it is on only
 while the event loop is mostly idle, and off once it is busier, with a gap between the two
 bounds so that the switch itself does not make the load swing across one bound.
 

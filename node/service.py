@@ -70,6 +70,7 @@ from . import retention as retention_
 from .finality import HEARTBEAT_INTERVAL, FinalityTracker
 from .headroom import LoopHeadroom
 from .limits import GOSSIP_ENVELOPE_BYTES, GOSSIP_OP_OVERHEAD, MAX_GOSSIP_BYTES, MAX_WATCH_IDS
+from .publish_schedule import next_publish, publish_interval, publish_period
 from .store import (
     CompactedFill,
     CompactedOrder,
@@ -89,32 +90,6 @@ PublishFn = Callable[[str, bytes], Awaitable[None]]
 
 #: How long the first op of a gossip batch waits for company (ops submitted together).
 FLUSH_DELAY: Final = 0.002
-#: Under load a node publishes at most one gossip message per market per interval (idle, an op
-#: goes out at once; busy, batches grow instead of the message rate). The interval is this much
-#: per peer on the topic, so the whole network's message rate stays near a fixed budget
-#: (~1 / PUBLISH_INTERVAL_PER_PEER, here ~50 msg/s) as it grows: each message costs each node
-#: a copy to read (one, with flood publishing and reached lists: node/p2p_pubsub.py). An op
-#: waits up to one interval before it leaves, so the interval is most of the latency: 80 ms with
-#: 5 nodes, 380 ms with 20. Measured with reached lists (bench_scale.py --nodes 20 --rates 100,
-#: arms alternating, bench/README.md #12 session 9): 40 / 30 / 20 ms per peer gave 20 nodes p99
-#: 912-915 / 654-718 / 461-526 ms at 0.62-0.64 / 0.56-0.68 / 0.74-0.89 ms of CPU per op per
-#: node; 5 nodes at 500 ops/s (early publishing governs there) p99 78-79 ms with 40 and 77-78
-#: with 20, at 1.83-1.89 and 1.73-1.74 ms per op across the nodes, and the same throughput.
-#: Before reached lists a copy cost each node 2.5-3x more and 20 ms did not pay: 40 / 30 / 25
-#: ms gave 20 nodes p99 1.0-1.4 / 1.2-3.0 / 4.2-4.5 s (two cores saturated).
-PUBLISH_INTERVAL_PER_PEER: Final = 0.02
-PUBLISH_INTERVAL_MIN: Final = 0.05
-#: While the node's loop has time to spare (node/headroom.py), it publishes before its interval
-#: is over once its outbox holds this many ops (never sooner than PUBLISH_INTERVAL_MIN after its
-#: last message): ops submitted faster than the interval allows then wait for a batch rather than
-#: for the interval, and a message's cost (each copy read by each node) is still shared by at
-#: least this many ops. Measured, 5 nodes at 500 ops/s (bench_network.py --only latency, four
-#: pairs, bench/README.md #12 session 8): p99 183-188 -> 79-88 ms, p50 103-108 -> 49-52 ms, node
-#: CPU per op 1.2-1.7 -> 1.9-2.3 ms; 4 ops gave the same p99 at up to 3.1 ms. Without the gate
-#: it cost throughput (2,000 ops/s asked: ~1,750 -> 1,300-1,500 achieved); with it, none measured.
-#: 0: the interval only.
-PUBLISH_BATCH_OPS = 6
-PUBLISH_INTERVAL_MAX: Final = 1.0
 #: Default: adapt to the topic's peers (a number > 0 fixes the interval).
 PUBLISH_INTERVAL: Final = -1.0
 #: Seconds between copies of the store's WAL into its database, done in a worker thread
@@ -171,8 +146,6 @@ class MarketState:
     topic: str
     outbox: list[bytes] = field(default_factory=list)
     outbox_ready: trio.Event = field(default_factory=trio.Event)
-    #: Set when ops join the outbox (the flush loop, waiting for a batch to fill, replaces it).
-    outbox_grew: trio.Event = field(default_factory=trio.Event)
     watchers: list[Watcher] = field(default_factory=list)
     last_sync: float | None = None
     received: int = 0
@@ -619,10 +592,12 @@ class NodeService:
         self.publish_interval = publish_interval
         self.gossip_batch = max(1, min(gossip_batch, MAX_BATCH_OPS))
         self.flush_delay = flush_delay
-        #: Whether the node's loop has time to spare for early publishing (PUBLISH_BATCH_OPS);
-        #: it judges only once registered as a trio instrument (node/app.py does), and is
-        #: spare until then.
+        #: Whether the node's loop has time to spare for the shorter publish period
+        #: (node/publish_schedule.py); it judges only once registered as a trio instrument
+        #: (node/app.py does), and is spare until then.
         self.headroom = LoopHeadroom()
+        #: The wall clock the publish schedule's shared instants are taken on (tests set theirs).
+        self.wall_clock: Callable[[], float] = time.time
         self.store = store
         self.markets: dict[bytes, MarketState] = {m.id: self._market_state(m) for m in markets}
         self.by_name: dict[str, MarketState] = {ms.market.name: ms for ms in self.markets.values()}
@@ -1348,7 +1323,6 @@ class NodeService:
         await self._writer.write([(op.id, op.market_id, op.lamport, op.raw) for op in ops])
         ms.outbox.extend(op.raw for op in ops)
         ms.outbox_ready.set()
-        ms.outbox_grew.set()
         self.notify(ms, ops)
         return cancel, new
 
@@ -1463,39 +1437,32 @@ class NodeService:
         await self._writer.write([(op.id, op.market_id, op.lamport, raw)])
         ms.outbox.append(raw)
         ms.outbox_ready.set()
-        ms.outbox_grew.set()
         self.notify(ms, [op])
 
     def publish_interval_for(self, topic_peers: int) -> float:
         if self.publish_interval >= 0:
             return self.publish_interval
-        return min(
-            PUBLISH_INTERVAL_MAX,
-            max(PUBLISH_INTERVAL_MIN, PUBLISH_INTERVAL_PER_PEER * topic_peers),
-        )
+        return publish_interval(topic_peers)
 
     async def flush_loop(
         self, ms: MarketState, publish: PublishFn, topic_peers: Callable[[str], int]
     ) -> None:
-        """Send the market's outbox as gossip batches, for ever."""
+        """Send the market's outbox as gossip batches, for ever, on the publish schedule
+        (node/publish_schedule.py)."""
         last = -float("inf")
         while True:
             await ms.outbox_ready.wait()
             interval = self.publish_interval_for(topic_peers(ms.topic))
-            now = trio.current_time()
-            due = max(now + self.flush_delay, last + interval)
-            # Sooner once the outbox holds a full batch (PUBLISH_BATCH_OPS): a busy node's
-            # messages then follow its op rate, each one's cost shared by that many ops.
-            early = max(now + self.flush_delay, last + PUBLISH_INTERVAL_MIN)
-            batch = PUBLISH_BATCH_OPS if self.headroom.spare else 0
-            if batch and due > early:
-                await trio.sleep_until(early)
-                with trio.move_on_at(due):
-                    while len(ms.outbox) < batch:
-                        ms.outbox_grew = trio.Event()
-                        await ms.outbox_grew.wait()
-            else:
-                await trio.sleep_until(due)
+            await trio.sleep_until(
+                next_publish(
+                    now=trio.current_time(),
+                    last=last,
+                    interval=interval,
+                    period=publish_period(interval, self.headroom.spare),
+                    wall=self.wall_clock(),
+                    flush_delay=self.flush_delay,
+                )
+            )
             last = trio.current_time()
             await self.flush(ms, publish)
 

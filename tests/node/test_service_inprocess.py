@@ -10,6 +10,7 @@ Ops and the store check come from test_hostile_inputs.py.
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ import pytest
 import trio
 import trio.testing
 
+import crdtbook.node.publish_schedule as schedule
 import crdtbook.node.service as service_module
 from crdtbook import BadLamport, InvalidOp, Op, op_id
 from crdtbook.node.service import MarketState, NodeService, Watcher
@@ -376,11 +378,18 @@ async def _submit(n: Node, ms: MarketState, price: int) -> bytes:
     return op.raw
 
 
+def grid_after(instant: float, period: float) -> float:
+    """The first whole multiple of ``period`` at or after ``instant``."""
+    return math.ceil(instant / period - 1e-9) * period
+
+
 async def test_flush_loop_paces_batches_by_the_publish_interval(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     interval, delay = 0.1, 0.002
     async with bare(tmp_path, publish_interval=interval, flush_delay=delay) as n:
+        n.service.headroom.spare = False  # the period is then the interval
+        n.service.wall_clock = trio.current_time  # the schedule's wall clock: the test's clock
         ms = n.ms(V1)
         published = Published()
         async with trio.open_nursery() as nursery:
@@ -391,35 +400,42 @@ async def test_flush_loop_paces_batches_by_the_publish_interval(
             first = [await _submit(n, ms, 100), await _submit(n, ms, 101)]
             at, batch = await published.next()
             assert at == pytest.approx(start + delay) and batch == first
-            # Busy: the next op waits out the interval since the last publish, and everything
-            # submitted during it goes out in one message.
+            # Busy: the next op waits for the first multiple of the interval on the wall clock
+            # at least half an interval after the last message, and everything submitted
+            # meanwhile goes out in one message.
             second = [await _submit(n, ms, 102)]
             await trio.sleep(0.05)
             second.append(await _submit(n, ms, 103))
             at2, batch = await published.next()
-            assert at2 == pytest.approx(at + interval) and batch == second
+            assert at2 == pytest.approx(grid_after(at + interval / 2, interval))
+            assert batch == second
+            # And the next a whole interval after that.
+            third = [await _submit(n, ms, 104)]
+            at3, batch = await published.next()
+            assert at3 == pytest.approx(at2 + interval) and batch == third
             # An op long after the last publish goes out after flush_delay again.
             await trio.sleep(5)
             start = trio.current_time()
-            third = [await _submit(n, ms, 104)]
-            at3, batch = await published.next()
-            assert at3 == pytest.approx(start + delay) and batch == third
+            fourth = [await _submit(n, ms, 105)]
+            at4, batch = await published.next()
+            assert at4 == pytest.approx(start + delay) and batch == fourth
             times = [t for t, _ in published.log]
-            assert all(b - a >= interval - 1e-9 for a, b in itertools.pairwise(times))
-            assert len(published.log) == 3
+            assert all(b - a >= interval / 2 - 1e-9 for a, b in itertools.pairwise(times))
+            assert len(published.log) == 4
             nursery.cancel_scope.cancel()
 
 
-async def test_flush_loop_publishes_a_full_batch_before_the_interval_while_the_loop_is_spare(
+async def test_flush_loop_publishes_busy_batches_on_the_wall_clocks_grid_sooner_while_spare(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """PUBLISH_BATCH_OPS ops in the outbox go out at once (at least PUBLISH_INTERVAL_MIN after
-    the last message), not at the end of the interval; fewer wait for it; and a node without
-    time to spare (node/headroom.py) waits for the interval whatever its outbox holds."""
-    interval, delay = 1.0, 0.002
-    full = service_module.PUBLISH_BATCH_OPS
-    assert full > 1 and interval > service_module.PUBLISH_INTERVAL_MIN
+    """Busy, the outbox goes out at whole multiples of the period on the wall clock (so nodes
+    with the same period publish together): the interval without time to spare, its
+    PUBLISH_SPARE_FRACTION with (node/headroom.py)."""
+    interval, delay, offset = 0.4, 0.002, 1_000_000.013
+    spare_period = schedule.publish_period(interval, spare=True)
+    assert spare_period == pytest.approx(interval * schedule.PUBLISH_SPARE_FRACTION)
     async with bare(tmp_path, publish_interval=interval, flush_delay=delay) as n:
+        n.service.wall_clock = lambda: trio.current_time() + offset
         ms = n.ms(V1)
         headroom = n.service.headroom  # never registered here: spare until the test says not
         assert headroom.spare
@@ -427,29 +443,20 @@ async def test_flush_loop_publishes_a_full_batch_before_the_interval_while_the_l
         async with trio.open_nursery() as nursery:
             nursery.start_soon(n.service.flush_loop, ms, published, lambda _t: 3)
             await _submit(n, ms, 100)
-            await published.next()
-            # A full batch, submitted over 0.2 s: out when its last op arrives.
-            batch = []
-            for i in range(full):
-                await trio.sleep(0.2 / full)
-                batch.append(await _submit(n, ms, 101 + i))
-            filled = trio.current_time()
-            at2, got = await published.next()
-            assert got == batch and at2 == pytest.approx(filled)
-            # All at once, right after a message: out PUBLISH_INTERVAL_MIN after it.
-            burst = [await _submit(n, ms, 120 + i) for i in range(full)]
-            at3, got = await published.next()
-            assert got == burst
-            assert at3 == pytest.approx(at2 + service_module.PUBLISH_INTERVAL_MIN)
-            # Less than a batch: the interval.
-            few = [await _submit(n, ms, 140 + i) for i in range(full - 1)]
-            at4, got = await published.next()
-            assert got == few and at4 == pytest.approx(at3 + interval)
-            # No time to spare: a full batch waits for the interval too.
-            headroom.spare = False
-            busy = [await _submit(n, ms, 160 + i) for i in range(full)]
-            at5, got = await published.next()
-            assert got == busy and at5 == pytest.approx(at4 + interval)
+            last, _ = await published.next()
+            price = 101
+            for period, spare in ((spare_period, True), (interval, False)):
+                headroom.spare = spare
+                for _ in range(3):
+                    await trio.sleep(0.01)
+                    raw = await _submit(n, ms, price)
+                    price += 1
+                    at, got = await published.next()
+                    assert got == [raw]
+                    assert at + offset == pytest.approx(
+                        grid_after(last + offset + period / 2, period)
+                    )
+                    last = at
             nursery.cancel_scope.cancel()
 
 
@@ -457,12 +464,12 @@ async def test_flush_loop_interval_follows_topic_peers_and_splits_big_outboxes(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     async with bare(tmp_path, gossip_batch=2) as n:  # publish_interval: adaptive
+        n.service.headroom.spare = False
+        n.service.wall_clock = trio.current_time
         ms = n.ms(V1)
         peers = [10]
         interval = n.service.publish_interval_for(10)
-        assert interval == pytest.approx(10 * service_module.PUBLISH_INTERVAL_PER_PEER)
-        assert n.service.publish_interval_for(0) == service_module.PUBLISH_INTERVAL_MIN
-        assert n.service.publish_interval_for(10_000) == service_module.PUBLISH_INTERVAL_MAX
+        assert interval == pytest.approx(10 * schedule.PUBLISH_INTERVAL_PER_PEER)
         published = Published()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(n.service.flush_loop, ms, published, lambda _t: peers[0])
@@ -471,12 +478,12 @@ async def test_flush_loop_interval_follows_topic_peers_and_splits_big_outboxes(
             raws += [await _submit(n, ms, 101 + i) for i in range(5)]  # one flush, 3 messages
             batches = [await published.next() for _ in range(3)]
             assert [b for _, b in batches] == [raws[1:3], raws[3:5], raws[5:6]]
-            assert all(t == pytest.approx(at + interval) for t, _ in batches)
+            due = grid_after(at + interval / 2, interval)
+            assert all(t == pytest.approx(due) for t, _ in batches)
             peers[0] = 50  # a bigger topic: a longer interval, up to the maximum
-            late = trio.current_time()
             await _submit(n, ms, 200)
             at2, _ = await published.next()
-            assert at2 == pytest.approx(max(late + n.service.flush_delay, batches[0][0] + 1.0))
+            assert at2 == pytest.approx(grid_after(due + 0.5, 1.0))
             nursery.cancel_scope.cancel()
 
 
