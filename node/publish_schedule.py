@@ -6,17 +6,19 @@ its trio time and the wall clock), so the schedule is tested without either.
 
 - **Idle**: once the last message is an interval old, an op goes out after ``flush_delay`` (it
   waits that long for company: ops submitted together leave together).
-- **Busy**: at most one message per *period*, and only at the instants that are whole multiples
-  of the period on the wall clock. Every node with the same period (the same number of peers on
-  the topic, the same verdict on its spare time) so publishes at the same instants, and each
-  reader takes its peers' messages in one wake-up instead of one each. At 500 ops/s a node
-  sleeps between events, and each wake-up runs cold (its caches refilled after the other
-  processes ran); sharing them is what this buys (measured: bench/README.md, issue #12,
-  session 11). Nodes whose clocks disagree lose only the sharing: each still publishes once
-  per period.
-- **Period**: the interval, ``PUBLISH_INTERVAL_PER_PEER`` per peer on the topic, so that the
-  network's message rate stays near a fixed budget as it grows; while the node's loop has time
-  to spare (``node/headroom.py``), ``PUBLISH_SPARE_FRACTION`` of it, for latency.
+- **Busy**: at most one message per *period*. The period is the interval,
+  ``PUBLISH_INTERVAL_PER_PEER`` per peer on the topic, so that the network's message rate stays
+  near a fixed budget as it grows, and a message goes out a period after the last.
+- **Busy with time to spare** (``node/headroom.py``): the period is ``PUBLISH_SPARE_FRACTION``
+  of the interval, for latency, and messages go out only at the instants that are whole
+  multiples of the period on the wall clock. Every such node with the same period (the same
+  number of peers on the topic) so publishes at the same instants, and each reader takes its
+  peers' messages in one wake-up instead of one each. A node with time to spare sleeps between
+  events, and each wake-up runs cold (its caches refilled after the other processes ran);
+  sharing them is what this buys (bench/README.md, issue #12, session 11). A node without time
+  to spare has no sleep to share (five saturated nodes reached the same throughput either way,
+  within the noise), so it keeps its own phase. Nodes whose clocks disagree lose only the
+  sharing: each still publishes once per period.
 
 Nothing here touches derived state: when a message leaves changes when peers see ops, never what
 they derive from them.
@@ -52,14 +54,17 @@ PUBLISH_INTERVAL_PER_PEER: Final = 0.02
 #: The shortest interval and period (a topic of one or two peers).
 PUBLISH_INTERVAL_MIN: Final = 0.05
 PUBLISH_INTERVAL_MAX: Final = 1.0
-#: While the loop has time to spare, the period is this fraction of the interval: 60 ms with 5
-#: nodes, where p99 at 500 ops/s is then 80-93 ms (the interval's 80 ms gives 103-113 ms:
-#: bench/README.md #12 session 11). It replaces session 8's early publishing (a message as soon
-#: as 6 ops waited, at least 50 ms after the last: p99 73-77 ms), whose messages followed each
-#: node's own op rate and so could not share instants with other nodes' messages.
-PUBLISH_SPARE_FRACTION: Final = 0.75
-#: Busy messages go out at the wall clock's multiples of the period (False: a period after the
-#: last message, each node on its own phase; kept for A/B runs: CRDTBOOK_BENCH_UNALIGNED=1).
+#: While the loop has time to spare, the period is this fraction of the interval: 50 ms with 5
+#: nodes. Measured there at 500 ops/s (bench_network.py --only latency, arms alternating, load
+#: 1-2.5, bench/README.md #12 session 11): 50 ms on the shared grid p99 87-88 ms; 60 ms (3/4)
+#: p99 89-100 ms, too close to the 100 ms target on a loaded machine; the same periods each on
+#: its own phase 76-85 ms, at 5-20% more CPU per op. It replaces session 8's early publishing (a
+#: message as soon as 6 ops waited, at least 50 ms after the last: p99 73-79 ms), whose
+#: messages followed each node's own op rate and so could not share instants.
+PUBLISH_SPARE_FRACTION: Final = 0.625
+#: A spare node's busy messages go out at the wall clock's multiples of the period (False: a
+#: period after the last message, each node on its own phase; for A/B runs:
+#: CRDTBOOK_BENCH_UNALIGNED=1).
 SHARED_GRID = True
 
 
@@ -78,7 +83,14 @@ def publish_period(interval: float, spare: bool) -> float:
 
 
 def next_publish(
-    *, now: float, last: float, interval: float, period: float, wall: float, flush_delay: float
+    *,
+    now: float,
+    last: float,
+    interval: float,
+    period: float,
+    wall: float,
+    flush_delay: float,
+    on_grid: bool = True,
 ) -> float:
     """When (in the caller's clock, whose time is ``now``) an outbox that has just become
     non-empty goes out, given the last message at ``last`` and the wall clock at ``wall``.
@@ -86,12 +98,13 @@ def next_publish(
     Idle (``last`` an interval old): ``now + flush_delay``. Busy: the first multiple of
     ``period`` on the wall clock that is at least ``flush_delay`` away and at least half a
     period after the last message (so a node never publishes twice at one instant, nor twice
-    within half a period when it comes out of idle).
+    within half a period when it comes out of idle); not ``on_grid``, a period after the last
+    message.
     """
     soonest = now + flush_delay
     if last + interval <= soonest or period <= 0:
         return soonest
-    if not SHARED_GRID:
+    if not (on_grid and SHARED_GRID):
         return max(soonest, last + period)
     at = max(soonest, last + period / 2)
     return at + (-(wall + (at - now))) % period

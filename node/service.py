@@ -1453,14 +1453,16 @@ class NodeService:
         while True:
             await ms.outbox_ready.wait()
             interval = self.publish_interval_for(topic_peers(ms.topic))
+            spare = self.headroom.spare
             await trio.sleep_until(
                 next_publish(
                     now=trio.current_time(),
                     last=last,
                     interval=interval,
-                    period=publish_period(interval, self.headroom.spare),
+                    period=publish_period(interval, spare),
                     wall=self.wall_clock(),
                     flush_delay=self.flush_delay,
+                    on_grid=spare,
                 )
             )
             last = trio.current_time()

@@ -388,8 +388,7 @@ async def test_flush_loop_paces_batches_by_the_publish_interval(
 ) -> None:
     interval, delay = 0.1, 0.002
     async with bare(tmp_path, publish_interval=interval, flush_delay=delay) as n:
-        n.service.headroom.spare = False  # the period is then the interval
-        n.service.wall_clock = trio.current_time  # the schedule's wall clock: the test's clock
+        n.service.headroom.spare = False  # the period is then the interval, on its own phase
         ms = n.ms(V1)
         published = Published()
         async with trio.open_nursery() as nursery:
@@ -400,15 +399,13 @@ async def test_flush_loop_paces_batches_by_the_publish_interval(
             first = [await _submit(n, ms, 100), await _submit(n, ms, 101)]
             at, batch = await published.next()
             assert at == pytest.approx(start + delay) and batch == first
-            # Busy: the next op waits for the first multiple of the interval on the wall clock
-            # at least half an interval after the last message, and everything submitted
-            # meanwhile goes out in one message.
+            # Busy (and no time to spare): the next op waits out the interval since the last
+            # publish, and everything submitted during it goes out in one message.
             second = [await _submit(n, ms, 102)]
             await trio.sleep(0.05)
             second.append(await _submit(n, ms, 103))
             at2, batch = await published.next()
-            assert at2 == pytest.approx(grid_after(at + interval / 2, interval))
-            assert batch == second
+            assert at2 == pytest.approx(at + interval) and batch == second
             # And the next a whole interval after that.
             third = [await _submit(n, ms, 104)]
             at3, batch = await published.next()
@@ -420,7 +417,7 @@ async def test_flush_loop_paces_batches_by_the_publish_interval(
             at4, batch = await published.next()
             assert at4 == pytest.approx(start + delay) and batch == fourth
             times = [t for t, _ in published.log]
-            assert all(b - a >= interval / 2 - 1e-9 for a, b in itertools.pairwise(times))
+            assert all(b - a >= interval - 1e-9 for a, b in itertools.pairwise(times))
             assert len(published.log) == 4
             nursery.cancel_scope.cancel()
 
@@ -428,9 +425,9 @@ async def test_flush_loop_paces_batches_by_the_publish_interval(
 async def test_flush_loop_publishes_busy_batches_on_the_wall_clocks_grid_sooner_while_spare(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """Busy, the outbox goes out at whole multiples of the period on the wall clock (so nodes
-    with the same period publish together): the interval without time to spare, its
-    PUBLISH_SPARE_FRACTION with (node/headroom.py)."""
+    """Busy with time to spare (node/headroom.py), the outbox goes out at whole multiples of
+    PUBLISH_SPARE_FRACTION of the interval on the wall clock (so such nodes publish together);
+    without, an interval after the last message."""
     interval, delay, offset = 0.4, 0.002, 1_000_000.013
     spare_period = schedule.publish_period(interval, spare=True)
     assert spare_period == pytest.approx(interval * schedule.PUBLISH_SPARE_FRACTION)
@@ -445,7 +442,7 @@ async def test_flush_loop_publishes_busy_batches_on_the_wall_clocks_grid_sooner_
             await _submit(n, ms, 100)
             last, _ = await published.next()
             price = 101
-            for period, spare in ((spare_period, True), (interval, False)):
+            for spare in (True, False, True):
                 headroom.spare = spare
                 for _ in range(3):
                     await trio.sleep(0.01)
@@ -453,9 +450,11 @@ async def test_flush_loop_publishes_busy_batches_on_the_wall_clocks_grid_sooner_
                     price += 1
                     at, got = await published.next()
                     assert got == [raw]
-                    assert at + offset == pytest.approx(
-                        grid_after(last + offset + period / 2, period)
-                    )
+                    if spare:
+                        half = last + offset + spare_period / 2
+                        assert at + offset == pytest.approx(grid_after(half, spare_period))
+                    else:
+                        assert at == pytest.approx(last + interval)
                     last = at
             nursery.cancel_scope.cancel()
 
@@ -465,7 +464,6 @@ async def test_flush_loop_interval_follows_topic_peers_and_splits_big_outboxes(
 ) -> None:
     async with bare(tmp_path, gossip_batch=2) as n:  # publish_interval: adaptive
         n.service.headroom.spare = False
-        n.service.wall_clock = trio.current_time
         ms = n.ms(V1)
         peers = [10]
         interval = n.service.publish_interval_for(10)
@@ -478,12 +476,12 @@ async def test_flush_loop_interval_follows_topic_peers_and_splits_big_outboxes(
             raws += [await _submit(n, ms, 101 + i) for i in range(5)]  # one flush, 3 messages
             batches = [await published.next() for _ in range(3)]
             assert [b for _, b in batches] == [raws[1:3], raws[3:5], raws[5:6]]
-            due = grid_after(at + interval / 2, interval)
-            assert all(t == pytest.approx(due) for t, _ in batches)
+            assert all(t == pytest.approx(at + interval) for t, _ in batches)
             peers[0] = 50  # a bigger topic: a longer interval, up to the maximum
+            late = trio.current_time()
             await _submit(n, ms, 200)
             at2, _ = await published.next()
-            assert at2 == pytest.approx(grid_after(due + 0.5, 1.0))
+            assert at2 == pytest.approx(max(late + n.service.flush_delay, batches[0][0] + 1.0))
             nursery.cancel_scope.cancel()
 
 
