@@ -140,6 +140,24 @@ if os.environ.get("CRDTBOOK_BENCH_STALLS"):  # experiments: event-loop steps >= 
     gc.callbacks.append(gc_timer)
     run_under(Stalls(), lambda: (Path(home) / "stalls.json").write_text(
         json.dumps({"steps": stalls, "gc": gcs})))
+wakes_dir = os.environ.get("CRDTBOOK_BENCH_WAKES")  # experiments: the loop's blocking waits
+if wakes_dir:
+    import collections, json, time, trio
+    wakes, wait_began, woke = collections.Counter(), [0.0], [False]
+    class Wakes(trio.abc.Instrument):
+        def before_io_wait(self, timeout):
+            wakes["waits"] += 1
+            wait_began[0] = time.monotonic()
+        def after_io_wait(self, timeout):
+            if time.monotonic() - wait_began[0] > 0.0002:  # it slept: a wake-up
+                wakes["blocked"] += 1
+                woke[0] = True
+        def before_task_step(self, task):
+            if woke[0]:  # the task that runs first after a wake-up
+                woke[0] = False
+                wakes["first: " + task.name.rsplit(".", 1)[-1]] += 1
+    run_under(Wakes(), lambda: (Path(wakes_dir) / (Path(home).name + ".json")).write_text(
+        json.dumps(wakes)))
 steps_dir = os.environ.get("CRDTBOOK_BENCH_STEPS")  # experiments: task steps and CPU by task
 if steps_dir:
     import collections, json, time, trio
