@@ -58,9 +58,9 @@ PUBLISH_INTERVAL_MAX: Final = 1.0
 #: nodes. Measured there at 500 ops/s (bench_network.py --only latency, arms alternating, load
 #: 1-2.5, bench/README.md #12 session 11): 50 ms on the shared grid p99 87-88 ms; 60 ms (3/4)
 #: p99 89-100 ms, too close to the 100 ms target on a loaded machine; the same periods each on
-#: its own phase 76-85 ms, at 5-20% more CPU per op. It replaces session 8's early publishing (a
-#: message as soon as 6 ops waited, at least 50 ms after the last: p99 73-79 ms), whose
-#: messages followed each node's own op rate and so could not share instants.
+#: its own phase 76-85 ms, at 6-15% more CPU per op (within-run A/B). It replaces session 8's
+#: early publishing (a message as soon as 6 ops waited, at least 50 ms after the last: p99
+#: 73-79 ms), whose messages followed each node's own op rate and so could not share instants.
 PUBLISH_SPARE_FRACTION: Final = 0.625
 #: A spare node's busy messages go out at the wall clock's multiples of the period (False: a
 #: period after the last message, each node on its own phase; for A/B runs:
