@@ -2,6 +2,8 @@
 
     python bench/bench_network.py [--nodes 5] [--rate 500] [--seconds 10] [--catchup 100000]
                                   [--quick] [--json]
+    python bench/bench_network.py --only latency --base-rev b65a508 --reps 3 --seconds 15
+        # node CPU per op against the node issue #12's targets were set against, same run
 
 Phases:
   1. latency: ops submitted at a fixed rate, round robin over the nodes; for each op, the time
@@ -37,6 +39,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import bench_cold  # bench/, beside this script
 
 from crdtbook import Identity, Market, Replica
 from crdtbook.node.client import ControlClient
@@ -529,6 +533,32 @@ def latency_phase(tmp: Path, n: int, rate: float, seconds: float, batch: int,
             nd.stop()
 
 
+#: The commit just before issue #12's work began: the node whose figures (2.15 ms of node CPU per
+#: op across 5 nodes and p99 190 ms at 500 ops/s, 1,250 ops/s sustained) the issue's targets
+#: were set against, on that day's machine. ``--base-rev`` runs it in the same run as this tree.
+PRE_ISSUE_12 = "b65a508"
+
+
+def checkout_tree(rev: str, into: Path) -> Path:
+    """The code of git revision ``rev`` laid out as the installed package is (``crdtbook/``, with
+    ``node/`` and ``cli/`` as ``crdtbook.node`` and ``crdtbook.cli``), for node processes to
+    import through PYTHONPATH, which comes before this checkout's editable install."""
+    repo = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(["git", "-C", str(repo), "archive", rev, "crdtbook", "node", "cli"],
+                             capture_output=True)
+    if archive.returncode != 0:
+        raise SystemExit(f"--base-rev {rev}: git archive failed (a shallow clone lacks old "
+                         f"commits: git fetch --unshallow): {archive.stderr.decode().strip()}")
+    src = into / "src"
+    src.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
+    package = into / "pkg" / "crdtbook"
+    shutil.copytree(src / "crdtbook", package)
+    shutil.copytree(src / "node", package / "node")
+    shutil.copytree(src / "cli", package / "cli")
+    return into / "pkg"
+
+
 def latency_ab(tmp: Path, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
     """The latency phase ``args.reps`` times in each arm, alternating: "baseline" with ``env``
     set for the node processes (they inherit the bench's environment), "current" without."""
@@ -551,10 +581,13 @@ def latency_ab(tmp: Path, args: argparse.Namespace, env: dict[str, str]) -> dict
             print(f"  {arm}: cpu/op {result['node_cpu_ms_per_op']} ms, p50/p99 "
                   f"{result['p50_ms']:.0f}/{result['p99_ms']:.0f} ms, load "
                   f"{result['load_average'][0]}", file=sys.stderr)
-    return {"env": env, **arms,
-            "median_node_cpu_ms_per_op": {
-                arm: statistics.median(r["node_cpu_ms_per_op"] for r in runs)
-                for arm, runs in arms.items()}}
+    medians = {arm: statistics.median(r["node_cpu_ms_per_op"] for r in runs)
+               for arm, runs in arms.items()}
+    ratio = round(medians["current"] / medians["baseline"], 3)
+    print(f"  median node CPU per op: baseline {medians['baseline']} ms, current "
+          f"{medians['current']} ms, current/baseline {ratio}", file=sys.stderr)
+    return {"env": env, **arms, "median_node_cpu_ms_per_op": medians,
+            "cpu_ratio_current_to_baseline": ratio}
 
 
 #: A rate is sustained when every node holds every op this soon after the last submit.
@@ -653,7 +686,11 @@ def main() -> int:
     ap.add_argument("--ab", default="", metavar="VAR=VALUE ...",
                     help="A/B the latency phase: alternate runs with these environment settings "
                     "(the baseline arm, e.g. 'CRDTBOOK_BENCH_STOCK_TRANSPORT=1') and without")
-    ap.add_argument("--reps", type=int, default=3, help="pairs of runs for --ab")
+    ap.add_argument("--base-rev", default="", metavar="REV",
+                    help="A/B the latency phase against the nodes of git revision REV (e.g. "
+                    f"{PRE_ISSUE_12}, the node issue #12's targets were set against), run in "
+                    "the same run through PYTHONPATH; with --ab, both apply to the baseline")
+    ap.add_argument("--reps", type=int, default=3, help="pairs of runs for --ab or --base-rev")
     ap.add_argument("--only", default="", help="run only these phases, comma-separated, of: "
                     "latency, baseline, throughput, catchup, transport (experiments; the "
                     "table shows the first four)")
@@ -665,10 +702,26 @@ def main() -> int:
     rates = [float(r) for r in args.rates.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="crdtbook-bench-"))
     results: dict[str, Any] = {"nodes": args.nodes, "rate": args.rate, "seconds": args.seconds}
+    if "latency" in phases:
+        # Before any node starts: what the machine charges a wake-up after 10 ms idle, which is
+        # what most of a node's CPU per op at 500 ops/s is (bench/bench_cold.py).
+        results["machine_cold"] = bench_cold.measure(100)
     try:
-        if "latency" in phases and args.ab:
-            results["latency_ab"] = latency_ab(tmp / "ab", args, dict(
-                item.split("=", 1) for item in args.ab.split()))
+        ab_env = dict(item.split("=", 1) for item in args.ab.split())
+        if args.base_rev:
+            ab_env["PYTHONPATH"] = str(checkout_tree(args.base_rev, tmp / "base"))
+            # A node runs as `python -c`, which puts its working directory first on sys.path:
+            # from a checkout's root that is this tree's crdtbook/, ahead of PYTHONPATH.
+            ab_env["PYTHONSAFEPATH"] = "1"
+            imported = subprocess.run(
+                [sys.executable, "-c", "import crdtbook.node.app as m; print(m.__file__)"],
+                env={**os.environ, **ab_env}, capture_output=True, text=True).stdout.strip()
+            if not imported.startswith(ab_env["PYTHONPATH"]):
+                raise SystemExit(f"--base-rev: a node would run {imported or 'nothing'}, not "
+                                 f"the code of {args.base_rev}")
+            results["base_rev"] = args.base_rev
+        if "latency" in phases and ab_env:
+            results["latency_ab"] = latency_ab(tmp / "ab", args, ab_env)
             results["latency_batched"] = results["latency_ab"]["current"][-1]
         elif "latency" in phases:
             results["latency_batched"] = latency_phase(tmp / "a", args.nodes, args.rate,
@@ -711,6 +764,9 @@ def main() -> int:
          cu["digests_agree"]),
         ("node CPU per op (all nodes), latency run", f"{lb['node_cpu_ms_per_op']:.2f} ms",
          "<= 1 ms", lb["node_cpu_ms_per_op"] <= 1.0),
+        ("  machine: a wake-up after 10 ms idle costs",
+         f"{results['machine_cold']['ratio_by_gap_ms']['10']:.0f}x back to back",
+         "(bench_cold.py)", None),
         ("RSS per node (throughput run)", ", ".join(f"{x:.0f}" for x in th["rss_mb"]) + " MB",
          "", None),
         ("RSS full node / joiner (catch-up)", f"{cu['rss_mb_full']:.0f} / "
