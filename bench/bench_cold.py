@@ -1,6 +1,6 @@
 """What a short activity costs after the process slept: this machine's cold penalty.
 
-    python bench/bench_cold.py [--reps 200] [--json]
+    python bench/bench_cold.py [--reps 200] [--pieces] [--json]
 
 A node at 500 ops/s sleeps between events (a submit every ~10 ms, a burst of gossip every
 50 ms), and each event's work finds its code and objects evicted from the caches. This script
@@ -8,9 +8,14 @@ times one fixed activity, reading the same ``TOUCHED`` objects of a ``HEAP_OBJEC
 (as a node's hot path reads the same replica, store and trio objects each time), in CPU time,
 back to back and after idle gaps of 1 to 20 ms. The ratio to back to back is the penalty every
 one of a node's wake-ups pays on the machine it runs on. bench/README.md (#12) measured
-15 us back to back and 200-300 us after a 10-20 ms gap on the 2-core VM, with the machine idle:
+9-14 us back to back and 130-330 us after a 10-20 ms gap on the 2-core VM, with the machine idle:
 so the node's CPU per op falls as the rate rises, and two machines (or two days of one shared
 machine) give different figures for the same code.
+
+``--pieces`` times the pieces a submit cannot do without the same way (back to back and after
+10 ms idle): an ed25519 signature and a verification (libsodium, as the node's), a one-op SQLite
+commit in WAL mode with synchronous=NORMAL into a table of ``STORE_ROWS`` rows (as the node's
+store), ``json`` loads and dumps of a submit request and an ``os.write`` of an op's size.
 
 No baseline is needed: the figures are ratios within this run.
 """
@@ -19,10 +24,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import sqlite3
 import statistics
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import nacl.bindings
+import nacl.signing
 
 #: Objects in the heap: ~20 MB of small lists, larger than a core's 2 MB L2 (a node holds
 #: 100-200 MB).
@@ -31,6 +44,21 @@ HEAP_OBJECTS = 100_000
 TOUCHED = 300
 #: Idle gaps before each timed activity, in ms (0: back to back).
 GAPS_MS = (0, 1, 5, 10, 20)
+#: Rows in the table the ``--pieces`` commit goes into: a store of a few minutes at 100 ops/s.
+STORE_ROWS = 20_000
+#: The size of an op with a few parents, in bytes.
+OP_BYTES = 300
+
+
+def _median_us(piece: Callable[[], object], gap_ms: int, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        if gap_ms:
+            time.sleep(gap_ms / 1000)
+        start = time.thread_time_ns()
+        piece()
+        times.append(time.thread_time_ns() - start)
+    return statistics.median(times) / 1000
 
 
 def measure(reps: int, seed: int = 1) -> dict[str, Any]:
@@ -44,16 +72,7 @@ def measure(reps: int, seed: int = 1) -> dict[str, Any]:
             total += heap[i][1]
         return total
 
-    medians: dict[int, float] = {}
-    for gap in GAPS_MS:
-        times = []
-        for _ in range(reps):
-            if gap:
-                time.sleep(gap / 1000)
-            start = time.thread_time_ns()
-            activity()
-            times.append(time.thread_time_ns() - start)
-        medians[gap] = statistics.median(times) / 1000
+    medians = {gap: _median_us(activity, gap, reps) for gap in GAPS_MS}
     warm = medians[0]
     return {
         "heap_objects": HEAP_OBJECTS,
@@ -63,13 +82,60 @@ def measure(reps: int, seed: int = 1) -> dict[str, Any]:
     }
 
 
+def measure_pieces(reps: int) -> dict[str, dict[str, float]]:
+    """Median CPU time (us) of each piece of a submit, back to back and after 10 ms idle."""
+    key = nacl.signing.SigningKey(bytes(32))
+    op = bytes(OP_BYTES)
+    signed = key.sign(op)
+    public = bytes(key.verify_key)
+    request = json.dumps({"id": 7, "method": "submit", "params": {
+        "side": "buy", "price": "100", "quantity": "3", "tif": "gtc"}})
+    rng = random.Random(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        db = sqlite3.connect(Path(tmp) / "store.db", isolation_level=None)
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute("CREATE TABLE ops (id BLOB PRIMARY KEY, market BLOB, lamport INTEGER, "
+                   "raw BLOB)")
+        db.execute("CREATE INDEX ops_market_lamport_id ON ops (market, lamport, id)")
+        lamport = [0]
+
+        def commit() -> None:
+            lamport[0] += 1
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO ops VALUES (?, ?, ?, ?)",
+                       (rng.randbytes(32), bytes(32), lamport[0], op))
+            db.execute("COMMIT")
+
+        for _ in range(STORE_ROWS):
+            commit()
+        log = os.open(Path(tmp) / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        pieces: dict[str, Callable[[], object]] = {
+            "ed25519 sign": lambda: key.sign(op),
+            "ed25519 verify": lambda: nacl.bindings.crypto_sign_open(signed, public),
+            f"SQLite commit of one op ({STORE_ROWS:,} rows)": commit,
+            "json loads and dumps of a request": lambda: json.dumps(json.loads(request)),
+            f"os.write of {OP_BYTES} bytes": lambda: os.write(log, op),
+        }
+        try:
+            return {name: {"warm_us": round(_median_us(piece, 0, reps), 1),
+                           "after_10_ms_us": round(_median_us(piece, 10, reps), 1)}
+                    for name, piece in pieces.items()}
+        finally:
+            os.close(log)
+            db.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=200, help="activities timed per gap")
+    parser.add_argument("--pieces", action="store_true", help="also time a submit's pieces")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     result = measure(args.reps)
+    if args.pieces:
+        result["pieces"] = measure_pieces(min(args.reps, 150))
     if args.json:
         print(json.dumps(result))
         return 0
@@ -80,6 +146,9 @@ def main() -> int:
         ratio = result["ratio_by_gap_ms"][str(gap)]
         label = "back to back" if gap == 0 else f"after {gap} ms idle"
         print(f"  {label:<18} {us:8.1f} us  {ratio:5.1f}x")
+    for name, row in result.get("pieces", {}).items():
+        print(f"  {name:<42} {row['warm_us']:7.1f} us warm, {row['after_10_ms_us']:7.1f} us "
+              "after 10 ms idle")
     return 0
 
 
