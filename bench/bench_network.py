@@ -767,6 +767,8 @@ def main() -> int:
         ("  machine: a wake-up after 10 ms idle costs",
          f"{results['machine_cold']['ratio_by_gap_ms']['10']:.0f}x back to back",
          "(bench_cold.py)", None),
+        ("  machine: one ed25519 verify, warm", f"{results['machine_cold']['verify_us']} us",
+         "", None),
         ("RSS per node (throughput run)", ", ".join(f"{x:.0f}" for x in th["rss_mb"]) + " MB",
          "", None),
         ("RSS full node / joiner (catch-up)", f"{cu['rss_mb_full']:.0f} / "
