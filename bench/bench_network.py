@@ -26,6 +26,7 @@ node CPU per op across the 5 nodes; catch-up >= 10k ops/s (100k ops in under 10 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import random
@@ -34,6 +35,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -550,8 +552,8 @@ def checkout_tree(rev: str, into: Path) -> Path:
         raise SystemExit(f"--base-rev {rev}: git archive failed (a shallow clone lacks old "
                          f"commits: git fetch --unshallow): {archive.stderr.decode().strip()}")
     src = into / "src"
-    src.mkdir(parents=True)
-    subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(src, filter="data")
     package = into / "pkg" / "crdtbook"
     shutil.copytree(src / "crdtbook", package)
     shutil.copytree(src / "node", package / "node")
@@ -699,6 +701,10 @@ def main() -> int:
         args.nodes, args.seconds, args.catchup, args.rate = 3, 3.0, 10_000, 200
     phases = set(args.only.split(",")) if args.only else {
         "latency", "baseline", "throughput", "catchup"}
+    if (args.ab or args.base_rev) and "latency" not in phases:
+        ap.error("--ab and --base-rev compare the latency phase: include it in --only")
+    if any("=" not in item for item in args.ab.split()):
+        ap.error(f"--ab takes VAR=VALUE settings, not {args.ab!r}")
     rates = [float(r) for r in args.rates.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="crdtbook-bench-"))
     results: dict[str, Any] = {"nodes": args.nodes, "rate": args.rate, "seconds": args.seconds}
