@@ -9,9 +9,8 @@ times one fixed activity, reading the same ``TOUCHED`` objects of a ``HEAP_OBJEC
 back to back and after idle gaps of 1 to 20 ms. The ratio to back to back is the penalty every
 one of a node's wake-ups pays on the machine it runs on. bench/README.md (#12) measured
 9-14 us back to back and 130-330 us after a 10-20 ms gap on the 2-core VM, with nothing else
-running:
-so the node's CPU per op falls as the rate rises, and two machines (or two days of one shared
-machine) give different figures for the same code.
+running: so the node's CPU per op falls as the rate rises, and two machines (or two days of one
+shared machine) give different figures for the same code.
 
 ``--pieces`` times the pieces a submit cannot do without the same way (back to back and after
 10 ms idle): an ed25519 signature and a verification (libsodium, as the node's), a one-op SQLite
