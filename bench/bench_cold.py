@@ -13,9 +13,9 @@ running: so the node's CPU per op falls as the rate rises, and two machines (or 
 shared machine) give different figures for the same code.
 
 ``--pieces`` times the pieces a submit cannot do without the same way (back to back and after
-10 ms idle): an ed25519 signature and a verification (libsodium, as the node's), a one-op SQLite
-commit in WAL mode with synchronous=NORMAL into a table of ``STORE_ROWS`` rows (as the node's
-store), ``json`` loads and dumps of a submit request and an ``os.write`` of an op's size.
+10 ms idle): the node's own ed25519 signature (``Identity.sign``) and libsodium's verification,
+a one-op commit into the node's own store (``OpStore``, synchronous=NORMAL, ``STORE_ROWS`` ops
+held), ``json`` loads and dumps of a submit request and an ``os.write`` of an op's size.
 
 No baseline is needed: the figures are ratios within this run.
 """
@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import random
-import sqlite3
 import statistics
 import tempfile
 import time
@@ -35,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import nacl.bindings
-import nacl.signing
+
+from crdtbook import Identity
+from crdtbook.node.store import OpStore
 
 #: Objects in the heap: ~20 MB of small lists, larger than a core's 2 MB L2 (a node holds
 #: 100-200 MB).
@@ -44,7 +45,7 @@ HEAP_OBJECTS = 100_000
 TOUCHED = 300
 #: Idle gaps before each timed activity, in ms (0: back to back).
 GAPS_MS = (0, 1, 5, 10, 20)
-#: Rows in the table the ``--pieces`` commit goes into: a store of a few minutes at 100 ops/s.
+#: Ops the ``--pieces`` store holds before its commits are timed: a few minutes at 100 ops/s.
 STORE_ROWS = 20_000
 #: The size of an op with a few parents, in bytes.
 OP_BYTES = 300
@@ -86,49 +87,41 @@ def measure(reps: int, seed: int = 1) -> dict[str, Any]:
 def verify_us(reps: int = 2000) -> float:
     """One warm ed25519 verification (libsodium, as the node's), best of 5 loops of ``reps``:
     the machine's raw speed, which moves by 20-30% on this shared host from hour to hour."""
-    key = nacl.signing.SigningKey(bytes(32))
-    signed, public = key.sign(bytes(OP_BYTES)), bytes(key.verify_key)
+    identity = Identity.from_seed(bytes(32))
+    signed = identity.sign(bytes(OP_BYTES)) + bytes(OP_BYTES)
     best = float("inf")
     for _ in range(5):
         start = time.perf_counter()
         for _ in range(reps):
-            nacl.bindings.crypto_sign_open(signed, public)
+            nacl.bindings.crypto_sign_open(signed, identity.public_key)
         best = min(best, (time.perf_counter() - start) / reps)
     return round(best * 1e6, 1)
 
 
 def measure_pieces(reps: int) -> dict[str, dict[str, float]]:
-    """Median CPU time (us) of each piece of a submit, back to back and after 10 ms idle."""
-    key = nacl.signing.SigningKey(bytes(32))
+    """Median CPU time (us) of each piece of a submit, back to back and after 10 ms idle: the
+    node's own signing (``Identity.sign``) and store (``OpStore.add_ops``, synchronous=NORMAL
+    as a node opens it by default), libsodium's verification as the node's decode calls it."""
+    identity = Identity.from_seed(bytes(32))
     op = bytes(OP_BYTES)
-    signed = key.sign(op)
-    public = bytes(key.verify_key)
+    signed = identity.sign(op) + op
     request = json.dumps({"id": 7, "method": "submit", "params": {
         "side": "buy", "price": "100", "quantity": "3", "tif": "gtc"}})
     rng = random.Random(2)
-    with tempfile.TemporaryDirectory() as tmp:
-        db = sqlite3.connect(Path(tmp) / "store.db", isolation_level=None)
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = NORMAL")
-        db.execute("CREATE TABLE ops (id BLOB PRIMARY KEY, market BLOB, lamport INTEGER, "
-                   "raw BLOB)")
-        db.execute("CREATE INDEX ops_market_lamport_id ON ops (market, lamport, id)")
+    with tempfile.TemporaryDirectory() as tmp, OpStore.open(tmp, synchronous="NORMAL") as store:
         lamport = [0]
 
         def commit() -> None:
             lamport[0] += 1
-            db.execute("BEGIN IMMEDIATE")
-            db.execute("INSERT INTO ops VALUES (?, ?, ?, ?)",
-                       (rng.randbytes(32), bytes(32), lamport[0], op))
-            db.execute("COMMIT")
+            store.add_ops([(rng.randbytes(32), bytes(32), lamport[0], op)])
 
         for _ in range(STORE_ROWS):
             commit()
         log = os.open(Path(tmp) / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         pieces: dict[str, Callable[[], object]] = {
-            "ed25519 sign": lambda: key.sign(op),
-            "ed25519 verify": lambda: nacl.bindings.crypto_sign_open(signed, public),
-            f"SQLite commit of one op ({STORE_ROWS:,} rows)": commit,
+            "ed25519 sign": lambda: identity.sign(op),
+            "ed25519 verify": lambda: nacl.bindings.crypto_sign_open(signed, identity.public_key),
+            f"store commit of one op ({STORE_ROWS:,} held)": commit,
             "json loads and dumps of a request": lambda: json.dumps(json.loads(request)),
             f"os.write of {OP_BYTES} bytes": lambda: os.write(log, op),
         }
@@ -138,7 +131,6 @@ def measure_pieces(reps: int) -> dict[str, dict[str, float]]:
                     for name, piece in pieces.items()}
         finally:
             os.close(log)
-            db.close()
 
 
 def main() -> int:
