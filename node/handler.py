@@ -521,7 +521,7 @@ class ControlAdapter:
                 )
             if not ms.market.witnessed:
                 raise ControlError(
-                    BAD_REQUEST,
+                    NOT_WITNESSED,
                     f"{ms.market.name} has no witnesses, so it has no client order ids (they "
                     "need protocol version 2); use tag for a free label",
                 )
@@ -533,7 +533,7 @@ class ControlAdapter:
             )
         if stp != "expire_maker" and not ms.market.witnessed:
             raise ControlError(
-                BAD_REQUEST,
+                NOT_WITNESSED,
                 f"{ms.market.name} has no witnesses: its only self-trade mode is expire_maker "
                 f"(stp {stp} needs a witnessed market, protocol version 2)",
             )

@@ -77,13 +77,21 @@ async def test_market_without_witnesses_refuses_v2_tools(tmp_path: Path) -> None
     ids = identities(1)
     async with network(tmp_path) as net:
         a = net.add(ids[0], Market("PLAIN", "1", "1"))
+        # Every tool of protocol version 2 is refused the same way, before anything is signed.
         for params in ({"client_id": "x"}, {"stp": "expire_taker"}):
             with pytest.raises(ControlError) as err:
                 await a.call("submit", side="buy", price="1", quantity="1", **params)
-            assert err.value.code == BAD_REQUEST and "no witnesses" in err.value.message
-        with pytest.raises(ControlError) as err:
-            await a.call("cancel_all")
-        assert err.value.code == NOT_WITNESSED
+            assert err.value.code == NOT_WITNESSED and "no witnesses" in err.value.message
+        for method, params in (
+            ("cancel_all", {}),
+            ("cancel", {"client_id": "x"}),
+            ("order", {"client_id": "x"}),
+            ("amend", {"client_id": "x", "price": "2"}),
+            ("submit", {"side": "buy", "price": "1", "quantity": "1", "wait_final": True}),
+        ):
+            with pytest.raises(ControlError) as err:
+                await a.call(method, **params)
+            assert err.value.code == NOT_WITNESSED, method
         assert a.ms.replica.order_count == 0  # nothing was signed
         # a tag stays a free label there: reusing it is fine
         await a.call("submit", side="buy", price="1", quantity="1", tag="t")
