@@ -362,8 +362,14 @@ class HttpApi:
 
     async def websocket(self, ws: WebSocket) -> None:
         if self.ws_open >= MAX_WS_CONNECTIONS:
-            # Close before accepting: the handshake is refused (HTTP 403), nothing is spent.
-            await ws.close(code=WS_TRY_AGAIN_LATER)
+            # Accept, then close with 1013 and the reason: refusing the handshake instead reads
+            # as HTTP 403 to the client, which says nothing of waiting (one handshake's cost).
+            await ws.accept()
+            await ws.close(
+                code=WS_TRY_AGAIN_LATER,
+                reason=f"this node serves {MAX_WS_CONNECTIONS} WebSocket connections at most: "
+                "try again later",
+            )
             return
         self.ws_open += 1
         try:
