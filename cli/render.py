@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -506,7 +506,8 @@ def _any_witnessed_time(rows: Sequence[Json]) -> bool:
 
 
 def fills_table(data: Json) -> RenderableType:
-    """A table of fills, oldest first, each marked final or provisional."""
+    """A table of fills, oldest first, each marked final or provisional; on a narrow terminal
+    without the received and then the witnessed times (:class:`FitColumns`)."""
     fills: list[Json] = list(data.get("fills") or [])
     caption = fills_caption(data)
     if not fills:
@@ -515,39 +516,46 @@ def fills_table(data: Json) -> RenderableType:
     marks = data.get("witnessed") is True or (
         data.get("witnessed") is None and any("final" in f for f in fills)
     )
-    t = Table(title=f"fills on {data.get('market', '?')}", title_justify="left")
-    t.add_column("#", justify="right", style="dim")
-    t.add_column("taker", justify="left")
-    t.add_column("qty", justify="right")
-    t.add_column("price", justify="right")
-    t.add_column("taker id", style="dim")
-    t.add_column("maker id", style="dim")
     times = any("received_ms" in f for f in fills)
-    if times:
-        t.add_column("received (UTC)", style="dim", no_wrap=True)
     witnessed_times = _any_witnessed_time(fills)
-    if witnessed_times:
-        t.add_column("witnessed (UTC)", style="dim", no_wrap=True)
-    if marks:
-        t.add_column("final?")
-    for f in fills:
-        side = f.get("taker_side", "?")
-        row: list[RenderableType] = [
-            str(f.get("index", "")),
-            Text(side, style="green" if side == "buy" else "red"),
-            f["quantity"],
-            f["price"],
-            short(f.get("taker")),
-            short(f.get("maker")),
-        ]
-        if times:
-            row.append(iso_ms(f.get("received_ms")))
-        if witnessed_times:
-            row.append(iso_ms(f.get("witnessed_ms")))
+
+    def build(hide: frozenset[str]) -> Table:
+        t = Table(title=f"fills on {data.get('market', '?')}", title_justify="left")
+        t.add_column("#", justify="right", style="dim", no_wrap=True)
+        t.add_column("taker", justify="left", no_wrap=True)
+        t.add_column("qty", justify="right", no_wrap=True)
+        t.add_column("price", justify="right", no_wrap=True)
+        t.add_column("taker id", style="dim", no_wrap=True)
+        t.add_column("maker id", style="dim", no_wrap=True)
+        show_received = times and RECEIVED not in hide
+        show_witnessed = witnessed_times and WITNESSED not in hide
+        if show_received:
+            t.add_column(RECEIVED, style="dim", no_wrap=True)
+        if show_witnessed:
+            t.add_column(WITNESSED, style="dim", no_wrap=True)
         if marks:
-            row.append(finality_mark(f.get("final")))
-        t.add_row(*row)
-    return t if caption is None else Group(t, caption)
+            t.add_column("final?", no_wrap=True)
+        for f in fills:
+            side = f.get("taker_side", "?")
+            row: list[RenderableType] = [
+                str(f.get("index", "")),
+                Text(side, style="green" if side == "buy" else "red"),
+                f["quantity"],
+                f["price"],
+                short(f.get("taker")),
+                short(f.get("maker")),
+            ]
+            if show_received:
+                row.append(iso_ms(f.get("received_ms")))
+            if show_witnessed:
+                row.append(iso_ms(f.get("witnessed_ms")))
+            if marks:
+                row.append(finality_mark(f.get("final")))
+            t.add_row(*row)
+        return t
+
+    table = FitColumns(build, [RECEIVED, WITNESSED])
+    return table if caption is None else Group(table, caption)
 
 
 def orders_table(
@@ -555,55 +563,74 @@ def orders_table(
 ) -> RenderableType:
     """A table of orders (this node's, or every order with ``--all``), each marked final (its
     state can never change again) or provisional; ``witnessed`` False says once that fills on
-    this market are never final instead."""
+    this market are never final instead. On a narrow terminal the received and witnessed times,
+    then the tag and the time in force, make way for the rest (:class:`FitColumns`)."""
     orders: list[Json] = list(data.get("orders") or [])
     market = data.get("market", "?")
     if not orders:
         empty = Text(f"no {'' if everyone else 'own '}orders on {market}", style="dim")
         return Group(empty, never_final(market)) if witnessed is False else empty
     marks = witnessed is not False and any("final" in o for o in orders)
-    t = Table(title=f"{'all' if everyone else 'my'} orders on {market}", title_justify="left")
-    t.add_column("id", style="bold")
-    t.add_column("side")
-    t.add_column("qty", justify="right")
-    t.add_column("price", justify="right")
-    t.add_column("filled", justify="right")
-    t.add_column("left", justify="right")
-    t.add_column("tif")
-    t.add_column("status")
-    t.add_column("tag", style="dim")
-    if everyone:
-        t.add_column("mine")
     times = any("received_ms" in o for o in orders)
-    if times:
-        t.add_column("received (UTC)", style="dim", no_wrap=True)
     witnessed_times = _any_witnessed_time(orders)
-    if witnessed_times:
-        t.add_column("witnessed (UTC)", style="dim", no_wrap=True)
-    if marks:
-        t.add_column("final?")
-    for o in orders:
-        row: list[RenderableType] = [
-            short(o.get("id")),
-            Text(o.get("side", "?"), style="green" if o.get("side") == "buy" else "red"),
-            o.get("quantity", "?"),
-            o.get("price", "?"),
-            o.get("filled", "?"),
-            o.get("remaining", "?"),
-            str(o.get("tif", "?")).replace("_", "-"),
-            status_text(o.get("status", "?")),
-            inert(o.get("tag") or ""),
-        ]
+    tagged = any(o.get("tag") for o in orders)
+
+    def build(hide: frozenset[str]) -> Table:
+        t = Table(title=f"{'all' if everyone else 'my'} orders on {market}", title_justify="left")
+        t.add_column("id", style="bold", no_wrap=True)
+        t.add_column("side", no_wrap=True)
+        t.add_column("qty", justify="right", no_wrap=True)
+        t.add_column("price", justify="right", no_wrap=True)
+        show_filled = "filled" not in hide
+        if show_filled:
+            t.add_column("filled", justify="right", no_wrap=True)
+        t.add_column("left", justify="right", no_wrap=True)
+        show_tif = "tif" not in hide
+        show_tag = tagged and "tag" not in hide  # no column when no order has a tag
+        show_received = times and RECEIVED not in hide
+        show_witnessed = witnessed_times and WITNESSED not in hide
+        if show_tif:
+            t.add_column("tif", no_wrap=True)
+        t.add_column("status", no_wrap=True)
+        if show_tag:
+            t.add_column("tag", style="dim")
         if everyone:
-            row.append("yes" if o.get("mine") else "")
-        if times:
-            row.append(iso_ms(o.get("received_ms")))
-        if witnessed_times:
-            row.append(iso_ms(o.get("witnessed_ms")))
+            t.add_column("mine", no_wrap=True)
+        if show_received:
+            t.add_column(RECEIVED, style="dim", no_wrap=True)
+        if show_witnessed:
+            t.add_column(WITNESSED, style="dim", no_wrap=True)
         if marks:
-            row.append(finality_mark(o.get("final")))
-        t.add_row(*row)
-    return Group(t, never_final(market)) if witnessed is False else t
+            t.add_column("final?", no_wrap=True)
+        for o in orders:
+            row: list[RenderableType] = [
+                short(o.get("id")),
+                Text(o.get("side", "?"), style="green" if o.get("side") == "buy" else "red"),
+                o.get("quantity", "?"),
+                o.get("price", "?"),
+            ]
+            if show_filled:
+                row.append(o.get("filled", "?"))
+            row.append(o.get("remaining", "?"))
+            if show_tif:
+                row.append(str(o.get("tif", "?")).replace("_", "-"))
+            row.append(status_text(o.get("status", "?")))
+            if show_tag:
+                row.append(inert(o.get("tag") or ""))
+            if everyone:
+                row.append("yes" if o.get("mine") else "")
+            if show_received:
+                row.append(iso_ms(o.get("received_ms")))
+            if show_witnessed:
+                row.append(iso_ms(o.get("witnessed_ms")))
+            if marks:
+                row.append(finality_mark(o.get("final")))
+            t.add_row(*row)
+        return t
+
+    # The filled quantity goes last: qty and left give it.
+    table = FitColumns(build, [RECEIVED, WITNESSED, "tif", "tag", "filled"])
+    return Group(table, never_final(market)) if witnessed is False else table
 
 
 def order_detail(order: Json, witnessed: bool | None = None) -> RenderableType:
@@ -691,6 +718,43 @@ class FitOrStack:
 
 #: A width no terminal has, to measure a table's natural width without squeezing it.
 _UNBOUNDED = 100_000
+
+#: The time columns of the orders and fills tables (issue #11), the first to make way.
+RECEIVED = "received (UTC)"
+WITNESSED = "witnessed (UTC)"
+
+
+class FitColumns:
+    """A table built without its optional columns, least needed first, until it fits the
+    width it is given at its natural size, with a line under it naming what was left out.
+
+    Squeezed to fit, rich cuts every column alike: below ~160 columns the orders table showed
+    ``s…`` for a side and ``6…`` for a price, while its two full timestamps kept their width;
+    at 80 the columns that matter vanished. ``build(hide)`` makes the table without the
+    columns named in ``hide``; ``optional`` is the order in which they go."""
+
+    def __init__(self, build: Callable[[frozenset[str]], Table], optional: Sequence[str]) -> None:
+        self.build = build
+        self.optional = list(optional)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        unbounded = options.update_width(_UNBOUNDED)
+        hidden: list[str] = []
+        table = self.build(frozenset())
+        for name in self.optional:
+            if Measurement.get(console, unbounded, table).maximum <= options.max_width:
+                break
+            if not any(column.header == name for column in table.columns):
+                continue  # not in this table (no tag anywhere, nothing final yet)
+            hidden.append(name)
+            table = self.build(frozenset(hidden))
+        yield table
+        if hidden:
+            yield Text(
+                f"not shown at this width: {', '.join(hidden)} (a wider terminal or --json "
+                "shows them)",
+                style="dim",
+            )
 
 
 def status_view(status: Json, now: float | None = None) -> RenderableType:

@@ -54,3 +54,43 @@ def test_no_witnessed_column_before_anything_is_final(fake_node: Any, samples: A
     fake_node.answers["orders"]["orders"] = [samples.order(received_ms=RECEIVED, witnessed_ms=None)]
     out = run("orders").stdout
     assert "received (UTC)" in out and "witnessed (UTC)" not in out
+
+
+@pytest.mark.parametrize("width", [60, 80, 100, 120])
+def test_narrow_terminal_keeps_what_matters_and_says_what_it_left_out(
+    fake_node: Any, samples: Any, width: int
+) -> None:
+    """Squeezed to fit, the table cut sides and prices to ``s…`` and ``6…`` below ~160 columns
+    while the full timestamps kept their width; now the times make way first, and a line says
+    so."""
+    fake_node.answers["orders"]["orders"] = [
+        samples.order(final=True, received_ms=RECEIVED, witnessed_ms=WITNESSED)
+    ]
+    fake_node.answers["fills"]["fills"] = [
+        samples.fill(0, final=True, received_ms=RECEIVED, witnessed_ms=WITNESSED)
+    ]
+    order, fill = samples.order(), samples.fill(0)
+    for command, musts in (
+        ("orders", [order["side"], order["quantity"], order["price"], order["remaining"]]),
+        ("fills", [fill["taker_side"], fill["quantity"], fill["price"]]),
+    ):
+        result = runner.invoke(app, [command], env={"COLUMNS": str(width)})
+        assert result.exit_code == 0, result.output
+        out = result.stdout
+        assert max(len(line) for line in out.splitlines()) <= width
+        if width < 100:  # the essentials fit whole at 80 columns
+            for value in musts:
+                assert f" {value} " in out, (command, value, out)
+        if width < 120:  # the fills table fits whole from 120 columns on
+            assert "not shown at this width: received (UTC)" in out
+            assert "2025-12-02T07:20:00.123Z" not in out
+
+
+def test_wide_terminal_shows_every_column(fake_node: Any, samples: Any) -> None:
+    fake_node.answers["orders"]["orders"] = [
+        samples.order(final=True, received_ms=RECEIVED, witnessed_ms=WITNESSED, tag="grid-1")
+    ]
+    out = run("orders").stdout
+    for header in ("tif", "tag", "filled", "received (UTC)", "witnessed (UTC)"):
+        assert header in out
+    assert "not shown" not in out
