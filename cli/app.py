@@ -953,34 +953,106 @@ def token(ctx: typer.Context, home: HomeOpt = None) -> None:
 
 
 @app.command("id")
-def id_(ctx: typer.Context, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+def id_(
+    ctx: typer.Context,
+    home: HomeOpt = None,
+    init: Annotated[
+        bool,
+        typer.Option(
+            "--init",
+            help="With no node running and no key in the home yet, create the key a node "
+            "started there will use (and the home), so its witness key can go into a market "
+            "definition before it ever runs.",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
     """Print the node's peer id, its witness key (the public key to name it by in `crdtbook
     market new --witness`) and the multiaddrs it listens on (to give to --bootstrap).
 
-    --json prints {"peer_id": str, "public_key": hex, "addrs": [str]}.
+    With no node running, the peer id and key come from the home's key file (no multiaddrs);
+    --init creates that file first if there is none.
+
+    --json prints {"peer_id": str, "public_key": hex, "addrs": [str], "running": bool}.
     """
     from crdtbook.cli import render
 
     api = connect.client_api()
-    with session(ctx, home) as node:
+    resolved = _home(ctx, home)
+    st: dict[str, Any] | None = None
+    with node_errors(resolved):
         try:
-            st = node.call("id")
-        except api.ControlError as exc:
-            if getattr(exc, "code", None) != "unknown_method":
-                raise
-            st = node.call("status", digest=False)  # an older node: no `id` method
-    key = st.get("public_key") or st.get("author")
-    if not key:  # an older node still: read the key from its home
-        from crdtbook.cli import markets
+            client = connect.open_client(resolved)
+            try:
+                try:
+                    st = client.call("id")
+                except api.ControlError as exc:
+                    if getattr(exc, "code", None) != "unknown_method":
+                        raise
+                    st = client.call("status", digest=False)  # an older node: no `id` method
+            finally:
+                connect.close_client(client)
+        except api.NodeNotRunning:
+            st = None  # read the key from the home instead
+    if st is None:
+        result = _id_from_home(resolved, init)
+    else:
+        key = st.get("public_key") or st.get("author")
+        if not key:  # an older node still: read the key from its home
+            from crdtbook.cli import markets
 
-        with suppress(markets.DefinitionError):
-            key = markets.home_public_key(_home(ctx, home))
-    result = {"peer_id": st.get("peer_id"), "public_key": key, "addrs": st.get("addrs") or []}
+            with suppress(markets.DefinitionError):
+                key = markets.home_public_key(resolved)
+        result = {
+            "peer_id": st.get("peer_id"),
+            "public_key": key,
+            "addrs": st.get("addrs") or [],
+            "running": True,
+        }
     if as_json:
         emit(result, True, render.id_lines)
     else:
         # soft wrap: the long ids and keys come out whole, for copying, whatever the width
         _console().print(render.id_lines(result), soft_wrap=True)
+
+
+def _id_from_home(home: Path, init: bool) -> dict[str, Any]:
+    """``id``'s result with no node running: from the home's key file, created with ``init``
+    (a note on stderr says which); exit 2 when there is no key and no ``init``."""
+    from crdtbook.node.home import (
+        IDENTITY_FILE,
+        load_identity,
+        load_or_create_identity,
+        peer_id_of_public_key,
+    )
+
+    path = home / IDENTITY_FILE
+    try:
+        identity = load_identity(home)
+        if identity is None and init:
+            home.mkdir(mode=0o700, parents=True, exist_ok=True)
+            identity, _ = load_or_create_identity(home)
+            note = f"created {path}: a node started with --home {home} will use this key"
+        else:
+            note = (
+                f"no node is running at {home}: its key from {path} (no multiaddrs until it runs)"
+            )
+    except (ValueError, OSError) as exc:
+        fail(f"cannot read or create the key {path}: {exc}", 1)
+    if identity is None:
+        fail(
+            f"no node is running at {home} and it has no key yet ({path}); create one with: "
+            f"crdtbook id --init --home {home}  (or start the node: crdtbook node --home {home})",
+            2,
+        )
+    typer.echo(note, err=True)
+    key = identity.public_key
+    return {
+        "peer_id": peer_id_of_public_key(key),
+        "public_key": key.hex(),
+        "addrs": [],
+        "running": False,
+    }
 
 
 # ---------------------------------------------------------------- market definitions, witnesses

@@ -105,8 +105,8 @@ def home_public_key(home: Path) -> str:
         seed = path.read_bytes()
     except FileNotFoundError:
         raise DefinitionError(
-            f"{path} does not exist: start that node once (crdtbook node --home {home}) to "
-            "create its key, or give its key in hex (crdtbook id --home DIR shows it)"
+            f"{path} does not exist: create that node's key with crdtbook id --init --home "
+            f"{home} (or start the node once), or give its key in hex"
         ) from None
     except OSError as exc:
         raise DefinitionError(f"cannot read {path}: {exc}") from None

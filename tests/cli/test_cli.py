@@ -312,7 +312,42 @@ def test_id(fake_node: Any, samples: Any) -> None:
         "peer_id": samples.STATUS["peer_id"],
         "public_key": samples.ME,
         "addrs": samples.STATUS["addrs"],
+        "running": True,
     }
+
+
+def test_id_without_a_node_reads_or_creates_the_homes_key(fake_node: Any, tmp_path: Path) -> None:
+    """A market's witnesses are named by key before any of them runs (README): with no node,
+    `id` reads the home's key file, and --init creates it (what the node will use)."""
+    fake_node.running = False
+    home = tmp_path / "witness-a"
+    res = run("--home", str(home), "id")
+    assert res.exit_code == 2 and not home.exists()  # no key: nothing made without --init
+    assert lines(res.stderr) == [
+        f"error: no node is running at {home} and it has no key yet ({home}/identity.key); "
+        f"create one with: crdtbook id --init --home {home} (or start the node: crdtbook node "
+        f"--home {home})"
+    ]
+    res = run("--home", str(home), "id", "--init", "--json")
+    assert res.exit_code == 0, res.output
+    created = json.loads(res.stdout)
+    assert created["running"] is False and created["addrs"] == []
+    assert created["peer_id"].startswith("12D3KooW")
+    assert (home / "identity.key").stat().st_mode & 0o777 == 0o600
+    assert home.stat().st_mode & 0o777 == 0o700
+    assert lines(res.stderr) == [
+        f"created {home}/identity.key: a node started with --home {home} will use this key"
+    ]
+    again = run("--home", str(home), "id", "--init", "--json")  # the same key, not a new one
+    assert json.loads(again.stdout) == created
+    res = run("--home", str(home), "id")
+    assert res.exit_code == 0
+    assert f"witness key {created['public_key']}" in res.stdout
+    assert "multiaddrs: none" in res.stdout
+    assert "no node is running" in res.stderr
+    (home / "identity.key").write_bytes(b"short")
+    res = run("--home", str(home), "id")
+    assert res.exit_code == 1 and "is not a 32-byte key file" in res.stderr
 
 
 # ------------------------------------------------------------------------ homes and errors
@@ -336,7 +371,6 @@ COMMANDS = [
     ["orders"],
     ["order", "abcd"],
     ["status"],
-    ["id"],
     ["status", "--json"],
 ]
 

@@ -129,7 +129,7 @@ def test_market_new_errors_are_one_line(args: list[str], text: str) -> None:
 def test_market_new_empty_home(tmp_path: Path) -> None:
     res = run("market", "new", "X", "1", "1", "--witness", str(tmp_path))
     assert res.exit_code == 2
-    assert "start that node once" in res.stderr
+    assert "crdtbook id --init --home" in res.stderr
 
 
 # ------------------------------------------------------------------------------ --market @FILE

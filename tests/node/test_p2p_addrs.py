@@ -73,6 +73,9 @@ def _bind_listen(port: int, set_flags: object) -> socket.socket:
 def test_stock_listen_flags_share_a_port_ours_do_not() -> None:
     """Control: with libp2p's own flags (SO_REUSEPORT) a second listener on a busy port is
     accepted; with ours the kernel refuses it."""
+    from crdtbook.node import p2p_install
+
+    p2p_install.install()  # as opening a network does (alone, this test ran before any did)
     stock = libp2p_tcp._set_reuse_flags._crdtbook_original  # type: ignore[attr-defined]
     ours = libp2p_tcp._set_reuse_flags
     assert ours is not stock
@@ -177,3 +180,17 @@ def test_bootstrap_addresses_refused(addr: str, reason: str) -> None:
     with pytest.raises(ValueError, match=reason) as refused:
         check_bootstrap_addr(addr)
     assert "\n" not in str(refused.value)
+
+
+def test_peer_id_without_libp2p_is_libp2ps() -> None:
+    """`crdtbook id` with no node running computes the peer id itself (the CLI never imports
+    libp2p): it must be the id the node announces."""
+    from crdtbook import Identity
+    from crdtbook.node.home import peer_id_of_public_key
+    from crdtbook.node.p2p import peer_id_of_seed
+
+    for n in range(64):
+        seed = bytes([n]) * 32
+        assert peer_id_of_public_key(Identity.from_seed(seed).public_key) == peer_id_of_seed(seed)
+    with pytest.raises(ValueError):
+        peer_id_of_public_key(b"\x01" * 31)
