@@ -734,6 +734,10 @@ def create_app(adapter: ControlAdapter, token: str, web_dir: Path = WEB_DIR) -> 
         Mount("/static", StaticFiles(directory=web_dir, check_dir=False), name="static"),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    # No redirect from a path with a trailing slash to the one without: an empty order id made
+    # `DELETE /api/v1/orders/` a 307 to `DELETE /api/v1/orders`, cancel-all, which a client
+    # that follows redirects then ran. Every path is answered as written, else 404.
+    app.router.redirect_slashes = False
     app.state.api = api
     return app
 

@@ -234,6 +234,12 @@ async def test_cancel_all_without_witnesses_cancels_one_by_one(tmp_path: Path) -
                         "clientOrderId": "label",
                     },
                 )
+            # An empty order id is not cancel-all: no redirect from the trailing slash (it was
+            # a 307 to DELETE /api/v1/orders, which a client following redirects then ran).
+            for path in ("/api/v1/orders/", "/api/v1/orders/?symbol=PLAIN"):
+                r = await api.client.delete(path, headers=api.auth, follow_redirects=True)
+                assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+            assert len((await api.get("/api/v1/orders", status="open"))["orders"]) == 2
             result = await api.delete("/api/v1/orders", symbol="PLAIN")
             assert result["op"] is None and len(result["cancelled"]) == 2
             book = await api.get("/api/v1/orderbook", auth=False)  # one market: symbol optional
