@@ -15,11 +15,13 @@ import json
 import logging
 import os
 import signal
+import socket
 import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -211,12 +213,19 @@ async def _main(config: NodeConfig) -> int:
     # The loop's busy time, for the gate on early publishing (node/headroom.py); from here, so
     # that its first window is the running node's, not the load's (which waits for no I/O).
     trio.lowlevel.add_instrument(service.headroom)
+    http_sock = None
     try:
+        if config.http is not None:  # bound before the network starts: an error is one line
+            from .http_api import bind_http
+
+            http_sock = bind_http(*config.http)
         net_config = config.network or NetworkConfig()
         async with open_network(identity.seed, config.listen, config=net_config) as net:
-            node = _Node(config, service, net)
+            node = _Node(config, service, net, http_sock)
             await node.run(home, created, loaded, load_seconds)
     finally:
+        if http_sock is not None:
+            http_sock.close()  # no-op once served (hypercorn took the descriptor)
         store.close()
         with contextlib.suppress(OSError):  # e.g. a filesystem that turned read-only
             (home / NODE_INFO_FILE).unlink(missing_ok=True)
@@ -233,8 +242,15 @@ class _Node:
     everything in order. A further service joins by one ``nursery.start_soon`` in :meth:`run`.
     """
 
-    def __init__(self, config: NodeConfig, service: NodeService, net: Network) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        service: NodeService,
+        net: Network,
+        http_sock: socket.socket | None = None,
+    ) -> None:
         self.config = config
+        self.http_sock = http_sock  # the HTTP API's bound socket (with --http)
         self.service = service
         self.net = net
         self.gossip = Gossip(service, net)
@@ -285,7 +301,8 @@ class _Node:
             if self.config.http is not None:  # imported only when asked for (starlette)
                 from .http_api import http_banner, serve_http
 
-                http = await nursery.start(serve_http, adapter, home, *self.config.http)
+                serve = partial(serve_http, sock=self.http_sock)
+                http = await nursery.start(serve, adapter, home, *self.config.http)
             nursery.start_soon(service.wal_checkpoint_loop)
             nursery.start_soon(self.sync.run)
             nursery.start_soon(self.joiner.run)

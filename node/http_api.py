@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -65,7 +66,15 @@ from .service import MarketState
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
-__all__ = ["UNAUTHORIZED", "HttpApi", "create_app", "http_banner", "serve_http"]
+__all__ = [
+    "UNAUTHORIZED",
+    "HttpApi",
+    "HttpListenError",
+    "bind_http",
+    "create_app",
+    "http_banner",
+    "serve_http",
+]
 
 logger = logging.getLogger("crdtbook.node.http")
 
@@ -742,21 +751,46 @@ def create_app(adapter: ControlAdapter, token: str, web_dir: Path = WEB_DIR) -> 
     return app
 
 
+class HttpListenError(OSError):
+    """The HTTP API's address cannot be listened on (in use, not of this machine): one line."""
+
+
+def bind_http(host: str, port: int) -> socket.socket:
+    """The HTTP API's socket, bound at once: a port in use or an address not of this machine
+    is then a one-line error before the node starts. (Left to hypercorn, the bind failed inside
+    the running node's nurseries, a traceback of nested exception groups.)"""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as hypercorn sets them
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        shown = f"[{host}]" if ":" in host else host
+        reason = (exc.strerror or str(exc)).lower()
+        raise HttpListenError(f"cannot serve the HTTP API on {shown}:{port}: {reason}") from None
+    return sock
+
+
 async def serve_http(
     adapter: ControlAdapter,
     home: Path,
     host: str,
     port: int,
     *,
+    sock: socket.socket | None = None,
     task_status: TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the API on ``host:port`` until cancelled; hands back the (host, port) bound (port
-    0 asks for a free one). Makes ``<home>/http.token`` when absent."""
+    0 asks for a free one). ``sock``: already bound there (:func:`bind_http`), served and
+    closed from then on. Makes ``<home>/http.token`` when absent."""
     from hypercorn.config import Config
 
     token = load_or_create_token(home)
+    if sock is None:
+        sock = bind_http(host, port)
     config = Config()
-    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the descriptor from here
     config.errorlog = logger  # hypercorn's messages under the node's logging levels
     config.accesslog = None
     config.websocket_max_message_size = MAX_WS_MESSAGE_BYTES

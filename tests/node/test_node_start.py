@@ -88,6 +88,21 @@ def test_port_in_use_is_refused(tmp_path: Path, reuseport: bool) -> None:
     assert not (home / "control.sock").exists()
 
 
+def test_http_port_in_use_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Left to hypercorn, the bind failed inside the running node: exit 1 after ~150 lines of
+    nested exception groups."""
+    home = tmp_path / "n"
+    with listening_socket(reuseport=False) as port:
+        reason = start_refused(
+            home, "--listen", "/ip4/127.0.0.1/tcp/0", "--http", f"127.0.0.1:{port}"
+        )
+    assert reason == (
+        f"crdtbook node: cannot serve the HTTP API on 127.0.0.1:{port}: address already in use"
+    )
+    assert not (home / "node.json").exists()
+    assert not (home / "control.sock").exists()
+
+
 @pytest.mark.parametrize(
     ("args", "reason"),
     [
