@@ -88,6 +88,15 @@ def test_port_in_use_is_refused(tmp_path: Path, reuseport: bool) -> None:
     assert not (home / "control.sock").exists()
 
 
+def test_two_definitions_of_one_market_name_are_refused(tmp_path: Path) -> None:
+    """Both started, and everything named WX went to one of them, labelled as the other."""
+    reason = start_refused(
+        tmp_path / "n", "--listen", "/ip4/127.0.0.1/tcp/0", "--market", "DEMO:1:10"
+    )
+    assert reason.startswith("crdtbook node: two definitions of market DEMO (ids ")
+    assert "a node follows one market per name" in reason
+
+
 def test_http_port_in_use_is_refused_in_one_line(tmp_path: Path) -> None:
     """Left to hypercorn, the bind failed inside the running node: exit 1 after ~150 lines of
     nested exception groups."""
