@@ -10,6 +10,7 @@ witnesses speaks version 2 (specs/finality.md), where fills become final.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable
 from decimal import Decimal, InvalidOperation
 from typing import Final
@@ -51,6 +52,10 @@ def _witness_keys(witnesses: Iterable[bytes | str]) -> tuple[bytes, ...]:
 
 
 _NAME_FORBIDDEN: Final = frozenset(":/ \t\r\n")
+#: How a price or quantity may be written: Decimal's own grammar (a sign, a point, an exponent
+#: as programs print them: "1.5E+2") less what it also reads and an order should not: "1_0"
+#: (as 10) and digits of other scripts ("１００"). Spaces around it are ignored.
+_PLAIN_DECIMAL: Final = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 #: Bounds on a tick or lot (far beyond any real market's: prices and sizes are integers of
 #: ticks and lots below 2**63 anyway).
 _MAX_EXPONENT: Final = 40
@@ -218,6 +223,11 @@ def _to_units(
 ) -> int:
     if isinstance(value, bool):
         raise error(f"{what} must be a decimal number, got {value!r}")
+    if isinstance(value, str) and not _PLAIN_DECIMAL.fullmatch(value.strip()):
+        raise error(
+            f"{what} {value[:40]!r} is not a decimal number in ASCII digits (1000, 0.25, "
+            "2.5E+3; no '_' separators)"
+        )
     try:
         amount = Decimal(value) if not isinstance(value, str) else Decimal(value.strip())
     except (InvalidOperation, ValueError, TypeError):

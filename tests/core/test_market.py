@@ -238,3 +238,18 @@ def test_a_witness_must_be_a_key_that_can_sign() -> None:
         with pytest.raises(ValueError, match="not a valid ed25519 public key"):
             Market("X", "1", "1", witnesses=[good, bad])
     assert Market("X", "1", "1", witnesses=[good]).witnesses == (good,)
+
+
+@pytest.mark.parametrize("value", ["1_000", "1_0", "1_0.5", "１００", "1 0", "1e1_0", "0x10"])
+def test_no_separators_or_other_scripts_digits(value):
+    """Decimal itself reads the first four ("1_0" as 10, full-width digits as ASCII): for an
+    order's price or size each is far more likely a typo than a meaning."""
+    market = DEFAULT_MARKETS["BTC-USD"]
+    with pytest.raises(OffTick, match="not a decimal number in ASCII digits"):
+        market.price_to_ticks(value)
+    with pytest.raises(OffLot, match="not a decimal number in ASCII digits"):
+        market.qty_to_lots(value)
+    # What programs print stays readable: spaces around, a sign, an exponent, a bare point.
+    for spelling in (" 100.50 ", "+100.5", "1.005E+2", "100.50", "100.5e0"):
+        assert market.price_to_ticks(spelling) == 10050
+    assert market.price_to_ticks(".5") == 50 and market.price_to_ticks("1.") == 100
