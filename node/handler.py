@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import time
@@ -239,6 +240,7 @@ class ControlAdapter:
         if fn is None:
             known = ", ".join(sorted([*self._methods, "watch"]))
             raise ControlError(UNKNOWN_METHOD, f"unknown method {method!r}; known: {known}")
+        _refuse_unknown_params(method, params)
         try:
             result = fn(params)
             if hasattr(result, "__await__"):
@@ -1024,6 +1026,51 @@ def _taken(ms: MarketState, op_id: bytes, before: int) -> list[tuple[int, Fill]]
     the fill count just before it)."""
     start = min(before, ms.replica.fill_count)
     return [(start + i, f) for i, f in enumerate(ms.fill_list(start)) if f.taker == op_id]
+
+
+#: The params of the methods that sign ops. Any other name is refused before anything is
+#: signed: a misspelt ``tif`` or ``wait_final`` would otherwise place an order that is not the
+#: one meant (a resting GTC for an IOC). Read methods ignore names they do not know.
+ORDER_ENTRY_PARAMS: Final[dict[str, frozenset[str]]] = {
+    "submit": frozenset(
+        {
+            "market",
+            "side",
+            "price",
+            "quantity",
+            "tif",
+            "tag",
+            "client_id",
+            "stp",
+            "market_order",
+            "band",
+            "wait_final",
+            "timeout",
+        }
+    ),
+    "cancel": frozenset({"market", "order_id", "client_id"}),
+    "amend": frozenset(
+        {"market", "order_id", "client_id", "price", "quantity", "new_client_id", "tag", "stp"}
+    ),
+    "cancel_all": frozenset({"market", "prefix"}),
+}
+
+
+def _refuse_unknown_params(method: str, params: dict[str, Any]) -> None:
+    known = ORDER_ENTRY_PARAMS.get(method)
+    if known is None:
+        return
+    unknown = sorted(name for name in params if name not in known)
+    if not unknown:
+        return
+    name = str(unknown[0])
+    close = difflib.get_close_matches(name.lower(), sorted(known), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise ControlError(
+        BAD_REQUEST,
+        f"unknown param {name!r:.40} for {method}{hint}; it takes {', '.join(sorted(known))}; "
+        "nothing was signed",
+    )
 
 
 def _ticks(ms: MarketState, text: str) -> int:

@@ -10,6 +10,7 @@ coalescing pushes, and serving the web view's files from ``node/web/``.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
@@ -51,7 +52,7 @@ from .control_errors import (
 from .handler import ControlAdapter, fill_json, order_json
 from .http_auth import TOKEN_FILE, check_token, is_loopback, load_or_create_token
 from .http_feeds import BOOK_FEED_DEPTH, BookFeed, PrivateWatch
-from .http_openapi import openapi_document
+from .http_openapi import NEW_ORDER_FIELDS, openapi_document
 from .http_shapes import (
     TIF_FROM_CCXT,
     error_body,
@@ -272,7 +273,17 @@ class HttpApi:
 
     async def create_order(self, request: Request) -> Any:
         body = await _json_body(request)
-        ms = self.market(_require_str(body, "symbol"))
+        unknown = sorted(name for name in body if name not in NEW_ORDER_FIELDS)
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], sorted(NEW_ORDER_FIELDS), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise HttpError(
+                BAD_REQUEST,
+                f"unknown field {unknown[0]!r:.40}{hint}; an order takes "
+                f"{', '.join(sorted(NEW_ORDER_FIELDS))}; nothing was placed",
+            )
+        symbol = body.get("symbol")
+        ms = self.market(None if symbol is None else _require_str(body, "symbol"))
         kind = body.get("type", "limit")
         if kind not in ("limit", "market"):
             raise HttpError(BAD_REQUEST, f"type must be limit or market, not {kind!r:.40}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-__all__ = ["openapi_document"]
+__all__ = ["NEW_ORDER_FIELDS", "openapi_document"]
 
 _DEC: Final = {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]+)?$", "description": "a decimal"}
 _HEX: Final = {"type": "string", "pattern": "^[0-9a-f]+$"}
@@ -161,7 +161,7 @@ _SCHEMAS: Final[dict[str, Any]] = {
                 "after 30 s, the order standing)",
             },
         },
-        required=["symbol", "side", "amount"],
+        required=["side", "amount"],
     ),
     "Status": {
         "type": "object",
@@ -174,6 +174,11 @@ _SCHEMAS: Final[dict[str, Any]] = {
 def _query(name: str, schema: dict[str, Any], required: bool = False) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": required, "schema": schema}
 
+
+#: The fields ``POST /api/v1/orders`` reads; the API refuses any other (a misspelt field would
+#: otherwise be ignored, and the order placed without it).
+NEW_ORDER_FIELDS: Final = frozenset(_SCHEMAS["NewOrder"]["properties"])
+_SCHEMAS["NewOrder"]["additionalProperties"] = False
 
 _SYMBOL: Final = _query("symbol", {"type": "string"})
 _ORDER_ID: Final = {"name": "order_id", "in": "path", "required": True, "schema": _HEX}

@@ -23,6 +23,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from crdtbook import Fill, Market
+from crdtbook.node.control_errors import BAD_REQUEST, ControlError
 from crdtbook.node.http_api import (
     COALESCE_SECONDS,
     _fills_message,
@@ -216,6 +217,33 @@ async def test_rest_trading_round_trip(tmp_path: Path) -> None:
             assert status["markets"][0]["name"] == "W" and "pid" not in status
             r = await api_a.client.get("/api/v1/nothing")
             assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+async def test_an_order_with_a_field_the_api_does_not_know_is_refused(tmp_path: Path) -> None:
+    """`timeinforce` for `timeInForce` placed a resting GTC order where an IOC was meant."""
+    ids = identities(1)
+    async with network(tmp_path) as net:
+        a = net.add(ids[0], Market("PLAIN", "0.5", "0.1"))
+        async with serving(net, a, tmp_path / "n0") as api:
+            typo = {"side": "sell", "price": "7", "amount": "0.1", "timeinforce": "IOC"}
+            r = await api.client.post("/api/v1/orders", json=typo, headers=api.auth)
+            assert r.status_code == 400
+            error = r.json()["error"]
+            assert error["code"] == "bad_request"
+            assert "unknown field 'timeinforce' (did you mean timeInForce?)" in error["message"]
+            assert a.ms.replica.order_count == 0  # nothing was signed
+            # One market: the symbol may be left out (http-api.md, "Values").
+            del typo["timeinforce"]
+            placed = await api.post("/api/v1/orders", typo)
+            assert placed["symbol"] == "PLAIN" and placed["status"] == "open"
+            # The control API refuses the same for the methods that sign.
+            with pytest.raises(ControlError) as err:
+                await a.call("submit", side="buy", price="1", quantity="1", wait_finall=True)
+            assert err.value.code == BAD_REQUEST
+            assert "unknown param 'wait_finall' for submit (did you mean wait_final?)" in (
+                err.value.message
+            )
+            assert a.ms.replica.order_count == 1
 
 
 async def test_cancel_all_without_witnesses_cancels_one_by_one(tmp_path: Path) -> None:
