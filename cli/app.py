@@ -602,8 +602,8 @@ def submit(
                 raise
             message = getattr(exc, "message", None) or str(exc)
             fail(
-                f"{message} [timeout]; the order was placed and may still turn final: "
-                "`crdtbook orders` shows it, `crdtbook status` shows which witness is silent"
+                f"{message}; the order was placed and may still turn final: `crdtbook orders` "
+                "shows it, `crdtbook status` shows which witness is silent [timeout]"
             )
     emit(result, as_json, lambda r: render.submit_result(r, witnessed=witnessed(entry)))
 
@@ -724,17 +724,19 @@ def amend(
     if price is None and quantity is None:
         fail("give --price, --quantity or both", 2)
     params = one_order(order_id, client_id)
-    result = call(
-        ctx,
-        home,
-        "amend",
-        market=market,
-        price=price,
-        quantity=quantity,
-        new_client_id=new_client_id,
-        **params,
-    )
-    emit(result, as_json, render.amend_result)
+    with session(ctx, home) as node:
+        result = node.call(
+            "amend",
+            market=market,
+            price=price,
+            quantity=quantity,
+            new_client_id=new_client_id,
+            **params,
+        )
+        # Whether the market has witnesses, from the market the new order went to (the
+        # result says which): a market without them is never final, and says so once.
+        entry = None if as_json else market_entry(node, (result.get("order") or {}).get("market"))
+    emit(result, as_json, lambda r: render.amend_result(r, witnessed=witnessed(entry)))
 
 
 @app.command()

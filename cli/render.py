@@ -215,7 +215,13 @@ def submit_result(result: Json, witnessed: bool | None = None) -> RenderableType
         desc.append(f" tag {printable(order['tag'])}", style="dim")
     outcome = Text()
     final = result.get("final", order.get("final"))
-    if final is True:
+    # With --wait-final, `final` says the order's op is final: its place and what it took. A
+    # resting order can still be filled or cancelled, so its own state is not.
+    placed_only = final is True and status in ("open", "partially_filled")
+    if placed_only:
+        outcome.append("placed for good, ", style="bold green")
+        outcome.append("still live: ", style="bold yellow")
+    elif final is True:
         outcome.append("final: ", style="bold green")
     elif final is False and witnessed is not False:  # (else: "never final" is said below)
         outcome.append("provisional: ", style="bold yellow")
@@ -256,6 +262,14 @@ def submit_result(result: Json, witnessed: bool | None = None) -> RenderableType
     ]
     if witnessed is False:
         parts.append(never_final(order.get("market")))
+    elif placed_only:
+        parts.append(
+            Text(
+                "its place and the fills above are final; resting, it can still be filled or "
+                "cancelled, and those fills are provisional until final (crdtbook order shows it)",
+                style="dim",
+            )
+        )
     elif final is False:
         parts.append(
             Text(
@@ -267,8 +281,9 @@ def submit_result(result: Json, witnessed: bool | None = None) -> RenderableType
     return Group(*parts)
 
 
-def amend_result(result: Json) -> RenderableType:
-    """The outcome of a cancel-replace: the cancel, then the new order as ``submit`` shows it."""
+def amend_result(result: Json, witnessed: bool | None = None) -> RenderableType:
+    """The outcome of a cancel-replace: the cancel, then the new order as ``submit`` shows it
+    (``witnessed`` as there)."""
     old: Json = result.get("cancelled") or {}
     head = Text()
     if result.get("effective"):
@@ -279,7 +294,7 @@ def amend_result(result: Json) -> RenderableType:
         head.append("nothing to cancel: ", style="bold yellow")
         head.append(f"order {old.get('id', '?')} had already finished")
     head.append(f"\ncancel op {result.get('cancel_id')}", style="dim")
-    return Group(head, Text("replaced by:", style="dim"), submit_result(result))
+    return Group(head, Text("replaced by:", style="dim"), submit_result(result, witnessed))
 
 
 def _self_trade_lines(expired: Sequence[Json], taker_id: object) -> list[Text]:

@@ -39,6 +39,8 @@ __all__ = [
 
 # Bytes asked of the socket per read.
 RECEIVE_CHUNK_BYTES: Final = 64 * 1024
+#: Methods that sign an op: when their answer is lost, whether they took effect is unknown.
+SIGNING_METHODS: Final = frozenset({"submit", "cancel", "amend", "cancel_all", "reconfigure"})
 
 
 class NodeNotRunning(ConnectionError):
@@ -214,8 +216,10 @@ class ControlClient:
             "method": method,
             "params": {k: v for k, v in params.items() if v is not None},
         }
+        sent = False
         try:
             conn.send(request, deadline)
+            sent = True
             response = conn.read_message(deadline)
             if response is None:
                 raise ConnectionError(
@@ -226,9 +230,17 @@ class ControlClient:
                     f"the node at {self.home} answered request {response.get('id')!r}, "
                     f"expected {request_id}"
                 )
-        except BaseException:
+        except BaseException as exc:
             conn.close()
             self._conn = None
+            if sent and method in SIGNING_METHODS and isinstance(exc, OSError):
+                # The node may have signed it before the answer was lost: say so, or a user
+                # who retries places the order twice.
+                kind = TimeoutError if isinstance(exc, TimeoutError) else ConnectionError
+                raise kind(
+                    f"{exc}; the {method} may have taken effect all the same: `crdtbook orders` "
+                    "(the orders method) shows whether it did"
+                ) from exc
             raise
         if "error" in response:
             _raise_error(self.home, response["error"])

@@ -276,6 +276,22 @@ def test_submit_wait_final(fake_node: Any, samples: Any) -> None:
     assert "not final yet" not in out
 
 
+def test_submit_wait_final_on_an_order_left_resting_is_not_called_final(
+    fake_node: Any, samples: Any
+) -> None:
+    """`final` there is the order op's: its place and what it took. Printed as "final:
+    resting", the order then filled, which the spec says a final order never does."""
+    fake_node.answers["submit"] = {
+        "order": samples.order(status="open", filled="0", remaining="5", final=False),
+        "fills": [],
+        "final": True,
+    }
+    out = run("submit", "buy", "5@100", "--wait-final").stdout
+    assert "placed for good, still live: resting: 5 @ 100 is on the book" in out
+    assert "final: resting" not in out
+    assert "can still be filled or cancelled" in out
+
+
 def test_submit_wait_final_default_timeout(fake_node: Any) -> None:
     assert run("submit", "buy", "3@101", "--wait-final").exit_code == 0
     assert fake_node.last("submit")["timeout"] == 30.0
@@ -292,7 +308,8 @@ def test_submit_wait_final_timeout_is_one_line(fake_node: Any, samples: Any) -> 
     assert res.stdout == ""
     err = lines(res.stderr)
     assert len(err) == 1
-    assert err[0].startswith(f"error: {msg} [timeout]; the order was placed")
+    assert err[0].startswith(f"error: {msg}; the order was placed")
+    assert err[0].endswith(" [timeout]")  # the code ends the line, as every error's does
 
 
 def test_submit_json_carries_final(fake_node: Any) -> None:

@@ -178,3 +178,24 @@ def test_amend(fake_node: Any, samples: Any) -> None:
     assert as_json["cancel_id"] == samples.C and as_json["order"]["id"] == samples.B
     assert run("amend", "A1").exit_code == 2
     assert run("amend", "--price", "5").exit_code == 2
+
+
+def test_amend_on_a_market_without_witnesses_says_never_final(
+    fake_node: Any, samples: Any
+) -> None:
+    """amend printed the witnessed-market text ("until the witnesses' heartbeats acknowledge
+    it ... --wait-final") on a market where --wait-final is refused."""
+    fake_node.answers["status"]["markets"][0]["witnessed"] = False
+    fake_node.answers["amend"] = {
+        "cancel_id": samples.C,
+        "cancelled": samples.order(status="cancelled", reason="cancelled", filled="0"),
+        "effective": True,
+        "order": samples.order(id=samples.B, status="open", price="101", filled="0"),
+        "fills": [],
+        "final": False,
+        "self_trade_expired": [],
+    }
+    result = run("amend", "A1A1", "--price", "101")
+    assert result.exit_code == 0, result.output
+    assert "fills here are never final: DEMO has no witnesses" in result.output
+    assert "heartbeats" not in result.output and "provisional:" not in result.output

@@ -53,7 +53,7 @@ class FakeHandler:
     async def call(self, method: str, params: dict[str, Any]) -> Any:
         if method == "echo":
             return params
-        if method == "sleep":
+        if method in ("sleep", "submit"):  # submit: one that signs, answered late
             await trio.sleep(require_param(params, "seconds", float))
             return params.get("tag")
         if method == "fail":
@@ -569,10 +569,16 @@ async def test_client_calls(handler: FakeHandler, home: Path) -> None:
 async def test_client_timeout_then_reconnects(handler: FakeHandler, home: Path) -> None:
     def script() -> None:
         with ControlClient(home, timeout=0.3) as client:
-            with pytest.raises(TimeoutError, match="did not answer"):
+            with pytest.raises(TimeoutError, match="did not answer") as late:
                 client.call("sleep", seconds=3)
+            assert "may have taken effect" not in str(late.value)  # it signs nothing
             # The late answer must not be mistaken for this one: a new connection is used.
             assert client.call("echo", n=2) == {"n": 2}
+            # An answer lost for a method that signs: the op may stand, and retrying places
+            # a second order, so the error says so.
+            with pytest.raises(TimeoutError, match="did not answer") as lost:
+                client.call("submit", seconds=3)
+            assert "the submit may have taken effect all the same" in str(lost.value)
 
     with trio.fail_after(TEST_DEADLINE):
         await in_thread(script)
