@@ -82,6 +82,15 @@ def short(hex_id: str | None, n: int = 12) -> str:
     return hex_id[:n]
 
 
+def _unfilled(order: Json) -> str:
+    """What of an order had not filled (quantity less filled): what a cancel or an expiry took
+    off the book. (Its ``remaining`` is 0 once it ended.)"""
+    try:
+        return format(Decimal(order["quantity"]) - Decimal(order["filled"]), "f")
+    except (KeyError, TypeError, InvalidOperation):
+        return "?"
+
+
 def _dec_sum(values: Sequence[str]) -> str:
     """Sum decimal strings exactly; fall back to ``?`` if one does not parse."""
     try:
@@ -307,7 +316,7 @@ def _self_trade_lines(expired: Sequence[Json], taker_id: object) -> list[Text]:
             line.append("this order itself (it met a resting order of this node)")
         else:
             line.append(f"own {o.get('side')} order {o.get('id')} ")
-            line.append(f"({o.get('remaining')} @ {o.get('price')} no longer rests)", style="dim")
+            line.append(f"({_unfilled(o)} @ {o.get('price')} no longer rests)", style="dim")
         lines.append(line)
     return lines
 
@@ -338,18 +347,22 @@ def markets_table(markets: Sequence[Json]) -> RenderableType:
     t.add_column("witnesses", justify="right")
     t.add_column("frontier", justify="right")
     t.add_column("id", style="dim", no_wrap=True)
+    stacked = Text()
     for m in markets:
         witnessed = m.get("witnessed")
-        t.add_row(
-            inert(m.get("name", "?")),
-            str(m.get("tick", "?")),
-            str(m.get("lot", "?")),
-            "yes" if witnessed else ("no (never final)" if witnessed is False else "?"),
-            str(m.get("witnesses", "?")),
-            str(m.get("frontier", "?")) if witnessed else "-",
-            str(m.get("id", "?")),
-        )
-    return t
+        said = "yes" if witnessed else ("no (never final)" if witnessed is False else "?")
+        frontier = str(m.get("frontier", "?")) if witnessed else "-"
+        row = (str(m.get("tick", "?")), str(m.get("lot", "?")), said, str(m.get("witnesses", "?")))
+        t.add_row(inert(m.get("name", "?")), *row, frontier, str(m.get("id", "?")))
+        # Too narrow for the table (its whole market ids are 64 digits): a block per market,
+        # the id whole on a line of its own, to copy.
+        stacked.append(("\n" if stacked.plain else "") + str(m.get("name", "?")), style="bold")
+        stacked.append(f"  tick {row[0]}  lot {row[1]}  witnessed {said}")
+        if witnessed:
+            plural = "" if row[3] == "1" else "es"
+            stacked.append(f" ({row[3]} witness{plural}, frontier {frontier})")
+        stacked.append(f"\n  id {m.get('id', '?')}", style="dim")
+    return FitOrStack(t, stacked)
 
 
 def cancel_result(result: Json) -> RenderableType:
@@ -359,10 +372,7 @@ def cancel_result(result: Json) -> RenderableType:
     if result.get("effective"):
         text.append("cancelled ", style="bold")
         text.append(order.get("id", "?"))
-        try:
-            unfilled = format(Decimal(order["quantity"]) - Decimal(order["filled"]), "f")
-        except (KeyError, InvalidOperation):
-            unfilled = "?"
+        unfilled = _unfilled(order)
         text.append(
             f"\n{order.get('side')} {order.get('quantity')} @ {order.get('price')} on "
             f"{order.get('market')}: {order.get('filled')} had filled, {unfilled} no longer rests"

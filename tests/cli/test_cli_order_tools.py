@@ -35,8 +35,10 @@ def test_submit_sends_client_id_and_stp(fake_node: Any, samples: Any) -> None:
 
 
 def test_submit_names_orders_expired_by_self_trade(fake_node: Any, samples: Any) -> None:
+    # As the node sends it: an ended order's remaining is 0; what rested was quantity less
+    # filled (the line said "0 @ 100 no longer rests").
     maker = samples.order(
-        id=samples.B, side="sell", status="expired", reason="self_trade", remaining="3"
+        id=samples.B, side="sell", status="expired", reason="self_trade", filled="2", remaining="0"
     )
     fake_node.answers["submit"] = {
         "order": samples.order(status="open", filled="0", remaining="5"),
@@ -47,6 +49,7 @@ def test_submit_names_orders_expired_by_self_trade(fake_node: Any, samples: Any)
     result = run("submit", "buy", "5@100")
     assert result.exit_code == 0, result.output
     assert "expired by self-trade prevention" in result.output and samples.B in result.output
+    assert "(3 @ 100 no longer rests)" in result.output
     taker = samples.order(status="expired", reason="self_trade", filled="0")
     fake_node.answers["submit"] = {
         "order": taker,
@@ -107,6 +110,27 @@ def test_markets(fake_node: Any, samples: Any) -> None:
          "witnessed": False, "witnesses": 0, "frontier": 0}
     ]  # fmt: skip
     assert "never final" in run("markets").output
+
+
+def test_markets_on_a_narrow_terminal_keep_every_field_whole(fake_node: Any) -> None:
+    """At 80 columns the table squeezed tick, lot, witnessed, witnesses and frontier to
+    nothing beside the 64-digit ids; now each market is a block of lines, its id whole."""
+    fake_node.answers["markets"] = [
+        {"name": "BTC-USD", "id": "ab" * 32, "tick": "0.01", "lot": "0.0001",
+         "witnessed": False, "witnesses": 0, "frontier": 0},
+        {"name": "WX", "id": "cd" * 32, "tick": "0.5", "lot": "1",
+         "witnessed": True, "witnesses": 3, "frontier": 41},
+    ]  # fmt: skip
+    result = runner.invoke(app, ["markets"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    out = result.stdout.splitlines()
+    assert max(map(len, out)) <= 80
+    assert out == [
+        "BTC-USD  tick 0.01  lot 0.0001  witnessed no (never final)",
+        f"  id {'ab' * 32}",
+        "WX  tick 0.5  lot 1  witnessed yes (3 witnesses, frontier 41)",
+        f"  id {'cd' * 32}",
+    ]
 
 
 def test_orders_open_limit_and_fills_mine(fake_node: Any, samples: Any) -> None:
@@ -180,9 +204,7 @@ def test_amend(fake_node: Any, samples: Any) -> None:
     assert run("amend", "--price", "5").exit_code == 2
 
 
-def test_amend_on_a_market_without_witnesses_says_never_final(
-    fake_node: Any, samples: Any
-) -> None:
+def test_amend_on_a_market_without_witnesses_says_never_final(fake_node: Any, samples: Any) -> None:
     """amend printed the witnessed-market text ("until the witnesses' heartbeats acknowledge
     it ... --wait-final") on a market where --wait-final is refused."""
     fake_node.answers["status"]["markets"][0]["witnessed"] = False
