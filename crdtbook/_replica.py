@@ -1289,6 +1289,11 @@ class Replica:
             )
         return self._author(identity, ReconfigBody(epoch, keys, tuple(sorted(pairs.items()))))
 
+    def check_next_witnesses(self, witnesses: Iterable[bytes]) -> tuple[bytes, ...]:
+        """``witnesses`` as the next epoch's set, sorted, or :class:`BadWitness` when no
+        reconfiguration could make it so here (the set's own rules, before any signature)."""
+        return self._next_witnesses(witnesses)
+
     def _next_witnesses(self, witnesses: Iterable[bytes]) -> tuple[bytes, ...]:
         if self._fin is None:
             raise BadWitness(f"{self.market.name} has no witnesses to reconfigure")
@@ -1297,6 +1302,14 @@ class Replica:
         keys = _witness_keys(witnesses)
         if not keys:
             raise BadWitness("a witnessed market keeps at least one witness")
+        # The rule check_reconfig applies to the op: refused here first, so that no witness
+        # approves (or signs) a set no replica would accept.
+        removed = {w.key for w in self._fin.witness_info() if not w.current}
+        back = sorted(key.hex()[:16] for key in keys if key in removed)
+        if back:
+            raise BadWitness(
+                f"a removed witness cannot be added again (use a new key): {', '.join(back)}"
+            )
         return keys
 
     def _author(self, identity: Identity, body: Body) -> Op:

@@ -19,7 +19,7 @@ import socket
 import sqlite3
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -193,6 +193,7 @@ async def _main(config: NodeConfig) -> int:
             os.close(lock_fd)
             raise ValueError(f"bootstrap address {addr!r} is this node itself ({home})")
     markets = [Market.parse(spec) for spec in (config.markets or [DEFAULT_MARKET])]
+    check_one_market_per_name(markets)
     # NORMAL: durable across a crash of the node (kill -9); FULL: across power loss too.
     store = OpStore.open(home, synchronous="FULL" if config.fsync else "NORMAL")
     service = NodeService(
@@ -396,3 +397,18 @@ def _write_info(home: Path, peer_id: str, addrs: list[str], service: NodeService
     tmp = home / (NODE_INFO_FILE + ".tmp")
     tmp.write_text(json.dumps(info, indent=2))
     tmp.replace(home / NODE_INFO_FILE)
+
+
+def check_one_market_per_name(markets: Sequence[Market]) -> None:
+    """Refuse two definitions of one market name (``ValueError``, one line). The control API,
+    the CLI and the HTTP API name a market by its name, so one of the two could never be
+    reached: orders meant for one went to the other, labelled as the first."""
+    seen: dict[str, Market] = {}
+    for market in markets:
+        other = seen.setdefault(market.name, market)
+        if other.id != market.id:
+            raise ValueError(
+                f"two definitions of market {market.name} (ids {other.id.hex()[:12]} and "
+                f"{market.id.hex()[:12]}): a node follows one market per name; give the other "
+                "a name of its own"
+            )

@@ -809,6 +809,10 @@ class ControlAdapter:
         raw = optional_param(params, "approvals", list, [])
         me = self.service.identity.public_key
         replica = ms.replica
+        try:  # the set's own rules first: no approval can mend those
+            replica.check_next_witnesses(witnesses)
+        except ValueError as exc:  # BadWitness is one
+            raise ControlError(BAD_REQUEST, f"not a valid witness set: {exc}") from None
         current = replica.witnesses()
         name, epoch = ms.market.name, replica.epoch
         if me not in current:

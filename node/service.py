@@ -41,7 +41,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Final
@@ -599,7 +599,6 @@ class NodeService:
         #: The wall clock the publish schedule's shared instants are taken on (tests set theirs).
         self.wall_clock: Callable[[], float] = time.time
         self.store = store
-        _check_one_market_per_name(markets)
         self.markets: dict[bytes, MarketState] = {m.id: self._market_state(m) for m in markets}
         self.by_name: dict[str, MarketState] = {ms.market.name: ms for ms in self.markets.values()}
         #: Compactions being written to the store (see _StoreWriter's ``busy``).
@@ -1535,17 +1534,3 @@ class NodeService:
                 ms.watchers.remove(watcher)
             watcher.send.close()
 
-
-def _check_one_market_per_name(markets: Sequence[Market]) -> None:
-    """Refuse two definitions of one market name (``ValueError``, one line). Clients, the CLI
-    and the HTTP API name a market by its name, so the second definition could never be
-    reached: orders meant for one went to the other, labelled as the first."""
-    seen: dict[str, Market] = {}
-    for market in markets:
-        other = seen.setdefault(market.name, market)
-        if other is not market and other.id != market.id:
-            raise ValueError(
-                f"two definitions of market {market.name} (ids {other.id.hex()[:12]} and "
-                f"{market.id.hex()[:12]}): a node follows one market per name; give the other "
-                "a name of its own"
-            )

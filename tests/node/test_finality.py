@@ -435,6 +435,19 @@ async def test_reconfigure_errors(tmp: Path) -> None:
         assert a.ms.replica.epoch == 0 and len(a.ms.replica) == 0  # nothing was signed
         good = await c.call("approve_reconfig", witnesses=keep)
         assert (await a.call("reconfigure", witnesses=keep, approvals=[good]))["epoch"] == 1
+        # c is removed now. A set that brings it back is refused as a set (bad_request) by
+        # the approver and the signer alike: no approval could mend it (it was approved, then
+        # refused as bad_approval with the advice to ask again).
+        back = sorted([*keep, ids[2].public_key.hex()])
+        await until(lambda: b.ms.replica.epoch == 1)
+        with pytest.raises(ControlError) as err:
+            await b.call("approve_reconfig", witnesses=back)
+        assert err.value.code == BAD_REQUEST
+        assert "a removed witness cannot be added again" in err.value.message
+        with pytest.raises(ControlError) as err:
+            await a.call("reconfigure", witnesses=back)
+        assert err.value.code == BAD_REQUEST
+        assert "a removed witness cannot be added again" in err.value.message
 
 
 async def test_equivocating_witness_is_logged_once(
