@@ -11,6 +11,7 @@ Exit codes: 0 success; 1 the node answered with an error (one line on stderr, wi
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -530,14 +531,16 @@ def submit(
         ),
     ] = False,
     timeout: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--timeout",
             min=0.1,
             max=3600.0,
-            help="With --wait-final: seconds to wait before giving up (the order stays placed).",
+            help="With --wait-final: seconds to wait before giving up (the order stays placed) "
+            f"[default: {WAIT_FINAL_TIMEOUT:g}].",
+            show_default=False,
         ),
-    ] = WAIT_FINAL_TIMEOUT,
+    ] = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -570,6 +573,9 @@ def submit(
         if band is not None:
             fail("--band goes with --market-order", 2)
         qty, px = split_qty_price(quantity, price)
+    if timeout is not None and not wait_final:
+        fail("--timeout goes with --wait-final", 2)
+    wait = WAIT_FINAL_TIMEOUT if timeout is None else timeout
     params: dict[str, Any] = {
         "market": market,
         "side": api_name(side),
@@ -583,10 +589,10 @@ def submit(
     if market_order:
         params.update(market_order=True, band=band)
     if wait_final:
-        params.update(wait_final=True, timeout=timeout)
+        params.update(wait_final=True, timeout=wait)
     # The client waits a little longer than the node, so the node's own timeout error (which
     # says what finality waits for) is the one the user sees.
-    with session(ctx, home, timeout + CLIENT_GRACE if wait_final else None) as node:
+    with session(ctx, home, wait + CLIENT_GRACE if wait_final else None) as node:
         name = node.market_name(market) if market is not None else None
         entry = market_entry(node, name) if wait_final or not as_json else None
         if wait_final and witnessed(entry) is False:
@@ -763,7 +769,28 @@ def book(
     if not watch:
         emit(call(ctx, home, "book", market=market, depth=depth), as_json, render.book_ladder)
         return
-    _watch_book(ctx, home, market, depth, as_json)
+    with _sigterm_as_interrupt():
+        _watch_book(ctx, home, market, depth, as_json)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM ends a long-running command as Ctrl-C does: cleanly, with its last output
+    written. (Killed by default, ``book --watch`` into a pipe left nothing: rich draws the
+    live view there only when it ends.)"""
+    try:
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _watch_book(
@@ -947,7 +974,9 @@ def token(ctx: typer.Context, home: HomeOpt = None) -> None:
 
     resolved = _home(ctx, home)
     if not resolved.is_dir():
-        fail(f"no node home at {resolved}: start a node there first (crdtbook node --http PORT)")
+        fail(
+            f"no node home at {resolved}: start a node there first (crdtbook node --http PORT)", 2
+        )
     try:
         typer.echo(load_or_create_token(resolved))
     except (ValueError, OSError) as exc:

@@ -66,6 +66,9 @@ _RESTING = ("open", "partially_filled")
 #: At most ~20 watch events a second per client: changes in between are coalesced into one
 #: event (with all their op ids), so a busy market does not hash its state on every op.
 WATCH_MIN_INTERVAL = 0.05
+#: The intervals a watch may ask for, in s: below 5 ms a stream's events would cost more than
+#: the changes they carry; above 10 s a client could not tell a quiet market from a dead node.
+WATCH_INTERVALS: Final = (0.005, 10.0)
 #: ``submit`` with ``wait_final``: how long to wait by default, and at most.
 FINAL_TIMEOUT: Final = 30.0
 FINAL_TIMEOUT_MAX: Final = 3600.0
@@ -516,6 +519,8 @@ class ControlAdapter:
         mode, checked before anything is signed."""
         tag = optional_param(params, "tag", str, None)
         client_id = optional_param(params, "client_id", str, None)
+        if client_id == "":
+            raise ControlError(BAD_REQUEST, "client_id must not be empty (leave it out instead)")
         if client_id is not None:
             if tag is not None and tag != client_id:
                 raise ControlError(
@@ -863,7 +868,11 @@ class ControlAdapter:
         ms = self._market(params)
         with_digest = optional_param(params, "digest", bool, True)
         interval = optional_param(params, "interval", float, WATCH_MIN_INTERVAL)
-        interval = min(max(interval, 0.005), 10.0)
+        if not (math.isfinite(interval) and WATCH_INTERVALS[0] <= interval <= WATCH_INTERVALS[1]):
+            low, high = WATCH_INTERVALS
+            raise ControlError(
+                BAD_REQUEST, f"interval must be {low:g} to {high:g} s, not {interval:g}"
+            )
         with_finalized = optional_param(params, "finalized", bool, False)
         yield {"watching": ms.market.name}
         sent = WatchedFills(ms)

@@ -298,6 +298,11 @@ def test_submit_wait_final_default_timeout(fake_node: Any) -> None:
     run("submit", "buy", "3@101")
     assert "wait_final" not in fake_node.last("submit")
     assert "timeout" not in fake_node.last("submit")
+    # --timeout alone was ignored without a word (as --band alone is not)
+    calls = len(fake_node.calls)
+    res = run("submit", "buy", "3@101", "--timeout", "5")
+    assert res.exit_code == 2 and "--timeout goes with --wait-final" in res.stderr
+    assert len(fake_node.calls) == calls  # nothing was sent
 
 
 def test_submit_wait_final_timeout_is_one_line(fake_node: Any, samples: Any) -> None:

@@ -489,6 +489,24 @@ async def test_id_and_status_name_the_witness_key(tmp: Path) -> None:
 # -- watch ---------------------------------------------------------------------------------------
 
 
+async def test_watch_interval_out_of_range_and_empty_client_id_are_refused(tmp: Path) -> None:
+    """Both were taken silently: an interval of 0 or 100 was clamped, and "" became a client
+    id that no order could then reuse."""
+    ids = identities(1)
+    async with network(tmp) as net:
+        a = net.add(ids[0], witnessed(ids))
+        for interval in (0, -1, 0.001, 100, float("nan")):
+            with pytest.raises(ControlError) as err:
+                await a.adapter.watch({"interval": interval}).__anext__()
+            assert err.value.code == BAD_REQUEST and "interval must be 0.005 to 10 s" in (
+                err.value.message
+            )
+        with pytest.raises(ControlError) as err:
+            await a.call("submit", side="buy", price="1", quantity="1", client_id="")
+        assert err.value.code == BAD_REQUEST and "client_id must not be empty" in err.value.message
+        assert a.ms.replica.order_count == 0
+
+
 async def test_watch_reports_fills_turning_final(tmp: Path) -> None:
     ids = identities(2)
     market = witnessed(ids)

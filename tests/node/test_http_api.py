@@ -667,7 +667,7 @@ def test_token_command_and_the_start_up_warning(tmp_path: Path) -> None:
     home = tmp_path / "home"
     runner = CliRunner()
     missing = runner.invoke(app, ["token", "--home", str(home)])
-    assert missing.exit_code == 1 and "no node home" in missing.output
+    assert missing.exit_code == 2 and "no node home" in missing.output  # as for no node
     home.mkdir(mode=0o700)
     first = runner.invoke(app, ["token", "--home", str(home)])
     assert first.exit_code == 0 and first.output.strip() == load_or_create_token(home)
