@@ -404,6 +404,11 @@ class Network:
             raise DialError("refusing to dial self")
         if self.is_banned(peer_id):
             raise PeerBanned(peer_id)
+        # libp2p refuses for 60 s to dial a peer all of whose addresses failed once: a peer
+        # that restarted stayed unreachable that long (a node cut off from it for 40-60 s,
+        # finality stalled meanwhile). Our callers pace their own dials (discovery rounds, at
+        # most one every few seconds per peer), so each of them is a real attempt.
+        self._host.get_network().unblock_peer(info.peer_id)
         try:
             with trio.fail_after(self._config.dial_timeout):
                 await self._host.connect(info)

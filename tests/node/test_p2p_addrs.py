@@ -194,3 +194,29 @@ def test_peer_id_without_libp2p_is_libp2ps() -> None:
         assert peer_id_of_public_key(Identity.from_seed(seed).public_key) == peer_id_of_seed(seed)
     with pytest.raises(ValueError):
         peer_id_of_public_key(b"\x01" * 31)
+
+
+async def test_a_restarted_peer_is_dialled_at_once_not_a_minute_later() -> None:
+    """libp2p refuses for 60 s to dial a peer all of whose addresses failed once (its negative
+    cache); a node cut off from a restarted peer stayed so for 40-60 s. Network.connect evicts
+    the peer first: our callers pace their own dials."""
+    from libp2p.network.exceptions import SwarmException
+    from libp2p.peer.id import ID
+
+    from crdtbook.node.p2p import DialError
+
+    with trio.fail_after(30):
+        async with open_network(seed("a"), ["/ip4/127.0.0.1/tcp/0"], config=FAST) as a:
+            async with open_network(seed("b"), ["/ip4/127.0.0.1/tcp/0"], config=FAST) as b:
+                addr = b.addrs()[0]
+                peer = b.peer_id
+            with pytest.raises(DialError):  # b is gone
+                await a.connect(addr)
+            swarm = a._host.get_network()
+            listen = addr.split("/p2p/")[0]
+            async with open_network(seed("b"), [listen], config=FAST):  # b again, same port
+                # Stock: the dial is refused without an attempt, for a minute.
+                with pytest.raises(SwarmException, match="negative cache"):
+                    await swarm.dial_peer(ID.from_base58(peer))
+                assert await a.connect(addr) == peer  # ours: dialled, and it answers
+                assert peer in a.connected_peers()
