@@ -182,44 +182,47 @@ async def _main(config: NodeConfig) -> int:
         check_listen_addr(addr)
     bootstrap_ids = {addr: check_bootstrap_addr(addr) for addr in config.bootstrap}
 
+    # So is a market list that names one market twice: a node follows one market per name.
+    markets = [Market.parse(spec) for spec in (config.markets or [DEFAULT_MARKET])]
+    check_one_market_per_name(markets)
+
     home = Path(config.home).expanduser()
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     check_home(home)  # before anything in it is trusted: others must not be able to write there
     lock_fd = lock_home(home)
-    identity, created = load_or_create_identity(home)
-    own_id = peer_id_of_seed(identity.seed)
-    for addr, peer in bootstrap_ids.items():
-        if peer == own_id:
-            os.close(lock_fd)
-            raise ValueError(f"bootstrap address {addr!r} is this node itself ({home})")
-    markets = [Market.parse(spec) for spec in (config.markets or [DEFAULT_MARKET])]
-    check_one_market_per_name(markets)
-    # NORMAL: durable across a crash of the node (kill -9); FULL: across power loss too.
-    store = OpStore.open(home, synchronous="FULL" if config.fsync else "NORMAL")
-    service = NodeService(
-        identity,
-        store,
-        markets,
-        gossip_batch=config.gossip_batch,
-        flush_delay=config.flush_delay,
-        publish_interval=config.publish_interval,
-        fsync=config.fsync,
-        heartbeat_interval=config.heartbeat_interval,
-        point_interval=config.point_interval,
-        retention=config.retention,
-    )
-    started = time.monotonic()
-    loaded = service.load_from_store()
-    load_seconds = time.monotonic() - started
-    # The loop's busy time, for the gate on early publishing (node/headroom.py); from here, so
-    # that its first window is the running node's, not the load's (which waits for no I/O).
-    trio.lowlevel.add_instrument(service.headroom)
-    http_sock = None
+    http_sock: socket.socket | None = None
+    store: OpStore | None = None
     try:
-        if config.http is not None:  # bound before the network starts: an error is one line
-            from .http_api import bind_http
+        identity, created = load_or_create_identity(home)
+        own_id = peer_id_of_seed(identity.seed)
+        for addr, peer in bootstrap_ids.items():
+            if peer == own_id:
+                raise ValueError(f"bootstrap address {addr!r} is this node itself ({home})")
+        if config.http is not None:  # listening before the store loads: a port in use is one
+            from .http_api import bind_http  # line at once, and nothing can take it after
 
             http_sock = bind_http(*config.http)
+        # NORMAL: durable across a crash of the node (kill -9); FULL: across power loss too.
+        store = OpStore.open(home, synchronous="FULL" if config.fsync else "NORMAL")
+        service = NodeService(
+            identity,
+            store,
+            markets,
+            gossip_batch=config.gossip_batch,
+            flush_delay=config.flush_delay,
+            publish_interval=config.publish_interval,
+            fsync=config.fsync,
+            heartbeat_interval=config.heartbeat_interval,
+            point_interval=config.point_interval,
+            retention=config.retention,
+        )
+        started = time.monotonic()
+        loaded = service.load_from_store()
+        load_seconds = time.monotonic() - started
+        # The loop's busy time, for the gate on early publishing (node/headroom.py); from here,
+        # so that its first window is the running node's, not the load's (which waits for no
+        # I/O).
+        trio.lowlevel.add_instrument(service.headroom)
         net_config = config.network or NetworkConfig()
         async with open_network(identity.seed, config.listen, config=net_config) as net:
             node = _Node(config, service, net, http_sock)
@@ -227,7 +230,8 @@ async def _main(config: NodeConfig) -> int:
     finally:
         if http_sock is not None:
             http_sock.close()  # no-op once served (hypercorn took the descriptor)
-        store.close()
+        if store is not None:
+            store.close()
         with contextlib.suppress(OSError):  # e.g. a filesystem that turned read-only
             (home / NODE_INFO_FILE).unlink(missing_ok=True)
         os.close(lock_fd)

@@ -762,6 +762,10 @@ def create_app(adapter: ControlAdapter, token: str, web_dir: Path = WEB_DIR) -> 
     return app
 
 
+#: Connections the kernel queues before the server accepts them (hypercorn's default).
+HTTP_BACKLOG: Final = 100
+
+
 class HttpListenError(OSError):
     """The HTTP API's address cannot be listened on (in use, not of this machine): one line."""
 
@@ -775,6 +779,9 @@ def bind_http(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as hypercorn sets them
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
+        # Listening at once: a socket only bound does not keep another SO_REUSEADDR socket
+        # (libp2p's, another node's) from taking the port before hypercorn listens.
+        sock.listen(HTTP_BACKLOG)
     except OSError as exc:
         sock.close()
         shown = f"[{host}]" if ":" in host else host
@@ -801,12 +808,12 @@ async def serve_http(
     if sock is None:
         sock = bind_http(host, port)
     config = Config()
-    config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the descriptor from here
     config.errorlog = logger  # hypercorn's messages under the node's logging levels
     config.accesslog = None
     config.websocket_max_message_size = MAX_WS_MESSAGE_BYTES
     config.graceful_timeout = 1.0  # open WebSockets must not hold up the node's shutdown
     app = create_app(adapter, token)
+    config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the descriptor from here
     async with trio.open_nursery() as nursery:
         bound: list[str] = await nursery.start(_serve, app, config)
         task_status.started((host, int(bound[0].rsplit(":", 1)[1])))

@@ -90,11 +90,11 @@ def test_port_in_use_is_refused(tmp_path: Path, reuseport: bool) -> None:
 
 def test_two_definitions_of_one_market_name_are_refused(tmp_path: Path) -> None:
     """Both started, and everything named WX went to one of them, labelled as the other."""
-    reason = start_refused(
-        tmp_path / "n", "--listen", "/ip4/127.0.0.1/tcp/0", "--market", "DEMO:1:10"
-    )
+    home = tmp_path / "n"
+    reason = start_refused(home, "--listen", "/ip4/127.0.0.1/tcp/0", "--market", "DEMO:1:10")
     assert reason.startswith("crdtbook node: two definitions of market DEMO (ids ")
     assert "a node follows one market per name" in reason
+    assert not home.exists()  # judged alone: refused before the home or a key is made
 
 
 def test_http_port_in_use_is_refused_in_one_line(tmp_path: Path) -> None:
@@ -110,6 +110,18 @@ def test_http_port_in_use_is_refused_in_one_line(tmp_path: Path) -> None:
     )
     assert not (home / "node.json").exists()
     assert not (home / "control.sock").exists()
+
+
+def test_http_and_p2p_on_one_port_is_refused_in_one_line(tmp_path: Path) -> None:
+    """The HTTP socket listens before libp2p binds: only bound, it let libp2p take the port,
+    and hypercorn's own listen then failed inside the running node as a traceback."""
+    port = closed_port()
+    reason = start_refused(
+        tmp_path / "n", "--listen", f"/ip4/127.0.0.1/tcp/{port}", "--http", f"127.0.0.1:{port}"
+    )
+    assert reason == (
+        f"crdtbook node: cannot listen on /ip4/127.0.0.1/tcp/{port}: address already in use"
+    )
 
 
 @pytest.mark.parametrize(
