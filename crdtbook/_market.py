@@ -63,6 +63,11 @@ _MAX_DIGITS: Final = 40
 
 
 def _canonical_decimal(text: str | Decimal, what: str) -> Decimal:
+    if isinstance(text, str) and not _PLAIN_DECIMAL.fullmatch(text.strip()):
+        raise ValueError(
+            f"{what} {text[:40]!r} is not a decimal number in ASCII digits (0.01, 1E-8; no '_' "
+            "separators)"
+        )
     try:
         value = Decimal(text) if isinstance(text, Decimal) else Decimal(str(text).strip())
     except (InvalidOperation, ValueError, TypeError):

@@ -237,9 +237,14 @@ class ControlClient:
                 # The node may have signed it before the answer was lost: say so, or a user
                 # who retries places the order twice.
                 kind = TimeoutError if isinstance(exc, TimeoutError) else ConnectionError
+                where = (
+                    "`crdtbook status` (the market's epoch)"
+                    if method == "reconfigure"
+                    else "`crdtbook orders` (the orders method)"
+                )
                 raise kind(
-                    f"{exc}; the {method} may have taken effect all the same: `crdtbook orders` "
-                    "(the orders method) shows whether it did"
+                    f"{exc}; the {method} may have taken effect all the same: {where} shows "
+                    "whether it did"
                 ) from exc
             raise
         if "error" in response:

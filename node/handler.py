@@ -617,6 +617,10 @@ class ControlAdapter:
                 "nothing to amend (submit a new order)",
             )
         new_params = {k: v for k, v in params.items() if k in ("tag", "stp")}
+        if params.get("new_client_id") == "":
+            raise ControlError(
+                BAD_REQUEST, "new_client_id must not be empty (leave it out instead)"
+            )
         if params.get("new_client_id") is not None:
             new_params["client_id"] = params["new_client_id"]
         elif "tag" not in new_params and not ms.market.witnessed:
@@ -1041,9 +1045,11 @@ def _taken(ms: MarketState, op_id: bytes, before: int) -> list[tuple[int, Fill]]
     return [(start + i, f) for i, f in enumerate(ms.fill_list(start)) if f.taker == op_id]
 
 
-#: The params of the methods that sign ops. Any other name is refused before anything is
-#: signed: a misspelt ``tif`` or ``wait_final`` would otherwise place an order that is not the
-#: one meant (a resting GTC for an IOC). Read methods ignore names they do not know.
+#: The params of the methods that sign (ops, or a witness's approval). Any other name is
+#: refused before anything is signed: a misspelt ``tif`` or ``wait_final`` would otherwise
+#: place an order that is not the one meant (a resting GTC for an IOC), a misspelt
+#: ``approvals`` sign a reconfiguration without them. Read methods ignore names they do not
+#: know.
 ORDER_ENTRY_PARAMS: Final[dict[str, frozenset[str]]] = {
     "submit": frozenset(
         {
@@ -1066,6 +1072,8 @@ ORDER_ENTRY_PARAMS: Final[dict[str, frozenset[str]]] = {
         {"market", "order_id", "client_id", "price", "quantity", "new_client_id", "tag", "stp"}
     ),
     "cancel_all": frozenset({"market", "prefix"}),
+    "reconfigure": frozenset({"market", "witnesses", "approvals"}),
+    "approve_reconfig": frozenset({"market", "witnesses"}),
 }
 
 

@@ -253,3 +253,10 @@ def test_no_separators_or_other_scripts_digits(value):
     for spelling in (" 100.50 ", "+100.5", "1.005E+2", "100.50", "100.5e0"):
         assert market.price_to_ticks(spelling) == 10050
     assert market.price_to_ticks(".5") == 50 and market.price_to_ticks("1.") == 100
+
+
+@pytest.mark.parametrize("spec", ["X:1_0:1", "X:1:0_1", "X:１:1", "X:0.0_1:1"])
+def test_a_definitions_tick_and_lot_take_no_separators_either(spec):
+    with pytest.raises(ValueError, match="not a decimal number in ASCII digits"):
+        Market.parse(spec)
+    assert Market.parse("X:1E-2:1").tick == "0.01"  # as programs print it: the same market
