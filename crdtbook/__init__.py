@@ -31,6 +31,7 @@ from ._errors import (
     OffLot,
     OffTick,
     PendingFull,
+    SigningWaits,
     UnknownKind,
     WrongMarket,
 )
@@ -118,6 +119,7 @@ __all__ = [
     "Replica",
     "RestingOrder",
     "RestoreReport",
+    "SigningWaits",
     "SlidingBloom",
     "SnapshotRefused",
     "UnknownKind",

@@ -21,6 +21,7 @@ __all__ = [
     "OffLot",
     "OffTick",
     "PendingFull",
+    "SigningWaits",
     "UnknownKind",
     "WrongMarket",
 ]
@@ -77,6 +78,12 @@ class BadCancel(InvalidOp):
 class BadWitness(InvalidOp):
     """A reconfiguration the witness rules refuse (not signed by a majority of the witnesses in
     force, a wrong epoch, ...), or a heartbeat asked of a key that is not a witness."""
+
+
+class SigningWaits(Exception):
+    """This replica holds ops of the signing key that it has not applied yet (they wait for
+    parents or for history): a new op now would take a sequence number one of them has, an
+    equivocation of the key. Not a verdict on anything: retry once they are applied."""
 
 
 class PendingFull(Exception):

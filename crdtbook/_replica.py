@@ -30,7 +30,7 @@ from typing import Final, NamedTuple, Protocol, TypeVar, overload
 
 from ._checkpoint import Checkpoint, encode_checkpoint, install, read_checkpoint
 from ._engine import PARTIALLY_FILLED, Engine, Fill
-from ._errors import BadCancel, BadWitness, InvalidOp, InvalidParent, WrongMarket
+from ._errors import BadCancel, BadWitness, InvalidOp, InvalidParent, SigningWaits, WrongMarket
 from ._finality import UNPLACED, WitnessInfo, Witnessing, check_approval
 from ._identity import Identity
 from ._limits import MAX_CLIENT_TAG_BYTES, MAX_PARENTS
@@ -287,6 +287,10 @@ class Replica:
         #: last in the total order (it sees the author's every branch's Lamport time).
         self._author_latest: dict[bytes, Op] = {}
         self._fork_at: dict[bytes, int] = {}  # author -> lowest seq with two ops (equivocation)
+        #: author -> the highest seq of its ops this replica held without applying them (pending
+        #: or waiting for history); never lowered. ``_author`` signs above it: a key must never
+        #: sign twice at one seq, and a node restarted with its own later ops waiting did.
+        self._held_seq: dict[bytes, int] = {}
         #: Bumped whenever derived state may have changed; cheap change detection for watchers.
         self.version = 0
         #: Pending ops forgotten because the buffer was full (oldest first; see ``_park``).
@@ -485,6 +489,7 @@ class Replica:
         while len(self._pending) >= max(1, self.max_pending):
             self._evict_oldest_pending()
         self._pending[op.id] = op
+        self._note_held(op)
         for parent in missing:
             self._waiting.setdefault(parent, []).append(op.id)
 
@@ -1123,6 +1128,7 @@ class Replica:
             self._history_copies.discard(oldest)
             self.evicted += 1
         wait[op.id] = op
+        self._note_held(op)
         if op.seq <= self._point_seq.get(op.author, 0):
             self._history_copies.add(op.id)  # held only as a possible copy (see history_wanted)
 
@@ -1311,6 +1317,26 @@ class Replica:
                 f"a removed witness cannot be added again (use a new key): {', '.join(back)}"
             )
         return keys
+
+    def _note_held(self, op: Op) -> None:
+        if op.seq > self._held_seq.get(op.author, 0):
+            self._held_seq[op.author] = op.seq
+
+    def check_can_sign(self, author: bytes) -> None:
+        """Raise :class:`SigningWaits` while this replica holds ops of ``author`` with a higher
+        sequence number than its applied ones (waiting for their parents or for history): the
+        next op signed here would reuse one of those numbers, an equivocation of the key.
+
+        A node calls it before signing as itself; ``submit`` and the others do not, so that
+        tests can still model a key signing at several replicas."""
+        held = self._held_seq.get(author, 0)
+        tip = self._author_latest.get(author)
+        if held > (0 if tip is None else tip.seq):
+            raise SigningWaits(
+                f"this replica holds ops of this key up to sequence {held} that it has not "
+                f"applied yet (they wait for their parents or for history); signing now would "
+                "reuse a sequence number (an equivocation): retry once they are applied"
+            )
 
     def _author(self, identity: Identity, body: Body) -> Op:
         author = identity.public_key

@@ -25,6 +25,7 @@ __all__ = [
     "MAX_REQUEST_LINE_BYTES",
     "NOT_FOUND",
     "NOT_OWNER",
+    "NOT_READY",
     "NOT_WITNESS",
     "NOT_WITNESSED",
     "NO_MAJORITY",
@@ -61,6 +62,9 @@ BAD_APPROVAL: Final = "bad_approval"  # an approval signature that does not veri
 DUPLICATE_CLIENT_ID: Final = "duplicate_client_id"
 #: a market order while the side of the book it would take from is empty
 EMPTY_BOOK: Final = "empty_book"
+#: the node cannot sign yet: it holds ops of its own key it has not applied (they wait for
+#: parents or history); a new op would equivocate. Retry once they are applied.
+NOT_READY: Final = "not_ready"
 STORE_FULL: Final = "store_full"  # the node's store has no space left: nothing was done
 STORE_ERROR: Final = "store_error"  # the node's store cannot be written (read-only, I/O error)
 INTERNAL: Final = "internal"  # a bug in the node; details are in the node's log
@@ -83,6 +87,7 @@ ERROR_CODES: Final = frozenset(
         BAD_APPROVAL,
         DUPLICATE_CLIENT_ID,
         EMPTY_BOOK,
+        NOT_READY,
         STORE_FULL,
         STORE_ERROR,
         INTERNAL,

@@ -28,6 +28,7 @@ from crdtbook import (
     OffLot,
     OffTick,
     OrderState,
+    SigningWaits,
     __version__,
 )
 
@@ -42,6 +43,7 @@ from .control_errors import (
     NO_MAJORITY,
     NOT_FOUND,
     NOT_OWNER,
+    NOT_READY,
     NOT_WITNESS,
     NOT_WITNESSED,
     OFF_LOT,
@@ -248,6 +250,10 @@ class ControlAdapter:
             result = fn(params)
             if hasattr(result, "__await__"):
                 result = await result
+        except SigningWaits as exc:  # its own earlier ops wait: a new one would equivocate
+            raise ControlError(
+                NOT_READY, f"{exc}; nothing was signed (this node is fetching what they wait for)"
+            ) from None
         except StoreWriteError as exc:  # disk full or read-only: the node itself carries on
             raise ControlError(
                 STORE_FULL if exc.reason == "full" else STORE_ERROR,

@@ -59,6 +59,7 @@ from crdtbook import (
     OrderState,
     PointInfo,
     Replica,
+    SigningWaits,
     SnapshotRefused,
     decode,
     op_id,
@@ -1041,6 +1042,14 @@ class NodeService:
 
     # -- store faults ------------------------------------------------------------------------
 
+    def _ready_to_sign(self, ms: MarketState) -> None:
+        """Raise ``StoreWriteError`` while the store refuses writes, ``SigningWaits`` while the
+        replica holds ops of this node's key it has not applied (e.g. after a restart, waiting
+        for history): an op signed then would reuse one's sequence number, an equivocation
+        that stalls finality for every node of a witnessed market."""
+        self._store_ready()
+        ms.replica.check_can_sign(self.identity.public_key)
+
     def _store_ready(self) -> None:
         """Raise ``StoreWriteError`` while the store refuses writes (disk full, read-only), so
         that nothing new is signed, applied or accepted that could not be stored. A known fault
@@ -1289,7 +1298,7 @@ class NodeService:
         tag: str | None,
         stp: str = "expire_maker",
     ) -> Op:
-        self._store_ready()
+        self._ready_to_sign(ms)
         op = ms.replica.submit(self.identity, side, price, quantity, tif, tag, stp=stp)
         await self._publish_own(ms, op)
         return op
@@ -1307,7 +1316,7 @@ class NodeService:
         same side with the same time in force (``price``, ``quantity``, ``tag``), then store and
         send both together. Returns (cancel, new order); the new order is None if the replica
         refused to sign it (the cancel stands and is sent all the same)."""
-        self._store_ready()
+        self._ready_to_sign(ms)
         replica = ms.replica
         cancel = replica.cancel(self.identity, order_id)  # BadCancel if it cannot
         old = replica.order(order_id)
@@ -1328,13 +1337,13 @@ class NodeService:
 
     async def cancel_all(self, ms: MarketState, prefix: str | None) -> Op:
         """Sign and send one cancel-all of this node's resting orders (witnessed markets)."""
-        self._store_ready()
+        self._ready_to_sign(ms)
         op = ms.replica.cancel_all(self.identity, prefix)
         await self._publish_own(ms, op)
         return op
 
     async def cancel(self, ms: MarketState, order_id: bytes) -> Op:
-        self._store_ready()
+        self._ready_to_sign(ms)
         op = ms.replica.cancel(self.identity, order_id)
         await self._publish_own(ms, op)
         return op
@@ -1344,7 +1353,7 @@ class NodeService:
         witness in force: else ``BadWitness``), and send it like any own op. It carries the
         node's wall clock, which becomes the batch's witnessed time (a label, never an input to
         the order)."""
-        self._store_ready()
+        self._ready_to_sign(ms)
         op = ms.replica.heartbeat(self.identity, time_ms=time.time_ns() // 1_000_000)
         await self._publish_own(ms, op)
         return op
@@ -1357,7 +1366,7 @@ class NodeService:
         self, ms: MarketState, witnesses: list[bytes], approvals: dict[bytes, bytes]
     ) -> Op:
         """Sign and send a reconfiguration (with a majority's ``approvals``)."""
-        self._store_ready()
+        self._ready_to_sign(ms)
         op = ms.replica.reconfigure(self.identity, witnesses, approvals)
         await self._publish_own(ms, op)
         return op
@@ -1398,6 +1407,8 @@ class NodeService:
                 await self.heartbeat(ms)
             except StoreWriteError as exc:  # logged once as an error when the fault began
                 logger.debug("%s: no heartbeat: %s", ms.market.name, exc)
+            except SigningWaits as exc:  # its own earlier ops wait (a restart): not yet
+                logger.debug("%s: no heartbeat yet: %s", ms.market.name, exc)
                 await trio.sleep(self.heartbeat_interval)
             except Exception:  # never fatal: finality waits, trading goes on
                 logger.exception("%s: heartbeat failed; retrying", ms.market.name)

@@ -22,12 +22,15 @@ from crdtbook import (
     BadSequence,
     BadSignature,
     CancelBody,
+    Identity,
     InvalidOp,
     InvalidParent,
+    Market,
     Op,
     OrderBody,
     PendingFull,
     Replica,
+    SigningWaits,
     WrongMarket,
     op_id,
 )
@@ -632,3 +635,26 @@ def test_pending_ops_refused_once_judged_are_listed_for_the_caller():
         r.apply(parent.raw)
     assert r.take_refused_pending() == [child.id] and r.take_refused_pending() == []
     assert not r.is_pending(child.id) and r.is_invalid(child.id) and len(r) == 0
+
+
+def test_a_key_never_signs_at_a_sequence_number_it_holds_unapplied():
+    """A node restarted with its own later ops waiting (for parents, or for history it had
+    pruned) signed its next op at the sequence number after its last *applied* one: a second
+    op at a number its peers held, an equivocation that stalled finality for good and turned
+    final fills provisional again. The replica says so (check_can_sign), and a node asks it
+    before it signs as itself."""
+    market = Market.parse("DEMO:1:1")
+    me, other = Identity.from_seed(b"m" * 32), Identity.from_seed(b"o" * 32)
+    full = Replica(market)
+    theirs = full.submit(other, "sell", 100, 1)
+    mine = [full.submit(me, "sell", 101, 1), full.submit(me, "sell", 102, 1)]
+    restarted = Replica(market)
+    for op in mine:  # both wait for `theirs`
+        assert restarted.apply(op.raw) == []
+    with pytest.raises(SigningWaits, match="up to sequence 2"):
+        restarted.check_can_sign(me.public_key)
+    restarted.check_can_sign(other.public_key)  # no op of that key waits here
+    restarted.apply(theirs.raw)  # the parent arrives: all three apply
+    restarted.check_can_sign(me.public_key)
+    assert restarted.submit(me, "buy", 91, 1).seq == 3
+    assert not restarted.forked_authors()

@@ -19,11 +19,12 @@ from typing import Any
 import pytest
 import trio
 
-from crdtbook import Identity, Market, Replica
+from crdtbook import Identity, Market, Replica, SigningWaits
 from crdtbook.node.control_errors import (
     BAD_APPROVAL,
     BAD_REQUEST,
     NO_MAJORITY,
+    NOT_READY,
     NOT_WITNESS,
     NOT_WITNESSED,
     TIMEOUT,
@@ -487,6 +488,32 @@ async def test_id_and_status_name_the_witness_key(tmp: Path) -> None:
 
 
 # -- watch ---------------------------------------------------------------------------------------
+
+
+async def test_a_node_holding_its_own_ops_unapplied_does_not_sign(tmp: Path) -> None:
+    """Found by restarting a --retention witness after it pruned: its own later ops waited for
+    history, its next heartbeat took a sequence number one of them had, every peer saw an
+    equivocation, finality stalled and fills shown final turned provisional. Now the node
+    answers not_ready (HTTP 503) and does not heartbeat until they apply."""
+    ids = identities(2)
+    market = witnessed(ids[:1])
+    async with network(tmp) as net:
+        a = net.add(ids[0], market, interval=60.0)  # no heartbeat of its own meanwhile
+        elsewhere = Replica(market)  # the same key's history, as its peers hold it
+        theirs = elsewhere.submit(ids[1], "sell", 100, 1)
+        mine = elsewhere.submit(ids[0], "sell", 101, 1)  # waits for `theirs` at a
+        await a.service.commit(a.ms, await a.service.prepare(a.ms, [mine.raw]), "test")
+        assert a.ms.replica.pending_count == 1
+        with pytest.raises(ControlError) as err:
+            await a.call("submit", side="buy", price="90", quantity="1")
+        assert err.value.code == NOT_READY and "nothing was signed" in err.value.message
+        with pytest.raises(SigningWaits):
+            await a.service.heartbeat(a.ms)
+        await a.service.commit(a.ms, await a.service.prepare(a.ms, [theirs.raw]), "test")
+        await until(lambda: a.ms.replica.pending_count == 0)
+        placed = await a.call("submit", side="buy", price="90", quantity="1")
+        assert placed["order"]["status"] == "open"
+        assert not a.ms.replica.forked_authors()
 
 
 async def test_watch_interval_out_of_range_and_empty_client_id_are_refused(tmp: Path) -> None:
