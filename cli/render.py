@@ -381,7 +381,10 @@ def cancel_result(result: Json) -> RenderableType:
         text.append("nothing to cancel: ", style="bold yellow")
         text.append(f"order {order.get('id', '?')} is already ")
         text.append_text(status_text(order.get("status", "?")))
-    text.append(f"\ncancel op {short(result.get('cancel_id'))}", style="dim")
+    if result.get("cancel_id") is None:
+        text.append("\nfinal: no cancel can change it, so none was signed", style="dim")
+    else:
+        text.append(f"\ncancel op {short(result.get('cancel_id'))}", style="dim")
     return text
 
 

@@ -595,6 +595,18 @@ class ControlAdapter:
             raise ControlError(
                 NOT_OWNER, "this order was signed by another key; only its author can cancel it"
             )
+        live = ms.replica.order(order.id)
+        if order.status not in _RESTING and (live is None or ms.replica.is_final(order.id)):
+            # Finished, and final (a compacted order is both): no cancel can change it, so
+            # none is signed. (One was, and an order compacted at the latest point then had
+            # no state to answer with: an internal error after the op was sent.)
+            found = None if live is not None else ms.order_with_times(order.id)
+            times = None if found is None else (found.received_ms, found.witnessed_ms)
+            return {
+                "order": order_json(ms, order, me, times),
+                "cancel_id": None,
+                "effective": False,
+            }
         try:
             op = await self.service.cancel(ms, order.id)
         except BadCancel as exc:

@@ -149,6 +149,14 @@ async def test_compacts_restarts_and_answers_for_history(tmp_path: Path) -> None
     assert replica.order(mine.id) is None  # compacted: found by its client id in the store
     by_tag = await node.call("order", client_id="early-1")
     assert by_tag["id"] == mine.id.hex() and by_tag["final"]
+    # Cancelling it: nothing to cancel, and nothing signed (a cancel op went out, then an
+    # internal error: a compacted order had no state to answer with).
+    ops_before = len(replica)
+    for params in ({"order_id": mine.id.hex()}, {"client_id": "early-1"}):
+        answer = await node.call("cancel", **params)
+        assert answer["effective"] is False and answer["cancel_id"] is None
+        assert answer["order"]["id"] == mine.id.hex() and answer["order"]["final"] is True
+    assert len(replica) == ops_before
 
     # A late duplicate of a compacted op: recognized, never applied twice.
     prepared = await node.service.prepare(ms, [gone.raw])
