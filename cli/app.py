@@ -599,7 +599,7 @@ def submit(
             label = (entry or {}).get("name") or name or "this market"
             fail(
                 f"fills here are never final: {label} has no witnesses, so --wait-final would "
-                "wait forever (submit without it)"
+                "wait forever (submit without it) [not_witnessed]"
             )
         try:
             result = node.call("submit", **params)
