@@ -801,7 +801,11 @@ class ControlAdapter:
             raise ControlError(BAD_REQUEST, "seconds must be in (0, 86400]")
         if self._block_fn is None:
             raise ControlError(BAD_REQUEST, "this node cannot block peers")
-        return {"blocked": self._block_fn(peer, seconds), "seconds": seconds}
+        try:
+            blocked = self._block_fn(peer, seconds)
+        except ValueError as exc:  # not a peer id, or this node's own
+            raise ControlError(BAD_REQUEST, f"cannot block {peer!r:.60}: {exc}") from None
+        return {"blocked": blocked, "seconds": seconds}
 
     def _id(self, params: dict[str, Any]) -> dict[str, Any]:
         net = self._network_status()

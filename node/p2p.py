@@ -561,6 +561,8 @@ class Network:
         arrival, its gossip and streams ignored, and dialing it raises
         :class:`PeerBanned`.  Banning again extends or shortens the ban."""
         pid = _parse_peer_id(peer_id)
+        if not _is_peer_id(pid):  # base58 alone takes any word ("nonsense" decodes)
+            raise ValueError(f"invalid peer id: {peer_id!r:.60}")
         if pid == self._id:
             raise ValueError("cannot ban self")
         self._bans[peer_id] = time.monotonic() + max(0.0, seconds)

@@ -346,6 +346,9 @@ async def test_ban_disconnects_and_refuses() -> None:
             await b.subscribe(TOPIC)
             await wait_gossip_ready([a, b], TOPIC)
 
+            for word in ("nonsense", a.peer_id):  # base58 takes any word; not a peer id
+                with pytest.raises(ValueError):
+                    a.ban(word, 30)
             a.ban(b.peer_id, 30)
             assert a.is_banned(b.peer_id)
             assert a.stats()["banned"] == 1
