@@ -165,7 +165,9 @@ def restored(store: OpStore, ms: MarketState) -> None:
     """The history of a pruned ``ms`` was fetched back and archived: the store holds the whole
     prefix again (until the next compaction prunes it)."""
     if ms.prune.below:
-        ms.prune = PruneState(0, ms.prune.pruned)
+        # Nothing is pruned any more: the count starts again (kept, it counted the same ops
+        # again at each pruning after a fetch, past the size of the whole log).
+        ms.prune = PruneState(0, 0)
         store.set_meta(meta_key(ms.market.id), _encode(ms.prune))
 
 
