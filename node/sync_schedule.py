@@ -40,6 +40,7 @@ from .sync import FRAME_TIMEOUT, MarketNotFollowed, pull, respond
 from .wire import SYNC_PROTOCOL, WireError
 
 __all__ = [
+    "FIRST_PULL_ALONE",
     "NOT_FOLLOWING_BACKOFF",
     "SYNC_INTERVAL",
     "SYNC_PEERS_PER_ROUND",
@@ -78,6 +79,12 @@ UNKNOWN_HEADS_RECHECK: Final = 1.0
 SYNC_SESSION_TIMEOUT: Final = 120.0
 #: After a peer says it does not follow a market, do not ask it again for this long.
 NOT_FOLLOWING_BACKOFF: Final = 60.0
+#: Until a market's first pull since the start has completed (a node that joined, restarted or
+#: was cut off lacks everything its peers have since), pull it from one peer at a time, for up
+#: to this long: the first session brings the log, the next ones only what it missed. Pulling
+#: from every peer at once, a node joining a 43,100-op log took 197,400 ops over 4 peers (35 s).
+#: Past this a slow first peer no longer holds the others back.
+FIRST_PULL_ALONE: Final = 10.0
 
 
 class SyncScheduler:
@@ -123,6 +130,10 @@ class SyncScheduler:
         #: (peer, market) -> the unknown heads its last recheck was for: the same ones again
         #: are left to the schedule (a head nobody can give us must not re-ask every second).
         self._rechecked: dict[tuple[str, bytes], frozenset[bytes]] = {}
+        #: Market id -> when its first pull (none completed yet) started; and the peers that
+        #: round would have asked too, asked once it ends (FIRST_PULL_ALONE).
+        self._first_pull: dict[bytes, float] = {}
+        self._after_first: dict[bytes, set[str]] = {}
 
     def install(self) -> None:
         """Serve the peers' sync sessions (before the node says it is ready)."""
@@ -240,8 +251,33 @@ class SyncScheduler:
                             continue
                         if self._not_following.get(key, 0) > now and peer not in urgent:
                             continue
+                        if self._wait_for_first_pull(peer, ms, now):
+                            continue
                         self.syncing.add(key)
-                        nursery.start_soon(self.sync_one, peer, ms)
+                        nursery.start_soon(self._pull, peer, ms)
+
+    def _wait_for_first_pull(self, peer: str, ms: MarketState, now: float) -> bool:
+        """Whether ``peer`` must wait for the market's first pull (then it is asked when that
+        ends); marks the start of a first pull otherwise. (getattr: stand-ins for a market's
+        state in tests/node/test_p2p_scale.py count as synced.)"""
+        if getattr(ms, "last_sync", 0.0) is not None:
+            return False
+        market_id = ms.market.id
+        started = self._first_pull.get(market_id)
+        if started is not None and now - started < FIRST_PULL_ALONE:
+            self._after_first.setdefault(market_id, set()).add(peer)
+            return True
+        self._first_pull[market_id] = now
+        return False
+
+    async def _pull(self, peer: str, ms: MarketState) -> None:
+        try:
+            await self.sync_one(peer, ms)
+        finally:
+            market_id = ms.market.id
+            self._first_pull.pop(market_id, None)
+            for waiting in self._after_first.pop(market_id, ()):
+                self._ask_again(waiting)
 
     async def sync_one(self, peer: str, ms: MarketState) -> None:
         """Pull one market from one peer (one session). Never raises; the caller marked

@@ -257,3 +257,35 @@ async def test_a_session_asking_again_keeps_the_back_off_a_reconnect_skips(
         await trio.testing.wait_all_tasks_blocked()
         assert asked == ["peer-01"]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_market_never_pulled_is_pulled_from_one_peer_first(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A node that joined or restarted asks every peer at once (ask_all, or each peer as it
+    connects): each session pulled the whole log (197,400 ops over 4 peers for a 43,100-op
+    log). Until the market's first pull completes, one peer at a time (for up to
+    FIRST_PULL_ALONE); then the others, at once, for what it missed."""
+    market = SimpleNamespace(market=SimpleNamespace(id=b"m" * 32, name="M"), last_sync=None)
+    service = SimpleNamespace(markets={b"m" * 32: market}, store_writable=lambda: True)
+    scheduler = SyncScheduler(service, Peers(PEERS[:4]))  # type: ignore[arg-type]
+    started: dict[str, float] = {}
+
+    async def sync_one(peer: str, ms: SimpleNamespace) -> None:
+        started[peer] = trio.current_time()
+        await trio.sleep(2.0)  # the whole log, from this peer
+        ms.last_sync = trio.current_time()
+        scheduler.syncing.discard((peer, b"m" * 32))
+
+    scheduler.sync_one = sync_one  # type: ignore[method-assign]
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(scheduler._loop)
+        scheduler.ask_all()
+        with trio.move_on_after(SYNC_INTERVAL * 0.7):  # before the first scheduled round
+            await trio.sleep_forever()
+        nursery.cancel_scope.cancel()
+    assert len(started) == 4
+    first = [p for p, at in started.items() if at == t0]
+    assert len(first) == 1
+    assert sorted(at - t0 for p, at in started.items() if p not in first) == [2.0] * 3
