@@ -82,3 +82,21 @@ def test_kill_soak_bench_runs_and_loses_nothing() -> None:
     assert report["pass"] and report["totals"]["missing"] == 0
     (row,) = report["kills"]
     assert row["store_opened"] and row["acknowledged"] == row["found_after_kill"]
+
+
+@pytest.mark.timeout(150)
+def test_join_from_several_peers_pulls_the_log_about_once() -> None:
+    """Each peer's first session pulled the whole log (4 peers: 4x); a market never pulled is
+    pulled from one peer first. Not a speed figure: how many ops crossed."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_join_peers.py"), "--ops", "3000",
+         "--peers", "3", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=140,
+        cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["digests_agree"] is True
+    assert result["ops_pulled"] >= 3000 and result["pulled_to_log"] < 1.5, result
