@@ -966,8 +966,14 @@ def finality_lines(m: Json) -> list[Text]:
             tags.append(("forked: it signed two ops at one sequence number", "bold red"))
         silent = w.get("silent_s")
         if w.get("key") in stalled_on:
-            for_how_long = "" if silent is None else f" for {_seconds(float(silent))}"
-            tags.append((f"STALLED: silent{for_how_long} while finality waits for it", "bold red"))
+            # How long finality has waited for it (an older node: since its last heartbeat).
+            waited = w.get("waited_s", silent)
+            for_how_long = "" if waited is None else f" for {_seconds(float(waited))}"
+            if w.get("forked"):  # it may be heartbeating: only its heartbeats do not count
+                what = f"STALLED: finality has waited{for_how_long}; its heartbeats no longer count"
+            else:
+                what = f"STALLED: silent{for_how_long} while finality waits for it"
+            tags.append((what, "bold red"))
         for tag, tag_style in tags:
             line.append(tag, style=tag_style)
             line.append("; ")

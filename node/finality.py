@@ -46,6 +46,9 @@ class WitnessView:
     heartbeat_seq: int
     #: Seconds since this node saw the witness's counted heartbeats advance (None: never).
     silent_s: float | None
+    #: Seconds finality has waited for it: since it became due or its last heartbeat, whichever
+    #: is later, the time the stall rule reads (None: finality does not wait for it).
+    waited_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -119,10 +122,12 @@ class FinalityTracker:
                 del due[key]
         stalled: list[bytes] = []
         next_stall: float | None = None
+        waited: dict[bytes, float] = {}
         for key in waiting:
             since = due.setdefault(key, now)
             heard = self._seen.get(key, (0, None))[1]
             quiet_from = since if heard is None else max(since, heard)
+            waited[key] = now - quiet_from
             if now - quiet_from > STALL_SECONDS:
                 stalled.append(key)
             elif next_stall is None or quiet_from + STALL_SECONDS < next_stall:
@@ -138,6 +143,7 @@ class FinalityTracker:
                 info.heartbeat_lamport,
                 info.heartbeat_seq,
                 self.silent_for(info.key, now),
+                waited.get(info.key),
             )
             for info in infos
         )

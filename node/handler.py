@@ -417,6 +417,7 @@ class ControlAdapter:
                     "heartbeat_lamport": w.heartbeat_lamport,
                     "heartbeat_seq": w.heartbeat_seq,
                     "silent_s": None if w.silent_s is None else round(w.silent_s, 3),
+                    "waited_s": None if w.waited_s is None else round(w.waited_s, 3),
                 }
                 for w in view.witnesses
             ],

@@ -493,6 +493,25 @@ def test_status_finality(fake_node: Any, samples: Any) -> None:
     assert "crdtbook reconfig approve" in " ".join(out.split())  # (the hint may wrap)
 
 
+def test_status_says_how_long_finality_waited_not_how_long_ago_the_last_heartbeat_was(
+    fake_node: Any, samples: Any
+) -> None:
+    """A witness idle for 25 s, blocked 4 s after finality began waiting for it, read
+    "STALLED: silent for 25s"; and a forked witness that heartbeats was called silent."""
+    market = fake_node.answers["status"]["markets"][0]
+    stalled = market["stalled_on"][0]
+    for w in market["witnesses"]:
+        if w["key"] == stalled:
+            w.update(silent_s=25.0, waited_s=4.0)
+    out = " ".join(run("status", columns=200).stdout.split())
+    assert "STALLED: silent for 4.0s while finality waits for it" in out
+    for w in market["witnesses"]:
+        if w["key"] == stalled:
+            w.update(forked=True)
+    out = " ".join(run("status", columns=200).stdout.split())
+    assert "STALLED: finality has waited for 4.0s; its heartbeats no longer count" in out
+
+
 def test_status_pending_and_final(fake_node: Any) -> None:
     m = fake_node.answers["status"]["markets"][0]
     m.update(finality="pending", stalled_on=[])

@@ -365,7 +365,13 @@ async def test_reconfiguration_removes_a_dead_witness(
         dead.up = False
         await nodes[1].call("submit", side="buy", price="100", quantity="2")
         await trio.sleep(STALL_SECONDS + 1)
-        assert (await nodes[0].call("status"))["markets"][0]["stalled_on"] == [dead.key.hex()]
+        stalled_status = (await nodes[0].call("status"))["markets"][0]
+        assert stalled_status["stalled_on"] == [dead.key.hex()]
+        gone = next(w for w in stalled_status["witnesses"] if w["key"] == dead.key.hex())
+        # How long finality waited for it, not how long ago its last heartbeat came.
+        assert STALL_SECONDS < gone["waited_s"] <= gone["silent_s"]
+        alive = [w for w in stalled_status["witnesses"] if w["key"] != dead.key.hex()]
+        assert all(w["waited_s"] is None or w["waited_s"] < STALL_SECONDS for w in alive)
         keep = sorted(k.hex() for k in (ids[0].public_key, ids[1].public_key))
         approval = await nodes[1].call("approve_reconfig", witnesses=keep)
         assert approval == {
