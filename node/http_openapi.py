@@ -60,6 +60,9 @@ _SCHEMAS: Final[dict[str, Any]] = {
                     "witnessed": {"type": "boolean"},
                     "witnesses": {"type": "array", "items": _HEX},
                     "spec": {"type": "string"},
+                    "id": _HEX,
+                    "version": {"type": "integer"},
+                    "frontier": {"type": "integer"},
                 },
             ),
         }
@@ -165,8 +168,21 @@ _SCHEMAS: Final[dict[str, Any]] = {
     ),
     "Status": {
         "type": "object",
+        "properties": {
+            "peer_id": {"type": "string"},
+            "addrs": {"type": "array", "items": {"type": "string"}},
+            "peers": {"type": "array", "items": {"type": "object"}},
+            "markets": {
+                "type": "array",
+                "items": {"type": "object", "required": ["name", "id", "finality", "witnesses"]},
+                "description": "MarketStatus, as specs/control-api.md has it (digest null)",
+            },
+            "public_key": _HEX,
+            "version": {"type": "string"},
+            "network": {"type": "object"},
+        },
         "required": ["peer_id", "addrs", "markets", "public_key", "version"],
-        "description": "the control API's status result (without pid)",
+        "description": "the control API's status result, digests null, without the node's pid",
     },
 }
 
