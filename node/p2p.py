@@ -408,7 +408,9 @@ class Network:
         # that restarted stayed unreachable that long (a node cut off from it for 40-60 s,
         # finality stalled meanwhile). Our callers pace their own dials (discovery rounds, at
         # most one every few seconds per peer), so each of them is a real attempt.
-        self._host.get_network().unblock_peer(info.peer_id)
+        unblock = getattr(self._host.get_network(), "unblock_peer", None)  # Swarm's, not INetwork's
+        if unblock is not None:
+            unblock(info.peer_id)
         try:
             with trio.fail_after(self._config.dial_timeout):
                 await self._host.connect(info)
