@@ -573,17 +573,24 @@ def fills_table(data: Json) -> RenderableType:
                 short(f.get("taker")),
                 short(f.get("maker")),
             ]
-            if show_received:
-                row.append(iso_ms(f.get("received_ms")))
-            if show_witnessed:
-                row.append(iso_ms(f.get("witnessed_ms")))
-            if marks:
-                row.append(finality_mark(f.get("final")))
+            row += _tail_cells(f, show_received, show_witnessed, marks)
             t.add_row(*row)
         return t
 
     table = FitColumns(build, [RECEIVED, WITNESSED])
     return table if caption is None else Group(table, caption)
+
+
+def _tail_cells(row: Json, received: bool, witnessed: bool, marks: bool) -> list[RenderableType]:
+    """The cells the orders and fills tables end with: the times shown, then final or not."""
+    cells: list[RenderableType] = []
+    if received:
+        cells.append(iso_ms(row.get("received_ms")))
+    if witnessed:
+        cells.append(iso_ms(row.get("witnessed_ms")))
+    if marks:
+        cells.append(finality_mark(row.get("final")))
+    return cells
 
 
 def orders_table(
@@ -647,12 +654,7 @@ def orders_table(
                 row.append(inert(o.get("tag") or ""))
             if everyone:
                 row.append("yes" if o.get("mine") else "")
-            if show_received:
-                row.append(iso_ms(o.get("received_ms")))
-            if show_witnessed:
-                row.append(iso_ms(o.get("witnessed_ms")))
-            if marks:
-                row.append(finality_mark(o.get("final")))
+            row += _tail_cells(o, show_received, show_witnessed, marks)
             t.add_row(*row)
         return t
 

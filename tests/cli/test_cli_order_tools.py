@@ -182,8 +182,9 @@ def test_market_order(fake_node: Any, samples: Any) -> None:
     assert run("submit", "buy", "3", "--market-order", "--tif", "fok").exit_code == 2
 
 
-def test_amend(fake_node: Any, samples: Any) -> None:
-    fake_node.answers["amend"] = {
+def amended(samples: Any) -> dict[str, Any]:
+    """An amend answer: order A cancelled, B resting at 101 in its place."""
+    return {
         "cancel_id": samples.C,
         "cancelled": samples.order(status="cancelled", reason="cancelled", filled="0"),
         "effective": True,
@@ -192,6 +193,10 @@ def test_amend(fake_node: Any, samples: Any) -> None:
         "final": False,
         "self_trade_expired": [],
     }
+
+
+def test_amend(fake_node: Any, samples: Any) -> None:
+    fake_node.answers["amend"] = amended(samples)
     result = run("amend", "A1A1", "--price", "101", "--quantity", "2")
     assert result.exit_code == 0, result.output
     assert fake_node.last("amend") == {"order_id": "a1a1", "price": "101", "quantity": "2"}
@@ -208,15 +213,7 @@ def test_amend_on_a_market_without_witnesses_says_never_final(fake_node: Any, sa
     """amend printed the witnessed-market text ("until the witnesses' heartbeats acknowledge
     it ... --wait-final") on a market where --wait-final is refused."""
     fake_node.answers["status"]["markets"][0]["witnessed"] = False
-    fake_node.answers["amend"] = {
-        "cancel_id": samples.C,
-        "cancelled": samples.order(status="cancelled", reason="cancelled", filled="0"),
-        "effective": True,
-        "order": samples.order(id=samples.B, status="open", price="101", filled="0"),
-        "fills": [],
-        "final": False,
-        "self_trade_expired": [],
-    }
+    fake_node.answers["amend"] = amended(samples)
     result = run("amend", "A1A1", "--price", "101")
     assert result.exit_code == 0, result.output
     assert "fills here are never final: DEMO has no witnesses" in result.output
