@@ -20,6 +20,9 @@ the point waited for the history it had pruned, its next heartbeat reused one's 
 number, every node logged the equivocation and finality stalled for good (one run of this
 script at 7d9935c: final ops stuck at 8,063 while the log grew past 100,000). Since, the node
 signs nothing as itself while it holds its own ops unapplied (``Replica.check_can_sign``).
+Whether a restart finds its own ops waiting is a matter of timing: at 7d9935c this script
+passed 3 runs of 3, so a PASS says nothing else broke, not that the fix holds (the unit tests
+build the condition directly).
 ``--base DIR`` runs the node processes on the code in ``DIR`` (laid out as the package:
 ``DIR/crdtbook``, with ``node`` and ``cli`` inside, e.g. bench_network's ``checkout_tree``),
 to see the defect again.
