@@ -109,7 +109,8 @@ class Load:
                 with ControlClient(self.node.home, timeout=30) as client:
                     if resting and self.rng.random() < 0.2:
                         result = client.call("cancel", order_id=resting.pop(0))
-                        self.acked.append(result["cancel_id"])
+                        if result["cancel_id"] is not None:  # null: final, nothing signed
+                            self.acked.append(result["cancel_id"])
                     else:
                         result = client.call("submit", **self._params())
                         self.acked.append(result["order"]["id"])

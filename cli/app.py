@@ -667,8 +667,9 @@ def cancel(
     Examples: crdtbook cancel 3fa2 ; crdtbook cancel --client-id grid-7 ;
     crdtbook cancel --all --prefix grid-
 
-    --json prints {"order": Order, "cancel_id": hex, "effective": bool} (effective is false when
-    the order had already finished); with --all, {"market", "cancel_id": hex, "prefix",
+    --json prints {"order": Order, "cancel_id": hex or null, "effective": bool} (effective is
+    false when the order had already finished; cancel_id null when it is final, so nothing was
+    signed); with --all, {"market", "cancel_id": hex, "prefix",
     "cancelled": int, "final": bool}.
     """
     from crdtbook.cli import render

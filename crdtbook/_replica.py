@@ -22,6 +22,7 @@ applied the same ops one by one would.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from array import array
 from bisect import bisect_left
 from collections import deque
@@ -287,10 +288,6 @@ class Replica:
         #: last in the total order (it sees the author's every branch's Lamport time).
         self._author_latest: dict[bytes, Op] = {}
         self._fork_at: dict[bytes, int] = {}  # author -> lowest seq with two ops (equivocation)
-        #: author -> the highest seq of its ops this replica held without applying them (pending
-        #: or waiting for history); never lowered. ``_author`` signs above it: a key must never
-        #: sign twice at one seq, and a node restarted with its own later ops waiting did.
-        self._held_seq: dict[bytes, int] = {}
         #: Bumped whenever derived state may have changed; cheap change detection for watchers.
         self.version = 0
         #: Pending ops forgotten because the buffer was full (oldest first; see ``_park``).
@@ -489,7 +486,6 @@ class Replica:
         while len(self._pending) >= max(1, self.max_pending):
             self._evict_oldest_pending()
         self._pending[op.id] = op
-        self._note_held(op)
         for parent in missing:
             self._waiting.setdefault(parent, []).append(op.id)
 
@@ -1128,7 +1124,6 @@ class Replica:
             self._history_copies.discard(oldest)
             self.evicted += 1
         wait[op.id] = op
-        self._note_held(op)
         if op.seq <= self._point_seq.get(op.author, 0):
             self._history_copies.add(op.id)  # held only as a possible copy (see history_wanted)
 
@@ -1318,19 +1313,26 @@ class Replica:
             )
         return keys
 
-    def _note_held(self, op: Op) -> None:
-        if op.seq > self._held_seq.get(op.author, 0):
-            self._held_seq[op.author] = op.seq
-
     def check_can_sign(self, author: bytes) -> None:
         """Raise :class:`SigningWaits` while this replica holds ops of ``author`` with a higher
         sequence number than its applied ones (waiting for their parents or for history): the
         next op signed here would reuse one of those numbers, an equivocation of the key.
 
         A node calls it before signing as itself; ``submit`` and the others do not, so that
-        tests can still model a key signing at several replicas."""
-        held = self._held_seq.get(author, 0)
-        tip = self._author_latest.get(author)
+        tests can still model a key signing at several replicas. Cost: a scan of the held ops,
+        none in the common case (nothing held), up to the pending buffer's bound under a flood
+        of orphans. (Kept per author instead, the marks grew with every key a peer parks.)"""
+        if not self._pending and not self._history_wait:
+            return
+        held = max(
+            (
+                op.seq
+                for op in itertools.chain(self._pending.values(), self._history_wait.values())
+                if op.author == author
+            ),
+            default=0,
+        )
+        tip = self._author_tip.get(author)  # the highest seq applied, forked or not
         if held > (0 if tip is None else tip.seq):
             raise SigningWaits(
                 f"this replica holds ops of this key up to sequence {held} that it has not "

@@ -597,7 +597,9 @@ class ControlAdapter:
                 NOT_OWNER, "this order was signed by another key; only its author can cancel it"
             )
         live = ms.replica.order(order.id)
-        if order.status not in _RESTING and (live is None or ms.replica.is_final(order.id)):
+        # The order's state must be final, not only its op: a resting order filled by a
+        # taker not yet final can rest again if that taker moves, and the cancel then matters.
+        if order.status not in _RESTING and (live is None or live.final):
             # Finished, and final (a compacted order is both): no cancel can change it, so
             # none is signed. (One was, and an order compacted at the latest point then had
             # no state to answer with: an internal error after the op was sent.)

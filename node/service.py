@@ -1383,6 +1383,7 @@ class NodeService:
         logged and retried after an interval; it never stops the node or its trading."""
         me = self.identity.public_key
         witness: bool | None = None
+        waits_logged = False  # SigningWaits: said once at INFO, then at DEBUG
         while not self.closing:
             changed = ms.changed
             now_witness = me in ms.replica.witnesses()
@@ -1407,8 +1408,14 @@ class NodeService:
                 await self.heartbeat(ms)
             except StoreWriteError as exc:  # logged once as an error when the fault began
                 logger.debug("%s: no heartbeat: %s", ms.market.name, exc)
+                await trio.sleep(self.heartbeat_interval)
             except SigningWaits as exc:  # its own earlier ops wait (a restart): not yet
-                logger.debug("%s: no heartbeat yet: %s", ms.market.name, exc)
+                (logger.debug if waits_logged else logger.info)(
+                    "%s: no heartbeat until this node's own earlier ops apply: %s",
+                    ms.market.name,
+                    exc,
+                )
+                waits_logged = True
                 await trio.sleep(self.heartbeat_interval)
             except Exception:  # never fatal: finality waits, trading goes on
                 logger.exception("%s: heartbeat failed; retrying", ms.market.name)

@@ -658,3 +658,23 @@ def test_a_key_never_signs_at_a_sequence_number_it_holds_unapplied():
     restarted.check_can_sign(me.public_key)
     assert restarted.submit(me, "buy", 91, 1).seq == 3
     assert not restarted.forked_authors()
+
+
+def test_a_key_that_forked_can_still_sign_once_nothing_is_held():
+    """Compared with the op last in the total order, a key that had equivocated (its latest
+    op at a lower seq than its highest) looked as if it held unapplied ops for ever."""
+    market = Market.parse("DEMO:1:1")
+    me = Identity.from_seed(b"f" * 32)
+    left, right = Replica(market), Replica(market)
+    branch_a = [left.submit(me, "sell", 101 + i, 1) for i in range(3)]  # seqs 1-3
+    other = Identity.from_seed(b"g" * 32)
+    for _ in range(5):
+        right.submit(other, "sell", 200, 1)  # a higher Lamport time for the next op
+    branch_b = right.submit(me, "sell", 150, 1)  # seq 1 again: the fork
+    joined = Replica(market)
+    for op in reversed(branch_a):  # child first: parked, then applied
+        joined.apply(op.raw)
+    joined.apply_many(op.raw for op in right.ops())
+    assert branch_b.id in {op.id for op in joined.ops()}
+    assert me.public_key in joined.forked_authors() and joined.pending_count == 0
+    joined.check_can_sign(me.public_key)  # nothing held: it may sign
