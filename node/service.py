@@ -1551,4 +1551,3 @@ class NodeService:
             if watcher in ms.watchers:
                 ms.watchers.remove(watcher)
             watcher.send.close()
-
