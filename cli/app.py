@@ -603,6 +603,13 @@ def submit(
             )
         try:
             result = node.call("submit", **params)
+        except KeyboardInterrupt:
+            # Sent, maybe signed: a user who submits again would place a second order.
+            fail(
+                "interrupted before the node answered: the order may have been placed all the "
+                "same; `crdtbook orders` shows whether it was",
+                130,
+            )
         except connect.client_api().ControlError as exc:
             if getattr(exc, "code", None) != "timeout":
                 raise

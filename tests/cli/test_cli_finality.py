@@ -276,6 +276,18 @@ def test_submit_wait_final(fake_node: Any, samples: Any) -> None:
     assert "not final yet" not in out
 
 
+def test_ctrl_c_while_waiting_says_the_order_may_stand(fake_node: Any) -> None:
+    """Ctrl-C during --wait-final exited 130 without a word, though the order was sent (and
+    likely signed): a user who submits again places a second order."""
+    fake_node.answers["submit"] = KeyboardInterrupt()
+    res = run("submit", "buy", "3@101", "--wait-final")
+    assert res.exit_code == 130
+    assert lines(res.stderr) == [
+        "error: interrupted before the node answered: the order may have been placed all the "
+        "same; `crdtbook orders` shows whether it was"
+    ]
+
+
 def test_submit_wait_final_on_an_order_left_resting_is_not_called_final(
     fake_node: Any, samples: Any
 ) -> None:
