@@ -522,6 +522,31 @@ async def test_a_node_holding_its_own_ops_unapplied_does_not_sign(tmp: Path) -> 
         assert not a.ms.replica.forked_authors()
 
 
+async def test_a_filled_order_whose_fill_is_not_final_can_still_be_cancelled(
+    tmp: Path,
+) -> None:
+    """The cancel of a finished order signs nothing only when the order's state is final. Its
+    op final is not enough: the taker that filled it may still move, and the order rest again."""
+    ids = identities(2)
+    market = witnessed(ids[:1])
+    async with network(tmp) as net:
+        a = net.add(ids[0], market, interval=60.0)  # heartbeats only when the test says
+        b = net.add(ids[1], market, interval=60.0)
+        sell = await a.call("submit", side="sell", price="100", quantity="1")
+        await a.service.heartbeat(a.ms)
+        order_id = bytes.fromhex(sell["order"]["id"])
+        await until(lambda: a.ms.replica.is_final(order_id))
+        await until(lambda: b.ms.replica.order(order_id) is not None)
+        await b.call("submit", side="buy", price="100", quantity="1")  # not final: no beat
+        await until(
+            lambda: (o := a.ms.replica.order(order_id)) is not None and o.status == "filled"
+        )
+        state = a.ms.replica.order(order_id)
+        assert state is not None and not state.final  # its op is final, its state is not
+        answer = await a.call("cancel", order_id=sell["order"]["id"])
+        assert answer["cancel_id"] is not None and answer["effective"] is False
+
+
 async def test_watch_interval_out_of_range_and_empty_client_id_are_refused(tmp: Path) -> None:
     """Both were taken silently: an interval of 0 or 100 was clamped, and "" became a client
     id that no order could then reuse."""
