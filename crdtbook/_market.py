@@ -62,12 +62,17 @@ _MAX_EXPONENT: Final = 40
 _MAX_DIGITS: Final = 40
 
 
-def _canonical_decimal(text: str | Decimal, what: str) -> Decimal:
+def _check_spelling(text: object, what: str, error: type[ValueError]) -> None:
+    """Raise ``error`` for a string Decimal would read but ``_PLAIN_DECIMAL`` refuses."""
     if isinstance(text, str) and not _PLAIN_DECIMAL.fullmatch(text.strip()):
-        raise ValueError(
-            f"{what} {text[:40]!r} is not a decimal number in ASCII digits (0.01, 1E-8; no '_' "
-            "separators)"
+        raise error(
+            f"{what} {text[:40]!r} is not a decimal number in ASCII digits (1000, 0.25, "
+            "2.5E+3; no '_' separators)"
         )
+
+
+def _canonical_decimal(text: str | Decimal, what: str) -> Decimal:
+    _check_spelling(text, what, ValueError)
     try:
         value = Decimal(text) if isinstance(text, Decimal) else Decimal(str(text).strip())
     except (InvalidOperation, ValueError, TypeError):
@@ -228,11 +233,7 @@ def _to_units(
 ) -> int:
     if isinstance(value, bool):
         raise error(f"{what} must be a decimal number, got {value!r}")
-    if isinstance(value, str) and not _PLAIN_DECIMAL.fullmatch(value.strip()):
-        raise error(
-            f"{what} {value[:40]!r} is not a decimal number in ASCII digits (1000, 0.25, "
-            "2.5E+3; no '_' separators)"
-        )
+    _check_spelling(value, what, error)
     try:
         amount = Decimal(value) if not isinstance(value, str) else Decimal(value.strip())
     except (InvalidOperation, ValueError, TypeError):

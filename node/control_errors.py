@@ -7,6 +7,8 @@ See specs/control-api.md for the protocol.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Collection, Iterable
 from typing import Final
 
 # The longest request line the server reads is one of the shell's limits (node.limits).
@@ -37,6 +39,7 @@ __all__ = [
     "UNKNOWN_MARKET",
     "UNKNOWN_METHOD",
     "ControlError",
+    "unknown_name",
 ]
 
 # File name of the control socket inside the node's home directory.
@@ -115,3 +118,21 @@ class ControlError(Exception):
     def to_json(self) -> dict[str, str]:
         """The ``error`` member of a response."""
         return {"code": self.code, "message": self.message}
+
+
+def unknown_name(
+    names: Iterable[str], known: Collection[str], what: str, where: str = ""
+) -> str | None:
+    """The message refusing the first of ``names`` not in ``known`` (None: all known), with
+    the known name it is closest to: a misspelt field of an order must not be dropped quietly
+    (``timeinforce`` placed a resting GTC where an IOC was meant)."""
+    unknown = sorted(name for name in names if name not in known)
+    if not unknown:
+        return None
+    name = str(unknown[0])
+    close = difflib.get_close_matches(name.lower(), sorted(known, key=str.lower), n=1)
+    if not close:  # a case slip: "timeinforce" for "timeInForce"
+        lowered = {k.lower(): k for k in known}
+        close = [lowered[m] for m in difflib.get_close_matches(name.lower(), list(lowered), n=1)]
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown {what} {name!r:.40}{where}{hint}; it takes {', '.join(sorted(known))}"

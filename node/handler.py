@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import time
@@ -54,6 +53,7 @@ from .control_errors import (
     UNKNOWN_MARKET,
     UNKNOWN_METHOD,
     ControlError,
+    unknown_name,
 )
 from .finality import STALL_SECONDS, FinalityView
 from .service import HISTORY_CHUNK, MarketState, NodeService
@@ -1104,19 +1104,9 @@ ORDER_ENTRY_PARAMS: Final[dict[str, frozenset[str]]] = {
 
 def _refuse_unknown_params(method: str, params: dict[str, Any]) -> None:
     known = ORDER_ENTRY_PARAMS.get(method)
-    if known is None:
-        return
-    unknown = sorted(name for name in params if name not in known)
-    if not unknown:
-        return
-    name = str(unknown[0])
-    close = difflib.get_close_matches(name.lower(), sorted(known), n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
-    raise ControlError(
-        BAD_REQUEST,
-        f"unknown param {name!r:.40} for {method}{hint}; it takes {', '.join(sorted(known))}; "
-        "nothing was signed",
-    )
+    refusal = None if known is None else unknown_name(params, known, "param", f" for {method}")
+    if refusal is not None:
+        raise ControlError(BAD_REQUEST, f"{refusal}; nothing was signed")
 
 
 def _ticks(ms: MarketState, text: str) -> int:

@@ -10,7 +10,6 @@ coalescing pushes, and serving the web view's files from ``node/web/``.
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import math
@@ -49,6 +48,7 @@ from .control_errors import (
     TIMEOUT,
     UNKNOWN_MARKET,
     ControlError,
+    unknown_name,
 )
 from .handler import ControlAdapter, fill_json, order_json
 from .http_auth import TOKEN_FILE, check_token, is_loopback, load_or_create_token
@@ -275,15 +275,9 @@ class HttpApi:
 
     async def create_order(self, request: Request) -> Any:
         body = await _json_body(request)
-        unknown = sorted(name for name in body if name not in NEW_ORDER_FIELDS)
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], sorted(NEW_ORDER_FIELDS), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise HttpError(
-                BAD_REQUEST,
-                f"unknown field {unknown[0]!r:.40}{hint}; an order takes "
-                f"{', '.join(sorted(NEW_ORDER_FIELDS))}; nothing was placed",
-            )
+        refusal = unknown_name(body, NEW_ORDER_FIELDS, "field")
+        if refusal is not None:
+            raise HttpError(BAD_REQUEST, f"{refusal}; nothing was placed")
         symbol = body.get("symbol")
         ms = self.market(None if symbol is None else _require_str(body, "symbol"))
         kind = body.get("type", "limit")
