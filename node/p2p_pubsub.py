@@ -139,6 +139,19 @@ op 2.12-2.39 -> 1.73 ms, p99 83-152 -> 77 ms; 20 nodes at 100 ops/s, CPU per op 
   write (each in its own length-prefixed frame: the receiver sees the same bytes) of at most
   :data:`MAX_COALESCED_WRITE` bytes, instead of a Yamux frame, a Noise message, a socket send
   and a task wake-up per RPC. Errors end it as they end the library's loop.
+
+**One writer per pubsub stream.** A Yamux stream's write is not atomic: it takes the stream's
+lock for one frame of at most the send window (and 64 KiB), writes it, and lets go, waiting for
+a window update when the window is spent. The library writes a new peer's queued-while-unready
+messages and its replay of the recent window (gossipsub's ``flush_pending_messages`` and
+``send_recent_messages``, through ``Pubsub.write_msg``) straight to the peer's stream, while the
+peer's sending task writes its queue to the same stream. When the peer reads slowly (a node
+restarting under load, its window spent), a write waits between frames, the other writer's
+frames go in between, and the peer reads garbage: a length prefix of gigabytes or an
+undecodable RPC, after which it drops the stream and counts an honest node as hostile (seen in
+a 3-node network at ~1,000 ops/s with a witness restarting, issue #12's known limits).
+:meth:`HardenedPubsub.write_msg` puts such an RPC on the peer's queue instead
+(:data:`ONE_WRITER`): its sending task is the only writer of the stream, as in go-libp2p.
 """
 
 from __future__ import annotations
@@ -634,6 +647,19 @@ class HardenedPubsub(Pubsub):
         if stream is not None:
             await _quiet_reset(stream)
 
+    async def write_msg(self, stream: INetStream, rpc_msg: rpc_pb2.RPC) -> bool:
+        """What the library writes outside a peer's sending task (its replays to a new peer)
+        goes to the peer's queue (:data:`ONE_WRITER`, module doc): True once queued (or dropped
+        as a full queue drops, counted), False for a stream that is no longer the peer's."""
+        router = self.router
+        if not ONE_WRITER or not isinstance(router, GossipSub):  # (the node's is a GossipSub)
+            return await super().write_msg(stream, rpc_msg)
+        peer_id = stream.muxed_conn.peer_id
+        if self.peers.get(peer_id) is not stream or peer_id not in self.peer_queues:
+            return False  # the peer left or came back on another stream meanwhile
+        router.send_rpc(peer_id, rpc_msg)
+        return True
+
     async def handle_sending_messages(
         self, peer_id: ID, stream: INetStream, queue: RpcQueue
     ) -> None:
@@ -642,11 +668,9 @@ class HardenedPubsub(Pubsub):
         bytes a write (``COALESCED_WRITES``; module doc). Its ends are the library's: a closed
         queue ends it, a closed or reset stream makes the peer dead and ends it, any other error
         makes the peer dead. Frames come from :attr:`frames` (``SHARED_SEND``), which this loop
-        releases; with ``COALESCED_WRITES`` off and ``SHARED_SEND`` on, each RPC is written on
-        its own, as the library does (bench A/B of one change at a time)."""
-        if not COALESCED_WRITES and not SHARED_SEND:
-            await super().handle_sending_messages(peer_id, stream, queue)
-            return
+        releases; with ``COALESCED_WRITES`` off each RPC is written on its own, as the library
+        does (bench A/B of one change at a time). It is the stream's only writer
+        (:meth:`write_msg`), so it never calls the library's ``write_msg``."""
         frames = self.frames
         limit = MAX_COALESCED_WRITE if COALESCED_WRITES else 0
         try:
@@ -1006,6 +1030,10 @@ class ContentGossipSub(GossipSub):
                 continue
             yield peer_id
 
+
+#: Every RPC for a peer goes through its queue and sending task, the stream's only writer
+#: (module doc); False: the library writes replays straight to the stream (tests show why not).
+ONE_WRITER = True
 
 #: The gossipsub module's globals: names it imported that node/p2p_records.py replaces there.
 _GOSSIP_NAMES: dict[str, Any] = vars(gossipsub_module)
