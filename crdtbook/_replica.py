@@ -259,6 +259,9 @@ class Replica:
         self._point_seq: dict[bytes, int] = {}
         self._history_wait: dict[bytes, Op] = {}
         self._history_copies: set[bytes] = set()
+        #: How many times this replica was told its archive lost ops (``forget_history``): an op
+        #: parked before may wait for a parent that was present then (``_rewait``).
+        self._forgets = 0
         self._order: list[Op] = []  # applied ops in total order
         #: During ``apply_many``: the batch's ops that sort before the end of ``_order``, and
         #: every op admitted after the first of them. They are put in place in one merge at the
@@ -543,19 +546,39 @@ class Replica:
                 # The common case (all in memory) without a method call per parent; the archive
                 # is asked only when one is not.
                 if any(p not in held for p in parents) and not all(map(self._present, parents)):
+                    if self._forgets:
+                        self._rewait(child)
                     continue
                 del self._pending[child_id]
                 if not self._history and self._needs_history(child):
                     self._hold_for_history(child)
                     continue
                 try:
-                    self._admit(child)
+                    admitted = self._admit(child)
                 except InvalidOp as exc:
                     self._note_refused_pending(child_id)
                     self._reject_pending_descendants(child_id, exc)
                     continue
+                if not admitted:  # (not expected: every parent was just found present)
+                    self._park(child)
+                    continue
                 applied.append(child)
                 ready.append(child_id)
+
+    def _rewait(self, op: Op) -> None:
+        """``op``, pending, still lacks a parent: make sure it waits for each one it lacks. It
+        was put on the waiting lists of the parents it lacked when it was parked; a parent
+        present then (compacted, in the archive) may have left since (``forget_history``: a
+        node's retention pruned it), and without this the op would wait for nothing: never
+        released, with every later op that descends from it (seen: a pruned witness stuck for
+        good after fetching its history back, 35k ops pending and none missing). Only a
+        replica that forgot history calls it: each list is searched, as ``_unwait`` does."""
+        ident = op.id
+        for parent in op.parents:
+            if not self._present(parent):
+                waiters = self._waiting.setdefault(parent, [])
+                if ident not in waiters:
+                    waiters.append(ident)
 
     def _admit(self, op: Op) -> bool:
         """Judge ``op`` and, when valid, add it to the log, matching it at once when it sorts
@@ -1134,6 +1157,7 @@ class Replica:
         if self.compacted_ops:
             self._history = False
             self._point_seq = {a: op.seq for a, op in self._prefix.tips.items()}
+            self._forgets += 1
 
     def history_complete(self) -> ApplyReport:
         """The archive now holds the whole prefix (a joining node fetched it and checked it

@@ -12,6 +12,7 @@ its archive.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import hypothesis.strategies as st
@@ -93,7 +94,13 @@ class CompactingNetwork(WitnessedNetwork):
             twin._pending[i] for i in twin.pending_ids()
         ]
         restored = Replica.from_snapshot(WMARKET, blob, [op.raw for op in live], archive=archive,
-                                         point_interval=POINT_INTERVAL)
+                                         point_interval=POINT_INTERVAL,
+                                         history=twin.has_history)
+        if restored.history_held:
+            # Without its history (pruned, or joined), a restarted twin holds the forks of
+            # prefix authors' chains it had applied, until it fetches the history: a node
+            # fetches it for them (after a while); here at once.
+            self._fetch_history(at, restored, archive)
         assert restored.digest() == twin.digest()
         event("a twin restarted from its snapshot")
         self.twins[at] = (restored, archive)
@@ -126,9 +133,40 @@ class CompactingNetwork(WitnessedNetwork):
             assert joiner.digest() == twin.digest()
         # The history the joiner may fetch later: the prefix, as the twin compacted it.
         self.histories = getattr(self, "histories", {})
-        self.histories[at] = dict(archive.ops)
+        self.histories[at] = {**self.histories.get(at, {}), **archive.ops}
+        self._pruned().discard(at)
         self.twins[at] = (joiner, joined_archive)
         event("a twin joined from its point state")
+
+    @rule(at=st.integers(0, 7))
+    def prune_twin(self, at: int) -> None:
+        """The twin's node prunes its store (``--retention 0``): the replica forgets its
+        history, then the archive drops every compacted op. Ops that need one wait for the
+        history, which the invariant fetches back as a node does."""
+        at %= len(self.world)
+        twin, archive = self._twins()[at]
+        if not twin.compacted_ops:
+            return
+        self.histories = getattr(self, "histories", {})
+        self.histories[at] = {**self.histories.get(at, {}), **archive.ops}
+        twin.forget_history()
+        archive.ops.clear()
+        self._pruned().add(at)
+        event("a twin pruned its archive")
+
+    def _fetch_history(self, at: int, twin: Replica, archive: _Archive) -> None:
+        """Twin ``at`` fetches its history back (as node.join does) and judges what waited."""
+        archive.ops.update(getattr(self, "histories", {}).get(at, {}))
+        twin.history_complete()
+        self._pruned().discard(at)
+        assert twin.history_held == twin.history_wanted == 0
+
+    def _pruned(self) -> set[int]:
+        """The twins that pruned their archive and have not fetched the history back."""
+        pruned: set[int] | None = getattr(self, "pruned", None)
+        if pruned is None:
+            pruned = self.pruned = set()
+        return pruned
 
     @invariant()
     def twins_show_the_same(self) -> None:
@@ -136,19 +174,25 @@ class CompactingNetwork(WitnessedNetwork):
             return
         for at, (twin, archive) in enumerate(self._twins()):
             self._feed(at)
-            if twin.history_held:
-                # Ops wait for the history (copies of prefix ops, or ops whose verdict reads
-                # it): fetch it, as a node does, and judge them. (A node fetches at once for
-                # history_wanted; for ops only held, after a while: a fork nobody references.)
-                event("a joined twin waited for its history")
-                archive.ops.update(getattr(self, "histories", {}).get(at, {}))
-                twin.history_complete()
-                assert twin.history_held == twin.history_wanted == 0
+            pruned = at in self._pruned()
             replica = self.world[at]
-            _same(replica, twin)
+            forks = any(replica.get(ident) is not None for ident in twin._history_wait)
+            if twin.history_wanted or (twin.history_held and (forks or not pruned)):
+                # Ops wait for the history (copies of prefix ops, or ops whose verdict reads
+                # it): fetch it, as a node does, and judge them. A node fetches at once for
+                # history_wanted; for ops only held, after a while (a fork nobody
+                # references): here at once for a joiner or for a fork the world applied, and
+                # not for a pruned twin's copies, so that its pruned state lasts into later
+                # steps (copies held meanwhile change nothing it shows).
+                event("a twin waited for its history")
+                self._fetch_history(at, twin, archive)
+            # A pruned twin no longer knows its pruned ops: asked about one, it says not final
+            # (as a node that pruned it, or joined after it, does).
+            forgotten = getattr(self, "histories", {}).get(at, {}) if pruned else {}
+            _same(replica, twin, forgotten)
 
 
-def _same(replica: Replica, twin: Replica) -> None:
+def _same(replica: Replica, twin: Replica, forgotten: Mapping[bytes, Op] = {}) -> None:
     assert twin.digest() == replica.digest()
     assert twin.book() == replica.book()
     assert twin.final_book() == replica.final_book()
@@ -167,6 +211,8 @@ def _same(replica: Replica, twin: Replica) -> None:
         else:  # compacted: finished in the final prefix
             assert order.final
     for op in replica.ops()[-20:]:
+        if op.id in forgotten and twin.get(op.id) is None:
+            continue
         assert twin.is_final(op.id) == replica.is_final(op.id)
 
 

@@ -266,6 +266,41 @@ def test_a_replica_that_forgets_its_history_holds_what_needs_it_until_it_is_back
     assert replica.digest() == full.digest()
 
 
+def test_an_op_whose_present_parent_is_pruned_while_it_waits_waits_for_it() -> None:
+    """An op waits for one parent while another is compacted (present, in the archive); the
+    node prunes that one, then the first arrives. Before: the op was listed under neither and
+    waited for good, and with it every later op descending from it (a pruned witness, stuck
+    after fetching its history back). Now it waits for the pruned parent: sync names it, the
+    history brings it, and the op applies."""
+    nodes, ops = _world(300, seed=6)
+    node = nodes[0]
+    replica, archive = node.replica, node.archive
+    old = next(op for op in ops if op.id in node.prefix[:100] and op.body.kind == "order")
+    tip = ops[-1]
+    first = sign_op(ADVERSARIES[0], WMARKET.id, 1, tip.lamport + 1, (tip.id,),
+                    OrderBody("sell", 103, 1, "gtc", None, "expire_maker"),
+                    version=WITNESSED_VERSION)
+    child = sign_op(ADVERSARIES[1], WMARKET.id, 1, first.lamport + 1, (old.id, first.id),
+                    OrderBody("buy", 97, 1, "gtc", None, "expire_maker"),
+                    version=WITNESSED_VERSION)
+    full = Replica(WMARKET)
+    full.apply_many(op.raw for op in [*ops, first, child])
+
+    replica.apply(child.raw)
+    assert replica.missing() == [first.id]  # ``old`` is compacted: present
+    pruned = {i: archive.ops.pop(i) for i in node.prefix[:100] if i in archive.ops}
+    replica.forget_history()
+    replica.apply(first.raw)
+    assert replica.pending_count == 1
+    assert replica.missing() == [old.id]
+    replica.apply(old.raw)  # sync brings it: a prefix op, so it waits for the history
+    assert replica.history_wanted == 1
+    archive.ops.update(pruned)
+    replica.history_complete()
+    assert replica.pending_count == 0 and replica.missing() == []
+    assert replica.digest() == full.digest()
+
+
 def _mutate(value: Any, path: list[int], new: Any) -> Any:
     """``value`` (decoded CBOR) with the leaf reached by ``path`` (indexes taken modulo each
     container's size) replaced by ``new``."""
