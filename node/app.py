@@ -29,6 +29,7 @@ import trio
 
 from crdtbook import Market
 
+from . import crash_gate
 from .control import check_home, serve_control
 from .discovery import ANNOUNCE_INTERVAL, Discovery
 from .finality import HEARTBEAT_INTERVAL
@@ -192,6 +193,7 @@ async def _main(config: NodeConfig) -> int:
     lock_fd = lock_home(home)
     http_sock: socket.socket | None = None
     store: OpStore | None = None
+    service: NodeService | None = None
     try:
         identity, created = load_or_create_identity(home)
         own_id = peer_id_of_seed(identity.seed)
@@ -216,9 +218,20 @@ async def _main(config: NodeConfig) -> int:
             point_interval=config.point_interval,
             retention=config.retention,
         )
+        try:
+            service.after_crash = crash_gate.begin_run(store, config.fsync)
+        except StoreError as exc:  # refusing writes: nothing is signed until it takes them
+            logger.warning("could not record this run in the store: %s", exc)
+        if service.after_crash:
+            logger.warning(
+                "the last run of this node ended with its machine (another boot) and the store "
+                "commits without --fsync: it may have lost its own last ops, so it signs nothing "
+                "in a market until it has synced it with a peer"
+            )
         started = time.monotonic()
         loaded = service.load_from_store()
         load_seconds = time.monotonic() - started
+        service.crash_wait_from = trio.current_time()  # (node.crash_gate: from now on)
         # The loop's busy time, for the gate on early publishing (node/headroom.py); from here,
         # so that its first window is the running node's, not the load's (which waits for no
         # I/O).
@@ -231,6 +244,9 @@ async def _main(config: NodeConfig) -> int:
         if http_sock is not None:
             http_sock.close()  # no-op once served (hypercorn took the descriptor)
         if store is not None:
+            if service is not None:
+                with contextlib.suppress(StoreError):  # (a store that refuses writes: the
+                    crash_gate.end_run(store)  # next start waits for a sync, needlessly)
             store.close()
         with contextlib.suppress(OSError):  # e.g. a filesystem that turned read-only
             (home / NODE_INFO_FILE).unlink(missing_ok=True)

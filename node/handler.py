@@ -250,10 +250,8 @@ class ControlAdapter:
             result = fn(params)
             if hasattr(result, "__await__"):
                 result = await result
-        except SigningWaits as exc:  # its own earlier ops wait: a new one would equivocate
-            raise ControlError(
-                NOT_READY, f"{exc}; nothing was signed (this node is fetching what they wait for)"
-            ) from None
+        except SigningWaits as exc:  # own ops may be elsewhere: a new one would equivocate
+            raise ControlError(NOT_READY, f"{exc}; nothing was signed") from None
         except StoreWriteError as exc:  # disk full or read-only: the node itself carries on
             raise ControlError(
                 STORE_FULL if exc.reason == "full" else STORE_ERROR,

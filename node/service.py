@@ -68,6 +68,7 @@ from crdtbook import (
 from crdtbook._ops import decode_with_id  # the shell hashes received bytes once (prepare)
 
 from . import retention as retention_
+from .crash_gate import CRASH_SIGNING_WAIT
 from .finality import HEARTBEAT_INTERVAL, FinalityTracker
 from .headroom import LoopHeadroom
 from .limits import GOSSIP_ENVELOPE_BYTES, GOSSIP_OP_OVERHEAD, MAX_GOSSIP_BYTES, MAX_WATCH_IDS
@@ -149,6 +150,10 @@ class MarketState:
     outbox_ready: trio.Event = field(default_factory=trio.Event)
     watchers: list[Watcher] = field(default_factory=list)
     last_sync: float | None = None
+    #: When (trio time) a sync session of this market last began, and whether own signing
+    #: stopped waiting for a first sync without one (node.crash_gate).
+    last_sync_try: float | None = None
+    crash_wait_over: bool = False
     received: int = 0
     refused: int = 0
     #: Verified (and durable) ops from gossip waiting for the apply task, and their ids: known
@@ -611,6 +616,11 @@ class NodeService:
         self._rejects: dict[str, deque[float]] = {}
         self.closing = False
         self.started = time.time()
+        #: This start follows a machine crash that may have lost the store's last commits
+        #: (node.crash_gate): own signing waits for a first sync of each market. Set by the app;
+        #: ``crash_wait_from``: the trio time the wait is counted from.
+        self.after_crash = False
+        self.crash_wait_from = 0.0
         self._applied_since_freeze = 0
 
     def _market_state(self, market: Market) -> MarketState:
@@ -1048,7 +1058,32 @@ class NodeService:
         for history): an op signed then would reuse one's sequence number, an equivocation
         that stalls finality for every node of a witnessed market."""
         self._store_ready()
+        if self.after_crash and ms.last_sync is None and not ms.crash_wait_over:
+            self._check_crash_wait(ms)
         ms.replica.check_can_sign(self.identity.public_key)
+
+    def _check_crash_wait(self, ms: MarketState) -> None:
+        """Raise ``SigningWaits`` while ``ms`` waits for its first sync after a crash
+        (node.crash_gate): until a sync completes, or until ``CRASH_SIGNING_WAIT`` passed with
+        no sync session begun for as long (no peer)."""
+        now = trio.current_time()
+        last_try = ms.last_sync_try
+        quiet_since = self.crash_wait_from if last_try is None else last_try
+        if now - quiet_since >= CRASH_SIGNING_WAIT:
+            logger.warning(
+                "%s: signing without a first sync after a crash: no peer answered for %.0f s; "
+                "if a peer that comes back later holds an op this node lost, its key equivocates",
+                ms.market.name,
+                now - quiet_since,
+            )
+            ms.crash_wait_over = True
+            return
+        raise SigningWaits(
+            "this node restarted after its machine crashed and may have lost its own last ops "
+            "(the store commits without --fsync); peers may hold them, so it signs nothing in "
+            f"{ms.market.name} until a sync with a peer completes (at most "
+            f"{CRASH_SIGNING_WAIT:.0f} s with no peer): retry"
+        )
 
     def _store_ready(self) -> None:
         """Raise ``StoreWriteError`` while the store refuses writes (disk full, read-only), so

@@ -291,6 +291,7 @@ class SyncScheduler:
         try:
             if not self.service.store_writable():  # nothing pulled now could be stored
                 return
+            ms.last_sync_try = trio.current_time()
             with trio.move_on_after(self.session_timeout) as session:
                 stream = await self.net.open_stream(peer, SYNC_PROTOCOL)
                 pulled = False
