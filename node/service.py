@@ -1444,9 +1444,9 @@ class NodeService:
             except StoreWriteError as exc:  # logged once as an error when the fault began
                 logger.debug("%s: no heartbeat: %s", ms.market.name, exc)
                 await trio.sleep(self.heartbeat_interval)
-            except SigningWaits as exc:  # its own earlier ops wait (a restart): not yet
+            except SigningWaits as exc:  # own ops held or maybe lost (a restart): not yet
                 (logger.debug if waits_logged else logger.info)(
-                    "%s: no heartbeat until this node's own earlier ops apply: %s",
+                    "%s: no heartbeat yet: %s",
                     ms.market.name,
                     exc,
                 )
