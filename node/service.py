@@ -1198,7 +1198,19 @@ class NodeService:
         if report.applied:
             self.notify(ms, report.applied)
             self.note_applied(len(report.applied))
+        elif report.pending:
+            self._held_for_history(ms)
         return result
+
+    def _held_for_history(self, ms: MarketState) -> None:
+        """Ops came and none applied (``notify`` woke nobody): if some wait for the history a
+        pruned or joined replica lacks, wake node.join's history loop, which waits on
+        ``changed``. Else a pruned witness whose restart found its own ops waiting never
+        fetched it: every later op descends from what waits, so nothing applied again and
+        nothing woke the loop (seen: stuck for good, finality stalled at every node)."""
+        if not ms.replica.has_history and ms.replica.history_held:
+            ms.changed.set()
+            ms.changed = trio.Event()
 
     async def validate_gossip(self, ms: MarketState, data: bytes, from_peer: str) -> bool:
         """Gossip validator: a message is forwarded only if every op in it is valid (or known),
@@ -1260,6 +1272,8 @@ class NodeService:
             if report.applied:
                 self.notify(ms, report.applied)
                 self.note_applied(len(report.applied))
+            elif report.pending:
+                self._held_for_history(ms)
             # No checkpoint here: the batch above never awaits, so nothing can have set the
             # fresh event meanwhile, and the wait above parks (the next step is the next
             # batch's wake-up; a checkpoint cost one more trip through trio's scheduler per

@@ -177,6 +177,39 @@ async def test_an_op_naming_a_pruned_op_applies_once_the_history_is_back(
         assert p.ms.replica.has_history and p.ms.replica.digest() == digest
 
 
+async def test_a_pruned_op_that_sync_brings_while_nothing_applies_starts_the_fetch(
+    tmp_path: Path, h_first: None
+) -> None:
+    """The history loop waits on ``changed``, which applied ops set. Found with a pruned witness
+    restarted under load: its own ops waited for pruned parents, every later op descended from
+    them, sync brought the parents (held for the history) and nothing ever applied, so the
+    loop never woke to fetch it: stuck for good, finality stalled at every node."""
+    async with network(tmp_path) as (w, h, new):
+        log = log_of(w)
+        p = with_retention(new("P", join="full"), KEEP)
+        await take_log(p, log)
+        point = p.ms.replica.point
+        assert point is not None and not p.ms.replica.has_history
+        old = next(op for op in ops_of(w)[: point.n - KEEP] if not p.store.has(op.id))
+        author = Identity.from_seed(b"M" * 32)
+        late = sign_op(author, MARKET.id, 1, old.lamport + 1, (old.id,), OrderBody("buy", 90, 1),
+                       MARKET.version)
+        await w.ingest([late.raw])
+        await p.ingest([late.raw])  # waits for its pruned parent: nothing asks for history yet
+        assert p.ms.replica.history_wanted == 0
+        connect(p, h, w)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.joiner.history_loop, p.ms)
+            await trio.sleep(0.1)  # the loop waits for a change
+            await p.pull_from(w)  # brings the pruned parent: held, and nothing applies
+            with trio.fail_after(20):
+                while not p.ms.replica.has_history:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        assert late.id in p.ms.replica
+        assert p.ms.replica.digest() == w.ms.replica.digest()
+
+
 async def test_ops_held_as_copies_of_pruned_ops_fetch_the_history_after_a_while(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
