@@ -1337,6 +1337,53 @@ class Replica:
             )
         return keys
 
+    def acknowledged_seq(self, author: bytes) -> int | None:
+        """The highest sequence number ``s`` such that ``author``'s op at ``s`` (and so each of
+        its ops before it) is in the causal past of the latest counted heartbeat of every
+        witness in force other than ``author``: each of those witnesses held it when it
+        heartbeat. None: no such witness (or a market without witnesses).
+
+        An op can be final without that: its placement is the Lamport time of the first counted
+        heartbeat that has it, its author's own if the author is a witness, and the frontier
+        passes it once the others heartbeat higher, whether or not they have the op. A node
+        pruning its archive (retention) must not delete what only it holds, and an author cut
+        off from its peers is the one that does. Cost: one walk per other witness, newest
+        first, down to the first op by ``author`` (short while they acknowledge it)."""
+        fin = self._fin
+        if fin is None:
+            return None
+        others = [w for w in fin.current if w != author]
+        if not others:
+            return None
+        lowest: int | None = None
+        for witness in others:
+            heartbeat = fin.latest.get(witness)
+            seq = 0 if heartbeat is None else fin._last_seq_in_past(heartbeat, author)
+            lowest = seq if lowest is None else min(lowest, seq)
+        return lowest
+
+    def held_elsewhere(self, author: bytes) -> bool:
+        """Whether every op of ``author``'s that this replica compacted out of memory is
+        acknowledged by every other witness in force (``acknowledged_seq``): its ops not yet
+        acknowledged, if any, are all still in memory. A walk down the author's chain from its
+        tip through the ops in memory, as far as the first acknowledged one."""
+        acked = self.acknowledged_seq(author)
+        op = self._author_latest.get(author)
+        if acked is None or op is None or op.seq <= acked:
+            return True
+        memory = self._applied  # (``get`` and ``in`` do not ask the archive)
+        while op.id in memory:
+            if op.seq - 1 <= acked:
+                return True
+            parent = next(
+                (q for p in op.parents if (q := memory.get(p)) is not None and q.author == author),
+                None,
+            )
+            if parent is None:
+                return False  # its own parent, not acknowledged, left memory (compacted)
+            op = parent
+        return False  # compacted, and not acknowledged by every other witness
+
     def check_can_sign(self, author: bytes) -> None:
         """Raise :class:`SigningWaits` while this replica holds ops of ``author`` with a higher
         sequence number than its applied ones (waiting for their parents or for history): the

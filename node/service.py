@@ -189,6 +189,8 @@ class MarketState:
     #: and what it pruned of this market's archive (as recorded in the store).
     retention: int | None = None
     prune: retention_.PruneState = field(default_factory=retention_.PruneState)
+    #: Retention waits for other witnesses to acknowledge this node's own archived ops.
+    prune_waits: bool = False
     #: Held by a pruning and by a whole history fetch: they must not interleave (a fetch
     #: indexes stored ops as prefix ops that a pruning would delete under it).
     archive_lock: trio.Lock = field(default_factory=trio.Lock)
@@ -844,7 +846,7 @@ class NodeService:
         self._saving += 1  # chunked deletes: op writes wait for the store in threads meanwhile
         started = time.perf_counter()
         try:
-            deleted = await retention_.prune(self.store, ms, keep)
+            deleted = await retention_.prune(self.store, ms, keep, self.identity.public_key)
         except StoreError as exc:
             logger.warning("%s: pruning the archive failed (%s)", ms.market.name, exc)
             return

@@ -301,6 +301,51 @@ def test_an_op_whose_present_parent_is_pruned_while_it_waits_waits_for_it() -> N
     assert replica.digest() == full.digest()
 
 
+def test_a_cut_off_witness_finalises_its_own_ops_that_only_it_holds() -> None:
+    """Witness a, cut off from b and c, signs orders and heartbeats; b and c heartbeat higher
+    without them. a's ops are then final at a (their placement is a's heartbeat, the frontier
+    passed it) though only a holds them: ``held_elsewhere`` says a must not prune them (a node
+    that did lost them for good, and every later op of a's waited for ever everywhere), until
+    b and c have them and heartbeat."""
+    a_key, b_key = (w.public_key for w in GENESIS[:2])
+    archive = _Archive()
+    a = Replica(WMARKET, archive=archive, point_interval=INTERVAL)
+    b, c = Replica(WMARKET), Replica(WMARKET)
+    for i in range(INTERVAL + 10):  # a alone: its orders and heartbeats
+        a.submit(TRADERS[0] if i % 3 else GENESIS[0], "buy", 97, 1)
+        if i % 5 == 0:
+            a.heartbeat(GENESIS[0])
+    assert a.acknowledged_seq(a_key) == 0 and a.held_elsewhere(a_key)  # nothing compacted
+    for _ in range(2 * INTERVAL):  # b and c, among themselves: higher Lamport times
+        op = b.submit(TRADERS[1], "sell", 105, 1)
+        c.apply(op.raw)
+    for replica, witness in ((b, GENESIS[1]), (c, GENESIS[2])):
+        replica.heartbeat(witness)
+    # The cut heals one way first: a gets all of b's and c's (sync), they have none of a's.
+    for op in b.ops() + c.ops():
+        a.apply(op.raw)
+    a.heartbeat(GENESIS[0])
+    assert a.final_count > INTERVAL  # a's own ops are final at a
+    held = dict(a.applied_index)
+    everything = a.ops()
+    report = a.compact()
+    assert report.ops
+    archive.ops.update((ident, held[ident]) for ident in report.ops)
+    assert a.acknowledged_seq(a_key) == 0
+    assert not a.held_elsewhere(a_key)  # b and c never had them
+    assert b.acknowledged_seq(b_key) is not None
+    # The cut heals: b and c get a's ops and heartbeat; now both hold every one of them.
+    for op in everything:
+        b.apply(op.raw)
+        c.apply(op.raw)
+    b_beat, c_beat = b.heartbeat(GENESIS[1]), c.heartbeat(GENESIS[2])
+    a.apply(b_beat.raw)
+    assert not a.held_elsewhere(a_key)  # c has not heartbeat yet
+    a.apply(c_beat.raw)
+    assert a.held_elsewhere(a_key)
+    assert a.acknowledged_seq(a_key) == a.author_seqs()[a_key]
+
+
 def _mutate(value: Any, path: list[int], new: Any) -> Any:
     """``value`` (decoded CBOR) with the leaf reached by ``path`` (indexes taken modulo each
     container's size) replaced by ``new``."""

@@ -264,6 +264,26 @@ async def test_no_pruning_during_a_history_fetch(tmp_path: Path) -> None:
         assert p.ms.replica.digest() == w.ms.replica.digest()
 
 
+async def test_no_pruning_while_own_archived_ops_may_be_held_only_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Final does not mean the peers hold it: a witness cut off from the others finalises its
+    own ops by its own heartbeats and their later ones (tests/core/test_points.py -k cut_off).
+    Pruning them lost them for good (a real run: every node stalled, 109 ops held nowhere). The
+    node prunes only once its own archived ops are acknowledged by every other witness."""
+    async with network(tmp_path) as (w, _h, new):
+        log = log_of(w)
+        p = with_retention(new("P", join="full"), KEEP)
+        async with p.ms.archive_lock:  # (no pruning of the service's own meanwhile)
+            await take_log(p, log)
+        key = p.service.identity.public_key
+        monkeypatch.setattr(p.ms.replica, "held_elsewhere", lambda author: author != key)
+        assert await retention.prune(p.store, p.ms, KEEP, key) == 0
+        assert p.ms.replica.has_history and p.store.count(MARKET.id) == len(log)
+        assert await retention.prune(p.store, p.ms, KEEP, bytes(32)) > 0  # another's: pruned
+        assert not p.ms.replica.has_history
+
+
 def test_prune_history_deletes_only_archived_ops_in_range(tmp_path: Path) -> None:
     """Live and staged ops, ops outside ``[start, below)`` and kept ones stay; the meta row
     commits with the chunk; the index to go on from is ``below`` once the range is done."""
