@@ -142,6 +142,12 @@ async def prune(
     point = ms.replica.point
     if point is None:
         return 0
+    below = point.n - retention
+    state = ms.prune
+    if below <= state.below:
+        return 0
+    if ms.archive_lock.locked():  # a history fetch: it completes the archive; prune next time
+        return 0
     if author is not None and not ms.replica.held_elsewhere(author):
         (logger.debug if ms.prune_waits else logger.info)(
             "%s: not pruning yet: some of this node's own archived ops are not acknowledged by "
@@ -151,12 +157,6 @@ async def prune(
         ms.prune_waits = True  # said once at INFO until it prunes again
         return 0
     ms.prune_waits = False
-    below = point.n - retention
-    state = ms.prune
-    if below <= state.below:
-        return 0
-    if ms.archive_lock.locked():  # a history fetch: it completes the archive; prune next time
-        return 0
     async with ms.archive_lock:
         return await _prune(store, ms, below)
 
