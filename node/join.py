@@ -122,9 +122,13 @@ HISTORY_SESSION_TIMEOUT: Final = 120.0
 MAX_CANDIDATES: Final = 4
 MAX_SNAPSHOT_TRIES: Final = 6
 #: After a history fetch failed with every peer, try again after this long, doubling up to
-#: HISTORY_RETRY_MAX while it keeps failing (no connected peer holds the prefix yet).
+#: HISTORY_RETRY_MAX while it keeps failing (no connected peer holds the prefix yet). The
+#: usual cause passes: a pruned node whose point is ahead of its peers' asks for a prefix they
+#: have not finalised yet (``no_history``), and while its own ops wait for it, it heartbeats
+#: nothing, so finality stalls at every node. A try costs each peer one short refusal, so the
+#: cap is 30 s (it was 120 s: recoveries of 61 s and over 128 s after a 25 s cut, nothing lost).
 HISTORY_RETRY: Final = 5.0
-HISTORY_RETRY_MAX: Final = 120.0
+HISTORY_RETRY_MAX: Final = 30.0
 #: Ops held only as possible copies of prefix ops (``Replica.history_held`` > 0 while
 #: ``history_wanted`` is 0) for this long make the node fetch the history too (see
 #: ``Joiner.history_loop``). Long enough that the copies sync and gossip bring now and then
