@@ -1362,27 +1362,35 @@ class Replica:
             lowest = seq if lowest is None else min(lowest, seq)
         return lowest
 
-    def held_elsewhere(self, author: bytes) -> bool:
-        """Whether every op of ``author``'s that this replica compacted out of memory is
-        acknowledged by every other witness in force (``acknowledged_seq``): its ops not yet
-        acknowledged, if any, are all still in memory. A walk down the author's chain from its
-        tip through the ops in memory, as far as the first acknowledged one."""
+    def first_unacknowledged_compacted(self, author: bytes) -> bytes | None:
+        """The id of ``author``'s op with the lowest sequence number among those some other
+        witness in force has not acknowledged (``acknowledged_seq``) and this replica compacted
+        out of memory; None if there is none. Its final index is the lowest of theirs (an
+        author's ops follow its chain in the total order): a node pruning its archive keeps it
+        and everything after it in final order. (Such ops still in memory are live: never
+        pruned.) A walk down the author's chain from its tip to the first unacknowledged op,
+        reading compacted ones back from the archive."""
         acked = self.acknowledged_seq(author)
         op = self._author_latest.get(author)
-        if acked is None or op is None or op.seq <= acked:
-            return True
-        memory = self._applied  # (``get`` and ``in`` do not ask the archive)
-        while op.id in memory:
-            if op.seq - 1 <= acked:
-                return True
-            parent = next(
-                (q for p in op.parents if (q := memory.get(p)) is not None and q.author == author),
+        if acked is None or op is None:
+            return None
+        memory = self._applied  # (``in`` does not ask the archive; ``[]`` does)
+        lowest: bytes | None = None
+        while op is not None and op.seq > acked:
+            if op.id not in memory:
+                lowest = op.id
+            op = next(
+                (q for p in op.parents if (q := self._parent_op(p)) is not None
+                 and q.author == author),
                 None,
             )
-            if parent is None:
-                return False  # its own parent, not acknowledged, left memory (compacted)
-            op = parent
-        return False  # compacted, and not acknowledged by every other witness
+        return lowest
+
+    def _parent_op(self, ident: bytes) -> Op | None:
+        try:
+            return self._applied[ident]
+        except KeyError:
+            return None
 
     def check_can_sign(self, author: bytes) -> None:
         """Raise :class:`SigningWaits` while this replica holds ops of ``author`` with a higher

@@ -27,10 +27,11 @@ What changes:
   keeps it, checks it against the latest point's chain and archives it (:func:`restored`); the
   next compaction prunes again.
 * Final is not replicated: a node cut off from the other witnesses finalises its own ops by its
-  own heartbeats once theirs pass them, before they hold the ops. So it prunes nothing while
-  one of its own archived ops is not yet acknowledged by every other witness in force
-  (``Replica.held_elsewhere``); deleting it would lose it for good (seen: a witness cut off
-  for 40 s under load lost 109 of its ops, every later op of its waited for ever everywhere).
+  own heartbeats once theirs pass them, before they hold the ops. So it prunes only below the
+  first of its own archived ops not yet acknowledged by every other witness in force
+  (``Replica.first_unacknowledged_compacted``); deleting it would lose it for good (seen: a
+  witness cut off for 40 s under load lost 109 of its ops, every later op of its waited for
+  ever everywhere).
 
 The deletes run in a worker thread in chunks of ``PRUNE_CHUNK_ROWS`` rows, each its own short
 transaction, so an op write waits at most one chunk for the store. The SQLite file does not
@@ -134,11 +135,12 @@ async def prune(
     Raises what the store raises (``StoreWriteError``): the caller logs it, and the next
     compaction tries again (the replica already waits for what may be gone).
 
-    Not while ``author`` (the node's key) has an archived op that some other witness in force
-    has not acknowledged (``Replica.held_elsewhere``): final does not mean its peers hold it (a
-    node cut off from them finalises its own ops by its own heartbeats and the others' later
-    ones), and deleting it would lose it for good, every later op naming it waiting for ever
-    at every node. The next compaction tries again."""
+    Never ``author``'s (the node's key) archived ops that some other witness in force has not
+    acknowledged, nor what follows the first of them in final order
+    (``Replica.first_unacknowledged_compacted``): final does not mean its peers hold it (a node
+    cut off from them finalises its own ops by its own heartbeats and the others' later ones),
+    and deleting it would lose it for good, every later op naming it waiting for ever at every
+    node. The next compaction prunes further."""
     point = ms.replica.point
     if point is None:
         return 0
@@ -148,14 +150,20 @@ async def prune(
         return 0
     if ms.archive_lock.locked():  # a history fetch: it completes the archive; prune next time
         return 0
-    if author is not None and not ms.replica.held_elsewhere(author):
-        (logger.debug if ms.prune_waits else logger.info)(
-            "%s: not pruning yet: some of this node's own archived ops are not acknowledged by "
-            "every other witness (they may hold them only here)",
-            ms.market.name,
-        )
-        ms.prune_waits = True  # said once at INFO until it prunes again
-        return 0
+    first = None if author is None else ms.replica.first_unacknowledged_compacted(author)
+    if first is not None:
+        index = store.final_index(ms.market.id, first)
+        if index is not None and index < below:
+            below = index  # keep it and what follows it in final order
+            if below <= state.below:
+                (logger.debug if ms.prune_waits else logger.info)(
+                    "%s: not pruning yet: this node's own archived ops from final op %d on are "
+                    "not acknowledged by every other witness (they may hold them only here)",
+                    ms.market.name,
+                    index,
+                )
+                ms.prune_waits = True  # said once at INFO until it prunes again
+                return 0
     ms.prune_waits = False
     async with ms.archive_lock:
         return await _prune(store, ms, below)

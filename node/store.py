@@ -551,6 +551,15 @@ class OpStore:
             row = self._db().execute(query, (op_id, market)).fetchone()
         return None if row is None else bytes(row[0])
 
+    def final_index(self, market: bytes, op_id: bytes) -> int | None:
+        """Op ``op_id``'s index in ``market``'s final order, if the store has it (compacted or
+        fetched history), else None."""
+        with self._lock:
+            row = self._db().execute(
+                "SELECT final_idx FROM ops WHERE id = ? AND market = ?", (op_id, market)
+            ).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
     def count(self, market: bytes) -> int:
         """Number of stored ops of ``market`` (scans the market's index range)."""
         with self._lock:

@@ -304,7 +304,8 @@ def test_an_op_whose_present_parent_is_pruned_while_it_waits_waits_for_it() -> N
 def test_a_cut_off_witness_finalises_its_own_ops_that_only_it_holds() -> None:
     """Witness a, cut off from b and c, signs orders and heartbeats; b and c heartbeat higher
     without them. a's ops are then final at a (their placement is a's heartbeat, the frontier
-    passed it) though only a holds them: ``held_elsewhere`` says a must not prune them (a node
+    passed it) though only a holds them: ``first_unacknowledged_compacted`` names the first of
+    them, which a must not prune, nor anything after it (a node
     that did lost them for good, and every later op of a's waited for ever everywhere), until
     b and c have them and heartbeat."""
     a_key, b_key = (w.public_key for w in GENESIS[:2])
@@ -315,7 +316,8 @@ def test_a_cut_off_witness_finalises_its_own_ops_that_only_it_holds() -> None:
         a.submit(TRADERS[0] if i % 3 else GENESIS[0], "buy", 97, 1)
         if i % 5 == 0:
             a.heartbeat(GENESIS[0])
-    assert a.acknowledged_seq(a_key) == 0 and a.held_elsewhere(a_key)  # nothing compacted
+    assert a.acknowledged_seq(a_key) == 0
+    assert a.first_unacknowledged_compacted(a_key) is None  # nothing compacted
     for _ in range(2 * INTERVAL):  # b and c, among themselves: higher Lamport times
         op = b.submit(TRADERS[1], "sell", 105, 1)
         c.apply(op.raw)
@@ -332,7 +334,12 @@ def test_a_cut_off_witness_finalises_its_own_ops_that_only_it_holds() -> None:
     assert report.ops
     archive.ops.update((ident, held[ident]) for ident in report.ops)
     assert a.acknowledged_seq(a_key) == 0
-    assert not a.held_elsewhere(a_key)  # b and c never had them
+    first = a.first_unacknowledged_compacted(a_key)  # b and c never had them
+    assert first is not None and first in archive.ops
+    # The lowest compacted one (seq 1, an order still resting, stays in memory: live).
+    assert archive.ops[first].seq == min(
+        op.seq for op in archive.ops.values() if op.author == a_key
+    )
     assert b.acknowledged_seq(b_key) is not None
     # The cut heals: b and c get a's ops and heartbeat; now both hold every one of them.
     for op in everything:
@@ -340,9 +347,9 @@ def test_a_cut_off_witness_finalises_its_own_ops_that_only_it_holds() -> None:
         c.apply(op.raw)
     b_beat, c_beat = b.heartbeat(GENESIS[1]), c.heartbeat(GENESIS[2])
     a.apply(b_beat.raw)
-    assert not a.held_elsewhere(a_key)  # c has not heartbeat yet
+    assert a.first_unacknowledged_compacted(a_key) == first  # c has not heartbeat yet
     a.apply(c_beat.raw)
-    assert a.held_elsewhere(a_key)
+    assert a.first_unacknowledged_compacted(a_key) is None
     assert a.acknowledged_seq(a_key) == a.author_seqs()[a_key]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from crdtbook import Identity, Op, Replica, read_point
+from crdtbook import Identity, Op, Replica, op_id, read_point
 from crdtbook._ops import OrderBody, sign_op
 from crdtbook.node import join as join_module
 from crdtbook.node import retention
@@ -264,24 +264,29 @@ async def test_no_pruning_during_a_history_fetch(tmp_path: Path) -> None:
         assert p.ms.replica.digest() == w.ms.replica.digest()
 
 
-async def test_no_pruning_while_own_archived_ops_may_be_held_only_here(
+async def test_no_pruning_of_own_archived_ops_that_may_be_held_only_here(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Final does not mean the peers hold it: a witness cut off from the others finalises its
     own ops by its own heartbeats and their later ones (tests/core/test_points.py -k cut_off).
     Pruning them lost them for good (a real run: every node stalled, 109 ops held nowhere). The
-    node prunes only once its own archived ops are acknowledged by every other witness."""
+    node prunes only below the first of its own archived ops some other witness has not
+    acknowledged."""
     async with network(tmp_path) as (w, _h, new):
         log = log_of(w)
         p = with_retention(new("P", join="full"), KEEP)
         async with p.ms.archive_lock:  # (no pruning of the service's own meanwhile)
             await take_log(p, log)
         key = p.service.identity.public_key
-        monkeypatch.setattr(p.ms.replica, "held_elsewhere", lambda author: author != key)
+        prefix = [op_id(raw) for raw in p.store.history(MARKET.id, 0, 30)]
+        first = {key: prefix[0]}  # held only here: nothing may go
+        monkeypatch.setattr(p.ms.replica, "first_unacknowledged_compacted", first.get)
         assert await retention.prune(p.store, p.ms, KEEP, key) == 0
         assert p.ms.replica.has_history and p.store.count(MARKET.id) == len(log)
-        assert await retention.prune(p.store, p.ms, KEEP, bytes(32)) > 0  # another's: pruned
-        assert not p.ms.replica.has_history
+        first[key] = prefix[20]  # the first 20 may go, not that one nor what follows
+        assert await retention.prune(p.store, p.ms, KEEP, key) > 0
+        assert p.ms.prune.below == 20
+        assert p.store.has(prefix[20]) and not p.store.has(prefix[19])
 
 
 def test_prune_history_deletes_only_archived_ops_in_range(tmp_path: Path) -> None:
