@@ -1374,23 +1374,23 @@ class Replica:
         op = self._author_latest.get(author)
         if acked is None or op is None:
             return None
-        memory = self._applied  # (``in`` does not ask the archive; ``[]`` does)
+        memory = self._applied  # (``in`` and ``get`` do not ask the archive)
         lowest: bytes | None = None
         while op is not None and op.seq > acked:
             if op.id not in memory:
                 lowest = op.id
+            parents = op.parents
+            # Its own parent among those in memory; else read back from the archive, which
+            # also reads back other authors' compacted parents to see whose they are.
             op = next(
-                (q for p in op.parents if (q := self._parent_op(p)) is not None
-                 and q.author == author),
+                (q for p in parents if (q := memory.get(p)) is not None and q.author == author),
+                None,
+            ) or next(
+                (q for p in parents
+                 if p not in memory and (q := self._hydrate(p)) is not None and q.author == author),
                 None,
             )
         return lowest
-
-    def _parent_op(self, ident: bytes) -> Op | None:
-        try:
-            return self._applied[ident]
-        except KeyError:
-            return None
 
     def check_can_sign(self, author: bytes) -> None:
         """Raise :class:`SigningWaits` while this replica holds ops of ``author`` with a higher
