@@ -830,7 +830,8 @@ def status_view(status: Json, now: float | None = None) -> RenderableType:
             "sync",
             f"pulled {sync.get('pulled')} sessions ({sync.get('ops_pulled')} ops gossip had not"
             f" brought), served {sync.get('served')}; now {sync.get('pulling')} pulling,"
-            f" {sync.get('serving')} serving",
+            f" {sync.get('serving')} serving"
+            + (f"; {sync['refused_busy']} refused (busy)" if sync.get("refused_busy") else ""),
         )
     loop = status.get("loop")
     if isinstance(loop, dict):

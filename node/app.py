@@ -384,6 +384,7 @@ class _Node:
                 "served": self.sync.served_total,
                 "pulled": self.sync.pulled_total,
                 "ops_pulled": self.sync.ops_pulled_total,
+                "refused_busy": self.sync.refused_busy_total,
             },
             # The event loop's busy fraction over its last window, and whether that leaves room
             # for early publishing (node/headroom.py).

@@ -166,12 +166,19 @@ async def respond(
         return 0, None
     ops = ops_for(replica, request)
     heads = replica.heads()[:MAX_IDS]
-    chunks = list(_chunks(ops))
-    for index, chunk in enumerate(chunks):
-        more = index + 1 < len(chunks)
+    # Each frame's bytes are built as it goes out, not all before the first: a whole-log
+    # session to a slow reader holds one frame's bytes, not the log's (the Op objects it sends
+    # are the replica's own).
+    chunks = _chunks(ops)
+    chunk = next(chunks)
+    for following in chunks:
         await stream.write_frame(
-            encode_response(SyncResponse(chunk, heads, more)), timeout=frame_timeout
+            encode_response(SyncResponse(chunk, heads, True)), timeout=frame_timeout
         )
+        chunk = following
+    await stream.write_frame(
+        encode_response(SyncResponse(chunk, heads, False)), timeout=frame_timeout
+    )
     return len(ops), request.market
 
 

@@ -41,6 +41,7 @@ from .wire import SYNC_PROTOCOL, WireError
 
 __all__ = [
     "FIRST_PULL_ALONE",
+    "MAX_SYNC_SERVING",
     "NOT_FOLLOWING_BACKOFF",
     "SYNC_INTERVAL",
     "SYNC_PEERS_PER_ROUND",
@@ -77,6 +78,13 @@ SYNC_PEERS_PER_ROUND: Final = 3
 UNKNOWN_HEADS_RECHECK: Final = 1.0
 #: A whole sync session (a large catch-up streams many frames; each frame has its own bound).
 SYNC_SESSION_TIMEOUT: Final = 120.0
+#: Sync sessions served at once. Each walks the log on the event loop and, for a peer that
+#: asks for everything, sends the whole log: the 255 streams Yamux allows a connection would
+#: otherwise let one peer hold that many. Past the bound a new session's stream is reset; the
+#: peer asks again in a later round. An honest peer pulls one session per market at a time
+#: (``syncing``), so the bound per peer is the markets followed here, plus one (a session of a
+#: connection being torn down may still run while the peer's new one starts).
+MAX_SYNC_SERVING: Final = 32
 #: After a peer says it does not follow a market, do not ask it again for this long.
 NOT_FOLLOWING_BACKOFF: Final = 60.0
 #: Until a market's first pull since the start has completed (a node that joined, restarted or
@@ -111,8 +119,11 @@ class SyncScheduler:
         self.session_timeout = session_timeout
         #: (peer, market id) pairs being pulled now.
         self.syncing: set[tuple[str, bytes]] = set()
-        #: Sync sessions being served now.
+        #: Sync sessions being served now, in all and per peer; and the sessions refused for
+        #: being past those bounds (MAX_SYNC_SERVING), since the start.
         self.serving = 0
+        self._serving_peer: dict[str, int] = {}
+        self.refused_busy_total = 0
         #: Totals since the start (status ``sync_sessions``): sessions this node pulled and
         #: served, and the ops its pulls brought (ops gossip had not delivered first).
         self.pulled_total = 0
@@ -164,13 +175,25 @@ class SyncScheduler:
     # -- serving -----------------------------------------------------------------------------
 
     async def serve(self, stream: FrameStreamLike) -> None:
-        """Answer one peer's session (the network's handler for ``SYNC_PROTOCOL``)."""
+        """Answer one peer's session (the network's handler for ``SYNC_PROTOCOL``), within
+        the bounds on sessions served at once (MAX_SYNC_SERVING)."""
+        peer = stream.peer_id
+        mine = self._serving_peer.get(peer, 0)
+        if self.serving >= MAX_SYNC_SERVING or mine > len(self.service.markets):
+            self.refused_busy_total += 1
+            logger.debug("sync: %s has %d sessions served here: one more refused", peer, mine)
+            await self._reset_quietly(stream)
+            return
         self.serving += 1
         self.served_total += 1
+        self._serving_peer[peer] = mine + 1
         try:
             await self._serve(stream)
         finally:
             self.serving -= 1
+            left = self._serving_peer.pop(peer) - 1
+            if left:
+                self._serving_peer[peer] = left
 
     async def _serve(self, stream: FrameStreamLike) -> None:
         from .p2p import P2PError

@@ -481,6 +481,67 @@ async def test_sync_request_for_an_unknown_market_gets_a_refusal(tmp_path: Path)
         assert len(n.ms(V1).replica) == 0
 
 
+class _StalledReader:
+    """An inbound sync stream from ``peer`` asking for the whole log, whose reader never reads:
+    every frame written blocks until ``release`` is set."""
+
+    def __init__(self, peer: str, release: trio.Event) -> None:
+        self.peer_id = peer
+        self.release = release
+        self.frames = 0
+        self.was_reset = False
+
+    async def read_frame(self, max_size: int, *, timeout: float | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return encode_request(SyncRequest(V1.id, []))
+
+    async def write_frame(self, data: bytes, *, timeout: float | None = None) -> None:
+        self.frames += 1
+        await self.release.wait()
+
+    async def reset(self) -> None:
+        self.was_reset = True
+
+
+async def test_a_peer_cannot_hold_more_sync_sessions_than_it_could_need(tmp_path: Path) -> None:
+    """One peer opening many whole-log sessions that it never reads (Yamux allows 255 streams
+    a connection, each a walk of the log and its frames): past one per market followed, plus
+    one, its new streams are reset at once; other peers are still served, up to
+    MAX_SYNC_SERVING sessions in all; and all are served again once the first ones end."""
+    from crdtbook.node.sync_schedule import MAX_SYNC_SERVING, SyncScheduler
+
+    async with node(tmp_path, V1, OTHER) as n:
+        replica = n.ms(V1).replica
+        for i in range(50):
+            replica.submit(ALICE, "buy", 100 + i % 7, 1, "gtc", None)
+        scheduler = SyncScheduler(n.service, _OnePeerNet())  # type: ignore[arg-type]
+        release = trio.Event()
+        per_peer = len(n.service.markets) + 1
+        async with trio.open_nursery() as nursery:
+            mallory = [_StalledReader("mallory", release) for _ in range(20)]
+            for stream in mallory:
+                nursery.start_soon(scheduler.serve, stream)
+            await trio.testing.wait_all_tasks_blocked()
+            # trio starts the tasks in no set order: which ones are served is not the point.
+            assert sorted(s.frames for s in mallory) == [0] * (20 - per_peer) + [1] * per_peer
+            assert all(s.was_reset == (s.frames == 0) for s in mallory)
+            assert scheduler.serving == per_peer
+            others = [_StalledReader(f"peer-{i}", release) for i in range(MAX_SYNC_SERVING)]
+            for stream in others:
+                nursery.start_soon(scheduler.serve, stream)
+            await trio.testing.wait_all_tasks_blocked()
+            served = MAX_SYNC_SERVING - per_peer
+            assert sum(s.frames for s in others) == served
+            assert sum(s.was_reset for s in others) == per_peer
+            assert scheduler.serving == MAX_SYNC_SERVING
+            assert scheduler.refused_busy_total == 20 - per_peer + per_peer
+            release.set()
+        assert scheduler.serving == 0
+        again = _StalledReader("mallory", release)
+        await scheduler.serve(again)
+        assert again.frames == 1 and not again.was_reset
+
+
 class _EmptyResponder:
     """A peer's sync stream that has nothing to give (it lacks the orphans' parents too)."""
 

@@ -398,6 +398,7 @@ async def test_status_reports_peers_and_sync_sessions(tmp_path: Path) -> None:
             "served": 0,
             "pulled": 0,
             "ops_pulled": 0,
+            "refused_busy": 0,
         }
         # Its headroom is not registered as an instrument here: no window judged yet.
         assert status["loop"] == {"busy": None, "early_publish": True}
