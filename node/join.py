@@ -45,7 +45,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Literal
 
 import trio
 
@@ -93,6 +93,7 @@ from .wire import WireError
 __all__ = [
     "HELD_HISTORY_FETCH_AFTER",
     "HISTORY_RETRY",
+    "HISTORY_RETRY_BEHIND",
     "JOIN_MODES",
     "JOIN_PEER_WAIT",
     "MAX_CANDIDATES",
@@ -121,14 +122,19 @@ HISTORY_SESSION_TIMEOUT: Final = 120.0
 #: points costs the joiner this many fetches at most before it falls back to the full log.
 MAX_CANDIDATES: Final = 4
 MAX_SNAPSHOT_TRIES: Final = 6
-#: After a history fetch failed with every peer, try again after this long, doubling up to
-#: HISTORY_RETRY_MAX while it keeps failing (no connected peer holds the prefix yet). The
-#: usual cause passes: a pruned node whose point is ahead of its peers' asks for a prefix they
-#: have not finalised yet (``no_history``), and while its own ops wait for it, it heartbeats
-#: nothing, so finality stalls at every node. A try costs each peer one short refusal, so the
-#: cap is 30 s (it was 120 s: recoveries of 61 s and over 128 s after a 25 s cut, nothing lost).
+#: After a history fetch failed with every peer, none of them merely lagging (no connected
+#: peer holds the prefix: pruned or joined peers, ``no_history``; or older nodes, which said
+#: ``no_history`` when they lagged too), try again after this long, doubling up to
+#: HISTORY_RETRY_MAX while it keeps failing. A try costs each peer one short refusal.
 HISTORY_RETRY: Final = 5.0
 HISTORY_RETRY_MAX: Final = 30.0
+#: After a fetch in which some peer answered ``not_yet`` (it holds the history but has not
+#: compacted as far as the point asked for: it lags, and will get there), try again this soon,
+#: without backing off. The case: a pruned node whose point is ahead of its peers' (it compacted
+#: further while they lagged); while its own ops wait for the history it heartbeats nothing, so
+#: finality may stall at every node. With the backoff alone, recoveries took 61 s and over 128 s
+#: after a 25 s cut (session 14). A try costs each such peer one stream and one short refusal.
+HISTORY_RETRY_BEHIND: Final = 2.0
 #: Ops held only as possible copies of prefix ops (``Replica.history_held`` > 0 while
 #: ``history_wanted`` is 0) for this long make the node fetch the history too (see
 #: ``Joiner.history_loop``). Long enough that the copies sync and gossip bring now and then
@@ -147,6 +153,10 @@ SERVE_SESSION_TIMEOUT: Final = HISTORY_SESSION_TIMEOUT
 POINTS_OFFERED: Final = 2
 #: Room under the frame bound for the CBOR envelope of a frame of ops.
 _FRAME_BUDGET: Final = MAX_FRAME_BYTES - 64 * 1024
+
+
+#: What a history fetch came to (``Joiner.fetch_history``).
+HistoryOutcome = Literal["done", "behind", "failed"]
 
 
 @dataclass
@@ -302,8 +312,14 @@ class Joiner:
     ) -> None:
         store, market = self.service.store, ms.market
         saved = self.service.point_hashes(ms)  # points whose compaction the store holds
-        if not saved or request.point > saved[0][0] or not ms.history_held():
+        if not ms.history_held():
             await self._refuse(stream, "no_history", "the prefix asked for is not held here")
+            return
+        if not saved or request.point > saved[0][0]:
+            newest = saved[0][0] if saved else 0
+            await self._refuse(
+                stream, "not_yet", f"compacted to {newest} here, not yet to {request.point}"
+            )
             return
         start = request.start
         stop = min(request.point, start + MAX_HISTORY_SESSION_OPS)
@@ -539,9 +555,12 @@ class Joiner:
                 held_since is not None and now - held_since >= HELD_HISTORY_FETCH_AFTER
             )
             if due:
-                if await self.fetch_history(ms):
+                outcome = await self.fetch_history(ms)
+                if outcome == "done":
                     delay = HISTORY_RETRY
                     held_since = None
+                elif outcome == "behind":  # a peer will have it soon: no backing off
+                    await trio.sleep(HISTORY_RETRY_BEHIND)
                 else:
                     await trio.sleep(delay)
                     delay = min(HISTORY_RETRY_MAX, delay * 2)
@@ -551,14 +570,15 @@ class Joiner:
             ):
                 await changed.wait()
 
-    async def fetch_history(self, ms: MarketState) -> bool:
+    async def fetch_history(self, ms: MarketState) -> HistoryOutcome:
         """Fetch, check and store the prefix of the joined point (a pruned node: of its latest
-        point); release what waited. Tries the connected peers in random order; True once
-        complete."""
+        point); release what waited. Tries the connected peers in random order: ``"done"``
+        once complete; else ``"behind"`` if some peer said it has not compacted that far yet
+        (``not_yet``), ``"failed"`` if none did."""
         async with ms.archive_lock:  # no pruning meanwhile (node.retention)
             return await self._fetch_history(ms)
 
-    async def _fetch_history(self, ms: MarketState) -> bool:
+    async def _fetch_history(self, ms: MarketState) -> HistoryOutcome:
         info = history_point(ms)
         assert info is not None
         name = ms.market.name
@@ -574,6 +594,7 @@ class Joiner:
             peers = self.net.connected_peers()
             random.shuffle(peers)
             check = HistoryCheck(info)
+            behind = False
             for peer in peers:
                 try:
                     await self._history_from(ms, peer, check)
@@ -581,6 +602,7 @@ class Joiner:
                         continue  # a session ends after a bounded number of ops: another peer
                     check.done()  # SnapshotRefused("forged") unless it chains to the point
                 except JoinRefusal as exc:
+                    behind = behind or exc.code == "not_yet"
                     logger.info("%s: %s serves no history: %s", name, peer, exc)
                     continue
                 except (WireError, SnapshotRefused) as exc:
@@ -603,8 +625,8 @@ class Joiner:
                     time.monotonic() - started,
                     released,
                 )
-                return True
-            return False
+                return "done"
+            return "behind" if behind else "failed"
         finally:
             ms.history_fetching = False
 

@@ -116,7 +116,7 @@ class HistoryFrame:
 
 class JoinRefusal(Exception):
     """The peer refused a join request (``code``: unknown_market, no_point, not_that_point,
-    no_history, bad_request)."""
+    no_history, not_yet, bad_request; a code this node does not know is kept as it came)."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")

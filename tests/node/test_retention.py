@@ -116,7 +116,7 @@ async def test_a_pruned_node_drops_rows_restarts_and_still_answers(
         connect(j, p)
         await j.joiner.join(j.ms)
         assert j.ms.join_state == "snapshot"
-        assert not await j.joiner.fetch_history(j.ms)
+        assert await j.joiner.fetch_history(j.ms) == "failed"
         assert j.net.rejects == []
 
         # A full-log sync from P ends (it sends what it has; the pruned part stays missing),
@@ -238,6 +238,66 @@ async def test_ops_held_as_copies_of_pruned_ops_fetch_the_history_after_a_while(
         # The store holds the whole prefix again: nothing counts as pruned (the count went on
         # growing at each later pruning, past the size of the whole log).
         assert p.ms.join_status()["pruned_ops"] == 0
+
+
+async def test_a_pruned_node_ahead_of_its_peers_fetches_as_soon_as_one_reaches_its_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pruned node whose latest point is ahead of its peers' (it compacted further while they
+    lagged) asks them for a prefix they have not compacted yet. They said ``no_history``, as a
+    pruned peer does, and the fetch backed off (5 s doubling to 30 s; 120 s before session 14):
+    recoveries of 61 s and over 128 s after a 25 s cut, finality stalled at every node. A
+    lagging peer now says ``not_yet`` and is asked again within HISTORY_RETRY_BEHIND."""
+    monkeypatch.setattr(join_module, "HISTORY_RETRY", 1000.0)  # a backoff would never end here
+    monkeypatch.setattr(join_module, "HISTORY_RETRY_BEHIND", 0.05)
+    async with network(tmp_path) as (w, _h, new):
+        log = log_of(w)
+        p = with_retention(new("P", join="full"), KEEP)
+        await take_log(p, log)
+        point = p.ms.replica.point
+        assert point is not None and not p.ms.replica.has_history
+        # B lags: it has taken the first part of the log only, its newest point below P's.
+        b = new("B", join="full")
+        b.ms.joining = False
+        cut = 4 * INTERVAL
+        await take_log(b, log[:cut])
+        behind = b.ms.replica.point
+        assert behind is not None and behind.n < point.n
+        # An op whose parent P pruned: it waits at P for the history.
+        old = next(op for op in ops_of(w)[: point.n - KEEP] if not p.store.has(op.id))
+        late = sign_op(Identity.from_seed(b"N" * 32), MARKET.id, 1, old.lamport + 1, (old.id,),
+                       OrderBody("buy", 90, 1), MARKET.version)
+        await w.ingest([late.raw])
+        await p.ingest([late.raw])
+        for _ in range(3):
+            await p.pull_from(w)
+        assert p.ms.replica.history_wanted > 0
+        connect(p, b)  # the only peer P can ask
+        refusals: list[str] = []
+        fetch = p.joiner._fetch_history
+
+        async def counted(ms: object) -> str:
+            outcome = await fetch(p.ms)
+            refusals.append(outcome)
+            return outcome
+
+        monkeypatch.setattr(p.joiner, "_fetch_history", counted)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.joiner.history_loop, p.ms)
+            with trio.fail_after(10):
+                while len(refusals) < 2:  # asked, refused, asked again without backing off
+                    await trio.sleep(0.01)
+            assert set(refusals) == {"behind"}
+            await take_log(b, log[cut:])  # B catches up and compacts at P's point
+            assert b.ms.replica.point == point
+            with trio.fail_after(10):
+                while not p.ms.replica.has_history:
+                    await trio.sleep(0.02)
+            nursery.cancel_scope.cancel()
+        assert refusals[-1] == "done"
+        assert late.id in p.ms.replica
+        assert p.ms.replica.digest() == w.ms.replica.digest()
+        assert p.net.rejects == []  # lagging is no fault
 
 
 def test_retention_values() -> None:
