@@ -325,16 +325,36 @@ class Witnessing:
             witnesses = body.witnesses
         self.current = frozenset(witnesses)
 
-    def _last_seq_in_past(self, op: Op, author: bytes) -> int:
+    def _last_seq_in_past(
+        self, op: Op, author: bytes, read_back: dict[bytes, Op | None] | None = None
+    ) -> int:
         """The highest sequence number of ``author``'s ops in ``op``'s past (0: none): a walk
-        newest first that stops at the first op by ``author``."""
+        newest first that stops at the first op by ``author``.
+
+        Compacted ops on the way are read back from the archive once each, and kept in
+        ``read_back`` (pass one dict to several walks over the same past): an op is looked up
+        once for its Lamport time and again when reached, and a node's archive read is a SQLite
+        query and a decode. Reading each afresh, a walk over a cut's 17,000 compacted ops read
+        the archive 102,000 times (bench: a pruning witness after a cut healed one way, 3.9 s
+        on the event loop in a node)."""
         applied = self.applied
+        memo: dict[bytes, Op | None] = {} if read_back is None else read_back
+
+        def fetch(ident: bytes) -> Op | None:
+            found = applied.get(ident)  # in memory (``get`` does not ask the archive)
+            if found is None:
+                if ident in memo:
+                    return memo[ident]
+                try:
+                    found = applied[ident]  # read back from the archive
+                except KeyError:  # compacted and not in the archive: walk past it
+                    found = None
+                memo[ident] = found
+            return found
 
         def lamport_of(ident: bytes) -> int:
-            try:
-                return applied[ident].lamport
-            except KeyError:  # compacted and not in the archive: walk past it
-                return 0
+            found = fetch(ident)
+            return 0 if found is None else found.lamport
 
         heap: list[tuple[int, bytes]] = [(-lamport_of(p), p) for p in op.parents]
         seen: set[bytes] = set()
@@ -343,9 +363,8 @@ class Witnessing:
             if ident in seen:
                 continue
             seen.add(ident)
-            try:
-                ancestor = applied[ident]
-            except KeyError:
+            ancestor = fetch(ident)
+            if ancestor is None:
                 continue
             if ancestor.author == author:
                 return ancestor.seq

@@ -1337,7 +1337,9 @@ class Replica:
             )
         return keys
 
-    def acknowledged_seq(self, author: bytes) -> int | None:
+    def acknowledged_seq(
+        self, author: bytes, read_back: dict[bytes, Op | None] | None = None
+    ) -> int | None:
         """The highest sequence number ``s`` such that ``author``'s op at ``s`` (and so each of
         its ops before it) is in the causal past of the latest counted heartbeat of every
         witness in force other than ``author``: each of those witnesses held it when it
@@ -1348,17 +1350,20 @@ class Replica:
         passes it once the others heartbeat higher, whether or not they have the op. A node
         pruning its archive (retention) must not delete what only it holds, and an author cut
         off from its peers is the one that does. Cost: one walk per other witness, newest
-        first, down to the first op by ``author`` (short while they acknowledge it)."""
+        first, down to the first op by ``author`` (short while they acknowledge it); each
+        compacted op on the way read back from the archive once for all of them (``read_back``
+        keeps what was read, for the caller's next walk)."""
         fin = self._fin
         if fin is None:
             return None
         others = [w for w in fin.current if w != author]
         if not others:
             return None
+        memo: dict[bytes, Op | None] = {} if read_back is None else read_back
         lowest: int | None = None
         for witness in others:
             heartbeat = fin.latest.get(witness)
-            seq = 0 if heartbeat is None else fin._last_seq_in_past(heartbeat, author)
+            seq = 0 if heartbeat is None else fin._last_seq_in_past(heartbeat, author, memo)
             lowest = seq if lowest is None else min(lowest, seq)
         return lowest
 
@@ -1370,11 +1375,18 @@ class Replica:
         and everything after it in final order. (Such ops still in memory are live: never
         pruned.) A walk down the author's chain from its tip to the first unacknowledged op,
         reading compacted ones back from the archive."""
-        acked = self.acknowledged_seq(author)
+        read_back: dict[bytes, Op | None] = {}  # compacted ops read, shared by the walks
+        acked = self.acknowledged_seq(author, read_back)
         op = self._author_latest.get(author)
         if acked is None or op is None:
             return None
         memory = self._applied  # (``in`` and ``get`` do not ask the archive)
+
+        def compacted(ident: bytes) -> Op | None:
+            if ident not in read_back:
+                read_back[ident] = self._hydrate(ident)
+            return read_back[ident]
+
         lowest: bytes | None = None
         while op is not None and op.seq > acked:
             if op.id not in memory:
@@ -1387,7 +1399,7 @@ class Replica:
                 None,
             ) or next(
                 (q for p in parents
-                 if p not in memory and (q := self._hydrate(p)) is not None and q.author == author),
+                 if p not in memory and (q := compacted(p)) is not None and q.author == author),
                 None,
             )
         return lowest
