@@ -887,6 +887,15 @@ def status_view(status: Json, now: float | None = None) -> RenderableType:
         FitOrStack(markets, Group(Text("markets", style="italic"), stacked)),
     ]
     for m in status.get("markets") or []:
+        if m.get("key_equivocated"):
+            parts.append(
+                Text(
+                    f"this node's key signed two different ops at one sequence number in "
+                    f"{printable(m.get('name'))}: it signs nothing more there (another node runs "
+                    "with this key?)",
+                    style="bold red",
+                )
+            )
         parts.extend(finality_lines(m))
     return Group(*parts)
 

@@ -24,6 +24,7 @@ __all__ = [
     "ERROR_CODES",
     "INTERNAL",
     "INVALID_OP",
+    "KEY_EQUIVOCATED",
     "MAX_REQUEST_LINE_BYTES",
     "NOT_FOUND",
     "NOT_OWNER",
@@ -68,6 +69,9 @@ EMPTY_BOOK: Final = "empty_book"
 #: the node cannot sign yet: it holds ops of its own key it has not applied (they wait for
 #: parents or history); a new op would equivocate. Retry once they are applied.
 NOT_READY: Final = "not_ready"
+#: the node's key signed two different ops at one sequence number in the market (another node
+#: runs with the same key, or this one lost ops it had sent): it signs nothing more there.
+KEY_EQUIVOCATED: Final = "key_equivocated"
 STORE_FULL: Final = "store_full"  # the node's store has no space left: nothing was done
 STORE_ERROR: Final = "store_error"  # the node's store cannot be written (read-only, I/O error)
 INTERNAL: Final = "internal"  # a bug in the node; details are in the node's log
@@ -91,6 +95,7 @@ ERROR_CODES: Final = frozenset(
         DUPLICATE_CLIENT_ID,
         EMPTY_BOOK,
         NOT_READY,
+        KEY_EQUIVOCATED,
         STORE_FULL,
         STORE_ERROR,
         INTERNAL,

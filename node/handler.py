@@ -39,6 +39,7 @@ from .control_errors import (
     DUPLICATE_CLIENT_ID,
     EMPTY_BOOK,
     INVALID_OP,
+    KEY_EQUIVOCATED,
     NO_MAJORITY,
     NOT_FOUND,
     NOT_OWNER,
@@ -56,7 +57,7 @@ from .control_errors import (
     unknown_name,
 )
 from .finality import STALL_SECONDS, FinalityView
-from .service import HISTORY_CHUNK, MarketState, NodeService
+from .service import HISTORY_CHUNK, KeyEquivocated, MarketState, NodeService
 from .store import CompactedFill, StoreWriteError
 
 __all__ = ["ControlAdapter"]
@@ -250,6 +251,8 @@ class ControlAdapter:
             result = fn(params)
             if hasattr(result, "__await__"):
                 result = await result
+        except KeyEquivocated as exc:  # the key is spent in this market: the user must act
+            raise ControlError(KEY_EQUIVOCATED, f"{exc}; nothing was signed") from None
         except SigningWaits as exc:  # own ops may be elsewhere: a new one would equivocate
             raise ControlError(NOT_READY, f"{exc}; nothing was signed") from None
         except StoreWriteError as exc:  # disk full or read-only: the node itself carries on
@@ -390,6 +393,8 @@ class ControlAdapter:
             "compacted_ops": r.compacted_ops,
             "compacted_fills": r.compacted_fills,
             "refused": ms.refused,
+            # This node's key signed two ops at one sequence number here: it signs no more.
+            "key_equivocated": self.service.identity.public_key in r.forked_authors(),
             # Joins (node.join): joined_from_point, history ("complete" | "fetching" | "absent").
             **ms.join_status(),
             **self._finality_status(ms),

@@ -83,7 +83,7 @@ from .store import (
 )
 from .wire import MAX_BATCH_OPS, WireError, decode_batch, encode_batch
 
-__all__ = ["IngestResult", "MarketState", "NodeService"]
+__all__ = ["IngestResult", "KeyEquivocated", "MarketState", "NodeService"]
 
 logger = logging.getLogger("crdtbook.node")
 
@@ -105,6 +105,9 @@ VERIFY_THREADS: Final = max(1, min(4, os.cpu_count() or 1))
 FINALITY_CHECK_INTERVAL: Final = 0.05
 #: Applied ops between two GC freezes (see NodeService.note_applied).
 GC_FREEZE_EVERY: Final = 50_000
+#: A witness whose key equivocated (``KeyEquivocated``) looks again this often whether it is
+#: still due to heartbeat (it never will be able to: the loop just stays cheap).
+KEY_EQUIVOCATED_RECHECK: Final = 10.0
 #: A peer whose gossip is refused this many times within BAN_WINDOW is disconnected for
 #: BAN_SECONDS. Honest peers never send invalid ops, so a small number is enough.
 BAN_THRESHOLD: Final = 8
@@ -141,6 +144,14 @@ def topic_for(market: Market) -> str:
     return f"crdtbook/market/{market.id.hex()}"
 
 
+class KeyEquivocated(Exception):
+    """This node's key is seen signing two different ops at one sequence number in a market
+    (``Replica.forked_authors``): another node runs with the same key (a copied home), or this
+    node lost ops it had sent. Every further op would only widen the fork (and a forked
+    witness's heartbeats count only below it), so the node signs nothing more in that market;
+    the key is spent there. Not retried: the user must act."""
+
+
 @dataclass
 class MarketState:
     market: Market
@@ -154,6 +165,9 @@ class MarketState:
     #: stopped waiting for a first sync without one (node.crash_gate).
     last_sync_try: float | None = None
     crash_wait_over: bool = False
+    #: This node's key signed two ops at one sequence number here (``KeyEquivocated``), said in
+    #: the log once.
+    key_equivocated: bool = False
     received: int = 0
     refused: int = 0
     #: Verified (and durable) ops from gossip waiting for the apply task, and their ids: known
@@ -1060,9 +1074,26 @@ class NodeService:
         for history): an op signed then would reuse one's sequence number, an equivocation
         that stalls finality for every node of a witnessed market."""
         self._store_ready()
+        me = self.identity.public_key
+        if me in ms.replica.forked_authors():
+            self._key_equivocated(ms)
         if self.after_crash and ms.last_sync is None and not ms.crash_wait_over:
             self._check_crash_wait(ms)
-        ms.replica.check_can_sign(self.identity.public_key)
+        ms.replica.check_can_sign(me)
+
+    def _key_equivocated(self, ms: MarketState) -> None:
+        """Raise ``KeyEquivocated`` for ``ms`` (the log says it once, at ERROR)."""
+        message = (
+            f"this node's key signed two different ops at one sequence number in "
+            f"{ms.market.name} (another node runs with this key, e.g. from a copied home, or this "
+            "node lost ops it had sent): it signs nothing more in this market. Stop any other "
+            "node using this home's identity.key; trade from a node with a new key "
+            "(crdtbook id --init --home NEWDIR)"
+        )
+        if not ms.key_equivocated:
+            ms.key_equivocated = True
+            logger.error("%s", message)
+        raise KeyEquivocated(message)
 
     def _check_crash_wait(self, ms: MarketState) -> None:
         """Raise ``SigningWaits`` while ``ms`` waits for its first sync after a crash
@@ -1460,6 +1491,8 @@ class NodeService:
             except StoreWriteError as exc:  # logged once as an error when the fault began
                 logger.debug("%s: no heartbeat: %s", ms.market.name, exc)
                 await trio.sleep(self.heartbeat_interval)
+            except KeyEquivocated:  # logged once when found: the key is spent here
+                await trio.sleep(KEY_EQUIVOCATED_RECHECK)
             except SigningWaits as exc:  # own ops held or maybe lost (a restart): not yet
                 (logger.debug if waits_logged else logger.info)(
                     "%s: no heartbeat yet: %s",

@@ -23,6 +23,7 @@ from crdtbook import Identity, Market, Replica, SigningWaits
 from crdtbook.node.control_errors import (
     BAD_APPROVAL,
     BAD_REQUEST,
+    KEY_EQUIVOCATED,
     NO_MAJORITY,
     NOT_READY,
     NOT_WITNESS,
@@ -33,7 +34,7 @@ from crdtbook.node.control_errors import (
 )
 from crdtbook.node.finality import STALL_SECONDS
 from crdtbook.node.handler import WATCH_PROVISIONAL_MAX, ControlAdapter, WatchedFills
-from crdtbook.node.service import MarketState, NodeService
+from crdtbook.node.service import KeyEquivocated, MarketState, NodeService
 from crdtbook.node.store import OpStore
 
 pytestmark = pytest.mark.timeout(60)
@@ -520,6 +521,42 @@ async def test_a_node_holding_its_own_ops_unapplied_does_not_sign(tmp: Path) -> 
         placed = await a.call("submit", side="buy", price="90", quantity="1")
         assert placed["order"]["status"] == "open"
         assert not a.ms.replica.forked_authors()
+
+
+async def test_a_node_whose_key_equivocated_signs_nothing_more_and_says_why(
+    tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two nodes run with one key (a copied home) sign at the same sequence numbers. Nothing
+    detected it: each went on signing, widening the fork. Once the node holds two ops of its
+    key at one sequence number it refuses to sign (key_equivocated, HTTP 409), heartbeats no
+    more, says so in the log once at ERROR and in status; reads go on."""
+    ids = identities(2)
+    market = witnessed(ids[:1])
+    async with network(tmp) as net:
+        a = net.add(ids[0], market, interval=60.0)  # no heartbeat of its own meanwhile
+        placed = await a.call("submit", side="buy", price="90", quantity="1")
+        twin = Replica(market)  # the copy of the home: the same key, its own seq 1
+        other = twin.submit(ids[0], "sell", 110, 1)
+        assert other.seq == 1 and other.id.hex() != placed["order"]["id"]
+        await a.service.commit(a.ms, await a.service.prepare(a.ms, [other.raw]), "test")
+        assert ids[0].public_key in a.ms.replica.forked_authors()
+        status = (await a.call("status"))["markets"][0]
+        assert status["key_equivocated"] is True
+        with caplog.at_level(logging.ERROR, logger="crdtbook.node"):
+            for _ in range(2):
+                with pytest.raises(ControlError) as err:
+                    await a.call("submit", side="buy", price="91", quantity="1")
+                assert err.value.code == KEY_EQUIVOCATED
+                assert "nothing was signed" in err.value.message
+                assert "new key" in err.value.message
+            with pytest.raises(ControlError) as err:
+                await a.call("cancel", order_id=placed["order"]["id"])
+            assert err.value.code == KEY_EQUIVOCATED
+            with pytest.raises(KeyEquivocated):
+                await a.service.heartbeat(a.ms)
+        said = [r for r in caplog.records if "two different ops" in r.getMessage()]
+        assert len(said) == 1 and said[0].levelno == logging.ERROR
+        assert (await a.call("book"))["market"] == market.name  # reads go on
 
 
 async def test_a_filled_order_whose_fill_is_not_final_can_still_be_cancelled(
