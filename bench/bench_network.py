@@ -164,6 +164,36 @@ if wakes_dir:
                 wakes["first: " + task.name.rsplit(".", 1)[-1]] += 1
     run_under(Wakes(), lambda: (Path(wakes_dir) / (Path(home).name + ".json")).write_text(
         json.dumps(wakes)))
+gap_ms = float(os.environ.get("CRDTBOOK_BENCH_WAKE_GAP", "0"))  # experiments: coalesced wake-ups
+if gap_ms:
+    # After a wake-up, the loop does not wait for I/O again until GAP ms after it woke: what
+    # arrives meanwhile is taken in one wake-up (timers are late by as much). With
+    # CRDTBOOK_BENCH_WAKE_GAP_AB=S the gap is on only in odd S-second windows of the wall clock;
+    # CPU and wake-ups are counted per arm (dumped to CRDTBOOK_BENCH_WAKE_GAP_DIR).
+    import collections, json, time, trio
+    window = float(os.environ.get("CRDTBOOK_BENCH_WAKE_GAP_AB", "0"))
+    gap_dir = os.environ.get("CRDTBOOK_BENCH_WAKE_GAP_DIR")
+    per_arm, woke_at, cpu_at = collections.Counter(), [0.0], [time.process_time()]
+    def arm_on():
+        return not window or int(time.time() / window) % 2 == 1
+    class WakeGap(trio.abc.Instrument):
+        def before_io_wait(self, timeout):
+            on = arm_on()
+            now_cpu = time.process_time()
+            per_arm[f"cpu_{int(on)}"] += now_cpu - cpu_at[0]
+            cpu_at[0] = now_cpu
+            if on and timeout > 0:
+                rest = woke_at[0] + gap_ms / 1000 - time.monotonic()
+                if rest > 0:
+                    time.sleep(min(rest, timeout))
+            per_arm["wait_began"] = time.monotonic()
+        def after_io_wait(self, timeout):
+            now = time.monotonic()
+            if now - per_arm["wait_began"] > 0.0002:
+                per_arm[f"wakes_{int(arm_on())}"] += 1
+            woke_at[0] = now
+    run_under(WakeGap(), lambda: gap_dir and (Path(gap_dir) / (Path(home).name + ".json"))
+              .write_text(json.dumps(per_arm)))
 steps_dir = os.environ.get("CRDTBOOK_BENCH_STEPS")  # experiments: task steps and CPU by task
 if steps_dir:
     import collections, json, time, trio
