@@ -824,6 +824,14 @@ def status_view(status: Json, now: float | None = None) -> RenderableType:
         extra.append(f"version {printable(status['version'])}")
     if extra:
         field("node", "  ".join(extra))
+    fault = status.get("store_fault")
+    if isinstance(fault, dict):
+        field("store")
+        head.append(
+            f" refuses writes ({printable(fault.get('reason'))}): nothing new is signed or "
+            f"taken until it does; {printable(fault.get('message'))}",
+            style="bold red",
+        )
     sync = status.get("sync_sessions")
     if isinstance(sync, dict) and "pulled" in sync:  # totals: nodes since session 8 of #12
         field(

@@ -369,6 +369,9 @@ class ControlAdapter:
                 self._market_status(ms, with_digest) for ms in self.service.markets.values()
             ],
             "public_key": self.service.identity.public_key.hex(),
+            # null while the store takes writes; else why it refuses them (the node refuses new
+            # ops meanwhile, its own and its peers', and resumes by itself).
+            "store_fault": _store_fault(self.service.store_fault),
             "version": __version__,
             "uptime": time.time() - self.service.started,
             "pid": os.getpid(),
@@ -1103,6 +1106,10 @@ ORDER_ENTRY_PARAMS: Final[dict[str, frozenset[str]]] = {
     "reconfigure": frozenset({"market", "witnesses", "approvals"}),
     "approve_reconfig": frozenset({"market", "witnesses"}),
 }
+
+
+def _store_fault(fault: StoreWriteError | None) -> dict[str, str] | None:
+    return None if fault is None else {"reason": fault.reason, "message": str(fault)}
 
 
 def _refuse_unknown_params(method: str, params: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ server (``socket_node``, skipped until ``crdtbook.node.client`` exists).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -302,6 +303,24 @@ def test_status(fake_node: Any, samples: Any) -> None:
     assert "pulled 12 sessions (3 ops gossip had not brought), served 40" in out
     assert "busy 32%, early publishing on" in out
     assert json.loads(run("status", "--json").stdout) == samples.STATUS
+
+
+def test_status_says_when_the_node_cannot_sign_or_store(fake_node: Any, samples: Any) -> None:
+    """A store that refuses writes, a key that equivocated and sync sessions refused for being
+    busy are shown where an operator looks first (they were in the log only, or nowhere)."""
+    status = copy.deepcopy(samples.STATUS)
+    status["store_fault"] = {"reason": "full", "message": "the store's filesystem is full"}
+    status["markets"][0]["key_equivocated"] = True
+    status["sync_sessions"]["refused_busy"] = 7
+    fake_node.answers["status"] = status
+    res = run("status")
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.stdout.split())
+    assert "refuses writes (full): nothing new is signed or taken until it does" in out
+    assert "the store's filesystem is full" in out
+    assert "signed two different ops at one sequence number in DEMO" in out
+    assert "7 refused (busy)" in out
+    assert json.loads(run("status", "--json").stdout) == status
 
 
 def test_id(fake_node: Any, samples: Any) -> None:

@@ -145,6 +145,8 @@ async def test_full_store_refuses_submit_and_forgets_the_op(
         await node.submit(1)
     assert info.value.code == STORE_FULL and len(node.ms.replica) == before
     assert not any(node.service.should_ban("peer") for _ in range(BAN_THRESHOLD * 2))
+    fault = (await node.adapter.call("status", {}))["store_fault"]  # status says so too
+    assert fault["reason"] == "full" and "is full" in fault["message"]
 
     # Space returns: the next submit goes through, at the sequence number the lost op had.
     _uncap(node.store)
@@ -153,6 +155,7 @@ async def test_full_store_refuses_submit_and_forgets_the_op(
     op = node.ms.replica.get(bytes.fromhex(again))
     assert op is not None and op.seq == last.seq + 1
     assert node.service.store_fault is None
+    assert (await node.adapter.call("status", {}))["store_fault"] is None
     assert {bytes.fromhex(i) for i in [*acked, again]} <= _stored_ids(node.store, node.market)
     node.memory_is_disk()
     node.store.close()
