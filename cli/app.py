@@ -889,7 +889,10 @@ def orders(
 
     Each order is marked final (its state can never change again) or provisional.
 
-    --json prints the node's result: {"market": str, "orders": [Order]}.
+    Finished orders that compactions moved to the node's store are listed first (at most
+    the newest 1,000 without --limit).
+
+    --json prints the node's result: {"market": str, "orders": [Order], "more": bool}.
     """
     from crdtbook.cli import render
 

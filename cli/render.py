@@ -660,7 +660,17 @@ def orders_table(
 
     # The filled quantity goes last: qty and left give it.
     table = FitColumns(build, [RECEIVED, WITNESSED, "tif", "tag", "filled"])
-    return Group(table, never_final(market)) if witnessed is False else table
+    parts: list[RenderableType] = [table]
+    if data.get("more"):
+        parts.append(
+            Text(
+                "older orders remain in the node's store: crdtbook order ID shows any of them",
+                style="dim",
+            )
+        )
+    if witnessed is False:
+        parts.append(never_final(market))
+    return Group(*parts) if len(parts) > 1 else table
 
 
 def order_detail(order: Json, witnessed: bool | None = None) -> RenderableType:

@@ -72,6 +72,10 @@ WATCH_MIN_INTERVAL = 0.05
 #: The intervals a watch may ask for, in s: below 5 ms a stream's events would cost more than
 #: the changes they carry; above 10 s a client could not tell a quiet market from a dead node.
 WATCH_INTERVALS: Final = (0.005, 10.0)
+#: ``orders`` without a limit lists every order in memory and at most this many of the newest
+#: that compactions moved to the store (``more`` says whether older ones remain there): a busy
+#: trader's history grows without bound, an answer must not.
+ORDERS_FROM_STORE_MAX: Final = 1000
 #: ``submit`` with ``wait_final``: how long to wait by default, and at most.
 FINAL_TIMEOUT: Final = 30.0
 FINAL_TIMEOUT_MAX: Final = 3600.0
@@ -795,12 +799,26 @@ class ControlAdapter:
         limit = optional_param(params, "limit", int, None)
         if limit is not None and limit < 1:
             raise ControlError(BAD_REQUEST, "limit must be at least 1")
-        orders = ms.replica.orders(None if every else me)
+        author = None if every else me
+        orders = ms.replica.orders(author)
         if only_open:
             orders = [o for o in orders if o.status in _RESTING]
         if limit is not None:
             orders = orders[-limit:]  # the newest
-        return {"market": ms.market.name, "orders": [order_json(ms, o, me) for o in orders]}
+        listed = [order_json(ms, o, me) for o in orders]
+        more = False
+        # Finished, final orders a compaction took out of memory (witnessed markets) come from
+        # the store, older than those in memory: the newest first, up to the limit (or
+        # ORDERS_FROM_STORE_MAX), one more read to tell whether older ones remain.
+        room = ORDERS_FROM_STORE_MAX if limit is None else limit - len(orders)
+        if not only_open and room > 0:
+            older = ms.compacted_orders_newest(author, room + 1)
+            more = len(older) > room
+            listed[:0] = [
+                order_json(ms, row.order, me, (row.received_ms, row.witnessed_ms))
+                for row in older[-room:]
+            ]
+        return {"market": ms.market.name, "orders": listed, "more": more}
 
     def _block(self, params: dict[str, Any]) -> dict[str, Any]:
         """Cut this node off from one peer (or every connected peer) for a while."""

@@ -303,6 +303,24 @@ class MarketState:
             return found
         return self.archive.store.compacted_order(self.market.id, order_id)
 
+    def compacted_orders_newest(self, author: bytes | None, limit: int) -> list[CompactedOrder]:
+        """The newest ``limit`` orders (``author``'s, or everyone's) that compactions took out
+        of the replica, by Lamport time, oldest first: from a compaction being saved and from
+        the store (a SQLite index walk of ``limit`` rows)."""
+        if self.archive is None or limit <= 0:
+            return []
+        found = {
+            row.order.id: row
+            for row in self.archive.store.compacted_orders_newest(self.market.id, author, limit)
+        }
+        saving = self.archive.saving
+        if saving is not None:
+            for row in saving.order_rows():
+                if author is None or row.order.author == author:
+                    found[row.order.id] = row
+        rows = sorted(found.values(), key=lambda row: (row.order.lamport, row.order.id))
+        return rows[-limit:]
+
     def order_by_client_id(self, author: bytes, tag: str) -> OrderState | None:
         """``author``'s order with client id ``tag``, compacted or not."""
         order = self.replica.order_by_client_id(author, tag)

@@ -84,7 +84,7 @@ __all__ = [
 STORE_FILENAME = "store.sqlite3"
 
 # Version written to PRAGMA user_version once all migrations ran; bump it with each migration.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Rows fetched per lock acquisition by load_market: bounds memory (~1 MiB of 200-byte ops) and
 # the time a streaming reader keeps writers waiting, while keeping per-query overhead small.
@@ -207,6 +207,13 @@ CREATE TABLE joins (
 );
 """
 
+# Version 4: listing compacted orders (``orders``: the newest first, one author's or all). Each
+# index costs one B-tree insert per compacted order, in the compaction's worker thread.
+_SCHEMA_V4 = """
+CREATE INDEX compacted_orders_author ON compacted_orders (market, author, lamport);
+CREATE INDEX compacted_orders_lamport ON compacted_orders (market, lamport)
+"""
+
 #: ``ops.compacted`` values: 0 live (in the replica's memory), 1 compacted (the archive holds
 #: it), 2 staged (history fetched from a peer, not checked yet: neither).
 LIVE, COMPACTED, STAGED = 0, 1, 2
@@ -239,11 +246,17 @@ def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
     _run_script(conn, _SCHEMA_V3)
 
 
+def _migrate_3_to_4(conn: sqlite3.Connection) -> None:
+    """Index compacted orders by author and Lamport time, and by Lamport time (``orders``)."""
+    _run_script(conn, _SCHEMA_V4)
+
+
 # _MIGRATIONS[v] upgrades a store from user_version v to v + 1.  Append, never edit.
 _MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _migrate_0_to_1,
     _migrate_1_to_2,
     _migrate_2_to_3,
+    _migrate_3_to_4,
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -736,6 +749,21 @@ class OpStore:
                 .fetchone()
             )
         return None if row is None else _order_row(row)
+
+    def compacted_orders_newest(
+        self, market: bytes, author: bytes | None, limit: int
+    ) -> list[CompactedOrder]:
+        """The newest ``limit`` compacted orders of ``market`` (``author``'s, or everyone's
+        with None), by Lamport time, oldest first. An index walk from the newest end."""
+        query = f"SELECT {_ORDER_COLUMNS} FROM compacted_orders WHERE market = ?"
+        args: tuple[object, ...] = (market,)
+        if author is not None:
+            query += " AND author = ?"
+            args += (author,)
+        query += " ORDER BY lamport DESC, id DESC LIMIT ?"
+        with self._lock:
+            rows = self._db().execute(query, (*args, limit)).fetchall()
+        return [_order_row(row) for row in reversed(rows)]
 
     def compacted_orders_with_prefix(
         self, market: bytes, prefix: str, limit: int

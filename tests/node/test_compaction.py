@@ -158,6 +158,24 @@ async def test_compacts_restarts_and_answers_for_history(tmp_path: Path) -> None
         assert answer["order"]["id"] == mine.id.hex() and answer["order"]["final"] is True
     assert len(replica) == ops_before
 
+    # orders: the compacted ones from the store first, then those in memory; this node's own
+    # (its compacted order among them), or every order. They vanished from the list before.
+    placed = [op.id.hex() for op in ref.ops() if op.kind == "order"]
+    listed = await node.call("orders", all=True)
+    assert listed["more"] is False and len(placed) < 1000
+    assert sorted(o["id"] for o in listed["orders"]) == sorted(placed)
+    in_memory = len(replica.orders())
+    assert in_memory < len(placed)
+    assert all(o["final"] for o in listed["orders"][: len(placed) - in_memory])
+    newest = await node.call("orders", all=True, limit=in_memory + 3)
+    assert newest["more"] is True and len(newest["orders"]) == in_memory + 3
+    assert newest["orders"] == listed["orders"][-(in_memory + 3):]
+    assert (await node.call("orders", all=True, limit=2))["orders"] == listed["orders"][-2:]
+    own = await node.call("orders")
+    assert [o["id"] for o in own["orders"]] == [mine.id.hex()] and own["more"] is False
+    assert own["orders"][0]["final"] and own["orders"][0]["mine"]
+    assert (await node.call("orders", open=True))["orders"] == []
+
     # A late duplicate of a compacted op: recognized, never applied twice.
     prepared = await node.service.prepare(ms, [gone.raw])
     result = await node.service.commit(ms, prepared, "late")
@@ -270,6 +288,8 @@ async def test_history_reads_while_a_compaction_is_being_saved(
                 answer = await node.call("order", order_id=op.id.hex())
                 state = expected[op.id]
                 assert state is not None and answer["status"] == state.status
+        listed = {o["id"] for o in (await node.call("orders", all=True))["orders"]}
+        assert {op.id.hex() for op in orders} <= listed  # the compaction's own among them
         await node.service.submit(node.ms, "buy", 90, 1, "gtc", None)  # writes go on
         release.set()
     assert node.ms.archive.saving is None and node.ms.compactions == 2

@@ -436,7 +436,7 @@ def test_migrates_a_version_1_store(tmp_path: Path) -> None:
     conn.executemany("INSERT INTO ops (id, market, lamport, raw) VALUES (?, ?, ?, ?)", items)
     conn.close()
     with OpStore.open(path) as s:
-        assert s.schema_version() == SCHEMA_VERSION == 3
+        assert s.schema_version() == SCHEMA_VERSION == 4
         assert list(s.load_market(M1, live_only=True)) == [item[3] for item in items]
         assert s.compacted_count(M1) == 0 and s.get_snapshot(M1) is None
 
@@ -454,10 +454,42 @@ def test_migrates_a_version_2_store(tmp_path: Path) -> None:
     conn.execute("UPDATE ops SET compacted = 1 WHERE lamport <= 2")
     conn.close()
     with OpStore.open(path) as s:
-        assert s.schema_version() == SCHEMA_VERSION == 3
+        assert s.schema_version() == SCHEMA_VERSION == 4
         assert list(s.load_market(M1, live_only=True)) == [item[3] for item in items[2:]]
         assert s.compacted_count(M1) == 2
         assert s.history(M1, 0, 10) == [] and s.points(M1) == [] and s.join_state(M1) is None
+
+
+def test_migrates_a_version_3_store_and_lists_its_compacted_orders(tmp_path: Path) -> None:
+    """Version 4 indexes compacted orders for ``orders``; version 3's rows are listed."""
+    path = tmp_path / STORE_FILENAME
+    conn = sqlite3.connect(path, isolation_level=None)
+    for step in (store_module._migrate_0_to_1, store_module._migrate_1_to_2,
+                 store_module._migrate_2_to_3):
+        step(conn)
+    conn.execute("PRAGMA user_version = 3")
+    conn.close()
+    with OpStore.open(path, synchronous="NORMAL") as s:
+        s.compact(M1, [], [], [_order(n) for n in (3, 1, 2)], Snapshot(0, 0, b"v3"))
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA user_version = 3")  # as a version-3 node left it: no new indexes
+    conn.execute("DROP INDEX compacted_orders_author")
+    conn.execute("DROP INDEX compacted_orders_lamport")
+    conn.close()
+    with OpStore.open(path) as s:
+        assert s.schema_version() == SCHEMA_VERSION == 4
+        # Oldest first by Lamport time (``_order(n)`` has Lamport n), the newest ``limit``.
+        assert s.compacted_orders_newest(M1, None, 10) == [_order(n) for n in (1, 2, 3)]
+        assert s.compacted_orders_newest(M1, b"A" * 32, 2) == [_order(2), _order(3)]
+        assert s.compacted_orders_newest(M1, b"B" * 32, 10) == []
+        assert s.compacted_orders_newest(M2, None, 10) == []
+        plan = " ".join(
+            str(row) for row in s._db().execute(
+                "EXPLAIN QUERY PLAN SELECT id FROM compacted_orders WHERE market = ? AND"
+                " author = ? ORDER BY lamport DESC, id DESC LIMIT 5", (M1, b"A" * 32)
+            )
+        )
+        assert "compacted_orders_author" in plan
 
 
 def test_compaction_records_the_prefix_order_and_points(store: OpStore) -> None:
