@@ -1117,13 +1117,15 @@ class Replica:
         state and not completed since)."""
         return self._history
 
-    def _needs_history(self, op: Op) -> bool:
+    def _needs_history(self, op: Op, point_seq: Mapping[bytes, int] | None = None) -> bool:
         """Whether judging ``op`` (not applied, not in the archive) needs the prefix this
         replica lacks: it may be a copy of a prefix op (its author has ops up to at least its
         sequence number there: a copy, or a fork); it is a reconfiguration or a heartbeat of
         an added witness not yet proven (their rules walk the past, into the prefix); or a
-        cancel whose target is not in memory."""
-        if op.seq <= self._point_seq.get(op.author, 0):
+        cancel whose target is not in memory. ``point_seq``: the prefix's author tips to judge
+        by (default: those of the history this replica lacks)."""
+        seqs = self._point_seq if point_seq is None else point_seq
+        if op.seq <= seqs.get(op.author, 0):
             return True
         body = op.body
         if type(body) is ReconfigBody:
@@ -1366,6 +1368,20 @@ class Replica:
             seq = 0 if heartbeat is None else fin._last_seq_in_past(heartbeat, author, memo)
             lowest = seq if lowest is None else min(lowest, seq)
         return lowest
+
+    def tail_needs_history(self) -> bool:
+        """Whether an applied op after the latest point would wait for the history were this
+        replica without it (``forget_history``): a reconfiguration (its rules walk the past
+        into the prefix), a possible copy of a prefix op (an equivocating author's), a cancel
+        of an order not in memory, an added witness's heartbeat not yet proven. A restart from
+        the snapshot judges the ops after the point again; one judged with the history and
+        held without it is held with all that follows it, and ops the node showed final turn
+        provisional. So a node keeps its history while this is true (node/retention.py).
+        Cost: one look at each op after the point, once per pruning."""
+        if self._fin is None or not self.compacted_ops:
+            return False
+        point_seq = {author: op.seq for author, op in self._prefix.tips.items()}
+        return any(self._needs_history(op, point_seq) for op in self._order)
 
     def first_unacknowledged_compacted(self, author: bytes) -> bytes | None:
         """The id of ``author``'s op with the lowest sequence number among those some other

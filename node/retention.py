@@ -32,6 +32,11 @@ What changes:
   (``Replica.first_unacknowledged_compacted``); deleting it would lose it for good (seen: a
   witness cut off for 40 s under load lost 109 of its ops, every later op of its waited for
   ever everywhere).
+* A restart from the snapshot judges the ops after the point again. It prunes only when none of
+  them would need the pruned history for that (``Replica.tail_needs_history``: a
+  reconfiguration, an equivocating author's op...): held on a restart, such an op and all that
+  follows it turned ops the node had shown final provisional (seen: a witness killed after a
+  reconfiguration showed 257 final fills before, 202 after, one of them another fill).
 
 The deletes run in a worker thread in chunks of ``PRUNE_CHUNK_ROWS`` rows, each its own short
 transaction, so an op write waits at most one chunk for the store. The SQLite file does not
@@ -149,6 +154,19 @@ async def prune(
     if below <= state.below:
         return 0
     if ms.archive_lock.locked():  # a history fetch: it completes the archive; prune next time
+        return 0
+    if ms.replica.tail_needs_history():
+        # A restart judges the ops after the point again, from the snapshot: one of them (a
+        # reconfiguration, an equivocating author's op...) needs the history, and without it
+        # the node held it and all after it, showing ops it had shown final as provisional
+        # (fills with another taker, once another fill final). Pruned once a compaction
+        # takes it into the prefix.
+        (logger.debug if ms.prune_waits else logger.info)(
+            "%s: not pruning yet: an op after the point (a reconfiguration, or an "
+            "equivocating author's) would need the history to be judged again on a restart",
+            ms.market.name,
+        )
+        ms.prune_waits = True
         return 0
     first = None if author is None else ms.replica.first_unacknowledged_compacted(author)
     if first is not None:

@@ -11,7 +11,9 @@ history is fetched back from a peer that keeps it.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -23,7 +25,7 @@ from crdtbook.node import retention
 from crdtbook.node.retention import PruneState
 from crdtbook.node.store import OpStore, Snapshot
 
-from .test_join import INTERVAL, MARKET, Node, connect, h_first, log_of, network
+from .test_join import INTERVAL, MARKET, WITNESS, Node, connect, h_first, log_of, network
 
 __all__ = ["h_first"]  # a fixture, used by name
 
@@ -369,3 +371,97 @@ def test_prune_history_deletes_only_archived_ops_in_range(tmp_path: Path) -> Non
         deleted, following = store.prune_history(market, following, 10, keep, 100)
         assert (deleted, following) == (2, 10)
         assert [store.has(i[0]) for i in items] == [True, False, True] + [False] * 3 + [True] * 4
+
+
+async def test_a_pruned_witness_restarted_with_a_reconfiguration_after_its_point_keeps_finals(
+    tmp_path: Path,
+) -> None:
+    """Found by a fault campaign (kill -9 of a --retention 0 witness after two
+    reconfigurations): a reconfiguration applied while the node had its history, and after its
+    latest point, is judged again by a restart from the snapshot, and its rules walk the past
+    into the prefix. The node had pruned at its compaction, so after the restart it held the
+    reconfiguration and everything after it for the history fetch: fills it had shown final
+    came back provisional (some with another taker), and once a different fill showed final.
+    Retention now waits while an op after the point would need the history
+    (``Replica.tail_needs_history``), and prunes once a compaction takes it."""
+    async with network(tmp_path) as (w, _h, new):
+        # W adds a second witness X; both heartbeat what follows, so it turns final.
+        x = Identity.from_seed(b"X" * 32)
+        keys = [WITNESS.public_key, x.public_key]
+        approval = w.service.approve_reconfig(w.ms, keys)
+        reconfig = await w.service.reconfigure(w.ms, keys, {WITNESS.public_key: approval})
+        twin = Replica(MARKET)  # X's replica: it also signs the traders' orders
+        report = twin.apply_many(log_of(w))
+        assert not report.invalid and len(twin) == len(w.ms.replica)
+        rng = random.Random(5)
+        traders = [Identity.from_seed(bytes([0x40 + i]) * 32) for i in range(6)]
+
+        async def trade(count: int) -> None:
+            ops = [
+                twin.submit(rng.choice(traders), rng.choice(("buy", "sell")),
+                            100 + rng.randint(-2, 2), rng.randint(1, 3))
+                for _ in range(count)
+            ]
+            await w.ingest([op.raw for op in ops])
+            await w.ingest([twin.heartbeat(x).raw])
+            twin.apply((await w.service.heartbeat(w.ms)).raw)
+            await w.ingest([twin.heartbeat(x).raw])
+            twin.apply((await w.service.heartbeat(w.ms)).raw)
+
+        await trade(30)
+        assert w.ms.replica.epoch == 1
+        # P takes it all with its history (the reconfiguration is judged then), and its
+        # retention starts at its next compaction, the reconfiguration after its point.
+        p = new("P", join="full")
+        await take_log(p, log_of(w))
+        replica = p.ms.replica
+        assert reconfig.id in replica and replica.epoch == 1 and replica.is_final(reconfig.id)
+        assert replica.point is not None and replica.tail_needs_history()
+        final_ops, final_fills = replica.final_count, replica.final_fill_count()
+        assert final_ops > replica.point.n  # final past the point: what a restart re-judges
+        with_retention(p, 0)
+        await p.service._prune(p.ms, 0)
+        assert replica.has_history  # it waits
+        fills_before = (await p_call(p, "fills", limit=10_000))["fills"]
+        p.service.load_from_store()  # the restart
+        again = p.ms.replica
+        assert again.epoch == 1 and reconfig.id in again
+        assert again.final_count >= final_ops and again.final_fill_count() >= final_fills
+        fills_after = (await p_call(p, "fills", limit=10_000))["fills"]
+        shown = [f for f in fills_before if f["final"]]
+        assert [strip(f) for f in fills_after[: len(shown)]] == [strip(f) for f in shown]
+        assert all(f["final"] for f in fills_after[: len(shown)])
+
+        # Once a compaction takes the reconfiguration into the prefix, the node prunes; a
+        # restart then keeps what was final too.
+        seen = len(log_of(w))
+        for _ in range(4):
+            await trade(60)
+            await w.settle()
+            log = log_of(w)
+            await p.ingest(log[seen:])
+            seen = len(log)
+            await p.settle()
+        again = p.ms.replica
+        assert not again.tail_needs_history() and not again.has_history
+        final_ops, final_fills = again.final_count, again.final_fill_count()
+        assert again.point is not None and final_ops > again.point.n
+        fills_before = (await p_call(p, "fills", limit=10_000))["fills"]
+        p.service.load_from_store()
+        assert not p.ms.replica.has_history
+        assert p.ms.replica.final_count >= final_ops
+        assert p.ms.replica.final_fill_count() >= final_fills
+        fills_after = (await p_call(p, "fills", limit=10_000))["fills"]
+        shown = [f for f in fills_before if f["final"]]
+        assert [strip(f) for f in fills_after[: len(shown)]] == [strip(f) for f in shown]
+
+
+async def p_call(node: Node, method: str, **params: object) -> Any:
+    from crdtbook.node.handler import ControlAdapter
+
+    adapter = ControlAdapter(node.service, lambda: {"peer_id": node.name, "addrs": []})
+    return await adapter.call(method, {"market": MARKET.name, **params})
+
+
+def strip(fill: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fill.items() if k not in ("received_ms", "witnessed_ms")}
