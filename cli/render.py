@@ -905,6 +905,16 @@ def status_view(status: Json, now: float | None = None) -> RenderableType:
         FitOrStack(markets, Group(Text("markets", style="italic"), stacked)),
     ]
     for m in status.get("markets") or []:
+        disputed = m.get("point_disputed")
+        if isinstance(disputed, dict):
+            parts.append(
+                Text(
+                    f"this node's state in {printable(m.get('name'))} at point "
+                    f"{printable(disputed.get('n'))} is not the one a majority of the witnesses "
+                    "attest: its book and fills differ from theirs (see the node's log)",
+                    style="bold red",
+                )
+            )
         if m.get("key_equivocated"):
             parts.append(
                 Text(

@@ -1090,6 +1090,25 @@ class Replica:
         witness (of any epoch: ``check_attested`` counts those in force at the point)."""
         return sorted(self._attestations.get((n, point_hash), {}).values(), key=lambda o: o.id)
 
+    def disputed_point(self) -> tuple[int, bytes] | None:
+        """A point this replica compacted at (its latest) that a strict majority of the
+        witnesses in force attest with another hash: ``(n, the hash they attest)``, else None.
+        Honest replicas holding the same ops compute the same point state, so this one's
+        derived state is not theirs: it compacted a prefix they did not finalise (seen at a
+        witness removed while it still ran: its own heartbeat past its cut counted here before
+        it saw the removal, and the compaction made that for good). Nothing the core can undo;
+        a node says so (node/finality.py). Cost: a look at the attestations remembered
+        (``MAX_POINTS_REMEMBERED``)."""
+        point = self.point
+        if point is None or self._fin is None:
+            return None
+        current = self._fin.current
+        for (n, digest), held in self._attestations.items():
+            if (n == point.n and digest != point.hash
+                    and 2 * len(current.intersection(held)) > len(current)):
+                return n, digest
+        return None
+
     @property
     def history_wanted(self) -> int:
         """Ops that wait for the compacted history, which this replica (joined from a point

@@ -75,6 +75,9 @@ class FinalityTracker:
     _due_since: dict[bytes, float] = field(default_factory=dict)
     _forks_logged: set[bytes] = field(default_factory=set)
     _stalled: tuple[bytes, ...] = ()
+    #: The latest point (n, hash the majority attests) this replica's state disagrees with
+    #: (``Replica.disputed_point``), logged once at ERROR; shown by ``status``.
+    disputed: tuple[int, bytes] | None = None
 
     def prime(self, replica: Replica) -> None:
         """Take the heartbeats the replica holds (e.g. loaded from the store) as not seen
@@ -82,7 +85,10 @@ class FinalityTracker:
         self._seen = {info.key: (info.heartbeat_seq, None) for info in replica.witness_status()}
 
     def observe(self, replica: Replica, now: float) -> None:
-        """Note each witness whose counted heartbeats advanced since the last call."""
+        """Note each witness whose counted heartbeats advanced since the last call, and a
+        point of this replica that a majority of the witnesses attest otherwise."""
+        if replica.point is not None:
+            self._check_point(replica)
         seen = self._seen
         for info in replica.witness_status():
             before = seen.get(info.key)
@@ -90,6 +96,25 @@ class FinalityTracker:
                 seen[info.key] = (info.heartbeat_seq, now if info.heartbeat_seq else None)
             elif before[0] != info.heartbeat_seq:
                 seen[info.key] = (info.heartbeat_seq, now)
+
+    def _check_point(self, replica: Replica) -> None:
+        disputed = replica.disputed_point()
+        if disputed is None or disputed == self.disputed:
+            return
+        self.disputed = disputed
+        point = replica.point
+        assert point is not None
+        logger.error(
+            "%s: this node's state at point %d (hash %s) is not the one a majority of the "
+            "witnesses attest (%s): it compacted a prefix they did not finalise (e.g. it is a "
+            "witness that was removed while it still ran), and its book, fills and digest "
+            "differ from theirs for good. Stop it and start a node in a new home (a new key: "
+            "crdtbook id --init) with --join snapshot; see docs/reliability.md",
+            self.name,
+            disputed[0],
+            point.hash.hex()[:16],
+            disputed[1].hex()[:16],
+        )
 
     def silent_for(self, key: bytes, now: float) -> float | None:
         seen = self._seen.get(key)

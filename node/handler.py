@@ -418,6 +418,9 @@ class ControlAdapter:
             "epoch": r.epoch,
             "finality": view.state,
             "stalled_on": [key.hex() for key in view.stalled_on],
+            # This node's latest point, as a majority of the witnesses attest it when this
+            # node's own state there differs (null: no such dispute): its state is wrong.
+            "point_disputed": _disputed(ms),
             "witnesses": [
                 {
                     "key": w.key.hex(),
@@ -1124,6 +1127,13 @@ ORDER_ENTRY_PARAMS: Final[dict[str, frozenset[str]]] = {
     "reconfigure": frozenset({"market", "witnesses", "approvals"}),
     "approve_reconfig": frozenset({"market", "witnesses"}),
 }
+
+
+def _disputed(ms: MarketState) -> dict[str, Any] | None:
+    disputed = ms.finality.disputed
+    if disputed is None or ms.replica.disputed_point() != disputed:
+        return None
+    return {"n": disputed[0], "attested_hash": disputed[1].hex()}
 
 
 def _store_fault(fault: StoreWriteError | None) -> dict[str, str] | None:

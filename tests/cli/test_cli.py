@@ -311,6 +311,7 @@ def test_status_says_when_the_node_cannot_sign_or_store(fake_node: Any, samples:
     status = copy.deepcopy(samples.STATUS)
     status["store_fault"] = {"reason": "full", "message": "the store's filesystem is full"}
     status["markets"][0]["key_equivocated"] = True
+    status["markets"][0]["point_disputed"] = {"n": 3000, "attested_hash": "ab" * 32}
     status["sync_sessions"]["refused_busy"] = 7
     fake_node.answers["status"] = status
     res = run("status")
@@ -320,6 +321,7 @@ def test_status_says_when_the_node_cannot_sign_or_store(fake_node: Any, samples:
     assert "the store's filesystem is full" in out
     assert "signed two different ops at one sequence number in DEMO" in out
     assert "7 refused (busy)" in out
+    assert "at point 3000 is not the one a majority of the witnesses attest" in out
     assert json.loads(run("status", "--json").stdout) == status
 
 

@@ -103,6 +103,30 @@ def _attest(nodes: list[_Node], witnesses: int) -> list[Op]:
     return [nodes[i].replica.heartbeat(GENESIS[i]) for i in range(witnesses)]
 
 
+def test_a_point_a_majority_of_witnesses_attests_otherwise_is_disputed() -> None:
+    """A replica whose point state differs from the one a strict majority of the witnesses in
+    force attest has derived something they did not (seen at a witness removed while it still
+    ran: its late heartbeat counted at itself, and its compaction made that for good, digest
+    apart from every other node's, nothing said). ``disputed_point`` names it (a node logs it
+    once at ERROR: tests/node/test_finality.py)."""
+    nodes, _ = _world(300, seed=3)
+    a = nodes[0].replica
+    point = a.point
+    assert point is not None and a.disputed_point() is None
+    other = bytes(32)
+
+    def lie(i: int) -> Op:
+        return nodes[i].replica._author(GENESIS[i], HeartbeatBody(0, point.n, other))
+
+    a.apply(lie(1).raw)
+    assert a.disputed_point() is None  # one of three
+    a.apply(nodes[2].replica.heartbeat(GENESIS[2]).raw)  # attests a's own hash
+    assert a.disputed_point() is None
+    a.apply(lie(2).raw)
+    assert a.disputed_point() == (point.n, other)  # two of three
+    assert nodes[1].replica.disputed_point() is None  # its own hash is not in dispute there
+
+
 def test_witnesses_attest_their_point_and_a_majority_is_needed() -> None:
     nodes, _ = _world(300, seed=2)
     blob = nodes[0].replica.snapshot()

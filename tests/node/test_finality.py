@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import trio
 
-from crdtbook import Identity, Market, Replica, SigningWaits
+from crdtbook import Identity, Market, PointInfo, Replica, SigningWaits
 from crdtbook.node.control_errors import (
     BAD_APPROVAL,
     BAD_REQUEST,
@@ -32,7 +32,7 @@ from crdtbook.node.control_errors import (
     UNKNOWN_MARKET,
     ControlError,
 )
-from crdtbook.node.finality import STALL_SECONDS
+from crdtbook.node.finality import STALL_SECONDS, FinalityTracker
 from crdtbook.node.handler import WATCH_PROVISIONAL_MAX, ControlAdapter, WatchedFills
 from crdtbook.node.service import KeyEquivocated, MarketState, NodeService
 from crdtbook.node.store import OpStore
@@ -784,3 +784,29 @@ async def test_submit_checks_its_finality_params(tmp: Path) -> None:
         )
         assert result["final"] is True and result["order"]["final"] is False  # it rests
         assert result["fills"] == []
+
+
+class _DisputedReplica:
+    """What FinalityTracker.observe reads of a replica whose latest point is disputed."""
+
+    point = PointInfo(300, b"\x01" * 32, b"", ())
+
+    def disputed_point(self) -> tuple[int, bytes]:
+        return 300, b"\x02" * 32
+
+    def witness_status(self) -> list[Any]:
+        return []
+
+
+def test_a_disputed_point_is_logged_once_at_error(caplog: pytest.LogCaptureFixture) -> None:
+    """A node whose state at its point differs from what a majority of the witnesses attest
+    (core: ``Replica.disputed_point``) says so once, at ERROR, with what to do."""
+    tracker = FinalityTracker("W")
+    replica: Any = _DisputedReplica()
+    with caplog.at_level(logging.ERROR, logger="crdtbook.node"):
+        for now in (0.0, 1.0, 2.0):
+            tracker.observe(replica, now)
+    assert tracker.disputed == (300, b"\x02" * 32)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "not the one a majority of the witnesses attest" in said[0]
+    assert "--join snapshot" in said[0] and "new key" in said[0]
