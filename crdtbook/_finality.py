@@ -334,8 +334,8 @@ class Witnessing:
         Compacted ops on the way are read back from the archive once each, and kept in
         ``read_back`` (pass one dict to several walks over the same past): an op is looked up
         once for its Lamport time and again when reached, and a node's archive read is a SQLite
-        query and a decode. Reading each afresh, a walk over a cut's 17,000 compacted ops read
-        the archive 102,000 times (bench: a pruning witness after a cut healed one way, 3.9 s
+        query and a decode. Reading each afresh, a walk over a cut's 19,000 compacted ops read
+        the archive 110,000 times (bench: a pruning witness after a cut healed one way, 3.9 s
         on the event loop in a node)."""
         applied = self.applied
         memo: dict[bytes, Op | None] = {} if read_back is None else read_back

@@ -238,3 +238,48 @@ def snapshot(replica: Replica) -> tuple[Any, ...]:
 
 def final_orders(replica: Replica) -> dict[bytes, OrderState]:
     return {o.id: o for o in replica.orders() if o.final}
+
+
+class DictArchive:
+    """A compacted replica's archive in a dict, counting reads (a node's is its SQLite store,
+    where each read is a query and a decode)."""
+
+    def __init__(self) -> None:
+        self.ops: dict[bytes, Op] = {}
+        self.reads: dict[bytes, int] = {}
+
+    def get(self, ident: bytes) -> Op | None:
+        self.reads[ident] = self.reads.get(ident, 0) + 1
+        return self.ops.get(ident)
+
+
+def cut_healed_one_way(alone: int, others: int, interval: int) -> tuple[Replica, DictArchive]:
+    """Witness ``GENESIS[0]``'s replica after a cut that healed one way: it signed ``alone``
+    orders (and heartbeats) by itself while ``GENESIS[1]`` and ``[2]`` traded ``others``
+    crossing orders among themselves (they finish, so compaction takes them); then it got all
+    of theirs, heartbeat and compacted at every point (point interval ``interval``), its
+    archive holding what left memory. They have none of its ops."""
+    archive = DictArchive()
+    a = Replica(WMARKET, archive=archive, point_interval=interval)
+    b, c = Replica(WMARKET), Replica(WMARKET)
+    for i in range(alone):
+        a.submit(TRADERS[0] if i % 3 else GENESIS[0], "buy", 97, 1)
+        if i % 5 == 0:
+            a.heartbeat(GENESIS[0])
+    for i in range(others):
+        op = b.submit(TRADERS[1 + i % 2], "sell" if i % 2 else "buy", 100, 1)
+        c.apply(op.raw)
+        if i % 40 == 0:
+            for mine, witness, other in ((b, GENESIS[1], c), (c, GENESIS[2], b)):
+                other.apply(mine.heartbeat(witness).raw)
+    for op in b.ops() + c.ops():
+        a.apply(op.raw)
+    a.heartbeat(GENESIS[0])
+    while True:
+        held = dict(a.applied_index)
+        report = a.compact()
+        if not report.ops:
+            break
+        archive.ops.update((ident, held[ident]) for ident in report.ops)
+    archive.reads.clear()
+    return a, archive
