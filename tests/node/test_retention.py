@@ -12,13 +12,14 @@ history is fetched back from a peer that keeps it.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from crdtbook import Identity, Op, Replica, op_id, read_point
+from crdtbook import Identity, Op, PointInfo, Replica, op_id, read_point
 from crdtbook._ops import OrderBody, sign_op
 from crdtbook.node import join as join_module
 from crdtbook.node import retention
@@ -51,6 +52,17 @@ async def take_log(node: Node, log: list[bytes]) -> None:
         await node.settle()
 
 
+async def pruned_node(
+    new: Callable[..., Node], log: list[bytes], keep: int
+) -> tuple[Node, PointInfo]:
+    """A node ``P`` run with ``--retention keep`` that took ``log``, and its latest point."""
+    p = with_retention(new("P", join="full"), keep)
+    await take_log(p, log)
+    point = p.ms.replica.point
+    assert point is not None
+    return p, point
+
+
 def ops_of(node: Node) -> list[Op]:
     """The whole log of ``node`` (one that keeps everything) in total order."""
     return list(Replica.restore(MARKET, log_of(node), None, verify=False).ops())
@@ -67,10 +79,8 @@ async def test_a_pruned_node_drops_rows_restarts_and_still_answers(
     monkeypatch.setattr(retention, "PRUNE_CHUNK_ROWS", 7)
     async with network(tmp_path) as (w, _h, new):
         log = log_of(w)
-        p = with_retention(new("P", join="full"), KEEP)
-        await take_log(p, log)
-        point = p.ms.replica.point
-        assert point is not None and point == w.ms.replica.point
+        p, point = await pruned_node(new, log, KEEP)
+        assert point == w.ms.replica.point
         assert p.ms.replica.digest() == w.ms.replica.digest()
         # Rows dropped: every archived op below n - KEEP but the kept ones of served points.
         below = point.n - KEEP
@@ -188,10 +198,8 @@ async def test_a_pruned_op_that_sync_brings_while_nothing_applies_starts_the_fet
     loop never woke to fetch it: stuck for good, finality stalled at every node."""
     async with network(tmp_path) as (w, h, new):
         log = log_of(w)
-        p = with_retention(new("P", join="full"), KEEP)
-        await take_log(p, log)
-        point = p.ms.replica.point
-        assert point is not None and not p.ms.replica.has_history
+        p, point = await pruned_node(new, log, KEEP)
+        assert not p.ms.replica.has_history
         old = next(op for op in ops_of(w)[: point.n - KEEP] if not p.store.has(op.id))
         author = Identity.from_seed(b"M" * 32)
         late = sign_op(author, MARKET.id, 1, old.lamport + 1, (old.id,), OrderBody("buy", 90, 1),
@@ -218,10 +226,7 @@ async def test_ops_held_as_copies_of_pruned_ops_fetch_the_history_after_a_while(
     monkeypatch.setattr(join_module, "HELD_HISTORY_FETCH_AFTER", 0.3)
     async with network(tmp_path) as (w, _h, new):
         log = log_of(w)
-        p = with_retention(new("P", join="full"), 0)  # 0: keep none of the archive
-        await take_log(p, log)
-        point = p.ms.replica.point
-        assert point is not None
+        p, point = await pruned_node(new, log, 0)  # 0: keep none of the archive
         order = ops_of(w)
         gone = [op for op in order[: point.n] if not p.store.has(op.id)]
         assert len(gone) == point.n - len(kept_ids(p.store) & {op.id for op in order[: point.n]})
@@ -254,10 +259,8 @@ async def test_a_pruned_node_ahead_of_its_peers_fetches_as_soon_as_one_reaches_i
     monkeypatch.setattr(join_module, "HISTORY_RETRY_BEHIND", 0.05)
     async with network(tmp_path) as (w, _h, new):
         log = log_of(w)
-        p = with_retention(new("P", join="full"), KEEP)
-        await take_log(p, log)
-        point = p.ms.replica.point
-        assert point is not None and not p.ms.replica.has_history
+        p, point = await pruned_node(new, log, KEEP)
+        assert not p.ms.replica.has_history
         # B lags: it has taken the first part of the log only, its newest point below P's.
         b = new("B", join="full")
         b.ms.joining = False
