@@ -919,7 +919,7 @@ def status_view(status: Json, now: float | None = None) -> RenderableType:
             parts.append(
                 Text(
                     f"this node's key signed two different ops at one sequence number in "
-                    f"{printable(m.get('name'))}: it signs nothing more there (another node runs "
+                    f"{printable(m.get('name'))}: it signs only cancels there (another node runs "
                     "with this key?)",
                     style="bold red",
                 )

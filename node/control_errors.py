@@ -70,7 +70,7 @@ EMPTY_BOOK: Final = "empty_book"
 #: parents or history); a new op would equivocate. Retry once they are applied.
 NOT_READY: Final = "not_ready"
 #: the node's key signed two different ops at one sequence number in the market (another node
-#: runs with the same key, or this one lost ops it had sent): it signs nothing more there.
+#: runs with the same key, or this one lost ops it had sent): it signs only cancels there.
 KEY_EQUIVOCATED: Final = "key_equivocated"
 STORE_FULL: Final = "store_full"  # the node's store has no space left: nothing was done
 STORE_ERROR: Final = "store_error"  # the node's store cannot be written (read-only, I/O error)

@@ -147,9 +147,11 @@ def topic_for(market: Market) -> str:
 class KeyEquivocated(Exception):
     """This node's key is seen signing two different ops at one sequence number in a market
     (``Replica.forked_authors``): another node runs with the same key (a copied home), or this
-    node lost ops it had sent. Every further op would only widen the fork (and a forked
-    witness's heartbeats count only below it), so the node signs nothing more in that market;
-    the key is spent there. Not retried: the user must act."""
+    node lost ops it had sent. Every further order would only widen the fork (and a forked
+    witness's heartbeats count only below it), so the node signs no new orders, amends,
+    heartbeats or reconfigurations in that market, only cancels (its resting orders must not be
+    stuck: no other key can cancel them); the key is spent there. Not retried: the user must
+    act."""
 
 
 @dataclass
@@ -1086,14 +1088,16 @@ class NodeService:
 
     # -- store faults ------------------------------------------------------------------------
 
-    def _ready_to_sign(self, ms: MarketState) -> None:
+    def _ready_to_sign(self, ms: MarketState, *, cancelling: bool = False) -> None:
         """Raise ``StoreWriteError`` while the store refuses writes, ``SigningWaits`` while the
         replica holds ops of this node's key it has not applied (e.g. after a restart, waiting
         for history): an op signed then would reuse one's sequence number, an equivocation
         that stalls finality for every node of a witnessed market."""
         self._store_ready()
         me = self.identity.public_key
-        if me in ms.replica.forked_authors():
+        # Cancels still go with a spent key: its resting orders must not be stuck (a new key
+        # cannot cancel them), and a cancel adds no exposure.
+        if not cancelling and me in ms.replica.forked_authors():
             self._key_equivocated(ms)
         if self.after_crash and ms.last_sync is None and not ms.crash_wait_over:
             self._check_crash_wait(ms)
@@ -1104,9 +1108,9 @@ class NodeService:
         message = (
             f"this node's key signed two different ops at one sequence number in "
             f"{ms.market.name} (another node runs with this key, e.g. from a copied home, or this "
-            "node lost ops it had sent): it signs nothing more in this market. Stop any other "
-            "node using this home's identity.key; trade from a node with a new key "
-            "(crdtbook id --init --home NEWDIR)"
+            "node lost ops it had sent): it signs no new orders or heartbeats in this market, "
+            "only cancels. Stop any other node using this home's identity.key; trade from a node "
+            "with a new key (crdtbook id --init --home NEWDIR)"
         )
         if not ms.key_equivocated:
             ms.key_equivocated = True
@@ -1437,13 +1441,13 @@ class NodeService:
 
     async def cancel_all(self, ms: MarketState, prefix: str | None) -> Op:
         """Sign and send one cancel-all of this node's resting orders (witnessed markets)."""
-        self._ready_to_sign(ms)
+        self._ready_to_sign(ms, cancelling=True)
         op = ms.replica.cancel_all(self.identity, prefix)
         await self._publish_own(ms, op)
         return op
 
     async def cancel(self, ms: MarketState, order_id: bytes) -> Op:
-        self._ready_to_sign(ms)
+        self._ready_to_sign(ms, cancelling=True)
         op = ms.replica.cancel(self.identity, order_id)
         await self._publish_own(ms, op)
         return op
