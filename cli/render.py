@@ -664,7 +664,7 @@ def orders_table(
     if data.get("more"):
         parts.append(
             Text(
-                "older orders remain in the node's store: crdtbook order ID shows any of them",
+                "older orders are not listed: crdtbook order ID shows any of them",
                 style="dim",
             )
         )

@@ -806,21 +806,22 @@ class ControlAdapter:
         orders = ms.replica.orders(author)
         if only_open:
             orders = [o for o in orders if o.status in _RESTING]
+        more = limit is not None and len(orders) > limit
         if limit is not None:
             orders = orders[-limit:]  # the newest
         listed = [order_json(ms, o, me) for o in orders]
-        more = False
         # Finished, final orders a compaction took out of memory (witnessed markets) come from
         # the store, older than those in memory: the newest first, up to the limit (or
         # ORDERS_FROM_STORE_MAX), one more read to tell whether older ones remain.
         room = ORDERS_FROM_STORE_MAX if limit is None else limit - len(orders)
-        if not only_open and room > 0:
+        if not only_open and not more:
             older = ms.compacted_orders_newest(author, room + 1)
             more = len(older) > room
-            listed[:0] = [
-                order_json(ms, row.order, me, (row.received_ms, row.witnessed_ms))
-                for row in older[-room:]
-            ]
+            if room:
+                listed[:0] = [
+                    order_json(ms, row.order, me, (row.received_ms, row.witnessed_ms))
+                    for row in older[-room:]
+                ]
         return {"market": ms.market.name, "orders": listed, "more": more}
 
     def _block(self, params: dict[str, Any]) -> dict[str, Any]:

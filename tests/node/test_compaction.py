@@ -170,7 +170,10 @@ async def test_compacts_restarts_and_answers_for_history(tmp_path: Path) -> None
     newest = await node.call("orders", all=True, limit=in_memory + 3)
     assert newest["more"] is True and len(newest["orders"]) == in_memory + 3
     assert newest["orders"] == listed["orders"][-(in_memory + 3):]
-    assert (await node.call("orders", all=True, limit=2))["orders"] == listed["orders"][-2:]
+    two = await node.call("orders", all=True, limit=2)
+    assert two["orders"] == listed["orders"][-2:] and two["more"] is True
+    exactly = await node.call("orders", all=True, limit=len(placed))
+    assert exactly["orders"] == listed["orders"] and exactly["more"] is False
     own = await node.call("orders")
     assert [o["id"] for o in own["orders"]] == [mine.id.hex()] and own["more"] is False
     assert own["orders"][0]["final"] and own["orders"][0]["mine"]
