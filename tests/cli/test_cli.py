@@ -274,6 +274,14 @@ def test_orders_mine_and_all(fake_node: Any, samples: Any) -> None:
     assert json.loads(run("orders", "--json").stdout) == fake_node.answers["orders"]
 
 
+def test_orders_says_when_older_ones_are_not_listed(fake_node: Any, samples: Any) -> None:
+    fake_node.answers["orders"] = {**fake_node.answers["orders"], "more": True}
+    out = " ".join(run("orders", "--limit", "2").stdout.split())
+    assert "older orders are not listed: crdtbook order ID shows any of them" in out
+    fake_node.answers["orders"] = {**fake_node.answers["orders"], "more": False}
+    assert "older orders" not in run("orders").stdout
+
+
 def test_order(fake_node: Any, samples: Any) -> None:
     res = run("order", "a1a1")
     assert res.exit_code == 0, res.output
