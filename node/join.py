@@ -532,6 +532,7 @@ class Joiner:
         retention: node.retention) and ops wait for it, fetch it (for ever)."""
         delay = HISTORY_RETRY
         held_since: float | None = None  # since when ops have been held for the history
+        behind = False  # the last fetch found a peer that lags (not_yet)
         while True:
             changed = ms.changed
             replica = ms.replica
@@ -555,7 +556,9 @@ class Joiner:
                 held_since is not None and now - held_since >= HELD_HISTORY_FETCH_AFTER
             )
             if due:
-                outcome = await self.fetch_history(ms)
+                # Asked again every HISTORY_RETRY_BEHIND while a peer lags: said once.
+                outcome = await self.fetch_history(ms, quiet=behind)
+                behind = outcome == "behind"
                 if outcome == "done":
                     delay = HISTORY_RETRY
                     held_since = None
@@ -570,21 +573,21 @@ class Joiner:
             ):
                 await changed.wait()
 
-    async def fetch_history(self, ms: MarketState) -> HistoryOutcome:
+    async def fetch_history(self, ms: MarketState, *, quiet: bool = False) -> HistoryOutcome:
         """Fetch, check and store the prefix of the joined point (a pruned node: of its latest
         point); release what waited. Tries the connected peers in random order: ``"done"``
         once complete; else ``"behind"`` if some peer said it has not compacted that far yet
-        (``not_yet``), ``"failed"`` if none did."""
+        (``not_yet``), ``"failed"`` if none did. ``quiet``: say the start at DEBUG (a retry)."""
         async with ms.archive_lock:  # no pruning meanwhile (node.retention)
-            return await self._fetch_history(ms)
+            return await self._fetch_history(ms, quiet)
 
-    async def _fetch_history(self, ms: MarketState) -> HistoryOutcome:
+    async def _fetch_history(self, ms: MarketState, quiet: bool) -> HistoryOutcome:
         info = history_point(ms)
         assert info is not None
         name = ms.market.name
         ms.history_fetching = True
         started = time.monotonic()
-        logger.info(
+        (logger.debug if quiet else logger.info)(
             "%s: %d ops wait for the %d ops of history before the point; fetching it",
             name,
             ms.replica.history_wanted,
@@ -602,8 +605,11 @@ class Joiner:
                         continue  # a session ends after a bounded number of ops: another peer
                     check.done()  # SnapshotRefused("forged") unless it chains to the point
                 except JoinRefusal as exc:
-                    behind = behind or exc.code == "not_yet"
-                    logger.info("%s: %s serves no history: %s", name, peer, exc)
+                    lags = exc.code == "not_yet"
+                    behind = behind or lags
+                    (logger.debug if lags and quiet else logger.info)(
+                        "%s: %s serves no history: %s", name, peer, exc
+                    )
                     continue
                 except (WireError, SnapshotRefused) as exc:
                     logger.info("%s: refused history from %s: %s", name, peer, exc)

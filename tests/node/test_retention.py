@@ -281,8 +281,8 @@ async def test_a_pruned_node_ahead_of_its_peers_fetches_as_soon_as_one_reaches_i
         refusals: list[str] = []
         fetch = p.joiner._fetch_history
 
-        async def counted(ms: object) -> str:
-            outcome = await fetch(p.ms)
+        async def counted(ms: object, quiet: bool) -> str:
+            outcome = await fetch(p.ms, quiet)
             refusals.append(outcome)
             return outcome
 
