@@ -400,7 +400,7 @@ class ControlAdapter:
             "compacted_ops": r.compacted_ops,
             "compacted_fills": r.compacted_fills,
             "refused": ms.refused,
-            # This node's key signed two ops at one sequence number here: it signs no more.
+            # This node's key signed two ops at one sequence number here: it signs only cancels.
             "key_equivocated": self.service.identity.public_key in r.forked_authors(),
             # Joins (node.join): joined_from_point, history ("complete" | "fetching" | "absent").
             **ms.join_status(),

@@ -1089,10 +1089,12 @@ class NodeService:
     # -- store faults ------------------------------------------------------------------------
 
     def _ready_to_sign(self, ms: MarketState, *, cancelling: bool = False) -> None:
-        """Raise ``StoreWriteError`` while the store refuses writes, ``SigningWaits`` while the
-        replica holds ops of this node's key it has not applied (e.g. after a restart, waiting
-        for history): an op signed then would reuse one's sequence number, an equivocation
-        that stalls finality for every node of a witnessed market."""
+        """Raise ``StoreWriteError`` while the store refuses writes; ``KeyEquivocated`` once
+        this node's key signed two ops at one sequence number here (but for ``cancelling``);
+        ``SigningWaits`` while the replica holds ops of this node's key it has not applied
+        (e.g. after a restart, waiting for history): an op signed then would reuse one's
+        sequence number, an equivocation that stalls finality for every node of a witnessed
+        market."""
         self._store_ready()
         me = self.identity.public_key
         # Cancels still go with a spent key: its resting orders must not be stuck (a new key
