@@ -1402,6 +1402,15 @@ class Replica:
         point_seq = {author: op.seq for author, op in self._prefix.tips.items()}
         return any(self._needs_history(op, point_seq) for op in self._order)
 
+    def tail_compacted_parents(self) -> set[bytes]:
+        """The ids of the compacted parents of the applied ops after the latest point. A
+        restart from the snapshot judges those ops again, and one whose parent is neither in
+        memory nor in the archive waits for the history (``forget_history``): a node pruning
+        its archive keeps these (node/retention.py). Cost: a look at each parent of each op
+        after the point."""
+        applied = self._applied  # (``in`` does not ask the archive)
+        return {p for op in self._order for p in op.parents if p not in applied}
+
     def first_unacknowledged_compacted(self, author: bytes) -> bytes | None:
         """The id of ``author``'s op with the lowest sequence number among those some other
         witness in force has not acknowledged (``acknowledged_seq``) and this replica compacted

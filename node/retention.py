@@ -34,8 +34,9 @@ What changes:
   ever everywhere).
 * A restart from the snapshot judges the ops after the point again. It prunes only when none of
   them would need the pruned history for that (``Replica.tail_needs_history``: a
-  reconfiguration, an equivocating author's op...): held on a restart, such an op and all that
-  follows it turned ops the node had shown final provisional (seen: a witness killed after a
+  reconfiguration, an equivocating author's op...), and never their compacted parents
+  (``Replica.tail_compacted_parents``): held on a restart, such an op and all that follows it
+  turned ops the node had shown final provisional (seen: a witness killed after a
   reconfiguration showed 257 final fills before, 202 after, one of them another fill).
 
 The deletes run in a worker thread in chunks of ``PRUNE_CHUNK_ROWS`` rows, each its own short
@@ -191,6 +192,10 @@ async def _prune(store: OpStore, ms: MarketState, below: int) -> int:
     state = ms.prune
     market = ms.market
     keep = await trio.to_thread.run_sync(kept_of_points, store, market)
+    # And the compacted parents of the ops after the point: a restart judges those ops again,
+    # and one whose parent is gone waits for the history (with all after it), turning what the
+    # node showed final provisional. They go once a compaction takes their children.
+    keep |= ms.replica.tail_compacted_parents()
     # From 0, not from the previous ``below``: the kept ops of a point no longer served were
     # left then and go now. Deleted rows leave the index, so the walk costs what is left.
     start = 0
