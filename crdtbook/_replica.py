@@ -1402,6 +1402,16 @@ class Replica:
         point_seq = {author: op.seq for author, op in self._prefix.tips.items()}
         return any(self._needs_history(op, point_seq) for op in self._order)
 
+    def reconfiguration_waits_for_history(self) -> bool:
+        """Whether a reconfiguration waits for the history this replica lacks (joined from a
+        point, or pruned). Until it applies, finality here counts the witness set without it,
+        heartbeats of a witness it removes included: if that witness still runs (removing one
+        assumes it is gone, specs/finality.md section 8), the final prefix here can differ from
+        everyone's. A node then does not compact (node/service.py): once the reconfiguration
+        applies the final prefix is recomputed and agrees again, where a compaction would have
+        made the difference permanent. Cost: a look at each op waiting for the history."""
+        return any(type(op.body) is ReconfigBody for op in self._history_wait.values())
+
     def tail_compacted_parents(self) -> set[bytes]:
         """The ids of the compacted parents of the applied ops after the latest point. A
         restart from the snapshot judges those ops again, and one whose parent is neither in

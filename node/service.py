@@ -170,6 +170,9 @@ class MarketState:
     #: This node's key signed two ops at one sequence number here (``KeyEquivocated``), said in
     #: the log once.
     key_equivocated: bool = False
+    #: Compaction waits for a reconfiguration to apply (``NodeService.compaction_due``), said
+    #: in the log once.
+    compaction_waits: bool = False
     received: int = 0
     refused: int = 0
     #: Verified (and durable) ops from gossip waiting for the apply task, and their ids: known
@@ -840,7 +843,27 @@ class NodeService:
         if ms.compact_idle_version == replica.version:
             return False
         interval = replica.point_interval
-        return replica.final_count >= (replica.compacted_ops // interval + 1) * interval
+        if replica.final_count < (replica.compacted_ops // interval + 1) * interval:
+            return False
+        return not self._reconfiguration_waits(ms)
+
+    def _reconfiguration_waits(self, ms: MarketState) -> bool:
+        """No compaction while a reconfiguration waits for the history (a pruned or joined
+        node): the final prefix here may count a witness it removes, and a compaction would make
+        that for good (seen: a pruned witness that compacted so diverged from every node, its
+        history fetch refused as forged by all; ``Replica.reconfiguration_waits_for_history``).
+        Said once at INFO per wait."""
+        if not ms.replica.reconfiguration_waits_for_history():
+            ms.compaction_waits = False
+            return False
+        if not ms.compaction_waits:
+            ms.compaction_waits = True
+            logger.info(
+                "%s: not compacting yet: a reconfiguration of the witnesses waits for the "
+                "history before the point",
+                ms.market.name,
+            )
+        return True
 
     async def compact(self, ms: MarketState) -> bool:
         """Compact the market's replica and record it in the store (in a worker thread: one
@@ -901,6 +924,8 @@ class NodeService:
         when there was no new point to compact at."""
         replica, archive = ms.replica, ms.archive
         assert archive is not None, "only witnessed markets compact"
+        if replica.reconfiguration_waits_for_history():  # as compaction_due (an orderly stop)
+            return None
         started = time.perf_counter()
         # Witnessed times are read off placements, which the replica forgets for compacted ops:
         # read them first, for the orders among the final ops (fills name their takers), once

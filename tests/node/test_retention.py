@@ -11,6 +11,7 @@ history is fetched back from a peer that keeps it.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -500,3 +501,47 @@ async def test_a_pruned_node_keeps_the_parents_of_its_ops_after_the_point(
         again = p.ms.replica
         assert late.id in again and again.history_wanted == 0
         assert again.final_count >= final_ops and again.final_fill_count() >= final_fills
+
+
+async def test_no_compaction_while_a_reconfiguration_waits_for_the_history(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by the fault campaign's second rerun (2 runs of 6): a pruned witness held the
+    reconfiguration removing a witness for its history fetch, counted that witness's late
+    heartbeats meanwhile (it had been paused, not gone), compacted the final prefix they
+    made, and pruned: its point no longer matched anyone's, every peer's history was refused
+    as forged, and it stayed apart for good. Now it does not compact while a reconfiguration
+    waits for the history: once that applies, the final prefix is recomputed."""
+    async with network(tmp_path) as (w, _h, new):
+        p, _ = await pruned_node(new, log_of(w), 0)
+        assert not p.ms.replica.has_history
+        x = Identity.from_seed(b"Y" * 32)
+        keys = [WITNESS.public_key, x.public_key]
+        approval = w.service.approve_reconfig(w.ms, keys)
+        reconfig = await w.service.reconfigure(w.ms, keys, {WITNESS.public_key: approval})
+        await p.ingest([reconfig.raw])
+        replica = p.ms.replica
+        assert reconfig.id not in replica and replica.reconfiguration_waits_for_history()
+        # A point due meanwhile (as the late heartbeats of a removed witness can make it).
+        interval = replica.point_interval
+        next_point = (replica.compacted_ops // interval + 1) * interval
+        monkey = pytest.MonkeyPatch()
+        monkey.setattr(type(replica), "final_count", property(lambda self: next_point))
+        try:
+            with caplog.at_level(logging.INFO, logger="crdtbook.node"):
+                assert not p.service.compaction_due(p.ms)
+                assert not p.service.compaction_due(p.ms)
+            assert p.service._take_compaction(p.ms) is None
+        finally:
+            monkey.undo()
+        said = [r for r in caplog.records if "not compacting yet" in r.getMessage()]
+        assert len(said) == 1
+        connect(p, w)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.joiner.history_loop, p.ms)
+            with trio.fail_after(20):
+                while reconfig.id not in p.ms.replica:
+                    await trio.sleep(0.02)
+            nursery.cancel_scope.cancel()
+        assert not p.ms.replica.reconfiguration_waits_for_history()
+        assert p.ms.replica.epoch == 1
