@@ -92,6 +92,7 @@ from .wire import WireError
 
 __all__ = [
     "HELD_HISTORY_FETCH_AFTER",
+    "HISTORY_FIRST_FRAME_TIMEOUT",
     "HISTORY_RETRY",
     "HISTORY_RETRY_BEHIND",
     "JOIN_MODES",
@@ -128,6 +129,10 @@ MAX_SNAPSHOT_TRIES: Final = 6
 #: HISTORY_RETRY_MAX while it keeps failing. A try costs each peer one short refusal.
 HISTORY_RETRY: Final = 5.0
 HISTORY_RETRY_MAX: Final = 30.0
+#: A history session's first frame, within this long (the peer reads a few hundred KB from its
+#: store; others follow within the frame timeout). Seen: a fetch that tried a paused peer first
+#: waited out the 20 s frame timeout while a reconfiguration waited for it.
+HISTORY_FIRST_FRAME_TIMEOUT: Final = 5.0
 #: After a fetch in which some peer answered ``not_yet`` (it holds the history but has not
 #: compacted as far as the point asked for: it lags, and will get there), try again this soon,
 #: without backing off. The case: a pruned node whose point is ahead of its peers' (it compacted
@@ -648,10 +653,14 @@ class Joiner:
                     request = JoinRequest("history", market.id, info.n, start=check.count)
                     await self._write(stream, encode_request(request))
                     more = True
+                    # A peer that answers nothing (paused, overloaded) is left for the next
+                    # one sooner than the frame timeout: ops wait for this history meanwhile.
+                    timeout = min(self.frame_timeout, HISTORY_FIRST_FRAME_TIMEOUT)
                     while more:
                         frame = decode_history(
-                            await stream.read_frame(MAX_FRAME_BYTES, timeout=self.frame_timeout)
+                            await stream.read_frame(MAX_FRAME_BYTES, timeout=timeout)
                         )
+                        timeout = self.frame_timeout
                         if frame.start != check.count:
                             raise WireError(f"history frame at {frame.start}, {check.count} due")
                         start = check.count

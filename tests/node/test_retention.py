@@ -545,3 +545,37 @@ async def test_no_compaction_while_a_reconfiguration_waits_for_the_history(
             nursery.cancel_scope.cancel()
         assert not p.ms.replica.reconfiguration_waits_for_history()
         assert p.ms.replica.epoch == 1
+
+
+class _Silent:
+    """A peer's join handler that takes the request and never answers (a paused process)."""
+
+    async def serve(self, stream: object) -> None:
+        await trio.sleep_forever()
+
+
+async def test_a_history_fetch_leaves_a_silent_peer_for_the_next_one_soon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fetch that asked a paused peer first waited out the 20 s frame timeout, the ops that
+    needed the history (a reconfiguration among them) waiting too. Now the first frame must
+    come within HISTORY_FIRST_FRAME_TIMEOUT."""
+    monkeypatch.setattr(join_module, "HISTORY_FIRST_FRAME_TIMEOUT", 0.2)
+    monkeypatch.setattr(join_module.random, "shuffle", lambda peers: None)  # in order
+    async with network(tmp_path) as (w, _h, new):
+        p, point = await pruned_node(new, log_of(w), KEEP)
+        old = next(op for op in ops_of(w)[: point.n - KEEP] if not p.store.has(op.id))
+        late = sign_op(Identity.from_seed(b"S" * 32), MARKET.id, 1, old.lamport + 1, (old.id,),
+                       OrderBody("buy", 90, 1), MARKET.version)
+        await w.ingest([late.raw])
+        await p.ingest([late.raw])
+        for _ in range(3):
+            await p.pull_from(w)
+        assert p.ms.replica.history_wanted > 0
+        p.net.peers["silent"] = _Silent()  # type: ignore[assignment]
+        connect(p, w)  # after the silent one
+        started = trio.current_time()
+        with trio.fail_after(10):
+            assert await p.joiner.fetch_history(p.ms) == "done"
+        assert trio.current_time() - started < 5.0  # not the 20 s frame timeout
+        assert late.id in p.ms.replica
