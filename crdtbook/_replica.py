@@ -465,11 +465,16 @@ class Replica:
 
     def precheck(self, op: Op) -> bool:
         """Judge ``op`` against the applied log without applying it (e.g. a gossip validator
-        deciding whether to forward). True: valid, with every parent applied. False: some parent
-        is not applied yet, so no verdict now. Raises the ``InvalidOp`` it would raise on apply.
-        Changes nothing."""
+        deciding whether to forward). True: valid, with every parent applied. False: no verdict
+        now (some parent is not applied yet, or its verdict needs the history this replica
+        lacks). Raises the ``InvalidOp`` it would raise on apply. Changes nothing."""
         if op.market_id != self.market.id or op.version != self.market.version:
             raise WrongMarket(f"op is not for market {self.market.name}")
+        if not self._history and self._needs_history(op):
+            # Judged on apply once the history is back (``apply`` holds it): its rules read the
+            # prefix this replica lacks. Judged here, a valid reconfiguration was refused (its
+            # walk could not reach the one before it) and its senders counted against.
+            return False
         if check_in_context(op, self._applied, self._unique_at_seq):
             if self._fin is not None and type(op.body) is ReconfigBody:
                 self._fin.check_reconfig(op)

@@ -26,6 +26,7 @@ from crdtbook.node import join as join_module
 from crdtbook.node import retention
 from crdtbook.node.retention import PruneState
 from crdtbook.node.store import OpStore, Snapshot
+from crdtbook.node.wire import encode_batch
 
 from .test_join import INTERVAL, MARKET, WITNESS, Node, connect, h_first, log_of, network
 
@@ -458,6 +459,22 @@ async def test_a_pruned_witness_restarted_with_a_reconfiguration_after_its_point
         fills_after = (await p_call(p, "fills", limit=10_000))["fills"]
         shown = [f for f in fills_before if f["final"]]
         assert [strip(f) for f in fills_after[: len(shown)]] == [strip(f) for f in shown]
+
+        # The next reconfiguration (epoch 2, X removed) reaches the pruned node by gossip. Its
+        # rule walks back to the one before it, through the pruned prefix: the gossip check
+        # refused it as invalid ("latest in its past is epoch 0") and counted it against the
+        # sender (fault campaign: peers banned, finality stalled, orders lost). It waits for
+        # the history instead, as apply holds it.
+        keys2 = [WITNESS.public_key]
+        approval2 = twin.approve_reconfig(x, keys2)
+        second = await w.service.reconfigure(w.ms, keys2, {x.public_key: approval2})
+        assert w.ms.replica.epoch == 2
+        accepted = await p.service.validate_gossip(p.ms, encode_batch([second.raw]), "w")
+        assert accepted and p.ms.refused == 0
+        held = p.ms.replica
+        assert second.id in p.ms.queued and held.apply(second) == []  # as the apply task does
+        assert second.id not in held and held.epoch == 1
+        assert held.reconfiguration_waits_for_history()
 
 
 async def p_call(node: Node, method: str, **params: object) -> Any:
