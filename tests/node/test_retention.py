@@ -65,6 +65,20 @@ async def pruned_node(
     return p, point
 
 
+async def wanting_history(w: Node, p: Node, point: PointInfo, seed: bytes) -> Op:
+    """An op signed by hand (key from ``seed``) whose parent ``p`` pruned, given to both and
+    pulled until it waits at ``p`` for the history (``history_wanted``). Returns it."""
+    old = next(op for op in ops_of(w)[: point.n - KEEP] if not p.store.has(op.id))
+    late = sign_op(Identity.from_seed(seed * 32), MARKET.id, 1, old.lamport + 1, (old.id,),
+                   OrderBody("buy", 90, 1), MARKET.version)
+    await w.ingest([late.raw])
+    await p.ingest([late.raw])
+    for _ in range(3):
+        await p.pull_from(w)
+    assert p.ms.replica.history_wanted > 0
+    return late
+
+
 def ops_of(node: Node) -> list[Op]:
     """The whole log of ``node`` (one that keeps everything) in total order."""
     return list(Replica.restore(MARKET, log_of(node), None, verify=False).ops())
@@ -270,15 +284,7 @@ async def test_a_pruned_node_ahead_of_its_peers_fetches_as_soon_as_one_reaches_i
         await take_log(b, log[:cut])
         behind = b.ms.replica.point
         assert behind is not None and behind.n < point.n
-        # An op whose parent P pruned: it waits at P for the history.
-        old = next(op for op in ops_of(w)[: point.n - KEEP] if not p.store.has(op.id))
-        late = sign_op(Identity.from_seed(b"N" * 32), MARKET.id, 1, old.lamport + 1, (old.id,),
-                       OrderBody("buy", 90, 1), MARKET.version)
-        await w.ingest([late.raw])
-        await p.ingest([late.raw])
-        for _ in range(3):
-            await p.pull_from(w)
-        assert p.ms.replica.history_wanted > 0
+        late = await wanting_history(w, p, point, b"N")  # it waits at P for the history
         connect(p, b)  # the only peer P can ask
         refusals: list[str] = []
         fetch = p.joiner._fetch_history
@@ -581,14 +587,7 @@ async def test_a_history_fetch_leaves_a_silent_peer_for_the_next_one_soon(
     monkeypatch.setattr(join_module.random, "shuffle", lambda peers: None)  # in order
     async with network(tmp_path) as (w, _h, new):
         p, point = await pruned_node(new, log_of(w), KEEP)
-        old = next(op for op in ops_of(w)[: point.n - KEEP] if not p.store.has(op.id))
-        late = sign_op(Identity.from_seed(b"S" * 32), MARKET.id, 1, old.lamport + 1, (old.id,),
-                       OrderBody("buy", 90, 1), MARKET.version)
-        await w.ingest([late.raw])
-        await p.ingest([late.raw])
-        for _ in range(3):
-            await p.pull_from(w)
-        assert p.ms.replica.history_wanted > 0
+        late = await wanting_history(w, p, point, b"S")
         p.net.peers["silent"] = _Silent()  # type: ignore[assignment]
         connect(p, w)  # after the silent one
         started = trio.current_time()
