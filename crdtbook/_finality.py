@@ -121,6 +121,11 @@ class Witnessing:
         #: it left memory but for a few kept ops; placements there are never recomputed, and the
         #: frontier never reads lower (a compacted replica cannot take back what was final).
         self.frozen = 0
+        #: While a reconfiguration waits for the history the replica lacks (None: none waits),
+        #: the frontier reads no higher than it did when the first began to wait: finality here
+        #: counts the witness set without it, heartbeats of a witness it removes included, and
+        #: if that witness still runs, what turned final here could differ from everyone's.
+        self.cap: int | None = None
 
     # -- keys ------------------------------------------------------------------------------
 
@@ -137,6 +142,9 @@ class Witnessing:
             if lamport < lowest:
                 lowest = lamport
         lowest = 0 if lowest == UNPLACED else lowest
+        cap = self.cap
+        if cap is not None and lowest > cap:
+            lowest = cap
         return lowest if lowest > self.frozen else self.frozen
 
     def final_count(self, order: list[Op]) -> int:

@@ -1175,6 +1175,22 @@ class Replica:
         wait[op.id] = op
         if op.seq <= self._point_seq.get(op.author, 0):
             self._history_copies.add(op.id)  # held only as a possible copy (see history_wanted)
+        self._cap_frontier()
+
+    def _cap_frontier(self) -> None:
+        """While a reconfiguration waits for the history, finality here does not advance
+        (``Witnessing.cap``): it would count the witness set without it. Seen at pruned nodes
+        holding the removal of a witness that was paused, not gone: its late heartbeats made
+        other fills final there than everywhere else. Released by ``history_complete``."""
+        fin = self._fin
+        if fin is None:
+            return
+        if self.reconfiguration_waits_for_history():
+            if fin.cap is None:
+                fin.cap = fin.frontier()
+        elif fin.cap is not None:
+            fin.cap = None
+            self.version += 1
 
     def forget_history(self) -> None:
         """The archive no longer holds the whole prefix (a node pruned its store): from now on
@@ -1192,6 +1208,7 @@ class Replica:
         self._point_seq = {}
         waiting, self._history_wait = list(self._history_wait.values()), {}
         self._history_copies = set()
+        self._cap_frontier()  # nothing waits for the history any more
         report = self.apply_many(waiting)
         # Ops pending on a parent that was in the prefix: that parent is in the archive now.
         released: list[Op] = []

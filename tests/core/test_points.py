@@ -457,3 +457,30 @@ def test_a_point_state_changed_anywhere_is_refused_with_a_value_error(path: list
     with suppress(ValueError):
         Replica.from_snapshot(WMARKET, changed, kept, archive=None, point_interval=INTERVAL,
                               history=False)
+
+
+def test_finality_does_not_advance_while_a_reconfiguration_waits_for_the_history() -> None:
+    """At a replica without its history a reconfiguration waits for it (its rules walk into
+    the prefix). Meanwhile finality there counted the witness set without it, heartbeats of
+    a witness it removes included: pruned nodes holding the removal of a witness that was
+    paused, not gone, showed other fills final than every other node (fault campaign). The
+    frontier now stays where it was until the reconfiguration applies."""
+    nodes, _ = _world(300, seed=4)
+    a, b = nodes[0].replica, nodes[1].replica
+    a.forget_history()
+    keys = sorted(w.public_key for w in GENESIS[:2])  # GENESIS[2] removed
+    approvals = {GENESIS[0].public_key: b.approve_reconfig(GENESIS[0], keys)}
+    removal = b.reconfigure(GENESIS[1], keys, approvals)
+    assert a.apply(removal) == [] and a.reconfiguration_waits_for_history()
+    before = a.frontier
+    # Ops and heartbeats that do not know the removal (signed at a third replica), the
+    # removed witness's among them: without the cap they move the frontier here.
+    c = nodes[2].replica
+    more = [c.submit(TRADERS[0], "buy", 99, 1) for _ in range(5)]
+    beats = [c.heartbeat(w) for w in GENESIS] + [c.heartbeat(w) for w in GENESIS]
+    for op in more + beats:
+        a.apply(op)
+    assert a.frontier == before
+    a.history_complete()  # the history is back: the removal applies, the cap goes
+    assert removal.id in a and a.epoch == 1 and not a.reconfiguration_waits_for_history()
+    assert a._fin is not None and a._fin.cap is None
