@@ -288,24 +288,30 @@ async def test_a_pruned_node_ahead_of_its_peers_fetches_as_soon_as_one_reaches_i
         connect(p, b)  # the only peer P can ask
         refusals: list[str] = []
         fetch = p.joiner._fetch_history
+        fetched = trio.Event()  # set after each fetch: awaited, not polled
+        asked_again = trio.Event()  # a second fetch ended
 
         async def counted(ms: object, quiet: bool) -> str:
+            nonlocal fetched
             outcome = await fetch(p.ms, quiet)
             refusals.append(outcome)
+            if len(refusals) >= 2:
+                asked_again.set()
+            fetched.set()
+            fetched = trio.Event()
             return outcome
 
         monkeypatch.setattr(p.joiner, "_fetch_history", counted)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(p.joiner.history_loop, p.ms)
             with trio.fail_after(10):
-                while len(refusals) < 2:  # asked, refused, asked again without backing off
-                    await trio.sleep(0.01)
+                await asked_again.wait()  # asked, refused, asked again without backing off
             assert set(refusals) == {"behind"}
             await take_log(b, log[cut:])  # B catches up and compacts at P's point
             assert b.ms.replica.point == point
             with trio.fail_after(10):
                 while not p.ms.replica.has_history:
-                    await trio.sleep(0.02)
+                    await fetched.wait()
             nursery.cancel_scope.cancel()
         assert refusals[-1] == "done"
         assert late.id in p.ms.replica
@@ -564,7 +570,7 @@ async def test_no_compaction_while_a_reconfiguration_waits_for_the_history(
             nursery.start_soon(p.joiner.history_loop, p.ms)
             with trio.fail_after(20):
                 while reconfig.id not in p.ms.replica:
-                    await trio.sleep(0.02)
+                    await p.ms.changed.wait()  # the fetch applies what waited: notified
             nursery.cancel_scope.cancel()
         assert not p.ms.replica.reconfiguration_waits_for_history()
         assert p.ms.replica.epoch == 1
