@@ -194,6 +194,28 @@ if gap_ms:
             woke_at[0] = now
     run_under(WakeGap(), lambda: gap_dir and (Path(gap_dir) / (Path(home).name + ".json"))
               .write_text(json.dumps(per_arm)))
+ab_attr = os.environ.get("CRDTBOOK_BENCH_AB_ATTR")  # experiments: MODULE:FLAG, A/B'd in-run
+if ab_attr:
+    # FLAG is set to CRDTBOOK_BENCH_AB_VALUE (default True) in odd windows of
+    # CRDTBOOK_BENCH_AB_WINDOW seconds of the wall clock (default 4), to its own value in even
+    # ones; CPU per window is dumped to CRDTBOOK_BENCH_AB_DIR/<node>.json, keyed by window.
+    import ast, collections, importlib, json, time, trio
+    mod_name, flag = ab_attr.split(":")
+    ab_mod = importlib.import_module(mod_name)
+    ab_values = (getattr(ab_mod, flag),
+                 ast.literal_eval(os.environ.get("CRDTBOOK_BENCH_AB_VALUE", "True")))
+    ab_window = float(os.environ.get("CRDTBOOK_BENCH_AB_WINDOW", "4"))
+    ab_cpu, ab_mark = collections.Counter(), [time.process_time(), None]
+    class FlagAB(trio.abc.Instrument):
+        def before_io_wait(self, timeout):
+            cpu = time.process_time()
+            if ab_mark[1] is not None:
+                ab_cpu[ab_mark[1]] += cpu - ab_mark[0]
+            index = int(time.time() / ab_window)
+            ab_mark[0], ab_mark[1] = cpu, index
+            setattr(ab_mod, flag, ab_values[index % 2])
+    run_under(FlagAB(), lambda: (Path(os.environ["CRDTBOOK_BENCH_AB_DIR"])
+                                 / (Path(home).name + ".json")).write_text(json.dumps(ab_cpu)))
 steps_dir = os.environ.get("CRDTBOOK_BENCH_STEPS")  # experiments: task steps and CPU by task
 if steps_dir:
     import collections, json, time, trio
