@@ -15,6 +15,7 @@ those. Everything a ``Replica`` shows is a pure function of the ops it was given
     [(10000, 3)]
 """
 
+from ._derive import PrefixDerivation
 from ._engine import Fill
 from ._errors import (
     BadCancel,
@@ -115,6 +116,7 @@ __all__ = [
     "OrderState",
     "PendingFull",
     "PointInfo",
+    "PrefixDerivation",
     "ReconfigBody",
     "Replica",
     "RestingOrder",

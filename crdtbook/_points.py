@@ -61,7 +61,8 @@ class SnapshotRefused(ValueError):
     - ``unattested``: no strict majority of the witnesses in force at the point attest it (a
       forged state lands here: no honest witness signs its hash);
     - ``stale``: not the point that was asked for;
-    - ``forged``: history offered for it does not chain to its op ids.
+    - ``forged``: history offered for it does not chain to its op ids;
+    - ``inconsistent``: its history, derived here (``crdtbook._derive``), does not give it.
     """
 
     def __init__(self, reason: str, message: str) -> None:

@@ -50,7 +50,10 @@ from ._points import PointInfo, PrefixState, SnapshotRefused
 if TYPE_CHECKING:
     from ._replica import Replica
 
-__all__ = ["FORMAT", "VERSION", "encode_point", "read_point", "restore_snapshot"]
+__all__ = [
+    "FORMAT", "VERSION", "encode_point", "engine_fields", "read_fields", "read_point",
+    "restore_snapshot",
+]
 
 FORMAT: Final = "crdtbook/snapshot"
 VERSION: Final = 2
@@ -93,20 +96,7 @@ def encode_point(
             added[key] = reconfig.lamport
         witnesses = body.witnesses
     latest = prefix.heartbeats
-    engine: dict[str, Any] = {
-        "orders": [
-            [base.ids[n], base.remaining[n], base.filled[n], base.states[n]]
-            for n in range(len(base.ids))
-        ],
-        "levels": [
-            [side, price, list(level)]
-            for side in (0, 1)
-            for price, level in sorted(base.levels[side].items())
-        ],
-        "client_ids": sorted(
-            [author, tag, number] for (author, tag), number in (base.client_ids or {}).items()
-        ),
-    }
+    engine = engine_fields(base)
     witnessing = {
         "chain": [op.id for op in chain_ops],
         "current": sorted(witnesses),
@@ -134,6 +124,30 @@ def encode_point(
     }
     fields["sha256"] = _checksum(fields)
     return bytes(cbor2.dumps(fields, canonical=True))
+
+
+def engine_fields(base: Engine) -> dict[str, Any]:
+    """The point state's ``engine`` field of a compacted engine (resting orders only)."""
+    return {
+        "orders": [
+            [base.ids[n], base.remaining[n], base.filled[n], base.states[n]]
+            for n in range(len(base.ids))
+        ],
+        "levels": [
+            [side, price, list(level)]
+            for side in (0, 1)
+            for price, level in sorted(base.levels[side].items())
+        ],
+        "client_ids": sorted(
+            [author, tag, number] for (author, tag), number in (base.client_ids or {}).items()
+        ),
+    }
+
+
+def read_fields(market: Market, blob: bytes) -> dict[str, Any]:
+    """The checked fields of a point state of ``market`` (``SnapshotRefused`` for a blob that
+    is none)."""
+    return _read(blob, market.id)
 
 
 def _read(blob: bytes, market_id: bytes) -> dict[str, Any]:
