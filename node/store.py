@@ -44,7 +44,9 @@ Why this shape:
   fetches later as *staged* (``compacted = 2``: neither live nor in the archive) until the whole
   prefix checks against the attested chain (:meth:`OpStore.finish_history`); a prefix that does
   not check is dropped (:meth:`OpStore.drop_history`), so unverified bytes never answer for a
-  compacted op.
+  compacted op. Once it holds the prefix, the fills and finished orders derived from it go
+  where a compaction puts its own (:meth:`OpStore.save_derived`, node.derive), and
+  ``joins.derived`` (schema 5) records that it is done.
 * **Retention** (``crdtbook node --retention OPS``, node.retention): after a compaction at
   point ``n``, a node may delete the archived ops whose final index is below ``n - OPS``
   (:meth:`OpStore.prune_history`, short chunked transactions); live and staged ops, the kept
@@ -84,7 +86,7 @@ __all__ = [
 STORE_FILENAME = "store.sqlite3"
 
 # Version written to PRAGMA user_version once all migrations ran; bump it with each migration.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Rows fetched per lock acquisition by load_market: bounds memory (~1 MiB of 200-byte ops) and
 # the time a streaming reader keeps writers waiting, while keeping per-query overhead small.
@@ -214,6 +216,12 @@ CREATE INDEX compacted_orders_author ON compacted_orders (market, author, lampor
 CREATE INDEX compacted_orders_lamport ON compacted_orders (market, lamport)
 """
 
+# Version 5: a joined node derives the fills and finished orders of the history before its
+# join point (node.derive); ``derived`` records that it did (n), so a restart does not again.
+_SCHEMA_V5 = """
+ALTER TABLE joins ADD COLUMN derived INTEGER NOT NULL DEFAULT 0
+"""
+
 #: ``ops.compacted`` values: 0 live (in the replica's memory), 1 compacted (the archive holds
 #: it), 2 staged (history fetched from a peer, not checked yet: neither).
 LIVE, COMPACTED, STAGED = 0, 1, 2
@@ -251,12 +259,18 @@ def _migrate_3_to_4(conn: sqlite3.Connection) -> None:
     _run_script(conn, _SCHEMA_V4)
 
 
+def _migrate_4_to_5(conn: sqlite3.Connection) -> None:
+    """Record whether a joined market's history before its point is derived (``joins``)."""
+    _run_script(conn, _SCHEMA_V5)
+
+
 # _MIGRATIONS[v] upgrades a store from user_version v to v + 1.  Append, never edit.
 _MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _migrate_0_to_1,
     _migrate_1_to_2,
     _migrate_2_to_3,
     _migrate_3_to_4,
+    _migrate_4_to_5,
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -927,6 +941,54 @@ class OpStore:
                 .fetchone()
             )
         return None if row is None else (int(row[0]), bytes(row[1]), int(row[2]))
+
+    def join_derived(self, market: bytes) -> int:
+        """How many ops of the prefix before ``market``'s join point have their fills and
+        finished orders derived into the store (:meth:`save_derived`): the point's n once
+        done, 0 before (and for a market not joined)."""
+        with self._lock:
+            row = (
+                self._db()
+                .execute("SELECT derived FROM joins WHERE market = ?", (market,))
+                .fetchone()
+            )
+        return 0 if row is None else int(row[0])
+
+    def save_derived(
+        self,
+        market: bytes,
+        fills: Sequence[CompactedFill],
+        orders: Sequence[CompactedOrder],
+        done: int | None = None,
+    ) -> None:
+        """Store fills and finished orders derived from the history before ``market``'s join
+        point (node.derive), as a compaction stores its own, in one transaction; with
+        ``done``, also record the derivation complete up to that point. A row already there
+        stays (a derivation started again after a restart writes the same rows)."""
+        fill_rows = [(market, c.number, *c.fill, c.received_ms, c.witnessed_ms) for c in fills]
+        order_rows = [(market, *c.order[:13], c.received_ms, c.witnessed_ms) for c in orders]
+        with self._lock, self._writing():
+            conn = self._db()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(
+                    f"INSERT OR IGNORE INTO compacted_fills (market, {_FILL_COLUMNS})"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    fill_rows,
+                )
+                conn.executemany(
+                    f"INSERT OR IGNORE INTO compacted_orders (market, {_ORDER_COLUMNS})"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    order_rows,
+                )
+                if done is not None:
+                    conn.execute(
+                        "UPDATE joins SET derived = ? WHERE market = ?", (done, market)
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
 
     def add_history(self, market: bytes, start: int, items: Sequence[OpItem]) -> None:
         """Stage history ops of ``market`` fetched from a peer, the first at final index

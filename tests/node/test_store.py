@@ -436,7 +436,7 @@ def test_migrates_a_version_1_store(tmp_path: Path) -> None:
     conn.executemany("INSERT INTO ops (id, market, lamport, raw) VALUES (?, ?, ?, ?)", items)
     conn.close()
     with OpStore.open(path) as s:
-        assert s.schema_version() == SCHEMA_VERSION == 4
+        assert s.schema_version() == SCHEMA_VERSION == 5
         assert list(s.load_market(M1, live_only=True)) == [item[3] for item in items]
         assert s.compacted_count(M1) == 0 and s.get_snapshot(M1) is None
 
@@ -454,7 +454,7 @@ def test_migrates_a_version_2_store(tmp_path: Path) -> None:
     conn.execute("UPDATE ops SET compacted = 1 WHERE lamport <= 2")
     conn.close()
     with OpStore.open(path) as s:
-        assert s.schema_version() == SCHEMA_VERSION == 4
+        assert s.schema_version() == SCHEMA_VERSION == 5
         assert list(s.load_market(M1, live_only=True)) == [item[3] for item in items[2:]]
         assert s.compacted_count(M1) == 2
         assert s.history(M1, 0, 10) == [] and s.points(M1) == [] and s.join_state(M1) is None
@@ -475,9 +475,10 @@ def test_migrates_a_version_3_store_and_lists_its_compacted_orders(tmp_path: Pat
     conn.execute("PRAGMA user_version = 3")  # as a version-3 node left it: no new indexes
     conn.execute("DROP INDEX compacted_orders_author")
     conn.execute("DROP INDEX compacted_orders_lamport")
+    conn.execute("ALTER TABLE joins DROP COLUMN derived")  # version 5's
     conn.close()
     with OpStore.open(path) as s:
-        assert s.schema_version() == SCHEMA_VERSION == 4
+        assert s.schema_version() == SCHEMA_VERSION == 5
         # Oldest first by Lamport time (``_order(n)`` has Lamport n), the newest ``limit``.
         assert s.compacted_orders_newest(M1, None, 10) == [_order(n) for n in (1, 2, 3)]
         assert s.compacted_orders_newest(M1, b"A" * 32, 2) == [_order(2), _order(3)]
@@ -650,3 +651,28 @@ def test_wal_checkpoints_leave_the_commits_in_background_mode(
         assert reopened.count(M1) == 2000
     finally:
         reopened.close()
+
+
+def test_migrates_a_version_4_store_with_a_join_and_records_its_derived_past(
+    tmp_path: Path,
+) -> None:
+    """Version 5 records whether a joined market's past is derived (node.derive): a version 4
+    join is not; ``save_derived`` stores the rows (keeping any already there) and, last, done."""
+    path = tmp_path / STORE_FILENAME
+    conn = sqlite3.connect(path, isolation_level=None)
+    for step in store_module._MIGRATIONS[:4]:
+        step(conn)
+    conn.execute("PRAGMA user_version = 4")
+    conn.execute("INSERT INTO joins (market, n, data, history) VALUES (?, 80, x'00', 80)", (M1,))
+    conn.close()
+    with OpStore.open(path, synchronous="NORMAL") as s:
+        assert s.schema_version() == SCHEMA_VERSION == 5
+        assert s.join_derived(M1) == 0 and s.join_derived(M2) == 0
+        s.compact(M1, [], [_fill(3)], [], Snapshot(0, 4, b"v4"))  # a compaction's own row
+        derived = [CompactedFill(n, _fill(n).fill) for n in range(4)]
+        s.save_derived(M1, derived, [CompactedOrder(_order(1).order)])
+        assert s.join_derived(M1) == 0
+        s.save_derived(M1, [], [], done=80)
+        assert s.join_derived(M1) == 80
+        assert s.compacted_fills(M1, 0, 10) == [*derived[:3], _fill(3)]
+        assert s.compacted_orders_newest(M1, None, 10) == [CompactedOrder(_order(1).order)]
