@@ -370,8 +370,8 @@ def node(
             "--join",
             metavar="snapshot|full",
             help="How to start a witnessed market this node holds nothing of: from a snapshot "
-            "that a majority of its witnesses attest, fetching history only if needed "
-            "(snapshot), or from the whole log (full).",
+            "that a majority of its witnesses attest, fetching the history before it in the "
+            "background (snapshot; see --no-history-backfill), or from the whole log (full).",
         ),
     ] = "snapshot",
     retention: Annotated[
@@ -388,6 +388,16 @@ def node(
             show_default=False,
         ),
     ] = None,
+    history_backfill: Annotated[
+        bool,
+        typer.Option(
+            "--history-backfill/--no-history-backfill",
+            help="With --join snapshot, fetch the history before the join point in the "
+            "background 30 s after joining, so that fills and order answer for all of it "
+            "(derived from it and checked against the joined point). Without it they answer "
+            "from the join point on.",
+        ),
+    ] = True,
     point_interval: Annotated[
         int | None,
         typer.Option(
@@ -437,6 +447,8 @@ def node(
         extra["point_interval"] = point_interval
     if retention is not None:
         extra["retention"] = retention
+    if not history_backfill:
+        extra["history_backfill"] = None
     if http is not None:
         from crdtbook.node.http_auth import parse_bind
 

@@ -975,10 +975,25 @@ def finality_lines(m: Json) -> list[Text]:
             f"history before it {printable(history)}"
         )
         if history != "complete":
-            joined += " (fetched only if an op needs it"
+            joined += " (fetched when an op needs it, and in the background unless the node "
+            joined += "runs with --no-history-backfill"
             wanted = m.get("history_wanted") or 0
             joined += f": {printable(wanted)} ops wait for it)" if wanted else ")"
+        derived = m.get("history_derived")
+        if derived == "done":
+            joined += "; its fills and orders derived"
+        elif derived == "deriving":
+            progress = float(m.get("history_derived_progress") or 0)
+            joined += f"; deriving its fills and orders ({progress:.0%})"
+        elif derived != "inconsistent":
+            joined += "; fills and order answer from the join point on"
         head.append(joined, style="dim")
+        if derived == "inconsistent":
+            head.append(
+                "\n  its history does not derive the point joined from: the fills and orders "
+                "before it are not shown (see the node log)",
+                style="bold red",
+            )
     elif m.get("join") == "joining":
         head.append("\n  joining: taking a snapshot from a peer", style="dim")
     if m.get("retention") is not None:  # --retention: the store no longer keeps every op

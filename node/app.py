@@ -36,7 +36,7 @@ from .finality import HEARTBEAT_INTERVAL
 from .gossip import Gossip
 from .handler import ControlAdapter
 from .home import IDENTITY_FILE, load_or_create_identity
-from .join import JOIN_PEER_WAIT, Joiner
+from .join import HISTORY_BACKFILL_AFTER, JOIN_PEER_WAIT, Joiner
 from .network import Network
 from .service import FLUSH_DELAY, POINT_INTERVAL, PUBLISH_INTERVAL, NodeService
 from .store import OpStore, StoreError
@@ -94,6 +94,10 @@ class NodeConfig:
     join_peer_wait: float = JOIN_PEER_WAIT
     #: Archived ops a witnessed market keeps below each new point (node.retention); None: all.
     retention: int | None = None
+    #: A market joined from a snapshot fetches the history before its point this many seconds
+    #: after the join, and derives its fills and orders (node.derive); None: only when an op
+    #: needs it (``fills`` and ``order`` then answer from the join point on).
+    history_backfill: float | None = HISTORY_BACKFILL_AFTER
     #: The libp2p layer's tunables (GossipSub heartbeat and degree, timeouts, message cap);
     #: None: ``node.p2p.NetworkConfig()``'s defaults, which are the production values.
     network: NetworkConfig | None = None
@@ -289,6 +293,7 @@ class _Node:
             frame_timeout=config.sync_frame_timeout,
             peer_wait=config.join_peer_wait,
             on_joined=lambda ms: self.sync.ask_all(),
+            backfill_after=config.history_backfill,
         )
         self.discovery = Discovery(
             net,

@@ -59,6 +59,7 @@ from crdtbook import (
 )
 from crdtbook import read_point as core_read_point
 
+from .derive import derive_due, derive_joined_history, derive_locked
 from .join_wire import (
     JOIN_PROTOCOL,
     MAX_HISTORY_SESSION_OPS,
@@ -146,6 +147,11 @@ HISTORY_RETRY_BEHIND: Final = 2.0
 #: (most are judged duplicates once the history is here) do not each cost a fetch of the whole
 #: prefix; short enough that a fork nobody names yet is judged within a few heartbeats' time.
 HELD_HISTORY_FETCH_AFTER: Final = 30.0
+#: A market joined from a point fetches the history before it this long after the join (or a
+#: restart), if no op needed it sooner: its fills and orders before the point are derived from
+#: it (node.derive), and the node can serve it to joiners. Late enough that a join's catch-up
+#: (sync of what came after the point) is done first.
+HISTORY_BACKFILL_AFTER: Final = 30.0
 #: Join sessions served at once, in all and per peer (a snapshot or history session reads MBs
 #: from the store): past them a request's stream is reset and the joiner tries another peer.
 MAX_SERVING: Final = 8
@@ -190,6 +196,7 @@ class Joiner:
         frame_timeout: float = FRAME_TIMEOUT,
         peer_wait: float = JOIN_PEER_WAIT,
         on_joined: Callable[[MarketState], None] = lambda ms: None,
+        backfill_after: float | None = HISTORY_BACKFILL_AFTER,
     ) -> None:
         if mode not in JOIN_MODES:
             raise ValueError(f"join mode must be one of {JOIN_MODES}, not {mode!r}")
@@ -200,6 +207,9 @@ class Joiner:
         self.peer_wait = peer_wait
         #: Called once a joining market is handed back to sync (joined or fallen back).
         self.on_joined = on_joined
+        #: A market joined from a point fetches its history this long after the node started
+        #: (or joined), if nothing asked for it sooner; None: only when ops need it.
+        self.backfill_after = backfill_after
         #: Join sessions being served now, in all and per peer.
         self.serving = 0
         self._serving_peer: dict[str, int] = {}
@@ -534,18 +544,31 @@ class Joiner:
 
     async def history_loop(self, ms: MarketState) -> None:
         """Whenever the replica lacks the prefix (joined from a snapshot, or pruned by
-        retention: node.retention) and ops wait for it, fetch it (for ever)."""
+        retention: node.retention) and ops wait for it, fetch it (for ever); a market joined
+        from a snapshot also ``backfill_after`` its join, and derives its past (node.derive)."""
         delay = HISTORY_RETRY
         held_since: float | None = None  # since when ops have been held for the history
         behind = False  # the last fetch found a peer that lags (not_yet)
+        # A market joined from a point fetches its history in the background after a while
+        # (its fills and orders before the point are derived from it: node.derive).
+        backfill_at: float | None = None
         while True:
             changed = ms.changed
             replica = ms.replica
+            if derive_due(self.service, ms):  # fetched before a restart, not derived yet
+                await derive_joined_history(self.service, ms)
+                continue
             if replica.has_history or history_point(ms) is None:
                 held_since = None
                 await changed.wait()
                 continue
             now = trio.current_time()
+            backfill = (
+                self.backfill_after is not None and ms.join_info is not None
+                and not ms.prune.below
+            )
+            if backfill and backfill_at is None:
+                backfill_at = now + (self.backfill_after or 0.0)
             if not replica.history_held:
                 held_since = None
             elif held_since is None:
@@ -557,8 +580,10 @@ class Joiner:
             # prefix author's chain that nobody references yet: a replica with the history
             # applies it (evidence of equivocation, in the digest) and this one would hold it
             # for ever. So ops held for HELD_HISTORY_FETCH_AFTER make the node fetch too.
-            due = replica.history_wanted > 0 or (
-                held_since is not None and now - held_since >= HELD_HISTORY_FETCH_AFTER
+            due = (
+                replica.history_wanted > 0
+                or (held_since is not None and now - held_since >= HELD_HISTORY_FETCH_AFTER)
+                or (backfill_at is not None and backfill and now >= backfill_at)
             )
             if due:
                 # Asked again every HISTORY_RETRY_BEHIND while a peer lags: said once.
@@ -573,18 +598,26 @@ class Joiner:
                     await trio.sleep(delay)
                     delay = min(HISTORY_RETRY_MAX, delay * 2)
                 continue
-            with trio.move_on_at(
-                float("inf") if held_since is None else held_since + HELD_HISTORY_FETCH_AFTER
-            ):
+            wake = float("inf") if held_since is None else held_since + HELD_HISTORY_FETCH_AFTER
+            if backfill and backfill_at is not None:
+                wake = min(wake, backfill_at)
+            with trio.move_on_at(wake):
                 await changed.wait()
 
     async def fetch_history(self, ms: MarketState, *, quiet: bool = False) -> HistoryOutcome:
         """Fetch, check and store the prefix of the joined point (a pruned node: of its latest
         point); release what waited. Tries the connected peers in random order: ``"done"``
         once complete; else ``"behind"`` if some peer said it has not compacted that far yet
-        (``not_yet``), ``"failed"`` if none did. ``quiet``: say the start at DEBUG (a retry)."""
+        (``not_yet``), ``"failed"`` if none did. ``quiet``: say the start at DEBUG (a retry).
+        Once complete, a joined market's fills and orders before its point are derived from it
+        (node.derive), before retention may prune it again."""
         async with ms.archive_lock:  # no pruning meanwhile (node.retention)
-            return await self._fetch_history(ms, quiet)
+            outcome = await self._fetch_history(ms, quiet)
+            if outcome == "done":
+                if ms.derive_state == "failed":
+                    ms.derive_state = None  # the history is back: try again
+                await derive_locked(self.service, ms)
+            return outcome
 
     async def _fetch_history(self, ms: MarketState, quiet: bool) -> HistoryOutcome:
         info = history_point(ms)
@@ -592,11 +625,12 @@ class Joiner:
         name = ms.market.name
         ms.history_fetching = True
         started = time.monotonic()
+        wanted = ms.replica.history_wanted
         (logger.debug if quiet else logger.info)(
-            "%s: %d ops wait for the %d ops of history before the point; fetching it",
-            name,
-            ms.replica.history_wanted,
-            info.n,
+            "%s: %d ops wait for the %d ops of history before the point; fetching it"
+            if wanted
+            else "%s: fetching the %d ops of history before the point in the background",
+            *((name, wanted, info.n) if wanted else (name, info.n)),
         )
         try:
             peers = self.net.connected_peers()

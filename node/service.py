@@ -204,6 +204,11 @@ class MarketState:
     join_state: str | None = None
     join_info: PointInfo | None = None
     history_fetching: bool = False
+    #: The history before the join point, derived (node.derive): None (not tried, or not
+    #: joined), "deriving", "done", "failed" (tried again after the next history fetch) or
+    #: "inconsistent" (never shown); ``derive_progress``: of both passes, 0 to 1.
+    derive_state: str | None = None
+    derive_progress: float = 0.0
     #: Retention (node.retention): the node's ``--retention`` (None: keep the whole archive)
     #: and what it pruned of this market's archive (as recorded in the store).
     retention: int | None = None
@@ -243,6 +248,11 @@ class MarketState:
             "join": join,
             "joined_from_point": self.joined_from,
             "history": history,
+            # Fills and orders before the join point (node.derive): None if not joined.
+            "history_derived": (
+                None if self.join_info is None else (self.derive_state or "not_yet")
+            ),
+            "history_derived_progress": round(self.derive_progress, 3),
             "history_wanted": self.replica.history_wanted,
             # Retention (node.retention): --retention (None: keep all) and ops it pruned.
             "retention": self.retention,
@@ -721,6 +731,8 @@ class NodeService:
                 ms.join_info = read_point(market, joined[1])
             except SnapshotRefused as exc:  # the store's own bytes: damaged on disk
                 logger.warning("%s: the joined point does not read (%s)", market.name, exc)
+            if self.store.join_derived(market.id) >= joined[0]:
+                ms.derive_state, ms.derive_progress = "done", 1.0
             if not history:  # a fetch the node did not finish: fetched again when needed
                 self.store.drop_history(market.id, joined[0])
         # The cyclic GC off while loading: everything loaded lives on and holds no cycles,

@@ -541,13 +541,22 @@ def test_status_says_how_the_market_was_joined(fake_node: Any) -> None:
     m.update(join="snapshot", joined_from_point=40000, history="absent", history_wanted=0)
     out = " ".join(run("status").stdout.split())
     assert "joined from the snapshot at final op 40000, history before it absent" in out
-    assert "(fetched only if an op needs it)" in out
+    assert "(fetched when an op needs it, and in the background unless" in out
+    assert "fills and order answer from the join point on" in out
     m.update(history="fetching", history_wanted=3)
     out = " ".join(run("status").stdout.split())
-    assert "history before it fetching (fetched only if an op needs it: 3 ops wait for it)" in out
-    m.update(history="complete")
+    assert "history before it fetching (fetched when an op needs it" in out
+    assert "--no-history-backfill: 3 ops wait for it)" in out
+    m.update(history="complete", history_derived="deriving", history_derived_progress=0.25)
     out = " ".join(run("status").stdout.split())
-    assert "history before it complete" in out and "fetched only" not in out
+    assert "history before it complete; deriving its fills and orders (25%)" in out
+    assert "fetched when" not in out
+    m.update(history_derived="done")
+    out = " ".join(run("status").stdout.split())
+    assert "history before it complete; its fills and orders derived" in out
+    m.update(history_derived="inconsistent")
+    out = " ".join(run("status").stdout.split())
+    assert "its history does not derive the point joined from" in out
     m.update(join="joining", joined_from_point=None)
     assert "joining: taking a snapshot from a peer" in run("status").stdout
 

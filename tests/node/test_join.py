@@ -223,6 +223,8 @@ async def test_joins_from_the_attested_snapshot_and_syncs_only_what_followed(
             "join": "snapshot",
             "joined_from_point": point.n,
             "history": "absent",
+            "history_derived": "not_yet",
+            "history_derived_progress": 0.0,
             "history_wanted": 0,
             "retention": None,
             "pruned_ops": 0,
@@ -246,6 +248,8 @@ async def test_joins_from_the_attested_snapshot_and_syncs_only_what_followed(
             "join": None,
             "joined_from_point": None,
             "history": "complete",
+            "history_derived": None,
+            "history_derived_progress": 0.0,
             "history_wanted": 0,
             "retention": None,
             "pruned_ops": 0,
@@ -438,6 +442,96 @@ async def test_history_on_demand_releases_an_op_naming_a_compacted_parent(
         j.service.load_from_store()
         assert j.ms.replica.has_history and j.ms.replica.digest() == digest
         assert j.ms.join_status()["history"] == "complete" and j.ms.joined_from == point.n
+
+
+def _past(node: Node) -> tuple[list[tuple[int, Any]], dict[bytes, Any]]:
+    """A node's fills (global index, fill) and finished final orders, as ``fills`` and
+    ``order`` answer them (the store's and the replica's), without the node-local times."""
+    ms = node.ms
+    fills = [(c.number, c.fill) for c in ms.fills(0)]
+    orders = {}
+    for c in node.store.compacted_orders_newest(MARKET.id, None, 10**6):
+        orders[c.order.id] = c.order
+    return fills, orders
+
+
+async def test_a_joined_node_derives_the_fills_and_orders_before_its_point(
+    tmp_path: Path,
+) -> None:
+    """Joined from a point, a node answers ``fills`` and ``order`` from the point on; once the
+    history is fetched it derives what came before (node.derive): the witness's own fills and
+    finished orders, marked done in the store, kept through a restart."""
+    async with network(tmp_path) as (w, h, new):
+        j = new("J")
+        connect(j, w, h)
+        await j.joiner.join(j.ms)
+        await j.pull_from(w)
+        point = j.ms.join_info
+        assert point is not None and j.ms.replica.compacted_fills > 0
+        w_fills, w_orders = _past(w)
+        j_fills, j_orders = _past(j)
+        assert j_fills == w_fills[j.ms.replica.compacted_fills :] and j_orders == {}
+        assert j.ms.join_status()["history_derived"] == "not_yet"
+
+        assert await j.joiner.fetch_history(j.ms) == "done"
+        assert _past(j) == (w_fills, w_orders)
+        assert len(w_orders) == j.ms.replica.compacted_orders
+        status = j.ms.join_status()
+        assert status["history_derived"] == "done" and status["history_derived_progress"] == 1
+        assert j.store.join_derived(MARKET.id) == point.n
+        for order in list(w_orders.values())[:20]:  # ``order`` answers for them, final
+            found = j.ms.order_with_times(order.id)
+            assert found is not None and found.order == order and found.order.final
+        # A restart: done, not derived again.
+        j.service.load_from_store()
+        assert j.ms.join_status()["history_derived"] == "done"
+        assert _past(j) == (w_fills, w_orders)
+
+
+async def test_a_joined_node_fetches_its_history_in_the_background(tmp_path: Path) -> None:
+    """No op needs the history: the joiner fetches it ``backfill_after`` the join anyway, and
+    derives its past."""
+    async with network(tmp_path) as (w, h, new):
+        j = new("J")
+        j.joiner.backfill_after = 0.05
+        connect(j, w, h)
+        await j.joiner.join(j.ms)
+        await j.pull_from(w)
+        assert j.ms.replica.history_wanted == 0
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(j.joiner.history_loop, j.ms)
+                while j.ms.derive_state != "done":
+                    await trio.sleep(0.02)
+                nursery.cancel_scope.cancel()
+        assert j.ms.replica.has_history
+        assert _past(j) == _past(w)
+
+
+async def test_a_past_that_does_not_derive_the_point_is_not_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first pass only checks: a history that derives another state than the joined point
+    (another node's code) writes nothing, logs once at ERROR and says so in ``status``."""
+    from crdtbook import PrefixDerivation, SnapshotRefused
+
+    def differs(self: PrefixDerivation) -> Any:
+        raise SnapshotRefused("inconsistent", "derived from the history: 1 fill too many")
+
+    monkeypatch.setattr(PrefixDerivation, "finish", differs)
+    async with network(tmp_path) as (w, h, new):
+        j = new("J")
+        connect(j, w, h)
+        await j.joiner.join(j.ms)
+        await j.pull_from(w)
+        before = _past(j)
+        assert await j.joiner.fetch_history(j.ms) == "done"
+        assert j.ms.join_status()["history_derived"] == "inconsistent"
+        assert _past(j) == before and j.store.join_derived(MARKET.id) == 0
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "1 fill too many" in errors[0].getMessage()
+        assert await j.joiner.fetch_history(j.ms) == "done"  # not tried again
+        assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 1
 
 
 # -- hostile frames --------------------------------------------------------------------------

@@ -46,7 +46,10 @@ def test_one_node_joins_from_a_snapshot_and_another_from_the_full_log(tmp_path: 
             "the witness to compact at several points",
         )
         time.sleep(GOSSIP_HISTORY_S)  # see GOSSIP_HISTORY_S
-        snap = NodeProcess(tmp_path / "s", [w.addr], market=spec, config=config).start()
+        # No background fetch here: the history stays absent (checked below).
+        snap = NodeProcess(
+            tmp_path / "s", [w.addr], market=spec, config={**config, "history_backfill": None}
+        ).start()
         nodes.append(snap)
         full = NodeProcess(
             tmp_path / "f", [w.addr], market=spec, config={**config, "join": "full"}
@@ -78,5 +81,56 @@ def test_one_node_joins_from_a_snapshot_and_another_from_the_full_log(tmp_path: 
             stored = store.count(market) - store.staged_count(market)
         assert stored < total, (stored, total)
         assert "joined from the point at" in snap.log()
+    finally:
+        stop_all(nodes)
+
+
+def test_a_joined_node_fetches_and_derives_the_past_in_the_background(tmp_path: Path) -> None:
+    """A node joins from a snapshot, then fetches the history before the point in the
+    background (``history_backfill``) and derives its fills and orders: ``fills`` and ``order``
+    answer for the whole past, as at the witness."""
+    key = make_identity(tmp_path / "w")
+    spec = f"JD:1:1:{key.hex()}"
+    config = {"point_interval": INTERVAL, "heartbeat_interval": 0.02, "join_peer_wait": 20.0}
+    nodes: list[NodeProcess] = []
+    try:
+        w = NodeProcess(tmp_path / "w", market=spec, config=config).start()
+        nodes.append(w)
+        t = NodeProcess(tmp_path / "t", [w.addr], market=spec, config=config).start()
+        nodes.append(t)
+        wait_until(lambda: len(t.call("status")["peers"]) >= 1, 30, "the trader to connect")
+        for i in range(200):  # two keys, so that orders fill (one key's would not: self-trade)
+            price = str(100 + (i * 7) % 5 - 2)
+            t.call("submit", market="JD", side="sell", price=price, quantity="2")
+            w.call("submit", market="JD", side="buy", price=price, quantity="1")
+        wait_until(
+            lambda: w.market_status(digest=False)["compacted_fills"] >= 2 * INTERVAL,
+            30,
+            "the witness to compact fills at several points",
+        )
+        time.sleep(GOSSIP_HISTORY_S)  # see GOSSIP_HISTORY_S
+        j = NodeProcess(
+            tmp_path / "j", [w.addr], market=spec, config={**config, "history_backfill": 1.0}
+        ).start()
+        nodes.append(j)
+        wait_until(
+            lambda: j.market_status(digest=False)["history_derived"] == "done",
+            60,
+            "the joiner to derive its past",
+        )
+        status = j.market_status(digest=False)
+        assert status["join"] == "snapshot" and status["history"] == "complete", j.log()
+        fills_w = w.call("fills", market="JD", limit=100000)["fills"]
+        fills_j = j.call("fills", market="JD", limit=100000)["fills"]
+        assert len(fills_w) >= status["joined_from_point"] // 4
+        key_of = ("taker", "maker", "price", "quantity", "final")
+        assert [[f[k] for k in key_of] for f in fills_j] == [
+            [f[k] for k in key_of] for f in fills_w
+        ]
+        fields = ("id", "status", "filled", "remaining", "final")
+        first = w.call("order", market="JD", order_id=fills_w[0]["maker"])
+        again = j.call("order", market="JD", order_id=fills_w[0]["maker"])
+        assert [again[k] for k in fields] == [first[k] for k in fields], (first, again)
+        assert "derived" in j.log() and "before the join point" in j.log()
     finally:
         stop_all(nodes)

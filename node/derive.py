@@ -1,0 +1,140 @@
+"""A joined market's past: the fills and finished orders before the point it joined from.
+
+A node that joined a witnessed market from a point state (node.join) holds the matched state at
+the point, not how it came about, so ``fills`` and ``order`` answered from the point on. Once
+its store holds the prefix before that point (the history, fetched and checked), this derives
+its fills and finished orders with the core (``crdtbook.PrefixDerivation``: the final engine fed
+the prefix in total order, as every compacting replica did) and stores them as a compaction
+stores its own (``OpStore.save_derived``). ``fills --limit N`` and ``order`` then answer for the
+whole history, marked final.
+
+Nothing unchecked is shown: a first pass over the prefix only checks that it derives the point
+state (op count and running hash, fill and order counts, resting orders); the second writes the
+rows, in chunks. A mismatch (this node's code would derive another past than the replicas that
+made the point) is logged once at ERROR, and ``status`` says ``inconsistent``; nothing is
+written. Each chunk is read from the store in a worker thread and derived on the event loop
+(``DERIVE_CHUNK`` ops, a few ms), so the node serves on meanwhile. It holds the market's
+``archive_lock``, so retention prunes nothing under it. Done once: the store records it
+(``joins.derived``), and a restart in the middle starts again (the rows are the same).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from crdtbook import Fill, OrderState, PrefixDerivation, SnapshotRefused, decode
+
+from .store import CompactedFill, CompactedOrder, StoreError
+
+if TYPE_CHECKING:
+    from .service import MarketState, NodeService
+
+__all__ = ["DERIVE_CHUNK", "derive_due", "derive_joined_history", "derive_locked"]
+
+logger = logging.getLogger(__name__)
+
+#: Prefix ops read and derived at a time: one store read (~1 MB) and a few ms on the event loop
+#: (the engine's work and a decode without signature check, ~5-10 us an op).
+DERIVE_CHUNK: Final = 1000
+
+
+def derive_due(service: NodeService, ms: MarketState) -> bool:
+    """Whether ``ms`` joined from a point, its store holds the whole prefix before it, and
+    that prefix is not derived yet (nor found inconsistent, nor failed since the last fetch)."""
+    if ms.join_info is None or ms.derive_state is not None:
+        return False
+    joined = service.store.join_state(ms.market.id)
+    if joined is None:
+        return False
+    n, _, held = joined
+    return held >= n > 0 and service.store.join_derived(ms.market.id) < n
+
+
+async def derive_joined_history(service: NodeService, ms: MarketState) -> bool:
+    """Derive and store the fills and finished orders before ``ms``'s join point, if due (see
+    the module docstring); True if it did."""
+    async with ms.archive_lock:
+        return await derive_locked(service, ms)
+
+
+async def derive_locked(service: NodeService, ms: MarketState) -> bool:
+    """``derive_joined_history`` for a caller that holds ``ms.archive_lock`` (a history fetch
+    that just completed: before retention may prune what it brought)."""
+    if not derive_due(service, ms):
+        return False
+    ms.derive_state = "deriving"
+    outcome = "failed"
+    try:
+        outcome = await _derive(service, ms)
+    finally:
+        ms.derive_state = outcome
+    return outcome == "done"
+
+
+async def _derive(service: NodeService, ms: MarketState) -> str:
+    """Both passes; the outcome: "done", "inconsistent" or "failed" (tried again after the
+    next history fetch)."""
+    store, market = service.store, ms.market
+    joined = store.join_state(market.id)
+    assert joined is not None
+    n, blob, _ = joined
+    started = time.monotonic()
+    logger.info("%s: deriving the fills and orders of the %d ops before the join point",
+                market.name, n)
+    for writing in (False, True):
+        try:
+            derivation = PrefixDerivation(market, blob)
+        except SnapshotRefused as exc:  # the store's own bytes, damaged on disk
+            logger.warning("%s: the joined point does not read (%s)", market.name, exc)
+            return "failed"
+        try:
+            while derivation.ops < n:
+                raws = await trio.to_thread.run_sync(
+                    store.history, market.id, derivation.ops,
+                    min(DERIVE_CHUNK, n - derivation.ops),
+                )
+                if not raws:  # not held any more (retention pruned it): after the next fetch
+                    logger.info("%s: the history before the join point is not held; its fills "
+                                "and orders are not derived", market.name)
+                    return "failed"
+                derivation.feed(decode(raw, verify=False) for raw in raws)
+                rows = derivation.take()
+                if writing:
+                    await _save(service, ms, rows, None)
+                ms.derive_progress = (derivation.ops + (n if writing else 0)) / (2 * n)
+                await trio.sleep(0)
+            last = derivation.finish()
+            if writing:
+                await _save(service, ms, last, n)
+        except SnapshotRefused as exc:
+            logger.error("%s: the history before the join point does not derive the point state "
+                         "it was checked against (%s); its fills and orders are not shown",
+                         market.name, exc)
+            return "inconsistent"
+        except StoreError as exc:
+            logger.warning("%s: could not store the derived history: %s", market.name, exc)
+            return "failed"
+    ms.derive_progress = 1.0
+    logger.info("%s: derived %d fills and %d finished orders before the join point in %.1f s",
+                market.name, derivation.fills, derivation.orders, time.monotonic() - started)
+    return "done"
+
+
+async def _save(
+    service: NodeService,
+    ms: MarketState,
+    rows: tuple[int, list[Fill], list[OrderState]],
+    done: int | None,
+) -> None:
+    start, fills, orders = rows
+    await trio.to_thread.run_sync(
+        service.store.save_derived,
+        ms.market.id,
+        [CompactedFill(i, f) for i, f in enumerate(fills, start)],
+        [CompactedOrder(o) for o in orders],
+        done,
+    )
