@@ -100,3 +100,18 @@ def test_join_from_several_peers_pulls_the_log_about_once() -> None:
     result = json.loads(out.stdout)
     assert result["digests_agree"] is True
     assert result["ops_pulled"] >= 3000 and result["pulled_to_log"] < 1.5, result
+
+
+@pytest.mark.timeout(120)
+def test_derive_bench_runs_and_derives_fills_and_orders() -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_derive.py"), "6000", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert report["prefix_ops"] > 4000 and report["fills"] > 0 and report["orders"] > 0
+    assert report["derive_pass_ops_per_s"] > 0 and report["history_check_ops_per_s"] > 0
