@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DERIVE_CHUNK", "derive_due", "derive_joined_history", "derive_locked"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("crdtbook.node")
 
 #: Prefix ops read and derived at a time: one store read (~1 MB) and a few ms on the event loop
 #: (the engine's work and a decode without signature check, ~5-10 us an op).
@@ -45,8 +45,8 @@ DERIVE_CHUNK: Final = 1000
 def derive_due(service: NodeService, ms: MarketState) -> bool:
     """Whether ``ms`` joined from a point, its store holds the whole prefix before it, and
     that prefix is not derived yet (nor found inconsistent, nor failed since the last fetch)."""
-    if ms.join_info is None or ms.derive_state is not None:
-        return False
+    if ms.join_info is None or ms.derive_state is not None or not ms.replica.has_history:
+        return False  # (cheap: the history loop asks at every change of the market)
     joined = service.store.join_state(ms.market.id)
     if joined is None:
         return False

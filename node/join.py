@@ -152,6 +152,10 @@ HELD_HISTORY_FETCH_AFTER: Final = 30.0
 #: it (node.derive), and the node can serve it to joiners. Late enough that a join's catch-up
 #: (sync of what came after the point) is done first.
 HISTORY_BACKFILL_AFTER: Final = 30.0
+#: A background fetch that found no peer serving the history is tried again after 60 s, then
+#: twice as long each time, up to this (every peer may have pruned it: asking each of them
+#: every few seconds would cost them a stream each for nothing).
+HISTORY_BACKFILL_RETRY_MAX: Final = 600.0
 #: Join sessions served at once, in all and per peer (a snapshot or history session reads MBs
 #: from the store): past them a request's stream is reset and the joiner tries another peer.
 MAX_SERVING: Final = 8
@@ -552,6 +556,7 @@ class Joiner:
         # A market joined from a point fetches its history in the background after a while
         # (its fills and orders before the point are derived from it: node.derive).
         backfill_at: float | None = None
+        backfill_tries = 0
         while True:
             changed = ms.changed
             replica = ms.replica
@@ -580,12 +585,10 @@ class Joiner:
             # prefix author's chain that nobody references yet: a replica with the history
             # applies it (evidence of equivocation, in the digest) and this one would hold it
             # for ever. So ops held for HELD_HISTORY_FETCH_AFTER make the node fetch too.
-            due = (
-                replica.history_wanted > 0
-                or (held_since is not None and now - held_since >= HELD_HISTORY_FETCH_AFTER)
-                or (backfill_at is not None and backfill and now >= backfill_at)
+            needed = replica.history_wanted > 0 or (
+                held_since is not None and now - held_since >= HELD_HISTORY_FETCH_AFTER
             )
-            if due:
+            if needed:
                 # Asked again every HISTORY_RETRY_BEHIND while a peer lags: said once.
                 outcome = await self.fetch_history(ms, quiet=behind)
                 behind = outcome == "behind"
@@ -597,6 +600,15 @@ class Joiner:
                 else:
                     await trio.sleep(delay)
                     delay = min(HISTORY_RETRY_MAX, delay * 2)
+                continue
+            if backfill and backfill_at is not None and now >= backfill_at:
+                # Nothing needs it: a failed try is said once and tried again less and less
+                # often (every peer may have pruned it).
+                await self.fetch_history(ms, quiet=backfill_tries > 0)  # done: loop ends it
+                backfill_tries += 1
+                backfill_at = trio.current_time() + min(
+                    HISTORY_BACKFILL_RETRY_MAX, HISTORY_BACKFILL_AFTER * 2**backfill_tries
+                )
                 continue
             wake = float("inf") if held_since is None else held_since + HELD_HISTORY_FETCH_AFTER
             if backfill and backfill_at is not None:

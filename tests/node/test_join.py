@@ -508,6 +508,41 @@ async def test_a_joined_node_fetches_its_history_in_the_background(tmp_path: Pat
         assert _past(j) == _past(w)
 
 
+def test_a_background_fetch_nobody_serves_is_said_once_and_backs_off(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every peer pruned the history (here: no peer serves it): the background fetch is tried
+    after 30 s, then 60, 120... up to 600 s apart, and said at INFO once."""
+    import logging
+
+    tries: list[float] = []
+
+    async def main() -> None:
+        async with network(tmp_path) as (w, h, new):
+            j = new("J")
+            connect(j, w)
+            await j.joiner.join(j.ms)
+            await j.pull_from(w)
+            j.net.peers.clear()  # nobody left to serve the history
+            fetch = j.joiner._fetch_history
+
+            async def counted(ms: MarketState, quiet: bool) -> Any:
+                tries.append(trio.current_time())
+                return await fetch(ms, quiet)
+
+            j.joiner._fetch_history = counted  # type: ignore[method-assign]
+            caplog.clear()
+            with trio.move_on_after(3600):
+                await j.joiner.history_loop(j.ms)
+
+    with caplog.at_level(logging.INFO, logger="crdtbook.node"):
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    gaps = [round(b - a) for a, b in zip(tries, tries[1:])]
+    assert gaps[:5] == [60, 120, 240, 480, 600] and set(gaps[5:]) <= {600}, gaps
+    said = [r for r in caplog.records if "in the background" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "INFO"
+
+
 async def test_a_past_that_does_not_derive_the_point_is_not_shown(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
