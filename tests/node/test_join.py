@@ -13,6 +13,7 @@ is fetched on demand (an op naming an old compacted op) and checked against the 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
@@ -518,7 +519,7 @@ def test_a_background_fetch_nobody_serves_is_said_once_and_backs_off(
     tries: list[float] = []
 
     async def main() -> None:
-        async with network(tmp_path) as (w, h, new):
+        async with network(tmp_path) as (w, _, new):
             j = new("J")
             connect(j, w)
             await j.joiner.join(j.ms)
@@ -537,7 +538,7 @@ def test_a_background_fetch_nobody_serves_is_said_once_and_backs_off(
 
     with caplog.at_level(logging.INFO, logger="crdtbook.node"):
         trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    gaps = [round(b - a) for a, b in zip(tries, tries[1:])]
+    gaps = [round(b - a) for a, b in itertools.pairwise(tries)]
     assert gaps[:5] == [60, 120, 240, 480, 600] and set(gaps[5:]) <= {600}, gaps
     said = [r for r in caplog.records if "in the background" in r.getMessage()]
     assert len(said) == 1 and said[0].levelname == "INFO"
