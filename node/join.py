@@ -152,9 +152,10 @@ HELD_HISTORY_FETCH_AFTER: Final = 30.0
 #: it (node.derive), and the node can serve it to joiners. Late enough that a join's catch-up
 #: (sync of what came after the point) is done first.
 HISTORY_BACKFILL_AFTER: Final = 30.0
-#: A background fetch that found no peer serving the history is tried again after 60 s, then
-#: twice as long each time, up to this (every peer may have pruned it: asking each of them
-#: every few seconds would cost them a stream each for nothing).
+#: A background fetch that found no peer serving the history is tried again after twice
+#: ``HISTORY_BACKFILL_AFTER`` (60 s), then twice as long each time, up to this (every peer may
+#: have pruned it: asking each of them every few seconds would cost them a stream each for
+#: nothing). A peer that answers ``not_yet`` is asked again after ``HISTORY_RETRY_BEHIND``.
 HISTORY_BACKFILL_RETRY_MAX: Final = 600.0
 #: Join sessions served at once, in all and per peer (a snapshot or history session reads MBs
 #: from the store): past them a request's stream is reset and the joiner tries another peer.
@@ -604,11 +605,15 @@ class Joiner:
             if backfill and backfill_at is not None and now >= backfill_at:
                 # Nothing needs it: a failed try is said once and tried again less and less
                 # often (every peer may have pruned it).
-                await self.fetch_history(ms, quiet=backfill_tries > 0)  # done: loop ends it
-                backfill_tries += 1
-                backfill_at = trio.current_time() + min(
-                    HISTORY_BACKFILL_RETRY_MAX, HISTORY_BACKFILL_AFTER * 2**backfill_tries
-                )
+                outcome = await self.fetch_history(ms, quiet=backfill_tries > 0)
+                if outcome == "behind":  # a peer will have it soon
+                    backfill_at = trio.current_time() + HISTORY_RETRY_BEHIND
+                else:  # ("done": the loop waits for changes from now on)
+                    backfill_tries += 1
+                    backfill_at = trio.current_time() + min(
+                        HISTORY_BACKFILL_RETRY_MAX,
+                        (self.backfill_after or 0.0) * 2**backfill_tries,
+                    )
                 continue
             wake = float("inf") if held_since is None else held_since + HELD_HISTORY_FETCH_AFTER
             if backfill and backfill_at is not None:

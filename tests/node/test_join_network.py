@@ -113,11 +113,14 @@ def test_a_joined_node_fetches_and_derives_the_past_in_the_background(tmp_path: 
             tmp_path / "j", [w.addr], market=spec, config={**config, "history_backfill": 1.0}
         ).start()
         nodes.append(j)
-        wait_until(
-            lambda: j.market_status(digest=False)["history_derived"] == "done",
-            60,
-            "the joiner to derive its past",
-        )
+        try:
+            wait_until(
+                lambda: j.market_status(digest=False)["history_derived"] == "done",
+                60,
+                "the joiner to derive its past",
+            )
+        except AssertionError:
+            raise AssertionError((j.market_status(digest=False), j.log()[-6000:])) from None
         status = j.market_status(digest=False)
         assert status["join"] == "snapshot" and status["history"] == "complete", j.log()
         fills_w = w.call("fills", market="JD", limit=100000)["fills"]
