@@ -865,18 +865,31 @@ def fills(
     mine: Annotated[
         bool, typer.Option("--mine", help="Only fills this node's orders took part in.")
     ] = False,
+    start: Annotated[
+        int | None,
+        typer.Option(
+            "--start",
+            min=0,
+            help="Page through all fills: the --limit fills from this index on (the first "
+            "fill is 0) instead of the newest.",
+            show_default=False,
+        ),
+    ] = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List the last fills on a market, oldest first, with when this node received each (UTC).
 
     --json prints the node's result: {"market": str, "fills": [Fill], "witnessed": bool,
-    "final_count": int}; each Fill has received_ms and witnessed_ms (Unix ms; witnessed_ms null
-    until final).
+    "final_count": int, "fill_count": int}; each Fill has its index, received_ms and
+    witnessed_ms (Unix ms; witnessed_ms null until final; both null for fills derived from
+    history fetched after a join).
     """
     from crdtbook.cli import render
 
-    result = call(ctx, home, "fills", market=market, limit=limit, mine=mine or None)
+    result = call(
+        ctx, home, "fills", market=market, limit=limit, mine=mine or None, start=start
+    )
     emit(result, as_json, render.fills_table)
 
 

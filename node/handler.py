@@ -755,10 +755,21 @@ class ControlAdapter:
         if limit < 1:
             raise ControlError(BAD_REQUEST, "limit must be at least 1")
         mine = optional_param(params, "mine", bool, False)
+        start = optional_param(params, "start", int, None)
+        if start is not None and start < 0:
+            raise ControlError(BAD_REQUEST, "start is a fill's index: 0 or more")
+        if start is not None and mine:
+            raise ControlError(BAD_REQUEST, "start pages through every fill; it does not "
+                               "combine with mine")
         replica = ms.replica
         final = replica.final_fill_count()
         # Compacted fills come from the store, with the times it kept (ms.fills).
-        found = self._my_fills(ms, limit) if mine else ms.fills(replica.fill_count - limit)
+        if mine:
+            found = self._my_fills(ms, limit)
+        elif start is not None:
+            found = ms.fills(start, start + limit)
+        else:
+            found = ms.fills(replica.fill_count - limit)
         fills = [
             fill_json(ms, c.number, c.fill, c.number < final, (c.received_ms, c.witnessed_ms))
             for c in found
@@ -768,6 +779,7 @@ class ControlAdapter:
             "fills": fills,
             "witnessed": replica.witnessed,
             "final_count": final,
+            "fill_count": replica.fill_count,
         }
 
     def _my_fills(self, ms: MarketState, limit: int) -> list[CompactedFill]:

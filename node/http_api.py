@@ -236,7 +236,11 @@ class HttpApi:
         ms = self.market(request.query_params.get("symbol"))
         limit = _int_param(request, "limit", 100, MAX_LIST_LIMIT)
         since = _int_param(request, "since", None)
-        result = await self.adapter.call("fills", {"market": ms.market.name, "limit": limit})
+        start = _int_param(request, "start", None)
+        params: dict[str, Any] = {"market": ms.market.name, "limit": limit}
+        if start is not None:
+            params["start"] = start
+        result = await self.adapter.call("fills", params)
         trades = [trade_shape(f) for f in result["fills"]]
         if since is not None:
             trades = [t for t in trades if t["timestamp"] is not None and t["timestamp"] >= since]

@@ -264,7 +264,12 @@ def openapi_document() -> dict[str, Any]:
                 "get": _op(
                     "Recent trades, oldest first",
                     _ok({"type": "array", "items": _ref("Trade")}),
-                    [_SYMBOL, limit, _query("since", {"type": "integer"})],
+                    [
+                        _SYMBOL,
+                        limit,
+                        _query("since", {"type": "integer"}),
+                        _query("start", {"type": "integer", "minimum": 0}),
+                    ],
                 )
             },
             "/api/v1/status": {"get": _op("Node status", _ok(_ref("Status")))},

@@ -262,6 +262,9 @@ def test_fills(fake_node: Any) -> None:
     assert fake_node.last("fills") == {"market": "DEMO", "limit": 5}
     assert "fills on DEMO" in res.stdout
     assert json.loads(run("fills", "--json").stdout) == fake_node.answers["fills"]
+    assert run("fills", "--start", "40", "-n", "10").exit_code == 0
+    assert fake_node.last("fills") == {"limit": 10, "start": 40}
+    assert run("fills", "--start", "-1").exit_code == 2  # refused before anything is asked
 
 
 def test_orders_mine_and_all(fake_node: Any, samples: Any) -> None:

@@ -24,6 +24,7 @@ import pytest
 import trio
 
 from crdtbook import BadCancel, Identity, Market, Op, Replica
+from crdtbook.node.control_errors import ControlError
 from crdtbook.node.handler import ControlAdapter
 from crdtbook.node.procs import NodeProcess, make_identity, wait_until
 from crdtbook.node.service import MarketState, NodeService
@@ -134,6 +135,20 @@ async def test_compacts_restarts_and_answers_for_history(tmp_path: Path) -> None
     ]
     assert all(f["final"] for f in fills[: replica.compacted_fills])
     assert fills[0]["witnessed_ms"] is not None  # the witnessed time was kept with it
+    # Paging with start: across the compacted and the in-memory fills, then past the end.
+    paged, start = [], 0
+    while True:
+        page = await node.call("fills", start=start, limit=97)
+        assert page["fill_count"] == fill_count
+        if not page["fills"]:
+            break
+        paged += page["fills"]
+        start = page["fills"][-1]["index"] + 1
+    assert paged == fills
+    for bad in ({"start": -1}, {"start": 0, "mine": True}):
+        with pytest.raises(ControlError) as refused:
+            await node.call("fills", **bad)
+        assert refused.value.code == "bad_request"
     # order: a compacted order is answered from the store, as the full replay has it.
     gone = next(op for op in ref.ops() if op.kind == "order" and replica.order(op.id) is None)
     answer = await node.call("order", order_id=gone.id.hex())

@@ -165,6 +165,9 @@ async def test_rest_trading_round_trip(tmp_path: Path) -> None:
             assert trade["id"] == fill["id"] and trade["side"] == "buy"
             assert trade["takerOrMaker"] is None
             assert await api_a.get("/api/v1/trades", auth=False, symbol="W", since=2**60) == []
+            paged = await api_a.get("/api/v1/trades", auth=False, symbol="W", start=0)
+            assert [t["id"] for t in paged] == [trade["id"]]  # (it may have turned final since)
+            assert await api_a.get("/api/v1/trades", auth=False, symbol="W", start=1) == []
             # market order with a band; then amounts as numbers are refused (floats lose digits)
             mkt = await api_b.post(
                 "/api/v1/orders",
