@@ -20,9 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
+from pathlib import Path
 
-from crdtbook import HistoryCheck, Identity, Market, Op, PrefixDerivation, Replica, decode
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "core"))
+
+from witnessed import DictArchive  # the tests' archive of compacted ops (a dict)
+
+from crdtbook import HistoryCheck, Identity, Market, PrefixDerivation, Replica, decode
 from crdtbook.node.derive import DERIVE_CHUNK
 
 WITNESSES = [Identity.from_seed(bytes([0x61 + i]) * 32) for i in range(3)]
@@ -31,18 +37,10 @@ MARKET = Market("DRV", "1", "1", witnesses=[w.public_key for w in WITNESSES])
 INTERVAL = 2_000
 
 
-class _Archive:
-    def __init__(self) -> None:
-        self.ops: dict[bytes, Op] = {}
-
-    def get(self, ident: bytes) -> Op | None:
-        return self.ops.get(ident)
-
-
 def history(count: int, seed: int = 1) -> tuple[bytes, list[bytes]]:
     """The point state and the raw prefix of a replica that traded ``count`` ops."""
     rng = random.Random(seed)
-    archive = _Archive()
+    archive = DictArchive()
     replica = Replica(MARKET, archive=archive, point_interval=INTERVAL)
     prefix: list[bytes] = []
     resting: list[tuple[Identity, bytes]] = []

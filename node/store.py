@@ -231,6 +231,27 @@ LIVE, COMPACTED, STAGED = 0, 1, 2
 POINTS_KEPT = 2
 
 
+def _insert_rows(
+    conn: sqlite3.Connection,
+    conflict: Literal["REPLACE", "IGNORE"],
+    market: bytes,
+    fills: Iterable[CompactedFill],
+    orders: Iterable[CompactedOrder],
+) -> None:
+    """Write compacted (or derived) fills and orders in the caller's transaction; a row already
+    there is replaced or kept, as ``conflict`` says."""
+    conn.executemany(
+        f"INSERT OR {conflict} INTO compacted_fills (market, {_FILL_COLUMNS})"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(market, c.number, *c.fill, c.received_ms, c.witnessed_ms) for c in fills],
+    )
+    conn.executemany(
+        f"INSERT OR {conflict} INTO compacted_orders (market, {_ORDER_COLUMNS})"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(market, *c.order[:13], c.received_ms, c.witnessed_ms) for c in orders],
+    )
+
+
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
     """Run ``;``-separated statements inside the caller's transaction (``executescript`` would
     commit it first)."""
@@ -658,8 +679,6 @@ class OpStore:
         index_of = {ident: index for index, ident in enumerate(order, order_start)}
         marks = [(index_of.pop(_need_bytes("op id", i), None), i) for i in op_ids]
         indexes = [(index, ident) for ident, index in index_of.items()]
-        fill_rows = [(market, c.number, *c.fill, c.received_ms, c.witnessed_ms) for c in fills]
-        order_rows = [(market, *c.order[:13], c.received_ms, c.witnessed_ms) for c in orders]
         with self._lock, self._writing():
             conn = self._db()
             conn.execute("BEGIN IMMEDIATE")
@@ -669,16 +688,7 @@ class OpStore:
                     " final_idx = coalesce(?, final_idx) WHERE id = ?",
                     marks,
                 )
-                conn.executemany(
-                    f"INSERT OR REPLACE INTO compacted_fills (market, {_FILL_COLUMNS})"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    fill_rows,
-                )
-                conn.executemany(
-                    f"INSERT OR REPLACE INTO compacted_orders (market, {_ORDER_COLUMNS})"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    order_rows,
-                )
+                _insert_rows(conn, "REPLACE", market, fills, orders)
                 conn.execute(
                     "INSERT OR REPLACE INTO snapshots (market, ops, fills, data)"
                     " VALUES (?, ?, ?, ?)",
@@ -965,22 +975,11 @@ class OpStore:
         point (node.derive), as a compaction stores its own, in one transaction; with
         ``done``, also record the derivation complete up to that point. A row already there
         stays (a derivation started again after a restart writes the same rows)."""
-        fill_rows = [(market, c.number, *c.fill, c.received_ms, c.witnessed_ms) for c in fills]
-        order_rows = [(market, *c.order[:13], c.received_ms, c.witnessed_ms) for c in orders]
         with self._lock, self._writing():
             conn = self._db()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(
-                    f"INSERT OR IGNORE INTO compacted_fills (market, {_FILL_COLUMNS})"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    fill_rows,
-                )
-                conn.executemany(
-                    f"INSERT OR IGNORE INTO compacted_orders (market, {_ORDER_COLUMNS})"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    order_rows,
-                )
+                _insert_rows(conn, "IGNORE", market, fills, orders)
                 if done is not None:
                     conn.execute(
                         "UPDATE joins SET derived = ? WHERE market = ?", (done, market)

@@ -7,24 +7,29 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.timeout(180)
-def test_core_bench_quick_runs_and_reports_every_figure() -> None:
+def bench_json(script: str, *args: str, timeout: float) -> Any:
+    """Run ``bench/script`` with ``args`` (and ``--json``); its JSON report."""
     out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_core.py"), "--quick", "--json"],
+        [sys.executable, str(ROOT / "bench" / script), *args, "--json"],
         capture_output=True,
         text=True,
-        timeout=170,
+        timeout=timeout,
         cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    report = json.loads(out.stdout)
-    results = report["results"]
+    return json.loads(out.stdout)
+
+
+@pytest.mark.timeout(180)
+def test_core_bench_quick_runs_and_reports_every_figure() -> None:
+    results = bench_json("bench_core.py", "--quick", timeout=170)["results"]
     for key in (
         "apply_ops_per_s",
         "apply_many_ops_per_s",
@@ -104,14 +109,6 @@ def test_join_from_several_peers_pulls_the_log_about_once() -> None:
 
 @pytest.mark.timeout(120)
 def test_derive_bench_runs_and_derives_fills_and_orders() -> None:
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_derive.py"), "6000", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=110,
-        cwd=ROOT,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    report = json.loads(out.stdout)
+    report = bench_json("bench_derive.py", "6000", timeout=110)
     assert report["prefix_ops"] > 4000 and report["fills"] > 0 and report["orders"] > 0
     assert report["derive_pass_ops_per_s"] > 0 and report["history_check_ops_per_s"] > 0

@@ -10,7 +10,7 @@ from typing import Any
 import hypothesis.strategies as st
 import pytest
 from hypothesis import given, settings
-from witnessed import GENESIS, TRADERS, WMARKET
+from witnessed import GENESIS, TRADERS, WMARKET, DictArchive
 
 from crdtbook import Op, PrefixDerivation, Replica, SnapshotRefused, read_point
 from crdtbook import _derive as derive_module
@@ -20,20 +20,12 @@ from crdtbook._state import OrderState
 INTERVAL = 40
 
 
-class _Archive:
-    def __init__(self) -> None:
-        self.ops: dict[bytes, Op] = {}
-
-    def get(self, ident: bytes) -> Op | None:
-        return self.ops.get(ident)
-
-
 class _CompactingNode:
     """A replica compacting at every point as a node does, keeping what each compaction hands
     out: the prefix in total order, its fills by global index and its finished orders."""
 
     def __init__(self) -> None:
-        self.archive = _Archive()
+        self.archive = DictArchive()
         self.replica = Replica(WMARKET, archive=self.archive, point_interval=INTERVAL)
         self.prefix: list[Op] = []
         self.fills: dict[int, Fill] = {}

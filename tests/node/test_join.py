@@ -445,6 +445,16 @@ async def test_history_on_demand_releases_an_op_naming_a_compacted_parent(
         assert j.ms.join_status()["history"] == "complete" and j.ms.joined_from == point.n
 
 
+async def joined(new: Callable[..., Node], w: Node, *others: Node) -> Node:
+    """A new node J joined from a snapshot (offered by ``w`` and ``others``) and synced from
+    ``w``: the history before its point absent."""
+    j = new("J")
+    connect(j, w, *others)
+    await j.joiner.join(j.ms)
+    await j.pull_from(w)
+    return j
+
+
 def _past(node: Node) -> tuple[list[tuple[int, Any]], dict[bytes, Any]]:
     """A node's fills (global index, fill) and finished final orders, as ``fills`` and
     ``order`` answer them (the store's and the replica's), without the node-local times."""
@@ -463,10 +473,7 @@ async def test_a_joined_node_derives_the_fills_and_orders_before_its_point(
     history is fetched it derives what came before (node.derive): the witness's own fills and
     finished orders, marked done in the store, kept through a restart."""
     async with network(tmp_path) as (w, h, new):
-        j = new("J")
-        connect(j, w, h)
-        await j.joiner.join(j.ms)
-        await j.pull_from(w)
+        j = await joined(new, w, h)
         point = j.ms.join_info
         assert point is not None and j.ms.replica.compacted_fills > 0
         w_fills, w_orders = _past(w)
@@ -520,10 +527,7 @@ def test_a_background_fetch_nobody_serves_is_said_once_and_backs_off(
 
     async def main() -> None:
         async with network(tmp_path) as (w, _, new):
-            j = new("J")
-            connect(j, w)
-            await j.joiner.join(j.ms)
-            await j.pull_from(w)
+            j = await joined(new, w)
             j.net.peers.clear()  # nobody left to serve the history
             fetch = j.joiner._fetch_history
 
@@ -556,10 +560,7 @@ async def test_a_past_that_does_not_derive_the_point_is_not_shown(
 
     monkeypatch.setattr(PrefixDerivation, "finish", differs)
     async with network(tmp_path) as (w, h, new):
-        j = new("J")
-        connect(j, w, h)
-        await j.joiner.join(j.ms)
-        await j.pull_from(w)
+        j = await joined(new, w, h)
         before = _past(j)
         assert await j.joiner.fetch_history(j.ms) == "done"
         assert j.ms.join_status()["history_derived"] == "inconsistent"

@@ -26,12 +26,14 @@ INTERVAL = 40
 #: which is the whole history here (it holds them as possible copies of prefix ops; they are
 #: marked compacted at its next point). The joiners start after that window.
 GOSSIP_HISTORY_S = 6.0
+#: Every node's: points every INTERVAL final ops, heartbeats often, joiners wait for offers.
+CONFIG = {"point_interval": INTERVAL, "heartbeat_interval": 0.02, "join_peer_wait": 20.0}
 
 
 def test_one_node_joins_from_a_snapshot_and_another_from_the_full_log(tmp_path: Path) -> None:
     key = make_identity(tmp_path / "w")
     spec = f"JN:1:1:{key.hex()}"
-    config = {"point_interval": INTERVAL, "heartbeat_interval": 0.02, "join_peer_wait": 20.0}
+    config = CONFIG
     nodes: list[NodeProcess] = []
     try:
         w = NodeProcess(tmp_path / "w", market=spec, config=config).start()
@@ -91,7 +93,7 @@ def test_a_joined_node_fetches_and_derives_the_past_in_the_background(tmp_path: 
     answer for the whole past, as at the witness."""
     key = make_identity(tmp_path / "w")
     spec = f"JD:1:1:{key.hex()}"
-    config = {"point_interval": INTERVAL, "heartbeat_interval": 0.02, "join_peer_wait": 20.0}
+    config = CONFIG
     nodes: list[NodeProcess] = []
     try:
         w = NodeProcess(tmp_path / "w", market=spec, config=config).start()
