@@ -68,7 +68,7 @@ from ._points import (
     check_attested,
 )
 from ._replica import ApplyReport, Archive, CompactReport, Replica, RestoreReport
-from ._snapshot import read_point
+from ._snapshot import point_fills, read_point
 from ._state import Book, Level, OrderState, RestingOrder
 from ._sync import BloomFilter, SlidingBloom, ops_missing_for
 
@@ -132,5 +132,6 @@ __all__ = [
     "encode",
     "op_id",
     "ops_missing_for",
+    "point_fills",
     "read_point",
 ]

@@ -16,9 +16,10 @@ and its ops chain to it, so this node would derive another past than the replica
 Memory: the ops come in chunks and the rows leave in chunks (``take``). The engine lets go of
 finished orders (``Engine.compacted``, O(orders held)) once it holds at least as many rows
 beyond its resting orders as resting ones (and ``COMPACT_MIN_ROWS``), so each row costs O(1)
-amortized and what is held is O(resting orders + one chunk), however long the prefix. Cost:
-the final engine's own work per op (no causal log, no signature check: the attested chain
-covers the bytes) plus one SHA-256.
+amortized; its records of cancels are dropped after each chunk (nothing here reads them). What
+is held is O(resting orders + one chunk), plus, in a version 2 market, one entry per client
+order id ever used (the engine must refuse a reused one). Cost: the final engine's own work per
+op (no causal log, no signature check: the attested chain covers the bytes) plus one SHA-256.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ class PrefixDerivation:
             self.ops += 1
         self._chain = chain
         engine.tape.clear()  # nothing here is ever undone
+        engine.cancels.clear()  # what each cancel did: views only (a flood of cancels
+        engine.cancel_alls.clear()  # would otherwise grow them without a new order row)
 
     def take(self, *, all_orders: bool = False) -> tuple[int, list[Fill], list[OrderState]]:
         """The fills derived since the last take (with the global index of the first) and

@@ -51,7 +51,8 @@ if TYPE_CHECKING:
     from ._replica import Replica
 
 __all__ = [
-    "FORMAT", "VERSION", "encode_point", "engine_fields", "read_fields", "read_point",
+    "FORMAT", "VERSION", "encode_point", "engine_fields", "point_fills", "read_fields",
+    "read_point",
     "restore_snapshot",
 ]
 
@@ -243,6 +244,12 @@ def read_point_fields(
             "damaged", f"a field is missing or of the wrong type: {exc!r}"
         ) from exc
     return PointInfo(n, hashlib.sha256(blob).digest(), chain, kept), chain_ids, current
+
+
+def point_fills(market: Market, blob: bytes) -> int:
+    """How many fills the prefix of a point state counts (``SnapshotRefused`` if it is none
+    of ``market``'s)."""
+    return int(_read(blob, market.id)["counts"][1])
 
 
 def read_point(market: Market, blob: bytes) -> PointInfo:
