@@ -10,12 +10,19 @@ whole history, marked final.
 
 Nothing unchecked is shown: a first pass over the prefix only checks that it derives the point
 state (op count and running hash, fill and order counts, resting orders); the second writes the
-rows, in chunks. A mismatch (this node's code would derive another past than the replicas that
-made the point) is logged once at ERROR, and ``status`` says ``inconsistent``; nothing is
-written. Each chunk is read from the store in a worker thread and derived on the event loop
-(``DERIVE_CHUNK`` ops, a few ms), so the node serves on meanwhile. It holds the market's
-``archive_lock``, so retention prunes nothing under it. Done once: the store records it
-(``joins.derived``), and a restart in the middle starts again (the rows are the same).
+rows, in chunks. Until both are done, paging through ``fills`` (``start``) begins at the join
+point (``answered_from``). A mismatch (this node's code would derive another past than the
+replicas that made the point) is logged once at ERROR, and ``status`` says ``inconsistent``;
+nothing is written. A store that fails meanwhile leaves it ``failed``: tried again after
+``DERIVE_RETRY`` (doubling up to ``DERIVE_RETRY_MAX``) while the history is held, and after
+the next history fetch.
+
+All of the work runs in a worker thread, a chunk (``DERIVE_CHUNK`` ops: the store read, the
+decoding, the engine) at a time, and so do the reading of the point state and the final check,
+which walk every resting order (seconds for a book of 200,000): the event loop only waits. It
+holds the market's ``archive_lock``, so retention prunes nothing under it. Done once: the store
+records it (``joins.derived``), and a restart in the middle starts again (the rows are the
+same).
 """
 
 from __future__ import annotations
@@ -33,20 +40,44 @@ from .store import CompactedFill, CompactedOrder, StoreError
 if TYPE_CHECKING:
     from .service import MarketState, NodeService
 
-__all__ = ["DERIVE_CHUNK", "derive_due", "derive_joined_history", "derive_locked"]
+__all__ = [
+    "DERIVE_CHUNK",
+    "DERIVE_RETRY",
+    "DERIVE_RETRY_MAX",
+    "answered_from",
+    "derive_due",
+    "derive_joined_history",
+    "derive_locked",
+]
 
 logger = logging.getLogger("crdtbook.node")
 
-#: Prefix ops read and derived at a time: one store read (~1 MB) and a few ms on the event loop
-#: (the engine's work and a decode without signature check, ~5-10 us an op).
+#: Prefix ops read and derived at a time, in a worker thread: one store read (~1 MB), the
+#: decoding and the engine's work (~15 us an op: bench/bench_derive.py).
 DERIVE_CHUNK: Final = 1000
+#: A derivation that failed (the store refused a write) is tried again this long after, then
+#: twice as long each time up to DERIVE_RETRY_MAX, while the history is held.
+DERIVE_RETRY: Final = 30.0
+DERIVE_RETRY_MAX: Final = 600.0
+
+
+def answered_from(ms: MarketState) -> int:
+    """The lowest fill index this node answers for in order: 0, but for a market joined from a
+    point whose past is not derived yet (the point's fill count)."""
+    if ms.join_info is None or ms.derive_state == "done":
+        return 0
+    return ms.join_fills
 
 
 def derive_due(service: NodeService, ms: MarketState) -> bool:
     """Whether ``ms`` joined from a point, its store holds the whole prefix before it, and
-    that prefix is not derived yet (nor found inconsistent, nor failed since the last fetch)."""
-    if ms.join_info is None or ms.derive_state is not None or not ms.replica.has_history:
+    that prefix is not derived yet (nor found inconsistent, nor failed too recently)."""
+    if ms.join_info is None or not ms.replica.has_history:
         return False  # (cheap: the history loop asks at every change of the market)
+    if ms.derive_state == "failed" and trio.current_time() >= ms.derive_retry_at:
+        ms.derive_state = None
+    if ms.derive_state is not None:
+        return False
     joined = service.store.join_state(ms.market.id)
     if joined is None:
         return False
@@ -72,6 +103,9 @@ async def derive_locked(service: NodeService, ms: MarketState) -> bool:
         outcome = await _derive(service, ms)
     finally:
         ms.derive_state = outcome
+        if outcome == "failed":
+            ms.derive_retry_at = trio.current_time() + ms.derive_delay
+            ms.derive_delay = min(DERIVE_RETRY_MAX, ms.derive_delay * 2)
     return outcome == "done"
 
 
@@ -87,29 +121,23 @@ async def _derive(service: NodeService, ms: MarketState) -> str:
                 market.name, n)
     for writing in (False, True):
         try:
-            derivation = PrefixDerivation(market, blob)
+            derivation = await trio.to_thread.run_sync(PrefixDerivation, market, blob)
         except SnapshotRefused as exc:  # the store's own bytes, damaged on disk
             logger.warning("%s: the joined point does not read (%s)", market.name, exc)
             return "failed"
         try:
             while derivation.ops < n:
-                raws = await trio.to_thread.run_sync(
-                    store.history, market.id, derivation.ops,
-                    min(DERIVE_CHUNK, n - derivation.ops),
+                count = await trio.to_thread.run_sync(
+                    _derive_chunk, service, ms, derivation, n, writing
                 )
-                if not raws:  # not held any more (retention pruned it): after the next fetch
+                if not count:  # not held any more (retention pruned it): after the next fetch
                     logger.info("%s: the history before the join point is not held; its fills "
                                 "and orders are not derived", market.name)
                     return "failed"
-                derivation.feed(decode(raw, verify=False) for raw in raws)
-                rows = derivation.take()
-                if writing:
-                    await _save(service, ms, rows, None)
                 ms.derive_progress = (derivation.ops + (n if writing else 0)) / (2 * n)
-                await trio.sleep(0)
-            last = derivation.finish()
+            last = await trio.to_thread.run_sync(derivation.finish)
             if writing:
-                await _save(service, ms, last, n)
+                await trio.to_thread.run_sync(_save, service, ms, last, n)
         except SnapshotRefused as exc:
             logger.error("%s: the history before the join point does not derive the point state "
                          "it was checked against (%s); its fills and orders are not shown",
@@ -124,15 +152,30 @@ async def _derive(service: NodeService, ms: MarketState) -> str:
     return "done"
 
 
-async def _save(
+def _derive_chunk(
+    service: NodeService, ms: MarketState, derivation: PrefixDerivation, n: int, writing: bool
+) -> int:
+    """One chunk, in a worker thread: read it, derive it and (``writing``) store its rows; how
+    many ops it took (0: the store does not hold them)."""
+    raws = service.store.history(
+        ms.market.id, derivation.ops, min(DERIVE_CHUNK, n - derivation.ops)
+    )
+    if raws:
+        derivation.feed(decode(raw, verify=False) for raw in raws)
+        rows = derivation.take()
+        if writing:
+            _save(service, ms, rows, None)
+    return len(raws)
+
+
+def _save(
     service: NodeService,
     ms: MarketState,
     rows: tuple[int, list[Fill], list[OrderState]],
     done: int | None,
 ) -> None:
     start, fills, orders = rows
-    await trio.to_thread.run_sync(
-        service.store.save_derived,
+    service.store.save_derived(
         ms.market.id,
         [CompactedFill(i, f) for i, f in enumerate(fills, start)],
         [CompactedOrder(o) for o in orders],

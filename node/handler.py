@@ -56,6 +56,7 @@ from .control_errors import (
     ControlError,
     unknown_name,
 )
+from .derive import answered_from
 from .finality import STALL_SECONDS, FinalityView
 from .service import HISTORY_CHUNK, KeyEquivocated, MarketState, NodeService
 from .store import CompactedFill, StoreWriteError
@@ -767,6 +768,8 @@ class ControlAdapter:
         if mine:
             found = self._my_fills(ms, limit)
         elif start is not None:
+            # A joined node's past not derived yet: the pages begin at its join point.
+            start = max(start, answered_from(ms))
             found = ms.fills(start, start + limit)
         else:
             found = ms.fills(replica.fill_count - limit)

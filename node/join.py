@@ -152,10 +152,10 @@ HELD_HISTORY_FETCH_AFTER: Final = 30.0
 #: it (node.derive), and the node can serve it to joiners. Late enough that a join's catch-up
 #: (sync of what came after the point) is done first.
 HISTORY_BACKFILL_AFTER: Final = 30.0
-#: A background fetch that found no peer serving the history is tried again after twice
-#: ``HISTORY_BACKFILL_AFTER`` (60 s), then twice as long each time, up to this (every peer may
-#: have pruned it: asking each of them every few seconds would cost them a stream each for
-#: nothing). A peer that answers ``not_yet`` is asked again after ``HISTORY_RETRY_BEHIND``.
+#: A background fetch that found no peer serving the history (or only peers that lag) is
+#: tried again after twice ``HISTORY_BACKFILL_AFTER`` (60 s), then twice as long each time, up
+#: to this (every peer may have pruned it: asking each of them every few seconds would cost
+#: them a stream each for nothing). Retries log at DEBUG.
 HISTORY_BACKFILL_RETRY_MAX: Final = 600.0
 #: Join sessions served at once, in all and per peer (a snapshot or history session reads MBs
 #: from the store): past them a request's stream is reset and the joiner tries another peer.
@@ -566,7 +566,9 @@ class Joiner:
                 continue
             if replica.has_history or history_point(ms) is None:
                 held_since = None
-                await changed.wait()
+                retry = ms.derive_retry_at if ms.derive_state == "failed" else float("inf")
+                with trio.move_on_at(retry):  # a derivation that failed: tried again then
+                    await changed.wait()
                 continue
             now = trio.current_time()
             backfill = (
@@ -605,15 +607,14 @@ class Joiner:
             if backfill and backfill_at is not None and now >= backfill_at:
                 # Nothing needs it: a failed try is said once and tried again less and less
                 # often (every peer may have pruned it).
-                outcome = await self.fetch_history(ms, quiet=backfill_tries > 0)
-                if outcome == "behind":  # a peer will have it soon
-                    backfill_at = trio.current_time() + HISTORY_RETRY_BEHIND
-                else:  # ("done": the loop waits for changes from now on)
-                    backfill_tries += 1
-                    backfill_at = trio.current_time() + min(
-                        HISTORY_BACKFILL_RETRY_MAX,
-                        (self.backfill_after or 0.0) * 2**backfill_tries,
-                    )
+                # ("done": the loop waits for changes from now on; a peer that lags is waited
+                # for as one that has none: nothing needs it soon)
+                await self.fetch_history(ms, quiet=backfill_tries > 0)
+                backfill_tries += 1
+                backfill_at = trio.current_time() + min(
+                    HISTORY_BACKFILL_RETRY_MAX,
+                    max(HISTORY_RETRY_BEHIND, self.backfill_after or 0.0) * 2**backfill_tries,
+                )
                 continue
             wake = float("inf") if held_since is None else held_since + HELD_HISTORY_FETCH_AFTER
             if backfill and backfill_at is not None:
@@ -663,7 +664,7 @@ class Joiner:
                 except JoinRefusal as exc:
                     lags = exc.code == "not_yet"
                     behind = behind or lags
-                    (logger.debug if lags and quiet else logger.info)(
+                    (logger.debug if quiet else logger.info)(
                         "%s: %s serves no history: %s", name, peer, exc
                     )
                     continue

@@ -63,6 +63,7 @@ from crdtbook import (
     SnapshotRefused,
     decode,
     op_id,
+    point_fills,
     read_point,
 )
 from crdtbook._ops import decode_with_id  # the shell hashes received bytes once (prepare)
@@ -209,6 +210,12 @@ class MarketState:
     #: "inconsistent" (never shown); ``derive_progress``: of both passes, 0 to 1.
     derive_state: str | None = None
     derive_progress: float = 0.0
+    #: After a failed derivation: when to try again, and the wait after that (node.derive).
+    derive_retry_at: float = 0.0
+    derive_delay: float = 30.0
+    #: The fills before the point joined from (None before a join): paging through ``fills``
+    #: begins there until the past is derived (``node.derive.answered_from``).
+    join_fills: int = 0
     #: Retention (node.retention): the node's ``--retention`` (None: keep the whole archive)
     #: and what it pruned of this market's archive (as recorded in the store).
     retention: int | None = None
@@ -729,6 +736,7 @@ class NodeService:
             ms.join_state = ms.join_state or "snapshot"
             try:
                 ms.join_info = read_point(market, joined[1])
+                ms.join_fills = point_fills(market, joined[1])
             except SnapshotRefused as exc:  # the store's own bytes: damaged on disk
                 logger.warning("%s: the joined point does not read (%s)", market.name, exc)
             if self.store.join_derived(market.id) >= joined[0]:
@@ -1068,6 +1076,7 @@ class NodeService:
         ms._digest = None
         ms._point_hashes = None
         ms.join_info = info
+        ms.join_fills = replica.compacted_fills
         ms.join_state = "snapshot"
         ms.finality.prime(replica)
         self._forget_evicted(ms)

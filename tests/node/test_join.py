@@ -25,11 +25,12 @@ import trio
 import trio.testing
 
 from crdtbook import Identity, Market, Op, Replica
+from crdtbook.node.derive import answered_from, derive_due, derive_joined_history
 from crdtbook.node.join import Joiner
 from crdtbook.node.join_wire import Offer
 from crdtbook.node.p2p_errors import P2PError
 from crdtbook.node.service import MarketState, NodeService
-from crdtbook.node.store import STORE_FILENAME, OpStore
+from crdtbook.node.store import STORE_FILENAME, OpStore, StoreWriteError
 from crdtbook.node.sync import pull, respond
 
 from .test_compaction import author as trading
@@ -480,13 +481,18 @@ async def test_a_joined_node_derives_the_fills_and_orders_before_its_point(
         j_fills, j_orders = _past(j)
         assert j_fills == w_fills[j.ms.replica.compacted_fills :] and j_orders == {}
         assert j.ms.join_status()["history_derived"] == "not_yet"
+        # Paging (``fills`` with ``start``) begins at the join point until the past is derived,
+        # also after a restart.
+        assert answered_from(j.ms) == j.ms.replica.compacted_fills == len(w_fills)
+        j.service.load_from_store()
+        assert answered_from(j.ms) == len(w_fills)
 
         assert await j.joiner.fetch_history(j.ms) == "done"
         assert _past(j) == (w_fills, w_orders)
         assert len(w_orders) == j.ms.replica.compacted_orders
         status = j.ms.join_status()
         assert status["history_derived"] == "done" and status["history_derived_progress"] == 1
-        assert j.store.join_derived(MARKET.id) == point.n
+        assert j.store.join_derived(MARKET.id) == point.n and answered_from(j.ms) == 0
         for order in list(w_orders.values())[:20]:  # ``order`` answers for them, final
             found = j.ms.order_with_times(order.id)
             assert found is not None and found.order == order and found.order.final
@@ -546,6 +552,35 @@ def test_a_background_fetch_nobody_serves_is_said_once_and_backs_off(
     assert gaps[:5] == [60, 120, 240, 480, 600] and set(gaps[5:]) <= {600}, gaps
     said = [r for r in caplog.records if "in the background" in r.getMessage()]
     assert len(said) == 1 and said[0].levelname == "INFO"
+
+
+async def test_a_derivation_the_store_refused_is_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store refuses the derived rows once (a full disk): ``failed``, nothing marked done;
+    once the retry time has come (``derive_retry_at``), ``derive_due`` says so, and the next
+    try stores it all."""
+    async with network(tmp_path) as (w, h, new):
+        j = await joined(new, w, h)
+        save = j.store.save_derived
+        calls = []
+
+        def refuse_once(*args: Any, **kwargs: Any) -> None:
+            calls.append(1)
+            if len(calls) == 1:
+                raise StoreWriteError("the op store is full", "full")
+            save(*args, **kwargs)
+
+        monkeypatch.setattr(j.store, "save_derived", refuse_once)
+        assert await j.joiner.fetch_history(j.ms) == "done"
+        assert j.ms.join_status()["history_derived"] == "failed"
+        assert j.store.join_derived(MARKET.id) == 0 and not derive_due(j.service, j.ms)
+        assert j.ms.derive_retry_at > trio.current_time() + 20  # DERIVE_RETRY later
+        j.ms.derive_retry_at = trio.current_time()  # that time has come
+        assert derive_due(j.service, j.ms)
+        assert await derive_joined_history(j.service, j.ms)
+        assert j.ms.join_status()["history_derived"] == "done"
+        assert _past(j) == _past(w)
 
 
 async def test_a_past_that_does_not_derive_the_point_is_not_shown(
