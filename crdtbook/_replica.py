@@ -1192,6 +1192,28 @@ class Replica:
             fin.cap = None
             self.version += 1
 
+    @property
+    def frontier_cap(self) -> int | None:
+        """While a reconfiguration waits for the history, the frontier this replica holds its
+        finality at (``Witnessing.cap``); None otherwise. A node keeps it across a restart
+        (``hold_frontier_at``)."""
+        return None if self._fin is None else self._fin.cap
+
+    def hold_frontier_at(self, cap: int) -> None:
+        """Raise the held frontier to ``cap``, a ``frontier_cap`` this replica's node saw before
+        it restarted, while a reconfiguration still waits for the history. A restart replays the
+        ops after the point in Lamport order and holds the frontier where the replay met the
+        reconfiguration, which can be lower than before: what was shown final would read
+        provisional until the history is back. Safe: the frontier ``cap`` was this replica's
+        own, over ops it holds again, and it never reads above what the witnesses' heartbeats
+        give. Never lowers the held frontier; ignored when nothing waits."""
+        fin = self._fin
+        if fin is None or fin.cap is None or cap <= fin.cap:
+            return
+        if self.reconfiguration_waits_for_history():
+            fin.cap = cap
+            self.version += 1
+
     def forget_history(self) -> None:
         """The archive no longer holds the whole prefix (a node pruned its store): from now on
         the ops whose verdict needs what is gone wait for it, as at a node that joined from a
@@ -1808,6 +1830,10 @@ class Replica:
     def is_pending(self, ident: bytes) -> bool:
         """Known and valid so far, but waiting for parents."""
         return ident in self._pending
+
+    def waits_for_history(self, ident: bytes) -> bool:
+        """Held until the history this replica lacks is back (its verdict needs it)."""
+        return ident in self._history_wait
 
     def intern_id(self, ident: bytes) -> bytes:
         """The replica's own bytes object for an applied op's id (else ``ident``): pass it to

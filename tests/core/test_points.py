@@ -459,6 +459,53 @@ def test_a_point_state_changed_anywhere_is_refused_with_a_value_error(path: list
                               history=False)
 
 
+def test_a_restart_keeps_the_frontier_a_waiting_reconfiguration_held() -> None:
+    """A pruned replica holds a reconfiguration for its history, its frontier held where it was
+    (``frontier_cap``). A restart replays the ops after the point in Lamport order and meets the
+    reconfiguration before later heartbeats that had arrived sooner: the frontier it holds then
+    is lower, and ops shown final before the restart would read provisional until the history
+    is back. ``hold_frontier_at`` (the node keeps the cap in its store) puts it back."""
+    nodes, _ = _world(300, seed=4)
+    a, b, c = (node.replica for node in nodes)
+    a.forget_history()
+    keys = sorted(w.public_key for w in GENESIS[:2])  # GENESIS[2] removed
+    approvals = {GENESIS[0].public_key: b.approve_reconfig(GENESIS[0], keys)}
+    removal = b.reconfigure(GENESIS[1], keys, approvals)
+    # Before the removal reaches a: orders and heartbeats of every witness from c, later in
+    # Lamport time than the removal.
+    more = [c.submit(TRADERS[0], "buy", 99, 1) for _ in range(30)]
+    beats = [c.heartbeat(w) for w in GENESIS] + [c.heartbeat(w) for w in GENESIS]
+    for op in more + beats:
+        a.apply(op)
+    assert min(beat.lamport for beat in beats) > removal.lamport
+    assert a.apply(removal) == [] and a.reconfiguration_waits_for_history()
+    cap = a.frontier_cap
+    assert cap is not None and cap == a.frontier
+    shown = a.final_count
+    held = [removal, *a.ops()]
+    kept = [nodes[0].archive.ops.get(i) or a.applied_index[i] for i in a.point.kept]
+
+    def restart() -> Replica:
+        again = Replica.from_snapshot(
+            WMARKET, a.snapshot(), [op.raw for op in kept + held], archive=nodes[0].archive,
+            point_interval=INTERVAL, history=False,
+        )
+        assert again.reconfiguration_waits_for_history() and removal.id not in again
+        return again
+
+    again = restart()
+    assert again.frontier < cap and again.final_count < shown  # the limit
+    again.hold_frontier_at(cap)
+    assert again.frontier == cap and again.final_count == shown
+    assert again.frontier_cap == cap
+    again.hold_frontier_at(cap - 1)  # never lowers it
+    assert again.frontier == cap
+    # Nothing waits: a cap given is ignored (the frontier is the witnesses' alone).
+    fresh = Replica(WMARKET)
+    fresh.hold_frontier_at(10**9)
+    assert fresh.frontier_cap is None and fresh.frontier == 0
+
+
 def test_finality_does_not_advance_while_a_reconfiguration_waits_for_the_history() -> None:
     """At a replica without its history a reconfiguration waits for it (its rules walk into
     the prefix). Meanwhile finality there counted the witness set without it, heartbeats of
