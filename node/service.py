@@ -208,6 +208,8 @@ class MarketState:
     #: The history before the join point, derived (node.derive): None (not tried, or not
     #: joined), "deriving", "done", "failed" (tried again after the next history fetch) or
     #: "inconsistent" (never shown); ``derive_progress``: of both passes, 0 to 1.
+    #: The held frontier last stored (``NodeService._keep_frontier_cap``); None: none.
+    kept_cap: int | None = None
     derive_state: str | None = None
     derive_progress: float = 0.0
     #: After a failed derivation: when to try again, and the wait after that (node.derive).
@@ -550,6 +552,11 @@ async def _decode_parallel(
     return [item for part in results for item in part]
 
 
+def _cap_key(market: bytes) -> str:
+    """The meta key of a market's held frontier (``NodeService._keep_frontier_cap``)."""
+    return "frontier_cap:" + market.hex()
+
+
 class _StoreWriter:
     """Makes ops durable before the node acknowledges or forwards them.
 
@@ -791,6 +798,7 @@ class NodeService:
             gc.enable()
             self._applied_since_freeze = 0
         seconds = time.monotonic() - started
+        self._hold_kept_frontier(ms, replica)
         ms.replica = replica
         ms._digest = None  # cached for the replica it replaces
         ms.finality.prime(replica)
@@ -1287,7 +1295,12 @@ class NodeService:
         self._forget_evicted(ms)
         result.invalid += len(report.invalid)
         result.duplicates += report.duplicates
-        kept = [op for op in ops if op.id in replica or replica.is_pending(op.id)]
+        # Kept: what the replica holds, ops held for the history included (a restart holds
+        # them again: a reconfiguration among them holds finality where it was).
+        kept = [
+            op for op in ops
+            if op.id in replica or replica.is_pending(op.id) or replica.waits_for_history(op.id)
+        ]
         result.new = len(kept)
         if kept:
             raw_of = prepared.raws
@@ -1312,6 +1325,8 @@ class NodeService:
         fetched it: every later op descends from what waits, so nothing applied again and
         nothing woke the loop (seen: stuck for good, finality stalled at every node)."""
         if not ms.replica.has_history and ms.replica.history_held:
+            if ms.replica.frontier_cap != ms.kept_cap:  # a reconfiguration began to wait
+                self._keep_frontier_cap(ms)
             ms.changed.set()
             ms.changed = trio.Event()
 
@@ -1651,6 +1666,39 @@ class NodeService:
                 logger.warning("gossip publish on %s failed: %s", ms.market.name, exc)
         ms.outbox_ready = trio.Event()
 
+    # -- the frontier a waiting reconfiguration holds, across restarts ----------------------
+
+    def _keep_frontier_cap(self, ms: MarketState) -> None:
+        """Store the frontier the replica holds while a reconfiguration waits for the history
+        (``Replica.frontier_cap``; empty: none), before anything shows it: a restart holds it
+        there again (``_hold_kept_frontier``) rather than where its replay meets the
+        reconfiguration, lower. Written only when it changes (rare); a store that refuses it
+        costs only that (logged)."""
+        cap = ms.replica.frontier_cap
+        try:
+            self.store.set_meta(_cap_key(ms.market.id), b"" if cap is None else b"%d" % cap)
+        except StoreError as exc:
+            logger.warning("%s: could not keep the held frontier: %s", ms.market.name, exc)
+            return
+        ms.kept_cap = cap
+
+    def _hold_kept_frontier(self, ms: MarketState, replica: Replica) -> None:
+        """A restart: hold the frontier where it was held before (``_keep_frontier_cap``), if
+        a reconfiguration still waits for the history."""
+        ms.kept_cap = None
+        if not replica.witnessed:
+            return
+        raw = self.store.get_meta(_cap_key(ms.market.id))
+        stored = int(raw) if raw and raw.isdigit() else None
+        if stored is not None:
+            replica.hold_frontier_at(stored)
+            if replica.frontier_cap is not None:
+                logger.info(
+                    "%s: a reconfiguration waits for the history: finality held at %d, as "
+                    "before the restart", ms.market.name, replica.frontier_cap
+                )
+        ms.kept_cap = stored  # what the store holds: notify writes the replica's if it differs
+
     # -- watchers ----------------------------------------------------------------------------
 
     def notify(self, ms: MarketState, applied: list[Op]) -> None:
@@ -1659,6 +1707,8 @@ class NodeService:
         for op in applied:
             received.setdefault(op.id, now_ms)
         if ms.replica.witnessed:
+            if ms.replica.frontier_cap != ms.kept_cap:
+                self._keep_frontier_cap(ms)
             ms.finality.observe(ms.replica, trio.current_time())
         ms.changed.set()
         ms.changed = trio.Event()

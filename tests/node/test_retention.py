@@ -576,6 +576,41 @@ async def test_no_compaction_while_a_reconfiguration_waits_for_the_history(
         assert p.ms.replica.epoch == 1
 
 
+async def test_a_restart_holds_finality_where_a_waiting_reconfiguration_held_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While a reconfiguration waits for the history, the frontier held (``frontier_cap``)
+    goes to the store as it changes, and a restart holds finality there again, not where its
+    replay met the reconfiguration (which can be lower: tests/core/test_points.py -k
+    restart_keeps); it is cleared once the reconfiguration applies."""
+    async with network(tmp_path) as (w, _h, new):
+        p, _ = await pruned_node(new, log_of(w), 0)
+        x = Identity.from_seed(b"Y" * 32)
+        keys = [WITNESS.public_key, x.public_key]
+        approval = w.service.approve_reconfig(w.ms, keys)
+        reconfig = await w.service.reconfigure(w.ms, keys, {WITNESS.public_key: approval})
+        await p.ingest([reconfig.raw])
+        cap = p.ms.replica.frontier_cap
+        assert cap is not None and cap == p.ms.replica.frontier
+        await p.ingest([(await w.service.heartbeat(w.ms)).raw])  # held too: it names the reconfig
+        key = "frontier_cap:" + MARKET.id.hex()
+        assert p.store.get_meta(key) == b"%d" % cap
+        with caplog.at_level(logging.INFO, logger="crdtbook.node"):
+            p.service.load_from_store()  # the restart
+        again = p.ms.replica
+        assert again.reconfiguration_waits_for_history() and again.frontier_cap == cap
+        assert again.frontier == cap
+        assert any("finality held at" in r.getMessage() for r in caplog.records)
+        connect(p, w)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.joiner.history_loop, p.ms)
+            with trio.fail_after(20):
+                while reconfig.id not in p.ms.replica:
+                    await p.ms.changed.wait()
+            nursery.cancel_scope.cancel()
+        assert p.ms.replica.frontier_cap is None and p.store.get_meta(key) == b""
+
+
 class _Silent:
     """A peer's join handler that takes the request and never answers (a paused process)."""
 
