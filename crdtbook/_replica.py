@@ -1168,10 +1168,18 @@ class Replica:
     def _hold_for_history(self, op: Op) -> None:
         wait = self._history_wait
         if op.id not in wait and len(wait) >= max(1, self.max_pending):
-            oldest = next(iter(wait))  # oldest first, as the pending buffer; sync brings it again
+            # Oldest first, as the pending buffer (sync brings it again), but a reconfiguration
+            # last: while one waits, finality here is held (``_cap_frontier``), and a flood of
+            # other ops needing the history must not lift that.
+            oldest = next(
+                (i for i, held in wait.items() if type(held.body) is not ReconfigBody),
+                next(iter(wait)),
+            )
             del wait[oldest]
             self._history_copies.discard(oldest)
             self.evicted += 1
+            if len(self._evicted_ids) < MAX_EVICTED_REMEMBERED:
+                self._evicted_ids.append(oldest)  # its node deletes it from its store too
         wait[op.id] = op
         if op.seq <= self._point_seq.get(op.author, 0):
             self._history_copies.add(op.id)  # held only as a possible copy (see history_wanted)
@@ -1199,14 +1207,20 @@ class Replica:
         (``hold_frontier_at``)."""
         return None if self._fin is None else self._fin.cap
 
+    def waiting_reconfigurations(self) -> list[bytes]:
+        """The ids of the reconfigurations waiting for the history (sorted)."""
+        return sorted(i for i, op in self._history_wait.items() if type(op.body) is ReconfigBody)
+
     def hold_frontier_at(self, cap: int) -> None:
-        """Raise the held frontier to ``cap``, a ``frontier_cap`` this replica's node saw before
-        it restarted, while a reconfiguration still waits for the history. A restart replays the
-        ops after the point in Lamport order and holds the frontier where the replay met the
-        reconfiguration, which can be lower than before: what was shown final would read
-        provisional until the history is back. Safe: the frontier ``cap`` was this replica's
-        own, over ops it holds again, and it never reads above what the witnesses' heartbeats
-        give. Never lowers the held frontier; ignored when nothing waits."""
+        """Raise the held frontier to ``cap``, the ``frontier_cap`` this replica held before a
+        restart for the same wait (a reconfiguration that waited then waits now: a node stores
+        the cap with ``waiting_reconfigurations``). A restart replays the ops after the point in
+        Lamport order and holds the frontier where the replay met the reconfiguration, which
+        can be lower than before: what was shown final would read provisional until the
+        history is back. Safe only for such a cap: it was this replica's frontier over ops it
+        holds again, so nothing reads final that did not before the restart. Any other value
+        could count the heartbeats of a witness the waiting reconfiguration removes. Never
+        lowers the held frontier; ignored when nothing waits."""
         fin = self._fin
         if fin is None or fin.cap is None or cap <= fin.cap:
             return
@@ -1816,8 +1830,14 @@ class Replica:
         return self._applied.get(ident)
 
     def knows(self, ident: bytes) -> bool:
-        """Applied, pending or known invalid: no need to fetch, decode or verify it again."""
-        return ident in self._applied or ident in self._pending or ident in self._invalid
+        """Applied, pending, held for the history or known invalid: no need to fetch, decode or
+        verify it again."""
+        return (
+            ident in self._applied
+            or ident in self._pending
+            or ident in self._invalid
+            or ident in self._history_wait
+        )
 
     def is_invalid(self, ident: bytes) -> bool:
         return ident in self._invalid

@@ -506,6 +506,34 @@ def test_a_restart_keeps_the_frontier_a_waiting_reconfiguration_held() -> None:
     assert fresh.frontier_cap is None and fresh.frontier == 0
 
 
+def test_a_full_history_wait_evicts_other_ops_before_a_reconfiguration() -> None:
+    """Ops held for the history are bounded (``max_pending``), oldest first, but a waiting
+    reconfiguration goes last: it holds finality (``frontier_cap``), and a flood of other ops
+    needing the history (here copies of prefix ops) must not lift that. Evicted ids are handed
+    to the node (``take_evicted``), which deletes them from its store; held ops count as known
+    (``knows``: sync does not fetch or verify them again)."""
+    nodes, _ = _world(300, seed=4)
+    a, b = nodes[0].replica, nodes[1].replica
+    for ident in nodes[0].prefix[:6]:  # pruned: the archive no longer holds them
+        nodes[0].archive.ops.pop(ident, None)
+    a.forget_history()
+    a.max_pending = 3
+    keys = sorted(w.public_key for w in GENESIS[:2])
+    approvals = {GENESIS[0].public_key: b.approve_reconfig(GENESIS[0], keys)}
+    removal = b.reconfigure(GENESIS[1], keys, approvals)
+    a.apply(removal)
+    cap = a.frontier_cap
+    assert cap is not None and a.waits_for_history(removal.id) and a.knows(removal.id)
+    copies = [nodes[0].bodies[i] for i in nodes[0].prefix[:6] if i not in a]
+    assert len(copies) >= 5
+    a.take_evicted()
+    for op in copies:
+        a.apply(op)
+    assert a.waiting_reconfigurations() == [removal.id] and a.frontier_cap == cap
+    assert a.history_held == 3
+    assert a.take_evicted() == [op.id for op in copies[: len(copies) - 2]]
+
+
 def test_finality_does_not_advance_while_a_reconfiguration_waits_for_the_history() -> None:
     """At a replica without its history a reconfiguration waits for it (its rules walk into
     the prefix). Meanwhile finality there counted the witness set without it, heartbeats of
