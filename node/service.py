@@ -557,6 +557,18 @@ def _cap_key(market: bytes) -> str:
     return "frontier_cap:" + market.hex()
 
 
+def _read_cap(raw: bytes | None) -> tuple[int | None, list[bytes]]:
+    """A held frontier as stored (``b"CAP ID..."``, ids in hex; empty: none): the frontier and
+    the ids of the reconfigurations that waited. Anything else (our own row, damaged) reads as
+    none: the restart then holds finality where its replay meets the reconfiguration."""
+    parts = (raw or b"").split()
+    try:
+        return (int(parts[0]), [bytes.fromhex(p.decode()) for p in parts[1:]]) if parts else (
+            None, [])
+    except (ValueError, UnicodeDecodeError):
+        return None, []
+
+
 class _StoreWriter:
     """Makes ops durable before the node acknowledges or forwards them.
 
@@ -1136,6 +1148,14 @@ class NodeService:
         self._forget_evicted(ms)
         if report.invalid:
             ms.refused += len(report.invalid)
+            # Stored while they waited (commit and gossip keep ops held for the history): a
+            # refusal leaves the store, as a refused pending op does.
+            refused = [ident for ident, _ in report.invalid if ident is not None]
+            try:
+                self.store.delete_ops(refused)
+            except StoreError as exc:  # kept: judged (and refused) again at the next start
+                logger.warning("could not drop %d refused ops from the store: %s",
+                               len(refused), exc)
         self.notify(ms, applied)
         self.note_applied(len(applied))
         return len(applied)
@@ -1240,7 +1260,10 @@ class NodeService:
         self._store_tried = time.monotonic()
         for ms in self.markets.values():
             replica = ms.replica
-            if any(ident in replica or replica.is_pending(ident) for ident in ids):
+            if any(
+                ident in replica or replica.is_pending(ident) or replica.waits_for_history(ident)
+                for ident in ids
+            ):
                 ms.apply_queue, ms.queued = [], set()  # all stored: the store gives them back
                 self._restore(ms)
                 ms.changed.set()
@@ -1674,9 +1697,16 @@ class NodeService:
         there again (``_hold_kept_frontier``) rather than where its replay meets the
         reconfiguration, lower. Written only when it changes (rare); a store that refuses it
         costs only that (logged)."""
-        cap = ms.replica.frontier_cap
+        if self._saving:  # a compaction's transaction holds the store: the next notify
+            return
+        replica = ms.replica
+        cap = replica.frontier_cap
+        # With the reconfigurations that wait: a restart holds it again only for the same wait.
+        value = b"" if cap is None else b" ".join(
+            [b"%d" % cap, *(i.hex().encode() for i in replica.waiting_reconfigurations())]
+        )
         try:
-            self.store.set_meta(_cap_key(ms.market.id), b"" if cap is None else b"%d" % cap)
+            self.store.set_meta(_cap_key(ms.market.id), value)
         except StoreError as exc:
             logger.warning("%s: could not keep the held frontier: %s", ms.market.name, exc)
             return
@@ -1688,9 +1718,8 @@ class NodeService:
         ms.kept_cap = None
         if not replica.witnessed:
             return
-        raw = self.store.get_meta(_cap_key(ms.market.id))
-        stored = int(raw) if raw and raw.isdigit() else None
-        if stored is not None:
+        stored, waited = _read_cap(self.store.get_meta(_cap_key(ms.market.id)))
+        if stored is not None and any(replica.waits_for_history(i) for i in waited):
             replica.hold_frontier_at(stored)
             if replica.frontier_cap is not None:
                 logger.info(

@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from crdtbook import Identity, Op, PointInfo, Replica, op_id, read_point
-from crdtbook._ops import OrderBody, sign_op
+from crdtbook._ops import CancelBody, OrderBody, sign_op
 from crdtbook.node import join as join_module
 from crdtbook.node import retention
 from crdtbook.node.retention import PruneState
@@ -594,13 +594,22 @@ async def test_a_restart_holds_finality_where_a_waiting_reconfiguration_held_it(
         assert cap is not None and cap == p.ms.replica.frontier
         await p.ingest([(await w.service.heartbeat(w.ms)).raw])  # held too: it names the reconfig
         key = "frontier_cap:" + MARKET.id.hex()
-        assert p.store.get_meta(key) == b"%d" % cap
+        assert p.store.get_meta(key) == b"%d %s" % (cap, reconfig.id.hex().encode())
         with caplog.at_level(logging.INFO, logger="crdtbook.node"):
             p.service.load_from_store()  # the restart
         again = p.ms.replica
         assert again.reconfiguration_waits_for_history() and again.frontier_cap == cap
         assert again.frontier == cap
         assert any("finality held at" in r.getMessage() for r in caplog.records)
+        # A held frontier stored for another wait (another reconfiguration) is not used: it
+        # could count the heartbeats of a witness the waiting one removes.
+        p.store.set_meta(key, b"%d %s" % (cap + 50, (b"\x01" * 32).hex().encode()))
+        p.service.load_from_store()
+        assert p.ms.replica.frontier_cap == cap
+        for damaged in (b"x", b"12 zz", b"%d" % (cap + 50)):
+            p.store.set_meta(key, damaged)
+            p.service.load_from_store()
+            assert p.ms.replica.frontier_cap == cap
         connect(p, w)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(p.joiner.history_loop, p.ms)
@@ -609,6 +618,30 @@ async def test_a_restart_holds_finality_where_a_waiting_reconfiguration_held_it(
                     await p.ms.changed.wait()
             nursery.cancel_scope.cancel()
         assert p.ms.replica.frontier_cap is None and p.store.get_meta(key) == b""
+
+
+async def test_an_op_held_for_the_history_is_stored_and_dropped_once_refused(
+    tmp_path: Path,
+) -> None:
+    """A cancel of an order no longer in memory waits at a pruned node for the history (who
+    may cancel it is in the prefix). The node stores it while it waits (so a restart holds it
+    again), and once the history shows it invalid (another key's order) it leaves the store,
+    as a refused pending op does."""
+    async with network(tmp_path) as (w, _h, new):
+        p, point = await pruned_node(new, log_of(w), 0)
+        old = next(
+            op for op in ops_of(w)[: point.n - KEEP]
+            if op.kind == "order" and p.ms.replica.order(op.id) is None
+        )
+        heads = p.ms.replica.heads()
+        lamport = max(p.ms.replica.applied_index[h].lamport for h in heads)
+        rogue = sign_op(Identity.from_seed(b"R" * 32), MARKET.id, 1, lamport + 1, tuple(heads),
+                        CancelBody(old.id), MARKET.version)
+        await p.ingest([rogue.raw])
+        assert p.ms.replica.waits_for_history(rogue.id) and p.store.has(rogue.id)
+        connect(p, w)
+        assert await p.joiner.fetch_history(p.ms) == "done"
+        assert p.ms.replica.is_invalid(rogue.id) and not p.store.has(rogue.id)
 
 
 class _Silent:
