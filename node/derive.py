@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from crdtbook import Fill, OrderState, PrefixDerivation, SnapshotRefused, decode
+from crdtbook import Fill, InvalidOp, OrderState, PrefixDerivation, SnapshotRefused, decode
 
 from .store import CompactedFill, CompactedOrder, StoreError
 
@@ -110,8 +110,8 @@ async def derive_locked(service: NodeService, ms: MarketState) -> bool:
 
 
 async def _derive(service: NodeService, ms: MarketState) -> str:
-    """Both passes; the outcome: "done", "inconsistent" or "failed" (tried again after the
-    next history fetch)."""
+    """Both passes; the outcome: "done", "inconsistent" or "failed" (tried again after
+    ``DERIVE_RETRY`` and more, or after the next history fetch)."""
     store, market = service.store, ms.market
     joined = store.join_state(market.id)
     assert joined is not None
@@ -145,6 +145,10 @@ async def _derive(service: NodeService, ms: MarketState) -> str:
             return "inconsistent"
         except StoreError as exc:
             logger.warning("%s: could not store the derived history: %s", market.name, exc)
+            return "failed"
+        except InvalidOp as exc:  # the store's own bytes (they chained to the point): damaged
+            logger.warning("%s: a stored op of the history does not decode: %s", market.name,
+                           exc)
             return "failed"
     ms.derive_progress = 1.0
     logger.info("%s: derived %d fills and %d finished orders before the join point in %.1f s",

@@ -574,6 +574,13 @@ async def test_a_derivation_the_store_refused_is_tried_again(
         monkeypatch.setattr(j.store, "save_derived", refuse_once)
         assert await j.joiner.fetch_history(j.ms) == "done"
         assert j.ms.join_status()["history_derived"] == "failed"
+        # A stored op that does not decode (a damaged file) fails it too, and crashes nothing.
+        history = j.store.history
+        monkeypatch.setattr(j.store, "history", lambda *a, **k: [b"\x88junk", *history(*a)])
+        j.ms.derive_state = None
+        assert not await derive_joined_history(j.service, j.ms)
+        assert j.ms.join_status()["history_derived"] == "failed"
+        monkeypatch.setattr(j.store, "history", history)
         assert j.store.join_derived(MARKET.id) == 0 and not derive_due(j.service, j.ms)
         assert j.ms.derive_retry_at > trio.current_time() + 20  # DERIVE_RETRY later
         j.ms.derive_retry_at = trio.current_time()  # that time has come
