@@ -205,17 +205,18 @@ class MarketState:
     join_state: str | None = None
     join_info: PointInfo | None = None
     history_fetching: bool = False
-    #: The history before the join point, derived (node.derive): None (not tried, or not
-    #: joined), "deriving", "done", "failed" (tried again after the next history fetch) or
-    #: "inconsistent" (never shown); ``derive_progress``: of both passes, 0 to 1.
     #: The held frontier last stored (``NodeService._keep_frontier_cap``); None: none.
     kept_cap: int | None = None
+    #: The history before the join point, derived (node.derive): None (not tried, or not
+    #: joined), "deriving", "done", "failed" (tried again after ``derive_retry_at``, or after
+    #: the next history fetch) or "inconsistent" (never shown); ``derive_progress``: of both
+    #: passes, 0 to 1.
     derive_state: str | None = None
     derive_progress: float = 0.0
     #: After a failed derivation: when to try again, and the wait after that (node.derive).
     derive_retry_at: float = 0.0
     derive_delay: float = 30.0
-    #: The fills before the point joined from (None before a join): paging through ``fills``
+    #: The fills before the point joined from (0 before a join): paging through ``fills``
     #: begins there until the past is derived (``node.derive.answered_from``).
     join_fills: int = 0
     #: Retention (node.retention): the node's ``--retention`` (None: keep the whole archive)
@@ -562,9 +563,10 @@ def _read_cap(raw: bytes | None) -> tuple[int | None, list[bytes]]:
     the ids of the reconfigurations that waited. Anything else (our own row, damaged) reads as
     none: the restart then holds finality where its replay meets the reconfiguration."""
     parts = (raw or b"").split()
+    if not parts:
+        return None, []
     try:
-        return (int(parts[0]), [bytes.fromhex(p.decode()) for p in parts[1:]]) if parts else (
-            None, [])
+        return int(parts[0]), [bytes.fromhex(part.decode()) for part in parts[1:]]
     except (ValueError, UnicodeDecodeError):
         return None, []
 
