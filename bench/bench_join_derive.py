@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -38,6 +39,7 @@ def main() -> int:
     spec = f"DR:1:1:{key.hex()}"
     config = {"point_interval": 500, "heartbeat_interval": 0.05, "join_peer_wait": 20.0}
     nodes: list[NodeProcess] = []
+    passed = False
     try:
         w = NodeProcess(tmp / "w", market=spec, config=config).start()
         nodes.append(w)
@@ -89,9 +91,14 @@ def main() -> int:
         print("\n".join(lines[-2:]))
         print(f"fills: joiner {len(ours):,}, witness {len(theirs):,}: "
               f"{'PASS' if same else 'FAIL'}")
+        passed = same
         return 0 if same else 1
     finally:
         stop_all(nodes)
+        if passed:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:  # a failure, or an error on the way: look at what the nodes did
+            print(f"the nodes' homes and logs are kept in {tmp}")
 
 
 if __name__ == "__main__":
