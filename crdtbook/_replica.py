@@ -1228,13 +1228,17 @@ class Replica:
             fin.cap = cap
             self.version += 1
 
+    def _prefix_tip_seqs(self) -> dict[bytes, int]:
+        """Each author's highest sequence number in the compacted prefix."""
+        return {author: op.seq for author, op in self._prefix.tips.items()}
+
     def forget_history(self) -> None:
         """The archive no longer holds the whole prefix (a node pruned its store): from now on
         the ops whose verdict needs what is gone wait for it, as at a node that joined from a
         point state, until ``history_complete``. (What the archive still holds is used.)"""
         if self.compacted_ops:
             self._history = False
-            self._point_seq = {a: op.seq for a, op in self._prefix.tips.items()}
+            self._point_seq = self._prefix_tip_seqs()
             self._forgets += 1
 
     def history_complete(self) -> ApplyReport:
@@ -1457,7 +1461,7 @@ class Replica:
         Cost: one look at each op after the point, once per pruning."""
         if self._fin is None or not self.compacted_ops:
             return False
-        point_seq = {author: op.seq for author, op in self._prefix.tips.items()}
+        point_seq = self._prefix_tip_seqs()
         return any(self._needs_history(op, point_seq) for op in self._order)
 
     def reconfiguration_waits_for_history(self) -> bool:
@@ -1854,6 +1858,11 @@ class Replica:
     def waits_for_history(self, ident: bytes) -> bool:
         """Held until the history this replica lacks is back (its verdict needs it)."""
         return ident in self._history_wait
+
+    def holds(self, ident: bytes) -> bool:
+        """Applied, pending or held for the history: what a node's store keeps for this replica
+        (a restart gives it back)."""
+        return ident in self._applied or ident in self._pending or ident in self._history_wait
 
     def intern_id(self, ident: bytes) -> bytes:
         """The replica's own bytes object for an applied op's id (else ``ident``): pass it to

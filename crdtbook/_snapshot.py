@@ -51,7 +51,12 @@ if TYPE_CHECKING:
     from ._replica import Replica
 
 __all__ = [
-    "FORMAT", "VERSION", "encode_point", "engine_fields", "point_fills", "read_fields",
+    "FORMAT",
+    "VERSION",
+    "encode_point",
+    "engine_fields",
+    "point_fills",
+    "read_fields",
     "read_point",
     "restore_snapshot",
 ]
@@ -353,7 +358,7 @@ def _restore(
     replica._point_target = replica._next_point_target(ops_)
     if not history:
         replica._history = False
-        replica._point_seq = {a: op.seq for a, op in prefix.tips.items()}
+        replica._point_seq = replica._prefix_tip_seqs()
 
     # Everything after the point, judged and placed as ``restore`` does: admit all, then match.
     replica._deferred = True
