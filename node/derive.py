@@ -79,10 +79,7 @@ def derive_due(service: NodeService, ms: MarketState) -> bool:
     if ms.derive_state is not None:
         return False
     joined = service.store.join_state(ms.market.id)
-    if joined is None:
-        return False
-    n, _, held = joined
-    return held >= n > 0 and service.store.join_derived(ms.market.id) < n
+    return joined is not None and joined.history >= joined.n > joined.derived
 
 
 async def derive_joined_history(service: NodeService, ms: MarketState) -> bool:
@@ -115,7 +112,7 @@ async def _derive(service: NodeService, ms: MarketState) -> str:
     store, market = service.store, ms.market
     joined = store.join_state(market.id)
     assert joined is not None
-    n, blob, _ = joined
+    n, blob = joined.n, joined.data
     started = time.monotonic()
     logger.info("%s: deriving the fills and orders of the %d ops before the join point",
                 market.name, n)

@@ -752,18 +752,18 @@ class NodeService:
             ms.prune = retention_.read_state(self.store, market.id)
         # Joined from a snapshot: the store holds the prefix only once its history was fetched;
         # and not once retention pruned it.
-        history = (joined is None or joined[2] >= joined[0]) and not ms.prune.below
+        history = (joined is None or joined.history >= joined.n) and not ms.prune.below
         if joined is not None:
             ms.join_state = ms.join_state or "snapshot"
             try:
-                ms.join_info = read_point(market, joined[1])
-                ms.join_fills = point_fills(market, joined[1])
+                ms.join_info = read_point(market, joined.data)
+                ms.join_fills = point_fills(market, joined.data)
             except SnapshotRefused as exc:  # the store's own bytes: damaged on disk
                 logger.warning("%s: the joined point does not read (%s)", market.name, exc)
-            if self.store.join_derived(market.id) >= joined[0]:
+            if joined.derived >= joined.n:
                 ms.derive_state, ms.derive_progress = "done", 1.0
             if not history:  # a fetch the node did not finish: fetched again when needed
-                self.store.drop_history(market.id, joined[0])
+                self.store.drop_history(market.id, joined.n)
         # The cyclic GC off while loading: everything loaded lives on and holds no cycles,
         # yet collections would walk the growing log again and again. Afterwards the lot
         # goes straight to the permanent generation (a collection first would walk it all
@@ -1262,10 +1262,7 @@ class NodeService:
         self._store_tried = time.monotonic()
         for ms in self.markets.values():
             replica = ms.replica
-            if any(
-                ident in replica or replica.is_pending(ident) or replica.waits_for_history(ident)
-                for ident in ids
-            ):
+            if any(replica.holds(ident) for ident in ids):
                 ms.apply_queue, ms.queued = [], set()  # all stored: the store gives them back
                 self._restore(ms)
                 ms.changed.set()
@@ -1322,10 +1319,7 @@ class NodeService:
         result.duplicates += report.duplicates
         # Kept: what the replica holds, ops held for the history included (a restart holds
         # them again: a reconfiguration among them holds finality where it was).
-        kept = [
-            op for op in ops
-            if op.id in replica or replica.is_pending(op.id) or replica.waits_for_history(op.id)
-        ]
+        kept = [op for op in ops if replica.holds(op.id)]
         result.new = len(kept)
         if kept:
             raw_of = prepared.raws
@@ -1350,8 +1344,7 @@ class NodeService:
         fetched it: every later op descends from what waits, so nothing applied again and
         nothing woke the loop (seen: stuck for good, finality stalled at every node)."""
         if not ms.replica.has_history and ms.replica.history_held:
-            if ms.replica.frontier_cap != ms.kept_cap:  # a reconfiguration began to wait
-                self._keep_frontier_cap(ms)
+            self._keep_frontier_cap(ms)  # a reconfiguration may have begun to wait
             ms.changed.set()
             ms.changed = trio.Event()
 
@@ -1697,12 +1690,12 @@ class NodeService:
         """Store the frontier the replica holds while a reconfiguration waits for the history
         (``Replica.frontier_cap``; empty: none), before anything shows it: a restart holds it
         there again (``_hold_kept_frontier``) rather than where its replay meets the
-        reconfiguration, lower. Written only when it changes (rare); a store that refuses it
-        costs only that (logged)."""
-        if self._saving:  # a compaction's transaction holds the store: the next notify
-            return
+        reconfiguration, lower. Written only when it changes (rare; else a comparison); a store
+        that refuses it costs only that (logged)."""
         replica = ms.replica
         cap = replica.frontier_cap
+        if cap == ms.kept_cap or self._saving:  # (a compaction's transaction holds the store:
+            return  # the next notify writes it)
         # With the reconfigurations that wait: a restart holds it again only for the same wait.
         value = b"" if cap is None else b" ".join(
             [b"%d" % cap, *(i.hex().encode() for i in replica.waiting_reconfigurations())]
@@ -1738,8 +1731,7 @@ class NodeService:
         for op in applied:
             received.setdefault(op.id, now_ms)
         if ms.replica.witnessed:
-            if ms.replica.frontier_cap != ms.kept_cap:
-                self._keep_frontier_cap(ms)
+            self._keep_frontier_cap(ms)
             ms.finality.observe(ms.replica, trio.current_time())
         ms.changed.set()
         ms.changed = trio.Event()

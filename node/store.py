@@ -74,6 +74,7 @@ __all__ = [
     "STORE_FILENAME",
     "CompactedFill",
     "CompactedOrder",
+    "JoinState",
     "MarketRecord",
     "OpStore",
     "Snapshot",
@@ -373,6 +374,15 @@ class Snapshot(NamedTuple):
     ops: int  # ops that had left the replica's memory when it was taken
     fills: int  # fills that had
     data: bytes
+
+
+class JoinState(NamedTuple):
+    """A market this node joined from a snapshot (:meth:`OpStore.join_state`)."""
+
+    n: int  # the point joined from: final ops before it
+    data: bytes  # the point state's blob
+    history: int  # prefix ops held, checked, in order (n: the whole prefix)
+    derived: int  # n once the prefix's fills and orders are derived (:meth:`save_derived`)
 
 
 class OpStore:
@@ -941,28 +951,19 @@ class OpStore:
                 _rollback(conn)
                 raise
 
-    def join_state(self, market: bytes) -> tuple[int, bytes, int] | None:
-        """``(point, its blob, history ops held)`` if this node joined ``market`` from a
-        snapshot (history == point: the whole prefix is held), else None."""
+    def join_state(self, market: bytes) -> JoinState | None:
+        """How this node joined ``market`` from a snapshot (:class:`JoinState`), else None."""
         with self._lock:
             row = (
                 self._db()
-                .execute("SELECT n, data, history FROM joins WHERE market = ?", (market,))
+                .execute(
+                    "SELECT n, data, history, derived FROM joins WHERE market = ?", (market,)
+                )
                 .fetchone()
             )
-        return None if row is None else (int(row[0]), bytes(row[1]), int(row[2]))
-
-    def join_derived(self, market: bytes) -> int:
-        """How many ops of the prefix before ``market``'s join point have their fills and
-        finished orders derived into the store (:meth:`save_derived`): the point's n once
-        done, 0 before (and for a market not joined)."""
-        with self._lock:
-            row = (
-                self._db()
-                .execute("SELECT derived FROM joins WHERE market = ?", (market,))
-                .fetchone()
-            )
-        return 0 if row is None else int(row[0])
+        if row is None:
+            return None
+        return JoinState(int(row[0]), bytes(row[1]), int(row[2]), int(row[3]))
 
     def save_derived(
         self,

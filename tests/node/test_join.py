@@ -456,6 +456,12 @@ async def joined(new: Callable[..., Node], w: Node, *others: Node) -> Node:
     return j
 
 
+def derived_of(node: Node) -> int:
+    """``joins.derived`` of the node's store (0: not joined)."""
+    joined = node.store.join_state(MARKET.id)
+    return 0 if joined is None else joined.derived
+
+
 def _past(node: Node) -> tuple[list[tuple[int, Any]], dict[bytes, Any]]:
     """A node's fills (global index, fill) and finished final orders, as ``fills`` and
     ``order`` answer them (the store's and the replica's), without the node-local times."""
@@ -492,7 +498,7 @@ async def test_a_joined_node_derives_the_fills_and_orders_before_its_point(
         assert len(w_orders) == j.ms.replica.compacted_orders
         status = j.ms.join_status()
         assert status["history_derived"] == "done" and status["history_derived_progress"] == 1
-        assert j.store.join_derived(MARKET.id) == point.n and answered_from(j.ms) == 0
+        assert derived_of(j) == point.n and answered_from(j.ms) == 0
         for order in list(w_orders.values())[:20]:  # ``order`` answers for them, final
             found = j.ms.order_with_times(order.id)
             assert found is not None and found.order == order and found.order.final
@@ -581,7 +587,7 @@ async def test_a_derivation_the_store_refused_is_tried_again(
         assert not await derive_joined_history(j.service, j.ms)
         assert j.ms.join_status()["history_derived"] == "failed"
         monkeypatch.setattr(j.store, "history", history)
-        assert j.store.join_derived(MARKET.id) == 0 and not derive_due(j.service, j.ms)
+        assert derived_of(j) == 0 and not derive_due(j.service, j.ms)
         assert j.ms.derive_retry_at > trio.current_time() + 20  # DERIVE_RETRY later
         j.ms.derive_retry_at = trio.current_time()  # that time has come
         assert derive_due(j.service, j.ms)
@@ -606,7 +612,7 @@ async def test_a_past_that_does_not_derive_the_point_is_not_shown(
         before = _past(j)
         assert await j.joiner.fetch_history(j.ms) == "done"
         assert j.ms.join_status()["history_derived"] == "inconsistent"
-        assert _past(j) == before and j.store.join_derived(MARKET.id) == 0
+        assert _past(j) == before and derived_of(j) == 0
         errors = [r for r in caplog.records if r.levelname == "ERROR"]
         assert len(errors) == 1 and "1 fill too many" in errors[0].getMessage()
         assert await j.joiner.fetch_history(j.ms) == "done"  # not tried again

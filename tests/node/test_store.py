@@ -539,7 +539,7 @@ def test_joined_history_is_staged_until_checked(store: OpStore) -> None:
     items = [op(n) for n in range(1, 21)]
     kept = items[15:20]
     store.save_join(M1, kept, Snapshot(15, 3, b"blob-15"), 15)
-    assert store.join_state(M1) == (15, b"blob-15", 0)
+    assert store.join_state(M1) == (15, b"blob-15", 0, 0)
     assert store.get_snapshot(M1) == Snapshot(15, 3, b"blob-15")
     assert store.points(M1) == [(15, b"blob-15")]
     assert list(store.load_market(M1, live_only=True)) == [item[3] for item in kept]
@@ -558,7 +558,7 @@ def test_joined_history_is_staged_until_checked(store: OpStore) -> None:
     store.add_ops([prefix[3]])  # the replica holds it now: live
     store.add_history(M1, 8, prefix[8:])
     assert store.finish_history(M1, 15, [prefix[5][0]]) == 15  # a kept op of the prefix: live
-    assert store.join_state(M1) == (15, b"blob-15", 15)
+    assert store.join_state(M1) == (15, b"blob-15", 15, 0)
     assert store.get_raw(M1, prefix[0][0], compacted=True) == prefix[0][3]
     assert store.get_raw(M1, prefix[3][0], compacted=True) == prefix[3][3]  # a prefix op
     assert store.get_raw(M1, prefix[5][0], compacted=True) is None
@@ -667,12 +667,12 @@ def test_migrates_a_version_4_store_with_a_join_and_records_its_derived_past(
     conn.close()
     with OpStore.open(path, synchronous="NORMAL") as s:
         assert s.schema_version() == SCHEMA_VERSION == 5
-        assert s.join_derived(M1) == 0 and s.join_derived(M2) == 0
+        assert s.join_state(M1) == (80, b"\x00", 80, 0) and s.join_state(M2) is None
         s.compact(M1, [], [_fill(3)], [], Snapshot(0, 4, b"v4"))  # a compaction's own row
         derived = [CompactedFill(n, _fill(n).fill) for n in range(4)]
         s.save_derived(M1, derived, [CompactedOrder(_order(1).order)])
-        assert s.join_derived(M1) == 0
+        assert s.join_state(M1).derived == 0  # type: ignore[union-attr]
         s.save_derived(M1, [], [], done=80)
-        assert s.join_derived(M1) == 80
+        assert s.join_state(M1).derived == 80  # type: ignore[union-attr]
         assert s.compacted_fills(M1, 0, 10) == [*derived[:3], _fill(3)]
         assert s.compacted_orders_newest(M1, None, 10) == [CompactedOrder(_order(1).order)]
