@@ -30,7 +30,7 @@ from typing import Any, Final
 
 import cbor2
 
-from ._engine import PARTIALLY_FILLED, Engine, Fill
+from ._engine import Engine, Fill
 from ._market import Market
 from ._ops import Op
 from ._points import FINAL_CHAIN_DOMAIN, SnapshotRefused
@@ -95,13 +95,8 @@ class PrefixDerivation:
         rows = len(engine.ids)
         if not all_orders and rows - self._resting < max(COMPACT_MIN_ROWS, self._resting):
             return start, fills, []
-        states, row, ids = engine.states, engine.row, engine.ids
         kept = engine.compacted()
-        finished = [
-            order_state(row(n), True)
-            for n in range(rows)
-            if states[n] > PARTIALLY_FILLED and ids[n] not in kept.orders
-        ]
+        finished = [order_state(engine.row(n), True) for n in engine.finished(rows, kept.orders)]
         self.orders += rows - len(kept.ids)
         self._engine = kept
         self._resting = len(kept.ids)

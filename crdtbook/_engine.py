@@ -45,6 +45,7 @@ from __future__ import annotations
 
 from array import array
 from collections import deque
+from collections.abc import Container
 from typing import Any, Final, NamedTuple
 
 from sortedcontainers import SortedList
@@ -551,6 +552,14 @@ class Engine:
                 (held, renumber.get(number, COMPACTED)) for held, number in self.client_ids.items()
             )
         return new
+
+    def finished(self, rows: int, resting: Container[bytes]) -> list[int]:
+        """The numbers of the first ``rows`` orders that ended (filled, cancelled, expired,
+        rejected) and are not in ``resting`` (the ids of this engine compacted: ``compacted``):
+        what a compaction takes out of memory for good (``Replica.compact``; a joined node's
+        past, crdtbook._derive)."""
+        states, ids = self.states, self.ids
+        return [n for n in range(rows) if states[n] > PARTIALLY_FILLED and ids[n] not in resting]
 
     # -- views -------------------------------------------------------------------------------
 

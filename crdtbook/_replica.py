@@ -986,9 +986,7 @@ class Replica:
         fills_start = self.compacted_fills
         fills = Rows(capture.fills, final_engine.fill_view)
         base = capture.engine
-        states, ids, resting = final_engine.states, final_engine.ids, base.orders
-        numbers = [n for n in range(capture.rows)
-                   if states[n] > PARTIALLY_FILLED and ids[n] not in resting]
+        numbers = final_engine.finished(capture.rows, base.orders)
         row = final_engine.row
         finished = Rows(len(numbers), lambda i: order_state(row(numbers[i]), True))
         counted = [i for p, ids in fin.heartbeats_at.items() if p <= capture.placement
