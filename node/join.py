@@ -643,13 +643,14 @@ class Joiner:
         name = ms.market.name
         ms.history_fetching = True
         started = time.monotonic()
+        say = logger.debug if quiet else logger.info
         wanted = ms.replica.history_wanted
-        (logger.debug if quiet else logger.info)(
-            "%s: %d ops wait for the %d ops of history before the point; fetching it"
-            if wanted
-            else "%s: fetching the %d ops of history before the point in the background",
-            *((name, wanted, info.n) if wanted else (name, info.n)),
-        )
+        if wanted:
+            say("%s: %d ops wait for the %d ops of history before the point; fetching it",
+                name, wanted, info.n)
+        else:
+            say("%s: fetching the %d ops of history before the point in the background",
+                name, info.n)
         try:
             peers = self.net.connected_peers()
             random.shuffle(peers)
@@ -662,11 +663,8 @@ class Joiner:
                         continue  # a session ends after a bounded number of ops: another peer
                     check.done()  # SnapshotRefused("forged") unless it chains to the point
                 except JoinRefusal as exc:
-                    lags = exc.code == "not_yet"
-                    behind = behind or lags
-                    (logger.debug if quiet else logger.info)(
-                        "%s: %s serves no history: %s", name, peer, exc
-                    )
+                    behind = behind or exc.code == "not_yet"
+                    say("%s: %s serves no history: %s", name, peer, exc)
                     continue
                 except (WireError, SnapshotRefused) as exc:
                     logger.info("%s: refused history from %s: %s", name, peer, exc)
