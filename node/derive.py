@@ -103,6 +103,8 @@ async def derive_locked(service: NodeService, ms: MarketState) -> bool:
         if outcome == "failed":
             ms.derive_retry_at = trio.current_time() + ms.derive_delay
             ms.derive_delay = min(DERIVE_RETRY_MAX, ms.derive_delay * 2)
+        ms.changed.set()  # what the market answers for changed (its past, its status)
+        ms.changed = trio.Event()
     return outcome == "done"
 
 

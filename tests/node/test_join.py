@@ -522,7 +522,7 @@ async def test_a_joined_node_fetches_its_history_in_the_background(tmp_path: Pat
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(j.joiner.history_loop, j.ms)
                 while j.ms.derive_state != "done":
-                    await trio.sleep(0.02)
+                    await j.ms.changed.wait()  # (a derivation ends with a change too)
                 nursery.cancel_scope.cancel()
         assert j.ms.replica.has_history
         assert _past(j) == _past(w)
