@@ -16,6 +16,7 @@ from typing import Any, ClassVar, TypeVar
 
 import pytest
 import trio
+from trio import TaskStatus
 
 from crdtbook.node.client import ControlClient, NodeNotRunning, resolve_home
 from crdtbook.node.control import (
@@ -585,14 +586,22 @@ async def test_client_timeout_then_reconnects(handler: FakeHandler, home: Path) 
 
 
 async def test_client_node_stops_mid_call(home: Path) -> None:
+    # Only the server is cancelled: cancelling the whole nursery would also abandon the call
+    # below in its thread, and the next call would then race it on the same client.
+    server = trio.CancelScope()
+
+    async def run_server(task_status: TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
+        with server:
+            await serve_control(home, FakeHandler(), task_status=task_status)
+
     with trio.fail_after(TEST_DEADLINE):
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve_control, home, FakeHandler())
+            await nursery.start(run_server)
             client = await in_thread(ControlClient, home)
 
             async def stop_soon() -> None:
                 await trio.sleep(0.2)
-                nursery.cancel_scope.cancel()
+                server.cancel()
 
             nursery.start_soon(stop_soon)
             with pytest.raises(ConnectionError, match="closed the connection"):
