@@ -5,7 +5,8 @@ drawing goes through :mod:`crdtbook.cli.render`. Nothing heavy (libp2p, trio) is
 module level, so ``crdtbook --help`` and every client command start fast.
 
 Exit codes: 0 success; 1 the node answered with an error (one line on stderr, with its code);
-2 no node is running at the chosen home (or a usage error); 130 interrupted.
+2 no node is running at the chosen home (or a usage error); 3 ``submit --wait-final``: the order
+was placed but is not final in time; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ $CRDTBOOK_HOME (default ~/.crdtbook). Try `crdtbook demo` for a 3-node network o
 
 Every read command takes --json; the shapes are in specs/control-api.md ("CLI --json shapes").
 
-Exit codes: 0 ok, 1 the node refused (reason on stderr), 2 no node running / usage error.
+Exit codes: 0 ok, 1 the node refused (reason on stderr), 2 no node running / usage error,
+3 submit --wait-final placed the order but it is not final in time (printed as without it),
+130 interrupted (a submit, cancel or amend may have taken effect: the message says how to check).
 """
 
 app = typer.Typer(
@@ -49,6 +52,10 @@ app = typer.Typer(
 DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/4001"
 #: How long ``submit --wait-final`` waits by default (the control API's default too).
 WAIT_FINAL_TIMEOUT = 30.0
+#: The exit code of ``submit --wait-final`` when the order was placed but is not final within
+#: the timeout: not 1 (refused, nothing placed), so that a script that retries on failure does
+#: not place the order twice.
+NOT_FINAL_IN_TIME = 3
 #: Extra seconds the client waits beyond a waiting call's own timeout.
 CLIENT_GRACE = 10.0
 
@@ -249,6 +256,20 @@ def call(ctx: typer.Context, home: Path | None, method: str, **params: Any) -> A
     """Call one control method on the chosen node, exiting cleanly on any error."""
     with session(ctx, home) as node:
         return node.call(method, **params)
+
+
+@contextmanager
+def signing_call(what: str, check: str) -> Iterator[None]:
+    """Around a call that signs an op (submit, cancel, amend, cancel-all): Ctrl-C while it
+    waits for the node's answer exits 130 saying that the op may stand. The request was sent and
+    perhaps signed; a user told nothing would do it again (a second order, a second replace)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        fail(
+            f"interrupted before the node answered: {what} all the same; {check}",
+            130,
+        )
 
 
 def market_entry(node: Session, name: str | None) -> dict[str, Any] | None:
@@ -539,7 +560,8 @@ def submit(
         typer.Option(
             "--wait-final",
             help="Wait until the order's outcome is final (the market's witnesses acknowledged "
-            "it, so no order can change it any more) and print that final outcome.",
+            "it, so no order can change it any more) and print that final outcome. Not final "
+            "within --timeout: prints the provisional outcome (the order stands) and exits 3.",
         ),
     ] = False,
     timeout: Annotated[
@@ -571,7 +593,8 @@ def submit(
     orders the new one met, or the new one itself) are named.
 
     --json prints the node's result: {"order": Order, "fills": [Fill], "final": bool,
-    "self_trade_expired": [Order]}.
+    "self_trade_expired": [Order]}; with --wait-final, when the order is not final in time, the
+    same with "final": false (exit code 3; the reason on stderr).
     """
     from crdtbook.cli import render
 
@@ -614,21 +637,23 @@ def submit(
                 "wait forever (submit without it) [not_witnessed]"
             )
         try:
-            result = node.call("submit", **params)
-        except KeyboardInterrupt:
-            # Sent, maybe signed: a user who submits again would place a second order.
-            fail(
-                "interrupted before the node answered: the order may have been placed all the "
-                "same; `crdtbook orders` shows whether it was",
-                130,
-            )
+            with signing_call(
+                "the order may have been placed", "`crdtbook orders` shows whether it was"
+            ):
+                result = node.call("submit", **params)
         except connect.client_api().ControlError as exc:
             if getattr(exc, "code", None) != "timeout":
                 raise
+            # Placed, not final in time: its provisional result goes to stdout as without
+            # --wait-final (a script learns the id and does not place it again), exit 3.
+            placed = getattr(exc, "data", None)
+            if isinstance(placed, dict) and "order" in placed:
+                emit(placed, as_json, lambda r: render.submit_result(r, witnessed=True))
             message = getattr(exc, "message", None) or str(exc)
             fail(
                 f"{message}; the order was placed and may still turn final: `crdtbook orders` "
-                "shows it, `crdtbook status` shows which witness is silent [timeout]"
+                "shows it, `crdtbook status` shows which witness is silent [timeout]",
+                NOT_FINAL_IN_TIME,
             )
     emit(result, as_json, lambda r: render.submit_result(r, witnessed=witnessed(entry)))
 
@@ -686,24 +711,39 @@ def cancel(
     Examples: crdtbook cancel 3fa2 ; crdtbook cancel --client-id grid-7 ;
     crdtbook cancel --all --prefix grid-
 
-    --json prints {"order": Order, "cancel_id": hex or null, "effective": bool} (effective is
-    false when the order had already finished; cancel_id null when it is final, so nothing was
-    signed); with --all, {"market", "cancel_id": hex, "prefix",
-    "cancelled": int, "final": bool}.
+    A cancel is provisional until it is final, like an order: until the witnesses'
+    heartbeats acknowledge it, an order of another node that sorts before it can still fill
+    the order first (`crdtbook order ID` shows what happened); without witnesses it is never
+    final.
+
+    --json prints {"order": Order, "cancel_id": hex or null, "effective": bool, "final": bool}
+    (effective: whether the cancel takes the order off the book in this node's order now, false
+    when the order had already finished; final: the cancel can no longer change; cancel_id null
+    when the order is finished and final, so nothing was signed); with --all, {"market",
+    "cancel_id": hex, "prefix", "cancelled": int, "final": bool}.
     """
     from crdtbook.cli import render
 
     if every:
         if order_id is not None or client_id is not None:
             fail("--all cancels every resting order: give no ORDER_ID or --client-id with it", 2)
-        result = call(ctx, home, "cancel_all", prefix=prefix, market=market)
+        with session(ctx, home) as node, signing_call(
+            "the cancel-all may have taken effect", "`crdtbook orders --open` shows what rests"
+        ):
+            result = node.call("cancel_all", prefix=prefix, market=market)
         emit(result, as_json, render.cancel_all_result)
         return
     if prefix is not None:
         fail("--prefix goes with --all", 2)
     params = one_order(order_id, client_id)
-    result = call(ctx, home, "cancel", market=market, **params)
-    emit(result, as_json, render.cancel_result)
+    with session(ctx, home) as node:
+        with signing_call(
+            "the cancel may have taken effect", "`crdtbook order ORDER_ID` shows whether it did"
+        ):
+            result = node.call("cancel", market=market, **params)
+        # Whether the market has witnesses: without them a cancel is never final either.
+        entry = None if as_json else market_entry(node, (result.get("order") or {}).get("market"))
+    emit(result, as_json, lambda r: render.cancel_result(r, witnessed=witnessed(entry)))
 
 
 @app.command()
@@ -742,8 +782,9 @@ def amend(
 
     Example: crdtbook amend 3fa2 --price 101 --quantity 2
 
-    --json prints {"cancel_id": hex, "cancelled": Order, "effective": bool, "order": Order,
-    "fills": [Fill], "final": bool, "self_trade_expired": [Order]}.
+    --json prints {"cancel_id": hex, "cancelled": Order, "effective": bool, "cancel_final":
+    bool, "order": Order, "fills": [Fill], "final": bool, "self_trade_expired": [Order]}
+    (cancel_final: the cancel's, as cancel's final; final: the new order's, as submit's).
     """
     from crdtbook.cli import render
 
@@ -751,14 +792,18 @@ def amend(
         fail("give --price, --quantity or both", 2)
     params = one_order(order_id, client_id)
     with session(ctx, home) as node:
-        result = node.call(
-            "amend",
-            market=market,
-            price=price,
-            quantity=quantity,
-            new_client_id=new_client_id,
-            **params,
-        )
+        with signing_call(
+            "the cancel and the new order may have been placed",
+            "`crdtbook orders --open` shows what rests",
+        ):
+            result = node.call(
+                "amend",
+                market=market,
+                price=price,
+                quantity=quantity,
+                new_client_id=new_client_id,
+                **params,
+            )
         # Whether the market has witnesses, from the market the new order went to (the
         # result says which): a market without them is never final, and says so once.
         entry = None if as_json else market_entry(node, (result.get("order") or {}).get("market"))

@@ -290,11 +290,29 @@ def submit_result(result: Json, witnessed: bool | None = None) -> RenderableType
     return Group(*parts)
 
 
+def _cancel_mark(final: object, witnessed: bool | None) -> Text:
+    """``final: `` or ``provisional: `` before what a cancel did, as ``submit`` marks an order's
+    outcome (nothing when the node did not say, or in a market without witnesses, which says
+    "never final" once instead)."""
+    if final is True:
+        return Text("final: ", style="bold green")
+    if final is False and witnessed is not False:
+        return Text("provisional: ", style="bold yellow")
+    return Text()
+
+
+#: Under a cancel that is not final yet (witnessed markets).
+CANCEL_NOT_FINAL = (
+    "not final yet: an order that sorts before the cancel can still fill this order first, "
+    "until the witnesses' heartbeats acknowledge the cancel (`crdtbook order` shows the outcome)"
+)
+
+
 def amend_result(result: Json, witnessed: bool | None = None) -> RenderableType:
     """The outcome of a cancel-replace: the cancel, then the new order as ``submit`` shows it
     (``witnessed`` as there)."""
     old: Json = result.get("cancelled") or {}
-    head = Text()
+    head = _cancel_mark(result.get("cancel_final"), witnessed)
     if result.get("effective"):
         head.append("cancelled ", style="bold")
         head.append(str(old.get("id", "?")))
@@ -303,7 +321,10 @@ def amend_result(result: Json, witnessed: bool | None = None) -> RenderableType:
         head.append("nothing to cancel: ", style="bold yellow")
         head.append(f"order {old.get('id', '?')} had already finished")
     head.append(f"\ncancel op {result.get('cancel_id')}", style="dim")
-    return Group(head, Text("replaced by:", style="dim"), submit_result(result, witnessed))
+    parts: list[RenderableType] = [head]
+    if result.get("cancel_final") is False and witnessed is not False:
+        parts.append(Text(CANCEL_NOT_FINAL, style="dim"))
+    return Group(*parts, Text("replaced by:", style="dim"), submit_result(result, witnessed))
 
 
 def _self_trade_lines(expired: Sequence[Json], taker_id: object) -> list[Text]:
@@ -322,16 +343,22 @@ def _self_trade_lines(expired: Sequence[Json], taker_id: object) -> list[Text]:
 
 
 def cancel_all_result(result: Json) -> RenderableType:
-    """The outcome of a cancel-all."""
+    """The outcome of a cancel-all (a witnessed market's op), marked final or provisional."""
     n = int(result.get("cancelled") or 0)
     prefix = result.get("prefix")
     which = "" if prefix is None else f" with a client id starting {printable(prefix)!r}"
-    text = Text()
+    text = _cancel_mark(result.get("final"), True)
     text.append(f"cancelled {n} order{'' if n == 1 else 's'}", style="bold" if n else "yellow")
     text.append(f" of this node on {result.get('market')}{which}")
     if not n:
-        text.append(" (none was resting)")
+        text.append(" (none was resting)" if prefix is None else " (none resting had one)")
     text.append(f"\ncancel-all op {result.get('cancel_id')}", style="dim")
+    if result.get("final") is False:
+        text.append(
+            "\nnot final yet: orders that sort before it can still fill those orders first, "
+            "until the witnesses' heartbeats acknowledge it",
+            style="dim",
+        )
     return text
 
 
@@ -365,10 +392,13 @@ def markets_table(markets: Sequence[Json]) -> RenderableType:
     return FitOrStack(t, stacked)
 
 
-def cancel_result(result: Json) -> RenderableType:
-    """The outcome of a cancel."""
+def cancel_result(result: Json, witnessed: bool | None = None) -> RenderableType:
+    """The outcome of a cancel, marked final or provisional (``witnessed`` as for
+    :func:`submit_result`: False says once that nothing here is ever final)."""
     order: Json = result["order"]
-    text = Text()
+    final = result.get("final")
+    # (Nothing signed: the line below says it is final.)
+    text = Text() if result.get("cancel_id") is None else _cancel_mark(final, witnessed)
     if result.get("effective"):
         text.append("cancelled ", style="bold")
         text.append(order.get("id", "?"))
@@ -383,8 +413,21 @@ def cancel_result(result: Json) -> RenderableType:
         text.append_text(status_text(order.get("status", "?")))
     if result.get("cancel_id") is None:
         text.append("\nfinal: no cancel can change it, so none was signed", style="dim")
-    else:
-        text.append(f"\ncancel op {short(result.get('cancel_id'))}", style="dim")
+        return text
+    text.append(f"\ncancel op {short(result.get('cancel_id'))}", style="dim")
+    if witnessed is False:
+        return Group(text, never_final(order.get("market")))
+    if final is False:
+        if not result.get("effective"):  # signed all the same: the order's end may move
+            return Group(
+                text,
+                Text(
+                    "not final yet: if the order's fills move (an order that sorts earlier), "
+                    "it can rest again, and this cancel then takes it off the book",
+                    style="dim",
+                ),
+            )
+        return Group(text, Text(CANCEL_NOT_FINAL, style="dim"))
     return text
 
 

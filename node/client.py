@@ -165,7 +165,12 @@ class _Connection:
 
 def _raise_error(home: Path, error: object) -> NoReturn:
     if isinstance(error, dict):
-        raise ControlError(str(error.get("code", "internal")), str(error.get("message", "")))
+        data = error.get("data")
+        raise ControlError(
+            str(error.get("code", "internal")),
+            str(error.get("message", "")),
+            data if isinstance(data, dict) else None,
+        )
     raise ControlError("internal", f"the node at {home} sent a malformed error: {error!r:.80}")
 
 

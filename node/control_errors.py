@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Collection, Iterable
-from typing import Final
+from typing import Any, Final
 
 # The longest request line the server reads is one of the shell's limits (node.limits).
 from .limits import MAX_REQUEST_LINE_BYTES
@@ -112,17 +112,22 @@ class ControlError(Exception):
     can act on.
     """
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, data: dict[str, Any] | None = None) -> None:
         super().__init__(code, message)
         self.code = code
         self.message = message
+        #: What a script needs beyond the message, for the few errors after which something
+        #: stands (``submit`` with ``wait_final`` timing out: the order, placed, provisional).
+        self.data = data
 
     def __str__(self) -> str:
         return f"{self.message} ({self.code})"
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> dict[str, Any]:
         """The ``error`` member of a response."""
-        return {"code": self.code, "message": self.message}
+        if self.data is None:
+            return {"code": self.code, "message": self.message}
+        return {"code": self.code, "message": self.message, "data": self.data}
 
 
 def unknown_name(

@@ -492,7 +492,10 @@ class ControlAdapter:
             with trio.move_on_after(timeout):
                 await self.service.wait_final(ms, op.id)
             if not ms.replica.is_final(op.id):
-                raise ControlError(TIMEOUT, self._not_final_message(ms, op.id, timeout))
+                # The order stands: the error carries its provisional result, so that a script
+                # learns its id without parsing the message (and does not place it again).
+                placed = self._placed(ms, op.id, _taken(ms, op.id, before), crossed)
+                raise ControlError(TIMEOUT, self._not_final_message(ms, op.id, timeout), placed)
             taken = _fills_of(ms, op.id)
         else:
             taken = _taken(ms, op.id, before)
@@ -623,6 +626,7 @@ class ControlAdapter:
                 "order": order_json(ms, order, me, times),
                 "cancel_id": None,
                 "effective": False,
+                "final": True,
             }
         try:
             op = await self.service.cancel(ms, order.id)
@@ -630,10 +634,14 @@ class ControlAdapter:
             raise ControlError(INVALID_OP, str(exc)) from None
         now = ms.replica.order(order.id)
         assert now is not None
+        # ``effective`` is the cancel's effect in this node's order now; until the cancel is
+        # final, a taker that sorts before it can still fill the order first (and never
+        # without witnesses).
         return {
             "order": order_json(ms, now, me),
             "cancel_id": op.id.hex(),
             "effective": bool(ms.replica.cancel_effective(op.id)),
+            "final": ms.replica.is_final(op.id),
         }
 
     async def _amend(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -679,6 +687,7 @@ class ControlAdapter:
             "cancel_id": cancel.id.hex(),
             "cancelled": order_json(ms, cancelled, me),
             "effective": bool(ms.replica.cancel_effective(cancel.id)),
+            "cancel_final": ms.replica.is_final(cancel.id),
         }
         if new is None:  # refused after the cancel was signed: say so, the cancel stands
             raise ControlError(

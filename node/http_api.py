@@ -343,6 +343,7 @@ class HttpApi:
             **shaped["info"],
             "cancel_id": result["cancel_id"],
             "effective": result["effective"],
+            "cancel_final": result["final"],
         }
         return shaped
 

@@ -240,10 +240,11 @@ def demo_market_id() -> str:
 class FakeControlError(Exception):
     """Stands in for ``crdtbook.node.client.ControlError``."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, data: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.data = data
 
 
 class FakeNodeNotRunning(Exception):

@@ -321,12 +321,35 @@ def test_submit_wait_final_timeout_is_one_line(fake_node: Any, samples: Any) -> 
     msg = f"order {samples.A[:12]} is not final after 5 s: waiting on witness {samples.THIRD[:12]}"
     fake_node.answers["submit"] = samples.ControlError("timeout", msg)
     res = run("submit", "buy", "3@101", "--wait-final", "--timeout", "5")
-    assert res.exit_code == 1
-    assert res.stdout == ""
+    assert res.exit_code == 3  # placed, not final in time: not 1 (refused, nothing placed)
+    assert res.stdout == ""  # (a node that sends no result with its error: only the line)
     err = lines(res.stderr)
     assert len(err) == 1
     assert err[0].startswith(f"error: {msg}; the order was placed")
     assert err[0].endswith(" [timeout]")  # the code ends the line, as every error's does
+
+
+def test_submit_wait_final_timeout_prints_the_order_it_placed(
+    fake_node: Any, samples: Any
+) -> None:
+    """The timeout exited 1 with nothing on stdout: the order's id was only inside the error
+    line, and a script that retries on failure placed the order twice. Now the provisional
+    result goes to stdout as without --wait-final, and the exit code is 3."""
+    placed = {
+        "order": samples.order(status="open", filled="0", remaining="3", final=False),
+        "fills": [],
+        "final": False,
+        "self_trade_expired": [],
+    }
+    msg = f"order {samples.A} was submitted and stands, but is not final after 5 s"
+    fake_node.answers["submit"] = samples.ControlError("timeout", msg, placed)
+    res = run("submit", "buy", "3@101", "--wait-final", "--timeout", "5", "--json")
+    assert res.exit_code == 3
+    assert json.loads(res.stdout) == placed
+    assert lines(res.stderr)[0].startswith(f"error: {msg}; the order was placed")
+    res = run("submit", "buy", "3@101", "--wait-final", "--timeout", "5")
+    assert res.exit_code == 3
+    assert samples.A in res.stdout and "provisional: resting" in res.stdout
 
 
 def test_submit_json_carries_final(fake_node: Any) -> None:

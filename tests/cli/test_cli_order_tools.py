@@ -218,3 +218,91 @@ def test_amend_on_a_market_without_witnesses_says_never_final(fake_node: Any, sa
     assert result.exit_code == 0, result.output
     assert "fills here are never final: DEMO has no witnesses" in result.output
     assert "heartbeats" not in result.output and "provisional:" not in result.output
+
+
+# -- cancels are provisional until final (a user's review, session 17) -----------------------
+
+
+def test_a_cancel_not_final_is_marked_provisional(fake_node: Any, samples: Any) -> None:
+    """`cancel` printed "cancelled ... no longer rests" unmarked, and in a race the order ended
+    filled (a taker of another node sorted before the cancel): like an order's outcome, a
+    cancel's is provisional until final."""
+    cancelled = samples.order(status="cancelled", reason="cancelled", filled="0", remaining="0")
+    fake_node.answers["cancel"] = {
+        "order": cancelled,
+        "cancel_id": samples.C,
+        "effective": True,
+        "final": False,
+    }
+    result = run("cancel", "A1")
+    assert result.exit_code == 0, result.output
+    assert "provisional: cancelled" in result.output
+    assert "an order that sorts before the cancel can still fill this order" in result.output
+    fake_node.answers["cancel"]["final"] = True
+    result = run("cancel", "A1")
+    assert "final: cancelled" in result.output and "sorts before" not in result.output
+    # Finished but not final: a cancel is signed all the same, and may yet take effect.
+    fake_node.answers["cancel"] = {
+        "order": samples.order(),
+        "cancel_id": samples.C,
+        "effective": False,
+        "final": False,
+    }
+    result = run("cancel", "A1")
+    assert "provisional: nothing to cancel" in result.output
+    assert "it can rest again, and this cancel then takes it off the book" in result.output
+    # Without witnesses: never final, said once, no "provisional" mark.
+    fake_node.answers["status"]["markets"][0]["witnessed"] = False
+    fake_node.answers["cancel"] = {
+        "order": cancelled,
+        "cancel_id": samples.C,
+        "effective": True,
+        "final": False,
+    }
+    result = run("cancel", "A1")
+    assert "fills here are never final: DEMO has no witnesses" in result.output
+    assert "provisional:" not in result.output and "heartbeats" not in result.output
+
+
+def test_amend_and_cancel_all_mark_their_cancel(fake_node: Any, samples: Any) -> None:
+    fake_node.answers["amend"] = {**amended(samples), "cancel_final": False}
+    result = run("amend", "A1A1", "--price", "101")
+    assert result.exit_code == 0, result.output
+    assert "provisional: cancelled" in result.output
+    assert "sorts before the cancel" in result.output
+    fake_node.answers["cancel_all"] = {
+        "market": "DEMO",
+        "cancel_id": samples.C,
+        "prefix": "grid-",
+        "cancelled": 0,
+        "final": False,
+    }
+    result = run("cancel", "--all", "--prefix", "grid-")
+    assert "provisional: cancelled 0 orders" in result.output
+    # Orders rested, none with the prefix: "none was resting" said otherwise.
+    assert "(none resting had one)" in result.output and "none was resting" not in result.output
+    assert "not final yet" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "method", "said"),
+    [
+        (("cancel", "A1"), "cancel", "the cancel may have taken effect all the same"),
+        (("cancel", "--all"), "cancel_all", "the cancel-all may have taken effect all the same"),
+        (
+            ("amend", "A1", "--price", "107"),
+            "amend",
+            "the cancel and the new order may have been placed all the same",
+        ),
+    ],
+)
+def test_ctrl_c_during_a_signing_call_says_it_may_stand(
+    fake_node: Any, args: tuple[str, ...], method: str, said: str
+) -> None:
+    """Ctrl-C during cancel, amend or cancel --all exited 130 without a word, and the node
+    carried it out (seen with a node paused, then resumed): a user who re-places an amended
+    order by hand holds two. submit already said so."""
+    fake_node.answers[method] = KeyboardInterrupt()
+    result = run(*args)
+    assert result.exit_code == 130
+    assert f"error: interrupted before the node answered: {said}" in result.output

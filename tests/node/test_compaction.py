@@ -170,6 +170,7 @@ async def test_compacts_restarts_and_answers_for_history(tmp_path: Path) -> None
     for params in ({"order_id": mine.id.hex()}, {"client_id": "early-1"}):
         answer = await node.call("cancel", **params)
         assert answer["effective"] is False and answer["cancel_id"] is None
+        assert answer["final"] is True
         assert answer["order"]["id"] == mine.id.hex() and answer["order"]["final"] is True
     assert len(replica) == ops_before
 

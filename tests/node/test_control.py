@@ -31,6 +31,7 @@ from crdtbook.node.control_errors import (
     INTERNAL,
     MAX_REQUEST_LINE_BYTES,
     NOT_FOUND,
+    TIMEOUT,
     UNKNOWN_MARKET,
     UNKNOWN_METHOD,
     ControlError,
@@ -59,6 +60,8 @@ class FakeHandler:
             return params.get("tag")
         if method == "fail":
             raise ControlError(NOT_FOUND, "no order matches 'abc'")
+        if method == "fail_with_data":  # as submit's wait_final timeout: the order stands
+            raise ControlError(TIMEOUT, "not final after 1 s", {"order": {"id": "ab"}})
         if method == "crash":
             raise RuntimeError("boom")
         if method == "bytes":
@@ -553,6 +556,10 @@ async def test_client_calls(handler: FakeHandler, home: Path) -> None:
                 client.call("fail")
             assert info.value.code == NOT_FOUND
             assert info.value.message == "no order matches 'abc'"
+            assert info.value.data is None
+            with pytest.raises(ControlError) as info:
+                client.call("fail_with_data")
+            assert (info.value.code, info.value.data) == (TIMEOUT, {"order": {"id": "ab"}})
             with pytest.raises(ControlError) as info:
                 client.call("crash")
             assert info.value.code == INTERNAL

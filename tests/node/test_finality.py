@@ -325,6 +325,12 @@ async def test_dead_witness_stalls_then_resumes(
         assert err.value.code == TIMEOUT
         assert dead.key.hex()[:16] in err.value.message
         assert "submitted and stands" in err.value.message
+        # With the order's provisional result, so a script learns its id (and does not place
+        # it again): the CLI prints it and exits 3.
+        placed = err.value.data
+        assert placed is not None and placed["final"] is False
+        assert placed["order"]["id"] in err.value.message
+        assert placed["order"]["status"] == "filled" and len(placed["fills"]) == 1
         assert nodes[1].ms.replica.fill_count == 2  # the order was placed all the same
         await trio.sleep(STALL_SECONDS + 0.5)
         for node in nodes[:2]:
@@ -582,6 +588,7 @@ async def test_a_filled_order_whose_fill_is_not_final_can_still_be_cancelled(
         assert state is not None and not state.final  # its op is final, its state is not
         answer = await a.call("cancel", order_id=sell["order"]["id"])
         assert answer["cancel_id"] is not None and answer["effective"] is False
+        assert answer["final"] is False  # it may yet take effect: the CLI says so
 
 
 async def test_watch_interval_out_of_range_and_empty_client_id_are_refused(tmp: Path) -> None:

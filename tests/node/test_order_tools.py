@@ -66,6 +66,7 @@ async def test_client_ids_cancel_and_cancel_all(tmp_path: Path) -> None:
         assert got["price"] == "92" and got["tag"] == "other"
         done = await a.call("cancel", client_id="other")
         assert done["effective"] is True and done["order"]["status"] == "cancelled"
+        assert done["final"] is a.ms.replica.is_final(bytes.fromhex(done["cancel_id"]))
         result = await a.call("cancel_all", prefix="grid-")
         assert result["cancelled"] == 2 and result["prefix"] == "grid-"
         assert (await a.call("orders", open=True))["orders"] == []
@@ -169,6 +170,8 @@ async def test_amend_cancels_and_replaces_in_one_step(tmp_path: Path) -> None:
         oid = first["order"]["id"]
         result = await a.call("amend", order_id=oid, price="91", new_client_id="g2")
         assert result["effective"] is True and result["cancelled"]["status"] == "cancelled"
+        cancel_id = bytes.fromhex(result["cancel_id"])
+        assert result["cancel_final"] is a.ms.replica.is_final(cancel_id)
         new = result["order"]
         assert (new["side"], new["price"], new["quantity"], new["client_id"]) == (
             "buy", "91", "3", "g2"
