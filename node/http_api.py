@@ -105,6 +105,8 @@ HTTP_STATUS: Final = {
     TIMEOUT: 504,
     STORE_FULL: 507,
 }
+#: The query parameters of ``GET /api/v1/orders``.
+ORDER_LIST_QUERY: Final = ("symbol", "status", "limit", "cursor")
 #: Largest request body read: an order is a few hundred bytes.
 MAX_BODY_BYTES: Final = 64 * 1024
 #: Largest WebSocket message taken from a client (subscriptions are tiny).
@@ -141,7 +143,10 @@ class HttpError(Exception):
 
 
 def _error_response(code: str, message: str) -> JSONResponse:
-    return JSONResponse(error_body(code, message), status_code=HTTP_STATUS.get(code, 400))
+    # A message may echo what the request held, and JSON text decodes "\ud800" to a lone
+    # surrogate, which UTF-8 cannot encode: escaped here (it was a plain-text 500).
+    text = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse(error_body(code, text), status_code=HTTP_STATUS.get(code, 400))
 
 
 def _symbol_name(symbol: str | None) -> str | None:
@@ -268,12 +273,25 @@ class HttpApi:
         start = 0
         if cursor:
             ids = [o["id"] for o in orders]
-            if cursor not in ids:
-                raise HttpError(BAD_REQUEST, f"cursor {cursor!r:.80} is not an order of this list")
-            start = ids.index(cursor) + 1
+            if cursor in ids:
+                start = ids.index(cursor) + 1
+            else:
+                start = await self._start_after(ms, cursor, orders)
         page = orders[start : start + limit]
         more = start + limit < len(orders)
         return {"orders": page, "next_cursor": page[-1]["id"] if more and page else None}
+
+    async def _start_after(self, ms: MarketState, cursor: str, orders: list[dict[str, Any]]) -> int:
+        """Where a page of ``orders`` (a filtered list, newest first) starts after ``cursor``,
+        an order no longer in it: an open order that filled or was cancelled since the last
+        page (a bot paging open orders met that with every fill). It pages on from where the
+        cursor stands among all the orders."""
+        every = await self.adapter.call("orders", {"market": ms.market.name, "open": False})
+        rank = {o["id"]: n for n, o in enumerate(reversed(every["orders"]))}  # newest first
+        at = rank.get(cursor)
+        if at is None:
+            raise HttpError(BAD_REQUEST, f"cursor {cursor!r:.80} is not an order of this list")
+        return next((n for n, o in enumerate(orders) if rank.get(o["id"], -1) > at), len(orders))
 
     async def get_order(self, request: Request) -> Any:
         params = self._order_params(request)
@@ -295,7 +313,11 @@ class HttpApi:
             "quantity": _require_str(body, "amount"),
         }
         tif_text = body.get("timeInForce")
-        if body.get("postOnly") is True:
+        post_only = body.get("postOnly")
+        if post_only is not None and not isinstance(post_only, bool):
+            # "true" or 1 was taken as false: the order could take where it was to rest.
+            raise HttpError(BAD_REQUEST, "postOnly must be true or false; nothing was placed")
+        if post_only is True:
             if tif_text not in (None, "PO"):
                 raise HttpError(BAD_REQUEST, "postOnly is timeInForce PO: give one of them")
             tif_text = "PO"
@@ -413,6 +435,8 @@ async def _json_body(request: Request) -> dict[str, Any]:
         body = json.loads(data or b"null")
     except ValueError as exc:
         raise HttpError(BAD_REQUEST, f"the body is not JSON: {exc}") from None
+    except RecursionError:  # a few thousand nested brackets (well under MAX_BODY_BYTES)
+        raise HttpError(BAD_REQUEST, "the body is nested too deeply") from None
     if not isinstance(body, dict):
         raise HttpError(BAD_REQUEST, "the body must be a JSON object")
     return body
@@ -475,6 +499,9 @@ class _Connection:
             except ValueError as exc:
                 await self._error(BAD_REQUEST, f"messages are JSON objects: {exc}")
                 continue
+            except RecursionError:  # it closed the connection (1011) and its subscriptions
+                await self._error(BAD_REQUEST, "the message is nested too deeply")
+                continue
             try:
                 await self._handle(request)
             except (ControlError, HttpError) as exc:
@@ -512,20 +539,25 @@ class _Connection:
             raise HttpError(BAD_REQUEST, "symbol must be a string")
         ms = None if channel == "status" else self.api.market(symbol)
         key = (channel, None if ms is None else ms.market.name)
-        old = self.subs.pop(key, None)
-        if old is not None:
-            old.cancel()
         reply = {"op": f"{op}d", "channel": channel, "symbol": key[1]}
         if op == "unsubscribe":
+            old = self.subs.pop(key, None)
+            if old is not None:
+                old.cancel()
             await self.send_q.send(reply)
             return
+        # Every check before the running subscription of this key is replaced: a refused
+        # request leaves the connection's state as it was (a bad `since` stopped the book).
         if channel == "private" and not self.authed:
             raise HttpError(UNAUTHORIZED, 'the private channel needs {"op": "auth"} first')
-        if len(self.subs) >= MAX_SUBSCRIPTIONS:
+        if key not in self.subs and len(self.subs) >= MAX_SUBSCRIPTIONS:
             raise HttpError(BAD_REQUEST, f"at most {MAX_SUBSCRIPTIONS} subscriptions")
         since = request.get("since")
         if since is not None and (not isinstance(since, int) or isinstance(since, bool)):
             raise HttpError(BAD_REQUEST, "since must be an integer (the last u seen)")
+        old = self.subs.pop(key, None)
+        if old is not None:
+            old.cancel()
         await self.send_q.send(reply)
         scope = trio.CancelScope()
         self.subs[key] = scope
@@ -698,7 +730,7 @@ def _fills_message(
 
 
 def _endpoint(
-    api: HttpApi, fn: Callable[[Request], Awaitable[Any]], auth: bool
+    api: HttpApi, fn: Callable[[Request], Awaitable[Any]], auth: bool, query: frozenset[str]
 ) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         try:
@@ -708,6 +740,16 @@ def _endpoint(
                     "this request needs Authorization: Bearer <token> (`crdtbook token` on the "
                     "node prints it)",
                 )
+            # A misspelt parameter is refused, as a body's field is: taken as absent,
+            # `clientOrderIDPrefix=grid-` cancelled every open order, not those of the grid.
+            unknown = [name for name in request.query_params if name not in query]
+            if unknown:
+                refusal = (
+                    unknown_name(unknown, query, "query parameter")
+                    if query
+                    else f"unknown query parameter {unknown[0]!r:.40}: this path takes none"
+                )
+                raise HttpError(BAD_REQUEST, f"{refusal}; nothing was done")
             return JSONResponse(await fn(request))
         except (ControlError, HttpError) as exc:
             return _error_response(exc.code, exc.message)
@@ -723,8 +765,15 @@ def create_app(adapter: ControlAdapter, token: str, web_dir: Path = WEB_DIR) -> 
     /static/, the OpenAPI document at /openapi.json."""
     api = HttpApi(adapter, token)
 
-    def route(path: str, fn: Callable[[Request], Awaitable[Any]], method: str, auth: bool) -> Route:
-        return Route(path, _endpoint(api, fn, auth), methods=[method])
+    def route(
+        path: str,
+        fn: Callable[[Request], Awaitable[Any]],
+        method: str,
+        auth: bool,
+        query: tuple[str, ...] = (),
+    ) -> Route:
+        """``query``: the query parameters the route takes (any other is refused)."""
+        return Route(path, _endpoint(api, fn, auth, frozenset(query)), methods=[method])
 
     async def openapi(request: Request) -> Response:
         return JSONResponse(openapi_document())
@@ -743,14 +792,14 @@ def create_app(adapter: ControlAdapter, token: str, web_dir: Path = WEB_DIR) -> 
     v1 = "/api/v1"
     routes = [
         route(f"{v1}/markets", api.markets, "GET", False),
-        route(f"{v1}/orderbook", api.orderbook, "GET", False),
-        route(f"{v1}/trades", api.trades, "GET", False),
+        route(f"{v1}/orderbook", api.orderbook, "GET", False, ("symbol", "limit")),
+        route(f"{v1}/trades", api.trades, "GET", False, ("symbol", "limit", "since", "start")),
         route(f"{v1}/status", api.status, "GET", False),
-        route(f"{v1}/orders", api.list_orders, "GET", True),
+        route(f"{v1}/orders", api.list_orders, "GET", True, ORDER_LIST_QUERY),
         route(f"{v1}/orders", api.create_order, "POST", True),
-        route(f"{v1}/orders", api.cancel_all, "DELETE", True),
-        route(f"{v1}/orders/{{order_id}}", api.get_order, "GET", True),
-        route(f"{v1}/orders/{{order_id}}", api.cancel_order, "DELETE", True),
+        route(f"{v1}/orders", api.cancel_all, "DELETE", True, ("symbol", "clientOrderIdPrefix")),
+        route(f"{v1}/orders/{{order_id}}", api.get_order, "GET", True, ("symbol",)),
+        route(f"{v1}/orders/{{order_id}}", api.cancel_order, "DELETE", True, ("symbol",)),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/", index, methods=["GET"]),
         WebSocketRoute("/ws", api.websocket),

@@ -1011,3 +1011,94 @@ async def test_streams_and_reads_go_on_across_compactions(tmp_path: Path) -> Non
             nursery.cancel_scope.cancel()
     finally:
         node.close()
+
+
+# -- a schemathesis sweep and hand tests (session 17): each was a defect -------------------------
+
+
+def test_swept_requests_are_refused_cleanly_and_change_nothing(
+    hostile_api: tuple[httpx.AsyncClient, dict[str, str]],
+) -> None:
+    client, auth = hostile_api
+
+    async def run() -> None:
+        async def post(body: Any) -> httpx.Response:
+            return await client.post("/api/v1/orders", content=json.dumps(body), headers=auth)
+
+        async def open_ids() -> list[str]:
+            r = await client.get("/api/v1/orders", params={"status": "open"}, headers=auth)
+            return [o["id"] for o in r.json()["orders"]]
+
+        ask = await post(order("sell", "10", "1", clientOrderId="ask-1"))
+        assert ask.status_code == 200, ask.text
+        # postOnly "true" or 1 was taken as false: the order took instead of resting.
+        for value in ("true", 1, "yes", 0):
+            r = await post(order("buy", "10", "1", postOnly=value))
+            assert r.status_code == 400, (value, r.text)
+            assert "postOnly must be true or false" in r.json()["error"]["message"]
+        assert (await post(order("buy", "10", "1", postOnly=True))).json()["status"] == "rejected"
+        # Deep nesting: a RecursionError, a 500 and a traceback.
+        deep = "[" * 5000 + "]" * 5000
+        r = await client.post("/api/v1/orders", content=deep, headers=auth)
+        assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
+        # A lone surrogate in a name the error echoes: a plain-text 500.
+        r = await client.post(
+            "/api/v1/orders",
+            content='{"symbol": "W\\ud800", "side": "buy", "price": "1", "amount": "1"}',
+            headers=auth,
+        )
+        assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_market"
+        # A misspelt query parameter was ignored: clientOrderIDPrefix cancelled every order.
+        keep = await post(order("sell", "11", "1", clientOrderId="keep-1"))
+        assert keep.status_code == 200
+        r = await client.delete(
+            "/api/v1/orders", params={"clientOrderIDPrefix": "ask-"}, headers=auth
+        )
+        assert r.status_code == 400, r.text
+        message = r.json()["error"]["message"]
+        assert "unknown query parameter 'clientOrderIDPrefix'" in message
+        assert "did you mean clientOrderIdPrefix?" in message and "nothing was done" in message
+        assert len(await open_ids()) == 2
+        r = await client.get("/api/v1/markets", params={"x": "1"})
+        assert r.status_code == 400 and "this path takes none" in r.json()["error"]["message"]
+        # The open-orders cursor met an order that closed since the last page: a 400.
+        first = await client.get(
+            "/api/v1/orders", params={"status": "open", "limit": 1}, headers=auth
+        )
+        page = first.json()
+        assert len(page["orders"]) == 1 and page["next_cursor"] == page["orders"][0]["id"]
+        gone = await client.delete(f"/api/v1/orders/{page['next_cursor']}", headers=auth)
+        assert gone.status_code == 200
+        rest = await client.get(
+            "/api/v1/orders",
+            params={"status": "open", "limit": 1, "cursor": page["next_cursor"]},
+            headers=auth,
+        )
+        assert rest.status_code == 200, rest.text
+        assert [o["id"] for o in rest.json()["orders"]] == await open_ids()
+        assert rest.json()["orders"][0]["id"] != page["next_cursor"]
+        r = await client.get("/api/v1/orders", params={"cursor": "f" * 64}, headers=auth)
+        assert r.status_code == 400 and "not an order of this list" in r.text
+
+    trio.run(run)
+
+
+async def test_ws_refused_requests_leave_the_running_subscriptions(tmp_path: Path) -> None:
+    """A re-subscribe refused for its `since` cancelled the running book subscription first;
+    a deeply nested message closed the connection (1011) with all of them."""
+    ids = identities(1)
+    async with network(tmp_path) as net:
+        a = net.add(ids[0], witnessed(ids))
+        async with serving(net, a, tmp_path / "n0") as api, open_websocket_url(api.ws_url) as ws:
+            await ws.send_message(json.dumps({"op": "subscribe", "channel": "book"}))
+            assert (await recv(ws))["op"] == "subscribed"
+            await recv_channel(ws, "book")  # the snapshot
+            bad = {"op": "subscribe", "channel": "book", "since": "x"}
+            await ws.send_message(json.dumps(bad))
+            assert (await recv(ws))["error"]["code"] == "bad_request"
+            await ws.send_message("[" * 3000 + "]" * 3000)
+            error = await recv(ws)
+            assert "nested too deeply" in error["error"]["message"]
+            await a.call("submit", side="buy", price="90", quantity="1")
+            update = await recv_channel(ws, "book")  # still subscribed
+            assert update["type"] == "delta"
