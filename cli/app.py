@@ -516,7 +516,12 @@ def submit(
         ),
     ] = DEFAULT_TIF,
     tag: Annotated[
-        str | None, typer.Option("--tag", help="Free-form label kept with the order.")
+        str | None,
+        typer.Option(
+            "--tag",
+            help="Free-form label kept with the order (markets without witnesses; in a "
+            "witnessed market the tag is the client order id, unique: see --client-id).",
+        ),
     ] = None,
     client_id: Annotated[
         str | None,
@@ -935,7 +940,8 @@ def fills(
     result = call(
         ctx, home, "fills", market=market, limit=limit, mine=mine or None, start=start
     )
-    emit(result, as_json, render.fills_table)
+    # (The start asked, for an empty page past the end: "no fill from #N on", not "no fills".)
+    emit(result, as_json, lambda r: render.fills_table({**r, "start": start}))
 
 
 @app.command()

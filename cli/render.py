@@ -582,7 +582,15 @@ def fills_table(data: Json) -> RenderableType:
     fills: list[Json] = list(data.get("fills") or [])
     caption = fills_caption(data)
     if not fills:
-        empty = Text(f"no fills yet on {data.get('market', '?')}", style="dim")
+        count, start = data.get("fill_count"), data.get("start")
+        if isinstance(count, int) and count > 0 and isinstance(start, int) and start >= count:
+            empty = Text(
+                f"no fill from #{start} on: {data.get('market', '?')} has {count} "
+                f"fill{'' if count == 1 else 's'} (#0 to #{count - 1})",
+                style="dim",
+            )
+        else:
+            empty = Text(f"no fills yet on {data.get('market', '?')}", style="dim")
         return Group(empty, caption) if data.get("witnessed") is False and caption else empty
     marks = data.get("witnessed") is True or (
         data.get("witnessed") is None and any("final" in f for f in fills)
@@ -1069,8 +1077,8 @@ def finality_lines(m: Json) -> list[Text]:
             for_how_long = "" if waited is None else f" for {_seconds(float(waited))}"
             if w.get("forked"):  # it may be heartbeating: only its heartbeats do not count
                 what = f"STALLED: finality has waited{for_how_long}; its heartbeats no longer count"
-            else:
-                what = f"STALLED: silent{for_how_long} while finality waits for it"
+            else:  # (waited, not silent: the line below and the hint give its silence)
+                what = f"STALLED: finality has waited{for_how_long} for its heartbeat"
             tags.append((what, "bold red"))
         for tag, tag_style in tags:
             line.append(tag, style=tag_style)
@@ -1080,7 +1088,7 @@ def finality_lines(m: Json) -> list[Text]:
             beat = f"heartbeat at lamport {lamport} (seq {w.get('heartbeat_seq')})"
             if silent is None:
                 beat += ", not seen since this node started"
-            elif w.get("key") not in stalled_on:  # (a stalled one says how long just before)
+            else:
                 beat += f", last new one {_seconds(float(silent))} ago"
         else:
             beat = "no heartbeat yet"

@@ -265,6 +265,17 @@ def test_fills(fake_node: Any) -> None:
     assert run("fills", "--start", "40", "-n", "10").exit_code == 0
     assert fake_node.last("fills") == {"limit": 10, "start": 40}
     assert run("fills", "--start", "-1").exit_code == 2  # refused before anything is asked
+    # A start past the end said "no fills yet" of a market with fills.
+    fake_node.answers["fills"] = {
+        "market": "DEMO",
+        "fills": [],
+        "witnessed": True,
+        "final_count": 13,
+        "fill_count": 13,
+    }
+    res = run("fills", "--start", "100")
+    assert "no fill from #100 on: DEMO has 13 fills (#0 to #12)" in res.stdout
+    assert json.loads(run("fills", "--start", "100", "--json").stdout) == fake_node.answers["fills"]
 
 
 def test_orders_mine_and_all(fake_node: Any, samples: Any) -> None:
