@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
@@ -105,8 +105,6 @@ HTTP_STATUS: Final = {
     TIMEOUT: 504,
     STORE_FULL: 507,
 }
-#: The query parameters of ``GET /api/v1/orders``.
-ORDER_LIST_QUERY: Final = ("symbol", "status", "limit", "cursor")
 #: Largest request body read: an order is a few hundred bytes.
 MAX_BODY_BYTES: Final = 64 * 1024
 #: Largest WebSocket message taken from a client (subscriptions are tiny).
@@ -752,7 +750,13 @@ def _endpoint(
                 raise HttpError(BAD_REQUEST, f"{refusal}; nothing was done")
             return JSONResponse(await fn(request))
         except (ControlError, HttpError) as exc:
-            return _error_response(exc.code, exc.message)
+            response = _error_response(exc.code, exc.message)
+            if exc.code == UNAUTHORIZED:  # RFC 9110 section 11.6.1: the scheme to use
+                response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        except ClientDisconnect:  # gone mid-body: nobody to answer, and no bug of the node's
+            logger.debug("HTTP %s %s: the client went away", request.method, request.url.path)
+            return _error_response(BAD_REQUEST, "the client went away")
         except Exception:
             logger.exception("HTTP %s %s failed", request.method, request.url.path)
             return _error_response(INTERNAL, "a bug in the node; details are in its log")
@@ -765,15 +769,24 @@ def create_app(adapter: ControlAdapter, token: str, web_dir: Path = WEB_DIR) -> 
     /static/, the OpenAPI document at /openapi.json."""
     api = HttpApi(adapter, token)
 
-    def route(
-        path: str,
-        fn: Callable[[Request], Awaitable[Any]],
-        method: str,
-        auth: bool,
-        query: tuple[str, ...] = (),
-    ) -> Route:
-        """``query``: the query parameters the route takes (any other is refused)."""
-        return Route(path, _endpoint(api, fn, auth, frozenset(query)), methods=[method])
+    documented = openapi_document()["paths"]
+
+    def route(path: str, auth: bool, **by_method: Callable[[Request], Awaitable[Any]]) -> Route:
+        """One route for every method of ``path`` (separate routes made a 405's Allow name
+        only the first one's methods)."""
+        endpoints: dict[str, Callable[[Request], Awaitable[Response]]] = {}
+        for method, fn in by_method.items():
+            # The query parameters it takes are those the OpenAPI document gives it: any
+            # other is refused, and the document cannot drift from what is served.
+            params = documented[path][method.lower()].get("parameters", [])
+            query = frozenset(p["name"] for p in params if p["in"] == "query")
+            endpoints[method] = _endpoint(api, fn, auth, query)
+
+        async def dispatch(request: Request) -> Response:
+            method = "GET" if request.method == "HEAD" else request.method
+            return await endpoints[method](request)
+
+        return Route(path, dispatch, methods=list(endpoints))
 
     async def openapi(request: Request) -> Response:
         return JSONResponse(openapi_document())
@@ -787,19 +800,21 @@ def create_app(adapter: ControlAdapter, token: str, web_dir: Path = WEB_DIR) -> 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         code = NOT_FOUND if exc.status_code == 404 else BAD_REQUEST
-        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
+        # With starlette's headers: a 405 names the methods the path takes (Allow, RFC 9110).
+        return JSONResponse(
+            error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
+        )
 
     v1 = "/api/v1"
     routes = [
-        route(f"{v1}/markets", api.markets, "GET", False),
-        route(f"{v1}/orderbook", api.orderbook, "GET", False, ("symbol", "limit")),
-        route(f"{v1}/trades", api.trades, "GET", False, ("symbol", "limit", "since", "start")),
-        route(f"{v1}/status", api.status, "GET", False),
-        route(f"{v1}/orders", api.list_orders, "GET", True, ORDER_LIST_QUERY),
-        route(f"{v1}/orders", api.create_order, "POST", True),
-        route(f"{v1}/orders", api.cancel_all, "DELETE", True, ("symbol", "clientOrderIdPrefix")),
-        route(f"{v1}/orders/{{order_id}}", api.get_order, "GET", True, ("symbol",)),
-        route(f"{v1}/orders/{{order_id}}", api.cancel_order, "DELETE", True, ("symbol",)),
+        route(f"{v1}/markets", False, GET=api.markets),
+        route(f"{v1}/orderbook", False, GET=api.orderbook),
+        route(f"{v1}/trades", False, GET=api.trades),
+        route(f"{v1}/status", False, GET=api.status),
+        route(
+            f"{v1}/orders", True, GET=api.list_orders, POST=api.create_order, DELETE=api.cancel_all
+        ),
+        route(f"{v1}/orders/{{order_id}}", True, GET=api.get_order, DELETE=api.cancel_order),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/", index, methods=["GET"]),
         WebSocketRoute("/ws", api.websocket),

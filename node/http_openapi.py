@@ -233,7 +233,11 @@ def _op(
 
 def openapi_document() -> dict[str, Any]:
     """The document (a fresh dict each call)."""
-    limit = _query("limit", {"type": "integer", "minimum": 1})
+    # The bounds the routes enforce (http_api.MAX_BOOK_LIMIT, MAX_LIST_LIMIT; a cancel-all
+    # prefix is at most 32 UTF-8 bytes, finality.md 3.1): a client generated from this
+    # document then never sends what is refused.
+    book_limit = _query("limit", {"type": "integer", "minimum": 1, "maximum": 500})
+    limit = _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000})
     return {
         "openapi": "3.1.0",
         "info": {
@@ -258,7 +262,7 @@ def openapi_document() -> dict[str, Any]:
                 "get": _op("Markets", _ok({"type": "array", "items": _ref("Market")}))
             },
             "/api/v1/orderbook": {
-                "get": _op("Order book", _ok(_ref("OrderBook")), [_SYMBOL, limit])
+                "get": _op("Order book", _ok(_ref("OrderBook")), [_SYMBOL, book_limit])
             },
             "/api/v1/trades": {
                 "get": _op(
@@ -291,7 +295,7 @@ def openapi_document() -> dict[str, Any]:
                 "delete": _op(
                     "Cancel all of this node's open orders (one op in a witnessed market)",
                     _ok(_ref("CancelAll")),
-                    [_SYMBOL, _query("clientOrderIdPrefix", {"type": "string"})],
+                    [_SYMBOL, _query("clientOrderIdPrefix", {"type": "string", "maxLength": 32})],
                     auth=True,
                 ),
             },

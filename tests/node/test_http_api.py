@@ -26,6 +26,8 @@ from crdtbook import Fill, Market
 from crdtbook.node.control_errors import BAD_REQUEST, ControlError
 from crdtbook.node.http_api import (
     COALESCE_SECONDS,
+    MAX_BOOK_LIMIT,
+    MAX_LIST_LIMIT,
     _fills_message,
     create_app,
     http_banner,
@@ -300,6 +302,10 @@ def test_openapi_names_every_route_and_only_those() -> None:
             secured = "security" in op
             private = path.startswith("/api/v1/orders")
             assert secured == private, (path, method)
+    # The bounds it gives are those the routes enforce.
+    for path, limit in (("/api/v1/orderbook", MAX_BOOK_LIMIT), ("/api/v1/trades", MAX_LIST_LIMIT)):
+        params = {p["name"]: p for p in doc["paths"][path]["get"]["parameters"]}
+        assert params["limit"]["schema"]["maximum"] == limit
 
 
 def _check(doc: dict[str, Any], schema: dict[str, Any], value: Any) -> None:
@@ -1079,6 +1085,11 @@ def test_swept_requests_are_refused_cleanly_and_change_nothing(
         assert rest.json()["orders"][0]["id"] != page["next_cursor"]
         r = await client.get("/api/v1/orders", params={"cursor": "f" * 64}, headers=auth)
         assert r.status_code == 400 and "not an order of this list" in r.text
+        # RFC 9110: a 405 names the methods (Allow), a 401 the scheme (WWW-Authenticate).
+        r = await client.put("/api/v1/orders", headers=auth)
+        assert r.status_code == 405 and set(r.headers["allow"].split(", ")) >= {"GET", "POST"}
+        r = await client.get("/api/v1/orders")
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
 
     trio.run(run)
 
