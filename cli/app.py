@@ -937,6 +937,8 @@ def fills(
     """
     from crdtbook.cli import render
 
+    if start is not None and mine:
+        fail("--start pages through every fill; it does not combine with --mine", 2)
     result = call(
         ctx, home, "fills", market=market, limit=limit, mine=mine or None, start=start
     )

@@ -277,7 +277,9 @@ class ControlAdapter:
             if len(markets) == 1:
                 return next(iter(markets.values()))
             raise ControlError(
-                BAD_REQUEST, f"this node follows several markets; pick one of {', '.join(markets)}"
+                BAD_REQUEST,
+                f"this node follows several markets; name one of {', '.join(markets)} "
+                "(--market in the CLI, symbol in the HTTP API)",
             )
         ms = markets.get(name)
         if ms is None:

@@ -265,6 +265,10 @@ def test_fills(fake_node: Any) -> None:
     assert run("fills", "--start", "40", "-n", "10").exit_code == 0
     assert fake_node.last("fills") == {"limit": 10, "start": 40}
     assert run("fills", "--start", "-1").exit_code == 2  # refused before anything is asked
+    # In the CLI's own words (the node's names its param `mine`).
+    res = run("fills", "--start", "3", "--mine")
+    assert res.exit_code == 2 and "--start pages through every fill" in res.stderr
+    assert "--mine" in res.stderr
     # A start past the end said "no fills yet" of a market with fills.
     fake_node.answers["fills"] = {
         "market": "DEMO",
