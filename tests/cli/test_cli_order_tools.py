@@ -228,12 +228,11 @@ def test_a_cancel_not_final_is_marked_provisional(fake_node: Any, samples: Any) 
     filled (a taker of another node sorted before the cancel): like an order's outcome, a
     cancel's is provisional until final."""
     cancelled = samples.order(status="cancelled", reason="cancelled", filled="0", remaining="0")
-    fake_node.answers["cancel"] = {
-        "order": cancelled,
-        "cancel_id": samples.C,
-        "effective": True,
-        "final": False,
-    }
+
+    def answer(order: dict[str, Any], effective: bool) -> dict[str, Any]:
+        return {"order": order, "cancel_id": samples.C, "effective": effective, "final": False}
+
+    fake_node.answers["cancel"] = answer(cancelled, True)
     result = run("cancel", "A1")
     assert result.exit_code == 0, result.output
     assert "provisional: cancelled" in result.output
@@ -242,23 +241,13 @@ def test_a_cancel_not_final_is_marked_provisional(fake_node: Any, samples: Any) 
     result = run("cancel", "A1")
     assert "final: cancelled" in result.output and "sorts before" not in result.output
     # Finished but not final: a cancel is signed all the same, and may yet take effect.
-    fake_node.answers["cancel"] = {
-        "order": samples.order(),
-        "cancel_id": samples.C,
-        "effective": False,
-        "final": False,
-    }
+    fake_node.answers["cancel"] = answer(samples.order(), False)
     result = run("cancel", "A1")
     assert "provisional: nothing to cancel" in result.output
     assert "it can rest again, and this cancel then takes it off the book" in result.output
     # Without witnesses: never final, said once, no "provisional" mark.
     fake_node.answers["status"]["markets"][0]["witnessed"] = False
-    fake_node.answers["cancel"] = {
-        "order": cancelled,
-        "cancel_id": samples.C,
-        "effective": True,
-        "final": False,
-    }
+    fake_node.answers["cancel"] = answer(cancelled, True)
     result = run("cancel", "A1")
     assert "fills here are never final: DEMO has no witnesses" in result.output
     assert "provisional:" not in result.output and "heartbeats" not in result.output
