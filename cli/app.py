@@ -724,7 +724,8 @@ def cancel(
     --json prints {"order": Order, "cancel_id": hex or null, "effective": bool, "final": bool}
     (effective: whether the cancel takes the order off the book in this node's order now, false
     when the order had already finished; final: the cancel can no longer change; cancel_id null
-    when the order is finished and final, so nothing was signed); with --all, {"market",
+    when no cancel could change the order, so nothing was signed: it is finished and final, or
+    this node cancelled it already); with --all, {"market",
     "cancel_id": hex, "prefix", "cancelled": int, "final": bool}.
     """
     from crdtbook.cli import render

@@ -412,6 +412,19 @@ def cancel_result(result: Json, witnessed: bool | None = None) -> RenderableType
         text.append(f"order {order.get('id', '?')} is already ")
         text.append_text(status_text(order.get("status", "?")))
     if result.get("cancel_id") is None:
+        if final is False:  # cancelled already by this node: a new cancel would change nothing
+            text.append(
+                "\nno new cancel signed: it would come after this node's earlier one and "
+                "change nothing",
+                style="dim",
+            )
+            if witnessed is False:
+                return Group(text, never_final(order.get("market")))
+            text.append(
+                "\nnot final yet: an order that sorts before that cancel can still fill it",
+                style="dim",
+            )
+            return text
         text.append("\nfinal: no cancel can change it, so none was signed", style="dim")
         return text
     text.append(f"\ncancel op {short(result.get('cancel_id'))}", style="dim")

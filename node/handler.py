@@ -630,6 +630,17 @@ class ControlAdapter:
                 "effective": False,
                 "final": True,
             }
+        if order.status == "cancelled":
+            # By a cancel (or cancel-all) of this key, the only one whose cancels count, held
+            # here: a new cancel would hold it in its past, so follow it in every order, and
+            # find the order finished. Nothing to sign (a retry loop grew the log by one op a
+            # call where nothing compacts); `final` says whether that cancellation is final.
+            return {
+                "order": order_json(ms, order, me),
+                "cancel_id": None,
+                "effective": False,
+                "final": False,
+            }
         try:
             op = await self.service.cancel(ms, order.id)
         except BadCancel as exc:

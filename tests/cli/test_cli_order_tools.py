@@ -251,6 +251,11 @@ def test_a_cancel_not_final_is_marked_provisional(fake_node: Any, samples: Any) 
     result = run("cancel", "A1")
     assert "fills here are never final: DEMO has no witnesses" in result.output
     assert "provisional:" not in result.output and "heartbeats" not in result.output
+    # Cancelled already by this node: nothing signed, and not called final.
+    fake_node.answers["cancel"] = {**answer(cancelled, False), "cancel_id": None}
+    result = run("cancel", "A1")
+    assert "no new cancel signed" in result.output
+    assert "no cancel can change it" not in result.output  # (not called final)
 
 
 def test_amend_and_cancel_all_mark_their_cancel(fake_node: Any, samples: Any) -> None:

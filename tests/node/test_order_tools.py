@@ -96,7 +96,16 @@ async def test_market_without_witnesses_refuses_v2_tools(tmp_path: Path) -> None
         assert a.ms.replica.order_count == 0  # nothing was signed
         # a tag stays a free label there: reusing it is fine
         await a.call("submit", side="buy", price="1", quantity="1", tag="t")
-        await a.call("submit", side="buy", price="1", quantity="1", tag="t")
+        placed = await a.call("submit", side="buy", price="1", quantity="1", tag="t")
+        # A cancel of an order this key cancelled already signs nothing: it would follow the
+        # first in every order (nothing compacts here: a retry loop grew the log for ever).
+        first = await a.call("cancel", order_id=placed["order"]["id"])
+        assert first["effective"] is True and first["cancel_id"] is not None
+        held = len(a.ms.replica)
+        again = await a.call("cancel", order_id=placed["order"]["id"])
+        assert again["cancel_id"] is None and again["effective"] is False
+        assert again["final"] is False and again["order"]["status"] == "cancelled"
+        assert len(a.ms.replica) == held
         markets = await a.call("markets")
         assert markets[0]["witnessed"] is False and markets[0]["witnesses"] == 0
 
