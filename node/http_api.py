@@ -690,6 +690,7 @@ def _trades_message(
     trades: list[dict[str, Any]],
     revoked: list[str],
     became_final: list[str],
+    final_times: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     key = "fills" if channel == "private" else "trades"
     return {
@@ -699,6 +700,7 @@ def _trades_message(
         key: trades,
         "revoked": revoked,
         "became_final": became_final,
+        "final_times": final_times or {},
     }
 
 
@@ -720,11 +722,18 @@ def _fills_message(
     ids = {t["id"] for t in sent}
     gone = [tid for _, f in revoked if (tid := trade_id(fill_json(ms, 0, f))) not in ids]
     finals: list[str] = []
-    if became_final:
-        start = became_final[0]
-        chunk = ms.fill_list(start)  # compacted meanwhile: from the store
-        finals = [trade_id(fill_json(ms, i, chunk[i - start])) for i in became_final]
-    return _trades_message(channel, ms, "update", sent, gone, finals)
+    # A trade's time once final is its witnessed time, which a client holding it from before
+    # does not have (it kept the receipt time: a web view showed that after the trade was final).
+    final_times: dict[str, int] = {}
+    if became_final:  # (consecutive indexes; compacted meanwhile: from the store, with times)
+        rows = ms.fills(became_final[0], became_final[-1] + 1)
+        for c in rows:
+            times = (c.received_ms, c.witnessed_ms)
+            shaped = trade_shape(fill_json(ms, c.number, c.fill, True, times))
+            finals.append(shaped["id"])
+            if shaped["timestamp"] is not None:
+                final_times[shaped["id"]] = shaped["timestamp"]
+    return _trades_message(channel, ms, "update", sent, gone, finals, final_times)
 
 
 def _endpoint(

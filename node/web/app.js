@@ -214,7 +214,9 @@ function subscribeAll() {
 function setConn(what) {
   state.live = what === "live";
   $("conn").className = `conn ${what === "live" ? "live" : what === "down" ? "down" : ""}`;
-  $("conn-text").textContent = what === "live" ? "live" : what === "down" ? "reconnecting" : "connecting";
+  $("conn-text").textContent = what === "live" ? "live" : what === "down" ? "disconnected: reconnecting; what is shown may be out of date" : "connecting";
+  // Dimmed while down: the book, the final marks and the witnesses' state are as last heard.
+  document.body.classList.toggle("stale", what === "down");
 }
 
 function handle(msg) {
@@ -378,10 +380,12 @@ function renderBook() {
 
 // -------------------------------------------------------------------------------- trades
 
+// Newest first by the fill's index, its place in the market's order: a trade the node loaded
+// from its store at start has no timestamp (null), and sorting by time put the newest trade
+// last and made an older one "last price" after a restart.
 function sortByTime(map) {
-  return [...map.values()].sort(
-    (a, b) => (b.timestamp ?? 0) - (a.timestamp ?? 0) || ((b.info && b.info.index) ?? 0) - ((a.info && a.info.index) ?? 0),
-  );
+  const index = (t) => (t.info && typeof t.info.index === "number" ? t.info.index : -1);
+  return [...map.values()].sort((a, b) => index(b) - index(a) || (b.timestamp ?? 0) - (a.timestamp ?? 0));
 }
 
 function applyFills(map, msg, list) {
@@ -394,11 +398,19 @@ function applyFills(map, msg, list) {
   for (const id of msg.revoked || []) map.delete(id);
   for (const id of msg.became_final || []) {
     const t = map.get(id);
-    if (t) map.set(id, { ...t, final: true });
+    if (t) map.set(id, { ...t, final: true, ...finalTime(msg, id) });
   }
   const sorted = sortByTime(map);
   for (const t of sorted.slice(TRADES_KEEP)) map.delete(t.id);
   return fresh;
+}
+
+// A trade's time once final is its witnessed time (http-api.md "Values"): the message names the
+// trades that became final; their times come with it where the node gives them.
+function finalTime(msg, id) {
+  const times = msg.final_times || {};
+  const ms = times[id];
+  return typeof ms === "number" ? { timestamp: ms, datetime: new Date(ms).toISOString() } : {};
 }
 
 function onTrades(msg) {
@@ -440,7 +452,7 @@ function onPrivate(msg) {
   const fresh = applyFills(state.fills, msg, msg.fills);
   for (const id of fresh) {
     const f = state.fills.get(id);
-    if (f) toast(`filled: ${f.side} ${f.amount} @ ${f.price}${f.takerOrMaker ? ` as ${f.takerOrMaker}` : ""}`);
+    if (f) toast(`${provisionalMark(f.final)}filled: ${f.side} ${f.amount} @ ${f.price}${f.takerOrMaker ? ` as ${f.takerOrMaker}` : ""}`);
   }
   for (const id of msg.became_final || []) {
     // the last order's outcome, shown under the form, follows its fills to final too
@@ -498,7 +510,12 @@ async function cancelOrder(order, button) {
   try {
     const o = await api("DELETE", `/orders/${encodeURIComponent(order.id)}?${q({ symbol: state.symbol })}`);
     state.orders.set(o.id, o);
-    toast(`cancelled ${o.side} ${o.remaining} @ ${o.price} (order ${o.id.slice(0, 12)})`);
+    const info = o.info || {};
+    const filled = Number(o.filled) > 0 ? `; ${o.filled} had filled` : "";
+    const said = info.effective
+      ? `cancelled ${o.side} order ${o.id.slice(0, 12)} @ ${o.price}${filled}`
+      : `nothing to cancel: ${o.side} order ${o.id.slice(0, 12)} is already ${o.status}${filled}`;
+    toast(`${provisionalMark(info.cancel_final)}${said}`, info.effective ? "" : "warn");
     renderMine();
     queueRender();
   } catch (err) {
@@ -515,7 +532,8 @@ async function cancelAll() {
       const o = state.orders.get(id);
       if (o) state.orders.set(id, { ...o, status: "canceled" });
     }
-    toast(`cancel-all: ${n} order${n === 1 ? "" : "s"} cancelled in one op`);
+    // (Not final until the witnesses acknowledge the op: an order sorting earlier can still fill them.)
+    toast(`${provisionalMark(false)}cancel-all: ${n} order${n === 1 ? "" : "s"} cancelled in one op`);
     renderMine();
   } catch (err) {
     toast(`cancel-all failed: ${err.message}`, "error");
@@ -575,8 +593,13 @@ async function submitOrder(ev) {
     queueRender();
   } catch (err) {
     out.className = "result small error";
-    out.textContent = `refused: ${err.message} [${err.code}]`;
-    if (err.status === 401) openTokenDialog();
+    if (err instanceof ApiError) {
+      out.textContent = `refused: ${err.message} [${err.code}]`;
+      if (err.status === 401) openTokenDialog();
+    } else {
+      // The request may have reached the node: placing it again could make two orders.
+      out.textContent = `no answer from the node (${err.message}): the order may have been placed all the same; check the open orders before you submit again`;
+    }
   } finally {
     $("submit").disabled = !state.token;
   }
@@ -594,16 +617,22 @@ function showResult(res) {
   else if (res.status === "open") outcome = `resting: ${res.remaining} @ ${res.price} is on the book`;
   else if (res.status === "closed") outcome = `filled: ${verb} ${res.filled} in ${fills.length} fill${fills.length === 1 ? "" : "s"}`;
   else outcome = `${res.status}${res.info && res.info.reason ? `: ${String(res.info.reason).replaceAll("_", " ")}` : ""}${Number(res.filled) > 0 ? ` (${verb} ${res.filled} first)` : ""}`;
-  lines.push(el("div", { text: outcome }));
+  lines.push(el("div", { text: `${provisionalMark(res.final)}${outcome}` }));
   for (const f of fills) {
     const mark = finalSpan(f.final);
     mark.dataset.fillId = f.id;
     lines.push(el("div", {}, el("span", { text: `  fill ${f.amount} @ ${f.price} ` }), mark));
   }
   for (const x of res.expired || []) {
-    lines.push(el("div", { class: "prov", text: `  expired by self-trade prevention: own ${x.side} order ${x.id} (${x.remaining} @ ${x.price})` }));
+    lines.push(el("div", { class: "prov", text: `  expired by self-trade prevention: own ${x.side} order ${x.id} (${x.amount} @ ${x.price}, ${x.filled} had filled)` }));
   }
   out.replaceChildren(...lines);
+}
+
+// "provisional: " before an outcome that can still change (as the CLI says it); nothing once final,
+// nor in a market without witnesses, whose page says once that nothing there is ever final.
+function provisionalMark(final) {
+  return final === false && state.witnessed !== false ? "provisional: " : "";
 }
 
 function finalSpan(final) {

@@ -122,6 +122,10 @@ class FakeNode:
         self.sent: list[Json] = []
         self.posted: list[Json] = []
         self.deleted: list[str] = []
+        #: The answer to the next DELETE of one order, over the default (cancelled, provisional).
+        self.cancel_answer: Json = {}
+        #: Drop the next POST /orders without an answer (the connection broke).
+        self.post_fails = False
 
     # ------------------------------------------------------------------------------ REST
 
@@ -144,6 +148,9 @@ class FakeNode:
             route.fulfill(status=200, body=file.read_bytes(), headers={"Content-Type": ctype})
             return
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        if self.post_fails and request.method == "POST":
+            route.abort()
+            return
         authed = request.headers.get("authorization") == f"Bearer {TOKEN}"
         status, body = self.answer(
             request.method, path.removeprefix("/api/v1"), query, authed, request.post_data
@@ -190,7 +197,10 @@ class FakeNode:
             oid = path.removeprefix("/orders/")
             self.deleted.append(oid)
             gone = next(o for o in self.orders if o["id"] == oid)
-            return 200, {**gone, "status": "canceled", "remaining": "0"}
+            info = {"cancel_id": "cc" * 32, "effective": True, "cancel_final": False}
+            return 200, {**gone, "status": "canceled", "remaining": "0", "info": info} | (
+                self.cancel_answer
+            )
         return 404, {"error": {"code": "not_found", "message": path}}
 
     # ------------------------------------------------------------------------- WebSocket

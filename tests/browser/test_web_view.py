@@ -258,3 +258,81 @@ def test_depth_chart_hover(page: Any, fake: FakeNode) -> None:
     page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.5)
     page.wait_for_function("document.getElementById('chart-tip').textContent.startsWith('asks')")
     assert page.errors == []
+
+
+# -- a web review in a browser (session 17): each was a defect ------------------------------------
+
+
+def test_cancel_says_what_it_did_and_that_it_is_provisional(page: Any, fake: FakeNode) -> None:
+    """A cancel that came after a fill read "cancelled sell 0.0000 @ 100.15": the trader
+    believed nothing sold. Every cancel toast showed 0.0000 (what rests after it)."""
+    open_page(page)
+    fake.cancel_answer = {
+        "status": "closed",
+        "filled": "1.2",
+        "info": {"cancel_id": "cc" * 32, "effective": False, "cancel_final": False},
+    }
+    page.click("#open-orders tr[data-id] button")
+    page.wait_for_selector("#toasts .toast.warn")
+    said = page.inner_text("#toasts")
+    assert f"provisional: nothing to cancel: buy order {'a1' * 6} is already closed" in said
+    assert "1.2 had filled" in said and "0.0000" not in said
+    assert page.errors == []
+
+
+def test_trades_newest_first_by_index_and_final_times(page: Any, fake: FakeNode) -> None:
+    """After a restart, trades loaded from the store have no timestamp: sorted by time the
+    newest went last and an older one was "last"; and a trade that became final kept its
+    receipt time where the node gives the witnessed one."""
+    open_page(page)
+    newest = dict(fake.trades[0], id="t9", price="99", timestamp=None, final=True)
+    newest["info"] = {"index": 9}
+    fake.push(
+        {"channel": "trades", "type": "update", "symbol": "BTC-USD", "trades": [newest],
+         "revoked": [], "became_final": []}
+    )  # fmt: skip
+    page.wait_for_selector('#trades tr[data-id="t9"]')
+    assert page.locator("#trades tr").nth(0).get_attribute("data-id") == "t9"
+    assert page.inner_text("#last-price") == "99"
+    witnessed = 1_764_660_002_345
+    fake.push(
+        {"channel": "trades", "type": "update", "symbol": "BTC-USD", "trades": [],
+         "revoked": [], "became_final": ["t3"], "final_times": {"t3": witnessed}}
+    )  # fmt: skip
+    page.wait_for_selector('#trades tr.final[data-id="t3"]')
+    title = page.locator('#trades tr[data-id="t3"]').get_attribute("title")
+    assert title == "2025-12-02T07:20:02.345Z"
+    assert page.errors == []
+
+
+def test_a_lost_answer_is_not_called_a_refusal(page: Any, fake: FakeNode) -> None:
+    """With the node gone mid-request the page said "refused: Failed to fetch": a trader told
+    "refused" submits again, and may hold two orders."""
+    open_page(page)
+    fake.post_fails = True
+    page.fill('[data-testid="price"]', "100")
+    page.fill('[data-testid="amount"]', "0.1")
+    page.click('[data-testid="submit"]')
+    page.wait_for_function(
+        "document.getElementById('order-result').textContent.includes('no answer')"
+    )
+    result = page.inner_text("#order-result")
+    assert "may have been placed all the same" in result and "refused" not in result
+
+
+def test_outcomes_are_marked_provisional(page: Any, fake: FakeNode) -> None:
+    open_page(page)
+    page.fill('[data-testid="price"]', "101")
+    page.fill('[data-testid="amount"]', "0.1")
+    page.click('[data-testid="submit"]')
+    page.wait_for_selector("#order-result div")
+    assert "provisional: filled: bought 0.1" in page.inner_text("#order-result")
+
+
+def test_narrow_screen_keeps_the_page_within_it(page: Any, fake: FakeNode) -> None:
+    """At 375 px the top bar did not wrap: the page was 742 px wide, the finality badge and the
+    token button off screen."""
+    page.set_viewport_size({"width": 375, "height": 800})
+    open_page(page)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    assert page.locator("#finality-badge").bounding_box()["x"] < 375

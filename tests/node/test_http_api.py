@@ -41,6 +41,7 @@ from crdtbook.node.http_auth import (
 )
 from crdtbook.node.http_feeds import PrivateWatch
 from crdtbook.node.http_openapi import openapi_document
+from crdtbook.node.store import CompactedFill
 
 from .test_finality import Net, Node, identities, network, until, witnessed
 
@@ -588,6 +589,11 @@ class _FakeMarketState:
     def fill_list(self, start: int) -> list[Fill]:
         return self.replica.fills(start)
 
+    def fills(self, start: int, stop: int) -> list[CompactedFill]:
+        """With times, as the store keeps them: the witnessed time once final."""
+        chunk = self.replica.fills(start)[: stop - start]
+        return [CompactedFill(start + n, f, 500, 1_000) for n, f in enumerate(chunk)]
+
 
 def _fill(taker: int, maker: int, qty: int = 1) -> Fill:
     return Fill(bytes([taker]) * 32, bytes([maker]) * 32, 100, qty, "buy", b"t" * 32, b"m" * 32)
@@ -616,6 +622,8 @@ def test_trade_updates_name_revoked_and_final_trades_by_id() -> None:
     assert message["trades"][1]["amount"] == "2" and message["trades"][0]["final"] is False
     assert message["revoked"] == [trade_id_of(gone)]
     assert message["became_final"] == [trade_id_of(f1)]
+    # With its time once final (the witnessed one): a client held the receipt time.
+    assert message["final_times"] == {trade_id_of(f1): 1_000}
 
 
 def trade_id_of(fill: Fill) -> str:
