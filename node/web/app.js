@@ -58,7 +58,7 @@ function el(tag, props = {}, ...children) {
     if (k === "class") node.className = v;
     else if (k === "text") node.textContent = v;
     else if (k === "title") node.title = v;
-    else if (k.startsWith("data-")) node.setAttribute(k, v);
+    else if (k.startsWith("data-") || k.startsWith("aria-")) node.setAttribute(k, v);
     else node[k] = v;
   }
   for (const child of children) node.append(child);
@@ -136,7 +136,12 @@ function loadToken() {
   state.token = sessionStorage.getItem(TOKEN_KEY) || null;
 }
 
+function lockedText() {
+  return state.token ? "token refused: give the node's token (token button)" : "token needed";
+}
+
 function lockPrivate(locked) {
+  state.privateLocked = locked;
   $("locked").hidden = !locked;
   $("submit").disabled = locked;
   $("cancel-all").disabled = locked;
@@ -469,7 +474,7 @@ function renderMine(freshFills = new Set()) {
     .filter((o) => o.status === "open")
     .sort((a, b) => (b.timestamp ?? 0) - (a.timestamp ?? 0));
   const orderRows = open.map((o) => {
-    const cancel = el("button", { type: "button", class: "ghost danger small-btn", text: "cancel", "data-testid": "cancel" });
+    const cancel = el("button", { type: "button", class: "ghost danger small-btn", text: "cancel", "data-testid": "cancel", "aria-label": `cancel ${o.side} order ${o.id.slice(0, 12)} at ${o.price}` });
     cancel.addEventListener("click", () => cancelOrder(o, cancel));
     return el(
       "tr",
@@ -485,8 +490,9 @@ function renderMine(freshFills = new Set()) {
       el("td", {}, cancel),
     );
   });
-  const locked = !state.token;
-  $("open-orders").replaceChildren(...(orderRows.length ? orderRows : [emptyRow(9, locked ? "token needed" : "no open orders")]));
+  // (A token the node refused locks them too: "no open orders" then said what was not known.)
+  const locked = !state.token || state.privateLocked === true;
+  $("open-orders").replaceChildren(...(orderRows.length ? orderRows : [emptyRow(9, locked ? lockedText() : "no open orders")]));
   $("open-count").textContent = String(open.length);
   const fillRows = sortByTime(state.fills).map((f) =>
     el(
@@ -501,7 +507,7 @@ function renderMine(freshFills = new Set()) {
       stateCell(f.final),
     ),
   );
-  $("my-fills").replaceChildren(...(fillRows.length ? fillRows : [emptyRow(7, locked ? "token needed" : "no fills of mine yet")]));
+  $("my-fills").replaceChildren(...(fillRows.length ? fillRows : [emptyRow(7, locked ? lockedText() : "no fills of mine yet")]));
   $("fills-count").textContent = String(state.fills.size);
 }
 

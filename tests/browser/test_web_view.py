@@ -336,3 +336,10 @@ def test_narrow_screen_keeps_the_page_within_it(page: Any, fake: FakeNode) -> No
     open_page(page)
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
     assert page.locator("#finality-badge").bounding_box()["x"] < 375
+
+
+def test_cancel_buttons_name_their_order_and_no_favicon_404(page: Any, fake: FakeNode) -> None:
+    open_page(page)
+    button = page.locator("#open-orders tr[data-id] button")
+    assert button.get_attribute("aria-label") == f"cancel buy order {'a1' * 6} at 100.5"
+    assert page.locator('link[rel="icon"]').count() == 1  # (each load logged a 404 for it)
