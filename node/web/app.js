@@ -736,6 +736,10 @@ async function loadMarkets() {
   select.replaceChildren(...markets.map((m) => el("option", { value: m.symbol, text: m.symbol })));
   const wanted = new URLSearchParams(location.search).get("symbol");
   const pick = markets.find((m) => m.symbol === wanted) ? wanted : markets.length ? markets[0].symbol : null;
+  if (wanted && pick !== wanted) {
+    // A link to a market this node does not follow: say so rather than show another silently.
+    toast(`this node does not follow ${wanted}${pick ? `; showing ${pick}` : ""}`, "warn");
+  }
   if (pick) {
     select.value = pick;
     selectMarket(pick);

@@ -343,3 +343,9 @@ def test_cancel_buttons_name_their_order_and_no_favicon_404(page: Any, fake: Fak
     button = page.locator("#open-orders tr[data-id] button")
     assert button.get_attribute("aria-label") == f"cancel buy order {'a1' * 6} at 100.5"
     assert page.locator('link[rel="icon"]').count() == 1  # (each load logged a 404 for it)
+
+
+def test_a_link_to_a_market_not_followed_says_so(page: Any, fake: FakeNode) -> None:
+    page.goto(f"{ORIGIN}/?symbol=NOPE#token={TOKEN}")
+    page.wait_for_selector("#toasts .toast.warn")
+    assert "this node does not follow NOPE; showing BTC-USD" in page.inner_text("#toasts")
