@@ -455,6 +455,16 @@ function onPrivate(msg) {
   if (msg.type === "snapshot") state.orders.clear();
   for (const o of msg.orders || []) state.orders.set(o.id, o);
   const fresh = applyFills(state.fills, msg, msg.fills);
+  const revoked = (msg.revoked || []).length;
+  if (revoked) {
+    // Provisional fills of mine that no longer exist: said, not dropped silently.
+    toast(`${revoked} provisional fill${revoked === 1 ? "" : "s"} of yours revoked: an earlier-sorting order changed the matching`, "warn");
+    for (const id of msg.revoked) {
+      for (const mark of document.querySelectorAll("#order-result [data-fill-id]")) {
+        if (mark.dataset.fillId === id) mark.replaceWith(el("span", { class: "prov", text: "✗ revoked" }));
+      }
+    }
+  }
   for (const id of fresh) {
     const f = state.fills.get(id);
     if (f) toast(`${provisionalMark(f.final)}filled: ${f.side} ${f.amount} @ ${f.price}${f.takerOrMaker ? ` as ${f.takerOrMaker}` : ""}`);

@@ -349,3 +349,15 @@ def test_a_link_to_a_market_not_followed_says_so(page: Any, fake: FakeNode) -> N
     page.goto(f"{ORIGIN}/?symbol=NOPE#token={TOKEN}")
     page.wait_for_selector("#toasts .toast.warn")
     assert "this node does not follow NOPE; showing BTC-USD" in page.inner_text("#toasts")
+
+
+def test_my_revoked_fill_is_said(page: Any, fake: FakeNode) -> None:
+    open_page(page)
+    page.wait_for_function("document.getElementById('conn-text').textContent === 'live'")
+    fake.push(
+        {"channel": "private", "type": "update", "symbol": "BTC-USD", "fills": [],
+         "orders": [], "revoked": ["f1"], "became_final": []}
+    )  # fmt: skip
+    page.wait_for_selector("#toasts .toast.warn")
+    assert "1 provisional fill of yours revoked" in page.inner_text("#toasts")
+    assert page.errors == []
