@@ -402,10 +402,11 @@ def node(
             metavar="OPS",
             min=0,
             help="In witnessed markets, keep in the store only the OPS newest compacted ops "
-            "before the latest compaction point and delete older ones (0: keep none) [default: "
-            "keep everything]. fills and order still answer for all history (compacted fills "
-            "and orders are kept); the node then serves no history to joiners, and fetches it "
-            "back from a peer when a late op needs it.",
+            "before the latest compaction point and delete older ones (0: keep none of them; the "
+            "point itself always keeps its newest ~2,000 ops and the resting orders, so small "
+            "values differ little) [default: keep everything]. fills and order still answer "
+            "for all history (compacted fills and orders are kept); the node then serves no "
+            "history to joiners, and fetches it back from a peer when a late op needs it.",
             show_default=False,
         ),
     ] = None,

@@ -38,7 +38,7 @@ from .handler import ControlAdapter
 from .home import IDENTITY_FILE, load_or_create_identity
 from .join import HISTORY_BACKFILL_AFTER, JOIN_PEER_WAIT, Joiner
 from .network import Network
-from .service import FLUSH_DELAY, POINT_INTERVAL, PUBLISH_INTERVAL, NodeService
+from .service import FLUSH_DELAY, POINT_INTERVAL, PUBLISH_INTERVAL, MarketState, NodeService
 from .store import OpStore, StoreError
 from .summary import summary_loop
 from .sync import FRAME_TIMEOUT
@@ -171,6 +171,15 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
+def say_joined(ms: MarketState) -> None:
+    """A join's outcome, on the node's output beside its banner (in the log it is INFO, so an
+    operator at the default level saw "joining" and then nothing)."""
+    if ms.join_state == "full":
+        _say(f"  {ms.market.name}: no snapshot to join from; syncing the full log")
+    else:
+        _say(f"  {ms.market.name}: joined from the point at {ms.joined_from} ops; syncing the rest")
+
+
 async def _main(config: NodeConfig) -> int:
     # libp2p import costs ~0.7 s: only here
     from .p2p import (
@@ -292,7 +301,7 @@ class _Node:
             mode=config.join,
             frame_timeout=config.sync_frame_timeout,
             peer_wait=config.join_peer_wait,
-            on_joined=lambda ms: self.sync.ask_all(),
+            on_joined=self._joined,
             backfill_after=config.history_backfill,
         )
         self.discovery = Discovery(
@@ -352,7 +361,7 @@ class _Node:
                     role = "this node is one" if identity_key in keys else "this node is not one"
                     _say(f"  {ms.market.name}: {len(keys)} witness(es) in force; {role}")
                 if ms.joining:
-                    _say(f"  {ms.market.name}: joining from a witnessed snapshot (node.join)")
+                    _say(f"  {ms.market.name}: joining from a witnessed snapshot")
             _say(f"  control socket {control}")
             for line in http_banner(http, home) if http else ():
                 _say(line)
@@ -373,6 +382,10 @@ class _Node:
             logger.warning("could not write checkpoints: %s", exc)
         except Exception:
             logger.exception("could not write checkpoints")
+
+    def _joined(self, ms: MarketState) -> None:
+        say_joined(ms)
+        self.sync.ask_all()
 
     def status(self) -> dict[str, Any]:
         return {

@@ -75,6 +75,8 @@ class FinalityTracker:
     _due_since: dict[bytes, float] = field(default_factory=dict)
     _forks_logged: set[bytes] = field(default_factory=set)
     _stalled: tuple[bytes, ...] = ()
+    #: The level the current stall was logged at (its end is logged at the same).
+    _stall_level: int = logging.INFO
     #: The latest point (n, hash the majority attests) this replica's state disagrees with
     #: (``Replica.disputed_point``), logged once at ERROR; shown by ``status``.
     disputed: tuple[int, bytes] | None = None
@@ -157,7 +159,7 @@ class FinalityTracker:
                 stalled.append(key)
             elif next_stall is None or quiet_from + STALL_SECONDS < next_stall:
                 next_stall = quiet_from + STALL_SECONDS
-        self._log_stall(tuple(stalled))
+        self._log_stall(tuple(stalled), replica.pending_count)
         state = "final" if first is None else "stalled" if stalled else "pending"
         witnesses = tuple(
             WitnessView(
@@ -187,14 +189,27 @@ class FinalityTracker:
                     key.hex(),
                 )
 
-    def _log_stall(self, stalled: tuple[bytes, ...]) -> None:
+    def _log_stall(self, stalled: tuple[bytes, ...], pending: int) -> None:
+        """A stall at WARNING, the default level (an operator alerting on the log missed a
+        witness gone for 44 s at INFO), and its end at the same level. A node with ops waiting
+        for their parents (one catching up, e.g. just joined) may only lag their heartbeats:
+        said at INFO, with that reason."""
         if stalled and not self._stalled:
-            logger.info(
-                "%s: finality stalled: witness(es) %s silent for more than %.0f s",
-                self.name,
-                ", ".join(key.hex()[:16] for key in stalled),
-                STALL_SECONDS,
-            )
+            keys = ", ".join(key.hex()[:16] for key in stalled)
+            if pending:
+                logger.info(
+                    "%s: finality waits for witness(es) %s for more than %.0f s; this node "
+                    "holds %d ops waiting for their parents (catching up?)",
+                    self.name, keys, STALL_SECONDS, pending,
+                )  # fmt: skip
+                self._stall_level = logging.INFO
+            else:
+                logger.warning(
+                    "%s: finality stalled: witness(es) %s silent for more than %.0f s (status "
+                    "names them; a majority of the witnesses can remove one gone for good)",
+                    self.name, keys, STALL_SECONDS,
+                )  # fmt: skip
+                self._stall_level = logging.WARNING
         elif self._stalled and not stalled:
-            logger.info("%s: finality resumed", self.name)
+            logger.log(self._stall_level, "%s: finality resumed", self.name)
         self._stalled = stalled

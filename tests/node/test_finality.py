@@ -341,6 +341,9 @@ async def test_dead_witness_stalls_then_resumes(
             silent = {w["key"]: w["silent_s"] for w in status["witnesses"]}
             assert silent[dead.key.hex()] > STALL_SECONDS
         assert "finality stalled" in caplog.text and dead.key.hex()[:16] in caplog.text
+        # At the default level (WARNING): an operator alerting on the log saw nothing at INFO.
+        said = [r for r in caplog.records if "finality stalled" in r.getMessage()]
+        assert said and all(r.levelno == logging.WARNING for r in said)
         with pytest.raises(ControlError) as err:
             await nodes[0].call(
                 "submit", side="sell", price="200", quantity="1", wait_final=True, timeout=1

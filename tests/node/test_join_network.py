@@ -83,6 +83,7 @@ def test_one_node_joins_from_a_snapshot_and_another_from_the_full_log(tmp_path: 
             stored = store.count(market) - store.staged_count(market)
         assert stored < total, (stored, total)
         assert "joined from the point at" in snap.log()
+        assert "ops; syncing the rest" in snap.log()  # its outcome on the output, not only at INFO
     finally:
         stop_all(nodes)
 
