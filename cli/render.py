@@ -397,7 +397,7 @@ def cancel_result(result: Json, witnessed: bool | None = None) -> RenderableType
     :func:`submit_result`: False says once that nothing here is ever final)."""
     order: Json = result["order"]
     final = result.get("final")
-    # (Nothing signed: the line below says it is final.)
+    # (Nothing signed: the lines below say why, finished and final or cancelled already.)
     text = Text() if result.get("cancel_id") is None else _cancel_mark(final, witnessed)
     if result.get("effective"):
         text.append("cancelled ", style="bold")
