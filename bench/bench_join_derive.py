@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from crdtbook.node.procs import NodeProcess, make_identity, stop_all, wait_until
+from crdtbook.node.procs import NodeProcess, start_peer, start_witness, stop_all, wait_until
 
 FIELDS = ("index", "taker", "maker", "price", "quantity", "final")
 
@@ -35,17 +35,12 @@ def main() -> int:
     parser.add_argument("--kill-at", type=float, default=0.3)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="crdtbook-join-derive-"))
-    key = make_identity(tmp / "w")
-    spec = f"DR:1:1:{key.hex()}"
     config = {"point_interval": 500, "heartbeat_interval": 0.05, "join_peer_wait": 20.0}
     nodes: list[NodeProcess] = []
     passed = False
     try:
-        w = NodeProcess(tmp / "w", market=spec, config=config).start()
-        nodes.append(w)
-        t = NodeProcess(tmp / "t", [w.addr], market=spec, config=config).start()
-        nodes.append(t)
-        wait_until(lambda: len(t.call("status")["peers"]) >= 1, 30, "the trader to connect")
+        spec, w = start_witness(tmp / "w", "DR", config, nodes)
+        t = start_peer(tmp / "t", w, spec, config, nodes)
         began = time.monotonic()
         for i in range(args.ops // 2):
             price = str(100 + (i * 7) % 5 - 2)

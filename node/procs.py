@@ -35,6 +35,8 @@ __all__ = [
     "NodeExited",
     "NodeProcess",
     "make_identity",
+    "start_peer",
+    "start_witness",
     "stop_all",
     "wait_until",
 ]
@@ -314,6 +316,29 @@ def stop_all(nodes: Iterable[NodeProcess], grace: float = STOP_GRACE) -> None:
         pass  # a second Ctrl-C: kill now
     for node in nodes:
         node.kill()
+
+
+def start_witness(
+    home: Path, name: str, config: dict[str, Any], nodes: list[NodeProcess]
+) -> tuple[str, NodeProcess]:
+    """Start the only witness of a new market ``name`` (tick and lot 1) at ``home`` and add it
+    to ``nodes`` (which the caller stops with :func:`stop_all`). Returns the market's spec and
+    the node."""
+    spec = f"{name}:1:1:{make_identity(home).hex()}"
+    node = NodeProcess(home, market=spec, config=config).start()
+    nodes.append(node)
+    return spec, node
+
+
+def start_peer(
+    home: Path, peer: NodeProcess, spec: str, config: dict[str, Any], nodes: list[NodeProcess]
+) -> NodeProcess:
+    """Start a node of market ``spec`` at ``home`` that dials ``peer``, add it to ``nodes``, and
+    return it once it is connected."""
+    node = NodeProcess(home, [peer.addr], market=spec, config=config).start()
+    nodes.append(node)
+    wait_until(lambda: len(node.call("status")["peers"]) >= 1, 30, f"{home.name} to connect")
+    return node
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:

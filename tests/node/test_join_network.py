@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from crdtbook import Market
-from crdtbook.node.procs import NodeProcess, make_identity, stop_all, wait_until
+from crdtbook.node.procs import NodeProcess, start_peer, start_witness, stop_all, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -31,13 +31,10 @@ CONFIG = {"point_interval": INTERVAL, "heartbeat_interval": 0.02, "join_peer_wai
 
 
 def test_one_node_joins_from_a_snapshot_and_another_from_the_full_log(tmp_path: Path) -> None:
-    key = make_identity(tmp_path / "w")
-    spec = f"JN:1:1:{key.hex()}"
     config = CONFIG
     nodes: list[NodeProcess] = []
     try:
-        w = NodeProcess(tmp_path / "w", market=spec, config=config).start()
-        nodes.append(w)
+        spec, w = start_witness(tmp_path / "w", "JN", config, nodes)
         for i in range(2600):  # past the kept set (the newest 2,048 final ops and more)
             side = "buy" if i % 2 else "sell"
             price = str(100 + (i * 7) % 5 - 2)
@@ -92,16 +89,11 @@ def test_a_joined_node_fetches_and_derives_the_past_in_the_background(tmp_path: 
     """A node joins from a snapshot, then fetches the history before the point in the
     background (``history_backfill``) and derives its fills and orders: ``fills`` and ``order``
     answer for the whole past, as at the witness."""
-    key = make_identity(tmp_path / "w")
-    spec = f"JD:1:1:{key.hex()}"
     config = CONFIG
     nodes: list[NodeProcess] = []
     try:
-        w = NodeProcess(tmp_path / "w", market=spec, config=config).start()
-        nodes.append(w)
-        t = NodeProcess(tmp_path / "t", [w.addr], market=spec, config=config).start()
-        nodes.append(t)
-        wait_until(lambda: len(t.call("status")["peers"]) >= 1, 30, "the trader to connect")
+        spec, w = start_witness(tmp_path / "w", "JD", config, nodes)
+        t = start_peer(tmp_path / "t", w, spec, config, nodes)
         for i in range(200):  # two keys, so that orders fill (one key's would not: self-trade)
             price = str(100 + (i * 7) % 5 - 2)
             t.call("submit", market="JD", side="sell", price=price, quantity="2")
