@@ -75,8 +75,8 @@ class FinalityTracker:
     _due_since: dict[bytes, float] = field(default_factory=dict)
     _forks_logged: set[bytes] = field(default_factory=set)
     _stalled: tuple[bytes, ...] = ()
-    #: The level the current stall was logged at (its end is logged at the same).
-    _stall_level: int = logging.INFO
+    #: The current stall was logged at WARNING (so its end is too).
+    _stall_warned: bool = False
     #: The latest point (n, hash the majority attests) this replica's state disagrees with
     #: (``Replica.disputed_point``), logged once at ERROR; shown by ``status``.
     disputed: tuple[int, bytes] | None = None
@@ -191,25 +191,26 @@ class FinalityTracker:
 
     def _log_stall(self, stalled: tuple[bytes, ...], pending: int) -> None:
         """A stall at WARNING, the default level (an operator alerting on the log missed a
-        witness gone for 44 s at INFO), and its end at the same level. A node with ops waiting
-        for their parents (one catching up, e.g. just joined) may only lag their heartbeats:
-        said at INFO, with that reason."""
-        if stalled and not self._stalled:
-            keys = ", ".join(key.hex()[:16] for key in stalled)
-            if pending:
-                logger.info(
-                    "%s: finality waits for witness(es) %s for more than %.0f s; this node "
-                    "holds %d ops waiting for their parents (catching up?)",
-                    self.name, keys, STALL_SECONDS, pending,
-                )  # fmt: skip
-                self._stall_level = logging.INFO
-            else:
-                logger.warning(
-                    "%s: finality stalled: witness(es) %s silent for more than %.0f s (status "
-                    "names them; a majority of the witnesses can remove one gone for good)",
-                    self.name, keys, STALL_SECONDS,
-                )  # fmt: skip
-                self._stall_level = logging.WARNING
+        witness gone for 44 s at INFO), and its end at the same level. While the node holds
+        ops waiting for their parents (catching up, e.g. just joined) it may only lag the
+        witnesses' heartbeats: said at INFO with that reason, and at WARNING once it has caught
+        up and the stall goes on."""
+        keys = ", ".join(key.hex()[:16] for key in stalled)
+        if stalled and not self._stalled and pending:
+            logger.info(
+                "%s: finality waits for witness(es) %s for more than %.0f s; this node holds "
+                "%d ops waiting for their parents (catching up?)",
+                self.name, keys, STALL_SECONDS, pending,
+            )  # fmt: skip
+        if stalled and not pending and not self._stall_warned:
+            logger.warning(
+                "%s: finality stalled: witness(es) %s silent for more than %.0f s (status names "
+                "them; a majority of the witnesses can remove one gone for good)",
+                self.name, keys, STALL_SECONDS,
+            )  # fmt: skip
+            self._stall_warned = True
         elif self._stalled and not stalled:
-            logger.log(self._stall_level, "%s: finality resumed", self.name)
+            level = logging.WARNING if self._stall_warned else logging.INFO
+            logger.log(level, "%s: finality resumed", self.name)
+            self._stall_warned = False
         self._stalled = stalled

@@ -820,3 +820,20 @@ def test_a_disputed_point_is_logged_once_at_error(caplog: pytest.LogCaptureFixtu
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1 and "not the one a majority of the witnesses attest" in said[0]
     assert "--join snapshot" in said[0] and "new key" in said[0]
+
+
+def test_a_stall_is_a_warning_once_the_node_has_caught_up(caplog: pytest.LogCaptureFixture) -> None:
+    """A stall was logged at INFO only: an operator at the default level saw nothing while a
+    witness was gone for 44 s. A node that holds ops waiting for their parents may only lag
+    the heartbeats (a joiner): INFO with that reason, then WARNING if the stall outlasts it."""
+    tracker = FinalityTracker("W")
+    witness = (b"\x07" * 32,)
+    with caplog.at_level(logging.INFO, logger="crdtbook.node"):
+        tracker._log_stall(witness, pending=5000)  # catching up
+        tracker._log_stall(witness, pending=0)  # caught up, still stalled
+        tracker._log_stall(witness, pending=0)
+        tracker._log_stall((), pending=0)
+    said = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in said] == [logging.INFO, logging.WARNING, logging.WARNING]
+    assert "catching up" in said[0][1] and "finality stalled" in said[1][1]
+    assert "finality resumed" in said[2][1]
